@@ -6,3 +6,4 @@
 //! `net` are asked for images, containers and networks by `run`; they never call back.
 
 pub mod cli;
+pub mod pipeline;

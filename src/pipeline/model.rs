@@ -1,0 +1,244 @@
+//! The typed pipeline: what a Harness CI v0 file says, after parsing and validation,
+//! before anything is resolved. Every item keeps the location it came from so that later
+//! layers (plan, run) can still point at the file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A position in a source file (1-based line and column).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
+/// A parsed file: either a whole `pipeline:` or a single `stage:`.
+#[derive(Clone, Debug)]
+pub struct PipelineFile {
+    pub path: PathBuf,
+    /// `None` when the file holds a single `stage:`.
+    pub pipeline: Option<PipelineInfo>,
+    pub stages: Vec<Stage>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PipelineInfo {
+    pub identifier: String,
+    pub name: String,
+    pub variables: Vec<Variable>,
+    pub loc: Location,
+}
+
+#[derive(Clone, Debug)]
+pub struct Stage {
+    pub identifier: String,
+    pub name: String,
+    /// The stage `type` as written (`CI`, `Deployment`, `Approval`...). Only `CI` runs.
+    pub stage_type: String,
+    pub variables: Vec<Variable>,
+    /// `None` for stages that are not `CI` (they are reported as skipped).
+    pub spec: Option<CiStageSpec>,
+    pub timeout: Option<Duration>,
+    pub loc: Location,
+}
+
+#[derive(Clone, Debug)]
+pub struct CiStageSpec {
+    pub infrastructure: Infrastructure,
+    pub shared_paths: Vec<String>,
+    pub steps: Vec<StepItem>,
+}
+
+/// Where Harness would run the stage: decides the default network mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Infrastructure {
+    /// `runtime.type: Cloud`, or nothing said.
+    Cloud,
+    /// `runtime.type: Docker` (local runner).
+    Docker,
+    /// `infrastructure.type: VM`.
+    Vm,
+    /// `infrastructure.type: KubernetesDirect`: steps share one Pod network.
+    KubernetesDirect,
+    /// `infrastructure.useFromStage`: same as the named stage.
+    UseFromStage(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VariableType {
+    String,
+    Number,
+    Secret,
+}
+
+#[derive(Clone, Debug)]
+pub struct Variable {
+    pub name: String,
+    pub var_type: VariableType,
+    /// The value as written; may hold `<+...>` expressions (e.g. `<+input>`,
+    /// `<+secrets.getValue("x")>`). For `Secret` it names a secret.
+    pub value: String,
+    pub default: Option<String>,
+    pub required: bool,
+    pub loc: Location,
+}
+
+/// One item of a `steps:` list.
+#[derive(Clone, Debug)]
+pub enum StepItem {
+    Step(Step),
+    Parallel(Vec<StepItem>, Location),
+    Group(StepGroup),
+}
+
+#[derive(Clone, Debug)]
+pub struct StepGroup {
+    pub identifier: String,
+    pub name: String,
+    pub steps: Vec<StepItem>,
+    pub variables: Vec<Variable>,
+    pub when: Option<When>,
+    pub failure_strategies: Vec<FailureStrategy>,
+    pub loc: Location,
+}
+
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub identifier: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub timeout: Option<Duration>,
+    pub when: Option<When>,
+    pub failure_strategies: Vec<FailureStrategy>,
+    pub kind: StepKind,
+    pub loc: Location,
+}
+
+#[derive(Clone, Debug)]
+pub enum StepKind {
+    Run(RunSpec),
+    Background(BackgroundSpec),
+    Plugin(PluginSpec),
+    /// A step type sandrun cannot run (BuildAndPushDockerRegistry, SaveCacheS3, ...).
+    Unsupported { step_type: String, reason: String },
+}
+
+impl StepKind {
+    pub fn type_name(&self) -> &str {
+        match self {
+            StepKind::Run(_) => "Run",
+            StepKind::Background(_) => "Background",
+            StepKind::Plugin(_) => "Plugin",
+            StepKind::Unsupported { step_type, .. } => step_type,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shell {
+    Sh,
+    Bash,
+    Powershell,
+    Pwsh,
+    Python,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+/// Fields shared by the container-running step types.
+#[derive(Clone, Debug, Default)]
+pub struct ContainerFields {
+    /// `None`: run the host's binaries (Harness's "leave Image blank").
+    pub image: Option<String>,
+    pub connector_ref: Option<String>,
+    pub pull_policy: Option<PullPolicy>,
+    pub privileged: bool,
+    pub run_as_user: Option<String>,
+    pub resources: Resources,
+    pub env: BTreeMap<String, String>,
+    pub reports: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resources {
+    /// Bytes.
+    pub memory: Option<u64>,
+    /// Millicores (`400m` = 400, `0.5` = 500, `2` = 2000).
+    pub cpu_millis: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    pub container: ContainerFields,
+    pub shell: Option<Shell>,
+    pub command: String,
+    pub output_variables: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BackgroundSpec {
+    pub container: ContainerFields,
+    pub shell: Option<Shell>,
+    pub command: Option<String>,
+    /// When set, it replaces the image entrypoint and `command` is dropped.
+    pub entrypoint: Option<Vec<String>>,
+    /// host port -> container port.
+    pub port_bindings: Vec<(u16, u16)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PluginSpec {
+    pub container: ContainerFields,
+    pub uses: Option<String>,
+    pub entrypoint: Option<Vec<String>>,
+    /// `settings`, already flattened to `PLUGIN_<KEY>` environment values.
+    pub settings: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StageStatus {
+    Success,
+    Failure,
+    All,
+}
+
+#[derive(Clone, Debug)]
+pub struct When {
+    pub stage_status: StageStatus,
+    /// A JEXL condition as written; sandrun evaluates the simple forms it supports.
+    pub condition: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct FailureStrategy {
+    /// Error kinds as written (`AllErrors`, `Timeout`, `Unknown`...).
+    pub errors: Vec<String>,
+    pub action: FailureAction,
+}
+
+#[derive(Clone, Debug)]
+pub enum FailureAction {
+    Ignore,
+    Retry {
+        count: u32,
+        intervals: Vec<Duration>,
+        on_retry_failure: Box<FailureAction>,
+    },
+    MarkAsSuccess,
+    MarkAsFailure,
+    Abort,
+}
