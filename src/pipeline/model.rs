@@ -129,7 +129,10 @@ pub enum StepKind {
     Background(BackgroundSpec),
     Plugin(PluginSpec),
     /// A step type sandrun cannot run (BuildAndPushDockerRegistry, SaveCacheS3, ...).
-    Unsupported { step_type: String, reason: String },
+    Unsupported {
+        step_type: String,
+        reason: String,
+    },
 }
 
 impl StepKind {
