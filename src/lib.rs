@@ -8,3 +8,4 @@
 pub mod cli;
 pub mod net;
 pub mod pipeline;
+pub mod sandbox;
