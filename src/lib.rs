@@ -6,4 +6,6 @@
 //! `net` are asked for images, containers and networks by `run`; they never call back.
 
 pub mod cli;
+pub mod net;
 pub mod pipeline;
+pub mod sandbox;
