@@ -6,5 +6,7 @@
 //! `net` are asked for images, containers and networks by `run`; they never call back.
 
 pub mod cli;
+pub mod net;
 pub mod pipeline;
+pub mod sandbox;
 pub mod store;

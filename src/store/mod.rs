@@ -18,11 +18,13 @@
 //! `maintain` (images, gc, fsck), `progress` (events and the terminal reporter),
 //! `cmd` (the CLI subcommands).
 
+pub mod archive;
 pub mod auth;
 pub mod cmd;
 mod error;
 pub mod layout;
 pub mod lock;
+pub mod maintain;
 pub mod progress;
 mod pull;
 pub mod reference;
@@ -198,6 +200,17 @@ impl Store {
         progress: &dyn PullProgress,
     ) -> Result<Image, StoreError> {
         pull::ensure(self, image, policy, opts, progress).await
+    }
+
+    /// The pin for `image`: resolved at the registry (manifests only, no layers), or
+    /// from the store with `opts.offline`.
+    pub async fn resolve_pin(
+        &self,
+        image: &str,
+        opts: &PullOptions,
+        progress: &dyn PullProgress,
+    ) -> Result<Pin, StoreError> {
+        pull::resolve_pin(self, image, opts, progress).await
     }
 
     /// The image named `image` if it is complete in the store, without any network.

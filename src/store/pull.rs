@@ -283,23 +283,23 @@ pub(crate) fn parse_config(
     Ok(config)
 }
 
-async fn pull(
-    store: &Store,
+/// A reference resolved at the registry for one platform.
+pub(crate) struct Resolved {
+    pub manifest_bytes: Bytes,
+    pub manifest_digest: String,
+    pub index_digest: Option<String>,
+    /// The index as received, when the reference named one.
+    pub index_bytes: Option<Bytes>,
+}
+
+/// Resolves `r` (or its pin) to this platform's manifest, fetching manifests only.
+pub(crate) async fn resolve(
+    reg: &Registry,
     r: &ImageRef,
     pin: Option<&Pin>,
-    opts: &PullOptions,
-    progress: &dyn PullProgress,
-) -> Result<Image, StoreError> {
-    let l = store.layout().clone();
+    platform: &Platform,
+) -> Result<Resolved, StoreError> {
     let reference = r.canonical();
-    progress.event(&PullEvent::Resolving {
-        reference: reference.clone(),
-    });
-    let insecure = registry::insecure_hosts(&opts.insecure_registries, [r]);
-    let reg = Registry::new(&insecure, opts.all_credentials());
-    let platform = opts.platform.clone().unwrap_or_else(Platform::host);
-
-    // Resolve: pinned digest, else the reference's digest, else its tag.
     let target = match (pin, r.digest(), r.tag()) {
         (Some(p), _, _) => p.manifest.clone(),
         (None, Some(d), _) => d.to_string(),
@@ -307,9 +307,13 @@ async fn pull(
         (None, None, None) => "latest".to_string(),
     };
     let (bytes, digest) = reg.fetch_manifest(r, &target).await?;
-    let (manifest_bytes, manifest_digest, index_digest) = match parse_manifest(&reference, &bytes)?
-    {
-        Fetched::Manifest(_) => (bytes, digest, pin.and_then(|p| p.index.clone())),
+    let resolved = match parse_manifest(&reference, &bytes)? {
+        Fetched::Manifest(_) => Resolved {
+            manifest_bytes: bytes,
+            manifest_digest: digest,
+            index_digest: pin.and_then(|p| p.index.clone()),
+            index_bytes: None,
+        },
         Fetched::Index(idx) => {
             let chosen = platform
                 .choose(&idx)
@@ -320,39 +324,110 @@ async fn pull(
                         .manifests()
                         .iter()
                         .filter_map(|d| d.platform().as_ref())
-                        .map(|p| {
-                            let mut s = format!("{}/{}", p.os(), p.architecture());
-                            if let Some(v) = p.variant() {
-                                s.push('/');
-                                s.push_str(v);
-                            }
-                            s
+                        .map(|p| match p.variant() {
+                            Some(v) => format!("{}/{}/{v}", p.os(), p.architecture()),
+                            None => format!("{}/{}", p.os(), p.architecture()),
                         })
                         .collect::<Vec<_>>()
                         .join(", "),
                 })?;
-            let md = desc_digest(chosen);
-            l.put_blob(&bytes)?;
-            let (mb, md2) = reg.fetch_manifest(r, &md).await?;
-            (mb, md2, Some(digest))
+            let (mb, md) = reg.fetch_manifest(r, &desc_digest(chosen)).await?;
+            Resolved {
+                manifest_bytes: mb,
+                manifest_digest: md,
+                index_digest: Some(digest),
+                index_bytes: Some(bytes),
+            }
         }
     };
     if let Some(p) = pin {
-        if p.manifest != manifest_digest {
+        if p.manifest != resolved.manifest_digest {
             return Err(StoreError::PinMismatch {
-                reference: reference.clone(),
+                reference,
                 pinned: p.manifest.clone(),
-                found: format!("the registry resolved {manifest_digest}"),
+                found: format!("the registry resolved {}", resolved.manifest_digest),
             });
         }
     }
-    let manifest = match parse_manifest(&reference, &manifest_bytes)? {
+    Ok(resolved)
+}
+
+pub(crate) async fn resolve_pin(
+    store: &Store,
+    image: &str,
+    opts: &PullOptions,
+    progress: &dyn PullProgress,
+) -> Result<Pin, StoreError> {
+    let r = ImageRef::parse(image)?;
+    // A lock is re-resolved from scratch: existing pins do not apply.
+    let fresh = PullOptions {
+        pins: Default::default(),
+        ..opts.clone()
+    };
+    if opts.offline {
+        return match local_manifest(store, &r, &fresh)? {
+            Some((manifest, index)) => Ok(Pin { manifest, index }),
+            None => Err(StoreError::Offline {
+                reference: r.canonical(),
+                registry: r.registry_host().to_string(),
+                what: Some("manifest".into()),
+            }),
+        };
+    }
+    progress.event(&PullEvent::Resolving {
+        reference: r.canonical(),
+    });
+    let insecure = registry::insecure_hosts(&opts.insecure_registries, [&r]);
+    let reg = Registry::new(&insecure, opts.all_credentials());
+    let platform = opts.platform.clone().unwrap_or_else(Platform::host);
+    let resolved = resolve(&reg, &r, None, &platform).await?;
+    Ok(Pin {
+        manifest: resolved.manifest_digest,
+        index: resolved.index_digest,
+    })
+}
+
+async fn pull(
+    store: &Store,
+    r: &ImageRef,
+    pin: Option<&Pin>,
+    opts: &PullOptions,
+    progress: &dyn PullProgress,
+) -> Result<Image, StoreError> {
+    progress.event(&PullEvent::Resolving {
+        reference: r.canonical(),
+    });
+    let insecure = registry::insecure_hosts(&opts.insecure_registries, [r]);
+    let reg = Registry::new(&insecure, opts.all_credentials());
+    let platform = opts.platform.clone().unwrap_or_else(Platform::host);
+    let resolved = resolve(&reg, r, pin, &platform).await?;
+    if let Some(i) = &resolved.index_bytes {
+        store.layout().put_blob(i)?;
+    }
+    assemble(store, r, Some(&reg), &resolved, opts, progress).await
+}
+
+/// Makes the image of a resolved manifest complete (config, layer blobs, unpacked
+/// layers; from the registry when `reg` is given, else from local blobs only), then
+/// stores the manifest and names it in `index.json` as `r`.
+pub(crate) async fn assemble(
+    store: &Store,
+    r: &ImageRef,
+    reg: Option<&Registry>,
+    resolved: &Resolved,
+    opts: &PullOptions,
+    progress: &dyn PullProgress,
+) -> Result<Image, StoreError> {
+    let l = store.layout().clone();
+    let reference = r.canonical();
+    let manifest_digest = resolved.manifest_digest.clone();
+    let manifest = match parse_manifest(&reference, &resolved.manifest_bytes)? {
         Fetched::Manifest(m) => m,
         Fetched::Index(_) => {
             return Err(StoreError::BadManifest {
                 reference,
                 what: format!("manifest {manifest_digest}"),
-                reason: "an index inside an index".into(),
+                reason: "an index where an image manifest was expected".into(),
             })
         }
     };
@@ -372,17 +447,9 @@ async fn pull(
     }
     let mut pulled = 0u64;
     if !l.has_blob(&cd) {
+        let reg = reg.ok_or_else(|| missing_blob(&reference, &cd))?;
         let stream = reg.blob_stream(r, &cd, config_desc.size()).await?;
-        pulled += fetch_blob_only(
-            &l,
-            &reference,
-            &cd,
-            config_desc.size(),
-            stream,
-            None,
-            progress,
-        )
-        .await?;
+        pulled += fetch_blob_only(&l, &reference, &cd, config_desc.size(), stream).await?;
     }
     let config = parse_config(&reference, &l.read_blob(&cd, MAX_CONFIG_BYTES)?, &manifest)?;
     let diff_ids: Vec<String> = config.rootfs().diff_ids().to_vec();
@@ -406,7 +473,7 @@ async fn pull(
         .iter()
         .zip(&diff_ids)
         .map(|(desc, diff_id)| {
-            ensure_layer(&l, &reg, r, desc.clone(), diff_id.clone(), opts, progress)
+            ensure_layer(&l, reg, r, desc.clone(), diff_id.clone(), opts, progress)
         });
     let outcomes = futures_util::future::join_all(jobs).await;
     let mut finals: Vec<PathBuf> = Vec::new();
@@ -434,27 +501,26 @@ async fn pull(
     for (i, p) in pending.into_iter().enumerate() {
         if let Some(p) = p {
             let lowers: Vec<PathBuf> = finals.iter().rev().cloned().collect();
-            let (dir, warnings) = blocking(move || p.finish(&lowers)).await?;
+            let warnings = blocking(move || p.finish(&lowers)).await?;
             for message in warnings {
                 progress.event(&PullEvent::Warning {
                     reference: reference.clone(),
                     message,
                 });
             }
-            debug_assert_eq!(dir, l.layer_dir(&diff_ids[i])?.join("rootfs"));
         }
         finals.push(l.layer_dir(&diff_ids[i])?.join("rootfs"));
     }
 
     // Manifest last, then the name: index.json never names incomplete content.
-    l.put_blob(&manifest_bytes)?;
+    l.put_blob(&resolved.manifest_bytes)?;
     let media_type = manifest
         .media_type()
         .clone()
         .unwrap_or(MediaType::ImageManifest);
     let mut annotations = HashMap::new();
     annotations.insert(REF_NAME.to_string(), reference.clone());
-    if let Some(i) = &index_digest {
+    if let Some(i) = &resolved.index_digest {
         annotations.insert(INDEX_DIGEST.to_string(), i.clone());
     }
     let desc = DescriptorBuilder::default()
@@ -468,13 +534,19 @@ async fn pull(
                     reason: e.to_string(),
                 })?,
         )
-        .size(manifest_bytes.len() as u64)
+        .size(resolved.manifest_bytes.len() as u64)
         .annotations(annotations)
         .build()
         .expect("descriptor builds");
     let l2 = l.clone();
     blocking(move || l2.set_ref(desc)).await?;
     l.touch_used(&manifest_digest)?;
+    for w in layer_warnings(&l, &diff_ids) {
+        progress.event(&PullEvent::Warning {
+            reference: reference.clone(),
+            message: w,
+        });
+    }
     progress.event(&PullEvent::Done {
         reference: reference.clone(),
         manifest_digest: manifest_digest.clone(),
@@ -483,10 +555,32 @@ async fn pull(
     Ok(Image {
         reference,
         manifest_digest,
-        index_digest,
+        index_digest: resolved.index_digest.clone(),
         config,
         layers: finals,
     })
+}
+
+fn missing_blob(reference: &str, digest: &str) -> StoreError {
+    StoreError::BadManifest {
+        reference: reference.to_string(),
+        what: format!("blob {digest}"),
+        reason: "is missing and no registry may be asked".into(),
+    }
+}
+
+/// Warnings recorded when the image's layers were unpacked (device nodes skipped...).
+fn layer_warnings(l: &Layout, diff_ids: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in diff_ids {
+        let Ok(dir) = l.layer_dir(d) else { continue };
+        if let Ok(bytes) = std::fs::read(dir.join("layer.json")) {
+            if let Ok(meta) = serde_json::from_slice::<LayerMeta>(&bytes) {
+                out.extend(meta.report.warnings);
+            }
+        }
+    }
+    out
 }
 
 /// A layer unpacked into `tmp/` that still needs its cross-layer hardlinks copied from
@@ -500,7 +594,7 @@ pub(crate) struct PendingLayer {
 }
 
 impl PendingLayer {
-    fn finish(mut self, lowers: &[PathBuf]) -> Result<(PathBuf, Vec<String>), StoreError> {
+    fn finish(mut self, lowers: &[PathBuf]) -> Result<Vec<String>, StoreError> {
         let unresolved = unpack::resolve_cross_layer_links(
             &self.tmp.join("rootfs"),
             &self.report.cross_layer_links,
@@ -518,7 +612,7 @@ impl PendingLayer {
         }
         self.meta.report = self.report.clone();
         publish_layer(&self.tmp, &self.dest, &self.meta)?;
-        Ok((self.dest.join("rootfs"), warnings))
+        Ok(warnings)
     }
 
     fn discard(self) {
@@ -565,7 +659,7 @@ fn publish_layer(
 /// downloaded and, when the layer has hardlinks into lower layers, the unfinished layer.
 async fn ensure_layer(
     l: &Layout,
-    reg: &Registry,
+    reg: Option<&Registry>,
     r: &ImageRef,
     desc: Descriptor,
     diff_id: String,
@@ -648,6 +742,7 @@ async fn ensure_layer(
         digest: digest.clone(),
         size: desc.size(),
     });
+    let reg = reg.ok_or_else(|| missing_blob(&reference, &digest))?;
     let stream = reg.blob_stream(r, &digest, desc.size()).await?;
     let writer = l.blob_writer(&digest, Some(desc.size()))?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, String>>(32);
@@ -915,10 +1010,7 @@ pub(crate) async fn fetch_blob_only(
     digest: &str,
     size: u64,
     mut stream: futures_util::stream::BoxStream<'static, io::Result<Bytes>>,
-    _lock: Option<FileLock>,
-    progress: &dyn PullProgress,
 ) -> Result<u64, StoreError> {
-    let _ = progress;
     let mut w = l.blob_writer(digest, Some(size))?;
     while let Some(chunk) = stream.next().await {
         let b = chunk.map_err(|e| StoreError::Registry {
