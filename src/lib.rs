@@ -6,4 +6,8 @@
 //! `net` are asked for images, containers and networks by `run`; they never call back.
 
 pub mod cli;
+pub mod junit;
 pub mod pipeline;
+pub mod plan;
+pub mod run;
+pub mod ui;

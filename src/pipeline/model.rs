@@ -143,7 +143,7 @@ impl StepKind {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Shell {
     Sh,
     Bash,
@@ -152,7 +152,7 @@ pub enum Shell {
     Python,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum PullPolicy {
     Always,
     IfNotPresent,
@@ -173,7 +173,7 @@ pub struct ContainerFields {
     pub reports: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Resources {
     /// Bytes.
     pub memory: Option<u64>,
@@ -209,7 +209,7 @@ pub struct PluginSpec {
     pub settings: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum StageStatus {
     Success,
     Failure,
