@@ -68,7 +68,10 @@ pub fn signal_name(sig: i32) -> String {
 pub enum StepResult {
     Succeeded,
     Failed { reason: String },
-    TimedOut,
+    TimedOut {
+        #[serde(with = "duration_ms")]
+        limit: Duration,
+    },
     /// Failed, but a failure strategy said Ignore or MarkAsSuccess.
     FailureIgnored { reason: String },
     Skipped { reason: String },
@@ -83,7 +86,7 @@ impl StepResult {
     pub fn is_failure(&self) -> bool {
         matches!(
             self,
-            StepResult::Failed { .. } | StepResult::TimedOut | StepResult::Cancelled
+            StepResult::Failed { .. } | StepResult::TimedOut { .. } | StepResult::Cancelled
         )
     }
 
@@ -91,7 +94,7 @@ impl StepResult {
         match self {
             StepResult::Succeeded => "passed",
             StepResult::Failed { .. } => "FAILED",
-            StepResult::TimedOut => "TIMED OUT",
+            StepResult::TimedOut { .. } => "TIMED OUT",
             StepResult::FailureIgnored { .. } => "failed (ignored)",
             StepResult::Skipped { .. } => "skipped",
             StepResult::Cancelled => "cancelled",

@@ -400,7 +400,9 @@ impl<'a> Executor<'a> {
                 Ending::StartFailed(msg) => (ErrorKind::Failure, msg, None),
             };
             let failed = if kind == ErrorKind::Timeout {
-                StepResult::TimedOut
+                StepResult::TimedOut {
+                    limit: step.timeout.unwrap_or_default(),
+                }
             } else {
                 StepResult::Failed {
                     reason: reason.clone(),
@@ -617,7 +619,7 @@ impl<'a> Executor<'a> {
                         exited.cancel();
                         drain(pumps).await;
                         state.failed.store(true, Ordering::SeqCst);
-                        (StepResult::TimedOut, exit)
+                        (StepResult::TimedOut { limit: timeout.unwrap_or_default() }, exit)
                     }
                     _ = stop.cancelled() => {
                         let exit = stop_process(&mut child, grace).await;

@@ -37,6 +37,8 @@ pub struct TerminalReporter {
     styles: HashMap<String, Style>,
     width: usize,
     rows: Vec<Row>,
+    /// Steps in the order they were first seen, so the summary follows the plan.
+    order: Vec<String>,
     palette_next: usize,
 }
 
@@ -60,6 +62,7 @@ impl TerminalReporter {
             styles: HashMap::new(),
             width: 8,
             rows: Vec::new(),
+            order: Vec::new(),
             palette_next: 0,
         }
     }
@@ -87,6 +90,9 @@ impl TerminalReporter {
     }
 
     fn prefixed(&mut self, step: &str, text: &str) {
+        if !self.order.iter().any(|k| k == step) {
+            self.order.push(step.to_string());
+        }
         self.width = self.width.max(step.len().min(24));
         let style = self.style_for(step);
         let prefix = format!("{step:<w$} |", w = self.width);
@@ -141,7 +147,9 @@ impl TerminalReporter {
             StageResult::Cancelled => self.yellow("cancelled"),
             StageResult::Skipped => "skipped".to_string(),
         };
-        let rows = std::mem::take(&mut self.rows);
+        let mut rows = std::mem::take(&mut self.rows);
+        let order = std::mem::take(&mut self.order);
+        rows.sort_by_key(|r| order.iter().position(|k| k == &r.step));
         self.line("");
         self.line(&format!(
             "{} `{stage}` {verdict} in {}",
@@ -317,8 +325,9 @@ impl Reporter for TerminalReporter {
                         self.yellow(&format!("✘ failed ({reason}); ignored by its failure strategy"))
                     }
                     StepResult::Failed { reason } => self.red(&format!("✘ failed: {reason}")),
-                    StepResult::TimedOut => self.red(&format!(
-                        "✘ timed out after {} and was stopped",
+                    StepResult::TimedOut { limit } => self.red(&format!(
+                        "✘ timed out (limit {}) and was stopped after {}",
+                        format_duration(*limit),
                         format_duration(*duration)
                     )),
                     StepResult::Cancelled => self.yellow("■ cancelled"),
