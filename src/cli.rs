@@ -141,6 +141,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// The process entry point; returns the exit code.
 pub fn main() -> i32 {
+    // Hidden helper subcommands run first: they must stay single-threaded.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(code) = crate::sandbox::helper::dispatch(&args) {
+        return code;
+    }
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(code) => code,

@@ -7,7 +7,9 @@
 
 pub mod cli;
 pub mod junit;
+pub mod net;
 pub mod pipeline;
 pub mod plan;
 pub mod run;
+pub mod sandbox;
 pub mod ui;

@@ -1,0 +1,59 @@
+//! Hidden subcommands of the `sandrun` binary that must run before anything else
+//! (single-threaded, no tokio): `sandrun __unshare [CMD...]` enters the rootless
+//! namespace and runs CMD there (like `podman unshare`; used by tests and for looking
+//! at the store with its real owners). `__unshare --as-invoking-user CMD...` runs CMD
+//! as the invoking user again through [`InvokingUser`].
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use super::userns::{self, InvokingUser};
+
+/// Runs a hidden subcommand when `args` name one; `None` otherwise.
+pub fn dispatch(args: &[OsString]) -> Option<i32> {
+    match args.get(1)?.to_str()? {
+        "__unshare" => Some(unshare_main(&args[2..])),
+        _ => None,
+    }
+}
+
+fn unshare_main(mut cmd: &[OsString]) -> i32 {
+    let as_invoking_user = cmd.first().is_some_and(|a| a == "--as-invoking-user");
+    if as_invoking_user {
+        cmd = &cmd[1..];
+    }
+    let mut invoking_user = None;
+    if nix::unistd::geteuid().is_root() {
+        eprintln!("sandrun: already root, not entering a user namespace");
+    } else {
+        match userns::enter_rootless() {
+            Ok(info) => {
+                if let Some(limit) = info.limitation() {
+                    eprintln!("sandrun: warning: {limit}");
+                }
+                invoking_user = Some(InvokingUser::new(&info));
+            }
+            Err(e) => {
+                eprintln!("sandrun: {e}");
+                return 125;
+            }
+        }
+    }
+    let (program, rest) = match cmd.split_first() {
+        Some((p, rest)) => (p.clone(), rest),
+        None => (
+            std::env::var_os("SHELL").unwrap_or_else(|| "/bin/sh".into()),
+            &[][..],
+        ),
+    };
+    let mut command = Command::new(&program);
+    command.args(rest);
+    if let (true, Some(user)) = (as_invoking_user, invoking_user) {
+        // SAFETY: `enter` only makes async-signal-safe calls.
+        unsafe { command.pre_exec(move || user.enter()) };
+    }
+    let err = command.exec();
+    eprintln!("sandrun: cannot run {}: {err}", program.to_string_lossy());
+    127
+}

@@ -1,0 +1,549 @@
+//! Rootless mode: the runner moves itself into a fresh user + mount namespace before
+//! it starts any thread, and becomes uid 0 there (the way `podman unshare` and
+//! rootlesskit work). Everything it does afterwards (unpacking layers with their real
+//! owners, mounting overlays, creating network namespaces, starting containers) runs as
+//! that namespaced root, and the kernel takes the namespaces down when sandrun dies.
+//!
+//! Ids: uid 0 inside is the invoking user; 1..=N are the user's `/etc/subuid` range
+//! (and `/etc/subgid` for groups), mapped by Debian's setuid helpers
+//! `newuidmap`/`newgidmap`. Those can only write the map of *another* process, so a
+//! forked child maps its parent once the parent has unshared. Without the helpers or a
+//! range, only the invoking user is mapped (as root): that runs most images, but not
+//! those whose services switch to another user; [`UsernsInfo::limitation`] says so.
+//!
+//! The network namespace is deliberately kept: port-binding listeners must live on the
+//! host's loopback and registries must stay reachable (see docs/ARCHITECTURE.md).
+
+use std::ffi::CStr;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, getgid, getpid, getuid, pipe, ForkResult, Gid, Uid, User};
+
+use super::error::SandboxError;
+
+/// A range of subordinate ids on the host (`start`, `count`), from /etc/subuid or
+/// /etc/subgid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdRange {
+    pub start: u32,
+    pub count: u32,
+}
+
+/// How ids inside the namespace map to the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdMapping {
+    /// 0 = the invoking user, 1..=N = the subordinate ranges, in order.
+    Subordinate {
+        uids: Vec<IdRange>,
+        gids: Vec<IdRange>,
+    },
+    /// Only 0 = the invoking user (and its primary group); `reason` says why.
+    Single { reason: String },
+}
+
+/// What the processes in the namespace see at /sys/fs/cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupView {
+    /// The host's own hierarchy, untouched.
+    Host,
+    /// A hybrid (v1 + v2) host whose `/sys/fs/cgroup/unified` was bind-mounted over
+    /// `/sys/fs/cgroup` inside the private mount namespace, so that libcontainer sees a
+    /// cgroup2-only host and does not try the v1 controllers it cannot use rootless.
+    UnifiedOverHybrid,
+}
+
+/// The result of [`enter_rootless`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsernsInfo {
+    /// The invoking user on the host (uid 0 inside).
+    pub outside_uid: u32,
+    pub outside_gid: u32,
+    pub user_name: Option<String>,
+    pub mapping: IdMapping,
+    pub cgroups: CgroupView,
+}
+
+impl UsernsInfo {
+    /// Number of uids usable inside (0..count).
+    pub fn mapped_uids(&self) -> u64 {
+        match &self.mapping {
+            IdMapping::Subordinate { uids, .. } => {
+                1 + uids.iter().map(|r| u64::from(r.count)).sum::<u64>()
+            }
+            IdMapping::Single { .. } => 1,
+        }
+    }
+
+    /// What will not work with this mapping, in words for the user; `None` when the
+    /// mapping covers what images normally use (0..=65534).
+    pub fn limitation(&self) -> Option<String> {
+        let user = self
+            .user_name
+            .clone()
+            .unwrap_or_else(|| self.outside_uid.to_string());
+        let fix = format!(
+            "install `uidmap` and give {user} ranges in /etc/subuid and /etc/subgid \
+             (e.g. `usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}`)"
+        );
+        match &self.mapping {
+            IdMapping::Single { reason } => Some(format!(
+                "only one id is mapped ({user} is root inside the containers) because {reason}: \
+                 images whose services switch to another user (postgres and redis as uid 999, \
+                 nginx workers as 101...) cannot run, and files their layers give to other \
+                 users belong to root; {fix}"
+            )),
+            IdMapping::Subordinate { .. } if self.mapped_uids() < 65535 => Some(format!(
+                "only uids 0..{} are mapped: images using higher ids (e.g. `nobody`, 65534) \
+                 cannot run them; {fix}",
+                self.mapped_uids() - 1
+            )),
+            IdMapping::Subordinate { .. } => None,
+        }
+    }
+}
+
+/// Moves the calling process into a new user + mount namespace as its uid 0.
+///
+/// Must be called while the process is single-threaded (before the tokio runtime) and
+/// only when the effective uid is not 0. The network namespace is kept.
+pub fn enter_rootless() -> Result<UsernsInfo, SandboxError> {
+    let threads = thread_count();
+    if threads > 1 {
+        return Err(SandboxError::MultiThreaded { threads });
+    }
+    let uid = getuid().as_raw();
+    let gid = getgid().as_raw();
+    let user_name = User::from_uid(getuid()).ok().flatten().map(|u| u.name);
+
+    let mapping = plan_mapping(uid, user_name.as_deref());
+    let mapping = match mapping {
+        Ok((uids, gids, newuidmap, newgidmap)) => {
+            match unshare_and_map_with_helpers(uid, gid, &uids, &gids, &newuidmap, &newgidmap)? {
+                Ok(()) => IdMapping::Subordinate { uids, gids },
+                Err(failure) => {
+                    write_single_mapping(uid, gid)?;
+                    IdMapping::Single { reason: failure }
+                }
+            }
+        }
+        Err(reason) => {
+            unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
+                .map_err(|e| SandboxError::sys("unshare a user and mount namespace", e))?;
+            write_single_mapping(uid, gid)?;
+            IdMapping::Single { reason }
+        }
+    };
+
+    become_root(matches!(mapping, IdMapping::Subordinate { .. }))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| SandboxError::sys("make mounts private in the new mount namespace", e))?;
+    let cgroups = if is_hybrid_cgroup_host() {
+        mount(
+            Some("/sys/fs/cgroup/unified"),
+            "/sys/fs/cgroup",
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| SandboxError::sys("bind /sys/fs/cgroup/unified over /sys/fs/cgroup", e))?;
+        CgroupView::UnifiedOverHybrid
+    } else {
+        CgroupView::Host
+    };
+
+    Ok(UsernsInfo {
+        outside_uid: uid,
+        outside_gid: gid,
+        user_name,
+        mapping,
+        cgroups,
+    })
+}
+
+/// True when the calling process runs in a user namespace other than the initial one.
+pub fn in_user_namespace() -> bool {
+    fs::read_to_string("/proc/self/uid_map")
+        .map(|m| !is_initial_map(&m))
+        .unwrap_or(false)
+}
+
+fn is_initial_map(map: &str) -> bool {
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    fields == ["0", "0", "4294967295"]
+}
+
+/// `true` when /sys/fs/cgroup is a v1 (or hybrid) tree with a cgroup2 mount at
+/// /sys/fs/cgroup/unified.
+pub fn is_hybrid_cgroup_host() -> bool {
+    let top_is_v2 = statfs("/sys/fs/cgroup")
+        .map(|s| s.filesystem_type() == CGROUP2_SUPER_MAGIC)
+        .unwrap_or(false);
+    let unified_is_v2 = statfs("/sys/fs/cgroup/unified")
+        .map(|s| s.filesystem_type() == CGROUP2_SUPER_MAGIC)
+        .unwrap_or(false);
+    !top_is_v2 && unified_is_v2
+}
+
+type Plan = (Vec<IdRange>, Vec<IdRange>, PathBuf, PathBuf);
+
+/// Decides whether subordinate ranges can be mapped; `Err` holds the reason why not.
+fn plan_mapping(uid: u32, user: Option<&str>) -> Result<Plan, String> {
+    let newuidmap = find_in_path("newuidmap");
+    let newgidmap = find_in_path("newgidmap");
+    let (Some(newuidmap), Some(newgidmap)) = (newuidmap, newgidmap) else {
+        return Err("newuidmap/newgidmap (Debian package `uidmap`) are not in PATH".into());
+    };
+    let who = user.map(str::to_owned).unwrap_or_else(|| uid.to_string());
+    let uids = read_subids("/etc/subuid", uid, user);
+    let gids = read_subids("/etc/subgid", uid, user);
+    if uids.is_empty() {
+        return Err(format!("/etc/subuid has no range for {who}"));
+    }
+    if gids.is_empty() {
+        return Err(format!("/etc/subgid has no range for {who}"));
+    }
+    Ok((uids, gids, newuidmap, newgidmap))
+}
+
+fn read_subids(path: &str, uid: u32, user: Option<&str>) -> Vec<IdRange> {
+    fs::read_to_string(path)
+        .map(|text| parse_subids(&text, uid, user))
+        .unwrap_or_default()
+}
+
+/// Parses /etc/subuid-style lines (`name-or-uid:start:count`) for one user.
+pub fn parse_subids(text: &str, uid: u32, user: Option<&str>) -> Vec<IdRange> {
+    let uid_text = uid.to_string();
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                return None;
+            }
+            let mut parts = line.split(':');
+            let owner = parts.next()?;
+            let start = parts.next()?.trim().parse().ok()?;
+            let count = parts.next()?.trim().parse().ok()?;
+            let ours = owner == uid_text || Some(owner) == user;
+            (ours && count > 0).then_some(IdRange { start, count })
+        })
+        .collect()
+}
+
+/// The argument list of newuidmap/newgidmap after the pid: `0 <own> 1` then each
+/// range at the next free inside id.
+pub fn map_arguments(own: u32, ranges: &[IdRange]) -> Vec<String> {
+    let mut args = vec!["0".to_string(), own.to_string(), "1".to_string()];
+    let mut inside: u64 = 1;
+    for r in ranges {
+        args.extend([inside.to_string(), r.start.to_string(), r.count.to_string()]);
+        inside += u64::from(r.count);
+    }
+    args
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+fn thread_count() -> usize {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(1)
+}
+
+/// Forks a child that waits until this process has unshared, then runs
+/// newuidmap/newgidmap on it. Outer `Err`: the namespace could not be entered at all;
+/// inner `Err`: the helpers failed (the message says how), the caller falls back.
+fn unshare_and_map_with_helpers(
+    uid: u32,
+    gid: u32,
+    uids: &[IdRange],
+    gids: &[IdRange],
+    newuidmap: &Path,
+    newgidmap: &Path,
+) -> Result<Result<(), String>, SandboxError> {
+    let parent = getpid().as_raw().to_string();
+    let mut uid_cmd = Command::new(newuidmap);
+    uid_cmd.arg(&parent).args(map_arguments(uid, uids));
+    let mut gid_cmd = Command::new(newgidmap);
+    gid_cmd.arg(&parent).args(map_arguments(gid, gids));
+
+    let (go_read, go_write) = pipe().map_err(|e| SandboxError::sys("create a pipe", e))?;
+    let (result_read, result_write) = pipe().map_err(|e| SandboxError::sys("create a pipe", e))?;
+    // SAFETY: the process is single-threaded (checked by the caller), so the child may
+    // allocate and spawn commands.
+    match unsafe { fork() }.map_err(|e| SandboxError::sys("fork the id-mapping child", e))? {
+        ForkResult::Child => {
+            drop(go_write);
+            drop(result_read);
+            let mut go = fs::File::from(go_read);
+            let mut result = fs::File::from(result_write);
+            let mut byte = [0u8; 1];
+            let code = match go.read(&mut byte) {
+                Ok(1) => {
+                    match run_map_helper(&mut uid_cmd).and_then(|()| run_map_helper(&mut gid_cmd)) {
+                        Ok(()) => 0,
+                        Err(message) => {
+                            let _ = result.write_all(message.as_bytes());
+                            1
+                        }
+                    }
+                }
+                _ => 2,
+            };
+            // SAFETY: leave without running the parent's exit handlers or flushing its
+            // buffers a second time.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            drop(go_read);
+            drop(result_write);
+            let unshared = unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS);
+            let mut go = fs::File::from(go_write);
+            if unshared.is_ok() {
+                let _ = go.write_all(b"g");
+            }
+            drop(go);
+            let mut message = String::new();
+            let _ = fs::File::from(result_read).read_to_string(&mut message);
+            let status = waitpid(child, None);
+            if let Err(e) = unshared {
+                return Err(SandboxError::sys("unshare a user and mount namespace", e));
+            }
+            match status {
+                Ok(WaitStatus::Exited(_, 0)) => Ok(Ok(())),
+                Ok(WaitStatus::Exited(_, _)) if !message.is_empty() => Ok(Err(message)),
+                other => Ok(Err(format!("the id-mapping child ended with {other:?}"))),
+            }
+        }
+    }
+}
+
+fn run_map_helper(cmd: &mut Command) -> Result<(), String> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let out = cmd
+        .output()
+        .map_err(|e| format!("{program} could not be started: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Maps only the invoking user (and group) to 0, as an unprivileged process may do for
+/// itself. Parts already written (a uid map by newuidmap before newgidmap failed) stay.
+fn write_single_mapping(uid: u32, gid: u32) -> Result<(), SandboxError> {
+    let write = |path: &str, text: String| {
+        fs::write(path, text).map_err(|e| SandboxError::io("write", path, e))
+    };
+    if fs::read_to_string("/proc/self/uid_map")
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        write("/proc/self/uid_map", format!("0 {uid} 1\n"))?;
+    }
+    if fs::read_to_string("/proc/self/gid_map")
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        write("/proc/self/setgroups", "deny".into())?;
+        write("/proc/self/gid_map", format!("0 {gid} 1\n"))?;
+    }
+    Ok(())
+}
+
+fn become_root(may_setgroups: bool) -> Result<(), SandboxError> {
+    let root_gid = Gid::from_raw(0);
+    let root_uid = Uid::from_raw(0);
+    nix::unistd::setresgid(root_gid, root_gid, root_gid)
+        .map_err(|e| SandboxError::sys("become gid 0 in the user namespace", e))?;
+    if may_setgroups {
+        nix::unistd::setgroups(&[])
+            .map_err(|e| SandboxError::sys("drop supplementary groups", e))?;
+    }
+    nix::unistd::setresuid(root_uid, root_uid, root_uid)
+        .map_err(|e| SandboxError::sys("become uid 0 in the user namespace", e))
+}
+
+/// Runs a process as the invoking user again, from inside the rootless namespace: a
+/// nested user namespace maps the invoking user's uid/gid back onto namespaced root
+/// (which *is* the invoking user on the host). Host steps use it so that `id`, file
+/// ownership and tools like ssh see the user they expect.
+#[derive(Clone, Debug)]
+pub struct InvokingUser {
+    uid_map: Vec<u8>,
+    gid_map: Vec<u8>,
+}
+
+impl InvokingUser {
+    pub fn new(info: &UsernsInfo) -> Self {
+        InvokingUser {
+            uid_map: format!("{} 0 1\n", info.outside_uid).into_bytes(),
+            gid_map: format!("{} 0 1\n", info.outside_gid).into_bytes(),
+        }
+    }
+
+    /// Unshares a nested user namespace and maps the invoking user in it. Only
+    /// async-signal-safe calls: meant for `pre_exec`, after any `setns` (joining a
+    /// namespace owned by the outer user namespace needs the outer capabilities).
+    ///
+    /// # Safety
+    /// Call only in a freshly forked child (e.g. from `pre_exec`).
+    pub unsafe fn enter(&self) -> io::Result<()> {
+        if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        write_proc(c"/proc/self/setgroups", b"deny")?;
+        write_proc(c"/proc/self/uid_map", &self.uid_map)?;
+        write_proc(c"/proc/self/gid_map", &self.gid_map)
+    }
+}
+
+/// open + write + close with raw calls (async-signal-safe).
+unsafe fn write_proc(path: &CStr, data: &[u8]) -> io::Result<()> {
+    let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = libc::write(fd, data.as_ptr().cast(), data.len());
+    let err = io::Error::last_os_error();
+    libc::close(fd);
+    if n != data.len() as isize {
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// For diagnostics: the current process's uid_map as text.
+pub fn current_uid_map() -> String {
+    fs::read("/proc/self/uid_map")
+        .map(|b| {
+            std::ffi::OsStr::from_bytes(&b)
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subids_match_name_or_uid_and_skip_others() {
+        let text = "alice:100000:65536\n# comment\nbob:165536:65536\n1000:300000:10\nbad\n";
+        assert_eq!(
+            parse_subids(text, 1000, Some("alice")),
+            vec![
+                IdRange {
+                    start: 100000,
+                    count: 65536
+                },
+                IdRange {
+                    start: 300000,
+                    count: 10
+                }
+            ]
+        );
+        assert_eq!(parse_subids(text, 1001, Some("carol")), vec![]);
+    }
+
+    #[test]
+    fn map_arguments_stack_ranges_after_root() {
+        let ranges = [
+            IdRange {
+                start: 100000,
+                count: 5,
+            },
+            IdRange {
+                start: 300000,
+                count: 10,
+            },
+        ];
+        assert_eq!(
+            map_arguments(1000, &ranges),
+            ["0", "1000", "1", "1", "100000", "5", "6", "300000", "10"]
+        );
+    }
+
+    #[test]
+    fn limitation_names_the_cause() {
+        let mut info = UsernsInfo {
+            outside_uid: 1000,
+            outside_gid: 1000,
+            user_name: Some("alice".into()),
+            mapping: IdMapping::Single {
+                reason: "/etc/subuid has no range for alice".into(),
+            },
+            cgroups: CgroupView::Host,
+        };
+        let text = info.limitation().unwrap();
+        assert!(
+            text.contains("/etc/subuid has no range for alice"),
+            "{text}"
+        );
+        assert!(text.contains("uid 999"), "{text}");
+        info.mapping = IdMapping::Subordinate {
+            uids: vec![IdRange {
+                start: 100000,
+                count: 65536,
+            }],
+            gids: vec![IdRange {
+                start: 100000,
+                count: 65536,
+            }],
+        };
+        assert_eq!(info.limitation(), None);
+        info.mapping = IdMapping::Subordinate {
+            uids: vec![IdRange {
+                start: 100000,
+                count: 1000,
+            }],
+            gids: vec![],
+        };
+        assert!(info.limitation().unwrap().contains("0..1000"));
+    }
+
+    #[test]
+    fn initial_map_is_recognised() {
+        assert!(is_initial_map("         0          0 4294967295\n"));
+        assert!(!is_initial_map("0 1000 1\n1 100000 65536\n"));
+    }
+}
