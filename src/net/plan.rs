@@ -160,6 +160,8 @@ pub struct NetworkPlan {
     pub gateway: Ipv4Addr,
     pub steps: Vec<StepEndpoint>,
     pub skipped_names: Vec<SkippedName>,
+    /// Outbound connections allowed (`--network egress`); off unless the caller sets it.
+    pub egress: bool,
 }
 
 impl NetworkPlan {
@@ -286,6 +288,7 @@ pub fn allocate(mode: NetworkMode, steps: &[StepRequest]) -> Result<NetworkPlan,
         gateway,
         steps: endpoints,
         skipped_names,
+        egress: false,
     })
 }
 

@@ -103,3 +103,35 @@ impl fmt::Display for PipelineErrors {
 }
 
 impl std::error::Error for PipelineErrors {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(line: usize) -> PipelineError {
+        PipelineError {
+            loc: Location {
+                file: "p.yaml".into(),
+                line,
+                column: 3,
+            },
+            kind: ErrorKind::InvalidValue,
+            message: format!("bad {line}"),
+        }
+    }
+
+    #[test]
+    fn errors_print_in_file_order_and_are_capped() {
+        let mut errors = PipelineErrors::default();
+        for line in (1..=MAX_ERRORS + 5).rev() {
+            errors.push(error(line));
+        }
+        errors.sort();
+        assert_eq!(errors.len(), MAX_ERRORS + 5);
+        let text = errors.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), MAX_ERRORS + 1);
+        assert_eq!(lines[0], "p.yaml:6:3: bad 6");
+        assert_eq!(lines[MAX_ERRORS], "... and 5 more errors");
+    }
+}

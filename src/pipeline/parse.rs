@@ -28,6 +28,7 @@ pub(crate) struct OutputRef {
     pub at: Location,
     pub group_path: Vec<String>,
     pub step: String,
+    pub variable: String,
 }
 
 pub(crate) struct Parser<'e> {
@@ -74,14 +75,22 @@ impl<'n> Fields<'n> {
 /// Fields that are never meaningful for a local run, accepted wherever Harness has them.
 const HARMLESS: &[&str] = &["description", "tags", "delegateSelectors"];
 
-/// The closest candidate to `word`, if it is close enough to be a likely typo.
+/// The closest candidate to `word`, if it is close enough to be a likely typo: a few
+/// edits (transpositions count as one) or a long shared prefix.
 pub(crate) fn did_you_mean<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    let max_edits = (word.chars().count() / 3).max(1);
     candidates
         .iter()
-        .map(|c| (strsim::jaro_winkler(word, c), *c))
-        .filter(|(score, _)| *score > 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, c)| c)
+        .map(|c| {
+            (
+                strsim::osa_distance(word, c),
+                strsim::jaro_winkler(word, c),
+                *c,
+            )
+        })
+        .filter(|(d, jw, _)| *d <= max_edits || *jw > 0.85)
+        .min_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)))
+        .map(|(_, _, c)| c)
 }
 
 fn suggestion(word: &str, candidates: &[&str]) -> String {
@@ -271,6 +280,7 @@ impl<'e> Parser<'e> {
                 continue;
             }
             let mut all: Vec<&str> = known.to_vec();
+            all.extend(ignored);
             all.extend(unsupported.iter().map(|(u, _)| *u));
             let hint = suggestion(key, &all);
             if let Some(target) = did_you_mean(key, &all) {
@@ -348,14 +358,21 @@ impl<'e> Parser<'e> {
             Err(e) => self.error(pos, ErrorKind::Expression, e.message),
             Ok(exprs) => {
                 for e in exprs {
-                    if let (Some(step_loc), Some((group_path, step))) =
-                        (&self.current_step, e.step_output_ref())
+                    if let (
+                        Some(step_loc),
+                        expr::Expr::StepOutput {
+                            group_path,
+                            step,
+                            variable,
+                        },
+                    ) = (&self.current_step, &e)
                     {
                         let r = OutputRef {
                             from_step: step_loc.clone(),
                             at: self.loc(pos),
-                            group_path: group_path.to_vec(),
-                            step: step.to_string(),
+                            group_path: group_path.clone(),
+                            step: step.clone(),
+                            variable: variable.clone(),
                         };
                         self.output_refs.push(r);
                     }
@@ -544,6 +561,9 @@ impl<'e> Parser<'e> {
 
     fn pipeline(&mut self, node: &Node) -> Option<(PipelineInfo, Vec<Stage>)> {
         let f = self.map(node, "`pipeline`")?;
+        let identifier = self.identifier(&f).unwrap_or_default();
+        let what = format!("pipeline `{identifier}`");
+        let f = Fields { what, ..f };
         self.check_fields(
             &f,
             &["identifier", "name", "stages", "variables", "timeout"],
@@ -565,9 +585,6 @@ impl<'e> Parser<'e> {
                 "pipeline templates live on Harness; inline the pipeline",
             )],
         );
-        let identifier = self.identifier(&f).unwrap_or_default();
-        let what = format!("pipeline `{identifier}`");
-        let f = Fields { what, ..f };
         let name = self
             .opt_string(&f, "name")
             .unwrap_or_else(|| identifier.clone());

@@ -61,10 +61,15 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
         Ok(()) => loader.error().cloned(),
     };
     if let Some(e) = failure {
-        return Err(SyntaxError {
-            pos: pos_of(e.marker()),
-            message: e.info().to_string(),
-        });
+        let pos = pos_of(e.marker());
+        let message = match e.info() {
+            "duplicated key in mapping" => match key_at(text, pos) {
+                Some(key) => format!("duplicate key `{key}` in a mapping"),
+                None => "duplicate key in a mapping".to_string(),
+            },
+            other => other.to_string(),
+        };
+        return Err(SyntaxError { pos, message });
     }
     let docs = loader.into_documents();
     match docs.into_iter().next() {
@@ -74,6 +79,14 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
         }),
         Some(doc) => convert(&doc),
     }
+}
+
+/// The plain key written at `pos` (saphyr's duplicate-key error does not name it).
+fn key_at(text: &str, pos: Pos) -> Option<String> {
+    let line = text.lines().nth(pos.line.checked_sub(1)?)?;
+    let rest: String = line.chars().skip(pos.col - 1).collect();
+    let key = rest.split(':').next()?.trim().trim_matches(['"', '\'']);
+    (!key.is_empty()).then(|| key.to_string())
 }
 
 fn pos_of(m: &saphyr::Marker) -> Pos {

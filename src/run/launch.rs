@@ -1,0 +1,165 @@
+//! How the executor starts a step's process, whatever it runs in.
+//!
+//! The executor does not know about containers or namespaces: it hands a [`LaunchSpec`]
+//! to a [`Launcher`] and gets back a child process with piped stdout and stderr, in a
+//! process group of its own so that stopping it (SIGTERM to the group, then SIGKILL)
+//! reaches everything it started. [`HostLauncher`] runs host binaries (Harness's
+//! "leave Image blank"); the sandbox layer provides the container launcher.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::pipeline::Shell;
+use crate::plan::StepPlan;
+
+/// A step's process, with step outputs already substituted.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Process {
+    /// A script for `shell`; [`shell_argv`] turns it into a command line.
+    Shell { shell: Shell, script: String },
+    /// An explicit argv (a Background step's `entrypoint`).
+    Exec { argv: Vec<String> },
+    /// The image's own entrypoint and cmd.
+    ImageDefault,
+}
+
+/// Everything a launcher needs to start one step.
+pub struct LaunchSpec<'a> {
+    pub step: &'a StepPlan,
+    pub process: Process,
+    /// Variables for the step (stage, group, then step), over the image's or host's own.
+    pub env: Vec<(String, String)>,
+    /// The stage workspace, shared by every step.
+    pub workspace: &'a Path,
+    /// A directory private to this step on the host (output variables are written here).
+    pub control_dir: &'a Path,
+    /// The step's network namespace, when the stage has a network.
+    pub netns: Option<BorrowedFd<'a>>,
+    /// Files the network layer wrote for this step.
+    pub hosts_file: Option<&'a Path>,
+    pub resolv_conf: Option<&'a Path>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot start `{program}` for step `{step}`: {source}")]
+    Spawn {
+        step: String,
+        program: String,
+        source: io::Error,
+    },
+    #[error("step `{step}`: {message}")]
+    Refused { step: String, message: String },
+}
+
+/// Starts step processes. Implementations must return a child whose stdout and stderr
+/// are piped and which leads its own process group.
+pub trait Launcher: Send + Sync {
+    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Child, LaunchError>;
+
+    /// Where `LaunchSpec::control_dir` appears to the step's process.
+    fn control_dir_in_step(&self, host_path: &Path) -> PathBuf;
+
+    /// Try one TCP connection to `port` of a running step (readiness checks).
+    fn probe<'a>(
+        &'a self,
+        step: &'a StepPlan,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+}
+
+/// The command line that runs `script` in `shell`, failing on the first error for
+/// Sh and Bash as Harness does.
+pub fn shell_argv(shell: Shell, script: &str) -> Vec<String> {
+    let (prog, flag, prefix) = match shell {
+        Shell::Sh => ("sh", "-c", "set -e\n"),
+        Shell::Bash => ("bash", "-c", "set -e\n"),
+        Shell::Python => ("python3", "-c", ""),
+        // There is no `powershell` on Linux: PowerShell 7 (`pwsh`) runs both.
+        Shell::Powershell | Shell::Pwsh => ("pwsh", "-Command", ""),
+    };
+    vec![prog.into(), flag.into(), format!("{prefix}{script}")]
+}
+
+/// Runs host binaries in the workspace, with the host's environment plus the step's.
+pub struct HostLauncher;
+
+impl Launcher for HostLauncher {
+    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Child, LaunchError> {
+        let argv = match &spec.process {
+            Process::Shell { shell, script } => shell_argv(*shell, script),
+            Process::Exec { argv } => argv.clone(),
+            Process::ImageDefault => {
+                return Err(LaunchError::Refused {
+                    step: spec.step.key.clone(),
+                    message: "has neither an image nor a command to run on the host".into(),
+                })
+            }
+        };
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .current_dir(spec.workspace)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe. A SIGKILLed sandrun then takes the step
+        // down with it (only the direct child; stage teardown kills whole groups).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        if let Some(fd) = spec.netns {
+            let fd: OwnedFd = fd.try_clone_to_owned().map_err(|e| LaunchError::Spawn {
+                step: spec.step.key.clone(),
+                program: argv[0].clone(),
+                source: e,
+            })?;
+            // SAFETY: setns is async-signal-safe; the fd stays open until after spawn.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd.spawn().map_err(|e| LaunchError::Spawn {
+            step: spec.step.key.clone(),
+            program: argv[0].clone(),
+            source: e,
+        })
+    }
+
+    fn control_dir_in_step(&self, host_path: &Path) -> PathBuf {
+        host_path.to_path_buf()
+    }
+
+    fn probe<'a>(
+        &'a self,
+        _step: &'a StepPlan,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
+        Box::pin(async move {
+            let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+            matches!(
+                tokio::time::timeout(Duration::from_millis(500), connect).await,
+                Ok(Ok(_))
+            )
+        })
+    }
+}
