@@ -301,9 +301,7 @@ pub fn merge(reports: &[(String, Report)]) -> String {
                     Outcome::Error { message, text } => {
                         write_outcome(&mut out, "error", message, text)
                     }
-                    Outcome::Skipped { message } => {
-                        write_outcome(&mut out, "skipped", message, "")
-                    }
+                    Outcome::Skipped { message } => write_outcome(&mut out, "skipped", message, ""),
                 }
             }
             out.push_str("  </testsuite>\n");

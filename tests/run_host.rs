@@ -17,7 +17,13 @@ fn stage(steps: &str) -> String {
 fn indent(text: &str, n: usize) -> String {
     let pad = " ".repeat(n);
     text.lines()
-        .map(|l| if l.is_empty() { String::new() } else { format!("{pad}{l}") })
+        .map(|l| {
+            if l.is_empty() {
+                String::new()
+            } else {
+                format!("{pad}{l}")
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n")
         + "\n"
@@ -59,7 +65,11 @@ fn background_service_is_reached_then_stopped() {
             .assert_stdout("ready after");
         assert!(r.summary_row("web").contains("stopped"), "{}", r.all());
         assert!(r.summary_row("fetch").contains("passed"), "{}", r.all());
-        assert!(processes_with(&marker).is_empty(), "left behind: {:?}", processes_with(&marker));
+        assert!(
+            processes_with(&marker).is_empty(),
+            "left behind: {:?}",
+            processes_with(&marker)
+        );
     }
 }
 
@@ -165,7 +175,10 @@ fn parallel_steps_overlap_in_time() {
 "#
             )
         };
-        sb.write("ci.yaml", &stage(&format!("- parallel:\n{}{}", step("left"), step("right"))));
+        sb.write(
+            "ci.yaml",
+            &stage(&format!("- parallel:\n{}{}", step("left"), step("right"))),
+        );
         sb.run(["run", "ci.yaml"]).assert_code(0);
         let read = |f: &str| -> f64 {
             std::fs::read_to_string(sb.workspace().join(f))
@@ -270,9 +283,18 @@ fn failure_strategies_retry_ignore_and_abort() {
         );
         let r = sb.run(["run", "ci.yaml"]);
         r.assert_code(1).assert_stdout("retrying (attempt 3)");
-        assert_eq!(std::fs::read_to_string(sb.workspace().join("count")).unwrap().trim(), "3");
+        assert_eq!(
+            std::fs::read_to_string(sb.workspace().join("count"))
+                .unwrap()
+                .trim(),
+            "3"
+        );
         assert!(r.summary_row("flaky").contains("passed"), "{}", r.all());
-        assert!(r.summary_row("tolerated").contains("failed (ignored)"), "{}", r.all());
+        assert!(
+            r.summary_row("tolerated").contains("failed (ignored)"),
+            "{}",
+            r.all()
+        );
         assert!(r.summary_row("fatal").contains("FAILED"), "{}", r.all());
         // Abort stops the stage: not even `when: All` steps run afterwards.
         assert!(r.summary_row("cleanup").contains("skipped"), "{}", r.all());
@@ -316,7 +338,9 @@ fn failure_skips_later_steps_but_runs_failure_handlers() {
         r.assert_code(1).assert_stdout("collecting logs");
         assert!(!r.stdout.contains("unreachable"), "{}", r.all());
         assert!(r.summary_row("next").contains("skipped"), "{}", r.all());
-        assert!(r.summary_row("broken").contains("exit code 1") || r.stdout.contains("exit code 1"));
+        assert!(
+            r.summary_row("broken").contains("exit code 1") || r.stdout.contains("exit code 1")
+        );
     }
 }
 
@@ -348,7 +372,11 @@ fn junit_reports_are_counted_and_merged() {
         let out = sb.dir.path().join("out");
         let r = sb.run(["run", "ci.yaml", "--report-dir", out.to_str().unwrap()]);
         r.assert_code(0).assert_stdout("broken.xml ignored");
-        assert!(r.summary_row("tests").contains("2 passed, 1 failed"), "{}", r.all());
+        assert!(
+            r.summary_row("tests").contains("2 passed, 1 failed"),
+            "{}",
+            r.all()
+        );
         let merged = std::fs::read_to_string(out.join("junit.xml")).unwrap();
         assert!(merged.contains(r#"tests="3" failures="1""#), "{merged}");
         assert!(merged.contains(r#"<testsuite name="b""#), "{merged}");
@@ -383,18 +411,40 @@ fn secrets_never_appear_in_output() {
 "#,
         );
         for json in [false, true] {
-            let mut args = vec!["run", "ci.yaml", "--secret", "db_pw=hunter2-pw", "--secret", "api_key=k3y-v4lue"];
+            let mut args = vec![
+                "run",
+                "ci.yaml",
+                "--secret",
+                "db_pw=hunter2-pw",
+                "--secret",
+                "api_key=k3y-v4lue",
+            ];
             if json {
                 args.push("--json");
             }
             let r = sb.run(&args);
             r.assert_code(0);
-            assert!(!r.stdout.contains("hunter2-pw") && !r.stdout.contains("k3y-v4lue"), "{}", r.all());
+            assert!(
+                !r.stdout.contains("hunter2-pw") && !r.stdout.contains("k3y-v4lue"),
+                "{}",
+                r.all()
+            );
             assert!(r.stdout.contains("env: **************"), "{}", r.all());
         }
-        let plan = sb.run(["plan", "ci.yaml", "--secret", "db_pw=hunter2-pw", "--secret", "api_key=k3y-v4lue"]);
+        let plan = sb.run([
+            "plan",
+            "ci.yaml",
+            "--secret",
+            "db_pw=hunter2-pw",
+            "--secret",
+            "api_key=k3y-v4lue",
+        ]);
         plan.assert_code(0);
-        assert!(!plan.stdout.contains("hunter2-pw") && !plan.stdout.contains("k3y-v4lue"), "{}", plan.all());
+        assert!(
+            !plan.stdout.contains("hunter2-pw") && !plan.stdout.contains("k3y-v4lue"),
+            "{}",
+            plan.all()
+        );
     }
 }
 
@@ -415,7 +465,7 @@ fn ctrl_c_stops_every_step_and_exits_130() {
     name: svc
     identifier: svc
     spec:
-      command: exec python3 -m http.server {port} --bind 127.0.0.1
+      command: exec python3 -m http.server {port}
       portBindings:
         "{port}": "{port}"
 - step:
@@ -444,7 +494,11 @@ fn ctrl_c_stops_every_step_and_exits_130() {
         r.assert_code(130).assert_stdout("interrupted");
         assert!(r.summary_row("long").contains("cancelled"), "{}", r.all());
         for m in [&service, &long] {
-            assert!(processes_with(m).is_empty(), "left behind: {:?}", processes_with(m));
+            assert!(
+                processes_with(m).is_empty(),
+                "left behind: {:?}",
+                processes_with(m)
+            );
         }
     }
 }
@@ -464,10 +518,20 @@ fn json_stream_has_one_event_per_line() {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect();
-        let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+        let kinds: Vec<&str> = events
+            .iter()
+            .map(|e| e["event"].as_str().unwrap())
+            .collect();
         assert_eq!(
             kinds,
-            ["stage_started", "step_started", "output", "step_exited", "step_finished", "stage_finished"]
+            [
+                "stage_started",
+                "step_started",
+                "output",
+                "step_exited",
+                "step_finished",
+                "stage_finished"
+            ]
         );
         assert_eq!(events[2]["line"], "hi");
         assert_eq!(events[4]["result"]["result"], "succeeded");
@@ -499,10 +563,15 @@ fn unsupported_steps_are_refused_or_skipped_by_choice() {
             ),
         );
         let v = sb.run(["validate", "ci.yaml"]);
-        v.assert_code(1).assert_stderr("ci.yaml:").assert_stderr("`push`");
+        v.assert_code(1)
+            .assert_stderr("ci.yaml:")
+            .assert_stderr("`push`");
         let r = sb.run(["run", "ci.yaml"]);
         r.assert_code(2).assert_stderr("--skip-unsupported");
-        assert!(!sb.workspace().join("ran").exists(), "a step ran before the refusal");
+        assert!(
+            !sb.workspace().join("ran").exists(),
+            "a step ran before the refusal"
+        );
         let r = sb.run(["run", "ci.yaml", "--skip-unsupported"]);
         r.assert_code(0);
         assert!(r.summary_row("push").contains("skipped"), "{}", r.all());

@@ -5,21 +5,23 @@
 //! will have finished, and decides hostnames and the network mode. All problems are
 //! collected and reported together, each with the location it comes from.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::pipeline::expr::{self, CodebaseField, Condition, Expr, Operand, TemplatePart as Part};
 use crate::pipeline::{
-    FailureAction, FailureStrategy, Infrastructure, Location, PipelineFile, PullPolicy,
-    Shell, Stage, StageStatus, Step, StepItem, StepKind, Variable, VariableType,
+    FailureAction, FailureStrategy, Infrastructure, Location, PipelineFile, PullPolicy, Shell,
+    Stage, StageStatus, Step, StepItem, StepKind, Variable, VariableType,
 };
+
+use crate::net::StepRequest;
 
 use super::{
     Action, CondPlan, ErrorKind, FailurePolicy, FailureRule, GroupPlan, ImagePlan, NetworkChoice,
-    NetworkMode, Node, PipelineName, Plan, ProcessTemplate, Secrets, StagePlan, StepPlan,
-    StepType, Template, TemplatePart,
+    NetworkMode, NetworkPlan, Node, PipelineName, Plan, ProcessTemplate, Secrets, StagePlan,
+    StepPlan, StepType, Template, TemplatePart,
 };
 
 /// What the user tells sandrun besides the pipeline file.
@@ -34,6 +36,8 @@ pub struct PlanInputs {
     pub stage: Option<String>,
     /// `--network`, overriding the stage's infrastructure.
     pub network: Option<NetworkMode>,
+    /// `--network egress`: let steps open outbound connections.
+    pub egress: bool,
     /// Resolve unanswered inputs and secrets to placeholders instead of failing
     /// (`sandrun validate` checks the file, not the answers).
     pub placeholders: bool,
@@ -134,7 +138,12 @@ impl<'a> Builder<'a> {
         }
         if let Some(want) = &self.inputs.stage {
             if !self.file.stages.iter().any(|s| &s.identifier == want) {
-                let known: Vec<&str> = self.file.stages.iter().map(|s| s.identifier.as_str()).collect();
+                let known: Vec<&str> = self
+                    .file
+                    .stages
+                    .iter()
+                    .map(|s| s.identifier.as_str())
+                    .collect();
                 let loc = Location {
                     file: self.file.path.clone(),
                     line: 1,
@@ -150,7 +159,12 @@ impl<'a> Builder<'a> {
             .file
             .stages
             .iter()
-            .filter(|s| self.inputs.stage.as_ref().is_none_or(|w| w == &s.identifier))
+            .filter(|s| {
+                self.inputs
+                    .stage
+                    .as_ref()
+                    .is_none_or(|w| w == &s.identifier)
+            })
             .map(|s| self.stage(s))
             .collect();
         Plan {
@@ -178,6 +192,7 @@ impl<'a> Builder<'a> {
                     stage.stage_type
                 )),
                 network,
+                net: None,
                 timeout: stage.timeout,
                 nodes: Vec::new(),
             };
@@ -195,10 +210,14 @@ impl<'a> Builder<'a> {
             name: stage.name.clone(),
             skipped: None,
             network,
+            net: None,
             timeout: stage.timeout,
             nodes,
         };
-        assign_hostnames(&mut plan);
+        match address_steps(&mut plan, self.inputs.egress) {
+            Ok(()) => {}
+            Err(e) => self.error(&stage.loc, format!("stage `{}`: {e}", stage.identifier)),
+        }
         plan
     }
 
@@ -246,7 +265,12 @@ impl<'a> Builder<'a> {
     }
 
     /// Resolve variables in order (later ones may refer to earlier ones).
-    fn variables(&mut self, vars: &[Variable], scope: &Scope, prefix: &str) -> BTreeMap<String, String> {
+    fn variables(
+        &mut self,
+        vars: &[Variable],
+        scope: &Scope,
+        prefix: &str,
+    ) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         for v in vars {
             let value = match v.var_type {
@@ -269,7 +293,9 @@ impl<'a> Builder<'a> {
                             None => {
                                 let parsed = expr::parse_template(&v.value).ok();
                                 let default = parsed.and_then(|p| match p.first() {
-                                    Some(Part::Expr(Expr::Input { default, .. })) => default.clone(),
+                                    Some(Part::Expr(Expr::Input { default, .. })) => {
+                                        default.clone()
+                                    }
                                     _ => None,
                                 });
                                 match default.or_else(|| v.default.clone()) {
@@ -294,12 +320,21 @@ impl<'a> Builder<'a> {
                         self.static_text(&v.value, &s, &v.loc, &v.name)
                     };
                     if v.required && text.is_empty() {
-                        self.error(&v.loc, format!("variable `{}` is required but has no value", v.name));
-                    }
-                    if v.var_type == VariableType::Number && !text.is_empty() && text.parse::<f64>().is_err() {
                         self.error(
                             &v.loc,
-                            format!("variable `{}` is a Number but its value is `{text}`", v.name),
+                            format!("variable `{}` is required but has no value", v.name),
+                        );
+                    }
+                    if v.var_type == VariableType::Number
+                        && !text.is_empty()
+                        && text.parse::<f64>().is_err()
+                    {
+                        self.error(
+                            &v.loc,
+                            format!(
+                                "variable `{}` is a Number but its value is `{text}`",
+                                v.name
+                            ),
                         );
                     }
                     text
@@ -321,7 +356,12 @@ impl<'a> Builder<'a> {
     fn secret(&mut self, id: &str, loc: &Location) -> String {
         // Harness scopes secrets as `account.x`, `org.x` or `x`; answers may use either.
         let bare = id.rsplit('.').next().unwrap_or(id);
-        match self.inputs.secrets.get(id).or_else(|| self.inputs.secrets.get(bare)) {
+        match self
+            .inputs
+            .secrets
+            .get(id)
+            .or_else(|| self.inputs.secrets.get(bare))
+        {
             Some(v) => {
                 let v = v.clone();
                 self.secrets.add(&v);
@@ -381,9 +421,12 @@ impl<'a> Builder<'a> {
         let text = |s: &str| Resolved::Text(s.to_string());
         match e {
             Expr::PipelineName => text(self.file.pipeline.as_ref().map_or("", |p| p.name.as_str())),
-            Expr::PipelineIdentifier => {
-                text(self.file.pipeline.as_ref().map_or("", |p| p.identifier.as_str()))
-            }
+            Expr::PipelineIdentifier => text(
+                self.file
+                    .pipeline
+                    .as_ref()
+                    .map_or("", |p| p.identifier.as_str()),
+            ),
             Expr::PipelineSequenceId => text("1"),
             Expr::PipelineExecutionId => Resolved::Text(execution_id()),
             Expr::PipelineVariable(v) => match self.pipeline_vars.get(v) {
@@ -398,7 +441,12 @@ impl<'a> Builder<'a> {
             },
             Expr::StepGroupVariable(v) => match scope.group_vars.get(v) {
                 Some(x) => Resolved::Text(x.clone()),
-                None => self.unknown(loc, field, e, "the enclosing step group has no such variable"),
+                None => self.unknown(
+                    loc,
+                    field,
+                    e,
+                    "the enclosing step group has no such variable",
+                ),
             },
             Expr::StepName => text(&scope.step_name),
             Expr::StepIdentifier => text(&scope.step_id),
@@ -440,7 +488,10 @@ impl<'a> Builder<'a> {
                     if !value.is_empty() && !allowed.contains(&value) {
                         self.error(
                             loc,
-                            format!("`{value}` is not an allowed value for `{key}` (allowed: {})", allowed.join(", ")),
+                            format!(
+                                "`{value}` is not an allowed value for `{key}` (allowed: {})",
+                                allowed.join(", ")
+                            ),
                         );
                     }
                 }
@@ -455,7 +506,12 @@ impl<'a> Builder<'a> {
     }
 
     /// The key of the step an output expression names, if it will have finished.
-    fn output_ref(&self, group_path: &[String], step: &str, scope: &Scope) -> Result<String, String> {
+    fn output_ref(
+        &self,
+        group_path: &[String],
+        step: &str,
+        scope: &Scope,
+    ) -> Result<String, String> {
         let candidates: Vec<String> = if group_path.is_empty() {
             let mut c = Vec::new();
             if !scope.group_key.is_empty() {
@@ -492,7 +548,11 @@ impl<'a> Builder<'a> {
         if self.codebase.is_none() {
             self.codebase = Some(read_codebase(&self.inputs.workspace));
         }
-        self.codebase.as_ref().unwrap().as_ref().map_err(Clone::clone)
+        self.codebase
+            .as_ref()
+            .unwrap()
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     fn items(
@@ -550,7 +610,10 @@ impl<'a> Builder<'a> {
                     identifier: g.identifier.clone(),
                     name: g.name.clone(),
                     key,
-                    run_when: g.when.as_ref().map_or(StageStatus::Success, |w| w.stage_status.clone()),
+                    run_when: g
+                        .when
+                        .as_ref()
+                        .map_or(StageStatus::Success, |w| w.stage_status.clone()),
                     condition: g
                         .when
                         .as_ref()
@@ -622,7 +685,10 @@ impl<'a> Builder<'a> {
                 port_bindings = b.port_bindings.clone();
                 if let Some(ep) = &b.entrypoint {
                     ProcessTemplate::Exec {
-                        argv: ep.iter().map(|a| self.template(a, &s, loc, "entrypoint")).collect(),
+                        argv: ep
+                            .iter()
+                            .map(|a| self.template(a, &s, loc, "entrypoint"))
+                            .collect(),
                     }
                 } else if let Some(cmd) = &b.command {
                     ProcessTemplate::Shell {
@@ -647,7 +713,10 @@ impl<'a> Builder<'a> {
                 }
                 match &p.entrypoint {
                     Some(ep) => ProcessTemplate::Exec {
-                        argv: ep.iter().map(|a| self.template(a, &s, loc, "entrypoint")).collect(),
+                        argv: ep
+                            .iter()
+                            .map(|a| self.template(a, &s, loc, "entrypoint"))
+                            .collect(),
                     },
                     None => ProcessTemplate::ImageDefault,
                 }
@@ -673,7 +742,10 @@ impl<'a> Builder<'a> {
             port_bindings,
             reports: container.map(|c| c.reports.clone()).unwrap_or_default(),
             timeout: step.timeout,
-            run_when: step.when.as_ref().map_or(StageStatus::Success, |w| w.stage_status.clone()),
+            run_when: step
+                .when
+                .as_ref()
+                .map_or(StageStatus::Success, |w| w.stage_status.clone()),
             condition: step
                 .when
                 .as_ref()
@@ -706,12 +778,14 @@ impl<'a> Builder<'a> {
         match c {
             Condition::Value(o) => CondPlan::Value(self.operand(o, scope, loc)),
             Condition::Not(x) => CondPlan::Not(Box::new(self.cond(x, scope, loc))),
-            Condition::And(a, b) => {
-                CondPlan::And(Box::new(self.cond(a, scope, loc)), Box::new(self.cond(b, scope, loc)))
-            }
-            Condition::Or(a, b) => {
-                CondPlan::Or(Box::new(self.cond(a, scope, loc)), Box::new(self.cond(b, scope, loc)))
-            }
+            Condition::And(a, b) => CondPlan::And(
+                Box::new(self.cond(a, scope, loc)),
+                Box::new(self.cond(b, scope, loc)),
+            ),
+            Condition::Or(a, b) => CondPlan::Or(
+                Box::new(self.cond(a, scope, loc)),
+                Box::new(self.cond(b, scope, loc)),
+            ),
             Condition::Compare { left, equal, right } => CondPlan::Compare {
                 left: self.operand(left, scope, loc),
                 equal: *equal,
@@ -747,7 +821,10 @@ fn push_text(t: &mut Template, s: &str) {
 }
 
 fn is_bare_input(v: &str) -> bool {
-    matches!(expr::parse_template(v.trim()).as_deref(), Ok([Part::Expr(Expr::Input { .. })]))
+    matches!(
+        expr::parse_template(v.trim()).as_deref(),
+        Ok([Part::Expr(Expr::Input { .. })])
+    )
 }
 
 fn scope_step_key(scope: &Scope) -> String {
@@ -779,7 +856,13 @@ fn failure_policy(strategies: &[FailureStrategy]) -> FailurePolicy {
                     let mut kinds: Vec<ErrorKind> = s
                         .errors
                         .iter()
-                        .map(|e| if e == "Timeout" { ErrorKind::Timeout } else { ErrorKind::Failure })
+                        .map(|e| {
+                            if e == "Timeout" {
+                                ErrorKind::Timeout
+                            } else {
+                                ErrorKind::Failure
+                            }
+                        })
                         .collect();
                     kinds.dedup();
                     kinds
@@ -808,37 +891,50 @@ fn action(a: &FailureAction) -> Action {
     }
 }
 
-/// Names other steps use: the identifier, and `Group_Step` inside step groups (as
-/// Harness documents; the innermost group, and the whole path when groups nest). A bare
-/// identifier that two steps share is given to neither, so that a name never means two
-/// steps.
-fn assign_hostnames(stage: &mut StagePlan) {
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for s in stage.steps() {
-        *count.entry(s.identifier.to_ascii_lowercase()).or_default() += 1;
-    }
-    fn walk(nodes: &mut [Node], count: &HashMap<String, usize>) {
+/// Give every step that will run its names and its address on the stage network.
+///
+/// Names follow Harness: the identifier, and `GroupId_StepId` inside step groups (the
+/// innermost group; with nested groups also the whole path joined by `_`). The network
+/// layer leaves out names that would mean two steps.
+fn address_steps(stage: &mut StagePlan, egress: bool) -> Result<(), crate::net::NetPlanError> {
+    let requests: Vec<StepRequest> = stage
+        .steps()
+        .into_iter()
+        .filter(|s| s.unsupported.is_none())
+        .map(|s| {
+            let parts: Vec<&str> = s.key.split('.').collect();
+            let mut hostnames = vec![s.identifier.clone()];
+            if parts.len() >= 2 {
+                hostnames.push(parts[parts.len() - 2..].join("_"));
+            }
+            if parts.len() > 2 {
+                hostnames.push(parts.join("_"));
+            }
+            StepRequest {
+                key: s.key.clone(),
+                hostnames,
+                port_bindings: s.port_bindings.iter().map(|&b| b.into()).collect(),
+            }
+        })
+        .collect();
+    let mut net = crate::net::allocate(stage.network.mode, &requests)?;
+    net.egress = egress;
+    fn walk(nodes: &mut [Node], net: &NetworkPlan) {
         for n in nodes {
             match n {
                 Node::Step(s) => {
-                    let parts: Vec<&str> = s.key.split('.').collect();
-                    let mut names = Vec::new();
-                    if parts.len() == 1 || count[&s.identifier.to_ascii_lowercase()] == 1 {
-                        names.push(s.identifier.clone());
+                    if let Some(e) = net.step(&s.key) {
+                        s.hostnames = e.hostnames.clone();
+                        s.address = Some(e.address);
                     }
-                    if parts.len() >= 2 {
-                        names.push(parts[parts.len() - 2..].join("_"));
-                    }
-                    if parts.len() > 2 {
-                        names.push(parts.join("_"));
-                    }
-                    s.hostnames = names;
                 }
-                Node::Parallel { nodes } | Node::Group(GroupPlan { nodes, .. }) => walk(nodes, count),
+                Node::Parallel { nodes } | Node::Group(GroupPlan { nodes, .. }) => walk(nodes, net),
             }
         }
     }
-    walk(&mut stage.nodes, &count);
+    walk(&mut stage.nodes, &net);
+    stage.net = Some(net);
+    Ok(())
 }
 
 fn read_codebase(workspace: &Path) -> Result<Codebase, String> {

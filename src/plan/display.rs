@@ -9,7 +9,13 @@ pub fn render(plan: &Plan) -> String {
     let mut out = String::new();
     match &plan.pipeline {
         Some(p) => {
-            let _ = writeln!(out, "Pipeline `{}` ({}) from {}", p.identifier, p.name, plan.source.display());
+            let _ = writeln!(
+                out,
+                "Pipeline `{}` ({}) from {}",
+                p.identifier,
+                p.name,
+                plan.source.display()
+            );
         }
         None => {
             let _ = writeln!(out, "Stage file {}", plan.source.display());
@@ -26,12 +32,28 @@ pub fn render(plan: &Plan) -> String {
         let _ = writeln!(
             out,
             "  network: {} ({})",
-            match stage.network.mode {
-                super::NetworkMode::Bridge => "bridge",
-                super::NetworkMode::Pod => "pod",
-            },
-            stage.network.reason
+            stage.network.mode, stage.network.reason
         );
+        if let Some(net) = &stage.net {
+            let _ = writeln!(
+                out,
+                "  subnet: {}/{}{}",
+                net.subnet.network,
+                net.subnet.prefix_len,
+                if net.egress {
+                    ", egress allowed"
+                } else {
+                    ", no egress"
+                }
+            );
+            for s in &net.skipped_names {
+                let _ = writeln!(
+                    out,
+                    "  name `{}` resolves to no step: {:?}",
+                    s.name, s.reason
+                );
+            }
+        }
         if let Some(t) = stage.timeout {
             let _ = writeln!(out, "  timeout: {}", crate::ui::format_duration(t));
         }
@@ -85,7 +107,11 @@ fn step_lines(out: &mut String, s: &StepPlan, label: &str, indent: usize) {
     }
     match &s.image {
         Some(img) => {
-            let _ = write!(out, "{more}image: {} (pull {:?})", img.reference, img.pull_policy);
+            let _ = write!(
+                out,
+                "{more}image: {} (pull {:?})",
+                img.reference, img.pull_policy
+            );
             if let Some(c) = &img.connector_ref {
                 let _ = write!(out, ", connector `{c}`");
             }
@@ -123,7 +149,11 @@ fn step_lines(out: &mut String, s: &StepPlan, label: &str, indent: usize) {
         let _ = writeln!(out, "{more}port: host {h} -> {c}");
     }
     if !s.env.is_empty() {
-        let vars: Vec<String> = s.env.iter().map(|(k, v)| format!("{k}={}", v.display())).collect();
+        let vars: Vec<String> = s
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.display()))
+            .collect();
         let _ = writeln!(out, "{more}env: {}", vars.join(" "));
     }
     if !s.output_variables.is_empty() {
@@ -159,8 +189,12 @@ fn step_lines(out: &mut String, s: &StepPlan, label: &str, indent: usize) {
         let _ = writeln!(
             out,
             "{more}limits: memory {}, cpu {}",
-            s.resources.memory.map_or("-".into(), |m| format!("{}Mi", m / (1024 * 1024))),
-            s.resources.cpu_millis.map_or("-".into(), |c| format!("{c}m"))
+            s.resources
+                .memory
+                .map_or("-".into(), |m| format!("{}Mi", m / (1024 * 1024))),
+            s.resources
+                .cpu_millis
+                .map_or("-".into(), |c| format!("{c}m"))
         );
     }
 }

@@ -67,14 +67,20 @@ pub fn signal_name(sig: i32) -> String {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum StepResult {
     Succeeded,
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
     TimedOut {
         #[serde(with = "duration_ms")]
         limit: Duration,
     },
     /// Failed, but a failure strategy said Ignore or MarkAsSuccess.
-    FailureIgnored { reason: String },
-    Skipped { reason: String },
+    FailureIgnored {
+        reason: String,
+    },
+    Skipped {
+        reason: String,
+    },
     /// Stopped by Ctrl-C/SIGTERM or an Abort.
     Cancelled,
     /// A Background step that was still serving when the stage ended.

@@ -10,8 +10,8 @@ use console::Style;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::{format_duration, Reporter};
-use crate::run::events::{RunEvent, StageResult, StepResult, Stream, TestCounts};
 use crate::plan::StepType;
+use crate::run::events::{RunEvent, StageResult, StepResult, Stream, TestCounts};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ColorChoice {
@@ -54,7 +54,8 @@ impl TerminalReporter {
             ColorChoice::Auto => tty && !no_color,
         };
         console::set_colors_enabled(color);
-        let progress = (tty && color).then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()));
+        let progress =
+            (tty && color).then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()));
         TerminalReporter {
             color,
             progress,
@@ -192,7 +193,11 @@ impl TerminalReporter {
             | StepResult::FailureIgnored { reason }
             | StepResult::Skipped { reason } = &r.result
             {
-                self.line(&format!("  {:<w$}  {}", "", Style::new().dim().apply_to(reason)));
+                self.line(&format!(
+                    "  {:<w$}  {}",
+                    "",
+                    Style::new().dim().apply_to(reason)
+                ));
             }
         }
     }
@@ -210,7 +215,10 @@ impl Reporter for TerminalReporter {
                 self.line(&format!("{} {title}: {steps} steps", self.bold("Stage")));
             }
             RunEvent::StageSkipped { stage, reason } => {
-                self.line(&format!("{} `{stage}` skipped: {reason}", self.bold("Stage")));
+                self.line(&format!(
+                    "{} `{stage}` skipped: {reason}",
+                    self.bold("Stage")
+                ));
             }
             RunEvent::StepStarted {
                 step,
@@ -240,7 +248,11 @@ impl Reporter for TerminalReporter {
                 let t = self.green(&format!("● ready after {}", format_duration(*waited)));
                 self.prefixed(step, &t);
             }
-            RunEvent::ReadyTimeout { step, ports, waited } => {
+            RunEvent::ReadyTimeout {
+                step,
+                ports,
+                waited,
+            } => {
                 self.stop_spinner(step);
                 let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
                 let t = self.yellow(&format!(
@@ -318,12 +330,10 @@ impl Reporter for TerminalReporter {
                         self.green(&format!("✔ passed in {}", format_duration(*duration)))
                     }
                     StepResult::Stopped => self.green("■ stopped at the end of the stage"),
-                    StepResult::Skipped { reason } => {
-                        self.yellow(&format!("○ skipped: {reason}"))
-                    }
-                    StepResult::FailureIgnored { reason } => {
-                        self.yellow(&format!("✘ failed ({reason}); ignored by its failure strategy"))
-                    }
+                    StepResult::Skipped { reason } => self.yellow(&format!("○ skipped: {reason}")),
+                    StepResult::FailureIgnored { reason } => self.yellow(&format!(
+                        "✘ failed ({reason}); ignored by its failure strategy"
+                    )),
                     StepResult::Failed { reason } => self.red(&format!("✘ failed: {reason}")),
                     StepResult::TimedOut { limit } => self.red(&format!(
                         "✘ timed out (limit {}) and was stopped after {}",

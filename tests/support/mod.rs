@@ -176,7 +176,10 @@ impl From<Output> for Run {
 impl Run {
     /// Both streams, for assertion messages.
     pub fn all(&self) -> String {
-        format!("--- exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
+        format!(
+            "--- exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 
     pub fn assert_code(&self, code: i32) -> &Run {
@@ -185,12 +188,20 @@ impl Run {
     }
 
     pub fn assert_stdout(&self, needle: &str) -> &Run {
-        assert!(self.stdout.contains(needle), "stdout lacks {needle:?}\n{}", self.all());
+        assert!(
+            self.stdout.contains(needle),
+            "stdout lacks {needle:?}\n{}",
+            self.all()
+        );
         self
     }
 
     pub fn assert_stderr(&self, needle: &str) -> &Run {
-        assert!(self.stderr.contains(needle), "stderr lacks {needle:?}\n{}", self.all());
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}\n{}",
+            self.all()
+        );
         self
     }
 
