@@ -11,12 +11,14 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use crate::net::{HostPortProxy, ProxyServer, StageNetwork};
 use crate::pipeline::{self, PipelineFile};
 use crate::plan::{self, NetworkMode, Plan, PlanInputs};
 use crate::run::events::{EventSink, RunEvent, StageResult};
 use crate::run::executor::{run_stage, RunOptions, StageContext};
 use crate::run::launch::HostLauncher;
 use crate::run::state::RunDir;
+use crate::sandbox::InvokingUser;
 use crate::store::cmd as store_cmd;
 use crate::ui::{self, ColorChoice, JsonReporter, JunitWriter, Reporter, TerminalReporter};
 
@@ -97,16 +99,19 @@ pub struct InputArgs {
     /// Read secrets from a file of ID=VALUE lines (# starts a comment).
     #[arg(long, value_name = "FILE")]
     pub secrets_file: Option<PathBuf>,
-    /// Network mode, overriding the one the stage's infrastructure implies:
-    /// bridge (steps call each other by identifier) or pod (all steps share localhost).
-    #[arg(long, value_enum, value_name = "MODE")]
-    pub network: Option<NetworkArg>,
+    /// Network: `bridge` (each step its own address, services called by step
+    /// identifier) or `pod` (all steps share one localhost, as on Kubernetes) overrides
+    /// what the stage's infrastructure implies; `egress` lets steps connect out of the
+    /// machine (off by default: a run is hermetic). Repeat or comma-separate: `pod,egress`.
+    #[arg(long, value_enum, value_name = "MODE", value_delimiter = ',')]
+    pub network: Vec<NetworkArg>,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum NetworkArg {
     Bridge,
     Pod,
+    Egress,
 }
 
 #[derive(Args, Debug)]
@@ -255,10 +260,12 @@ fn load_and_plan(input: &InputArgs, placeholders: bool) -> anyhow::Result<(Pipel
         inputs: input.set.iter().cloned().collect(),
         secrets,
         stage: input.stage.clone(),
-        network: input.network.map(|n| match n {
-            NetworkArg::Bridge => NetworkMode::Bridge,
-            NetworkArg::Pod => NetworkMode::Pod,
+        network: input.network.iter().rev().find_map(|n| match n {
+            NetworkArg::Bridge => Some(NetworkMode::Bridge),
+            NetworkArg::Pod => Some(NetworkMode::Pod),
+            NetworkArg::Egress => None,
         }),
+        egress: input.network.contains(&NetworkArg::Egress),
         placeholders,
     };
     let plan = plan::build(&file, &inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -296,7 +303,7 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<i32> {
         set: Vec::new(),
         secret: Vec::new(),
         secrets_file: None,
-        network: None,
+        network: Vec::new(),
     };
     let (_, plan) = load_and_plan(&input, true)?;
     let unsupported = unsupported_steps(&plan);
@@ -336,7 +343,16 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
             unsupported.join("\n")
         );
     }
-    let run_dir = RunDir::create().context("cannot create the run's state directory")?;
+    let state_base = crate::run::state::base_dir();
+    // Rootless, the runner moves into its own user + mount namespace now, while it is
+    // still single-threaded (docs/ARCHITECTURE.md, "Process model").
+    let userns = if nix::unistd::geteuid().is_root() {
+        None
+    } else {
+        Some(crate::sandbox::enter_rootless().context("cannot set up rootless mode")?)
+    };
+    let run_dir =
+        RunDir::create_in(&state_base).context("cannot create the run's state directory")?;
     let options = RunOptions {
         grace: args.grace,
         ready_timeout: args.ready_timeout,
@@ -360,7 +376,13 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         let ui = tokio::spawn(ui::drive(rx, reporters));
         let cancel = CancellationToken::new();
         let signals = tokio::spawn(watch_signals(cancel.clone(), sink.clone()));
-        let outcome = run_plan(&plan, &options, run_dir.path(), sink, cancel).await;
+        if let Some(limit) = userns.as_ref().and_then(|u| u.limitation()) {
+            sink.warn(None, limit);
+        }
+        let host = HostLauncher {
+            invoking_user: userns.as_ref().map(InvokingUser::new),
+        };
+        let outcome = run_plan(&plan, &options, &host, run_dir.path(), sink, cancel).await;
         signals.abort();
         let shown = ui.await;
         (outcome, shown)
@@ -382,11 +404,11 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
 async fn run_plan(
     plan: &Plan,
     options: &RunOptions,
+    host: &HostLauncher,
     state_dir: &Path,
     sink: EventSink,
     cancel: CancellationToken,
 ) -> StageResult {
-    let host = HostLauncher;
     let mut overall = StageResult::Succeeded;
     for stage in &plan.stages {
         if let Some(reason) = &stage.skipped {
@@ -404,20 +426,54 @@ async fn run_plan(
             continue;
         }
         let stage_dir = state_dir.join(&stage.identifier);
+        let network = match start_network(stage, &stage_dir).await {
+            Ok(n) => n,
+            Err(e) => {
+                sink.emit(RunEvent::StageSkipped {
+                    stage: stage.identifier.clone(),
+                    reason: format!("{e:#}; no step was started"),
+                });
+                overall = StageResult::Failed;
+                continue;
+            }
+        };
         let ctx = StageContext {
             plan,
             stage,
-            host: &host,
+            host,
             containers: None,
-            network: None,
+            network: network.as_ref().map(|(n, _)| n),
             state_dir: &stage_dir,
             options,
             events: sink.clone(),
             cancel: cancel.clone(),
         };
         overall = run_stage(&ctx).await;
+        if let Some((network, proxy)) = network {
+            proxy.shutdown().await;
+            network.teardown().await;
+        }
     }
     overall
+}
+
+/// The stage's network and its host port bindings. Ports are bound first, so that a
+/// busy host port stops the stage before anything starts.
+async fn start_network(
+    stage: &plan::StagePlan,
+    stage_dir: &Path,
+) -> anyhow::Result<Option<(StageNetwork, ProxyServer)>> {
+    let Some(net) = &stage.net else {
+        return Ok(None);
+    };
+    let proxy = HostPortProxy::bind(std::net::Ipv4Addr::LOCALHOST.into(), net)?;
+    std::fs::create_dir_all(stage_dir)
+        .with_context(|| format!("cannot create {}", stage_dir.display()))?;
+    let network = StageNetwork::create(net, stage_dir)
+        .await
+        .context("cannot create the stage network")?;
+    let server = proxy.serve(&network)?;
+    Ok(Some((network, server)))
 }
 
 /// One place decides what signals mean: the first Ctrl-C or SIGTERM stops every step

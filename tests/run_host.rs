@@ -465,7 +465,7 @@ fn ctrl_c_stops_every_step_and_exits_130() {
     name: svc
     identifier: svc
     spec:
-      command: exec python3 -m http.server {port} --bind 127.0.0.1
+      command: exec python3 -m http.server {port}
       portBindings:
         "{port}": "{port}"
 - step:

@@ -5,7 +5,7 @@
 //! will have finished, and decides hostnames and the network mode. All problems are
 //! collected and reported together, each with the location it comes from.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,10 +16,12 @@ use crate::pipeline::{
     Stage, StageStatus, Step, StepItem, StepKind, Variable, VariableType,
 };
 
+use crate::net::StepRequest;
+
 use super::{
     Action, CondPlan, ErrorKind, FailurePolicy, FailureRule, GroupPlan, ImagePlan, NetworkChoice,
-    NetworkMode, Node, PipelineName, Plan, ProcessTemplate, Secrets, StagePlan, StepPlan, StepType,
-    Template, TemplatePart,
+    NetworkMode, NetworkPlan, Node, PipelineName, Plan, ProcessTemplate, Secrets, StagePlan,
+    StepPlan, StepType, Template, TemplatePart,
 };
 
 /// What the user tells sandrun besides the pipeline file.
@@ -34,6 +36,8 @@ pub struct PlanInputs {
     pub stage: Option<String>,
     /// `--network`, overriding the stage's infrastructure.
     pub network: Option<NetworkMode>,
+    /// `--network egress`: let steps open outbound connections.
+    pub egress: bool,
     /// Resolve unanswered inputs and secrets to placeholders instead of failing
     /// (`sandrun validate` checks the file, not the answers).
     pub placeholders: bool,
@@ -188,6 +192,7 @@ impl<'a> Builder<'a> {
                     stage.stage_type
                 )),
                 network,
+                net: None,
                 timeout: stage.timeout,
                 nodes: Vec::new(),
             };
@@ -205,10 +210,14 @@ impl<'a> Builder<'a> {
             name: stage.name.clone(),
             skipped: None,
             network,
+            net: None,
             timeout: stage.timeout,
             nodes,
         };
-        assign_hostnames(&mut plan);
+        match address_steps(&mut plan, self.inputs.egress) {
+            Ok(()) => {}
+            Err(e) => self.error(&stage.loc, format!("stage `{}`: {e}", stage.identifier)),
+        }
         plan
     }
 
@@ -882,39 +891,50 @@ fn action(a: &FailureAction) -> Action {
     }
 }
 
-/// Names other steps use: the identifier, and `Group_Step` inside step groups (as
-/// Harness documents; the innermost group, and the whole path when groups nest). A bare
-/// identifier that two steps share is given to neither, so that a name never means two
-/// steps.
-fn assign_hostnames(stage: &mut StagePlan) {
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for s in stage.steps() {
-        *count.entry(s.identifier.to_ascii_lowercase()).or_default() += 1;
-    }
-    fn walk(nodes: &mut [Node], count: &HashMap<String, usize>) {
+/// Give every step that will run its names and its address on the stage network.
+///
+/// Names follow Harness: the identifier, and `GroupId_StepId` inside step groups (the
+/// innermost group; with nested groups also the whole path joined by `_`). The network
+/// layer leaves out names that would mean two steps.
+fn address_steps(stage: &mut StagePlan, egress: bool) -> Result<(), crate::net::NetPlanError> {
+    let requests: Vec<StepRequest> = stage
+        .steps()
+        .into_iter()
+        .filter(|s| s.unsupported.is_none())
+        .map(|s| {
+            let parts: Vec<&str> = s.key.split('.').collect();
+            let mut hostnames = vec![s.identifier.clone()];
+            if parts.len() >= 2 {
+                hostnames.push(parts[parts.len() - 2..].join("_"));
+            }
+            if parts.len() > 2 {
+                hostnames.push(parts.join("_"));
+            }
+            StepRequest {
+                key: s.key.clone(),
+                hostnames,
+                port_bindings: s.port_bindings.iter().map(|&b| b.into()).collect(),
+            }
+        })
+        .collect();
+    let mut net = crate::net::allocate(stage.network.mode, &requests)?;
+    net.egress = egress;
+    fn walk(nodes: &mut [Node], net: &NetworkPlan) {
         for n in nodes {
             match n {
                 Node::Step(s) => {
-                    let parts: Vec<&str> = s.key.split('.').collect();
-                    let mut names = Vec::new();
-                    if parts.len() == 1 || count[&s.identifier.to_ascii_lowercase()] == 1 {
-                        names.push(s.identifier.clone());
+                    if let Some(e) = net.step(&s.key) {
+                        s.hostnames = e.hostnames.clone();
+                        s.address = Some(e.address);
                     }
-                    if parts.len() >= 2 {
-                        names.push(parts[parts.len() - 2..].join("_"));
-                    }
-                    if parts.len() > 2 {
-                        names.push(parts.join("_"));
-                    }
-                    s.hostnames = names;
                 }
-                Node::Parallel { nodes } | Node::Group(GroupPlan { nodes, .. }) => {
-                    walk(nodes, count)
-                }
+                Node::Parallel { nodes } | Node::Group(GroupPlan { nodes, .. }) => walk(nodes, net),
             }
         }
     }
-    walk(&mut stage.nodes, &count);
+    walk(&mut stage.nodes, &net);
+    stage.net = Some(net);
+    Ok(())
 }
 
 fn read_codebase(workspace: &Path) -> Result<Codebase, String> {

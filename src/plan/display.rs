@@ -32,12 +32,28 @@ pub fn render(plan: &Plan) -> String {
         let _ = writeln!(
             out,
             "  network: {} ({})",
-            match stage.network.mode {
-                super::NetworkMode::Bridge => "bridge",
-                super::NetworkMode::Pod => "pod",
-            },
-            stage.network.reason
+            stage.network.mode, stage.network.reason
         );
+        if let Some(net) = &stage.net {
+            let _ = writeln!(
+                out,
+                "  subnet: {}/{}{}",
+                net.subnet.network,
+                net.subnet.prefix_len,
+                if net.egress {
+                    ", egress allowed"
+                } else {
+                    ", no egress"
+                }
+            );
+            for s in &net.skipped_names {
+                let _ = writeln!(
+                    out,
+                    "  name `{}` resolves to no step: {:?}",
+                    s.name, s.reason
+                );
+            }
+        }
         if let Some(t) = stage.timeout {
             let _ = writeln!(out, "  timeout: {}", crate::ui::format_duration(t));
         }

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use crate::net::{NetworkMode, NetworkPlan};
 use crate::pipeline::{Location, PullPolicy, Resources, Shell, StageStatus};
 
 #[derive(Clone, Debug, Serialize)]
@@ -45,18 +46,10 @@ pub struct StagePlan {
     /// Why the stage will not run (`None` when it runs).
     pub skipped: Option<String>,
     pub network: NetworkChoice,
+    /// Addresses and names of every step (`None` for a skipped stage).
+    pub net: Option<NetworkPlan>,
     pub timeout: Option<Duration>,
     pub nodes: Vec<Node>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkMode {
-    /// One network namespace per step on a private bridge; steps call each other by
-    /// identifier (Cloud, Docker and VM infrastructure).
-    Bridge,
-    /// One shared network namespace, as in a Kubernetes Pod; services are on localhost.
-    Pod,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -7,7 +7,6 @@
 //! processes in tests and with containers in real runs alike.
 
 use std::collections::VecDeque;
-use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::events::{EventSink, ExitInfo, RunEvent, StageResult, StepResult, Stream, TestCounts};
 use super::launch::{LaunchSpec, Launcher, Process};
 use crate::junit;
+use crate::net::StageNetwork;
 use crate::pipeline::{Shell, StageStatus};
 use crate::plan::{
     Action, CondPlan, ErrorKind, Node, Outputs, Plan, ProcessTemplate, Secrets, StagePlan,
@@ -53,13 +53,6 @@ impl Default for RunOptions {
     }
 }
 
-/// What the network layer offers a step, looked up by step key.
-pub trait StepNetwork: Send + Sync {
-    fn netns(&self, step: &str) -> Option<BorrowedFd<'_>>;
-    fn hosts_file(&self, step: &str) -> Option<&Path>;
-    fn resolv_conf(&self, step: &str) -> Option<&Path>;
-}
-
 /// Everything a stage run needs from the outside.
 pub struct StageContext<'a> {
     pub plan: &'a Plan,
@@ -68,7 +61,8 @@ pub struct StageContext<'a> {
     pub host: &'a dyn Launcher,
     /// Runs steps that have an image; `None` when containers are unavailable.
     pub containers: Option<&'a dyn Launcher>,
-    pub network: Option<&'a dyn StepNetwork>,
+    /// The stage network; `None` only when the executor is driven without namespaces.
+    pub network: Option<&'a StageNetwork>,
     /// A private directory for this run's control files; removed by the caller.
     pub state_dir: &'a Path,
     pub options: &'a RunOptions,
@@ -84,7 +78,7 @@ pub async fn run_stage(ctx: &StageContext<'_>) -> StageResult {
     ctx.events.emit(RunEvent::StageStarted {
         stage: ctx.stage.identifier.clone(),
         name: ctx.stage.name.clone(),
-        steps: ctx.stage.steps().len(),
+        steps: ctx.stage.steps().iter().map(|s| s.key.clone()).collect(),
     });
     let exec = Executor {
         ctx,
@@ -298,23 +292,20 @@ impl<'a> Executor<'a> {
 
     /// Start one process for `step` and pump its output into events. Returns the child
     /// and the tasks reading its output (done once the process closes its pipes).
-    fn spawn(&self, step: &StepPlan, attempt: u32) -> Result<Running<'a>, String> {
+    fn spawn(&self, step: &StepPlan, attempt: u32) -> Result<Running, String> {
         let launcher = self.launcher_for(step)?;
         let control = self.control_dir(step);
         let _ = std::fs::remove_dir_all(&control);
         std::fs::create_dir_all(control.join("outputs"))
             .map_err(|e| format!("cannot create {}: {e}", control.display()))?;
         let (process, env) = self.resolve(step, launcher, &control);
-        let net = self.ctx.network;
         let spec = LaunchSpec {
             step,
             process,
             env,
             workspace: &self.ctx.plan.workspace,
             control_dir: &control,
-            netns: net.and_then(|n| n.netns(&step.key)),
-            hosts_file: net.and_then(|n| n.hosts_file(&step.key)),
-            resolv_conf: net.and_then(|n| n.resolv_conf(&step.key)),
+            network: self.ctx.network,
         };
         self.ctx.events.emit(RunEvent::StepStarted {
             step: step.key.clone(),
@@ -334,12 +325,7 @@ impl<'a> Executor<'a> {
         if let Some(err) = child.stderr.take() {
             pumps.push(self.pump(step, Stream::Stderr, err, tail.clone()));
         }
-        Ok(Running {
-            child,
-            pumps,
-            tail,
-            launcher,
-        })
+        Ok(Running { child, pumps, tail })
     }
 
     fn pump(
@@ -586,7 +572,7 @@ impl<'a> Executor<'a> {
             mut child,
             pumps,
             tail,
-            launcher,
+            ..
         } = running;
         let stop = self.stage_cancel.child_token();
         let exited = CancellationToken::new();
@@ -650,7 +636,7 @@ impl<'a> Executor<'a> {
             .lock()
             .unwrap()
             .push(Background { stop, watcher });
-        self.wait_ready(step, launcher, started, &exited).await;
+        self.wait_ready(step, started, &exited).await;
     }
 
     /// Collects a Background step's reports when it ends (a closure, because the
@@ -687,13 +673,22 @@ impl<'a> Executor<'a> {
         }
     }
 
-    async fn wait_ready(
-        &self,
-        step: &StepPlan,
-        launcher: &dyn Launcher,
-        started: Instant,
-        exited: &CancellationToken,
-    ) {
+    /// One connection attempt to `port` of a running step.
+    async fn probe(&self, step: &StepPlan, port: u16) -> bool {
+        let attempt = async {
+            match self.ctx.network {
+                Some(net) => net.connect(&step.key, port).await.is_ok(),
+                None => tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok(),
+            }
+        };
+        tokio::time::timeout(Duration::from_millis(500), attempt)
+            .await
+            .unwrap_or(false)
+    }
+
+    async fn wait_ready(&self, step: &StepPlan, started: Instant, exited: &CancellationToken) {
         let ports: Vec<u16> = step.port_bindings.iter().map(|(_, c)| *c).collect();
         let limit = self.ctx.options.ready_timeout;
         let mut pending = ports.clone();
@@ -711,7 +706,7 @@ impl<'a> Executor<'a> {
             }
             let mut still = Vec::new();
             for port in pending {
-                if !launcher.probe(step, port).await {
+                if !self.probe(step, port).await {
                     still.push(port);
                 }
             }
@@ -748,14 +743,13 @@ impl<'a> Executor<'a> {
     }
 }
 
-struct Running<'l> {
+struct Running {
     child: Child,
     pumps: Vec<JoinHandle<()>>,
     tail: Arc<Mutex<VecDeque<String>>>,
-    launcher: &'l dyn Launcher,
 }
 
-impl Running<'_> {
+impl Running {
     async fn drain(&mut self) {
         drain(std::mem::take(&mut self.pumps)).await;
     }

@@ -6,18 +6,16 @@
 //! reaches everything it started. [`HostLauncher`] runs host binaries (Harness's
 //! "leave Image blank"); the sandbox layer provides the container launcher.
 
-use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::Stdio;
-use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
+use crate::net::StageNetwork;
 use crate::pipeline::Shell;
 use crate::plan::StepPlan;
+use crate::sandbox::InvokingUser;
 
 /// A step's process, with step outputs already substituted.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,11 +38,8 @@ pub struct LaunchSpec<'a> {
     pub workspace: &'a Path,
     /// A directory private to this step on the host (output variables are written here).
     pub control_dir: &'a Path,
-    /// The step's network namespace, when the stage has a network.
-    pub netns: Option<BorrowedFd<'a>>,
-    /// Files the network layer wrote for this step.
-    pub hosts_file: Option<&'a Path>,
-    pub resolv_conf: Option<&'a Path>,
+    /// The stage network the step joins (`None` only in executor tests).
+    pub network: Option<&'a StageNetwork>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +52,11 @@ pub enum LaunchError {
     },
     #[error("step `{step}`: {message}")]
     Refused { step: String, message: String },
+    #[error("step `{step}` cannot join the stage network: {source}")]
+    Network {
+        step: String,
+        source: crate::net::NetError,
+    },
 }
 
 /// Starts step processes. Implementations must return a child whose stdout and stderr
@@ -66,13 +66,6 @@ pub trait Launcher: Send + Sync {
 
     /// Where `LaunchSpec::control_dir` appears to the step's process.
     fn control_dir_in_step(&self, host_path: &Path) -> PathBuf;
-
-    /// Try one TCP connection to `port` of a running step (readiness checks).
-    fn probe<'a>(
-        &'a self,
-        step: &'a StepPlan,
-        port: u16,
-    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
 }
 
 /// The command line that runs `script` in `shell`, failing on the first error for
@@ -88,9 +81,14 @@ pub fn shell_argv(shell: Shell, script: &str) -> Vec<String> {
     vec![prog.into(), flag.into(), format!("{prefix}{script}")]
 }
 
-/// Runs host binaries in the workspace, with the host's environment plus the step's.
-pub struct HostLauncher;
-
+/// Runs host binaries in the workspace, with the host's environment plus the step's,
+/// inside the step's network namespace (seeing the step's `/etc/hosts` and
+/// `/etc/resolv.conf`). Rootless, the process is moved back to the invoking user's own
+/// uid, so that host tools see the user they expect and files they create are the
+/// user's.
+pub struct HostLauncher {
+    pub invoking_user: Option<InvokingUser>,
+}
 impl Launcher for HostLauncher {
     fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Child, LaunchError> {
         let argv = match &spec.process {
@@ -122,17 +120,30 @@ impl Launcher for HostLauncher {
                 Ok(())
             });
         }
-        if let Some(fd) = spec.netns {
-            let fd: OwnedFd = fd.try_clone_to_owned().map_err(|e| LaunchError::Spawn {
-                step: spec.step.key.clone(),
-                program: argv[0].clone(),
-                source: e,
-            })?;
-            // SAFETY: setns is async-signal-safe; the fd stays open until after spawn.
+        let join = match spec.network {
+            Some(net) => {
+                Some(
+                    net.host_join(&spec.step.key)
+                        .map_err(|source| LaunchError::Network {
+                            step: spec.step.key.clone(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let user = self.invoking_user.clone();
+        if join.is_some() || user.is_some() {
+            // SAFETY: both only make async-signal-safe system calls on data prepared
+            // before the fork. The network is joined first: that needs the runner's
+            // capabilities, which the nested user namespace gives up.
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                        return Err(io::Error::last_os_error());
+                    if let Some(j) = &join {
+                        j.enter()?;
+                    }
+                    if let Some(u) = &user {
+                        u.enter()?;
                     }
                     Ok(())
                 });
@@ -147,19 +158,5 @@ impl Launcher for HostLauncher {
 
     fn control_dir_in_step(&self, host_path: &Path) -> PathBuf {
         host_path.to_path_buf()
-    }
-
-    fn probe<'a>(
-        &'a self,
-        _step: &'a StepPlan,
-        port: u16,
-    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
-        Box::pin(async move {
-            let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
-            matches!(
-                tokio::time::timeout(Duration::from_millis(500), connect).await,
-                Ok(Ok(_))
-            )
-        })
     }
 }

@@ -13,14 +13,13 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// `$XDG_RUNTIME_DIR/sandrun/run-<pid>`, else `/tmp/sandrun-<uid>/run-<pid>`.
-    pub fn create() -> io::Result<RunDir> {
-        let base = base_dir();
+    /// `run-<pid>` under `base` (see [`base_dir`]).
+    pub fn create_in(base: &Path) -> io::Result<RunDir> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&base)?;
-        remove_stale(&base);
+            .create(base)?;
+        remove_stale(base);
         let path = base.join(format!("run-{}", std::process::id()));
         if path.exists() {
             std::fs::remove_dir_all(&path)?;
@@ -40,6 +39,8 @@ impl Drop for RunDir {
     }
 }
 
+/// `$XDG_RUNTIME_DIR/sandrun`, else `/tmp/sandrun-<uid>`. Ask before entering the
+/// rootless user namespace: inside it the uid is 0.
 pub fn base_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() && Path::new(&d).is_dir() => PathBuf::from(d).join("sandrun"),
