@@ -147,7 +147,8 @@ pub enum RunEvent {
     StageStarted {
         stage: String,
         name: String,
-        steps: usize,
+        /// Keys of every step of the stage, in plan order.
+        steps: Vec<String>,
     },
     StageSkipped {
         stage: String,

@@ -78,7 +78,7 @@ pub async fn run_stage(ctx: &StageContext<'_>) -> StageResult {
     ctx.events.emit(RunEvent::StageStarted {
         stage: ctx.stage.identifier.clone(),
         name: ctx.stage.name.clone(),
-        steps: ctx.stage.steps().len(),
+        steps: ctx.stage.steps().iter().map(|s| s.key.clone()).collect(),
     });
     let exec = Executor {
         ctx,

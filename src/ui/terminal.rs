@@ -94,7 +94,7 @@ impl TerminalReporter {
         if !self.order.iter().any(|k| k == step) {
             self.order.push(step.to_string());
         }
-        self.width = self.width.max(step.len().min(24));
+
         let style = self.style_for(step);
         let prefix = format!("{step:<w$} |", w = self.width);
         let line = format!("{} {text}", style.apply_to(prefix));
@@ -212,7 +212,19 @@ impl Reporter for TerminalReporter {
                 } else {
                     format!("`{stage}` ({name})")
                 };
-                self.line(&format!("{} {title}: {steps} steps", self.bold("Stage")));
+                self.line(&format!(
+                    "{} {title}: {} steps",
+                    self.bold("Stage"),
+                    steps.len()
+                ));
+                // Align every prefix of the stage from the start.
+                self.width = steps
+                    .iter()
+                    .map(|k| k.len().min(24))
+                    .max()
+                    .unwrap_or(8)
+                    .max(4);
+                self.order = steps.clone();
             }
             RunEvent::StageSkipped { stage, reason } => {
                 self.line(&format!(
