@@ -652,7 +652,10 @@ fn a_second_ctrl_c_kills_at_once_and_still_leaves_nothing() {
             .unwrap();
         let pid = Pid::from_raw(child.id() as i32);
         while processes_with(&stubborn).is_empty() {
-            assert!(started.elapsed() < Duration::from_secs(20), "the step never started");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the step never started"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         kill(pid, Signal::SIGINT).unwrap();
@@ -662,6 +665,10 @@ fn a_second_ctrl_c_kills_at_once_and_still_leaves_nothing() {
         r.assert_code(130).assert_stdout("interrupted again");
         // Well inside the 60 s grace period: the second Ctrl-C did not wait for it.
         assert!(started.elapsed() < Duration::from_secs(30), "{}", r.all());
-        assert!(processes_with(&stubborn).is_empty(), "left behind: {:?}", processes_with(&stubborn));
+        assert!(
+            processes_with(&stubborn).is_empty(),
+            "left behind: {:?}",
+            processes_with(&stubborn)
+        );
     }
 }
