@@ -629,3 +629,46 @@ fn default_pipeline_comes_from_dot_harness() {
             .assert_stderr("second.yml");
     }
 }
+
+#[test]
+fn a_second_ctrl_c_kills_at_once_and_still_leaves_nothing() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let stubborn = format!("sleep 5{}", free_port());
+        sb.write(
+            "ci.yaml",
+            &stage(&format!(
+                "- step:\n    type: Run\n    name: stubborn\n    identifier: stubborn\n    spec:\n      command: trap '' TERM INT; {stubborn}\n"
+            )),
+        );
+        let started = Instant::now();
+        let child = sb
+            .command(["run", "ci.yaml", "--grace", "60s"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        while processes_with(&stubborn).is_empty() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the step never started"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        kill(pid, Signal::SIGINT).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        kill(pid, Signal::SIGINT).unwrap();
+        let r = support::Run::from(child.wait_with_output().unwrap());
+        r.assert_code(130).assert_stdout("interrupted again");
+        // Well inside the 60 s grace period: the second Ctrl-C did not wait for it.
+        assert!(started.elapsed() < Duration::from_secs(30), "{}", r.all());
+        assert!(
+            processes_with(&stubborn).is_empty(),
+            "left behind: {:?}",
+            processes_with(&stubborn)
+        );
+    }
+}

@@ -193,6 +193,8 @@ impl<'a> Builder<'a> {
                 )),
                 network,
                 net: None,
+                shared_paths: Vec::new(),
+                warnings: Vec::new(),
                 timeout: stage.timeout,
                 nodes: Vec::new(),
             };
@@ -211,9 +213,12 @@ impl<'a> Builder<'a> {
             skipped: None,
             network,
             net: None,
+            shared_paths: spec.shared_paths.clone(),
+            warnings: Vec::new(),
             timeout: stage.timeout,
             nodes,
         };
+        plan.warnings = stage_warnings(&plan, spec.platform.as_ref(), &stage.loc);
         match address_steps(&mut plan, self.inputs.egress) {
             Ok(()) => {}
             Err(e) => self.error(&stage.loc, format!("stage `{}`: {e}", stage.identifier)),
@@ -889,6 +894,54 @@ fn action(a: &FailureAction) -> Action {
             then: Box::new(action(on_retry_failure)),
         },
     }
+}
+
+/// What the stage asks for that a local run cannot give in full. These never stop the
+/// run; they are printed by `plan` and before `run` starts.
+fn stage_warnings(
+    stage: &StagePlan,
+    platform: Option<&crate::pipeline::Platform>,
+    loc: &Location,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(p) = platform {
+        let host = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        if !p.arch.eq_ignore_ascii_case(host) {
+            out.push(format!(
+                "{loc}: stage `{}` asks for platform {}/{}, but this machine is {host}: images are pulled for {host}",
+                stage.identifier, p.os, p.arch
+            ));
+        }
+    }
+    for s in stage.steps() {
+        if s.image.is_some() || s.unsupported.is_some() {
+            continue;
+        }
+        let mut ignored = Vec::new();
+        if s.privileged {
+            ignored.push("`privileged`");
+        }
+        if s.run_as_user.is_some() {
+            ignored.push("`runAsUser`");
+        }
+        if s.resources.memory.is_some() || s.resources.cpu_millis.is_some() {
+            ignored.push("`resources.limits`");
+        }
+        if !ignored.is_empty() {
+            out.push(format!(
+                "{}: step `{}` has no image, so it runs the host's binaries as you: {} cannot apply and {} ignored",
+                s.loc,
+                s.key,
+                ignored.join(", "),
+                if ignored.len() == 1 { "is" } else { "are" }
+            ));
+        }
+    }
+    out
 }
 
 /// Give every step that will run its names and its address on the stage network.

@@ -57,6 +57,12 @@ pub fn render(plan: &Plan) -> String {
         if let Some(t) = stage.timeout {
             let _ = writeln!(out, "  timeout: {}", crate::ui::format_duration(t));
         }
+        if !stage.shared_paths.is_empty() {
+            let _ = writeln!(out, "  shared paths: {}", stage.shared_paths.join(", "));
+        }
+        for w in &stage.warnings {
+            let _ = writeln!(out, "  warning: {w}");
+        }
         for (i, node) in stage.nodes.iter().enumerate() {
             node_lines(&mut out, node, &format!("{}.", i + 1), 2);
         }

@@ -48,6 +48,11 @@ pub struct StagePlan {
     pub network: NetworkChoice,
     /// Addresses and names of every step (`None` for a skipped stage).
     pub net: Option<NetworkPlan>,
+    /// `sharedPaths`: directories every container step of the stage shares.
+    pub shared_paths: Vec<String>,
+    /// Things the pipeline asks for that this run cannot honour in full, said before
+    /// anything starts (`file:line:col: what`).
+    pub warnings: Vec<String>,
     pub timeout: Option<Duration>,
     pub nodes: Vec<Node>,
 }

@@ -80,6 +80,9 @@ pub async fn run_stage(ctx: &StageContext<'_>) -> StageResult {
         name: ctx.stage.name.clone(),
         steps: ctx.stage.steps().iter().map(|s| s.key.clone()).collect(),
     });
+    for w in &ctx.stage.warnings {
+        ctx.events.warn(None, w.clone());
+    }
     let exec = Executor {
         ctx,
         state: Arc::new(StageState::default()),
