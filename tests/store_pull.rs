@@ -648,3 +648,98 @@ fn eight_concurrent_pulls_download_each_blob_once() {
     assert_eq!(store_blobs(&home).len(), 4, "manifest, config, 2 layers");
     home.ok(&["fsck"]);
 }
+
+#[path = "support/mod.rs"]
+mod e2e;
+
+/// Rootless for real: `sandrun pull` as the unprivileged test user unpacks inside its
+/// user namespace, so a file the image gives to uid 1000 belongs on disk to the user's
+/// subordinate uid for 1000, and the user can gc its own store.
+#[test]
+fn rootless_pull_keeps_owners_through_subuids() {
+    if !tools_present() {
+        return;
+    }
+    if !e2e::is_root() || e2e::test_user().is_none() {
+        eprintln!(
+            "skipped: needs root to build an image with owned files and the `sandrun-test` user"
+        );
+        return;
+    }
+    let reg = Registry::start();
+    let b = ImageBuilder::new();
+    b.new_image("owned", "amd64", |root| {
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+        std::fs::create_dir_all(root.join("home/app")).unwrap();
+        std::fs::write(root.join("home/app/data"), b"d").unwrap();
+        std::os::unix::fs::chown(root.join("home/app"), Some(1000), Some(1000)).unwrap();
+        std::os::unix::fs::chown(root.join("home/app/data"), Some(1000), Some(1000)).unwrap();
+    });
+    let reference = format!("{}/test/owned:1", reg.addr);
+    b.push("owned", &reference, &[]);
+
+    let sb = e2e::Sandbox::new(e2e::Mode::Rootless);
+    let out = sb.command(["pull", &reference]).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let store = sb.home().join("store");
+    let idx = std::fs::read_to_string(store.join("index.json")).unwrap();
+    assert!(idx.contains("test/owned:1"), "{idx}");
+    let layers: Vec<PathBuf> = std::fs::read_dir(store.join("layers/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("rootfs"))
+        .collect();
+    assert_eq!(layers.len(), 1);
+    let (uid, _) = e2e::test_user().unwrap();
+    let data = std::fs::metadata(layers[0].join("home/app/data")).unwrap();
+    let mapped = uidmap_of(e2e::TEST_USER);
+    match mapped {
+        Some(start) => assert_eq!(
+            data.uid(),
+            start + 999,
+            "uid 1000 inside should be subuid start + 999"
+        ),
+        None => assert_eq!(data.uid(), uid),
+    }
+    assert_eq!(
+        std::fs::metadata(layers[0].join("bin/busybox"))
+            .unwrap()
+            .uid(),
+        uid,
+        "root-owned files belong to the user"
+    );
+    // The user can remove what it unpacked (gc inside the same namespace).
+    let out = sb.command(["fsck"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    std::fs::remove_file(store.join("index.json")).unwrap();
+    let out = sb.command(["gc"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read_dir(store.join("layers/sha256"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
+fn uidmap_of(user: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/subuid").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == user)
+            .then(|| f.next()?.parse().ok())
+            .flatten()
+    })
+}
