@@ -12,6 +12,7 @@
 //! (`container_join` / `host_join`); at the end `ProxyServer::shutdown` and
 //! `StageNetwork::teardown`.
 
+mod connect;
 mod egress;
 pub mod error;
 pub mod files;

@@ -170,7 +170,7 @@ impl StepKind {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Shell {
     Sh,
     Bash,
@@ -179,7 +179,7 @@ pub enum Shell {
     Python,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum PullPolicy {
     Always,
     IfNotPresent,
@@ -200,7 +200,7 @@ pub struct ContainerFields {
     pub reports: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Resources {
     /// Bytes.
     pub memory: Option<u64>,
@@ -236,7 +236,7 @@ pub struct PluginSpec {
     pub settings: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum StageStatus {
     Success,
     Failure,

@@ -28,6 +28,7 @@ pub(crate) struct OutputRef {
     pub at: Location,
     pub group_path: Vec<String>,
     pub step: String,
+    pub variable: String,
 }
 
 pub(crate) struct Parser<'e> {
@@ -357,14 +358,21 @@ impl<'e> Parser<'e> {
             Err(e) => self.error(pos, ErrorKind::Expression, e.message),
             Ok(exprs) => {
                 for e in exprs {
-                    if let (Some(step_loc), Some((group_path, step))) =
-                        (&self.current_step, e.step_output_ref())
+                    if let (
+                        Some(step_loc),
+                        expr::Expr::StepOutput {
+                            group_path,
+                            step,
+                            variable,
+                        },
+                    ) = (&self.current_step, &e)
                     {
                         let r = OutputRef {
                             from_step: step_loc.clone(),
                             at: self.loc(pos),
-                            group_path: group_path.to_vec(),
-                            step: step.to_string(),
+                            group_path: group_path.clone(),
+                            step: step.clone(),
+                            variable: variable.clone(),
                         };
                         self.output_refs.push(r);
                     }

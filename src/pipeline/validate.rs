@@ -36,8 +36,90 @@ pub(crate) fn validate(file: &PipelineFile, refs: &[OutputRef], errors: &mut Pip
             unique(&mut ids, &dep.identifier, &dep.loc, "step", &scope, errors);
         }
         check_scope(&spec.steps, &mut ids, &scope, errors);
-        check_parallel(&spec.steps, &[], refs, errors);
+        let mut siblings = Vec::new();
+        check_parallel(&spec.steps, &[], refs, errors, &mut siblings);
+        check_output_refs(stage, spec, refs, &siblings, errors);
     }
+}
+
+/// Every `<+steps.ID.output.outputVariables.X>` in a stage names an earlier Run step
+/// of that stage that declares `X`.
+fn check_output_refs(
+    stage: &Stage,
+    spec: &CiStageSpec,
+    refs: &[OutputRef],
+    siblings: &[(Location, Location)],
+    errors: &mut PipelineErrors,
+) {
+    let mut steps = Vec::new();
+    for item in &spec.steps {
+        members(item, &[], &mut steps);
+    }
+    let by_loc = |loc: &Location| steps.iter().find(|m| m.loc == *loc);
+    for r in refs {
+        let Some(from) = by_loc(&r.from_step) else {
+            continue;
+        };
+        let candidates: Vec<&Member> = steps
+            .iter()
+            .filter(|m| m.id == r.step && (r.group_path.is_empty() || r.group_path == m.path))
+            .collect();
+        let target = if r.group_path.is_empty() {
+            format!("step `{}`", r.step)
+        } else {
+            format!("step `{}` in group `{}`", r.step, r.group_path.join("."))
+        };
+        let problem = if candidates.is_empty() {
+            format!(
+                "output `{}` of {target} is read here, but stage `{}` has no such step",
+                r.variable, stage.identifier
+            )
+        } else if candidates.iter().any(|m| m.loc == from.loc) {
+            format!("step `{}` reads its own output `{}`", from.id, r.variable)
+        } else if let Some(t) = candidates.iter().find(|m| declares(m, &r.variable)) {
+            if siblings.contains(&(from.loc.clone(), t.loc.clone())) || t.loc.line < from.loc.line {
+                continue;
+            }
+            format!(
+                "step `{}` reads output `{}` of {target}, which runs after it",
+                from.id, r.variable
+            )
+        } else {
+            let t = candidates[0];
+            match &t.kind {
+                StepKind::Run(run) => format!(
+                    "{target} has no output variable `{}` (its outputVariables: {}){}",
+                    r.variable,
+                    if run.output_variables.is_empty() {
+                        "none".to_string()
+                    } else {
+                        run.output_variables.join(", ")
+                    },
+                    {
+                        let names: Vec<&str> =
+                            run.output_variables.iter().map(String::as_str).collect();
+                        match super::parse::did_you_mean(&r.variable, &names) {
+                            Some(n) => format!("; did you mean `{n}`?"),
+                            None => String::new(),
+                        }
+                    }
+                ),
+                other => format!(
+                    "{target} is a {} step; only Run steps have output variables",
+                    other.type_name()
+                ),
+            }
+        };
+        errors.push(PipelineError {
+            loc: r.at.clone(),
+            kind: ErrorKind::Expression,
+            message: problem,
+        });
+    }
+}
+
+fn declares(m: &Member, variable: &str) -> bool {
+    matches!(&m.kind, StepKind::Run(run) if run.output_variables.iter().any(|v| v == variable))
 }
 
 fn dup(at: &Location, what: &str, id: &str, scope: &str, first: &Location) -> PipelineError {
@@ -91,6 +173,7 @@ struct Member {
     path: Vec<String>,
     id: String,
     loc: Location,
+    kind: StepKind,
 }
 
 fn members(item: &StepItem, path: &[String], out: &mut Vec<Member>) {
@@ -99,6 +182,7 @@ fn members(item: &StepItem, path: &[String], out: &mut Vec<Member>) {
             path: path.to_vec(),
             id: s.identifier.clone(),
             loc: s.loc.clone(),
+            kind: s.kind.clone(),
         }),
         StepItem::Parallel(inner, _) => inner.iter().for_each(|i| members(i, path, out)),
         StepItem::Group(g) => {
@@ -109,11 +193,14 @@ fn members(item: &StepItem, path: &[String], out: &mut Vec<Member>) {
     }
 }
 
+/// Report steps reading outputs of their parallel siblings; `siblings` collects the
+/// (reader, target) pairs so that they are not reported again as "runs after".
 fn check_parallel(
     items: &[StepItem],
     path: &[String],
     refs: &[OutputRef],
     errors: &mut PipelineErrors,
+    siblings: &mut Vec<(Location, Location)>,
 ) {
     for item in items {
         match item {
@@ -121,7 +208,7 @@ fn check_parallel(
             StepItem::Group(g) => {
                 let mut p = path.to_vec();
                 p.push(g.identifier.clone());
-                check_parallel(&g.steps, &p, refs, errors);
+                check_parallel(&g.steps, &p, refs, errors, siblings);
             }
             StepItem::Parallel(inner, _) => {
                 let branches: Vec<Vec<Member>> = inner
@@ -145,6 +232,7 @@ fn check_parallel(
                                         && (r.group_path.is_empty() || r.group_path == t.path)
                                 });
                             if let Some(t) = target {
+                                siblings.push((from.loc.clone(), t.loc.clone()));
                                 errors.push(PipelineError {
                                     loc: r.at.clone(),
                                     kind: ErrorKind::InvalidValue,
@@ -159,7 +247,7 @@ fn check_parallel(
                         }
                     }
                 }
-                check_parallel(inner, path, refs, errors);
+                check_parallel(inner, path, refs, errors, siblings);
             }
         }
     }
