@@ -9,9 +9,10 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -20,8 +21,8 @@ use super::netns::SocketFactory;
 use super::plan::{NetworkPlan, PortBinding};
 use super::stage::StageNetwork;
 
-/// Copy buffer per direction: large enough that the proxy keeps up with loopback.
-const COPY_BUFFER: usize = 256 * 1024;
+/// Pipe size for splice(2) (1 MiB is the unprivileged maximum by default).
+const PIPE_SIZE: usize = 1 << 20;
 
 struct BoundPort {
     key: String,
@@ -151,11 +152,7 @@ async fn accept_loop(
     }
 }
 
-async fn forward(
-    mut client: TcpStream,
-    sockets: &SocketFactory,
-    target: SocketAddr,
-) -> io::Result<()> {
+async fn forward(client: TcpStream, sockets: &SocketFactory, target: SocketAddr) -> io::Result<()> {
     let domain = if target.is_ipv4() {
         libc::AF_INET
     } else {
@@ -163,10 +160,76 @@ async fn forward(
     };
     let fd: OwnedFd = sockets.stream_socket(domain).await?;
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
-    let mut upstream = socket.connect(target).await?;
+    let upstream = socket.connect(target).await?;
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
-        .await?;
+    tokio::try_join!(
+        splice_one_way(&client, &upstream),
+        splice_one_way(&upstream, &client),
+    )?;
     Ok(())
+}
+
+/// Moves bytes from `from` to `to` through a pipe with splice(2), so the data never
+/// passes through user space (a read/write copy loop reached only about half of the
+/// loopback throughput on a 2-core host). At end of input it shuts down the write
+/// side of `to`, as a TCP proxy must for half-closed connections.
+async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
+    let (pipe_read, pipe_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(io::Error::from)?;
+    // A bigger pipe means fewer system calls; the default (64 KiB) works too.
+    // SAFETY: fcntl(2) on a pipe we own.
+    unsafe {
+        libc::fcntl(
+            pipe_write.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            PIPE_SIZE as libc::c_int,
+        )
+    };
+    loop {
+        from.readable().await?;
+        // The pipe is empty here, so EAGAIN can only mean "socket not readable".
+        let moved = match from.try_io(Interest::READABLE, || {
+            splice(from.as_raw_fd(), pipe_write.as_raw_fd(), PIPE_SIZE)
+        }) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut pending = moved;
+        while pending > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || {
+                splice(pipe_read.as_raw_fd(), to.as_raw_fd(), pending)
+            }) {
+                Ok(n) => pending -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    // SAFETY: shutdown(2) of the write direction of a socket we hold.
+    unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+    Ok(())
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: splice(2) between two descriptors we hold; no user memory is involved.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }

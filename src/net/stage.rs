@@ -104,7 +104,9 @@ impl StageNetwork {
     }
 
     async fn build_bridge(&mut self, hub: &Netlink) -> Result<(), NetError> {
+        let started = Instant::now();
         let fresh = step_namespaces(self.steps.len()).await?;
+        tracing::debug!(steps = self.steps.len(), elapsed = ?started.elapsed(), "step namespaces created");
         let bridge = hub
             .add_bridge(BRIDGE)
             .await
@@ -158,11 +160,12 @@ impl StageNetwork {
                 Ok::<OwnedFd, NetError>(ns.ns)
             });
         let namespaces = try_join_all(configs).await?;
+        tracing::debug!(elapsed = ?started.elapsed(), "links and addresses configured");
         for (step, ns) in self.steps.iter_mut().zip(namespaces) {
             step.netns = Some(ns);
         }
 
-        let started = Instant::now();
+        let waiting = Instant::now();
         let down = hub
             .wait_up(&veths, LINK_UP_TIMEOUT)
             .await
@@ -175,9 +178,10 @@ impl StageNetwork {
                 .collect();
             return Err(NetError::LinksDown {
                 keys,
-                waited_ms: started.elapsed().as_millis() as u64,
+                waited_ms: waiting.elapsed().as_millis() as u64,
             });
         }
+        tracing::debug!(elapsed = ?started.elapsed(), waited_for_links = ?waiting.elapsed(), "stage network up");
         Ok(())
     }
 
