@@ -1,5 +1,6 @@
 //! Hidden subcommands of the `sandrun` binary that must run before anything else
-//! (single-threaded, no tokio): `sandrun __unshare [CMD...]` enters the rootless
+//! (single-threaded, no tokio): `sandrun __container <spec.json>` (one container, see
+//! `container`), and `sandrun __unshare [CMD...]` enters the rootless
 //! namespace and runs CMD there (like `podman unshare`; used by tests and for looking
 //! at the store with its real owners). `__unshare --as-invoking-user CMD...` runs CMD
 //! as the invoking user again through [`InvokingUser`].
@@ -14,6 +15,16 @@ use super::userns::{self, InvokingUser};
 pub fn dispatch(args: &[OsString]) -> Option<i32> {
     match args.get(1)?.to_str()? {
         "__unshare" => Some(unshare_main(&args[2..])),
+        "__container" => Some(match args.get(2) {
+            Some(spec) if args.len() == 3 => {
+                debug_logging();
+                super::container::main(std::path::Path::new(spec))
+            }
+            _ => {
+                eprintln!("usage: sandrun __container <spec.json>");
+                125
+            }
+        }),
         _ => None,
     }
 }
@@ -56,4 +67,14 @@ fn unshare_main(mut cmd: &[OsString]) -> i32 {
     let err = command.exec();
     eprintln!("sandrun: cannot run {}: {err}", program.to_string_lossy());
     127
+}
+
+/// `SANDRUN_LOG=debug` (an env-filter) shows libcontainer's own log on stderr.
+fn debug_logging() {
+    if let Ok(filter) = std::env::var("SANDRUN_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
 }
