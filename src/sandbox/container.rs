@@ -58,6 +58,16 @@ pub fn main(spec_path: &Path) -> i32 {
 }
 
 fn run(spec_path: &Path) -> Result<i32, SandboxError> {
+    // Whoever started us (the runner, normally) takes us down when it dies; the
+    // container's init gets the same from us (see `DeathSignalExecutor`).
+    // SAFETY: plain prctl on the calling process.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    if nix::unistd::getppid().as_raw() == 1 {
+        return Err(SandboxError::sys(
+            "start",
+            std::io::Error::other("the parent process is gone"),
+        ));
+    }
     let text = fs::read_to_string(spec_path).map_err(|e| SandboxError::io("read", spec_path, e))?;
     let spec: ContainerSpec =
         serde_json::from_str(&text).map_err(|e| SandboxError::InvalidSpec {
@@ -128,22 +138,12 @@ fn run(spec_path: &Path) -> Result<i32, SandboxError> {
         what: "start",
         message: "no pid after start".into(),
     })?;
-    let status = wait_forwarding_signals(pid)?;
-    let code = match status {
-        WaitStatus::Exited(_, code) => code,
-        WaitStatus::Signaled(_, sig, _) => {
-            if let (Signal::SIGKILL, Some(bytes)) = (sig, facts.limits.memory_bytes) {
-                if host::oom_killed(&facts.cgroups_path) {
-                    eprintln!(
-                        "{WARNING_PREFIX}step `{}` was killed by the kernel's out-of-memory killer (memory limit {} MiB)",
-                        spec.step,
-                        bytes / (1024 * 1024)
-                    );
-                }
-            }
-            128 + sig as i32
-        }
-        other => {
+    let (status, emulated) = wait_forwarding_signals(pid)?;
+    let code = match (status, emulated) {
+        (WaitStatus::Signaled(_, Signal::SIGKILL, _), Some(sig)) => 128 + sig as i32,
+        (WaitStatus::Exited(_, code), _) => code,
+        (WaitStatus::Signaled(_, sig, _), _) => 128 + sig as i32,
+        (other, _) => {
             return Err(SandboxError::Container {
                 step: spec.step.clone(),
                 what: "wait",
@@ -151,6 +151,16 @@ fn run(spec_path: &Path) -> Result<i32, SandboxError> {
             })
         }
     };
+    // The OOM killer may have hit any process of the step, not only its PID 1.
+    if let (true, Some(bytes)) = (code != 0, facts.limits.memory_bytes) {
+        if host::oom_killed(&facts.cgroups_path) {
+            eprintln!(
+                "{WARNING_PREFIX}step `{}` was killed by the kernel's out-of-memory killer (memory limit {} MiB)",
+                spec.step,
+                bytes / (1024 * 1024)
+            );
+        }
+    }
     container
         .delete(true)
         .map_err(|e| container_error(&spec, "delete", e))?;
@@ -413,8 +423,9 @@ fn read_signals() -> Vec<i32> {
 }
 
 /// Waits for the container's init, forwarding signals to it meanwhile. pidfd + poll so
-/// that no signal is lost between checking and waiting.
-fn wait_forwarding_signals(pid: Pid) -> Result<WaitStatus, SandboxError> {
+/// that no signal is lost between checking and waiting. Also returns the signal the
+/// init was killed in place of (see `host::signal_container`).
+fn wait_forwarding_signals(pid: Pid) -> Result<(WaitStatus, Option<Signal>), SandboxError> {
     // SAFETY: pidfd_open has no memory arguments.
     let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
     if raw < 0 {
@@ -426,10 +437,11 @@ fn wait_forwarding_signals(pid: Pid) -> Result<WaitStatus, SandboxError> {
     // SAFETY: a fresh fd returned by the kernel.
     let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
     let signal_fd = SIGNAL_READ.load(Ordering::Relaxed);
+    let mut emulated = None;
     loop {
         for sig in read_signals() {
             if let Ok(sig) = Signal::try_from(sig) {
-                host::signal_container(pid, sig);
+                emulated = emulated.or(host::signal_container(pid, sig));
             }
         }
         let mut fds = [
@@ -457,7 +469,7 @@ fn wait_forwarding_signals(pid: Pid) -> Result<WaitStatus, SandboxError> {
             loop {
                 match waitpid(pid, None) {
                     Err(nix::errno::Errno::EINTR) => continue,
-                    Ok(status) => return Ok(status),
+                    Ok(status) => return Ok((status, emulated)),
                     Err(e) => return Err(SandboxError::sys("wait for the container", e)),
                 }
             }

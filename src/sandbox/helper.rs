@@ -3,7 +3,8 @@
 //! `container`), and `sandrun __unshare [CMD...]` enters the rootless
 //! namespace and runs CMD there (like `podman unshare`; used by tests and for looking
 //! at the store with its real owners). `__unshare --as-invoking-user CMD...` runs CMD
-//! as the invoking user again through [`InvokingUser`].
+//! as the invoking user again through [`InvokingUser`]. `__sweep [BASE]` removes what
+//! killed runs left under BASE (default: the state base), as the next run does.
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -15,6 +16,7 @@ use super::userns::{self, InvokingUser};
 pub fn dispatch(args: &[OsString]) -> Option<i32> {
     match args.get(1)?.to_str()? {
         "__unshare" => Some(unshare_main(&args[2..])),
+        "__sweep" => Some(sweep_main(&args[2..])),
         "__container" => Some(match args.get(2) {
             Some(spec) if args.len() == 3 => {
                 debug_logging();
@@ -77,4 +79,22 @@ fn debug_logging() {
             .with_writer(std::io::stderr)
             .try_init();
     }
+}
+
+fn sweep_main(args: &[OsString]) -> i32 {
+    if !nix::unistd::geteuid().is_root() {
+        // Leftovers belong to ids of the user namespace: sweep from inside it.
+        if let Err(e) = userns::enter_rootless() {
+            eprintln!("sandrun: {e}");
+            return 125;
+        }
+    }
+    let base = args
+        .first()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(super::state::default_base);
+    for removed in super::state::sweep_stale(&base) {
+        println!("removed {}", removed.display());
+    }
+    0
 }

@@ -95,10 +95,14 @@ pub fn facts(spec: &ContainerSpec) -> (HostFacts, Vec<String>) {
         tty_gid_mapped: mapped_ids().is_none_or(|n| n > 5),
         limits,
         cgroups_path,
-        last_cap: fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        cap_bounding: fs::read_to_string("/proc/self/status")
             .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(40),
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("CapBnd:"))
+                    .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            })
+            .unwrap_or(0),
         devices,
         nofile,
     };
@@ -278,20 +282,24 @@ pub fn oom_killed(cgroups_path: &Path) -> bool {
     })
 }
 
-/// Sends `sig` to the container's init. A PID 1 ignores signals it has no handler for
-/// (`sh -c 'sleep 100'`), so then every process of its PID namespace gets it too:
-/// Ctrl-C stops a step as it would stop the same command in a terminal.
-pub fn signal_container(init: Pid, sig: Signal) {
+/// Sends `sig` to the container's init. A PID 1 ignores signals it has no handler for,
+/// so then the signal goes to every other process of its PID namespace (`sh -c 'make;
+/// sleep 1'`: make and sleep die, sh exits as it would in a terminal); when PID 1 is
+/// alone (the workload itself, no handler) it is killed, and `Some(sig)` says that the
+/// step must be reported as terminated by `sig`, as the same process outside a
+/// container would have been.
+pub fn signal_container(init: Pid, sig: Signal) -> Option<Signal> {
     let _ = kill(init, sig);
     if has_handler(init, sig) {
-        return;
+        return None;
     }
     let Ok(ns) = fs::read_link(format!("/proc/{init}/ns/pid")) else {
-        return;
+        return None;
     };
     let Ok(procs) = fs::read_dir("/proc") else {
-        return;
+        return None;
     };
+    let mut others = 0;
     for entry in procs.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -303,9 +311,27 @@ pub fn signal_container(init: Pid, sig: Signal) {
         if pid != init.as_raw()
             && fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|other| other == ns)
         {
+            others += 1;
             let _ = kill(Pid::from_raw(pid), sig);
         }
     }
+    if others == 0 && terminates_by_default(sig) {
+        let _ = kill(init, Signal::SIGKILL);
+        return Some(sig);
+    }
+    None
+}
+
+fn terminates_by_default(sig: Signal) -> bool {
+    matches!(
+        sig,
+        Signal::SIGTERM
+            | Signal::SIGINT
+            | Signal::SIGHUP
+            | Signal::SIGQUIT
+            | Signal::SIGUSR1
+            | Signal::SIGUSR2
+    )
 }
 
 fn has_handler(pid: Pid, sig: Signal) -> bool {

@@ -34,8 +34,8 @@ pub struct HostFacts {
     pub limits: Limits,
     /// Absolute cgroups path for this container.
     pub cgroups_path: PathBuf,
-    /// Capabilities the kernel knows (cap_last_cap), for `privileged`.
-    pub last_cap: u8,
+    /// The helper's bounding set (bit N = capability N): what `privileged` can give.
+    pub cap_bounding: u64,
     /// Host devices for `privileged` (already filtered to usable ones when rootless).
     pub devices: Vec<LinuxDevice>,
     /// The helper's own open-files limit, inherited by the container.
@@ -116,9 +116,11 @@ type SpecResult = Result<Spec, oci_spec::OciSpecError>;
 
 pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFacts) -> SpecResult {
     let caps: HashSet<Capability> = if c.privileged {
-        ALL_CAPS[..=usize::from(host.last_cap).min(ALL_CAPS.len() - 1)]
+        ALL_CAPS
             .iter()
-            .copied()
+            .enumerate()
+            .filter(|(bit, _)| host.cap_bounding & (1u64 << bit) != 0)
+            .map(|(_, cap)| *cap)
             .collect()
     } else {
         DEFAULT_CAPS.iter().copied().collect()
@@ -336,7 +338,7 @@ mod tests {
                 cpu_millis: Some(400),
             },
             cgroups_path: "/sandrun/r-s".into(),
-            last_cap: 40,
+            cap_bounding: (1 << 41) - 1 - (1 << 24),
             devices: vec![],
             nofile: (1024, 4096),
         }
@@ -408,7 +410,8 @@ mod tests {
         assert_eq!(normal.len(), 14);
         assert!(!normal.contains(&Capability::SysAdmin));
         let all = caps(&build(true, false));
-        assert_eq!(all.len(), 41);
+        assert_eq!(all.len(), 40);
+        assert!(!all.contains(&Capability::SysResource));
         let linux = build(true, false).linux().clone().unwrap();
         assert_eq!(linux.masked_paths().as_ref().unwrap().len(), 0);
         assert!(build(false, false)

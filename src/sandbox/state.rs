@@ -166,7 +166,7 @@ mod tests {
         fs::create_dir_all(dead.join("containers/y/work/work")).unwrap();
         fs::set_permissions(
             dead.join("containers/y/work/work"),
-            fs::Permissions::from_mode(0),
+            fs::Permissions::from_mode(0o000),
         )
         .unwrap();
         File::create(dead.join("lock")).unwrap();
