@@ -1,10 +1,508 @@
 //! Command-line options, parsed in one place and handed down as plain structs.
+//!
+//! Exit codes: 0 when every step that counts succeeded, 1 when a stage failed, 2 for a
+//! problem with the input (file, options) before anything ran, 130 when interrupted.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::net::{HostPortProxy, ProxyServer, StageNetwork};
+use crate::pipeline::{self, PipelineFile};
+use crate::plan::{self, NetworkMode, Plan, PlanInputs};
+use crate::run::events::{EventSink, RunEvent, StageResult};
+use crate::run::executor::{run_stage, RunOptions, StageContext};
+use crate::run::launch::HostLauncher;
+use crate::run::state::RunDir;
+use crate::sandbox::InvokingUser;
+use crate::store::cmd as store_cmd;
+use crate::ui::{self, ColorChoice, JsonReporter, JunitWriter, Reporter, TerminalReporter};
+
+const LONG_ABOUT: &str = "\
+sandrun runs a Harness CI stage on this machine, as you, with no daemon.
+
+It reads Harness CI v0 pipeline YAML unchanged (a whole `pipeline:` or a single
+`stage:`): Run, Background and Plugin steps, step groups, parallel blocks, stage
+variables and <+...> expressions. Background steps start services that later steps
+call by step identifier; the stage proceeds at once and the services are stopped
+when it ends. Steps without an image run the host's own binaries.
+
+Typical use:
+  sandrun plan .harness/ci.yaml        show what would run, in order
+  sandrun run .harness/ci.yaml         run it; exit code 0 only if every step passed
+  sandrun run --set tag=v1 --secret db_password=hunter2 --report-dir out/";
+
+#[derive(Parser, Debug)]
+#[command(name = "sandrun", version, about = "Run a Harness CI stage locally: rootless, no daemon", long_about = LONG_ABOUT)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalOptions,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GlobalOptions {
+    /// When to use colour and spinners: auto (a terminal without NO_COLOR), always, never.
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+    /// `--offline`, `--insecure-registry`: for every command that may touch a registry.
+    #[command(flatten)]
+    pub registry: store_cmd::RegistryArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a pipeline's CI stages (or one with --stage).
+    Run(RunArgs),
+    /// Print the resolved plan: order, groups, parallel blocks, hostnames, images, env.
+    Plan(PlanArgs),
+    /// Check a pipeline file: syntax, fields, expressions, and steps sandrun cannot run.
+    Validate(ValidateArgs),
+    /// Fetch images into the store (by reference, or every image a pipeline names).
+    Pull(store_cmd::PullArgs),
+    /// List the images in the store.
+    Images(store_cmd::ImagesArgs),
+    /// Remove blobs and layers that no image or lock file references.
+    Gc(store_cmd::GcArgs),
+    /// Verify every blob and layer in the store.
+    Fsck(store_cmd::FsckArgs),
+    /// Pin every image a pipeline names in a lock file beside it (`FILE.lock`).
+    Lock(store_cmd::LockArgs),
+    /// Write images (of a pipeline, or by reference) to an OCI archive.
+    Save(store_cmd::SaveArgs),
+    /// Import images from an OCI archive.
+    Load(store_cmd::LoadArgs),
+}
+
+/// What a pipeline needs to be planned.
+#[derive(Args, Debug, Clone)]
+pub struct InputArgs {
+    /// The pipeline file. Default: the only YAML file under `.harness/`.
+    pub file: Option<PathBuf>,
+    /// Run only this stage (its identifier).
+    #[arg(long, value_name = "ID")]
+    pub stage: Option<String>,
+    /// The workspace shared by every step (the codebase). Default: the current directory.
+    #[arg(long, value_name = "DIR")]
+    pub workspace: Option<PathBuf>,
+    /// Answer a runtime input (`<+input>`): a variable's name, or STEP.FIELD for step fields.
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_pair)]
+    pub set: Vec<(String, String)>,
+    /// Give a secret's value (`<+secrets.getValue("ID")>`, Secret variables). Never printed.
+    #[arg(long = "secret", value_name = "ID=VALUE", value_parser = parse_pair)]
+    pub secret: Vec<(String, String)>,
+    /// Read secrets from a file of ID=VALUE lines (# starts a comment).
+    #[arg(long, value_name = "FILE")]
+    pub secrets_file: Option<PathBuf>,
+    /// Network: `bridge` (each step its own address, services called by step
+    /// identifier) or `pod` (all steps share one localhost, as on Kubernetes) overrides
+    /// what the stage's infrastructure implies; `egress` lets steps connect out of the
+    /// machine (off by default: a run is hermetic). Repeat or comma-separate: `pod,egress`.
+    #[arg(long, value_enum, value_name = "MODE", value_delimiter = ',')]
+    pub network: Vec<NetworkArg>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetworkArg {
+    Bridge,
+    Pod,
+    Egress,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Skip steps only Harness's cloud can run (BuildAndPush*, caches, uploads...)
+    /// instead of refusing the pipeline; each is marked skipped in the summary.
+    #[arg(long)]
+    pub skip_unsupported: bool,
+    /// Merge every JUnit report the steps produce into DIR/junit.xml.
+    #[arg(long, value_name = "DIR")]
+    pub report_dir: Option<PathBuf>,
+    /// Print one JSON event per line instead of the terminal display.
+    #[arg(long)]
+    pub json: bool,
+    /// How long a Background step's ports may take to accept connections.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+    /// Time between SIGTERM and SIGKILL when a step is stopped.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Print the plan as JSON (secrets masked).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ValidateArgs {
+    /// The pipeline file. Default: the only YAML file under `.harness/`.
+    pub file: Option<PathBuf>,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got `{s}`")),
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    pipeline::values::parse_duration(s)
+}
+
+/// The process entry point; returns the exit code.
 pub fn main() -> i32 {
     // Hidden helper subcommands run first: they must stay single-threaded.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(code) = crate::sandbox::helper::dispatch(&args) {
         return code;
     }
-    0
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sandrun: {e:#}");
+            2
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Validate(args) => validate(&args),
+        Command::Pull(a) => store_cmd::pull(&a, &cli.global.registry),
+        Command::Images(a) => store_cmd::images(&a),
+        Command::Gc(a) => store_cmd::gc(&a),
+        Command::Fsck(a) => store_cmd::fsck(&a),
+        Command::Lock(a) => store_cmd::lock(&a, &cli.global.registry),
+        Command::Save(a) => store_cmd::save(&a, &cli.global.registry),
+        Command::Load(a) => store_cmd::load(&a),
+        Command::Plan(args) => {
+            let (_, plan) = load_and_plan(&args.input, false)?;
+            if args.json {
+                let text = serde_json::to_string_pretty(&plan)?;
+                println!("{}", plan.secrets.mask(&text));
+            } else {
+                print!("{}", plan::render(&plan));
+            }
+            Ok(0)
+        }
+        Command::Run(args) => run(&cli.global, &args),
+    }
+}
+
+/// The pipeline file to use: the one given, or the only one under `.harness/`.
+fn pipeline_path(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let dir = Path::new(".harness");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.is_file()
+                        && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => bail!(
+            "no pipeline file given and none found under .harness/ (give one: sandrun run FILE)"
+        ),
+        _ => {
+            let list: Vec<String> = found.iter().map(|p| format!("  {}", p.display())).collect();
+            bail!(
+                "several pipelines under .harness/; name the one to use:\n{}",
+                list.join("\n")
+            )
+        }
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<PipelineFile> {
+    pipeline::load(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn load_and_plan(input: &InputArgs, placeholders: bool) -> anyhow::Result<(PipelineFile, Plan)> {
+    let path = pipeline_path(input.file.as_deref())?;
+    let file = load(&path)?;
+    let workspace = match &input.workspace {
+        Some(w) => w.clone(),
+        None => std::env::current_dir().context("cannot read the current directory")?,
+    };
+    let workspace = workspace
+        .canonicalize()
+        .with_context(|| format!("workspace {}", workspace.display()))?;
+    let mut secrets: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(f) = &input.secrets_file {
+        secrets.extend(read_secrets_file(f)?);
+    }
+    secrets.extend(input.secret.iter().cloned());
+    let inputs = PlanInputs {
+        workspace,
+        inputs: input.set.iter().cloned().collect(),
+        secrets,
+        stage: input.stage.clone(),
+        network: input.network.iter().rev().find_map(|n| match n {
+            NetworkArg::Bridge => Some(NetworkMode::Bridge),
+            NetworkArg::Pod => Some(NetworkMode::Pod),
+            NetworkArg::Egress => None,
+        }),
+        egress: input.network.contains(&NetworkArg::Egress),
+        placeholders,
+    };
+    let plan = plan::build(&file, &inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((file, plan))
+}
+
+fn read_secrets_file(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read secrets file {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                out.push((k.trim().to_string(), v.to_string()));
+            }
+            _ => bail!(
+                "{}:{}: expected ID=VALUE (the value is not shown)",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok(out)
+}
+
+fn validate(args: &ValidateArgs) -> anyhow::Result<i32> {
+    let input = InputArgs {
+        file: args.file.clone(),
+        stage: None,
+        workspace: None,
+        set: Vec::new(),
+        secret: Vec::new(),
+        secrets_file: None,
+        network: Vec::new(),
+    };
+    let (_, plan) = load_and_plan(&input, true)?;
+    let unsupported = unsupported_steps(&plan);
+    if unsupported.is_empty() {
+        println!("{}: valid", plan.source.display());
+        return Ok(0);
+    }
+    for line in &unsupported {
+        eprintln!("{line}");
+    }
+    eprintln!(
+        "{}: {} step(s) cannot run locally (`sandrun run --skip-unsupported` skips them)",
+        plan.source.display(),
+        unsupported.len()
+    );
+    Ok(1)
+}
+
+fn unsupported_steps(plan: &Plan) -> Vec<String> {
+    plan.stages
+        .iter()
+        .flat_map(|s| s.steps())
+        .filter_map(|s| {
+            s.unsupported
+                .as_ref()
+                .map(|why| format!("{}: step `{}`: {why}", s.loc, s.key))
+        })
+        .collect()
+}
+
+fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
+    let (_, plan) = load_and_plan(&args.input, false)?;
+    let unsupported = unsupported_steps(&plan);
+    if !unsupported.is_empty() && !args.skip_unsupported {
+        bail!(
+            "{}\nthese steps cannot run locally; nothing was started (use --skip-unsupported to run the rest)",
+            unsupported.join("\n")
+        );
+    }
+    let state_base = crate::run::state::base_dir();
+    // Rootless, the runner moves into its own user + mount namespace now, while it is
+    // still single-threaded (docs/ARCHITECTURE.md, "Process model").
+    let userns = if nix::unistd::geteuid().is_root() {
+        None
+    } else {
+        Some(crate::sandbox::enter_rootless().context("cannot set up rootless mode")?)
+    };
+    let run_dir =
+        RunDir::create_in(&state_base).context("cannot create the run's state directory")?;
+    let options = RunOptions {
+        grace: args.grace,
+        ready_timeout: args.ready_timeout,
+        skip_unsupported: args.skip_unsupported,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(async {
+        let (sink, rx) = EventSink::channel();
+        let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();
+        if args.json {
+            reporters.push(Box::new(JsonReporter::new(std::io::stdout())));
+        } else {
+            reporters.push(Box::new(TerminalReporter::new(global.color)));
+        }
+        if let Some(dir) = &args.report_dir {
+            reporters.push(Box::new(JunitWriter::new(dir.clone())));
+        }
+        let ui = tokio::spawn(ui::drive(rx, reporters));
+        let cancel = CancellationToken::new();
+        let signals = tokio::spawn(watch_signals(cancel.clone(), sink.clone()));
+        if let Some(limit) = userns.as_ref().and_then(|u| u.limitation()) {
+            sink.warn(None, limit);
+        }
+        let host = HostLauncher {
+            invoking_user: userns.as_ref().map(InvokingUser::new),
+        };
+        let outcome = run_plan(&plan, &options, &host, run_dir.path(), sink, cancel).await;
+        signals.abort();
+        let shown = ui.await;
+        (outcome, shown)
+    });
+    drop(run_dir);
+    let (outcome, shown) = result;
+    match shown {
+        Ok(Err(e)) => eprintln!("sandrun: {e:#}"),
+        Err(e) => eprintln!("sandrun: the display stopped: {e}"),
+        Ok(Ok(())) => {}
+    }
+    Ok(match outcome {
+        StageResult::Succeeded | StageResult::Skipped => 0,
+        StageResult::Failed => 1,
+        StageResult::Cancelled => 130,
+    })
+}
+
+async fn run_plan(
+    plan: &Plan,
+    options: &RunOptions,
+    host: &HostLauncher,
+    state_dir: &Path,
+    sink: EventSink,
+    cancel: CancellationToken,
+) -> StageResult {
+    let mut overall = StageResult::Succeeded;
+    for stage in &plan.stages {
+        if let Some(reason) = &stage.skipped {
+            sink.emit(RunEvent::StageSkipped {
+                stage: stage.identifier.clone(),
+                reason: reason.clone(),
+            });
+            continue;
+        }
+        if overall != StageResult::Succeeded {
+            sink.emit(RunEvent::StageSkipped {
+                stage: stage.identifier.clone(),
+                reason: "an earlier stage did not succeed".into(),
+            });
+            continue;
+        }
+        let stage_dir = state_dir.join(&stage.identifier);
+        let network = match start_network(stage, &stage_dir).await {
+            Ok(n) => n,
+            Err(e) => {
+                sink.emit(RunEvent::StageSkipped {
+                    stage: stage.identifier.clone(),
+                    reason: format!("{e:#}; no step was started"),
+                });
+                overall = StageResult::Failed;
+                continue;
+            }
+        };
+        let ctx = StageContext {
+            plan,
+            stage,
+            host,
+            containers: None,
+            network: network.as_ref().map(|(n, _)| n),
+            state_dir: &stage_dir,
+            options,
+            events: sink.clone(),
+            cancel: cancel.clone(),
+        };
+        overall = run_stage(&ctx).await;
+        if let Some((network, proxy)) = network {
+            proxy.shutdown().await;
+            network.teardown().await;
+        }
+    }
+    overall
+}
+
+/// The stage's network and its host port bindings. Ports are bound first, so that a
+/// busy host port stops the stage before anything starts.
+async fn start_network(
+    stage: &plan::StagePlan,
+    stage_dir: &Path,
+) -> anyhow::Result<Option<(StageNetwork, ProxyServer)>> {
+    let Some(net) = &stage.net else {
+        return Ok(None);
+    };
+    let proxy = HostPortProxy::bind(std::net::Ipv4Addr::LOCALHOST.into(), net)?;
+    std::fs::create_dir_all(stage_dir)
+        .with_context(|| format!("cannot create {}", stage_dir.display()))?;
+    let network = StageNetwork::create(net, stage_dir)
+        .await
+        .context("cannot create the stage network")?;
+    let server = proxy.serve(&network)?;
+    Ok(Some((network, server)))
+}
+
+/// One place decides what signals mean: the first Ctrl-C or SIGTERM stops every step
+/// (SIGTERM, grace period, SIGKILL) and the run ends with 130; a second one skips the
+/// grace period. Every child is still reaped before sandrun exits.
+async fn watch_signals(cancel: CancellationToken, sink: EventSink) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    let mut count = 0;
+    loop {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        count += 1;
+        if count == 1 {
+            sink.warn(
+                None,
+                "interrupted: stopping every step (press Ctrl-C again to kill them at once)",
+            );
+            cancel.cancel();
+        } else {
+            sink.warn(None, "interrupted again: killing every step now");
+            crate::run::executor::hurry();
+        }
+    }
 }

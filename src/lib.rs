@@ -6,5 +6,11 @@
 //! `net` are asked for images, containers and networks by `run`; they never call back.
 
 pub mod cli;
+pub mod junit;
+pub mod net;
 pub mod pipeline;
+pub mod plan;
+pub mod run;
 pub mod sandbox;
+pub mod store;
+pub mod ui;

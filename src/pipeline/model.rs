@@ -35,6 +35,8 @@ pub struct PipelineInfo {
     pub identifier: String,
     pub name: String,
     pub variables: Vec<Variable>,
+    /// Pipeline-level `timeout`.
+    pub timeout: Option<Duration>,
     pub loc: Location,
 }
 
@@ -48,14 +50,34 @@ pub struct Stage {
     /// `None` for stages that are not `CI` (they are reported as skipped).
     pub spec: Option<CiStageSpec>,
     pub timeout: Option<Duration>,
+    /// Stage `when`: `stage_status` holds the stage's `pipelineStatus`.
+    pub when: Option<When>,
+    /// Apply to steps (and groups) that have none of their own.
+    pub failure_strategies: Vec<FailureStrategy>,
     pub loc: Location,
 }
 
 #[derive(Clone, Debug)]
 pub struct CiStageSpec {
     pub infrastructure: Infrastructure,
+    /// Stage `sharedPaths` (and those of its step groups).
     pub shared_paths: Vec<String>,
+    /// `cloneCodebase` (default false). Locally the workspace already is the codebase.
+    pub clone_codebase: bool,
+    /// `platform`, when written.
+    pub platform: Option<Platform>,
+    /// Legacy `serviceDependencies`, as Background steps that start before `steps`.
+    pub service_dependencies: Vec<Step>,
     pub steps: Vec<StepItem>,
+}
+
+/// Stage `platform`: sandrun runs Linux stages only; `arch` is checked by the plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Platform {
+    /// `Linux` (other systems are refused while parsing).
+    pub os: String,
+    /// `Amd64` or `Arm64`.
+    pub arch: String,
 }
 
 /// Where Harness would run the stage: decides the default network mode.
@@ -93,6 +115,8 @@ pub struct Variable {
 }
 
 /// One item of a `steps:` list.
+// Steps dominate these lists; boxing them would only add indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum StepItem {
     Step(Step),
@@ -146,7 +170,7 @@ impl StepKind {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Shell {
     Sh,
     Bash,
@@ -155,7 +179,7 @@ pub enum Shell {
     Python,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum PullPolicy {
     Always,
     IfNotPresent,
@@ -176,7 +200,7 @@ pub struct ContainerFields {
     pub reports: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Resources {
     /// Bytes.
     pub memory: Option<u64>,
@@ -212,7 +236,7 @@ pub struct PluginSpec {
     pub settings: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum StageStatus {
     Success,
     Failure,

@@ -1,0 +1,389 @@
+//! JUnit XML: reading the reports steps leave behind, and writing one merged file.
+//!
+//! Test tools disagree on the details of JUnit XML (a `<testsuites>` root or a bare
+//! `<testsuite>`, nested suites, counts in attributes that do not match the cases), so
+//! counts come from the `<testcase>` elements themselves, never from attributes.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::Reader;
+
+use crate::run::events::TestCounts;
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    pub suites: Vec<Suite>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Suite {
+    pub name: String,
+    pub time: Option<String>,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Case {
+    pub name: String,
+    pub classname: Option<String>,
+    pub time: Option<String>,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Outcome {
+    #[default]
+    Passed,
+    Failed {
+        message: Option<String>,
+        text: String,
+    },
+    Error {
+        message: Option<String>,
+        text: String,
+    },
+    Skipped {
+        message: Option<String>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JunitError {
+    #[error("cannot read: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("not well-formed XML at byte {position}: {message}")]
+    Xml { position: u64, message: String },
+    #[error("not a JUnit report: the root element is <{0}>, not <testsuites> or <testsuite>")]
+    NotJunit(String),
+}
+
+impl Report {
+    pub fn counts(&self) -> TestCounts {
+        let mut c = TestCounts::default();
+        for case in self.suites.iter().flat_map(|s| &s.cases) {
+            c.tests += 1;
+            match case.outcome {
+                Outcome::Passed => {}
+                Outcome::Failed { .. } => c.failures += 1,
+                Outcome::Error { .. } => c.errors += 1,
+                Outcome::Skipped { .. } => c.skipped += 1,
+            }
+        }
+        c
+    }
+}
+
+/// Files under `workspace` matching any of `patterns` (globs, relative to the
+/// workspace unless absolute), sorted and without duplicates.
+pub fn find_reports(workspace: &Path, patterns: &[String]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for p in patterns {
+        let full = if Path::new(p).is_absolute() {
+            PathBuf::from(p)
+        } else {
+            workspace.join(p)
+        };
+        if let Ok(paths) = glob::glob(&full.to_string_lossy()) {
+            found.extend(paths.flatten().filter(|p| p.is_file()));
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+pub fn parse_file(path: &Path) -> Result<Report, JunitError> {
+    let text = std::fs::read_to_string(path)?;
+    parse_str(&text)
+}
+
+pub fn parse_str(text: &str) -> Result<Report, JunitError> {
+    let mut reader = Reader::from_str(text);
+    let mut report = Report::default();
+    let mut saw_root = false;
+    // Index of the suite that receives cases (nested suites are flattened).
+    let mut suite_stack: Vec<usize> = Vec::new();
+    let mut case: Option<Case> = None;
+    let mut in_outcome = false;
+    loop {
+        let event = reader.read_event().map_err(|e| JunitError::Xml {
+            position: reader.error_position(),
+            message: e.to_string(),
+        })?;
+        match event {
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let empty = matches!(event, Event::Empty(_));
+                let tag = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
+                if !saw_root {
+                    saw_root = true;
+                    if tag != "testsuites" && tag != "testsuite" {
+                        return Err(JunitError::NotJunit(tag));
+                    }
+                }
+                match tag.as_str() {
+                    "testsuite" => {
+                        report.suites.push(Suite {
+                            name: attr(e, "name").unwrap_or_default(),
+                            time: attr(e, "time"),
+                            cases: Vec::new(),
+                        });
+                        if !empty {
+                            suite_stack.push(report.suites.len() - 1);
+                        }
+                    }
+                    "testcase" => {
+                        let c = Case {
+                            name: attr(e, "name").unwrap_or_default(),
+                            classname: attr(e, "classname"),
+                            time: attr(e, "time"),
+                            outcome: Outcome::Passed,
+                        };
+                        if empty {
+                            push_case(&mut report, &suite_stack, c);
+                        } else {
+                            case = Some(c);
+                        }
+                    }
+                    "failure" | "error" | "skipped" if case.is_some() => {
+                        let message = attr(e, "message");
+                        let c = case.as_mut().unwrap();
+                        c.outcome = match tag.as_str() {
+                            "failure" => Outcome::Failed {
+                                message,
+                                text: String::new(),
+                            },
+                            "error" => Outcome::Error {
+                                message,
+                                text: String::new(),
+                            },
+                            _ => Outcome::Skipped { message },
+                        };
+                        in_outcome = !empty;
+                    }
+                    _ => {}
+                }
+            }
+            Event::Text(t) if in_outcome => {
+                let s = t.decode().map(|c| c.into_owned()).unwrap_or_default();
+                append_text(&mut case, &s);
+            }
+            Event::GeneralRef(r) if in_outcome => {
+                let name = r.decode().map(|c| c.into_owned()).unwrap_or_default();
+                let ch = match r.resolve_char_ref() {
+                    Ok(Some(c)) => Some(c),
+                    _ => match name.as_str() {
+                        "lt" => Some('<'),
+                        "gt" => Some('>'),
+                        "amp" => Some('&'),
+                        "apos" => Some('\''),
+                        "quot" => Some('"'),
+                        _ => None,
+                    },
+                };
+                match ch {
+                    Some(c) => append_text(&mut case, c.encode_utf8(&mut [0; 4])),
+                    None => append_text(&mut case, &format!("&{name};")),
+                }
+            }
+            Event::CData(t) if in_outcome => {
+                let s = String::from_utf8_lossy(&t).into_owned();
+                append_text(&mut case, &s);
+            }
+            Event::End(e) => match e.local_name().as_ref() {
+                b"testsuite" => {
+                    suite_stack.pop();
+                }
+                b"testcase" => {
+                    if let Some(c) = case.take() {
+                        push_case(&mut report, &suite_stack, c);
+                    }
+                }
+                b"failure" | b"error" | b"skipped" => in_outcome = false,
+                _ => {}
+            },
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    if !saw_root {
+        return Err(JunitError::NotJunit("(none: the file is empty)".into()));
+    }
+    Ok(report)
+}
+
+fn append_text(case: &mut Option<Case>, s: &str) {
+    if let Some(Case {
+        outcome: Outcome::Failed { text, .. } | Outcome::Error { text, .. },
+        ..
+    }) = case
+    {
+        text.push_str(s);
+    }
+}
+
+fn push_case(report: &mut Report, stack: &[usize], case: Case) {
+    match stack.last() {
+        Some(&i) => report.suites[i].cases.push(case),
+        None => {
+            // A case outside any suite: give it one.
+            report.suites.push(Suite {
+                name: String::new(),
+                time: None,
+                cases: vec![case],
+            });
+        }
+    }
+}
+
+fn attr(e: &BytesStart<'_>, name: &str) -> Option<String> {
+    e.attributes()
+        .flatten()
+        .find(|a| a.key.local_name().as_ref() == name.as_bytes())
+        .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
+}
+
+/// Write `reports` (each tagged with the step it came from) as one `<testsuites>` file.
+pub fn merge(reports: &[(String, Report)]) -> String {
+    let mut total = TestCounts::default();
+    for (_, r) in reports {
+        total.add(&r.counts());
+    }
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let _ = writeln!(
+        out,
+        "<testsuites name=\"sandrun\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\">",
+        total.tests, total.failures, total.errors, total.skipped
+    );
+    for (step, report) in reports {
+        for suite in &report.suites {
+            let c = Report {
+                suites: vec![suite.clone()],
+            }
+            .counts();
+            let name = if suite.name.is_empty() {
+                step.clone()
+            } else {
+                suite.name.clone()
+            };
+            let _ = write!(
+                out,
+                "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\"",
+                esc(&name),
+                c.tests,
+                c.failures,
+                c.errors,
+                c.skipped
+            );
+            if let Some(t) = &suite.time {
+                let _ = write!(out, " time=\"{}\"", esc(t));
+            }
+            out.push_str(">\n");
+            let _ = writeln!(
+                out,
+                "    <properties><property name=\"sandrun.step\" value=\"{}\"/></properties>",
+                esc(step)
+            );
+            for case in &suite.cases {
+                let _ = write!(out, "    <testcase name=\"{}\"", esc(&case.name));
+                if let Some(cn) = &case.classname {
+                    let _ = write!(out, " classname=\"{}\"", esc(cn));
+                }
+                if let Some(t) = &case.time {
+                    let _ = write!(out, " time=\"{}\"", esc(t));
+                }
+                match &case.outcome {
+                    Outcome::Passed => out.push_str("/>\n"),
+                    Outcome::Failed { message, text } => {
+                        write_outcome(&mut out, "failure", message, text)
+                    }
+                    Outcome::Error { message, text } => {
+                        write_outcome(&mut out, "error", message, text)
+                    }
+                    Outcome::Skipped { message } => write_outcome(&mut out, "skipped", message, ""),
+                }
+            }
+            out.push_str("  </testsuite>\n");
+        }
+    }
+    out.push_str("</testsuites>\n");
+    out
+}
+
+fn write_outcome(out: &mut String, tag: &str, message: &Option<String>, text: &str) {
+    out.push_str(">\n      <");
+    out.push_str(tag);
+    if let Some(m) = message {
+        let _ = write!(out, " message=\"{}\"", esc(m));
+    }
+    if text.is_empty() {
+        out.push_str("/>\n");
+    } else {
+        let _ = write!(out, ">{}</{tag}>\n", esc(text));
+    }
+    out.push_str("    </testcase>\n");
+}
+
+fn esc(s: &str) -> String {
+    quick_xml::escape::escape(s).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PYTEST: &str = r#"<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" errors="0" failures="1" skipped="1" tests="4" time="0.1">
+<testcase classname="t" name="a" time="0.01"/>
+<testcase classname="t" name="b"><failure message="assert 1 == 2">x &lt; y</failure></testcase>
+<testcase classname="t" name="c"><skipped message="later"/></testcase>
+<testcase classname="t" name="d"><error message="boom"><![CDATA[trace]]></error></testcase>
+</testsuite></testsuites>"#;
+
+    #[test]
+    fn counts_come_from_cases() {
+        let r = parse_str(PYTEST).unwrap();
+        let c = r.counts();
+        assert_eq!((c.tests, c.failures, c.errors, c.skipped), (4, 1, 1, 1));
+        assert_eq!(c.passed(), 1);
+        assert_eq!(
+            r.suites[0].cases[1].outcome,
+            Outcome::Failed {
+                message: Some("assert 1 == 2".into()),
+                text: "x < y".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bare_testsuite_and_nested_suites() {
+        let r = parse_str(
+            r#"<testsuite name="outer"><testsuite name="inner"><testcase name="x"/></testsuite><testcase name="y"/></testsuite>"#,
+        )
+        .unwrap();
+        assert_eq!(r.counts().tests, 2);
+        assert_eq!(r.suites[1].cases[0].name, "x");
+        assert_eq!(r.suites[0].cases[0].name, "y");
+    }
+
+    #[test]
+    fn rejects_non_junit_and_broken_xml() {
+        assert!(matches!(parse_str("<html/>"), Err(JunitError::NotJunit(t)) if t == "html"));
+        assert!(matches!(
+            parse_str("<testsuite><testcase name='a'></testsuite>"),
+            Err(JunitError::Xml { .. })
+        ));
+        assert!(matches!(parse_str(""), Err(JunitError::NotJunit(_))));
+    }
+
+    #[test]
+    fn merge_round_trips() {
+        let r = parse_str(PYTEST).unwrap();
+        let merged = merge(&[("tests".into(), r.clone())]);
+        let back = parse_str(&merged).unwrap();
+        assert_eq!(back.counts(), r.counts());
+        assert!(merged.contains("name=\"sandrun.step\" value=\"tests\""));
+        assert_eq!(back.suites[0].cases, r.suites[0].cases);
+    }
+}

@@ -1,0 +1,150 @@
+//! Links and addresses, through rtnetlink in process (no `ip` binary: forking it per
+//! step costs ~20x more than the netlink requests themselves).
+//!
+//! Each [`Netlink`] talks to one namespace: the one its socket was created in.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage, State,
+};
+use rtnetlink::sys::TokioSocket;
+use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
+
+/// MTU of the bridge and veths: as large as veth allows (like slirp4netns's 65520), so
+/// that step-to-step traffic costs about what loopback does; 1500 halves throughput.
+pub(crate) const STAGE_MTU: u32 = 65520;
+
+/// The loopback device is always index 1 in a new network namespace.
+const LOOPBACK_INDEX: u32 = 1;
+
+pub(crate) type NlResult<T> = Result<T, rtnetlink::Error>;
+
+/// A route-netlink connection bound to the namespace its socket was created in.
+pub(crate) struct Netlink {
+    handle: Handle,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+impl Netlink {
+    /// Takes a netlink socket made inside the target namespace. Needs a tokio runtime.
+    pub fn new(socket: OwnedFd) -> std::io::Result<Netlink> {
+        // SAFETY: ownership of the descriptor moves into the TokioSocket.
+        let socket = unsafe { TokioSocket::from_raw_fd(socket.into_raw_fd()) };
+        let (connection, handle, _) = rtnetlink::from_socket(socket);
+        Ok(Netlink {
+            handle,
+            connection: tokio::spawn(connection),
+        })
+    }
+
+    pub async fn loopback_up(&self) -> NlResult<()> {
+        self.set_up(LOOPBACK_INDEX).await
+    }
+
+    pub async fn set_up(&self, index: u32) -> NlResult<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+    }
+
+    pub async fn add_address(&self, index: u32, address: Ipv4Addr, prefix_len: u8) -> NlResult<()> {
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(address), prefix_len)
+            .execute()
+            .await
+    }
+
+    pub async fn index_of(&self, name: &str) -> NlResult<Option<u32>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        Ok(links.try_next().await?.map(|l| l.header.index))
+    }
+
+    /// Creates an up bridge `name` and returns its index.
+    pub async fn add_bridge(&self, name: &str) -> NlResult<u32> {
+        self.handle
+            .link()
+            .add(LinkBridge::new(name).mtu(STAGE_MTU).up().build())
+            .execute()
+            .await?;
+        self.index_of(name)
+            .await?
+            .ok_or_else(|| rtnetlink::Error::NamespaceError(format!("bridge {name} vanished")))
+    }
+
+    /// Creates a veth pair in one request: `name` here, up and enslaved to `bridge`;
+    /// its peer `peer_name` directly inside the namespace `peer_ns`.
+    pub async fn add_veth_to(
+        &self,
+        name: &str,
+        bridge: u32,
+        peer_name: &str,
+        peer_ns: &OwnedFd,
+    ) -> NlResult<()> {
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer_name.to_string())
+            .mtu(STAGE_MTU)
+            .setns_by_fd(peer_ns.as_raw_fd())
+            .build();
+        let message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(name.to_string())
+            .mtu(STAGE_MTU)
+            .controller(bridge)
+            .up()
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        self.handle.link().add(message).execute().await
+    }
+
+    /// All links of the namespace.
+    pub async fn links(&self) -> NlResult<Vec<LinkMessage>> {
+        self.handle.link().get().execute().try_collect().await
+    }
+
+    /// Waits until every link named in `names` reports operational state up; returns
+    /// the names still down when `timeout` passes.
+    pub async fn wait_up(&self, names: &[String], timeout: Duration) -> NlResult<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let links = self.links().await?;
+            let down: Vec<String> = names
+                .iter()
+                .filter(|name| !links.iter().any(|l| is_named(l, name) && is_oper_up(l)))
+                .cloned()
+                .collect();
+            if down.is_empty() || Instant::now() >= deadline {
+                return Ok(down);
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+fn is_named(link: &LinkMessage, name: &str) -> bool {
+    link.attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::IfName(n) if n == name))
+}
+
+fn is_oper_up(link: &LinkMessage) -> bool {
+    link.attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::OperState(State::Up)))
+}

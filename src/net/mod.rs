@@ -1,0 +1,33 @@
+//! The stage network: every step of a run gets a private address and finds the other
+//! steps by identifier, services stay private to the run, and `portBindings` reach
+//! the host's loopback through an in-process proxy.
+//!
+//! `plan` and `files` are pure (addresses, names, file contents). `stage` builds the
+//! live network from a [`NetworkPlan`] (`netns` and `links` hold the system calls),
+//! `proxy` serves port bindings, `egress` is the opt-in way out.
+//!
+//! How the executor uses it: `allocate` at plan time; before the first step
+//! `HostPortProxy::bind` (fails early on a busy port), `StageNetwork::create`, then
+//! `HostPortProxy::serve`; each step's child calls `StepJoin::enter` in `pre_exec`
+//! (`container_join` / `host_join`); at the end `ProxyServer::shutdown` and
+//! `StageNetwork::teardown`.
+
+mod connect;
+mod egress;
+pub mod error;
+pub mod files;
+mod links;
+mod netns;
+pub mod plan;
+mod proxy;
+mod stage;
+
+pub use error::{NetError, NetPlanError};
+pub use files::{render_hosts, render_resolv_conf};
+pub use netns::StepJoin;
+pub use plan::{
+    allocate, step_hostnames, NetworkMode, NetworkPlan, PortBinding, SkipReason, SkippedName,
+    StepEndpoint, StepRequest, Subnet,
+};
+pub use proxy::{HostPortProxy, ProxyServer};
+pub use stage::StageNetwork;

@@ -1,0 +1,249 @@
+//! Network namespaces held by file descriptor only, and the raw syscalls around them.
+//!
+//! A namespace lives as long as a descriptor or a process refers to it; nothing is
+//! bind-mounted under /run/netns. So when sandrun exits, however it exits, the kernel
+//! removes the namespaces with every link and address in them: nothing can leak.
+//!
+//! The runner is multi-threaded (tokio), and a thread may change its own network
+//! namespace. Namespaces are therefore made on a short-lived thread that unshares once
+//! per namespace; each namespace comes back with a netlink socket created inside it,
+//! because a socket keeps the namespace it was created in. The same property lets a
+//! long-lived [`SocketFactory`] thread, parked in the run's namespace, hand out TCP
+//! sockets for the port proxy to dial from.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use nix::sched::{unshare, CloneFlags};
+
+/// A fresh network namespace and a netlink (route) socket that lives in it.
+pub(crate) struct FreshNetns {
+    pub ns: OwnedFd,
+    pub netlink: OwnedFd,
+}
+
+fn open_own_netns() -> io::Result<OwnedFd> {
+    let file = std::fs::File::open("/proc/thread-self/ns/net")?;
+    Ok(OwnedFd::from(file))
+}
+
+fn netlink_route_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn unshare_netns() -> io::Result<FreshNetns> {
+    unshare(CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    Ok(FreshNetns {
+        ns: open_own_netns()?,
+        netlink: netlink_route_socket()?,
+    })
+}
+
+/// Creates `count` network namespaces (on a throw-away thread, so that no runtime
+/// thread changes namespace).
+pub(crate) fn create_namespaces(count: usize) -> io::Result<Vec<FreshNetns>> {
+    std::thread::Builder::new()
+        .name("sandrun-netns".into())
+        .spawn(move || (0..count).map(|_| unshare_netns()).collect())
+        .map_err(io::Error::other)?
+        .join()
+        .map_err(|_| io::Error::other("namespace thread panicked"))?
+}
+
+type SocketRequest = (
+    libc::c_int,
+    tokio::sync::oneshot::Sender<io::Result<OwnedFd>>,
+);
+
+/// A thread parked in one network namespace that creates TCP sockets there on request.
+/// Dropping the factory ends the thread (and its hold on the namespace).
+pub(crate) struct SocketFactory {
+    requests: Option<mpsc::Sender<SocketRequest>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SocketFactory {
+    /// Starts the thread inside a *new* namespace and returns that namespace too.
+    pub fn in_new_netns() -> io::Result<(SocketFactory, FreshNetns)> {
+        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<FreshNetns>>();
+        let (tx, rx) = mpsc::channel::<SocketRequest>();
+        let thread = std::thread::Builder::new()
+            .name("sandrun-netns-dial".into())
+            .spawn(move || {
+                let fresh = unshare_netns();
+                let ok = fresh.is_ok();
+                let _ = ready_tx.send(fresh);
+                if ok {
+                    serve_sockets(rx);
+                }
+            })
+            .map_err(io::Error::other)?;
+        let fresh = ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("namespace thread ended early"))??;
+        Ok((
+            SocketFactory {
+                requests: Some(tx),
+                thread: Some(thread),
+            },
+            fresh,
+        ))
+    }
+
+    /// A new non-blocking stream socket of `domain` (AF_INET/AF_INET6) in the namespace.
+    pub async fn stream_socket(&self, domain: libc::c_int) -> io::Result<OwnedFd> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.requests
+            .as_ref()
+            .ok_or_else(|| io::Error::other("socket factory stopped"))?
+            .send((domain, tx))
+            .map_err(|_| io::Error::other("socket factory thread is gone"))?;
+        rx.await
+            .map_err(|_| io::Error::other("socket factory thread is gone"))?
+    }
+
+    /// Ends the thread and waits for it (it only ever blocks on its queue).
+    pub fn stop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for SocketFactory {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn serve_sockets(rx: mpsc::Receiver<SocketRequest>) {
+    while let Ok((domain, reply)) = rx.recv() {
+        // SAFETY: plain socket(2); the descriptor is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                domain,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            )
+        };
+        let result = if fd < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            // SAFETY: fd was just returned by socket(2).
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        let _ = reply.send(result);
+    }
+}
+
+/// What a child process does, between fork and exec, to join its step's network.
+///
+/// Built before spawning (everything allocated up front) so that [`StepJoin::enter`]
+/// only makes async-signal-safe system calls, as `pre_exec` requires.
+#[derive(Debug)]
+pub struct StepJoin {
+    netns: OwnedFd,
+    /// Host steps: bind the step's files over the host's (in a private mount
+    /// namespace). Container steps get them as mounts in their OCI spec instead.
+    etc_files: Option<EtcFiles>,
+}
+
+#[derive(Debug)]
+struct EtcFiles {
+    hosts: CString,
+    resolv_conf: CString,
+}
+
+const ETC_HOSTS: &std::ffi::CStr = c"/etc/hosts";
+const ETC_RESOLV_CONF: &std::ffi::CStr = c"/etc/resolv.conf";
+
+impl StepJoin {
+    pub(crate) fn netns_only(netns: BorrowedFd<'_>) -> io::Result<StepJoin> {
+        Ok(StepJoin {
+            netns: netns.try_clone_to_owned()?,
+            etc_files: None,
+        })
+    }
+
+    pub(crate) fn with_etc_files(
+        netns: BorrowedFd<'_>,
+        hosts: &std::path::Path,
+        resolv_conf: &std::path::Path,
+    ) -> io::Result<StepJoin> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &std::path::Path| {
+            CString::new(p.as_os_str().as_bytes())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+        };
+        Ok(StepJoin {
+            netns: netns.try_clone_to_owned()?,
+            etc_files: Some(EtcFiles {
+                hosts: c(hosts)?,
+                resolv_conf: c(resolv_conf)?,
+            }),
+        })
+    }
+
+    /// Joins the step's network namespace; for host steps also gives the process a
+    /// private mount namespace in which the step's `/etc/hosts` and `/etc/resolv.conf`
+    /// are bound over the host's.
+    ///
+    /// Meant for `pre_exec`: no allocation, only system calls.
+    pub fn enter(&self) -> io::Result<()> {
+        // SAFETY: raw system calls on descriptors and C strings this value owns.
+        unsafe {
+            if libc::setns(self.netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let Some(files) = &self.etc_files else {
+                return Ok(());
+            };
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Our binds must not propagate back to the runner's mount namespace.
+            if libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            for (source, target) in [
+                (&files.hosts, ETC_HOSTS),
+                (&files.resolv_conf, ETC_RESOLV_CONF),
+            ] {
+                if libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,317 @@
+//! The live network of one stage run, built from its [`NetworkPlan`].
+//!
+//! Bridge mode: a hub namespace holds the bridge `br0` (with the gateway address) and
+//! one `vethN` per step; each step has its own namespace with `lo` and `eth0` (the veth
+//! peer) at its planned address. There is no route out, so steps reach each other and
+//! nothing else. Pod mode: one namespace shared by all steps, with the pod address on
+//! `lo`, as containers of a Pod share one.
+//!
+//! Everything is held by descriptors ([`super::netns`]), so dropping the value (or the
+//! process dying) removes the namespaces and all their links; the only on-disk state
+//! is the per-step files under `<state_dir>/net`, removed on teardown and replaced by
+//! the next run that uses the same state directory.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::try_join_all;
+
+use super::egress::Egress;
+use super::error::NetError;
+use super::files::{render_hosts, render_resolv_conf};
+use super::links::Netlink;
+use super::netns::{create_namespaces, FreshNetns, SocketFactory, StepJoin};
+use super::plan::{NetworkMode, NetworkPlan};
+
+/// How long links may take to report up before the stage fails (they take well under
+/// a millisecond; a host under heavy load may take longer).
+const LINK_UP_TIMEOUT: Duration = Duration::from_secs(5);
+const BRIDGE: &str = "br0";
+const STEP_LINK: &str = "eth0";
+
+struct StepNet {
+    key: String,
+    /// `None` in pod mode: the step uses the shared namespace.
+    netns: Option<OwnedFd>,
+    hosts: PathBuf,
+    resolv_conf: PathBuf,
+}
+
+/// A stage run's network namespaces, links and files. Dropping it (or
+/// [`StageNetwork::teardown`]) removes all of them.
+pub struct StageNetwork {
+    plan: NetworkPlan,
+    dir: PathBuf,
+    /// The bridge's namespace (bridge mode) or the shared one (pod mode).
+    hub: OwnedFd,
+    steps: Vec<StepNet>,
+    sockets: Arc<SocketFactory>,
+    egress: Option<Egress>,
+}
+
+impl StageNetwork {
+    /// Builds the network of `plan`: namespaces, links, addresses, and each step's
+    /// `hosts` and `resolv.conf` under `<state_dir>/net`. Returns once every link is
+    /// up, so that no step's first packet is lost.
+    pub async fn create(plan: &NetworkPlan, state_dir: &Path) -> Result<StageNetwork, NetError> {
+        let dir = state_dir.join("net");
+        let steps = write_files(plan, &dir)?;
+        let (sockets, hub) = SocketFactory::in_new_netns()
+            .map_err(NetError::os("create the stage network namespace"))?;
+        let mut network = StageNetwork {
+            plan: plan.clone(),
+            dir,
+            hub: hub.ns,
+            steps,
+            sockets: Arc::new(sockets),
+            egress: None,
+        };
+        let hub_link = Netlink::new(hub.netlink).map_err(NetError::os("open netlink"))?;
+        hub_link
+            .loopback_up()
+            .await
+            .map_err(NetError::netlink("set lo up in the stage namespace"))?;
+        match plan.mode {
+            NetworkMode::Bridge => network.build_bridge(&hub_link).await?,
+            NetworkMode::Pod => {
+                let address = plan.steps.first().map(|s| s.address);
+                if let Some(address) = address {
+                    hub_link
+                        .add_address(1, address, 32)
+                        .await
+                        .map_err(NetError::netlink(format!(
+                            "add pod address {address} to lo"
+                        )))?;
+                }
+            }
+        }
+        if plan.egress {
+            let targets: Vec<BorrowedFd<'_>> = match plan.mode {
+                NetworkMode::Bridge => network
+                    .steps
+                    .iter()
+                    .filter_map(|s| s.netns.as_ref().map(|f| f.as_fd()))
+                    .collect(),
+                NetworkMode::Pod => vec![network.hub.as_fd()],
+            };
+            let egress = Egress::start(&targets).await?;
+            network.egress = Some(egress);
+        }
+        Ok(network)
+    }
+
+    async fn build_bridge(&mut self, hub: &Netlink) -> Result<(), NetError> {
+        let started = Instant::now();
+        let fresh = step_namespaces(self.steps.len()).await?;
+        tracing::debug!(steps = self.steps.len(), elapsed = ?started.elapsed(), "step namespaces created");
+        let bridge = hub
+            .add_bridge(BRIDGE)
+            .await
+            .map_err(NetError::netlink("create the stage bridge"))?;
+        hub.add_address(bridge, self.plan.gateway, self.plan.subnet.prefix_len)
+            .await
+            .map_err(NetError::netlink("add the gateway address to the bridge"))?;
+
+        let veths: Vec<String> = (0..self.steps.len()).map(|i| format!("veth{i}")).collect();
+        try_join_all(self.steps.iter().zip(&fresh).zip(&veths).map(
+            |((step, ns), veth)| async move {
+                hub.add_veth_to(veth, bridge, STEP_LINK, &ns.ns)
+                    .await
+                    .map_err(NetError::netlink(format!(
+                        "create the veth pair of step `{}`",
+                        step.key
+                    )))
+            },
+        ))
+        .await?;
+
+        let prefix_len = self.plan.subnet.prefix_len;
+        let configs = self
+            .plan
+            .steps
+            .iter()
+            .zip(fresh)
+            .map(|(endpoint, ns)| async move {
+                let key = &endpoint.key;
+                let link = Netlink::new(ns.netlink).map_err(NetError::os("open netlink"))?;
+                link.loopback_up()
+                    .await
+                    .map_err(NetError::netlink(format!("set lo up for step `{key}`")))?;
+                let eth = link
+                    .index_of(STEP_LINK)
+                    .await
+                    .map_err(NetError::netlink(format!("find eth0 of step `{key}`")))?
+                    .ok_or_else(|| NetError::Os {
+                        what: format!("find eth0 of step `{key}`"),
+                        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                    })?;
+                link.add_address(eth, endpoint.address, prefix_len)
+                    .await
+                    .map_err(NetError::netlink(format!(
+                        "add address {} for step `{key}`",
+                        endpoint.address
+                    )))?;
+                link.set_up(eth)
+                    .await
+                    .map_err(NetError::netlink(format!("set eth0 up for step `{key}`")))?;
+                Ok::<OwnedFd, NetError>(ns.ns)
+            });
+        let namespaces = try_join_all(configs).await?;
+        tracing::debug!(elapsed = ?started.elapsed(), "links and addresses configured");
+        for (step, ns) in self.steps.iter_mut().zip(namespaces) {
+            step.netns = Some(ns);
+        }
+
+        let waiting = Instant::now();
+        let down = hub
+            .wait_up(&veths, LINK_UP_TIMEOUT)
+            .await
+            .map_err(NetError::netlink("read link states"))?;
+        if !down.is_empty() {
+            let keys = down
+                .iter()
+                .filter_map(|name| veths.iter().position(|v| v == name))
+                .map(|i| self.steps[i].key.clone())
+                .collect();
+            return Err(NetError::LinksDown {
+                keys,
+                waited_ms: waiting.elapsed().as_millis() as u64,
+            });
+        }
+        tracing::debug!(elapsed = ?started.elapsed(), waited_for_links = ?waiting.elapsed(), "stage network up");
+        Ok(())
+    }
+
+    pub fn plan(&self) -> &NetworkPlan {
+        &self.plan
+    }
+
+    fn step(&self, key: &str) -> Result<&StepNet, NetError> {
+        self.steps
+            .iter()
+            .find(|s| s.key == key)
+            .ok_or_else(|| NetError::UnknownStep(key.to_string()))
+    }
+
+    /// The network namespace the step `key` runs in.
+    pub fn step_netns(&self, key: &str) -> Result<BorrowedFd<'_>, NetError> {
+        let step = self.step(key)?;
+        Ok(step.netns.as_ref().unwrap_or(&self.hub).as_fd())
+    }
+
+    /// The step's `/etc/hosts`, to be mounted into its container.
+    pub fn hosts_file(&self, key: &str) -> Result<&Path, NetError> {
+        Ok(&self.step(key)?.hosts)
+    }
+
+    /// The step's `/etc/resolv.conf`, to be mounted into its container.
+    pub fn resolv_conf(&self, key: &str) -> Result<&Path, NetError> {
+        Ok(&self.step(key)?.resolv_conf)
+    }
+
+    /// What the container helper's child does in `pre_exec`: join the step's network
+    /// namespace (the container gets the files as mounts in its spec).
+    pub fn container_join(&self, key: &str) -> Result<StepJoin, NetError> {
+        StepJoin::netns_only(self.step_netns(key)?)
+            .map_err(NetError::os("duplicate a namespace descriptor"))
+    }
+
+    /// What a host step (no image) does in `pre_exec`: join the step's network
+    /// namespace and see the step's `/etc/hosts` and `/etc/resolv.conf`.
+    pub fn host_join(&self, key: &str) -> Result<StepJoin, NetError> {
+        let step = self.step(key)?;
+        StepJoin::with_etc_files(self.step_netns(key)?, &step.hosts, &step.resolv_conf)
+            .map_err(NetError::os("duplicate a namespace descriptor"))
+    }
+
+    /// Where the port proxy connects for `container_port` of step `key`: the step's
+    /// address from the bridge (bridge mode), or the shared loopback, as
+    /// `kubectl port-forward` does in a Pod (pod mode).
+    pub(crate) fn dial_target(
+        &self,
+        key: &str,
+        container_port: u16,
+    ) -> Result<SocketAddr, NetError> {
+        let address = match self.plan.mode {
+            NetworkMode::Bridge => {
+                self.plan
+                    .step(key)
+                    .ok_or_else(|| NetError::UnknownStep(key.to_string()))?
+                    .address
+            }
+            NetworkMode::Pod => Ipv4Addr::LOCALHOST,
+        };
+        Ok(SocketAddr::V4(SocketAddrV4::new(address, container_port)))
+    }
+
+    pub(crate) fn socket_factory(&self) -> Arc<SocketFactory> {
+        self.sockets.clone()
+    }
+
+    /// Removes everything: stops egress helpers, closes the namespaces (the kernel
+    /// deletes their links) and deletes the files.
+    pub async fn teardown(mut self) {
+        if let Some(egress) = self.egress.take() {
+            egress.stop().await;
+        }
+        // Drop does the rest.
+    }
+}
+
+impl Drop for StageNetwork {
+    fn drop(&mut self) {
+        if let Some(egress) = self.egress.take() {
+            egress.kill_now();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write_files(plan: &NetworkPlan, dir: &Path) -> Result<Vec<StepNet>, NetError> {
+    let write = |path: &Path, text: &str| {
+        std::fs::write(path, text).map_err(|source| NetError::WriteFile {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    // Leftovers of an earlier run that used the same state directory.
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|source| NetError::WriteFile {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let resolv = render_resolv_conf(plan.egress.then_some(super::egress::DNS));
+    let mut steps = Vec::with_capacity(plan.steps.len());
+    for (i, endpoint) in plan.steps.iter().enumerate() {
+        let step_dir = dir.join(format!("step{i}"));
+        std::fs::create_dir_all(&step_dir).map_err(|source| NetError::WriteFile {
+            path: step_dir.clone(),
+            source,
+        })?;
+        let hosts = step_dir.join("hosts");
+        let resolv_conf = step_dir.join("resolv.conf");
+        write(
+            &hosts,
+            &render_hosts(plan, &endpoint.key).unwrap_or_default(),
+        )?;
+        write(&resolv_conf, &resolv)?;
+        steps.push(StepNet {
+            key: endpoint.key.clone(),
+            netns: None,
+            hosts,
+            resolv_conf,
+        });
+    }
+    Ok(steps)
+}
+
+async fn step_namespaces(count: usize) -> Result<Vec<FreshNetns>, NetError> {
+    tokio::task::spawn_blocking(move || create_namespaces(count))
+        .await
+        .map_err(|e| NetError::os("create step network namespaces")(std::io::Error::other(e)))?
+        .map_err(NetError::os("create step network namespaces"))
+}

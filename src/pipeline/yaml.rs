@@ -1,0 +1,271 @@
+//! A small YAML tree that remembers where every key and value came from.
+//!
+//! Every pipeline error must say `file:line:col`, so the parser has to keep positions.
+//! serde_yaml is deprecated and drops them once a value is deserialised; `marked-yaml`
+//! keeps them but refuses anchors and aliases, which real Harness pipelines use. We use
+//! `saphyr` (the maintained successor of yaml-rust): its `MarkedYaml` nodes carry spans,
+//! it resolves aliases (with a node budget against "billion laughs" inputs), it refuses
+//! duplicate keys, and with `early_parse(false)` it hands us each scalar as written
+//! together with its quoting style, so that `1.50` stays `1.50` and `"5"` stays a string.
+//! The tree below copies that into plain owned data, applies merge keys (`<<`, which
+//! saphyr leaves to the application) and turns positions into 1-based line and column.
+
+use saphyr::{MarkedYaml, ScalarStyle, YamlData, YamlLoader};
+use saphyr_parser::Parser;
+
+/// 1-based line and column (in characters) of a node in the source text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Pos {
+    pub line: usize,
+    pub col: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub pos: Pos,
+    pub value: Value,
+}
+
+#[derive(Clone, Debug)]
+pub enum Value {
+    Null,
+    /// A scalar as written. `plain` is false for quoted and block scalars, which are
+    /// always strings.
+    Scalar {
+        text: String,
+        plain: bool,
+    },
+    Seq(Vec<Node>),
+    /// Entries in source order; keys are scalars (other keys are refused at load).
+    Map(Vec<(Node, Node)>),
+}
+
+/// A YAML syntax error with its position.
+#[derive(Debug)]
+pub struct SyntaxError {
+    pub pos: Pos,
+    pub message: String,
+}
+
+const ALIAS_NODE_LIMIT: usize = 100_000;
+
+/// Parse the first document of `text`. An empty file is `Null`.
+pub fn parse(text: &str) -> Result<Node, SyntaxError> {
+    let mut parser = Parser::new_from_str(text);
+    let mut loader: YamlLoader<'_, MarkedYaml<'_>> = YamlLoader::default();
+    loader.early_parse(false);
+    loader.alias_limit(ALIAS_NODE_LIMIT);
+    let scan = parser.load(&mut loader, false);
+    let failure = match scan {
+        Err(e) => Some(e),
+        Ok(()) => loader.error().cloned(),
+    };
+    if let Some(e) = failure {
+        let pos = pos_of(e.marker());
+        let message = match e.info() {
+            "duplicated key in mapping" => match key_at(text, pos) {
+                Some(key) => format!("duplicate key `{key}` in a mapping"),
+                None => "duplicate key in a mapping".to_string(),
+            },
+            other => other.to_string(),
+        };
+        return Err(SyntaxError { pos, message });
+    }
+    let docs = loader.into_documents();
+    match docs.into_iter().next() {
+        None => Ok(Node {
+            pos: Pos { line: 1, col: 1 },
+            value: Value::Null,
+        }),
+        Some(doc) => convert(&doc),
+    }
+}
+
+/// The plain key written at `pos` (saphyr's duplicate-key error does not name it).
+fn key_at(text: &str, pos: Pos) -> Option<String> {
+    let line = text.lines().nth(pos.line.checked_sub(1)?)?;
+    let rest: String = line.chars().skip(pos.col - 1).collect();
+    let key = rest.split(':').next()?.trim().trim_matches(['"', '\'']);
+    (!key.is_empty()).then(|| key.to_string())
+}
+
+fn pos_of(m: &saphyr::Marker) -> Pos {
+    Pos {
+        line: m.line(),
+        col: m.col() + 1,
+    }
+}
+
+fn is_null(text: &str) -> bool {
+    matches!(text, "" | "~" | "null" | "Null" | "NULL")
+}
+
+fn convert(node: &MarkedYaml<'_>) -> Result<Node, SyntaxError> {
+    let pos = pos_of(&node.span.start);
+    let value = match &node.data {
+        YamlData::Representation(text, style, _tag) => {
+            let plain = *style == ScalarStyle::Plain;
+            if plain && is_null(text) {
+                Value::Null
+            } else {
+                Value::Scalar {
+                    text: text.to_string(),
+                    plain,
+                }
+            }
+        }
+        YamlData::Value(s) => Value::Scalar {
+            text: format!("{s:?}"),
+            plain: true,
+        },
+        YamlData::Sequence(items) => {
+            Value::Seq(items.iter().map(convert).collect::<Result<_, _>>()?)
+        }
+        YamlData::Mapping(map) => {
+            let mut own: Vec<(Node, Node)> = Vec::new();
+            let mut merged: Vec<(Node, Node)> = Vec::new();
+            for (k, v) in map.iter() {
+                let key = convert(k)?;
+                let value = convert(v)?;
+                match &key.value {
+                    Value::Scalar { text, plain: true } if text == "<<" => {
+                        merge_into(&mut merged, value)?;
+                    }
+                    Value::Scalar { .. } => own.push((key, value)),
+                    _ => {
+                        return Err(SyntaxError {
+                            pos: key.pos,
+                            message: "mapping keys must be plain strings".into(),
+                        })
+                    }
+                }
+            }
+            for (k, v) in merged {
+                if !own.iter().any(|(o, _)| o.as_str() == k.as_str()) {
+                    own.push((k, v));
+                }
+            }
+            Value::Map(own)
+        }
+        YamlData::Tagged(_tag, inner) => return convert(inner),
+        YamlData::Alias(_) | YamlData::BadValue => Value::Null,
+    };
+    Ok(Node { pos, value })
+}
+
+/// `<<: *base` or `<<: [*a, *b]`: earlier sources win over later ones, and the
+/// mapping's own keys win over all of them (YAML 1.1 merge key semantics).
+fn merge_into(merged: &mut Vec<(Node, Node)>, source: Node) -> Result<(), SyntaxError> {
+    let maps = match source.value {
+        Value::Map(entries) => vec![entries],
+        Value::Seq(items) => {
+            let mut maps = Vec::new();
+            for item in items {
+                match item.value {
+                    Value::Map(entries) => maps.push(entries),
+                    _ => {
+                        return Err(SyntaxError {
+                            pos: item.pos,
+                            message: "a merge key (`<<`) takes mappings only".into(),
+                        })
+                    }
+                }
+            }
+            maps
+        }
+        _ => {
+            return Err(SyntaxError {
+                pos: source.pos,
+                message: "a merge key (`<<`) takes a mapping or a list of mappings".into(),
+            })
+        }
+    };
+    for entries in maps {
+        for (k, v) in entries {
+            if !merged.iter().any(|(o, _)| o.as_str() == k.as_str()) {
+                merged.push((k, v));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Node {
+    /// The text of a scalar (quoted or not), `None` for null, lists and maps.
+    pub fn as_str(&self) -> Option<&str> {
+        match &self.value {
+            Value::Scalar { text, .. } => Some(text),
+            _ => None,
+        }
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(self.value, Value::Null)
+    }
+
+    /// What kind of YAML value this is, for error messages.
+    pub fn kind_name(&self) -> &'static str {
+        match &self.value {
+            Value::Null => "null",
+            Value::Scalar { .. } => "a scalar",
+            Value::Seq(_) => "a list",
+            Value::Map(_) => "a mapping",
+        }
+    }
+
+    /// Look a key up in a mapping node.
+    #[cfg(test)]
+    pub fn get(&self, key: &str) -> Option<&Node> {
+        match &self.value {
+            Value::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_are_one_based() {
+        let n = parse("a:\n  b: 1\n  c: \"x\"\n").unwrap();
+        let a = n.get("a").unwrap();
+        let Value::Map(entries) = &a.value else {
+            panic!("not a map")
+        };
+        assert_eq!(entries[0].0.pos, Pos { line: 2, col: 3 });
+        assert_eq!(entries[0].1.pos, Pos { line: 2, col: 6 });
+        assert!(matches!(&entries[1].1.value, Value::Scalar { text, plain: false } if text == "x"));
+    }
+
+    #[test]
+    fn aliases_and_merge_keys() {
+        let n = parse("base: &b\n  x: 1\n  y: 2\nuse:\n  <<: *b\n  y: 3\nagain: *b\n").unwrap();
+        let u = n.get("use").unwrap();
+        assert_eq!(u.get("x").unwrap().as_str(), Some("1"));
+        assert_eq!(u.get("y").unwrap().as_str(), Some("3"));
+        assert_eq!(
+            n.get("again").unwrap().get("y").unwrap().as_str(),
+            Some("2")
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_are_syntax_errors() {
+        let e = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
+        assert_eq!(e.pos.line, 3);
+        assert!(e.message.contains("duplicate"), "{}", e.message);
+    }
+
+    #[test]
+    fn plain_scalars_keep_their_spelling() {
+        let n = parse("v: 1.50\nn: ~\ne:\n").unwrap();
+        assert_eq!(n.get("v").unwrap().as_str(), Some("1.50"));
+        assert!(n.get("n").unwrap().is_null());
+        assert!(n.get("e").unwrap().is_null());
+    }
+}

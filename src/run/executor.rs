@@ -1,0 +1,874 @@
+//! The executor: walks a stage's step tree and makes it happen.
+//!
+//! It owns ordering (sequence, parallel blocks, step groups, `when`), the Background
+//! lifecycle (start, readiness, early death, stop at stage end), timeouts, failure
+//! strategies, output variables and cancellation. It starts processes only through a
+//! [`Launcher`] and reports only through [`RunEvent`]s, so it can be driven with host
+//! processes in tests and with containers in real runs alike.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::{join_all, BoxFuture};
+use futures::FutureExt;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Child;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::events::{EventSink, ExitInfo, RunEvent, StageResult, StepResult, Stream, TestCounts};
+use super::launch::{LaunchSpec, Launcher, Process};
+use crate::junit;
+use crate::net::StageNetwork;
+use crate::pipeline::{Shell, StageStatus};
+use crate::plan::{
+    Action, CondPlan, ErrorKind, Node, Outputs, Plan, ProcessTemplate, Secrets, StagePlan,
+    StepPlan, StepType,
+};
+
+/// How many of a step's last output lines are kept for failure reports.
+const TAIL_LINES: usize = 20;
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Time between SIGTERM and SIGKILL when stopping a step.
+    pub grace: Duration,
+    /// How long a Background step's ports may take to open.
+    pub ready_timeout: Duration,
+    pub skip_unsupported: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            grace: Duration::from_secs(10),
+            ready_timeout: Duration::from_secs(60),
+            skip_unsupported: false,
+        }
+    }
+}
+
+/// Everything a stage run needs from the outside.
+pub struct StageContext<'a> {
+    pub plan: &'a Plan,
+    pub stage: &'a StagePlan,
+    /// Runs steps that have no image.
+    pub host: &'a dyn Launcher,
+    /// Runs steps that have an image; `None` when containers are unavailable.
+    pub containers: Option<&'a dyn Launcher>,
+    /// The stage network; `None` only when the executor is driven without namespaces.
+    pub network: Option<&'a StageNetwork>,
+    /// A private directory for this run's control files; removed by the caller.
+    pub state_dir: &'a Path,
+    pub options: &'a RunOptions,
+    pub events: EventSink,
+    /// Cancelled on Ctrl-C / SIGTERM.
+    pub cancel: CancellationToken,
+}
+
+/// Run one stage to the end and say how it went. Every process it started is stopped
+/// and reaped before this returns.
+pub async fn run_stage(ctx: &StageContext<'_>) -> StageResult {
+    let started = Instant::now();
+    ctx.events.emit(RunEvent::StageStarted {
+        stage: ctx.stage.identifier.clone(),
+        name: ctx.stage.name.clone(),
+        steps: ctx.stage.steps().iter().map(|s| s.key.clone()).collect(),
+    });
+    for w in &ctx.stage.warnings {
+        ctx.events.warn(None, w.clone());
+    }
+    let exec = Executor {
+        ctx,
+        state: Arc::new(StageState::default()),
+        stage_cancel: ctx.cancel.child_token(),
+    };
+    let body = exec.run_nodes(&ctx.stage.nodes);
+    match ctx.stage.timeout {
+        Some(limit) => {
+            if tokio::time::timeout(limit, body).await.is_err() {
+                ctx.events.warn(
+                    None,
+                    format!(
+                        "stage `{}` ran past its timeout of {}; stopping it",
+                        ctx.stage.identifier,
+                        crate::ui::format_duration(limit)
+                    ),
+                );
+                exec.state.failed.store(true, Ordering::SeqCst);
+                exec.stage_cancel.cancel();
+            }
+        }
+        None => body.await,
+    }
+    exec.stop_backgrounds().await;
+    exec.kill_leftover_groups();
+
+    let result = if ctx.cancel.is_cancelled() {
+        StageResult::Cancelled
+    } else if exec.state.failed.load(Ordering::SeqCst) {
+        StageResult::Failed
+    } else {
+        StageResult::Succeeded
+    };
+    ctx.events.emit(RunEvent::StageFinished {
+        stage: ctx.stage.identifier.clone(),
+        result,
+        duration: started.elapsed(),
+    });
+    result
+}
+
+#[derive(Default)]
+struct StageState {
+    failed: AtomicBool,
+    outputs: Mutex<Outputs>,
+    backgrounds: Mutex<Vec<Background>>,
+    /// Process groups started by this stage, killed at its end so that nothing a step
+    /// left running survives the stage.
+    groups: Mutex<Vec<i32>>,
+}
+
+struct Background {
+    stop: CancellationToken,
+    watcher: JoinHandle<()>,
+}
+
+struct Executor<'a> {
+    ctx: &'a StageContext<'a>,
+    state: Arc<StageState>,
+    /// Cancelled by Ctrl-C (through the parent token), by an Abort action and by the
+    /// stage timeout.
+    stage_cancel: CancellationToken,
+}
+
+/// How one attempt of a process ended.
+enum Ending {
+    Exited(ExitInfo),
+    TimedOut(Option<ExitInfo>),
+    Cancelled(Option<ExitInfo>),
+    StartFailed(String),
+}
+
+impl<'a> Executor<'a> {
+    async fn run_nodes(&self, nodes: &[Node]) {
+        for node in nodes {
+            self.run_node(node).await;
+        }
+    }
+
+    fn run_node<'b>(&'b self, node: &'b Node) -> BoxFuture<'b, ()> {
+        async move {
+            match node {
+                Node::Step(step) => self.run_step(step).await,
+                Node::Parallel { nodes } => {
+                    join_all(nodes.iter().map(|n| self.run_node(n))).await;
+                }
+                Node::Group(group) => {
+                    match self.blocked_by(group.run_when, group.condition.as_ref()) {
+                        None => self.run_nodes(&group.nodes).await,
+                        Some(reason) => {
+                            for step in node.steps() {
+                                self.skip(step, reason.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    /// Why a step or group with this `when.stageStatus` must not start now.
+    fn blocked_by(&self, when: StageStatus, condition: Option<&CondPlan>) -> Option<String> {
+        if self.stage_cancel.is_cancelled() {
+            return Some(if self.ctx.cancel.is_cancelled() {
+                "run cancelled".into()
+            } else {
+                "stage stopped".into()
+            });
+        }
+        let failed = self.state.failed.load(Ordering::SeqCst);
+        match (when, failed) {
+            (StageStatus::Success, true) => Some("an earlier step failed".into()),
+            (StageStatus::Failure, false) => {
+                Some("runs only when the stage has failed (when: Failure)".into())
+            }
+            _ => match condition {
+                Some(c) if !c.eval(&self.state.outputs.lock().unwrap()) => {
+                    Some(format!("its condition is false: {}", c.display()))
+                }
+                _ => None,
+            },
+        }
+    }
+
+    fn skip(&self, step: &StepPlan, reason: String) {
+        self.ctx.events.emit(RunEvent::StepFinished {
+            step: step.key.clone(),
+            name: step.name.clone(),
+            step_type: step.step_type,
+            result: StepResult::Skipped { reason },
+            exit: None,
+            duration: Duration::ZERO,
+            tests: None,
+        });
+    }
+
+    async fn run_step(&self, step: &StepPlan) {
+        if let Some(why) = &step.unsupported {
+            self.skip(step, format!("unsupported here: {why}"));
+            return;
+        }
+        if let Some(reason) = self.blocked_by(step.run_when, step.condition.as_ref()) {
+            self.skip(step, reason);
+            return;
+        }
+        match step.step_type {
+            StepType::Background => self.start_background(step).await,
+            StepType::Run | StepType::Plugin => self.run_to_end(step).await,
+        }
+    }
+
+    fn launcher_for(&self, step: &StepPlan) -> Result<&'a dyn Launcher, String> {
+        match (&step.image, self.ctx.containers) {
+            (None, _) => Ok(self.ctx.host),
+            (Some(_), Some(c)) => Ok(c),
+            (Some(img), None) => Err(format!(
+                "needs image `{}`, but containers are not available in this run",
+                img.reference
+            )),
+        }
+    }
+
+    fn control_dir(&self, step: &StepPlan) -> PathBuf {
+        self.ctx.state_dir.join("steps").join(&step.key)
+    }
+
+    /// Substitute step outputs and build the process the launcher will start.
+    fn resolve(
+        &self,
+        step: &StepPlan,
+        launcher: &dyn Launcher,
+        control: &Path,
+    ) -> (Process, Vec<(String, String)>) {
+        let outputs = self.state.outputs.lock().unwrap().clone();
+        let mut missing = Vec::new();
+        let env = step
+            .env
+            .iter()
+            .map(|(k, t)| (k.clone(), t.render(&outputs, &mut missing)))
+            .collect();
+        let process = match &step.process {
+            ProcessTemplate::Shell { shell, script } => {
+                let mut script = script.render(&outputs, &mut missing);
+                if !step.output_variables.is_empty() {
+                    let dir = launcher.control_dir_in_step(&control.join("outputs"));
+                    script.push_str(&output_trailer(*shell, &step.output_variables, &dir));
+                }
+                Process::Shell {
+                    shell: *shell,
+                    script,
+                }
+            }
+            ProcessTemplate::Exec { argv } => Process::Exec {
+                argv: argv
+                    .iter()
+                    .map(|t| t.render(&outputs, &mut missing))
+                    .collect(),
+            },
+            ProcessTemplate::ImageDefault => Process::ImageDefault,
+        };
+        for m in missing {
+            self.ctx.events.warn(
+                Some(&step.key),
+                format!("output variable `{m}` was not set by its step; using an empty value"),
+            );
+        }
+        (process, env)
+    }
+
+    /// Start one process for `step` and pump its output into events. Returns the child
+    /// and the tasks reading its output (done once the process closes its pipes).
+    fn spawn(&self, step: &StepPlan, attempt: u32) -> Result<Running, String> {
+        let launcher = self.launcher_for(step)?;
+        let control = self.control_dir(step);
+        let _ = std::fs::remove_dir_all(&control);
+        std::fs::create_dir_all(control.join("outputs"))
+            .map_err(|e| format!("cannot create {}: {e}", control.display()))?;
+        let (process, env) = self.resolve(step, launcher, &control);
+        let spec = LaunchSpec {
+            step,
+            process,
+            env,
+            workspace: &self.ctx.plan.workspace,
+            control_dir: &control,
+            network: self.ctx.network,
+        };
+        self.ctx.events.emit(RunEvent::StepStarted {
+            step: step.key.clone(),
+            name: step.name.clone(),
+            step_type: step.step_type,
+            attempt,
+        });
+        let mut child = launcher.launch(&spec).map_err(|e| e.to_string())?;
+        if let Some(pid) = child.id() {
+            self.state.groups.lock().unwrap().push(pid as i32);
+        }
+        let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
+        let mut pumps = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            pumps.push(self.pump(step, Stream::Stdout, out, tail.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            pumps.push(self.pump(step, Stream::Stderr, err, tail.clone()));
+        }
+        Ok(Running { child, pumps, tail })
+    }
+
+    fn pump(
+        &self,
+        step: &StepPlan,
+        stream: Stream,
+        reader: impl AsyncRead + Unpin + Send + 'static,
+        tail: Arc<Mutex<VecDeque<String>>>,
+    ) -> JoinHandle<()> {
+        let events = self.ctx.events.clone();
+        let secrets = self.ctx.plan.secrets.clone();
+        let key = step.key.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(reader);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                while matches!(buf.last(), Some(b'\n' | b'\r')) {
+                    buf.pop();
+                }
+                let line = mask_line(&secrets, &buf);
+                {
+                    let mut t = tail.lock().unwrap();
+                    if t.len() == TAIL_LINES {
+                        t.pop_front();
+                    }
+                    t.push_back(line.clone());
+                }
+                events.emit(RunEvent::Output {
+                    step: key.clone(),
+                    stream,
+                    line,
+                });
+            }
+        })
+    }
+
+    /// A Run or Plugin step: attempts, failure strategy, outputs, reports.
+    async fn run_to_end(&self, step: &StepPlan) {
+        let started = Instant::now();
+        let mut attempt = 1;
+        let mut retries_used = 0;
+        let (result, exit) = loop {
+            let ending = self.attempt(step, attempt).await;
+            let (kind, reason, exit) = match ending {
+                Ending::Exited(exit) if exit.success() => {
+                    break (StepResult::Succeeded, Some(exit))
+                }
+                Ending::Exited(exit) => (ErrorKind::Failure, exit.describe(), Some(exit)),
+                Ending::TimedOut(exit) => (
+                    ErrorKind::Timeout,
+                    format!(
+                        "timed out after {}",
+                        crate::ui::format_duration(step.timeout.unwrap_or_default())
+                    ),
+                    exit,
+                ),
+                Ending::Cancelled(exit) => break (StepResult::Cancelled, exit),
+                Ending::StartFailed(msg) => (ErrorKind::Failure, msg, None),
+            };
+            let failed = if kind == ErrorKind::Timeout {
+                StepResult::TimedOut {
+                    limit: step.timeout.unwrap_or_default(),
+                }
+            } else {
+                StepResult::Failed {
+                    reason: reason.clone(),
+                }
+            };
+            let mut action = step.on_failure.action_for(kind).cloned();
+            if let Some(Action::Retry {
+                count,
+                intervals,
+                then,
+            }) = &action
+            {
+                if retries_used < *count {
+                    let wait = intervals
+                        .get(retries_used as usize)
+                        .or(intervals.last())
+                        .copied()
+                        .unwrap_or(Duration::ZERO);
+                    retries_used += 1;
+                    attempt += 1;
+                    self.ctx.events.emit(RunEvent::Retrying {
+                        step: step.key.clone(),
+                        attempt,
+                        after: wait,
+                    });
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = self.stage_cancel.cancelled() => break (StepResult::Cancelled, exit),
+                    }
+                }
+                action = Some((**then).clone());
+            }
+            break match action {
+                Some(Action::Ignore) | Some(Action::MarkAsSuccess) => {
+                    (StepResult::FailureIgnored { reason }, exit)
+                }
+                Some(Action::Abort) => {
+                    self.state.failed.store(true, Ordering::SeqCst);
+                    self.ctx.events.warn(
+                        Some(&step.key),
+                        "failure strategy Abort: stopping the stage",
+                    );
+                    self.stage_cancel.cancel();
+                    (failed, exit)
+                }
+                _ => {
+                    self.state.failed.store(true, Ordering::SeqCst);
+                    (failed, exit)
+                }
+            };
+        };
+        if result == StepResult::Cancelled {
+            self.state.failed.store(true, Ordering::SeqCst);
+        }
+        if matches!(result, StepResult::Succeeded) {
+            self.collect_outputs(step);
+        }
+        let tests = self.collect_reports(step);
+        self.ctx.events.emit(RunEvent::StepFinished {
+            step: step.key.clone(),
+            name: step.name.clone(),
+            step_type: step.step_type,
+            result,
+            exit,
+            duration: started.elapsed(),
+            tests,
+        });
+    }
+
+    async fn attempt(&self, step: &StepPlan, attempt: u32) -> Ending {
+        let mut running = match self.spawn(step, attempt) {
+            Ok(r) => r,
+            Err(msg) => {
+                self.ctx.events.warn(Some(&step.key), msg.clone());
+                return Ending::StartFailed(msg);
+            }
+        };
+        let deadline = step.timeout.map(|t| tokio::time::Instant::now() + t);
+        let ending = tokio::select! {
+            status = running.child.wait() => match status {
+                Ok(s) => Ending::Exited(ExitInfo::from_status(s)),
+                Err(e) => Ending::StartFailed(format!("cannot wait for the step's process: {e}")),
+            },
+            _ = sleep_until(deadline) => {
+                Ending::TimedOut(stop_process(&mut running.child, self.ctx.options.grace).await)
+            }
+            _ = self.stage_cancel.cancelled() => {
+                Ending::Cancelled(stop_process(&mut running.child, self.ctx.options.grace).await)
+            }
+        };
+        running.drain().await;
+        match &ending {
+            Ending::Exited(exit) | Ending::TimedOut(Some(exit)) | Ending::Cancelled(Some(exit)) => {
+                self.ctx.events.emit(RunEvent::StepExited {
+                    step: step.key.clone(),
+                    exit: *exit,
+                });
+            }
+            _ => {}
+        }
+        ending
+    }
+
+    fn collect_outputs(&self, step: &StepPlan) {
+        if step.output_variables.is_empty() {
+            return;
+        }
+        let dir = self.control_dir(step).join("outputs");
+        let mut values = std::collections::BTreeMap::new();
+        for name in &step.output_variables {
+            match std::fs::read(dir.join(name)) {
+                Ok(bytes) => {
+                    values.insert(name.clone(), String::from_utf8_lossy(&bytes).into_owned());
+                }
+                Err(_) => self.ctx.events.warn(
+                    Some(&step.key),
+                    format!("output variable `{name}` was not recorded"),
+                ),
+            }
+        }
+        self.state
+            .outputs
+            .lock()
+            .unwrap()
+            .insert(step.key.clone(), values);
+    }
+
+    fn collect_reports(&self, step: &StepPlan) -> Option<TestCounts> {
+        if step.reports.is_empty() {
+            return None;
+        }
+        let mut total = TestCounts::default();
+        let workspace = &self.ctx.plan.workspace;
+        for path in junit::find_reports(workspace, &step.reports) {
+            match junit::parse_file(&path) {
+                Ok(report) => {
+                    let counts = report.counts();
+                    total.add(&counts);
+                    self.ctx.events.emit(RunEvent::Report {
+                        step: step.key.clone(),
+                        path,
+                        counts,
+                    });
+                }
+                Err(e) => self.ctx.events.emit(RunEvent::ReportError {
+                    step: step.key.clone(),
+                    path,
+                    message: e.to_string(),
+                }),
+            }
+        }
+        Some(total)
+    }
+
+    /// Start a Background step, wait for its ports (if it declares any), and leave a
+    /// watcher that reports an early death and stops it at the end of the stage.
+    async fn start_background(&self, step: &StepPlan) {
+        let started = Instant::now();
+        let running = match self.spawn(step, 1) {
+            Ok(r) => r,
+            Err(msg) => {
+                self.state.failed.store(true, Ordering::SeqCst);
+                self.ctx.events.emit(RunEvent::StepFinished {
+                    step: step.key.clone(),
+                    name: step.name.clone(),
+                    step_type: step.step_type,
+                    result: StepResult::Failed { reason: msg },
+                    exit: None,
+                    duration: started.elapsed(),
+                    tests: None,
+                });
+                return;
+            }
+        };
+        let Running {
+            mut child,
+            pumps,
+            tail,
+            ..
+        } = running;
+        let stop = self.stage_cancel.child_token();
+        let exited = CancellationToken::new();
+        let watcher = {
+            let events = self.ctx.events.clone();
+            let state = self.state.clone();
+            let stop = stop.clone();
+            let exited = exited.clone();
+            let grace = self.ctx.options.grace;
+            let timeout = step.timeout;
+            let (key, name) = (step.key.clone(), step.name.clone());
+            let reports = self.reports_probe(step);
+            tokio::spawn(async move {
+                let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+                let (result, exit) = tokio::select! {
+                    status = child.wait() => {
+                        let exit = status.ok().map(ExitInfo::from_status);
+                        exited.cancel();
+                        drain(pumps).await;
+                        let exit = exit.unwrap_or(ExitInfo { code: -1, signal: None });
+                        let last_lines: Vec<String> = tail.lock().unwrap().iter().cloned().collect();
+                        events.emit(RunEvent::StepExited { step: key.clone(), exit });
+                        events.emit(RunEvent::BackgroundDied { step: key.clone(), exit, last_lines });
+                        if exit.success() {
+                            (StepResult::Succeeded, Some(exit))
+                        } else {
+                            state.failed.store(true, Ordering::SeqCst);
+                            (StepResult::Failed {
+                                reason: format!("service ended while the stage was running ({})", exit.describe()),
+                            }, Some(exit))
+                        }
+                    }
+                    _ = sleep_until(deadline) => {
+                        let exit = stop_process(&mut child, grace).await;
+                        exited.cancel();
+                        drain(pumps).await;
+                        state.failed.store(true, Ordering::SeqCst);
+                        (StepResult::TimedOut { limit: timeout.unwrap_or_default() }, exit)
+                    }
+                    _ = stop.cancelled() => {
+                        let exit = stop_process(&mut child, grace).await;
+                        exited.cancel();
+                        drain(pumps).await;
+                        (StepResult::Stopped, exit)
+                    }
+                };
+                let tests = reports();
+                events.emit(RunEvent::StepFinished {
+                    step: key,
+                    name,
+                    step_type: StepType::Background,
+                    result,
+                    exit,
+                    duration: started.elapsed(),
+                    tests,
+                });
+            })
+        };
+        self.state
+            .backgrounds
+            .lock()
+            .unwrap()
+            .push(Background { stop, watcher });
+        self.wait_ready(step, started, &exited).await;
+    }
+
+    /// Collects a Background step's reports when it ends (a closure, because the
+    /// watcher task outlives this borrow of the executor).
+    fn reports_probe(&self, step: &StepPlan) -> impl FnOnce() -> Option<TestCounts> + Send {
+        let patterns = step.reports.clone();
+        let workspace = self.ctx.plan.workspace.clone();
+        let events = self.ctx.events.clone();
+        let key = step.key.clone();
+        move || {
+            if patterns.is_empty() {
+                return None;
+            }
+            let mut total = TestCounts::default();
+            for path in junit::find_reports(&workspace, &patterns) {
+                match junit::parse_file(&path) {
+                    Ok(r) => {
+                        let counts = r.counts();
+                        total.add(&counts);
+                        events.emit(RunEvent::Report {
+                            step: key.clone(),
+                            path,
+                            counts,
+                        });
+                    }
+                    Err(e) => events.emit(RunEvent::ReportError {
+                        step: key.clone(),
+                        path,
+                        message: e.to_string(),
+                    }),
+                }
+            }
+            Some(total)
+        }
+    }
+
+    /// One connection attempt to `port` of a running step.
+    async fn probe(&self, step: &StepPlan, port: u16) -> bool {
+        let attempt = async {
+            match self.ctx.network {
+                Some(net) => net.connect(&step.key, port).await.is_ok(),
+                None => tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok(),
+            }
+        };
+        tokio::time::timeout(Duration::from_millis(500), attempt)
+            .await
+            .unwrap_or(false)
+    }
+
+    async fn wait_ready(&self, step: &StepPlan, started: Instant, exited: &CancellationToken) {
+        let ports: Vec<u16> = step.port_bindings.iter().map(|(_, c)| *c).collect();
+        let limit = self.ctx.options.ready_timeout;
+        let mut pending = ports.clone();
+        while !pending.is_empty() {
+            if exited.is_cancelled() || self.stage_cancel.is_cancelled() {
+                return;
+            }
+            if started.elapsed() >= limit {
+                self.ctx.events.emit(RunEvent::ReadyTimeout {
+                    step: step.key.clone(),
+                    ports: pending,
+                    waited: started.elapsed(),
+                });
+                return;
+            }
+            let mut still = Vec::new();
+            for port in pending {
+                if !self.probe(step, port).await {
+                    still.push(port);
+                }
+            }
+            pending = still;
+            if !pending.is_empty() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+                    _ = exited.cancelled() => return,
+                    _ = self.stage_cancel.cancelled() => return,
+                }
+            }
+        }
+        self.ctx.events.emit(RunEvent::StepReady {
+            step: step.key.clone(),
+            waited: started.elapsed(),
+        });
+    }
+
+    async fn stop_backgrounds(&self) {
+        let all: Vec<Background> = std::mem::take(&mut *self.state.backgrounds.lock().unwrap());
+        for b in &all {
+            b.stop.cancel();
+        }
+        for b in all {
+            let _ = b.watcher.await;
+        }
+    }
+
+    fn kill_leftover_groups(&self) {
+        for pgid in self.state.groups.lock().unwrap().drain(..) {
+            // ESRCH (the group is gone) is the usual, good case.
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+struct Running {
+    child: Child,
+    pumps: Vec<JoinHandle<()>>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Running {
+    async fn drain(&mut self) {
+        drain(std::mem::take(&mut self.pumps)).await;
+    }
+}
+
+/// Wait for the output readers, but not forever: a grandchild that inherited the pipe
+/// and outlives the step must not hold the stage hostage.
+async fn drain(pumps: Vec<JoinHandle<()>>) {
+    let all = join_all(pumps);
+    let _ = tokio::time::timeout(Duration::from_secs(2), all).await;
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// SIGTERM the child's process group, wait `grace`, then SIGKILL it. Returns how the
+/// child ended, when it could be reaped.
+pub async fn stop_process(child: &mut Child, grace: Duration) -> Option<ExitInfo> {
+    let Some(pid) = child.id() else {
+        return child.wait().await.ok().map(ExitInfo::from_status);
+    };
+    let pgid = Pid::from_raw(pid as i32);
+    let _ = killpg(pgid, Signal::SIGTERM);
+    let hurry = hurry_token();
+    let status = tokio::select! {
+        s = child.wait() => s.ok(),
+        _ = tokio::time::sleep(grace) => None,
+        _ = hurry.cancelled() => None,
+    };
+    let status = match status {
+        Some(s) => Some(s),
+        None => {
+            let _ = killpg(pgid, Signal::SIGKILL);
+            child.wait().await.ok()
+        }
+    };
+    status.map(ExitInfo::from_status)
+}
+
+fn hurry_token() -> &'static CancellationToken {
+    static HURRY: std::sync::OnceLock<CancellationToken> = std::sync::OnceLock::new();
+    HURRY.get_or_init(CancellationToken::new)
+}
+
+/// From now on, stopping a step skips the grace period (a second Ctrl-C).
+pub fn hurry() {
+    hurry_token().cancel();
+}
+
+fn mask_line(secrets: &Secrets, bytes: &[u8]) -> String {
+    let line = String::from_utf8_lossy(bytes);
+    if secrets.is_empty() {
+        line.into_owned()
+    } else {
+        secrets.mask(&line)
+    }
+}
+
+/// Script text appended to a Run step's command that records its output variables
+/// (one file per variable, so values may hold any byte) when the script reaches its end.
+fn output_trailer(shell: Shell, names: &[String], dir: &Path) -> String {
+    let dir = dir.to_string_lossy();
+    let mut s = String::from("\n");
+    match shell {
+        Shell::Sh | Shell::Bash => {
+            for n in names {
+                s.push_str(&format!(
+                    "printf '%s' \"${{{n}-}}\" > {}\n",
+                    sh_quote(&format!("{dir}/{n}"))
+                ));
+            }
+        }
+        Shell::Python => {
+            let list: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+            s.push_str(&format!(
+                "import os as _sandrun_os\nfor _sandrun_n in [{}]:\n    \
+                 open(_sandrun_os.path.join({:?}, _sandrun_n), 'w').write(str(globals().get(_sandrun_n, _sandrun_os.environ.get(_sandrun_n, ''))))\n",
+                list.join(", "),
+                dir
+            ));
+        }
+        Shell::Powershell | Shell::Pwsh => {
+            for n in names {
+                s.push_str(&format!(
+                    "$_sandrun_v = if (Test-Path variable:{n}) {{ ${n} }} else {{ $env:{n} }}; \
+                     Set-Content -NoNewline -Path '{}' -Value \"$_sandrun_v\"\n",
+                    format!("{dir}/{n}").replace('\'', "''")
+                ));
+            }
+        }
+    }
+    s
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sh_trailer_quotes_paths_and_reads_unset_as_empty() {
+        let t = output_trailer(Shell::Sh, &["A".into()], Path::new("/tmp/it's"));
+        assert_eq!(t, "\nprintf '%s' \"${A-}\" > '/tmp/it'\\''s/A'\n");
+    }
+
+    #[test]
+    fn python_trailer_lists_names() {
+        let t = output_trailer(Shell::Python, &["X".into(), "Y".into()], Path::new("/o"));
+        assert!(t.contains("[\"X\", \"Y\"]"), "{t}");
+        assert!(t.contains("\"/o\""), "{t}");
+    }
+}

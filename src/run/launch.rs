@@ -1,0 +1,162 @@
+//! How the executor starts a step's process, whatever it runs in.
+//!
+//! The executor does not know about containers or namespaces: it hands a [`LaunchSpec`]
+//! to a [`Launcher`] and gets back a child process with piped stdout and stderr, in a
+//! process group of its own so that stopping it (SIGTERM to the group, then SIGKILL)
+//! reaches everything it started. [`HostLauncher`] runs host binaries (Harness's
+//! "leave Image blank"); the sandbox layer provides the container launcher.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::process::{Child, Command};
+
+use crate::net::StageNetwork;
+use crate::pipeline::Shell;
+use crate::plan::StepPlan;
+use crate::sandbox::InvokingUser;
+
+/// A step's process, with step outputs already substituted.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Process {
+    /// A script for `shell`; [`shell_argv`] turns it into a command line.
+    Shell { shell: Shell, script: String },
+    /// An explicit argv (a Background step's `entrypoint`).
+    Exec { argv: Vec<String> },
+    /// The image's own entrypoint and cmd.
+    ImageDefault,
+}
+
+/// Everything a launcher needs to start one step.
+pub struct LaunchSpec<'a> {
+    pub step: &'a StepPlan,
+    pub process: Process,
+    /// Variables for the step (stage, group, then step), over the image's or host's own.
+    pub env: Vec<(String, String)>,
+    /// The stage workspace, shared by every step.
+    pub workspace: &'a Path,
+    /// A directory private to this step on the host (output variables are written here).
+    pub control_dir: &'a Path,
+    /// The stage network the step joins (`None` only in executor tests).
+    pub network: Option<&'a StageNetwork>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot start `{program}` for step `{step}`: {source}")]
+    Spawn {
+        step: String,
+        program: String,
+        source: io::Error,
+    },
+    #[error("step `{step}`: {message}")]
+    Refused { step: String, message: String },
+    #[error("step `{step}` cannot join the stage network: {source}")]
+    Network {
+        step: String,
+        source: crate::net::NetError,
+    },
+}
+
+/// Starts step processes. Implementations must return a child whose stdout and stderr
+/// are piped and which leads its own process group.
+pub trait Launcher: Send + Sync {
+    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Child, LaunchError>;
+
+    /// Where `LaunchSpec::control_dir` appears to the step's process.
+    fn control_dir_in_step(&self, host_path: &Path) -> PathBuf;
+}
+
+/// The command line that runs `script` in `shell`, failing on the first error for
+/// Sh and Bash as Harness does.
+pub fn shell_argv(shell: Shell, script: &str) -> Vec<String> {
+    let (prog, flag, prefix) = match shell {
+        Shell::Sh => ("sh", "-c", "set -e\n"),
+        Shell::Bash => ("bash", "-c", "set -e\n"),
+        Shell::Python => ("python3", "-c", ""),
+        // There is no `powershell` on Linux: PowerShell 7 (`pwsh`) runs both.
+        Shell::Powershell | Shell::Pwsh => ("pwsh", "-Command", ""),
+    };
+    vec![prog.into(), flag.into(), format!("{prefix}{script}")]
+}
+
+/// Runs host binaries in the workspace, with the host's environment plus the step's,
+/// inside the step's network namespace (seeing the step's `/etc/hosts` and
+/// `/etc/resolv.conf`). Rootless, the process is moved back to the invoking user's own
+/// uid, so that host tools see the user they expect and files they create are the
+/// user's.
+pub struct HostLauncher {
+    pub invoking_user: Option<InvokingUser>,
+}
+impl Launcher for HostLauncher {
+    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Child, LaunchError> {
+        let argv = match &spec.process {
+            Process::Shell { shell, script } => shell_argv(*shell, script),
+            Process::Exec { argv } => argv.clone(),
+            Process::ImageDefault => {
+                return Err(LaunchError::Refused {
+                    step: spec.step.key.clone(),
+                    message: "has neither an image nor a command to run on the host".into(),
+                })
+            }
+        };
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .current_dir(spec.workspace)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe. A SIGKILLed sandrun then takes the step
+        // down with it (only the direct child; stage teardown kills whole groups).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let join = match spec.network {
+            Some(net) => {
+                Some(
+                    net.host_join(&spec.step.key)
+                        .map_err(|source| LaunchError::Network {
+                            step: spec.step.key.clone(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let user = self.invoking_user.clone();
+        if join.is_some() || user.is_some() {
+            // SAFETY: both only make async-signal-safe system calls on data prepared
+            // before the fork. The network is joined first: that needs the runner's
+            // capabilities, which the nested user namespace gives up.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if let Some(j) = &join {
+                        j.enter()?;
+                    }
+                    if let Some(u) = &user {
+                        u.enter()?;
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd.spawn().map_err(|e| LaunchError::Spawn {
+            step: spec.step.key.clone(),
+            program: argv[0].clone(),
+            source: e,
+        })
+    }
+
+    fn control_dir_in_step(&self, host_path: &Path) -> PathBuf {
+        host_path.to_path_buf()
+    }
+}

@@ -1,0 +1,6 @@
+//! The executor and what it needs: launching processes, run state, events.
+
+pub mod events;
+pub mod executor;
+pub mod launch;
+pub mod state;

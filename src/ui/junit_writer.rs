@@ -1,0 +1,50 @@
+//! `--report-dir`: every JUnit file the steps produced, merged into one.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use super::Reporter;
+use crate::junit;
+use crate::run::events::RunEvent;
+
+pub struct JunitWriter {
+    dir: PathBuf,
+    found: Vec<(String, PathBuf)>,
+}
+
+impl JunitWriter {
+    pub fn new(dir: PathBuf) -> Self {
+        JunitWriter {
+            dir,
+            found: Vec::new(),
+        }
+    }
+
+    pub fn output_path(&self) -> PathBuf {
+        self.dir.join("junit.xml")
+    }
+}
+
+impl Reporter for JunitWriter {
+    fn event(&mut self, event: &RunEvent) {
+        if let RunEvent::Report { step, path, .. } = event {
+            self.found.push((step.clone(), path.clone()));
+        }
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        // Files that failed to parse were already reported by the executor.
+        let reports: Vec<(String, junit::Report)> = self
+            .found
+            .iter()
+            .filter_map(|(step, path)| junit::parse_file(path).ok().map(|r| (step.clone(), r)))
+            .collect();
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("cannot create report directory {}", self.dir.display()))?;
+        let out = self.output_path();
+        std::fs::write(&out, junit::merge(&reports))
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,674 @@
+//! End-to-end runs of the real binary with host steps (no image): the executor's
+//! semantics with real processes, as root and rootless.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{free_port, modes, processes_with, Sandbox};
+
+fn stage(steps: &str) -> String {
+    format!(
+        "stage:\n  name: test\n  identifier: test\n  type: CI\n  spec:\n    runtime:\n      type: Docker\n      spec: {{}}\n    execution:\n      steps:\n{}",
+        indent(steps, 8)
+    )
+}
+
+fn indent(text: &str, n: usize) -> String {
+    let pad = " ".repeat(n);
+    text.lines()
+        .map(|l| {
+            if l.is_empty() {
+                String::new()
+            } else {
+                format!("{pad}{l}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+#[test]
+fn background_service_is_reached_then_stopped() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let port = free_port();
+        let marker = format!("http.server {port}");
+        sb.write("index.html", "hello from the service\n");
+        sb.write(
+            "ci.yaml",
+            &stage(&format!(
+                r#"- step:
+    type: Background
+    name: web server
+    identifier: web
+    spec:
+      shell: Sh
+      command: exec python3 -m http.server {port} --bind 127.0.0.1
+      portBindings:
+        "{port}": "{port}"
+- step:
+    type: Run
+    name: fetch
+    identifier: fetch
+    spec:
+      shell: Bash
+      command: curl -sf http://127.0.0.1:{port}/index.html
+"#
+            )),
+        );
+        let r = sb.run(["run", "ci.yaml", "--network", "pod"]);
+        r.assert_code(0)
+            .assert_stdout("fetch")
+            .assert_stdout("hello from the service")
+            .assert_stdout("ready after");
+        assert!(r.summary_row("web").contains("stopped"), "{}", r.all());
+        assert!(r.summary_row("fetch").contains("passed"), "{}", r.all());
+        assert!(
+            processes_with(&marker).is_empty(),
+            "left behind: {:?}",
+            processes_with(&marker)
+        );
+    }
+}
+
+#[test]
+fn a_service_that_dies_fails_the_stage_with_its_last_lines() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &stage(
+                r#"- step:
+    type: Background
+    name: db
+    identifier: db
+    spec:
+      command: |
+        echo "FATAL: could not bind port"
+        exit 4
+- step:
+    type: Run
+    name: wait
+    identifier: wait
+    spec:
+      command: sleep 1
+- step:
+    type: Run
+    name: after
+    identifier: after
+    spec:
+      command: echo should not run
+"#,
+            ),
+        );
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(1)
+            .assert_stdout("service died while the stage was running: exit code 4")
+            .assert_stdout("│ FATAL: could not bind port");
+        assert!(r.summary_row("db").contains("FAILED"), "{}", r.all());
+        assert!(r.summary_row("after").contains("skipped"), "{}", r.all());
+        assert!(!r.stdout.contains("should not run\n"), "{}", r.all());
+    }
+}
+
+#[test]
+fn output_variables_flow_into_later_steps_and_groups() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &stage(
+                r#"- step:
+    type: Run
+    name: version
+    identifier: version
+    spec:
+      shell: Bash
+      command: |
+        VERSION="1.2.$((40 + 2))"
+        unused=1
+      outputVariables:
+        - name: VERSION
+- stepGroup:
+    name: pkg
+    identifier: pkg
+    steps:
+      - step:
+          type: Run
+          name: build
+          identifier: build
+          spec:
+            shell: Python
+            command: |
+              ARTIFACT = "app-<+steps.version.output.outputVariables.VERSION>.tar"
+            outputVariables:
+              - name: ARTIFACT
+- step:
+    type: Run
+    name: publish
+    identifier: publish
+    spec:
+      command: echo "publishing <+execution.steps.pkg.steps.build.output.outputVariables.ARTIFACT>"
+"#,
+            ),
+        );
+        sb.run(["run", "ci.yaml"])
+            .assert_code(0)
+            .assert_stdout("publishing app-1.2.42.tar");
+    }
+}
+
+#[test]
+fn parallel_steps_overlap_in_time() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let step = |id: &str| {
+            format!(
+                r#"  - step:
+      type: Run
+      name: {id}
+      identifier: {id}
+      spec:
+        command: date +%s.%N > {id}.start; sleep 1; date +%s.%N > {id}.end
+"#
+            )
+        };
+        sb.write(
+            "ci.yaml",
+            &stage(&format!("- parallel:\n{}{}", step("left"), step("right"))),
+        );
+        sb.run(["run", "ci.yaml"]).assert_code(0);
+        let read = |f: &str| -> f64 {
+            std::fs::read_to_string(sb.workspace().join(f))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        // Each started before the other ended: the intervals intersect.
+        assert!(read("left.start") < read("right.end"));
+        assert!(read("right.start") < read("left.end"));
+    }
+}
+
+#[test]
+fn a_step_past_its_timeout_is_killed_and_fails_the_stage() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let marker = format!("sleep 1{}", free_port());
+        // `trap` keeps sh alive around sleep, so the marker stays in a command line.
+        sb.write(
+            "ci.yaml",
+            &stage(&format!(
+                r#"- step:
+    type: Run
+    name: slow
+    identifier: slow
+    timeout: 1s
+    spec:
+      command: trap '' TERM; {marker}
+"#
+            )),
+        );
+        let started = Instant::now();
+        let r = sb.run(["run", "ci.yaml", "--grace", "500ms"]);
+        r.assert_code(1).assert_stdout("timed out (limit 1.0s)");
+        assert!(r.summary_row("slow").contains("TIMED OUT"), "{}", r.all());
+        // The step ignores SIGTERM: only SIGKILL after the grace period ends it.
+        assert!(started.elapsed() < Duration::from_secs(8), "{}", r.all());
+        assert!(processes_with(&marker).is_empty());
+    }
+}
+
+#[test]
+fn failure_strategies_retry_ignore_and_abort() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &stage(
+                r#"- step:
+    type: Run
+    name: flaky
+    identifier: flaky
+    spec:
+      command: |
+        n=$(cat count 2>/dev/null || echo 0); n=$((n+1)); echo $n > count
+        [ "$n" -ge 3 ]
+    failureStrategies:
+      - onFailure:
+          errors: [AllErrors]
+          action:
+            type: Retry
+            spec:
+              retryCount: 3
+              retryIntervals: [100ms]
+              onRetryFailure:
+                action:
+                  type: MarkAsFailure
+- step:
+    type: Run
+    name: tolerated
+    identifier: tolerated
+    spec:
+      command: exit 7
+    failureStrategies:
+      - onFailure:
+          errors: [AllErrors]
+          action:
+            type: MarkAsSuccess
+- step:
+    type: Run
+    name: fatal
+    identifier: fatal
+    spec:
+      command: exit 9
+    failureStrategies:
+      - onFailure:
+          errors: [AllErrors]
+          action:
+            type: Abort
+- step:
+    type: Run
+    name: cleanup
+    identifier: cleanup
+    when:
+      stageStatus: All
+    spec:
+      command: echo cleaning
+"#,
+            ),
+        );
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(1).assert_stdout("retrying (attempt 3)");
+        assert_eq!(
+            std::fs::read_to_string(sb.workspace().join("count"))
+                .unwrap()
+                .trim(),
+            "3"
+        );
+        assert!(r.summary_row("flaky").contains("passed"), "{}", r.all());
+        assert!(
+            r.summary_row("tolerated").contains("failed (ignored)"),
+            "{}",
+            r.all()
+        );
+        assert!(r.summary_row("fatal").contains("FAILED"), "{}", r.all());
+        // Abort stops the stage: not even `when: All` steps run afterwards.
+        assert!(r.summary_row("cleanup").contains("skipped"), "{}", r.all());
+    }
+}
+
+#[test]
+fn failure_skips_later_steps_but_runs_failure_handlers() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &stage(
+                r#"- step:
+    type: Run
+    name: broken
+    identifier: broken
+    spec:
+      command: |
+        false
+        echo unreachable
+- step:
+    type: Run
+    name: next
+    identifier: next
+    spec:
+      command: echo next
+- step:
+    type: Run
+    name: on failure
+    identifier: on_failure
+    when:
+      stageStatus: Failure
+    spec:
+      command: echo collecting logs
+"#,
+            ),
+        );
+        let r = sb.run(["run", "ci.yaml"]);
+        // `set -e`: the script stops at `false`, as Harness runs Sh commands.
+        r.assert_code(1).assert_stdout("collecting logs");
+        assert!(!r.stdout.contains("unreachable"), "{}", r.all());
+        assert!(r.summary_row("next").contains("skipped"), "{}", r.all());
+        assert!(
+            r.summary_row("broken").contains("exit code 1") || r.stdout.contains("exit code 1")
+        );
+    }
+}
+
+#[test]
+fn junit_reports_are_counted_and_merged() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &stage(
+                r#"- step:
+    type: Run
+    name: tests
+    identifier: tests
+    spec:
+      command: |
+        mkdir -p reports
+        printf '<testsuite name="a"><testcase name="x"/><testcase name="y"><failure message="no"/></testcase></testsuite>' > reports/a.xml
+        printf '<testsuites><testsuite name="b"><testcase name="z"/></testsuite></testsuites>' > reports/b.xml
+        printf 'not xml at all' > reports/broken.xml
+      reports:
+        type: JUnit
+        spec:
+          paths:
+            - reports/*.xml
+"#,
+            ),
+        );
+        let out = sb.dir.path().join("out");
+        let r = sb.run(["run", "ci.yaml", "--report-dir", out.to_str().unwrap()]);
+        r.assert_code(0).assert_stdout("broken.xml ignored");
+        assert!(
+            r.summary_row("tests").contains("2 passed, 1 failed"),
+            "{}",
+            r.all()
+        );
+        let merged = std::fs::read_to_string(out.join("junit.xml")).unwrap();
+        assert!(merged.contains(r#"tests="3" failures="1""#), "{merged}");
+        assert!(merged.contains(r#"<testsuite name="b""#), "{merged}");
+    }
+}
+
+#[test]
+fn secrets_never_appear_in_output() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            r#"stage:
+  name: s
+  identifier: s
+  type: CI
+  variables:
+    - name: DB_PASSWORD
+      type: Secret
+      value: db_pw
+  spec:
+    execution:
+      steps:
+        - step:
+            type: Run
+            name: leak
+            identifier: leak
+            spec:
+              command: |
+                echo "env: $DB_PASSWORD"
+                echo "expr: <+secrets.getValue("api_key")>"
+"#,
+        );
+        for json in [false, true] {
+            let mut args = vec![
+                "run",
+                "ci.yaml",
+                "--secret",
+                "db_pw=hunter2-pw",
+                "--secret",
+                "api_key=k3y-v4lue",
+            ];
+            if json {
+                args.push("--json");
+            }
+            let r = sb.run(&args);
+            r.assert_code(0);
+            assert!(
+                !r.stdout.contains("hunter2-pw") && !r.stdout.contains("k3y-v4lue"),
+                "{}",
+                r.all()
+            );
+            assert!(r.stdout.contains("env: **************"), "{}", r.all());
+        }
+        let plan = sb.run([
+            "plan",
+            "ci.yaml",
+            "--secret",
+            "db_pw=hunter2-pw",
+            "--secret",
+            "api_key=k3y-v4lue",
+        ]);
+        plan.assert_code(0);
+        assert!(
+            !plan.stdout.contains("hunter2-pw") && !plan.stdout.contains("k3y-v4lue"),
+            "{}",
+            plan.all()
+        );
+    }
+}
+
+#[test]
+fn ctrl_c_stops_every_step_and_exits_130() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let port = free_port();
+        let service = format!("http.server {port}");
+        let long = format!("sleep 4{port}");
+        sb.write(
+            "ci.yaml",
+            &stage(&format!(
+                r#"- step:
+    type: Background
+    name: svc
+    identifier: svc
+    spec:
+      command: exec python3 -m http.server {port}
+      portBindings:
+        "{port}": "{port}"
+- step:
+    type: Run
+    name: long
+    identifier: long
+    spec:
+      command: {long}
+"#
+            )),
+        );
+        let child = sb
+            .command(["run", "ci.yaml", "--grace", "2s"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while processes_with(&long).is_empty() {
+            assert!(Instant::now() < deadline, "the long step never started");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        kill(pid, Signal::SIGINT).unwrap();
+        let r = support::Run::from(child.wait_with_output().unwrap());
+        r.assert_code(130).assert_stdout("interrupted");
+        assert!(r.summary_row("long").contains("cancelled"), "{}", r.all());
+        for m in [&service, &long] {
+            assert!(
+                processes_with(m).is_empty(),
+                "left behind: {:?}",
+                processes_with(m)
+            );
+        }
+    }
+}
+
+#[test]
+fn json_stream_has_one_event_per_line() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &stage("- step:\n    type: Run\n    name: hi\n    identifier: hi\n    spec:\n      command: echo hi\n"),
+        );
+        let r = sb.run(["run", "ci.yaml", "--json"]);
+        r.assert_code(0);
+        let events: Vec<serde_json::Value> = r
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        let kinds: Vec<&str> = events
+            .iter()
+            .map(|e| e["event"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "stage_started",
+                "step_started",
+                "output",
+                "step_exited",
+                "step_finished",
+                "stage_finished"
+            ]
+        );
+        assert_eq!(events[2]["line"], "hi");
+        assert_eq!(events[4]["result"]["result"], "succeeded");
+    }
+}
+
+#[test]
+fn unsupported_steps_are_refused_or_skipped_by_choice() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &stage(
+                r#"- step:
+    type: Run
+    name: hi
+    identifier: hi
+    spec:
+      command: echo hi > ran
+- step:
+    type: BuildAndPushDockerRegistry
+    name: push
+    identifier: push
+    spec:
+      connectorRef: account.docker
+      repo: me/app
+      tags: [latest]
+"#,
+            ),
+        );
+        let v = sb.run(["validate", "ci.yaml"]);
+        v.assert_code(1)
+            .assert_stderr("ci.yaml:")
+            .assert_stderr("`push`");
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(2).assert_stderr("--skip-unsupported");
+        assert!(
+            !sb.workspace().join("ran").exists(),
+            "a step ran before the refusal"
+        );
+        let r = sb.run(["run", "ci.yaml", "--skip-unsupported"]);
+        r.assert_code(0);
+        assert!(r.summary_row("push").contains("skipped"), "{}", r.all());
+    }
+}
+
+#[test]
+fn runtime_inputs_must_be_answered() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            r#"stage:
+  name: s
+  identifier: s
+  type: CI
+  variables:
+    - name: target
+      type: String
+      value: <+input>
+  spec:
+    execution:
+      steps:
+        - step:
+            type: Run
+            name: show
+            identifier: show
+            spec:
+              command: echo "target=$target stage=<+stage.variables.target>"
+"#,
+        );
+        sb.run(["run", "ci.yaml"])
+            .assert_code(2)
+            .assert_stderr("ci.yaml:")
+            .assert_stderr("--set target=VALUE");
+        sb.run(["run", "ci.yaml", "--set", "target=prod"])
+            .assert_code(0)
+            .assert_stdout("target=prod stage=prod");
+    }
+}
+
+#[test]
+fn default_pipeline_comes_from_dot_harness() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            ".harness/only.yaml",
+            &stage("- step:\n    type: Run\n    name: hi\n    identifier: hi\n    spec:\n      command: echo found it\n"),
+        );
+        sb.run(["run"]).assert_code(0).assert_stdout("found it");
+        sb.write(".harness/second.yml", "stage: {}\n");
+        sb.run(["run"])
+            .assert_code(2)
+            .assert_stderr("several pipelines")
+            .assert_stderr("second.yml");
+    }
+}
+
+#[test]
+fn a_second_ctrl_c_kills_at_once_and_still_leaves_nothing() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let stubborn = format!("sleep 5{}", free_port());
+        sb.write(
+            "ci.yaml",
+            &stage(&format!(
+                "- step:\n    type: Run\n    name: stubborn\n    identifier: stubborn\n    spec:\n      command: trap '' TERM INT; {stubborn}\n"
+            )),
+        );
+        let started = Instant::now();
+        let child = sb
+            .command(["run", "ci.yaml", "--grace", "60s"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        while processes_with(&stubborn).is_empty() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the step never started"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        kill(pid, Signal::SIGINT).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        kill(pid, Signal::SIGINT).unwrap();
+        let r = support::Run::from(child.wait_with_output().unwrap());
+        r.assert_code(130).assert_stdout("interrupted again");
+        // Well inside the 60 s grace period: the second Ctrl-C did not wait for it.
+        assert!(started.elapsed() < Duration::from_secs(30), "{}", r.all());
+        assert!(
+            processes_with(&stubborn).is_empty(),
+            "left behind: {:?}",
+            processes_with(&stubborn)
+        );
+    }
+}

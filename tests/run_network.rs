@@ -1,0 +1,196 @@
+//! The stage network seen from real pipelines with host steps: names, isolation, port
+//! bindings, pod mode. All traffic stays on loopback or inside the run's namespaces.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use support::{free_port, modes, Sandbox};
+
+fn stage(infra: &str, steps: &str) -> String {
+    let body: String = steps
+        .lines()
+        .map(|l| {
+            if l.is_empty() {
+                "\n".to_string()
+            } else {
+                format!("        {l}\n")
+            }
+        })
+        .collect();
+    format!(
+        "stage:\n  name: net\n  identifier: net\n  type: CI\n  spec:\n{infra}    execution:\n      steps:\n{body}"
+    )
+}
+
+const DOCKER: &str = "    runtime:\n      type: Docker\n      spec: {}\n";
+const K8S: &str = "    infrastructure:\n      type: KubernetesDirect\n      spec:\n        connectorRef: k8s\n        namespace: ci\n";
+
+/// A Background step serving `dir` of the workspace on `port`.
+fn server(id: &str, dir: &str, port: u16, bindings: &str) -> String {
+    format!(
+        "- step:\n    type: Background\n    name: {id}\n    identifier: {id}\n    spec:\n      command: exec python3 -m http.server {port} --directory {dir}\n{bindings}"
+    )
+}
+
+#[test]
+fn steps_resolve_each_other_by_identifier_and_group_name() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write("a/who.txt", "I am alpha\n");
+        sb.write("b/who.txt", "I am beta\n");
+        // Two services on the same port, each under its own name.
+        let steps = format!(
+            "{}\n{}",
+            server(
+                "alpha",
+                "a",
+                8000,
+                "      portBindings:\n        \"0\": \"8000\"\n"
+            )
+            .replace("\"0\"", &format!("\"{}\"", free_port())),
+            format!(
+                "- stepGroup:\n    name: grp\n    identifier: grp\n    steps:\n{}",
+                server(
+                    "beta",
+                    "b",
+                    8000,
+                    "      portBindings:\n        \"0\": \"8000\"\n"
+                )
+                .replace("\"0\"", &format!("\"{}\"", free_port()))
+                .lines()
+                .map(|l| format!("      {l}\n"))
+                .collect::<String>()
+            )
+        ) + r#"- step:
+    type: Run
+    name: client
+    identifier: client
+    spec:
+      shell: Bash
+      command: |
+        curl -sf http://alpha:8000/who.txt
+        curl -sf http://grp_beta:8000/who.txt
+        curl -sf http://GRP_Beta:8000/who.txt
+        getent hosts client alpha | awk '{print "resolves", $2}'
+"#;
+        sb.write("ci.yaml", &stage(DOCKER, &steps));
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0)
+            .assert_stdout("| I am alpha")
+            .assert_stdout("| I am beta")
+            .assert_stdout("resolves alpha");
+        let plan = sb.run(["plan", "ci.yaml"]);
+        plan.assert_code(0)
+            .assert_stdout("hostnames: beta, grp_beta")
+            .assert_stdout("address: 10.");
+    }
+}
+
+#[test]
+fn a_step_cannot_reach_the_host_loopback() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        sb.write(
+            "ci.yaml",
+            &stage(
+                DOCKER,
+                &format!(
+                    "- step:\n    type: Run\n    name: probe\n    identifier: probe\n    spec:\n      command: |\n        if curl -s --max-time 2 http://127.0.0.1:{port}/; then echo REACHED; else echo isolated; fi\n"
+                ),
+            ),
+        );
+        sb.run(["run", "ci.yaml"])
+            .assert_code(0)
+            .assert_stdout("isolated");
+        listener.set_nonblocking(true).unwrap();
+        assert!(listener.accept().is_err(), "a connection reached the host");
+    }
+}
+
+#[test]
+fn port_bindings_reach_a_service_from_the_host() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let host_port = free_port();
+        sb.write("site/index.html", "served through the proxy\n");
+        let steps = server(
+            "web",
+            "site",
+            8080,
+            &format!("      portBindings:\n        \"{host_port}\": \"8080\"\n"),
+        ) + "- step:\n    type: Run\n    name: hold\n    identifier: hold\n    spec:\n      command: while [ ! -f done ]; do sleep 0.05; done\n";
+        sb.write("ci.yaml", &stage(DOCKER, &steps));
+        let child = sb
+            .command(["run", "ci.yaml"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let body = loop {
+            assert!(Instant::now() < deadline, "the port binding never answered");
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", host_port)) {
+                let _ = s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n");
+                let mut body = String::new();
+                let _ = s.read_to_string(&mut body);
+                if body.contains("200") {
+                    break body;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(body.contains("served through the proxy"), "{body}");
+        sb.write("done", "");
+        let r = support::Run::from(child.wait_with_output().unwrap());
+        r.assert_code(0);
+        // The binding ends with the stage.
+        assert!(TcpStream::connect(("127.0.0.1", host_port)).is_err());
+    }
+}
+
+#[test]
+fn a_busy_host_port_is_refused_before_any_step_starts() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let steps = "- step:\n    type: Run\n    name: first\n    identifier: first\n    spec:\n      command: touch started\n".to_string()
+            + &server("web", ".", 8080, &format!("      portBindings:\n        \"{port}\": \"8080\"\n"));
+        sb.write("ci.yaml", &stage(DOCKER, &steps));
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(1)
+            .assert_stdout(&port.to_string())
+            .assert_stdout("no step was started");
+        assert!(!sb.workspace().join("started").exists());
+    }
+}
+
+#[test]
+fn pod_mode_services_are_on_localhost_and_by_name() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write("s/who.txt", "pod service\n");
+        let steps = server("svc", "s", 9000, "")
+            + r#"- step:
+    type: Run
+    name: client
+    identifier: client
+    spec:
+      command: |
+        until curl -sf http://localhost:9000/who.txt; do sleep 0.1; done
+        curl -sf http://svc:9000/who.txt
+"#;
+        sb.write("ci.yaml", &stage(K8S, &steps));
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0);
+        assert_eq!(r.stdout.matches("| pod service").count(), 2, "{}", r.all());
+        sb.run(["plan", "ci.yaml"])
+            .assert_code(0)
+            .assert_stdout("network: pod");
+    }
+}

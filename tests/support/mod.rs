@@ -1,0 +1,243 @@
+//! Running the real `sandrun` binary in tests, as root and rootless.
+//!
+//! CI runs the suite as root; every end-to-end test then runs twice: once as root and
+//! once as the unprivileged user `sandrun-test` that `scripts/test.sh` creates (with
+//! /etc/subuid and /etc/subgid ranges), so the rootless paths run for real. Run as an
+//! ordinary user, the tests run once, rootless, as that user.
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub const TEST_USER: &str = "sandrun-test";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Root,
+    Rootless,
+}
+
+/// The modes this test process can exercise.
+pub fn modes() -> Vec<Mode> {
+    if !is_root() {
+        return vec![Mode::Rootless];
+    }
+    assert!(
+        test_user().is_some(),
+        "running as root, the tests also run rootless as user `{TEST_USER}`: create it with scripts/test.sh"
+    );
+    vec![Mode::Root, Mode::Rootless]
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// uid and gid of the rootless test user, when running as root.
+pub fn test_user() -> Option<(u32, u32)> {
+    static USER: OnceLock<Option<(u32, u32)>> = OnceLock::new();
+    *USER.get_or_init(|| {
+        nix::unistd::User::from_name(TEST_USER)
+            .ok()
+            .flatten()
+            .map(|u| (u.uid.as_raw(), u.gid.as_raw()))
+    })
+}
+
+/// The binary under test, copied where the unprivileged user can execute it (the
+/// build directory may sit under a home directory it cannot enter).
+pub fn binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let built = PathBuf::from(env!("CARGO_BIN_EXE_sandrun"));
+        if !is_root() {
+            return built;
+        }
+        let dir = std::env::temp_dir().join(format!("sandrun-test-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let copy = dir.join("sandrun");
+        std::fs::copy(&built, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        copy
+    })
+    .clone()
+}
+
+/// A scratch workspace (and home) for one run of sandrun in one mode.
+pub struct Sandbox {
+    pub mode: Mode,
+    pub dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new(mode: Mode) -> Sandbox {
+        let dir = tempfile::Builder::new()
+            .prefix("sandrun-e2e-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::create_dir_all(dir.path().join("home")).unwrap();
+        std::fs::create_dir_all(dir.path().join("ws")).unwrap();
+        let sb = Sandbox { mode, dir };
+        sb.give_to_user(sb.dir.path());
+        sb
+    }
+
+    pub fn workspace(&self) -> PathBuf {
+        self.dir.path().join("ws")
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    /// Write a file under the workspace (owned by the user sandrun runs as).
+    pub fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let p = self.workspace().join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&p, text).unwrap();
+        self.give_to_user(self.dir.path());
+        p
+    }
+
+    fn give_to_user(&self, path: &Path) {
+        if self.mode != Mode::Rootless || !is_root() {
+            return;
+        }
+        let (uid, gid) = test_user().expect("test user");
+        let status = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{uid}:{gid}"))
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// `sandrun ARGS` in the workspace, as the mode's user, with a private home.
+    pub fn command<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(binary());
+        cmd.args(args)
+            .current_dir(self.workspace())
+            .env("HOME", self.home())
+            .env("SANDRUN_HOME", self.home().join("store"))
+            .env("NO_COLOR", "1")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("XDG_DATA_HOME");
+        if self.mode == Mode::Rootless && is_root() {
+            let (uid, gid) = test_user().expect("test user");
+            cmd.uid(uid).gid(gid).env("USER", TEST_USER);
+        }
+        cmd
+    }
+
+    pub fn run<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let out = self.command(args).output().expect("cannot run sandrun");
+        Run::from(out)
+    }
+}
+
+/// The outcome of one sandrun invocation.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        use std::os::unix::process::ExitStatusExt;
+        Run {
+            code: o
+                .status
+                .code()
+                .unwrap_or_else(|| 128 + o.status.signal().unwrap_or(0)),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    /// Both streams, for assertion messages.
+    pub fn all(&self) -> String {
+        format!(
+            "--- exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+
+    pub fn assert_code(&self, code: i32) -> &Run {
+        assert_eq!(self.code, code, "unexpected exit code\n{}", self.all());
+        self
+    }
+
+    pub fn assert_stdout(&self, needle: &str) -> &Run {
+        assert!(
+            self.stdout.contains(needle),
+            "stdout lacks {needle:?}\n{}",
+            self.all()
+        );
+        self
+    }
+
+    pub fn assert_stderr(&self, needle: &str) -> &Run {
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}\n{}",
+            self.all()
+        );
+        self
+    }
+
+    /// The summary row of a step (`  KEY  TYPE  RESULT ...`).
+    pub fn summary_row(&self, step: &str) -> String {
+        self.stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(step) && l.starts_with("  "))
+            .unwrap_or_else(|| panic!("no summary row for {step}\n{}", self.all()))
+            .to_string()
+    }
+}
+
+/// A TCP port that was free a moment ago (for services the tests start).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Processes whose command line contains `marker` (to prove nothing was left behind).
+pub fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(marker) {
+                found.push(format!("{}: {}", name.to_string_lossy(), cmd));
+            }
+        }
+    }
+    found
+}
