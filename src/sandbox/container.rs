@@ -165,7 +165,6 @@ fn run(spec_path: &Path) -> Result<i32, SandboxError> {
         .delete(true)
         .map_err(|e| container_error(&spec, "delete", e))?;
     drop(dirs);
-    state::remove_run_cgroups(&spec.state_dir);
     Ok(code)
 }
 

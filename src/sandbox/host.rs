@@ -52,12 +52,7 @@ pub fn facts(spec: &ContainerSpec) -> (HostFacts, Vec<String>) {
     let mut warnings = Vec::new();
     let rootless = userns::in_user_namespace();
     let unified_cgroups = is_cgroup2("/sys/fs/cgroup");
-    let run_name = spec
-        .state_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "run".into());
-    let mut cgroups_path = PathBuf::from("/sandrun").join(&run_name).join(&spec.id);
+    let mut cgroups_path = PathBuf::from("/sandrun").join(&spec.id);
     let mut limits = spec.resources;
     if !limits.is_empty() {
         match limits_blocker(rootless, unified_cgroups, &limits) {

@@ -6,7 +6,7 @@
 //! then SIGKILL.
 
 use std::fs;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -28,7 +28,7 @@ pub fn spec_path(spec: &ContainerSpec) -> PathBuf {
 pub fn spawn_container(
     binary: &Path,
     spec: &ContainerSpec,
-    netns: Option<&OwnedFd>,
+    netns: Option<BorrowedFd<'_>>,
 ) -> Result<tokio::process::Child, SandboxError> {
     let path = write_spec(spec)?;
     let mut cmd = tokio::process::Command::new(binary);

@@ -10,6 +10,7 @@ pub mod error;
 pub mod helper;
 pub mod host;
 pub mod launch;
+pub mod launcher;
 pub mod oci;
 pub mod rootfs;
 pub mod spec;
@@ -18,6 +19,7 @@ pub mod userns;
 
 pub use container::{ERROR_PREFIX, WARNING_PREFIX};
 pub use error::SandboxError;
+pub use launcher::ContainerLauncher;
 pub use spec::{BindMount, ContainerProcess, ContainerSpec, ImageConfig, ImageSpec, Limits, Shell};
 pub use state::RunState;
 pub use userns::{enter_rootless, InvokingUser, UsernsInfo};

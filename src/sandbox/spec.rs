@@ -85,7 +85,8 @@ impl Shell {
         match self {
             Shell::Sh => ("sh", "-c"),
             Shell::Bash => ("bash", "-c"),
-            Shell::Powershell => ("powershell", "-Command"),
+            // No `powershell` on Linux: PowerShell 7 (`pwsh`) runs both.
+            Shell::Powershell => ("pwsh", "-Command"),
             Shell::Pwsh => ("pwsh", "-Command"),
             Shell::Python => ("python3", "-c"),
         }

@@ -130,9 +130,10 @@ fn make_writable(path: &Path) {
     }
 }
 
-/// Removes the (empty) cgroups `/sandrun/<run>/...` of a run, in every hierarchy.
+/// Removes the (empty, left by killed helpers) cgroups `/sandrun/<prefix>*` in every
+/// hierarchy; container ids start with their run's directory name.
 pub fn remove_run_cgroups(run_dir: &Path) {
-    let Some(run) = run_dir.file_name() else {
+    let Some(prefix) = run_dir.file_name().and_then(|n| n.to_str()) else {
         return;
     };
     let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
@@ -140,14 +141,17 @@ pub fn remove_run_cgroups(run_dir: &Path) {
         roots.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
     }
     for root in roots {
-        let dir = root.join("sandrun").join(run);
-        if let Ok(children) = fs::read_dir(&dir) {
-            for child in children.flatten() {
-                if child.file_type().is_ok_and(|t| t.is_dir()) {
-                    let _ = fs::remove_dir(child.path());
-                }
+        let Ok(children) = fs::read_dir(root.join("sandrun")) else {
+            continue;
+        };
+        for child in children.flatten() {
+            if child
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(prefix))
+            {
+                let _ = fs::remove_dir(child.path());
             }
-            let _ = fs::remove_dir(&dir);
         }
     }
 }
