@@ -18,7 +18,7 @@ use crate::run::events::{EventSink, RunEvent, StageResult};
 use crate::run::executor::{run_stage, RunOptions, StageContext};
 use crate::run::launch::HostLauncher;
 use crate::run::state::RunDir;
-use crate::sandbox::InvokingUser;
+use crate::sandbox::{ContainerLauncher, InvokingUser};
 use crate::store::cmd as store_cmd;
 use crate::ui::{self, ColorChoice, JsonReporter, JunitWriter, Reporter, TerminalReporter};
 
@@ -405,8 +405,16 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         } else {
             Default::default()
         };
-        let _ = &images;
-        let outcome = run_plan(&plan, &options, &host, run_dir.path(), sink, cancel).await;
+        let outcome = run_plan(
+            &plan,
+            &options,
+            &host,
+            &images,
+            run_dir.path(),
+            sink,
+            cancel,
+        )
+        .await;
         signals.abort();
         let shown = ui.await;
         (Ok(outcome), shown)
@@ -430,6 +438,7 @@ async fn run_plan(
     plan: &Plan,
     options: &RunOptions,
     host: &HostLauncher,
+    images: &crate::run::images::Images,
     state_dir: &Path,
     sink: EventSink,
     cancel: CancellationToken,
@@ -462,11 +471,31 @@ async fn run_plan(
                 continue;
             }
         };
+        let containers = if images.is_empty() {
+            None
+        } else {
+            match std::env::current_exe() {
+                Ok(exe) => Some(ContainerLauncher::new(
+                    exe,
+                    stage_dir.clone(),
+                    images.clone(),
+                )),
+                Err(e) => {
+                    sink.warn(
+                        None,
+                        format!("cannot find the sandrun executable to start containers: {e}"),
+                    );
+                    None
+                }
+            }
+        };
         let ctx = StageContext {
             plan,
             stage,
             host,
-            containers: None,
+            containers: containers
+                .as_ref()
+                .map(|c| c as &dyn crate::run::launch::Launcher),
             network: network.as_ref().map(|(n, _)| n),
             state_dir: &stage_dir,
             options,
