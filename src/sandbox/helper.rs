@@ -1,8 +1,10 @@
 //! Hidden subcommands of the `sandrun` binary that must run before anything else
-//! (single-threaded, no tokio): `sandrun __unshare [CMD...]` enters the rootless
+//! (single-threaded, no tokio): `sandrun __container <spec.json>` (one container, see
+//! `container`), and `sandrun __unshare [CMD...]` enters the rootless
 //! namespace and runs CMD there (like `podman unshare`; used by tests and for looking
 //! at the store with its real owners). `__unshare --as-invoking-user CMD...` runs CMD
-//! as the invoking user again through [`InvokingUser`].
+//! as the invoking user again through [`InvokingUser`]. `__sweep [BASE]` removes what
+//! killed runs left under BASE (default: the state base), as the next run does.
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -14,6 +16,17 @@ use super::userns::{self, InvokingUser};
 pub fn dispatch(args: &[OsString]) -> Option<i32> {
     match args.get(1)?.to_str()? {
         "__unshare" => Some(unshare_main(&args[2..])),
+        "__sweep" => Some(sweep_main(&args[2..])),
+        "__container" => Some(match args.get(2) {
+            Some(spec) if args.len() == 3 => {
+                debug_logging();
+                super::container::main(std::path::Path::new(spec))
+            }
+            _ => {
+                eprintln!("usage: sandrun __container <spec.json>");
+                125
+            }
+        }),
         _ => None,
     }
 }
@@ -56,4 +69,32 @@ fn unshare_main(mut cmd: &[OsString]) -> i32 {
     let err = command.exec();
     eprintln!("sandrun: cannot run {}: {err}", program.to_string_lossy());
     127
+}
+
+/// `SANDRUN_LOG=debug` (an env-filter) shows libcontainer's own log on stderr.
+fn debug_logging() {
+    if let Ok(filter) = std::env::var("SANDRUN_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
+fn sweep_main(args: &[OsString]) -> i32 {
+    if !nix::unistd::geteuid().is_root() {
+        // Leftovers belong to ids of the user namespace: sweep from inside it.
+        if let Err(e) = userns::enter_rootless() {
+            eprintln!("sandrun: {e}");
+            return 125;
+        }
+    }
+    let base = args
+        .first()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(super::state::default_base);
+    for removed in super::state::sweep_stale(&base) {
+        println!("removed {}", removed.display());
+    }
+    0
 }

@@ -1,11 +1,25 @@
 //! The sandbox layer: everything that turns a planned step into isolated processes.
-//! `userns` puts a rootless runner into its own user + mount namespace; the container
-//! side (`__container` helper) starts one OCI container per step with libcontainer.
-//! Raw syscalls live here (and in `net/`), nowhere else.
+//! `userns` puts a rootless runner into its own user + mount namespace; `container`
+//! is the single-threaded `sandrun __container` helper that starts one OCI container
+//! per step with libcontainer, from a plain-data [`ContainerSpec`]; `launch` spawns that
+//! helper from the (multi-threaded) runner. Raw syscalls live here (and in `net/`),
+//! nowhere else.
 
+pub mod container;
 pub mod error;
 pub mod helper;
+pub mod host;
+pub mod launch;
+pub mod launcher;
+pub mod oci;
+pub mod rootfs;
+pub mod spec;
+pub mod state;
 pub mod userns;
 
+pub use container::{ERROR_PREFIX, WARNING_PREFIX};
 pub use error::SandboxError;
+pub use launcher::ContainerLauncher;
+pub use spec::{BindMount, ContainerProcess, ContainerSpec, ImageConfig, ImageSpec, Limits, Shell};
+pub use state::RunState;
 pub use userns::{enter_rootless, InvokingUser, UsernsInfo};

@@ -47,6 +47,20 @@ pub struct PullArgs {
     pub always: bool,
 }
 
+/// Rootless, store commands that write layers run as uid 0 of sandrun's user namespace
+/// (as `run` does), so that layers keep their owners (mapped through /etc/subuid) and
+/// the files written that way can be removed again. Must run before any thread starts.
+pub(crate) fn enter_userns_if_rootless() -> Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let info = crate::sandbox::enter_rootless().context("cannot set up rootless mode")?;
+    if let Some(limit) = info.limitation() {
+        eprintln!("warning: {limit}");
+    }
+    Ok(())
+}
+
 pub(crate) fn open_store() -> Result<Store> {
     let home = default_home().context("no store directory: set SANDRUN_HOME (or HOME)")?;
     Store::open(&home).with_context(|| format!("opening the store at {}", home.display()))
@@ -60,6 +74,7 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn pull(args: &PullArgs, reg: &RegistryArgs) -> Result<i32> {
+    enter_userns_if_rootless()?;
     let store = open_store()?;
     let mut opts = reg.pull_options();
     let mut wanted: Vec<(String, PullPolicy)> = Vec::new();
@@ -196,6 +211,7 @@ fn human_duration(d: std::time::Duration) -> String {
 pub struct GcArgs {}
 
 pub fn gc(_args: &GcArgs) -> Result<i32> {
+    enter_userns_if_rootless()?;
     let store = open_store()?;
     let r = store.gc()?;
     for n in &r.notes {
@@ -220,6 +236,7 @@ pub struct FsckArgs {
 }
 
 pub fn fsck(args: &FsckArgs) -> Result<i32> {
+    enter_userns_if_rootless()?;
     let store = open_store()?;
     let r = store.fsck(args.repair)?;
     for p in &r.problems {
@@ -292,6 +309,7 @@ pub struct SaveArgs {
 }
 
 pub fn save(args: &SaveArgs, reg: &RegistryArgs) -> Result<i32> {
+    enter_userns_if_rootless()?;
     let store = open_store()?;
     let mut opts = reg.pull_options();
     let mut images = Vec::new();
@@ -332,6 +350,7 @@ pub struct LoadArgs {
 }
 
 pub fn load(args: &LoadArgs) -> Result<i32> {
+    enter_userns_if_rootless()?;
     let store = open_store()?;
     let opts = PullOptions {
         offline: true,

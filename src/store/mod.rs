@@ -39,6 +39,7 @@ pub use auth::Credential;
 pub use error::StoreError;
 pub use lock::{LockFile, Pin};
 pub use progress::{NoProgress, PullEvent, PullProgress};
+pub use pull::parse_config;
 pub use reference::ImageRef;
 pub use registry::Platform;
 

@@ -251,7 +251,8 @@ fn read_manifest_and_config(
     Ok((manifest, Some(config)))
 }
 
-pub(crate) fn parse_config(
+/// Parses an image config and checks it against its manifest (one diffID per layer).
+pub fn parse_config(
     reference: &str,
     bytes: &[u8],
     manifest: &ImageManifest,

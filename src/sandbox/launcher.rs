@@ -1,0 +1,184 @@
+//! `ContainerLauncher`: the executor's [`Launcher`] for steps with an image. It turns
+//! a `LaunchSpec` (planned step, process, env, workspace, control dir, network) and the
+//! store's unpacked image into a [`ContainerSpec`], and spawns the `sandrun
+//! __container` helper for it inside the step's network namespace.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tokio::process::Child;
+
+use super::launch::spawn_container;
+use super::spec::{BindMount, ContainerProcess, ContainerSpec, ImageConfig, ImageSpec, Limits};
+use crate::run::launch::{LaunchError, LaunchSpec, Launcher, Process};
+
+/// Where the step's control directory (output variables) appears in its container.
+pub const CONTROL_DIR: &str = "/run/sandrun";
+/// Where the stage workspace appears, and the working directory of every step.
+pub const WORKSPACE: &str = "/harness";
+
+pub struct ContainerLauncher {
+    binary: PathBuf,
+    state_dir: PathBuf,
+    id_prefix: String,
+    images: HashMap<String, ImageSpec>,
+}
+
+impl ContainerLauncher {
+    /// `binary`: the sandrun executable (`std::env::current_exe()` in the runner);
+    /// `state_dir`: the stage's private state directory; `images`: every image of the
+    /// stage, already in the store, by the reference the plan uses.
+    pub fn new(
+        binary: PathBuf,
+        state_dir: PathBuf,
+        images: impl IntoIterator<Item = (String, crate::store::Image)>,
+    ) -> ContainerLauncher {
+        let name = |p: Option<&std::ffi::OsStr>| {
+            p.map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let id_prefix = sanitize(&format!(
+            "{}-{}",
+            name(state_dir.parent().and_then(Path::file_name)),
+            name(state_dir.file_name())
+        ));
+        let images = images
+            .into_iter()
+            .map(|(reference, image)| {
+                let config = image
+                    .config
+                    .config()
+                    .as_ref()
+                    .map(ImageConfig::from)
+                    .unwrap_or_default();
+                let spec = ImageSpec {
+                    reference: image.reference,
+                    layers: image.layers,
+                    config,
+                };
+                (reference, spec)
+            })
+            .collect();
+        ContainerLauncher {
+            binary,
+            state_dir,
+            id_prefix,
+            images,
+        }
+    }
+
+    /// The container spec for a launch (pure; spawning is separate).
+    pub fn container_spec(&self, spec: &LaunchSpec<'_>) -> Result<ContainerSpec, LaunchError> {
+        let step = spec.step;
+        let refused = |message: String| LaunchError::Refused {
+            step: step.key.clone(),
+            message,
+        };
+        let reference = step
+            .image
+            .as_ref()
+            .map(|i| i.reference.clone())
+            .ok_or_else(|| refused("has no image; it runs on the host".into()))?;
+        let image = self.images.get(&reference).cloned().ok_or_else(|| {
+            refused(format!(
+                "image `{reference}` was not prepared for this stage"
+            ))
+        })?;
+        let process = match &spec.process {
+            Process::Shell { shell, script } => ContainerProcess::Shell {
+                shell: (*shell).into(),
+                script: script.clone(),
+            },
+            Process::Exec { argv } => ContainerProcess::Exec { argv: argv.clone() },
+            Process::ImageDefault => ContainerProcess::ImageDefault,
+        };
+        let mut mounts = vec![
+            BindMount {
+                source: spec.workspace.to_path_buf(),
+                destination: WORKSPACE.into(),
+                readonly: false,
+            },
+            BindMount {
+                source: spec.control_dir.to_path_buf(),
+                destination: CONTROL_DIR.into(),
+                readonly: false,
+            },
+        ];
+        if let Some(net) = spec.network {
+            let network = |e| LaunchError::Network {
+                step: step.key.clone(),
+                source: e,
+            };
+            for (source, destination) in [
+                (net.hosts_file(&step.key).map_err(network)?, "/etc/hosts"),
+                (
+                    net.resolv_conf(&step.key).map_err(network)?,
+                    "/etc/resolv.conf",
+                ),
+            ] {
+                mounts.push(BindMount {
+                    source: source.to_path_buf(),
+                    destination: destination.into(),
+                    readonly: false,
+                });
+            }
+        }
+        Ok(ContainerSpec {
+            id: format!("{}-{}", self.id_prefix, sanitize(&step.key)),
+            step: step.key.clone(),
+            hostname: step.identifier.clone(),
+            image,
+            process,
+            env: spec.env.clone(),
+            user: step.run_as_user.clone(),
+            working_dir: Some(WORKSPACE.into()),
+            mounts,
+            resources: Limits {
+                memory_bytes: step.resources.memory,
+                cpu_millis: step.resources.cpu_millis,
+            },
+            privileged: step.privileged,
+            state_dir: self.state_dir.clone(),
+        })
+    }
+}
+
+impl Launcher for ContainerLauncher {
+    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Child, LaunchError> {
+        let container = self.container_spec(spec)?;
+        let netns = match spec.network {
+            Some(net) => {
+                Some(
+                    net.step_netns(&spec.step.key)
+                        .map_err(|source| LaunchError::Network {
+                            step: spec.step.key.clone(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        spawn_container(&self.binary, &container, netns).map_err(|e| LaunchError::Spawn {
+            step: spec.step.key.clone(),
+            program: format!("{} __container", self.binary.display()),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
+    fn control_dir_in_step(&self, _host_path: &Path) -> PathBuf {
+        PathBuf::from(CONTROL_DIR)
+    }
+}
+
+/// Container ids and cgroup names: `[A-Za-z0-9_.-]` only.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,481 @@
+//! The OCI runtime spec (config.json) of one step, built from a [`ContainerSpec`] plus
+//! what the helper found out about the host and the image ([`HostFacts`],
+//! [`ImageUser`]). Pure: no syscalls, so every rule is unit-tested. Defaults follow
+//! runc's (capabilities, masked and read-only paths, standard mounts); the container
+//! keeps the network namespace it was started in (the step's, joined by the runner).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDevice,
+    LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder, LinuxNamespaceBuilder,
+    LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder,
+    PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+};
+
+use super::rootfs::ImageUser;
+use super::spec::{ContainerSpec, Limits};
+
+/// What the helper learned about the host before writing the spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostFacts {
+    /// Running in a user namespace (rootless).
+    pub rootless: bool,
+    /// /sys/fs/cgroup (as this process sees it) is cgroup2 only: a cgroup namespace
+    /// is safe to create.
+    pub unified_cgroups: bool,
+    /// sysfs can be mounted (the network namespace belongs to our user namespace);
+    /// otherwise /sys is a read-only recursive bind of the host's.
+    pub sysfs_mountable: bool,
+    /// gid 5 (tty) is mapped: devpts may use `gid=5`.
+    pub tty_gid_mapped: bool,
+    /// Limits that will be enforced (already reduced to what the host allows).
+    pub limits: Limits,
+    /// Absolute cgroups path for this container.
+    pub cgroups_path: PathBuf,
+    /// The helper's bounding set (bit N = capability N): what `privileged` can give.
+    pub cap_bounding: u64,
+    /// Host devices for `privileged` (already filtered to usable ones when rootless).
+    pub devices: Vec<LinuxDevice>,
+    /// The helper's own open-files limit, inherited by the container.
+    pub nofile: (u64, u64),
+}
+
+/// runc's default capability set.
+pub const DEFAULT_CAPS: [Capability; 14] = [
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+/// Capabilities by number, as in linux/capability.h.
+const ALL_CAPS: [Capability; 41] = [
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::DacReadSearch,
+    Capability::Fowner,
+    Capability::Fsetid,
+    Capability::Kill,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setpcap,
+    Capability::LinuxImmutable,
+    Capability::NetBindService,
+    Capability::NetBroadcast,
+    Capability::NetAdmin,
+    Capability::NetRaw,
+    Capability::IpcLock,
+    Capability::IpcOwner,
+    Capability::SysModule,
+    Capability::SysRawio,
+    Capability::SysChroot,
+    Capability::SysPtrace,
+    Capability::SysPacct,
+    Capability::SysAdmin,
+    Capability::SysBoot,
+    Capability::SysNice,
+    Capability::SysResource,
+    Capability::SysTime,
+    Capability::SysTtyConfig,
+    Capability::Mknod,
+    Capability::Lease,
+    Capability::AuditWrite,
+    Capability::AuditControl,
+    Capability::Setfcap,
+    Capability::MacOverride,
+    Capability::MacAdmin,
+    Capability::Syslog,
+    Capability::WakeAlarm,
+    Capability::BlockSuspend,
+    Capability::AuditRead,
+    Capability::Perfmon,
+    Capability::Bpf,
+    Capability::CheckpointRestore,
+];
+
+pub struct Process<'a> {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: &'a str,
+    pub user: &'a ImageUser,
+}
+
+type SpecResult = Result<Spec, oci_spec::OciSpecError>;
+
+pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFacts) -> SpecResult {
+    let caps: HashSet<Capability> = if c.privileged {
+        ALL_CAPS
+            .iter()
+            .enumerate()
+            .filter(|(bit, _)| host.cap_bounding & (1u64 << bit) != 0)
+            .map(|(_, cap)| *cap)
+            .collect()
+    } else {
+        DEFAULT_CAPS.iter().copied().collect()
+    };
+    let capabilities = LinuxCapabilitiesBuilder::default()
+        .bounding(caps.clone())
+        .effective(caps.clone())
+        .permitted(caps.clone())
+        .inheritable(HashSet::new())
+        .ambient(HashSet::new())
+        .build()?;
+    let mut user = UserBuilder::default().uid(p.user.uid).gid(p.user.gid);
+    // Supplementary groups need setgroups, which libcontainer refuses rootless.
+    if !host.rootless && !p.user.additional_gids.is_empty() {
+        user = user.additional_gids(p.user.additional_gids.clone());
+    }
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .user(user.build()?)
+        .args(p.argv.clone())
+        .env(p.env.clone())
+        .cwd(p.cwd)
+        .no_new_privileges(false)
+        .capabilities(capabilities)
+        .rlimits(vec![PosixRlimitBuilder::default()
+            .typ(PosixRlimitType::RlimitNofile)
+            .soft(host.nofile.0)
+            .hard(host.nofile.1)
+            .build()?])
+        .build()?;
+
+    let mut namespaces = vec![
+        LinuxNamespaceType::Mount,
+        LinuxNamespaceType::Pid,
+        LinuxNamespaceType::Uts,
+        LinuxNamespaceType::Ipc,
+    ];
+    if host.unified_cgroups {
+        namespaces.push(LinuxNamespaceType::Cgroup);
+    }
+    let namespaces = namespaces
+        .into_iter()
+        .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build())
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut resources = LinuxResourcesBuilder::default();
+    if let Some(bytes) = host.limits.memory_bytes {
+        resources = resources.memory(LinuxMemoryBuilder::default().limit(bytes as i64).build()?);
+    }
+    if let Some(millis) = host.limits.cpu_millis {
+        let period: u64 = 100_000;
+        resources = resources.cpu(
+            LinuxCpuBuilder::default()
+                .period(period)
+                .quota((millis * period / 1000) as i64)
+                .build()?,
+        );
+    }
+    if c.privileged && !host.rootless {
+        resources = resources.devices(vec![LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .typ(LinuxDeviceType::A)
+            .access("rwm")
+            .build()?]);
+    }
+
+    let mut linux = LinuxBuilder::default()
+        .namespaces(namespaces)
+        .cgroups_path(host.cgroups_path.clone())
+        .resources(resources.build()?)
+        .rootfs_propagation("private");
+    if c.privileged {
+        linux = linux
+            .masked_paths(Vec::<String>::new())
+            .readonly_paths(Vec::<String>::new())
+            .devices(host.devices.clone());
+    } else {
+        linux = linux
+            .masked_paths(oci_spec::runtime::get_default_maskedpaths())
+            .readonly_paths(oci_spec::runtime::get_default_readonly_paths());
+    }
+
+    SpecBuilder::default()
+        .version("1.0.2")
+        .hostname(c.hostname.clone())
+        .root(
+            RootBuilder::default()
+                .path(rootfs)
+                .readonly(false)
+                .build()?,
+        )
+        .process(process)
+        .mounts(mounts(c, host)?)
+        .linux(linux.build()?)
+        .build()
+}
+
+fn mounts(c: &ContainerSpec, host: &HostFacts) -> Result<Vec<Mount>, oci_spec::OciSpecError> {
+    let m = |dest: &str, typ: &str, source: &str, options: &[&str]| {
+        MountBuilder::default()
+            .destination(dest)
+            .typ(typ)
+            .source(source)
+            .options(options.iter().map(|o| o.to_string()).collect::<Vec<_>>())
+            .build()
+    };
+    let sys_ro = if c.privileged { "rw" } else { "ro" };
+    let mut pts = vec![
+        "nosuid",
+        "noexec",
+        "newinstance",
+        "ptmxmode=0666",
+        "mode=0620",
+    ];
+    if host.tty_gid_mapped {
+        pts.push("gid=5");
+    }
+    let mut out = vec![
+        m("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
+        m(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        )?,
+        m("/dev/pts", "devpts", "devpts", &pts)?,
+        m(
+            "/dev/shm",
+            "tmpfs",
+            "shm",
+            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        )?,
+        m(
+            "/dev/mqueue",
+            "mqueue",
+            "mqueue",
+            &["nosuid", "noexec", "nodev"],
+        )?,
+    ];
+    if host.sysfs_mountable {
+        out.push(m(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", sys_ro],
+        )?);
+        if !host.rootless {
+            out.push(m(
+                "/sys/fs/cgroup",
+                "cgroup",
+                "cgroup",
+                &["nosuid", "noexec", "nodev", "relatime", sys_ro],
+            )?);
+        }
+    } else {
+        out.push(m(
+            "/sys",
+            "none",
+            "/sys",
+            &["rbind", "nosuid", "noexec", "nodev", "ro"],
+        )?);
+    }
+    for b in &c.mounts {
+        let mode = if b.readonly { "ro" } else { "rw" };
+        out.push(
+            MountBuilder::default()
+                .destination(b.destination.as_str())
+                .typ("bind")
+                .source(b.source.clone())
+                .options(vec!["rbind".to_string(), mode.to_string()])
+                .build()?,
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::spec::{BindMount, ContainerProcess, ImageConfig, ImageSpec};
+
+    fn container(privileged: bool) -> ContainerSpec {
+        ContainerSpec {
+            id: "r-s".into(),
+            step: "s".into(),
+            hostname: "s".into(),
+            image: ImageSpec {
+                reference: "busybox".into(),
+                layers: vec![],
+                config: ImageConfig::default(),
+            },
+            process: ContainerProcess::ImageDefault,
+            env: vec![],
+            user: None,
+            working_dir: None,
+            mounts: vec![BindMount {
+                source: "/ws".into(),
+                destination: "/harness".into(),
+                readonly: false,
+            }],
+            resources: Limits::default(),
+            privileged,
+            state_dir: "/tmp/x".into(),
+        }
+    }
+
+    fn host(rootless: bool) -> HostFacts {
+        HostFacts {
+            rootless,
+            unified_cgroups: false,
+            sysfs_mountable: !rootless,
+            tty_gid_mapped: true,
+            limits: Limits {
+                memory_bytes: Some(1 << 29),
+                cpu_millis: Some(400),
+            },
+            cgroups_path: "/sandrun/r-s".into(),
+            cap_bounding: (1 << 41) - 1 - (1 << 24),
+            devices: vec![],
+            nofile: (1024, 4096),
+        }
+    }
+
+    fn build(privileged: bool, rootless: bool) -> Spec {
+        let user = ImageUser {
+            uid: 999,
+            gid: 999,
+            home: "/".into(),
+            additional_gids: vec![5],
+        };
+        let p = Process {
+            argv: vec!["true".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/harness",
+            user: &user,
+        };
+        runtime_spec(&container(privileged), Path::new("/r"), &p, &host(rootless)).unwrap()
+    }
+
+    #[test]
+    fn no_network_namespace_and_no_cgroup_namespace_on_hybrid_hosts() {
+        let spec = build(false, true);
+        let ns: Vec<_> = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| n.typ())
+            .collect();
+        assert_eq!(
+            ns,
+            [
+                LinuxNamespaceType::Mount,
+                LinuxNamespaceType::Pid,
+                LinuxNamespaceType::Uts,
+                LinuxNamespaceType::Ipc
+            ]
+        );
+        assert_eq!(spec.hostname().as_deref(), Some("s"));
+        assert!(spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .cgroups_path()
+            .as_ref()
+            .unwrap()
+            .is_absolute());
+    }
+
+    #[test]
+    fn default_caps_are_runcs_and_privileged_gets_all() {
+        let caps = |s: &Spec| {
+            s.process()
+                .as_ref()
+                .unwrap()
+                .capabilities()
+                .as_ref()
+                .unwrap()
+                .bounding()
+                .clone()
+                .unwrap()
+        };
+        let normal = caps(&build(false, false));
+        assert_eq!(normal.len(), 14);
+        assert!(!normal.contains(&Capability::SysAdmin));
+        let all = caps(&build(true, false));
+        assert_eq!(all.len(), 40);
+        assert!(!all.contains(&Capability::SysResource));
+        let linux = build(true, false).linux().clone().unwrap();
+        assert_eq!(linux.masked_paths().as_ref().unwrap().len(), 0);
+        assert!(build(false, false)
+            .linux()
+            .as_ref()
+            .unwrap()
+            .masked_paths()
+            .as_ref()
+            .unwrap()
+            .contains(&"/proc/kcore".to_string()));
+    }
+
+    #[test]
+    fn rootless_binds_sys_and_drops_supplementary_groups() {
+        let spec = build(false, true);
+        let sys = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/sys"))
+            .unwrap();
+        assert_eq!(sys.typ().as_deref(), Some("none"));
+        assert!(spec
+            .process()
+            .as_ref()
+            .unwrap()
+            .user()
+            .additional_gids()
+            .is_none());
+        let root = build(false, false);
+        assert_eq!(
+            root.process()
+                .as_ref()
+                .unwrap()
+                .user()
+                .additional_gids()
+                .as_deref(),
+            Some(&[5][..])
+        );
+    }
+
+    #[test]
+    fn limits_become_cgroup_resources() {
+        let spec = build(false, false);
+        let r = spec.linux().as_ref().unwrap().resources().clone().unwrap();
+        assert_eq!(r.memory().as_ref().unwrap().limit(), Some(1 << 29));
+        assert_eq!(r.cpu().as_ref().unwrap().quota(), Some(40_000));
+        assert_eq!(r.cpu().as_ref().unwrap().period(), Some(100_000));
+    }
+
+    #[test]
+    fn workspace_is_a_rw_bind() {
+        let spec = build(false, false);
+        let ws = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/harness"))
+            .unwrap();
+        assert_eq!(
+            ws.options().as_deref(),
+            Some(&["rbind".to_string(), "rw".to_string()][..])
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! On-disk state of runs: `$XDG_RUNTIME_DIR/sandrun/<run-id>/` (or a private
+//! `/tmp/sandrun-<uid>/<run-id>/`) holds container bundles, overlay upper dirs and
+//! libcontainer's state. A run holds a shared lock on `<run>/lock` for as long as it
+//! lives, and so does every container helper of the run; a run directory whose lock
+//! nobody holds belongs to a run that was killed, and the next run removes it (with the
+//! cgroups its containers left).
+
+use std::fs::{self, File};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use super::error::SandboxError;
+
+/// `$XDG_RUNTIME_DIR/sandrun`, or `/tmp/sandrun-<uid>` (mode 0700) without it.
+pub fn default_base() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("sandrun"),
+        _ => PathBuf::from(format!("/tmp/sandrun-{}", nix::unistd::getuid())),
+    }
+}
+
+/// A live run's state directory. Dropping it removes the directory.
+pub struct RunState {
+    dir: PathBuf,
+    lock: Option<Flock<File>>,
+}
+
+impl RunState {
+    /// Creates `<base>/<run_id>` and locks it. Removes stale runs' leftovers first.
+    pub fn create(base: &Path, run_id: &str) -> Result<RunState, SandboxError> {
+        sweep_stale(base);
+        let dir = base.join(run_id);
+        let lock = hold_run(&dir)?;
+        Ok(RunState {
+            dir,
+            lock: Some(lock),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for RunState {
+    fn drop(&mut self) {
+        drop(self.lock.take());
+        remove_tree(&self.dir);
+        remove_run_cgroups(&self.dir);
+    }
+}
+
+/// Creates the run directory (private) if needed and takes a shared lock on it.
+pub fn hold_run(dir: &Path) -> Result<Flock<File>, SandboxError> {
+    if let Some(base) = dir.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(base)
+            .map_err(|e| SandboxError::io("create", base, e))?;
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| SandboxError::io("create", dir, e))?;
+    let path = dir.join("lock");
+    let file = File::options()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| SandboxError::io("open", &path, e))?;
+    Flock::lock(file, FlockArg::LockSharedNonblock)
+        .or_else(|(file, _)| Flock::lock(file, FlockArg::LockShared))
+        .map_err(|(_, e)| SandboxError::io("lock", &path, e.into()))
+}
+
+/// Removes the directories (and cgroups) of runs that are no longer alive. Returns
+/// what it removed.
+pub fn sweep_stale(base: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(base) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let stale = match File::open(dir.join("lock")) {
+            Ok(file) => Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok(),
+            // A directory being created has no lock yet for a moment.
+            Err(_) => entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| {
+                SystemTime::now().duration_since(t).unwrap_or_default() > Duration::from_secs(60)
+            }),
+        };
+        if stale {
+            remove_tree(&dir);
+            remove_run_cgroups(&dir);
+            removed.push(dir);
+        }
+    }
+    removed
+}
+
+/// Best-effort `rm -rf`, also through directories left without write permission
+/// (overlay's `work/work` is mode 000).
+pub fn remove_tree(path: &Path) {
+    if fs::remove_dir_all(path).is_ok() || !path.exists() {
+        return;
+    }
+    make_writable(path);
+    let _ = fs::remove_dir_all(path);
+}
+
+fn make_writable(path: &Path) {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return;
+    };
+    if meta.is_dir() {
+        let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o700));
+        if let Ok(entries) = fs::read_dir(path) {
+            for e in entries.flatten() {
+                make_writable(&e.path());
+            }
+        }
+    }
+}
+
+/// Removes the (empty, left by killed helpers) cgroups `/sandrun/<prefix>*` in every
+/// hierarchy; container ids start with their run's directory name.
+pub fn remove_run_cgroups(run_dir: &Path) {
+    let Some(prefix) = run_dir.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
+        roots.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    for root in roots {
+        let Ok(children) = fs::read_dir(root.join("sandrun")) else {
+            continue;
+        };
+        for child in children.flatten() {
+            if child
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(prefix))
+            {
+                let _ = fs::remove_dir(child.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_runs_are_kept_and_dead_ones_swept() {
+        let base = tempfile::tempdir().unwrap();
+        let live = RunState::create(base.path(), "live").unwrap();
+        fs::create_dir_all(live.dir().join("containers/x/work/work")).unwrap();
+        // A dead run: its lock file exists but nobody holds it.
+        let dead = base.path().join("dead");
+        fs::create_dir_all(dead.join("containers/y/work/work")).unwrap();
+        fs::set_permissions(
+            dead.join("containers/y/work/work"),
+            fs::Permissions::from_mode(0o000),
+        )
+        .unwrap();
+        File::create(dead.join("lock")).unwrap();
+        assert_eq!(sweep_stale(base.path()), vec![dead.clone()]);
+        assert!(!dead.exists());
+        assert!(live.dir().exists());
+        let dir = live.dir().to_path_buf();
+        drop(live);
+        assert!(!dir.exists());
+    }
+}
