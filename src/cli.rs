@@ -18,7 +18,7 @@ use crate::run::events::{EventSink, RunEvent, StageResult};
 use crate::run::executor::{run_stage, RunOptions, StageContext};
 use crate::run::launch::HostLauncher;
 use crate::run::state::RunDir;
-use crate::sandbox::InvokingUser;
+use crate::sandbox::{ContainerLauncher, InvokingUser};
 use crate::store::cmd as store_cmd;
 use crate::ui::{self, ColorChoice, JsonReporter, JunitWriter, Reporter, TerminalReporter};
 
@@ -131,6 +131,9 @@ pub struct RunArgs {
     /// How long a Background step's ports may take to accept connections.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
+    /// Refuse any image the lock file beside the pipeline does not pin (`sandrun lock`).
+    #[arg(long)]
+    pub locked: bool,
     /// Time between SIGTERM and SIGKILL when a step is stopped.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
@@ -336,6 +339,13 @@ fn unsupported_steps(plan: &Plan) -> Vec<String> {
 
 fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     let (_, plan) = load_and_plan(&args.input, false)?;
+    let mut pull = global.registry.pull_options();
+    pull.locked = args.locked;
+    crate::run::images::apply_lock(&plan.source, &plan, &mut pull)?;
+    let needs_images = plan
+        .stages
+        .iter()
+        .any(|s| s.skipped.is_none() && s.steps().iter().any(|st| st.image.is_some()));
     let unsupported = unsupported_steps(&plan);
     if !unsupported.is_empty() && !args.skip_unsupported {
         bail!(
@@ -382,13 +392,36 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         let host = HostLauncher {
             invoking_user: userns.as_ref().map(InvokingUser::new),
         };
-        let outcome = run_plan(&plan, &options, &host, run_dir.path(), sink, cancel).await;
+        let images = if needs_images {
+            match prepare_images(&plan, &pull, args.json, &sink).await {
+                Ok(i) => i,
+                Err(e) => {
+                    drop(sink);
+                    signals.abort();
+                    let _ = ui.await;
+                    return (Err(e), Ok(Ok(())));
+                }
+            }
+        } else {
+            Default::default()
+        };
+        let outcome = run_plan(
+            &plan,
+            &options,
+            &host,
+            &images,
+            run_dir.path(),
+            sink,
+            cancel,
+        )
+        .await;
         signals.abort();
         let shown = ui.await;
-        (outcome, shown)
+        (Ok(outcome), shown)
     });
     drop(run_dir);
     let (outcome, shown) = result;
+    let outcome = outcome?;
     match shown {
         Ok(Err(e)) => eprintln!("sandrun: {e:#}"),
         Err(e) => eprintln!("sandrun: the display stopped: {e}"),
@@ -405,6 +438,7 @@ async fn run_plan(
     plan: &Plan,
     options: &RunOptions,
     host: &HostLauncher,
+    images: &crate::run::images::Images,
     state_dir: &Path,
     sink: EventSink,
     cancel: CancellationToken,
@@ -437,11 +471,31 @@ async fn run_plan(
                 continue;
             }
         };
+        let containers = if images.is_empty() {
+            None
+        } else {
+            match std::env::current_exe() {
+                Ok(exe) => Some(ContainerLauncher::new(
+                    exe,
+                    stage_dir.clone(),
+                    images.clone(),
+                )),
+                Err(e) => {
+                    sink.warn(
+                        None,
+                        format!("cannot find the sandrun executable to start containers: {e}"),
+                    );
+                    None
+                }
+            }
+        };
         let ctx = StageContext {
             plan,
             stage,
             host,
-            containers: None,
+            containers: containers
+                .as_ref()
+                .map(|c| c as &dyn crate::run::launch::Launcher),
             network: network.as_ref().map(|(n, _)| n),
             state_dir: &stage_dir,
             options,
@@ -455,6 +509,32 @@ async fn run_plan(
         }
     }
     overall
+}
+
+/// Every image of the plan, present and verified, before any stage starts.
+async fn prepare_images(
+    plan: &Plan,
+    pull: &crate::store::PullOptions,
+    json: bool,
+    sink: &EventSink,
+) -> anyhow::Result<crate::run::images::Images> {
+    let home = crate::store::default_home()
+        .context("no image store directory: set SANDRUN_HOME (or HOME)")?;
+    let store = crate::store::Store::open(&home)
+        .with_context(|| format!("cannot open the image store at {}", home.display()))?;
+    let images = if json {
+        crate::run::images::prepare(plan, &store, pull, &crate::store::NoProgress).await?
+    } else {
+        let progress = crate::store::progress::TerminalProgress::new();
+        crate::run::images::prepare(plan, &store, pull, &progress).await?
+    };
+    for (reference, image) in &images {
+        sink.emit(RunEvent::ImageReady {
+            reference: reference.clone(),
+            digest: image.manifest_digest.clone(),
+        });
+    }
+    Ok(images)
 }
 
 /// The stage's network and its host port bindings. Ports are bound first, so that a

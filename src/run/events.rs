@@ -144,6 +144,11 @@ impl TestCounts {
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum RunEvent {
+    /// An image a step needs is present (pulled or already in the store).
+    ImageReady {
+        reference: String,
+        digest: String,
+    },
     StageStarted {
         stage: String,
         name: String,

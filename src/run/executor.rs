@@ -268,7 +268,7 @@ impl<'a> Executor<'a> {
             ProcessTemplate::Shell { shell, script } => {
                 let mut script = script.render(&outputs, &mut missing);
                 if !step.output_variables.is_empty() {
-                    let dir = launcher.control_dir_in_step(&control.join("outputs"));
+                    let dir = launcher.control_dir_in_step(control).join("outputs");
                     script.push_str(&output_trailer(*shell, &step.output_variables, &dir));
                 }
                 Process::Shell {

@@ -2,5 +2,6 @@
 
 pub mod events;
 pub mod executor;
+pub mod images;
 pub mod launch;
 pub mod state;

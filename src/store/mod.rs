@@ -38,8 +38,8 @@ pub use crate::pipeline::PullPolicy;
 pub use auth::Credential;
 pub use error::StoreError;
 pub use lock::{LockFile, Pin};
-pub use pull::parse_config;
 pub use progress::{NoProgress, PullEvent, PullProgress};
+pub use pull::parse_config;
 pub use reference::ImageRef;
 pub use registry::Platform;
 

@@ -1,0 +1,135 @@
+//! Before a run starts: every image its steps need, present in the store and pinned.
+//!
+//! All images are made present up front (concurrently), so that a missing image, a
+//! registry refusing credentials or an unpinned image under `--locked` stops the run
+//! before any step has started, and no step waits on a pull mid-stage.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use futures::future::join_all;
+
+use crate::plan::Plan;
+use crate::store::lock::{check_locked, lock_path, LockFile};
+use crate::store::{
+    resolve_connector, ConnectorResolution, Image, Platform, PullOptions, PullPolicy, PullProgress,
+    Store,
+};
+
+/// What the plan's container steps need, by the reference as the plan writes it.
+pub type Images = BTreeMap<String, Image>;
+
+/// One image to fetch and the steps that use it (for messages).
+struct Wanted {
+    reference: String,
+    /// After the step's `connectorRef` mapping.
+    source: String,
+    policy: PullPolicy,
+    steps: Vec<String>,
+}
+
+/// Every image of the plan's runnable steps, in plan order, merged by reference (the
+/// strictest pull policy wins: Always over IfNotPresent over Never).
+fn wanted(plan: &Plan, opts: &PullOptions) -> anyhow::Result<Vec<Wanted>> {
+    let mut out: Vec<Wanted> = Vec::new();
+    for stage in plan.stages.iter().filter(|s| s.skipped.is_none()) {
+        for step in stage.steps() {
+            let Some(img) = &step.image else { continue };
+            if step.unsupported.is_some() {
+                continue;
+            }
+            let source =
+                match resolve_connector(&img.reference, img.connector_ref.as_deref(), opts)? {
+                    ConnectorResolution::Mapped(r) => r,
+                    ConnectorResolution::None | ConnectorResolution::Unmapped { .. } => {
+                        img.reference.clone()
+                    }
+                };
+            match out.iter_mut().find(|w| w.reference == img.reference) {
+                Some(w) => {
+                    w.steps.push(step.key.clone());
+                    if rank(img.pull_policy) > rank(w.policy) {
+                        w.policy = img.pull_policy;
+                    }
+                }
+                None => out.push(Wanted {
+                    reference: img.reference.clone(),
+                    source,
+                    policy: img.pull_policy,
+                    steps: vec![step.key.clone()],
+                }),
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn rank(p: PullPolicy) -> u8 {
+    match p {
+        PullPolicy::Never => 0,
+        PullPolicy::IfNotPresent => 1,
+        PullPolicy::Always => 2,
+    }
+}
+
+/// The lock file's pins for `pipeline`, and with `locked` the check that every image
+/// is pinned for this platform.
+pub fn apply_lock(pipeline: &Path, plan: &Plan, opts: &mut PullOptions) -> anyhow::Result<()> {
+    let lock = LockFile::for_pipeline(pipeline)?;
+    match (&lock, opts.locked) {
+        (None, true) => anyhow::bail!(
+            "--locked: there is no lock file {} (write it with `sandrun lock {}`)",
+            lock_path(pipeline).display(),
+            pipeline.display()
+        ),
+        (Some(lock), true) => {
+            let images: Vec<String> = wanted(plan, opts)?.into_iter().map(|w| w.source).collect();
+            check_locked(
+                lock,
+                &lock_path(pipeline),
+                &images,
+                &Platform::host().to_string(),
+            )?;
+        }
+        _ => {}
+    }
+    if let Some(lock) = lock {
+        opts.pins = lock.images;
+    }
+    Ok(())
+}
+
+/// Make every image present; all failures are reported together.
+pub async fn prepare(
+    plan: &Plan,
+    store: &Store,
+    opts: &PullOptions,
+    progress: &dyn PullProgress,
+) -> anyhow::Result<Images> {
+    let wanted = wanted(plan, opts)?;
+    let results = join_all(
+        wanted
+            .iter()
+            .map(|w| store.ensure(&w.source, w.policy, opts, progress)),
+    )
+    .await;
+    let mut images = Images::new();
+    let mut errors = Vec::new();
+    for (w, r) in wanted.into_iter().zip(results) {
+        match r {
+            Ok(image) => {
+                images.insert(w.reference, image);
+            }
+            Err(e) => errors.push(format!(
+                "image `{}` (step {}): {e}",
+                w.source,
+                w.steps.join(", ")
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok(images)
+    } else {
+        anyhow::bail!("{}\nno step was started", errors.join("\n"))
+    }
+}

@@ -1,0 +1,129 @@
+//! Whole runs with container steps: images pulled from a real loopback registry into
+//! the store, steps started by libcontainer, services reached by step identifier from
+//! containers and from host steps, as root and rootless.
+
+mod support;
+
+#[path = "support/registry.rs"]
+mod registry;
+
+use registry::{tools_present, ImageBuilder, Registry};
+use support::{free_port, modes, processes_with, Sandbox};
+
+struct Fixture {
+    _registry: Registry,
+    _images: ImageBuilder,
+    busybox: String,
+}
+
+fn fixture() -> Option<Fixture> {
+    if !tools_present() {
+        eprintln!(
+            "skipped: docker-registry, skopeo or umoci missing (scripts/test.sh installs them)"
+        );
+        return None;
+    }
+    let registry = Registry::start();
+    let images = ImageBuilder::new();
+    images.busybox("bb", "amd64");
+    let busybox = format!("{}/test/busybox:1", registry.addr);
+    images.push("bb", &busybox, &[]);
+    Some(Fixture {
+        _registry: registry,
+        _images: images,
+        busybox,
+    })
+}
+
+#[test]
+fn container_service_is_reached_by_name_from_containers_and_host_steps() {
+    let Some(fx) = fixture() else { return };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let host_port = free_port();
+        let image = &fx.busybox;
+        sb.write(
+            "ci.yaml",
+            &format!(
+                r#"pipeline:
+  name: containers
+  identifier: containers
+  stages:
+    - stage:
+        name: build
+        identifier: build
+        type: CI
+        spec:
+          runtime:
+            type: Docker
+            spec: {{}}
+          execution:
+            steps:
+              - step:
+                  type: Background
+                  name: web
+                  identifier: web
+                  spec:
+                    image: {image}
+                    shell: Sh
+                    command: |
+                      mkdir -p /www
+                      echo "hello from $(hostname)" > /www/index.html
+                      exec busybox httpd -f -p 8080 -h /www
+                    portBindings:
+                      "{host_port}": "8080"
+              - step:
+                  type: Run
+                  name: client
+                  identifier: client
+                  spec:
+                    image: {image}
+                    shell: Sh
+                    command: |
+                      busybox wget -qO- http://web:8080/index.html
+                      echo "pid1=$(cat /proc/1/comm) in $(pwd)"
+                      echo shared > from-container.txt
+                      ANSWER=42
+                    outputVariables:
+                      - name: ANSWER
+              - step:
+                  type: Run
+                  name: host
+                  identifier: host
+                  spec:
+                    shell: Sh
+                    command: |
+                      curl -sf http://web:8080/index.html
+                      echo "answer=<+steps.client.output.outputVariables.ANSWER> file=$(cat from-container.txt)"
+"#
+            ),
+        );
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0)
+            .assert_stdout("hello from web")
+            .assert_stdout("pid1=sh in /harness")
+            .assert_stdout("answer=42 file=shared");
+        assert!(r.summary_row("web").contains("stopped"), "{}", r.all());
+        assert!(processes_with(&format!("httpd -f -p 8080")).is_empty());
+    }
+}
+
+#[test]
+fn a_missing_image_stops_the_run_before_any_step() {
+    let Some(fx) = fixture() else { return };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let missing = fx.busybox.replace("busybox:1", "nothing-here:1");
+        sb.write(
+            "ci.yaml",
+            &format!(
+                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: first\n            identifier: first\n            spec:\n              command: touch ran\n        - step:\n            type: Run\n            name: second\n            identifier: second\n            spec:\n              image: {missing}\n              command: true\n"
+            ),
+        );
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(2)
+            .assert_stderr("nothing-here")
+            .assert_stderr("no step was started");
+        assert!(!sb.workspace().join("ran").exists());
+    }
+}
