@@ -4,4 +4,5 @@ pub mod events;
 pub mod executor;
 pub mod images;
 pub mod launch;
+pub mod ports;
 pub mod state;
