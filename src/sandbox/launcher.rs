@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use tokio::process::Child;
 
 use super::launch::spawn_container;
-use super::spec::{BindMount, ContainerProcess, ContainerSpec, ImageConfig, ImageSpec, Limits};
-use crate::run::launch::{LaunchError, LaunchSpec, Launcher, Process};
+use super::spec::{BindMount, ContainerSpec, ImageConfig, ImageSpec, Limits};
+use crate::run::launch::{LaunchError, LaunchSpec, Launcher};
 
 /// Where the step's control directory (output variables) appears in its container.
 pub const CONTROL_DIR: &str = "/run/sandrun";
@@ -84,14 +84,7 @@ impl ContainerLauncher {
                 "image `{reference}` was not prepared for this stage"
             ))
         })?;
-        let process = match &spec.process {
-            Process::Shell { shell, script } => ContainerProcess::Shell {
-                shell: (*shell).into(),
-                script: script.clone(),
-            },
-            Process::Exec { argv } => ContainerProcess::Exec { argv: argv.clone() },
-            Process::ImageDefault => ContainerProcess::ImageDefault,
-        };
+        let process = spec.process.clone();
         let mut mounts = vec![
             BindMount {
                 source: spec.workspace.to_path_buf(),
