@@ -39,7 +39,11 @@ impl ImageRef {
             let hex = d
                 .strip_prefix("sha256:")
                 .ok_or_else(|| bad("only sha256 digests are supported"))?;
-            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            if hex.len() != 64
+                || !hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
                 return Err(bad("a sha256 digest has 64 lowercase hex digits"));
             }
         }
@@ -60,7 +64,10 @@ impl ImageRef {
         }
         let (registry, repository) = match name.split_once('/') {
             Some((first, path))
-                if first.contains('.') || first.contains(':') || first == "localhost" || first.bytes().any(|b| b.is_ascii_uppercase()) =>
+                if first.contains('.')
+                    || first.contains(':')
+                    || first == "localhost"
+                    || first.bytes().any(|b| b.is_ascii_uppercase()) =>
             {
                 (first.to_string(), path.to_string())
             }
@@ -72,7 +79,10 @@ impl ImageRef {
             _ => registry,
         };
         let domain_ok = registry.split(':').next().is_some_and(|h| {
-            !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'[' || b == b']')
+            !h.is_empty()
+                && h.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'[' || b == b']'
+                })
         }) && registry
             .split_once(':')
             .is_none_or(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()));
@@ -82,13 +92,18 @@ impl ImageRef {
         if repository.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(bad("repository name must be lowercase"));
         }
-        if repository.len() + registry.len() > 255 || !repository.split('/').all(path_component_ok) {
+        if repository.len() + registry.len() > 255 || !repository.split('/').all(path_component_ok)
+        {
             return Err(bad("invalid repository name"));
         }
         let inner = match (tag, digest) {
-            (Some(t), Some(d)) => Reference::with_tag_and_digest(registry, repository, t.to_string(), d.to_string()),
+            (Some(t), Some(d)) => {
+                Reference::with_tag_and_digest(registry, repository, t.to_string(), d.to_string())
+            }
             (None, Some(d)) => Reference::with_digest(registry, repository, d.to_string()),
-            (t, None) => Reference::with_tag(registry, repository, t.unwrap_or("latest").to_string()),
+            (t, None) => {
+                Reference::with_tag(registry, repository, t.unwrap_or("latest").to_string())
+            }
         };
         Ok(ImageRef { inner })
     }
@@ -240,10 +255,19 @@ mod tests {
         );
         assert_eq!(canon("gcr.io/project/img:v1"), "gcr.io/project/img:v1");
         assert_eq!(canon("localhost/img"), "localhost/img:latest");
-        assert_eq!(canon("index.docker.io/library/alpine"), "docker.io/library/alpine:latest");
-        assert_eq!(canon("my_org/sub__x/app-1.2:v1.0-rc_1"), "docker.io/my_org/sub__x/app-1.2:v1.0-rc_1");
+        assert_eq!(
+            canon("index.docker.io/library/alpine"),
+            "docker.io/library/alpine:latest"
+        );
+        assert_eq!(
+            canon("my_org/sub__x/app-1.2:v1.0-rc_1"),
+            "docker.io/my_org/sub__x/app-1.2:v1.0-rc_1"
+        );
         let both = format!("alpine:3@sha256:{}", "b".repeat(64));
-        assert_eq!(canon(&both), format!("docker.io/library/alpine:3@sha256:{}", "b".repeat(64)));
+        assert_eq!(
+            canon(&both),
+            format!("docker.io/library/alpine:3@sha256:{}", "b".repeat(64))
+        );
     }
 
     #[test]
