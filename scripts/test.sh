@@ -15,7 +15,7 @@ packages=(
   uidmap iproute2                             # rootless ids, network namespaces
   docker-registry skopeo umoci busybox-static # registry + image fixtures
   apache2-utils                               # htpasswd for the auth registry
-  python3 curl git passt                      # services and clients the tests run
+  python3 curl git slirp4netns                # services, clients, egress
 )
 
 missing=()

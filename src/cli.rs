@@ -496,6 +496,7 @@ async fn run_plan(
             containers: containers
                 .as_ref()
                 .map(|c| c as &dyn crate::run::launch::Launcher),
+            images,
             network: network.as_ref().map(|(n, _)| n),
             state_dir: &stage_dir,
             options,

@@ -14,6 +14,8 @@ struct Fixture {
     _registry: Registry,
     _images: ImageBuilder,
     busybox: String,
+    /// The same busybox, with `ExposedPorts: 8080/tcp` in its config.
+    web: String,
 }
 
 fn fixture() -> Option<Fixture> {
@@ -28,10 +30,19 @@ fn fixture() -> Option<Fixture> {
     images.busybox("bb", "amd64");
     let busybox = format!("{}/test/busybox:1", registry.addr);
     images.push("bb", &busybox, &[]);
+    registry::run(
+        std::process::Command::new("umoci")
+            .args(["config", "--image"])
+            .arg(format!("{}:bb", images.layout.display()))
+            .args(["--tag", "web", "--config.exposedports", "8080/tcp"]),
+    );
+    let web = format!("{}/test/web:1", registry.addr);
+    images.push("web", &web, &[]);
     Some(Fixture {
         _registry: registry,
         _images: images,
         busybox,
+        web,
     })
 }
 
@@ -67,9 +78,9 @@ fn container_service_is_reached_by_name_from_containers_and_host_steps() {
                     image: {image}
                     shell: Sh
                     command: |
-                      mkdir -p /www
-                      echo "hello from $(hostname)" > /www/index.html
-                      exec busybox httpd -f -p 8080 -h /www
+                      mkdir -p /www{host_port}
+                      echo "hello from $(hostname)" > /www{host_port}/index.html
+                      exec busybox httpd -f -p 8080 -h /www{host_port}
                     portBindings:
                       "{host_port}": "8080"
               - step:
@@ -104,7 +115,12 @@ fn container_service_is_reached_by_name_from_containers_and_host_steps() {
             .assert_stdout("pid1=sh in /harness")
             .assert_stdout("answer=42 file=shared");
         assert!(r.summary_row("web").contains("stopped"), "{}", r.all());
-        assert!(processes_with(&format!("httpd -f -p 8080")).is_empty());
+        let service = format!("httpd -f -p 8080 -h /www{host_port}");
+        assert!(
+            processes_with(&service).is_empty(),
+            "left behind: {:?}",
+            processes_with(&service)
+        );
     }
 }
 
@@ -125,5 +141,27 @@ fn a_missing_image_stops_the_run_before_any_step() {
             .assert_stderr("nothing-here")
             .assert_stderr("no step was started");
         assert!(!sb.workspace().join("ran").exists());
+    }
+}
+
+#[test]
+fn a_service_is_ready_when_its_exposed_ports_accept_connections() {
+    let Some(fx) = fixture() else { return };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        // No portBindings: readiness comes from the image's ExposedPorts, and the
+        // client does not retry, so it only passes if sandrun waited.
+        sb.write(
+            "ci.yaml",
+            &format!(
+                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Background\n            name: slow\n            identifier: slow\n            spec:\n              image: {web}\n              command: sleep 1; mkdir -p /w; echo up > /w/i; exec busybox httpd -f -p 8080 -h /w\n        - step:\n            type: Run\n            name: client\n            identifier: client\n            spec:\n              image: {bb}\n              command: busybox wget -qO- http://slow:8080/i\n",
+                web = fx.web,
+                bb = fx.busybox
+            ),
+        );
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0)
+            .assert_stdout("ready after")
+            .assert_stdout("client | up");
     }
 }

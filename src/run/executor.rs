@@ -61,6 +61,8 @@ pub struct StageContext<'a> {
     pub host: &'a dyn Launcher,
     /// Runs steps that have an image; `None` when containers are unavailable.
     pub containers: Option<&'a dyn Launcher>,
+    /// Images of the container steps, by the reference the plan uses.
+    pub images: &'a crate::run::images::Images,
     /// The stage network; `None` only when the executor is driven without namespaces.
     pub network: Option<&'a StageNetwork>,
     /// A private directory for this run's control files; removed by the caller.
@@ -692,7 +694,7 @@ impl<'a> Executor<'a> {
     }
 
     async fn wait_ready(&self, step: &StepPlan, started: Instant, exited: &CancellationToken) {
-        let ports: Vec<u16> = step.port_bindings.iter().map(|(_, c)| *c).collect();
+        let ports = ready_ports(step, self.ctx.images);
         let limit = self.ctx.options.ready_timeout;
         let mut pending = ports.clone();
         while !pending.is_empty() {
@@ -744,6 +746,32 @@ impl<'a> Executor<'a> {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
     }
+}
+
+/// The ports a Background step must open before later steps start: its
+/// `portBindings`, or else the TCP ports its image declares (`ExposedPorts`).
+fn ready_ports(step: &StepPlan, images: &crate::run::images::Images) -> Vec<u16> {
+    let mut ports: Vec<u16> = step.port_bindings.iter().map(|(_, c)| *c).collect();
+    if ports.is_empty() {
+        let exposed = step
+            .image
+            .as_ref()
+            .and_then(|i| images.get(&i.reference))
+            .and_then(|i| i.config.config().as_ref())
+            .and_then(|c| c.exposed_ports().clone())
+            .unwrap_or_default();
+        ports = exposed
+            .iter()
+            .filter_map(|p| match p.split_once('/') {
+                Some((n, proto)) if proto.eq_ignore_ascii_case("tcp") => n.parse().ok(),
+                None => p.parse().ok(),
+                _ => None,
+            })
+            .collect();
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 struct Running {
