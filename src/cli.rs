@@ -17,7 +17,6 @@ use crate::plan::{self, NetworkMode, Plan, PlanInputs};
 use crate::run::events::{EventSink, RunEvent, StageResult};
 use crate::run::executor::{run_stage, RunOptions, StageContext};
 use crate::run::launch::HostLauncher;
-use crate::run::state::RunDir;
 use crate::sandbox::{ContainerLauncher, InvokingUser};
 use crate::store::cmd as store_cmd;
 use crate::ui::{self, ColorChoice, JsonReporter, JunitWriter, Reporter, TerminalReporter};
@@ -353,7 +352,8 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
             unsupported.join("\n")
         );
     }
-    let state_base = crate::run::state::base_dir();
+    // Asked before entering the rootless user namespace: inside it the uid is 0.
+    let state_base = crate::sandbox::state::default_base();
     // Rootless, the runner moves into its own user + mount namespace now, while it is
     // still single-threaded (docs/ARCHITECTURE.md, "Process model").
     let userns = if nix::unistd::geteuid().is_root() {
@@ -362,7 +362,8 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         Some(crate::sandbox::enter_rootless().context("cannot set up rootless mode")?)
     };
     let run_dir =
-        RunDir::create_in(&state_base).context("cannot create the run's state directory")?;
+        crate::sandbox::RunState::create(&state_base, &format!("run-{}", std::process::id()))
+            .context("cannot create the run's state directory")?;
     let options = RunOptions {
         grace: args.grace,
         ready_timeout: args.ready_timeout,
@@ -405,16 +406,7 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         } else {
             Default::default()
         };
-        let outcome = run_plan(
-            &plan,
-            &options,
-            &host,
-            &images,
-            run_dir.path(),
-            sink,
-            cancel,
-        )
-        .await;
+        let outcome = run_plan(&plan, &options, &host, &images, run_dir.dir(), sink, cancel).await;
         signals.abort();
         let shown = ui.await;
         (Ok(outcome), shown)

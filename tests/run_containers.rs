@@ -165,3 +165,43 @@ fn a_service_is_ready_when_its_exposed_ports_accept_connections() {
             .assert_stdout("client | up");
     }
 }
+
+/// The air-gapped flow: lock and save where the registry is, load where it is not,
+/// then run locked and offline (with the registry stopped).
+#[test]
+fn locked_images_carried_in_an_archive_run_offline() {
+    let Some(mut fx) = fixture() else { return };
+    let mut prepared = Vec::new();
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let pipeline = format!(
+            "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: hi\n            identifier: hi\n            spec:\n              image: {}\n              command: echo hello from the archive\n",
+            fx.busybox
+        );
+        sb.write("ci.yaml", &pipeline);
+        sb.run(["lock", "ci.yaml"]).assert_code(0);
+        assert!(sb.workspace().join("ci.yaml.lock").exists());
+        let archive = sb.dir.path().join("images.tar");
+        sb.run(["save", "-o", archive.to_str().unwrap(), "ci.yaml"])
+            .assert_code(0);
+        prepared.push((sb, pipeline, archive));
+    }
+    fx._registry.kill();
+    for (sb, pipeline, archive) in prepared {
+        // A fresh store, as on the air-gapped host.
+        let airgapped = |args: &[&str]| {
+            let mut cmd = sb.command(args);
+            cmd.env("SANDRUN_HOME", sb.home().join("airgapped"));
+            support::Run::from(cmd.output().unwrap())
+        };
+        airgapped(&["load", archive.to_str().unwrap()]).assert_code(0);
+        airgapped(&["run", "ci.yaml", "--locked", "--offline"])
+            .assert_code(0)
+            .assert_stdout("hello from the archive");
+        // An image the lock does not pin is refused under --locked.
+        sb.write("ci.yaml", &pipeline.replace("busybox:1", "web:1"));
+        airgapped(&["run", "ci.yaml", "--locked", "--offline"])
+            .assert_code(2)
+            .assert_stderr("web:1");
+    }
+}
