@@ -205,3 +205,95 @@ fn locked_images_carried_in_an_archive_run_offline() {
             .assert_stderr("web:1");
     }
 }
+
+#[test]
+fn plugin_steps_get_their_settings_as_plugin_env() {
+    let Some(fx) = fixture() else { return };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &format!(
+                r#"stage:
+  name: s
+  identifier: s
+  type: CI
+  spec:
+    execution:
+      steps:
+        - step:
+            type: Plugin
+            name: notify
+            identifier: notify
+            spec:
+              image: {}
+              entrypoint: ["sh", "-c", "echo \"$PLUGIN_MESSAGE|$PLUGIN_TAGS|$PLUGIN_EXTRA\""]
+              settings:
+                message: built <+stage.name>
+                tags: [a, b]
+                extra:
+                  k: v
+"#,
+                fx.busybox
+            ),
+        );
+        sb.run(["run", "ci.yaml"])
+            .assert_code(0)
+            .assert_stdout(r#"built s|a,b|{"k":"v"}"#);
+    }
+}
+
+#[test]
+fn ctrl_c_stops_containers_and_removes_their_state() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::time::{Duration, Instant};
+    let Some(fx) = fixture() else { return };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let tag = free_port();
+        sb.write(
+            "ci.yaml",
+            &format!(
+                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Background\n            name: svc\n            identifier: svc\n            spec:\n              image: {bb}\n              command: exec busybox sleep 6{tag}\n        - step:\n            type: Run\n            name: long\n            identifier: long\n            spec:\n              image: {bb}\n              command: exec busybox sleep 7{tag}\n",
+                bb = fx.busybox
+            ),
+        );
+        let child = sb
+            .command(["run", "ci.yaml", "--grace", "2s"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while processes_with(&format!("sleep 7{tag}")).is_empty() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the container never started"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let pid = child.id();
+        kill(Pid::from_raw(pid as i32), Signal::SIGINT).unwrap();
+        let r = support::Run::from(child.wait_with_output().unwrap());
+        r.assert_code(130);
+        let uid = match mode {
+            support::Mode::Rootless if support::is_root() => support::test_user().unwrap().0,
+            _ => nix::unistd::getuid().as_raw(),
+        };
+        let run_dir = std::path::PathBuf::from(format!("/tmp/sandrun-{uid}/run-{pid}"));
+        assert!(!run_dir.exists(), "{} was left behind", run_dir.display());
+        for m in [format!("sleep 6{tag}"), format!("sleep 7{tag}")] {
+            assert!(
+                processes_with(&m).is_empty(),
+                "left behind: {:?}",
+                processes_with(&m)
+            );
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains("sandrun"),
+            "a mount was left behind:\n{mounts}"
+        );
+    }
+}
