@@ -618,7 +618,7 @@ impl<'a> Builder<'a> {
                     run_when: g
                         .when
                         .as_ref()
-                        .map_or(StageStatus::Success, |w| w.stage_status.clone()),
+                        .map_or(StageStatus::Success, |w| w.stage_status),
                     condition: g
                         .when
                         .as_ref()
@@ -750,7 +750,7 @@ impl<'a> Builder<'a> {
             run_when: step
                 .when
                 .as_ref()
-                .map_or(StageStatus::Success, |w| w.stage_status.clone()),
+                .map_or(StageStatus::Success, |w| w.stage_status),
             condition: step
                 .when
                 .as_ref()
