@@ -192,7 +192,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Save(a) => store_cmd::save(&a, &cli.global.registry),
         Command::Load(a) => store_cmd::load(&a),
         Command::Plan(args) => {
-            let (_, plan) = load_and_plan(&args.input, false)?;
+            let (_, mut plan) = load_and_plan(&args.input, false)?;
+            crate::run::images::resolve_sources(&mut plan, &cli.global.registry.pull_options()?)?;
             if args.json {
                 let text = serde_json::to_string_pretty(&plan)?;
                 println!("{}", plan.secrets.mask(&text));
@@ -337,8 +338,9 @@ fn unsupported_steps(plan: &Plan) -> Vec<String> {
 }
 
 fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
-    let (_, plan) = load_and_plan(&args.input, false)?;
-    let mut pull = global.registry.pull_options();
+    let (_, mut plan) = load_and_plan(&args.input, false)?;
+    let mut pull = global.registry.pull_options()?;
+    crate::run::images::resolve_sources(&mut plan, &pull)?;
     pull.locked = args.locked;
     crate::run::images::apply_lock(&plan.source, &plan, &mut pull)?;
     let needs_images = plan

@@ -297,3 +297,52 @@ fn ctrl_c_stops_containers_and_removes_their_state() {
         );
     }
 }
+
+#[test]
+fn connectors_map_to_registries_through_the_config_file() {
+    let Some(fx) = fixture() else { return };
+    let registry = fx.busybox.split('/').next().unwrap().to_string();
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let config = sb.write(
+            "sandrun-config.yaml",
+            &format!("connectors:\n  account.harnessImage:\n    registry: {registry}\n"),
+        );
+        // As a Harness pipeline writes it: a Docker Hub style name and a connector.
+        sb.write(
+            "ci.yaml",
+            "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: hi\n            identifier: hi\n            spec:\n              connectorRef: account.harnessImage\n              image: test/busybox:1\n              command: echo pulled through the connector\n        - step:\n            type: Run\n            name: other\n            identifier: other\n            spec:\n              connectorRef: account.unknown\n              image: test/busybox:1\n              command: echo same image\n",
+        );
+        let with_config = |args: &[&str]| {
+            let mut cmd = sb.command(args);
+            cmd.env("SANDRUN_CONFIG", &config);
+            support::Run::from(cmd.output().unwrap())
+        };
+        with_config(&["plan", "ci.yaml"])
+            .assert_code(0)
+            .assert_stdout(&format!(
+                "connector `account.harnessImage` maps to {registry}/test/busybox:1"
+            ))
+            .assert_stdout("connector `account.unknown` is not in sandrun's config file");
+        // The mapped step runs from the mirror; the unmapped one would go to Docker
+        // Hub, which this machine cannot reach, so it is planned only.
+        sb.write(
+            "run.yaml",
+            &std::fs::read_to_string(sb.workspace().join("ci.yaml"))
+                .unwrap()
+                .split("        - step:\n            type: Run\n            name: other")
+                .next()
+                .unwrap()
+                .to_string(),
+        );
+        with_config(&["run", "run.yaml"])
+            .assert_code(0)
+            .assert_stdout("pulled through the connector");
+        let bad = sb.write("bad.yaml", "conectors: {}\n");
+        let mut cmd = sb.command(["plan", "ci.yaml"]);
+        cmd.env("SANDRUN_CONFIG", &bad);
+        support::Run::from(cmd.output().unwrap())
+            .assert_code(2)
+            .assert_stderr("bad.yaml:1:1: unknown field `conectors`");
+    }
+}

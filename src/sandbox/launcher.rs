@@ -27,7 +27,7 @@ pub struct ContainerLauncher {
 impl ContainerLauncher {
     /// `binary`: the sandrun executable (`std::env::current_exe()` in the runner);
     /// `state_dir`: the stage's private state directory; `images`: every image of the
-    /// stage, already in the store, by the reference the plan uses.
+    /// stage, already in the store, by `ImagePlan::source` (after connector mapping).
     pub fn new(
         binary: PathBuf,
         state_dir: PathBuf,
@@ -77,7 +77,7 @@ impl ContainerLauncher {
         let reference = step
             .image
             .as_ref()
-            .map(|i| i.reference.clone())
+            .map(|i| i.source.clone())
             .ok_or_else(|| refused("has no image; it runs on the host".into()))?;
         let image = self.images.get(&reference).cloned().ok_or_else(|| {
             refused(format!(
