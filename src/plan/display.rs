@@ -113,15 +113,14 @@ fn step_lines(out: &mut String, s: &StepPlan, label: &str, indent: usize) {
     }
     match &s.image {
         Some(img) => {
-            let _ = write!(
+            let _ = writeln!(
                 out,
                 "{more}image: {} (pull {:?})",
                 img.reference, img.pull_policy
             );
-            if let Some(c) = &img.connector_ref {
-                let _ = write!(out, ", connector `{c}`");
+            if let Some(note) = &img.connector_note {
+                let _ = writeln!(out, "{more}  {note}");
             }
-            let _ = writeln!(out);
         }
         None => {
             let _ = writeln!(out, "{more}runs on the host (no image)");

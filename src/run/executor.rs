@@ -756,7 +756,7 @@ fn ready_ports(step: &StepPlan, images: &crate::run::images::Images) -> Vec<u16>
         let exposed = step
             .image
             .as_ref()
-            .and_then(|i| images.get(&i.reference))
+            .and_then(|i| images.get(&i.source))
             .and_then(|i| i.config.config().as_ref())
             .and_then(|c| c.exposed_ports().clone())
             .unwrap_or_default();

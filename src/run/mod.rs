@@ -4,4 +4,3 @@ pub mod events;
 pub mod executor;
 pub mod images;
 pub mod launch;
-pub mod state;
