@@ -328,12 +328,11 @@ fn connectors_map_to_registries_through_the_config_file() {
         // Hub, which this machine cannot reach, so it is planned only.
         sb.write(
             "run.yaml",
-            &std::fs::read_to_string(sb.workspace().join("ci.yaml"))
+            std::fs::read_to_string(sb.workspace().join("ci.yaml"))
                 .unwrap()
                 .split("        - step:\n            type: Run\n            name: other")
                 .next()
-                .unwrap()
-                .to_string(),
+                .unwrap(),
         );
         with_config(&["run", "run.yaml"])
             .assert_code(0)

@@ -22,7 +22,6 @@ pub type Images = BTreeMap<String, Image>;
 
 /// One image to fetch and the steps that use it (for messages).
 struct Wanted {
-    reference: String,
     /// After the step's `connectorRef` mapping.
     source: String,
     policy: PullPolicy,
@@ -96,7 +95,6 @@ fn wanted(plan: &Plan) -> Vec<Wanted> {
                     }
                 }
                 None => out.push(Wanted {
-                    reference: img.reference.clone(),
                     source,
                     policy: img.pull_policy,
                     steps: vec![step.key.clone()],
