@@ -21,7 +21,10 @@ BASE=/dev/shm
 W=$(mktemp -d "$BASE/sandrun-bench.XXXXXX")
 REG_PID=
 cleanup() {
-  [ -n "$REG_PID" ] && kill "$REG_PID" 2>/dev/null && wait "$REG_PID" 2>/dev/null
+  if [ -n "$REG_PID" ]; then
+    kill "$REG_PID" 2>/dev/null || true
+    wait "$REG_PID" 2>/dev/null || true
+  fi
   rm -rf "$W"
 }
 trap cleanup EXIT INT TERM

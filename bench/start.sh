@@ -1,19 +1,33 @@
 #!/bin/sh
 # Container start benchmark (issue 4). Not a test: prints figures.
-# Time from process start to exit of a container running `true` from a cached busybox
-# image, rootless: sandrun vs `crun run` and `runc run` on a bundle of the same root
-# filesystem vs `podman run --rm` of the same image. Alternating order, 20 rounds,
-# medians, ratios. Targets: sandrun <= 1.2x crun, <= 0.15x podman.
+# Time from process start to exit of a step running `true` in a cached busybox image,
+# rootless: sandrun (`sandrun run` of a one-step stage) vs `crun run` and `runc run` on
+# a bundle of the same root filesystem vs `podman run --rm` of the same image.
+# Alternating order (rotated every round), ROUNDS rounds (default 20), medians, ratios.
+# Targets: sandrun <= 1.2x crun, <= 0.15x podman.
 #
-# sandrun is measured as `sandrun __container SPEC` (the per-step helper the runner
-# spawns: user namespace entry, overlay of the cached layer, OCI spec, libcontainer
-# create/start/wait/delete, cleanup); with SANDRUN_BENCH_STAGE=1 it is measured as
-# `sandrun run` of a one-step stage instead (needs image steps wired into `run`).
+# What each line pays:
+# - sandrun:  the whole `sandrun run stage.yaml`: user-namespace entry (newuidmap and
+#             newgidmap), YAML, plan, store lookup of the present image (its warm pull
+#             path), the stage network (a namespace and address for the step), the
+#             per-step helper (overlay of the cached layer, OCI spec, libcontainer
+#             create/start/wait/delete), output, summary and cleanup. The image is in a
+#             private store (SANDRUN_HOME), imported with `sandrun load` from an OCI
+#             archive built here with umoci and skopeo.
+# - helper:   the per-step helper alone (`sandrun __container SPEC`, entering its own
+#             user namespace since nobody else did), for where the time goes.
+# - crun:     crun refuses this hybrid cgroup host rootless, so it runs inside
+#             `sandrun __unshare` (the same user-namespace entry sandrun makes, with
+#             cgroup2 bound over /sys/fs/cgroup); its bundle has no user namespace of its
+#             own and no network namespace.
+# - runc:     its own rootless bundle (`runc spec --rootless`), no network namespace.
+# - unshare:  `sandrun __unshare true`, the cost of that user-namespace entry alone.
+# - podman:   `podman run --rm --network=none --runtime runc` of the same root
+#             filesystem imported as an image (crun as podman's runtime fails here the
+#             same way; no network for it either).
 #
-# As root it re-runs itself as the rootless test user `sandrun-test` (created by the
-# test suite). `unshare` is the cost of entering sandrun's user namespace alone
-# (`sandrun __unshare true`), paid by sandrun and crun here. No network namespace for anyone (sandrun's step
-# network is made by the net layer, benchmarked in bench/net.sh).
+# As root it re-runs itself as the rootless test user `sandrun-test` (created by
+# scripts/test.sh).
 set -eu
 ROUNDS="${ROUNDS:-20}"
 
@@ -27,12 +41,11 @@ if [ "${1:-}" != "--inner" ]; then
     cp "$0" "$W/start.sh"
     chmod 755 "$W" "$W/sandrun" "$W/start.sh"
     if [ "$(id -u)" -eq 0 ]; then
-        id sandrun-test >/dev/null 2>&1 || { echo "no user sandrun-test: run the test suite once to create it"; exit 1; }
+        id sandrun-test >/dev/null 2>&1 || { echo "no user sandrun-test: run scripts/test.sh once to create it"; exit 1; }
         chown sandrun-test: "$W"
         home=$(getent passwd sandrun-test | cut -d: -f6)
         setpriv --reuid=sandrun-test --regid=sandrun-test --clear-groups \
             env -i PATH="$PATH" HOME="$home" USER=sandrun-test ROUNDS="$ROUNDS" \
-            SANDRUN_BENCH_STAGE="${SANDRUN_BENCH_STAGE:-}" \
             sh "$W/start.sh" --inner "$W" || status=$?
     else
         sh "$W/start.sh" --inner "$W" || status=$?
@@ -43,7 +56,7 @@ fi
 
 W="$2"
 cd "$W"
-echo "user: $(id -un) (uid $(id -u)), $ROUNDS rounds"
+echo "user: $(id -un) (uid $(id -u)), $ROUNDS rounds, $(nproc) cpus, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # The image: busybox-static with its applets and a passwd, as one layer dir.
 mkdir -p rootfs/bin rootfs/etc rootfs/proc rootfs/dev rootfs/sys rootfs/tmp
@@ -52,18 +65,17 @@ for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "rootfs/
 printf 'root:x:0:0:root:/root:/bin/sh\n' > rootfs/etc/passwd
 printf 'root:x:0:\n' > rootfs/etc/group
 
-# sandrun: the helper's spec for a Run step `true` (sh -c 'set -e; true').
+# sandrun: the same root filesystem as an OCI image `busybox:bench` in a private store.
+export SANDRUN_HOME="$W/store"
+umoci init --layout oci >/dev/null
+umoci new --image oci:bench >/dev/null
+umoci unpack --rootless --image oci:bench unpacked >/dev/null
+cp -a rootfs/. unpacked/rootfs/
+umoci repack --image oci:bench unpacked >/dev/null
+umoci config --image oci:bench --config.cmd sh >/dev/null
+skopeo copy -q oci:oci:bench oci-archive:busybox.tar:busybox:bench
+./sandrun load --color never busybox.tar >load.log 2>&1 || { cat load.log; exit 1; }
 mkdir -p ws state
-cat > spec.json <<EOF
-{"id":"bench","step":"bench","hostname":"bench",
- "image":{"reference":"busybox:bench","layers":["$W/rootfs"],
-          "config":{"entrypoint":[],"cmd":["sh"],"env":[],"working_dir":null,"user":null}},
- "process":{"Shell":{"shell":"Sh","script":"true"}},
- "env":[],"user":null,"working_dir":"/harness",
- "mounts":[{"source":"$W/ws","destination":"/harness","readonly":false}],
- "resources":{"memory_bytes":null,"cpu_millis":null},"privileged":false,
- "state_dir":"$W/state/run"}
-EOF
 cat > stage.yaml <<EOF
 stage:
   identifier: bench
@@ -81,11 +93,19 @@ stage:
               shell: Sh
               command: "true"
 EOF
+# The helper's spec for the same step (what the runner writes for it).
+cat > spec.json <<EOF
+{"id":"bench","step":"bench","hostname":"bench",
+ "image":{"reference":"busybox:bench","layers":["$W/rootfs"],
+          "config":{"entrypoint":[],"cmd":["sh"],"env":[],"working_dir":null,"user":null}},
+ "process":{"Shell":{"shell":"Sh","script":"true"}},
+ "env":[],"user":null,"working_dir":"/harness",
+ "mounts":[{"source":"$W/ws","destination":"/harness","readonly":false}],
+ "resources":{"memory_bytes":null,"cpu_millis":null},"privileged":false,
+ "state_dir":"$W/state/run"}
+EOF
 
-# crun / runc: bundles on the same root filesystem, no network namespace. crun refuses
-# this hybrid cgroup host rootless; it runs inside `sandrun __unshare` (the same user
-# namespace entry sandrun's helper makes, with cgroup2 bound over /sys/fs/cgroup), so
-# its bundle has no user namespace of its own. runc runs its own rootless bundle.
+# crun / runc bundles on the same root filesystem (see the top of this file).
 mkdir -p bundle-crun bundle-runc crun-state runc-state
 (cd bundle-crun && crun spec --rootless)
 (cd bundle-runc && runc spec --rootless)
@@ -115,13 +135,8 @@ if ! podman import -q rootfs.tar localhost/sandrun-bench-busybox:latest >/dev/nu
     PODMAN=
 fi
 
-run_sandrun() {
-    if [ -n "${SANDRUN_BENCH_STAGE:-}" ]; then
-        ./sandrun run stage.yaml >/dev/null
-    else
-        ./sandrun __container spec.json
-    fi
-}
+run_sandrun() { ./sandrun run --color never --workspace ws stage.yaml >/dev/null 2>&1; }
+run_helper() { ./sandrun __container spec.json; }
 run_unshare() { ./sandrun __unshare true; }
 run_crun() { ./sandrun __unshare crun --root crun-state --cgroup-manager=disabled run -b bundle-crun "c$1" >/dev/null; }
 run_runc() { runc --root runc-state run -b bundle-runc "r$1" >/dev/null; }
@@ -135,10 +150,17 @@ measure() { # name round
     echo $(( (t1 - t0) / 1000 )) >> "times.$1"
 }
 
-TOOLS="sandrun crun runc unshare"
+TOOLS="sandrun helper crun runc unshare"
 [ -n "$PODMAN" ] && TOOLS="$TOOLS podman"
-# One warm-up each (page cache, podman's storage).
-for t in $TOOLS; do "run_$t" 0 >/dev/null 2>&1 || { echo "$t does not work here:"; "run_$t" 0; exit 1; }; done
+# One warm-up each (page cache, podman's storage); show why a tool does not work.
+for t in $TOOLS; do
+    "run_$t" 0 >/dev/null 2>&1 || {
+        echo "$t does not work here:"
+        [ "$t" = sandrun ] && ./sandrun run --color never --workspace ws stage.yaml
+        "run_$t" 0
+        exit 1
+    }
+done
 i=1
 while [ "$i" -le "$ROUNDS" ]; do
     # Rotate the order every round.
@@ -155,4 +177,5 @@ for t in $TOOLS; do
     M=$(median "$t")
     awk -v s="$S" -v m="$M" -v t="$t" 'BEGIN {printf "%-8s median %7.1f ms   sandrun/%s = %.2f\n", t, m / 1000, t, s / m}'
 done
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 [ -n "$PODMAN" ] && podman rmi -f localhost/sandrun-bench-busybox:latest >/dev/null 2>&1 || true

@@ -17,7 +17,6 @@ use crate::plan::{self, NetworkMode, Plan, PlanInputs};
 use crate::run::events::{EventSink, RunEvent, StageResult};
 use crate::run::executor::{run_stage, RunOptions, StageContext};
 use crate::run::launch::HostLauncher;
-use crate::run::state::RunDir;
 use crate::sandbox::{ContainerLauncher, InvokingUser};
 use crate::store::cmd as store_cmd;
 use crate::ui::{self, ColorChoice, JsonReporter, JunitWriter, Reporter, TerminalReporter};
@@ -29,7 +28,12 @@ It reads Harness CI v0 pipeline YAML unchanged (a whole `pipeline:` or a single
 `stage:`): Run, Background and Plugin steps, step groups, parallel blocks, stage
 variables and <+...> expressions. Background steps start services that later steps
 call by step identifier; the stage proceeds at once and the services are stopped
-when it ends. Steps without an image run the host's own binaries.
+when it ends. Steps with an image run in their own rootless container; steps
+without one run the host's own binaries. Every stage gets a private network.
+
+Images come from registries into a content-addressed store ($SANDRUN_HOME); a lock
+file (`sandrun lock`) pins them, and `save`/`load` carry them to air-gapped hosts,
+where `sandrun run --locked --offline` never opens a connection.
 
 Typical use:
   sandrun plan .harness/ci.yaml        show what would run, in order
@@ -193,7 +197,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Save(a) => store_cmd::save(&a, &cli.global.registry),
         Command::Load(a) => store_cmd::load(&a),
         Command::Plan(args) => {
-            let (_, plan) = load_and_plan(&args.input, false)?;
+            let (_, mut plan) = load_and_plan(&args.input, false)?;
+            crate::run::images::resolve_sources(&mut plan, &cli.global.registry.pull_options()?)?;
             if args.json {
                 let text = serde_json::to_string_pretty(&plan)?;
                 println!("{}", plan.secrets.mask(&text));
@@ -338,8 +343,9 @@ fn unsupported_steps(plan: &Plan) -> Vec<String> {
 }
 
 fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
-    let (_, plan) = load_and_plan(&args.input, false)?;
-    let mut pull = global.registry.pull_options();
+    let (_, mut plan) = load_and_plan(&args.input, false)?;
+    let mut pull = global.registry.pull_options()?;
+    crate::run::images::resolve_sources(&mut plan, &pull)?;
     pull.locked = args.locked;
     crate::run::images::apply_lock(&plan.source, &plan, &mut pull)?;
     let needs_images = plan
@@ -353,7 +359,8 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
             unsupported.join("\n")
         );
     }
-    let state_base = crate::run::state::base_dir();
+    // Asked before entering the rootless user namespace: inside it the uid is 0.
+    let state_base = crate::sandbox::state::default_base();
     // Rootless, the runner moves into its own user + mount namespace now, while it is
     // still single-threaded (docs/ARCHITECTURE.md, "Process model").
     let userns = if nix::unistd::geteuid().is_root() {
@@ -362,7 +369,8 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         Some(crate::sandbox::enter_rootless().context("cannot set up rootless mode")?)
     };
     let run_dir =
-        RunDir::create_in(&state_base).context("cannot create the run's state directory")?;
+        crate::sandbox::RunState::create(&state_base, &format!("run-{}", std::process::id()))
+            .context("cannot create the run's state directory")?;
     let options = RunOptions {
         grace: args.grace,
         ready_timeout: args.ready_timeout,
@@ -405,16 +413,7 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         } else {
             Default::default()
         };
-        let outcome = run_plan(
-            &plan,
-            &options,
-            &host,
-            &images,
-            run_dir.path(),
-            sink,
-            cancel,
-        )
-        .await;
+        let outcome = run_plan(&plan, &options, &host, &images, run_dir.dir(), sink, cancel).await;
         signals.abort();
         let shown = ui.await;
         (Ok(outcome), shown)

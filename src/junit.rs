@@ -320,7 +320,7 @@ fn write_outcome(out: &mut String, tag: &str, message: &Option<String>, text: &s
     if text.is_empty() {
         out.push_str("/>\n");
     } else {
-        let _ = write!(out, ">{}</{tag}>\n", esc(text));
+        let _ = writeln!(out, ">{}</{tag}>", esc(text));
     }
     out.push_str("    </testcase>\n");
 }

@@ -6,6 +6,7 @@
 //! `net` are asked for images, containers and networks by `run`; they never call back.
 
 pub mod cli;
+pub mod config;
 pub mod junit;
 pub mod net;
 pub mod pipeline;

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use sandrun::pipeline::Shell;
 use sandrun::sandbox::{
-    BindMount, ContainerProcess, ContainerSpec, ImageConfig, ImageSpec, Limits, Shell,
+    BindMount, ContainerProcess, ContainerSpec, ImageConfig, ImageSpec, Limits,
 };
 
 const SANDRUN: &str = env!("CARGO_BIN_EXE_sandrun");

@@ -165,3 +165,183 @@ fn a_service_is_ready_when_its_exposed_ports_accept_connections() {
             .assert_stdout("client | up");
     }
 }
+
+/// The air-gapped flow: lock and save where the registry is, load where it is not,
+/// then run locked and offline (with the registry stopped).
+#[test]
+fn locked_images_carried_in_an_archive_run_offline() {
+    let Some(mut fx) = fixture() else { return };
+    let mut prepared = Vec::new();
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let pipeline = format!(
+            "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: hi\n            identifier: hi\n            spec:\n              image: {}\n              command: echo hello from the archive\n",
+            fx.busybox
+        );
+        sb.write("ci.yaml", &pipeline);
+        sb.run(["lock", "ci.yaml"]).assert_code(0);
+        assert!(sb.workspace().join("ci.yaml.lock").exists());
+        let archive = sb.dir.path().join("images.tar");
+        sb.run(["save", "-o", archive.to_str().unwrap(), "ci.yaml"])
+            .assert_code(0);
+        prepared.push((sb, pipeline, archive));
+    }
+    fx._registry.kill();
+    for (sb, pipeline, archive) in prepared {
+        // A fresh store, as on the air-gapped host.
+        let airgapped = |args: &[&str]| {
+            let mut cmd = sb.command(args);
+            cmd.env("SANDRUN_HOME", sb.home().join("airgapped"));
+            support::Run::from(cmd.output().unwrap())
+        };
+        airgapped(&["load", archive.to_str().unwrap()]).assert_code(0);
+        airgapped(&["run", "ci.yaml", "--locked", "--offline"])
+            .assert_code(0)
+            .assert_stdout("hello from the archive");
+        // An image the lock does not pin is refused under --locked.
+        sb.write("ci.yaml", &pipeline.replace("busybox:1", "web:1"));
+        airgapped(&["run", "ci.yaml", "--locked", "--offline"])
+            .assert_code(2)
+            .assert_stderr("web:1");
+    }
+}
+
+#[test]
+fn plugin_steps_get_their_settings_as_plugin_env() {
+    let Some(fx) = fixture() else { return };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &format!(
+                r#"stage:
+  name: s
+  identifier: s
+  type: CI
+  spec:
+    execution:
+      steps:
+        - step:
+            type: Plugin
+            name: notify
+            identifier: notify
+            spec:
+              image: {}
+              entrypoint: ["sh", "-c", "echo \"$PLUGIN_MESSAGE|$PLUGIN_TAGS|$PLUGIN_EXTRA\""]
+              settings:
+                message: built <+stage.name>
+                tags: [a, b]
+                extra:
+                  k: v
+"#,
+                fx.busybox
+            ),
+        );
+        sb.run(["run", "ci.yaml"])
+            .assert_code(0)
+            .assert_stdout(r#"built s|a,b|{"k":"v"}"#);
+    }
+}
+
+#[test]
+fn ctrl_c_stops_containers_and_removes_their_state() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::time::{Duration, Instant};
+    let Some(fx) = fixture() else { return };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let tag = free_port();
+        sb.write(
+            "ci.yaml",
+            &format!(
+                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Background\n            name: svc\n            identifier: svc\n            spec:\n              image: {bb}\n              command: exec busybox sleep 6{tag}\n        - step:\n            type: Run\n            name: long\n            identifier: long\n            spec:\n              image: {bb}\n              command: exec busybox sleep 7{tag}\n",
+                bb = fx.busybox
+            ),
+        );
+        let child = sb
+            .command(["run", "ci.yaml", "--grace", "2s"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while processes_with(&format!("sleep 7{tag}")).is_empty() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the container never started"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let pid = child.id();
+        kill(Pid::from_raw(pid as i32), Signal::SIGINT).unwrap();
+        let r = support::Run::from(child.wait_with_output().unwrap());
+        r.assert_code(130);
+        let uid = match mode {
+            support::Mode::Rootless if support::is_root() => support::test_user().unwrap().0,
+            _ => nix::unistd::getuid().as_raw(),
+        };
+        let run_dir = std::path::PathBuf::from(format!("/tmp/sandrun-{uid}/run-{pid}"));
+        assert!(!run_dir.exists(), "{} was left behind", run_dir.display());
+        for m in [format!("sleep 6{tag}"), format!("sleep 7{tag}")] {
+            assert!(
+                processes_with(&m).is_empty(),
+                "left behind: {:?}",
+                processes_with(&m)
+            );
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains("sandrun"),
+            "a mount was left behind:\n{mounts}"
+        );
+    }
+}
+
+#[test]
+fn connectors_map_to_registries_through_the_config_file() {
+    let Some(fx) = fixture() else { return };
+    let registry = fx.busybox.split('/').next().unwrap().to_string();
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let config = sb.write(
+            "sandrun-config.yaml",
+            &format!("connectors:\n  account.harnessImage:\n    registry: {registry}\n"),
+        );
+        // As a Harness pipeline writes it: a Docker Hub style name and a connector.
+        sb.write(
+            "ci.yaml",
+            "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: hi\n            identifier: hi\n            spec:\n              connectorRef: account.harnessImage\n              image: test/busybox:1\n              command: echo pulled through the connector\n        - step:\n            type: Run\n            name: other\n            identifier: other\n            spec:\n              connectorRef: account.unknown\n              image: test/busybox:1\n              command: echo same image\n",
+        );
+        let with_config = |args: &[&str]| {
+            let mut cmd = sb.command(args);
+            cmd.env("SANDRUN_CONFIG", &config);
+            support::Run::from(cmd.output().unwrap())
+        };
+        with_config(&["plan", "ci.yaml"])
+            .assert_code(0)
+            .assert_stdout(&format!(
+                "connector `account.harnessImage` maps to {registry}/test/busybox:1"
+            ))
+            .assert_stdout("connector `account.unknown` is not in sandrun's config file");
+        // The mapped step runs from the mirror; the unmapped one would go to Docker
+        // Hub, which this machine cannot reach, so it is planned only.
+        sb.write(
+            "run.yaml",
+            std::fs::read_to_string(sb.workspace().join("ci.yaml"))
+                .unwrap()
+                .split("        - step:\n            type: Run\n            name: other")
+                .next()
+                .unwrap(),
+        );
+        with_config(&["run", "run.yaml"])
+            .assert_code(0)
+            .assert_stdout("pulled through the connector");
+        let bad = sb.write("bad.yaml", "conectors: {}\n");
+        let mut cmd = sb.command(["plan", "ci.yaml"]);
+        cmd.env("SANDRUN_CONFIG", &bad);
+        support::Run::from(cmd.output().unwrap())
+            .assert_code(2)
+            .assert_stderr("bad.yaml:1:1: unknown field `conectors`");
+    }
+}

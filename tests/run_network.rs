@@ -42,29 +42,15 @@ fn steps_resolve_each_other_by_identifier_and_group_name() {
         sb.write("a/who.txt", "I am alpha\n");
         sb.write("b/who.txt", "I am beta\n");
         // Two services on the same port, each under its own name.
-        let steps = format!(
-            "{}\n{}",
-            server(
-                "alpha",
-                "a",
-                8000,
-                "      portBindings:\n        \"0\": \"8000\"\n"
-            )
-            .replace("\"0\"", &format!("\"{}\"", free_port())),
-            format!(
-                "- stepGroup:\n    name: grp\n    identifier: grp\n    steps:\n{}",
-                server(
-                    "beta",
-                    "b",
-                    8000,
-                    "      portBindings:\n        \"0\": \"8000\"\n"
-                )
-                .replace("\"0\"", &format!("\"{}\"", free_port()))
-                .lines()
-                .map(|l| format!("      {l}\n"))
-                .collect::<String>()
-            )
-        ) + r#"- step:
+        let binding = |port: u16| format!("      portBindings:\n        \"{port}\": \"8000\"\n");
+        let beta: String = server("beta", "b", 8000, &binding(free_port()))
+            .lines()
+            .map(|l| format!("      {l}\n"))
+            .collect();
+        let steps = server("alpha", "a", 8000, &binding(free_port()))
+            + "\n- stepGroup:\n    name: grp\n    identifier: grp\n    steps:\n"
+            + &beta
+            + r#"- step:
     type: Run
     name: client
     identifier: client

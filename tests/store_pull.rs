@@ -509,7 +509,7 @@ fn registry_killed_mid_pull_then_resume() {
     let via_proxy = reference.replacen(&reg.addr, &proxy.addr, 1);
 
     let home = Home::new();
-    let mut child = home
+    let child = home
         .sandrun()
         .args(["pull", &via_proxy])
         .stderr(std::process::Stdio::piped())

@@ -170,13 +170,28 @@ impl StepKind {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Shell {
     Sh,
     Bash,
     Powershell,
     Pwsh,
     Python,
+}
+
+impl Shell {
+    /// The command line that runs `script` in this shell, as Harness runs it: Sh and
+    /// Bash fail on the first error (`set -e`); there is no `powershell` on Linux, so
+    /// PowerShell 7 (`pwsh`) runs both PowerShell shells.
+    pub fn argv(self, script: &str) -> Vec<String> {
+        let (program, flag, prefix) = match self {
+            Shell::Sh => ("sh", "-c", "set -e\n"),
+            Shell::Bash => ("bash", "-c", "set -e\n"),
+            Shell::Python => ("python3", "-c", ""),
+            Shell::Powershell | Shell::Pwsh => ("pwsh", "-Command", ""),
+        };
+        vec![program.into(), flag.into(), format!("{prefix}{script}")]
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

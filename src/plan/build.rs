@@ -618,7 +618,7 @@ impl<'a> Builder<'a> {
                     run_when: g
                         .when
                         .as_ref()
-                        .map_or(StageStatus::Success, |w| w.stage_status.clone()),
+                        .map_or(StageStatus::Success, |w| w.stage_status),
                     condition: g
                         .when
                         .as_ref()
@@ -670,10 +670,15 @@ impl<'a> Builder<'a> {
             }
         }
         let image = container.and_then(|c| {
-            c.image.as_ref().map(|i| ImagePlan {
-                reference: self.static_text(i, &s, loc, "image"),
-                pull_policy: c.pull_policy.unwrap_or(PullPolicy::IfNotPresent),
-                connector_ref: c.connector_ref.clone(),
+            c.image.as_ref().map(|i| {
+                let reference = self.static_text(i, &s, loc, "image");
+                ImagePlan {
+                    source: reference.clone(),
+                    reference,
+                    pull_policy: c.pull_policy.unwrap_or(PullPolicy::IfNotPresent),
+                    connector_ref: c.connector_ref.clone(),
+                    connector_note: None,
+                }
             })
         });
         let mut output_variables = Vec::new();
@@ -750,7 +755,7 @@ impl<'a> Builder<'a> {
             run_when: step
                 .when
                 .as_ref()
-                .map_or(StageStatus::Success, |w| w.stage_status.clone()),
+                .map_or(StageStatus::Success, |w| w.stage_status),
             condition: step
                 .when
                 .as_ref()

@@ -47,11 +47,15 @@ pub fn render(plan: &Plan) -> String {
                 }
             );
             for s in &net.skipped_names {
-                let _ = writeln!(
-                    out,
-                    "  name `{}` resolves to no step: {:?}",
-                    s.name, s.reason
-                );
+                let why = match &s.reason {
+                    crate::net::SkipReason::Ambiguous { keys } => {
+                        format!("steps {} all claim it", keys.join(", "))
+                    }
+                    crate::net::SkipReason::Invalid { key } => {
+                        format!("it is not a valid hostname (step {key})")
+                    }
+                };
+                let _ = writeln!(out, "  name `{}` resolves to no step: {why}", s.name);
             }
         }
         if let Some(t) = stage.timeout {
@@ -113,15 +117,14 @@ fn step_lines(out: &mut String, s: &StepPlan, label: &str, indent: usize) {
     }
     match &s.image {
         Some(img) => {
-            let _ = write!(
+            let _ = writeln!(
                 out,
                 "{more}image: {} (pull {:?})",
                 img.reference, img.pull_policy
             );
-            if let Some(c) = &img.connector_ref {
-                let _ = write!(out, ", connector `{c}`");
+            if let Some(note) = &img.connector_note {
+                let _ = writeln!(out, "{more}  {note}");
             }
-            let _ = writeln!(out);
         }
         None => {
             let _ = writeln!(out, "{more}runs on the host (no image)");

@@ -152,9 +152,15 @@ pub struct StepPlan {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ImagePlan {
+    /// As the pipeline writes it (expressions resolved).
     pub reference: String,
+    /// Where it is pulled from, after the step's `connectorRef` mapping
+    /// (see [`crate::run::images::resolve_sources`]).
+    pub source: String,
     pub pull_policy: PullPolicy,
     pub connector_ref: Option<String>,
+    /// What the connector did to the reference, in words, for `sandrun plan`.
+    pub connector_note: Option<String>,
 }
 
 /// What the step's process runs, before step outputs are substituted.

@@ -9,28 +9,76 @@ use std::path::Path;
 
 use futures::future::join_all;
 
-use crate::plan::Plan;
+use crate::plan::{GroupPlan, Node, Plan};
 use crate::store::lock::{check_locked, lock_path, LockFile};
 use crate::store::{
     resolve_connector, ConnectorResolution, Image, Platform, PullOptions, PullPolicy, PullProgress,
     Store,
 };
 
-/// What the plan's container steps need, by the reference as the plan writes it.
+/// What the plan's container steps need, by where they are pulled from
+/// (`ImagePlan::source`: the reference after the step's connector mapping).
 pub type Images = BTreeMap<String, Image>;
 
 /// One image to fetch and the steps that use it (for messages).
 struct Wanted {
-    reference: String,
     /// After the step's `connectorRef` mapping.
     source: String,
     policy: PullPolicy,
     steps: Vec<String>,
 }
 
+/// Apply each step's `connectorRef` (mapped by sandrun's config file) to its image:
+/// a mapped connector changes where the image is pulled from; an unmapped one falls
+/// back to the registry the reference names. Either way `sandrun plan` says so.
+pub fn resolve_sources(plan: &mut Plan, opts: &PullOptions) -> anyhow::Result<()> {
+    fn walk(nodes: &mut [Node], opts: &PullOptions) -> anyhow::Result<()> {
+        for n in nodes {
+            match n {
+                Node::Step(s) => {
+                    let Some(img) = s.image.as_mut() else {
+                        continue;
+                    };
+                    let resolution =
+                        resolve_connector(&img.reference, img.connector_ref.as_deref(), opts)?;
+                    match resolution {
+                        ConnectorResolution::None => {}
+                        ConnectorResolution::Mapped(r) => {
+                            img.connector_note = Some(format!(
+                                "connector `{}` maps to {r}",
+                                img.connector_ref.as_deref().unwrap_or_default()
+                            ));
+                            img.source = r;
+                        }
+                        ConnectorResolution::Unmapped {
+                            connector,
+                            registry,
+                        } => {
+                            img.connector_note = Some(format!(
+                                "connector `{connector}` is not in sandrun's config file ({}); pulling from {registry}, the registry the reference names",
+                                crate::config::path()
+                                    .map(|p| p.display().to_string())
+                                    .unwrap_or_else(|| "none".into())
+                            ));
+                        }
+                    }
+                }
+                Node::Parallel { nodes } | Node::Group(GroupPlan { nodes, .. }) => {
+                    walk(nodes, opts)?
+                }
+            }
+        }
+        Ok(())
+    }
+    for stage in &mut plan.stages {
+        walk(&mut stage.nodes, opts)?;
+    }
+    Ok(())
+}
+
 /// Every image of the plan's runnable steps, in plan order, merged by reference (the
 /// strictest pull policy wins: Always over IfNotPresent over Never).
-fn wanted(plan: &Plan, opts: &PullOptions) -> anyhow::Result<Vec<Wanted>> {
+fn wanted(plan: &Plan) -> Vec<Wanted> {
     let mut out: Vec<Wanted> = Vec::new();
     for stage in plan.stages.iter().filter(|s| s.skipped.is_none()) {
         for step in stage.steps() {
@@ -38,14 +86,8 @@ fn wanted(plan: &Plan, opts: &PullOptions) -> anyhow::Result<Vec<Wanted>> {
             if step.unsupported.is_some() {
                 continue;
             }
-            let source =
-                match resolve_connector(&img.reference, img.connector_ref.as_deref(), opts)? {
-                    ConnectorResolution::Mapped(r) => r,
-                    ConnectorResolution::None | ConnectorResolution::Unmapped { .. } => {
-                        img.reference.clone()
-                    }
-                };
-            match out.iter_mut().find(|w| w.reference == img.reference) {
+            let source = img.source.clone();
+            match out.iter_mut().find(|w| w.source == source) {
                 Some(w) => {
                     w.steps.push(step.key.clone());
                     if rank(img.pull_policy) > rank(w.policy) {
@@ -53,7 +95,6 @@ fn wanted(plan: &Plan, opts: &PullOptions) -> anyhow::Result<Vec<Wanted>> {
                     }
                 }
                 None => out.push(Wanted {
-                    reference: img.reference.clone(),
                     source,
                     policy: img.pull_policy,
                     steps: vec![step.key.clone()],
@@ -61,7 +102,7 @@ fn wanted(plan: &Plan, opts: &PullOptions) -> anyhow::Result<Vec<Wanted>> {
             }
         }
     }
-    Ok(out)
+    out
 }
 
 fn rank(p: PullPolicy) -> u8 {
@@ -83,7 +124,7 @@ pub fn apply_lock(pipeline: &Path, plan: &Plan, opts: &mut PullOptions) -> anyho
             pipeline.display()
         ),
         (Some(lock), true) => {
-            let images: Vec<String> = wanted(plan, opts)?.into_iter().map(|w| w.source).collect();
+            let images: Vec<String> = wanted(plan).into_iter().map(|w| w.source).collect();
             check_locked(
                 lock,
                 &lock_path(pipeline),
@@ -106,7 +147,7 @@ pub async fn prepare(
     opts: &PullOptions,
     progress: &dyn PullProgress,
 ) -> anyhow::Result<Images> {
-    let wanted = wanted(plan, opts)?;
+    let wanted = wanted(plan);
     let results = join_all(
         wanted
             .iter()
@@ -118,7 +159,7 @@ pub async fn prepare(
     for (w, r) in wanted.into_iter().zip(results) {
         match r {
             Ok(image) => {
-                images.insert(w.reference, image);
+                images.insert(w.source, image);
             }
             Err(e) => errors.push(format!(
                 "image `{}` (step {}): {e}",

@@ -18,9 +18,9 @@ use crate::plan::StepPlan;
 use crate::sandbox::InvokingUser;
 
 /// A step's process, with step outputs already substituted.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Process {
-    /// A script for `shell`; [`shell_argv`] turns it into a command line.
+    /// A script for `shell`; [`Shell::argv`] turns it into a command line.
     Shell { shell: Shell, script: String },
     /// An explicit argv (a Background step's `entrypoint`).
     Exec { argv: Vec<String> },
@@ -68,19 +68,6 @@ pub trait Launcher: Send + Sync {
     fn control_dir_in_step(&self, host_path: &Path) -> PathBuf;
 }
 
-/// The command line that runs `script` in `shell`, failing on the first error for
-/// Sh and Bash as Harness does.
-pub fn shell_argv(shell: Shell, script: &str) -> Vec<String> {
-    let (prog, flag, prefix) = match shell {
-        Shell::Sh => ("sh", "-c", "set -e\n"),
-        Shell::Bash => ("bash", "-c", "set -e\n"),
-        Shell::Python => ("python3", "-c", ""),
-        // There is no `powershell` on Linux: PowerShell 7 (`pwsh`) runs both.
-        Shell::Powershell | Shell::Pwsh => ("pwsh", "-Command", ""),
-    };
-    vec![prog.into(), flag.into(), format!("{prefix}{script}")]
-}
-
 /// Runs host binaries in the workspace, with the host's environment plus the step's,
 /// inside the step's network namespace (seeing the step's `/etc/hosts` and
 /// `/etc/resolv.conf`). Rootless, the process is moved back to the invoking user's own
@@ -92,7 +79,7 @@ pub struct HostLauncher {
 impl Launcher for HostLauncher {
     fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Child, LaunchError> {
         let argv = match &spec.process {
-            Process::Shell { shell, script } => shell_argv(*shell, script),
+            Process::Shell { shell, script } => shell.argv(script),
             Process::Exec { argv } => argv.clone(),
             Process::ImageDefault => {
                 return Err(LaunchError::Refused {

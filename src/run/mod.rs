@@ -5,4 +5,3 @@ pub mod executor;
 pub mod images;
 pub mod launch;
 pub mod ports;
-pub mod state;

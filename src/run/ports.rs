@@ -41,7 +41,7 @@ pub fn tcp_ports<'a>(exposed: impl IntoIterator<Item = &'a String>) -> Vec<u16> 
 pub fn exposed_ports(step: &StepPlan, images: &Images) -> Vec<u16> {
     step.image
         .as_ref()
-        .and_then(|i| images.get(&i.reference))
+        .and_then(|i| images.get(&i.source))
         .and_then(|i| i.config.config().as_ref())
         .and_then(|c| c.exposed_ports().as_ref())
         .map(tcp_ports)

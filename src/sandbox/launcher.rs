@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use tokio::process::Child;
 
 use super::launch::spawn_container;
-use super::spec::{BindMount, ContainerProcess, ContainerSpec, ImageConfig, ImageSpec, Limits};
-use crate::run::launch::{LaunchError, LaunchSpec, Launcher, Process};
+use super::spec::{BindMount, ContainerSpec, ImageConfig, ImageSpec, Limits};
+use crate::run::launch::{LaunchError, LaunchSpec, Launcher};
 
 /// Where the step's control directory (output variables) appears in its container.
 pub const CONTROL_DIR: &str = "/run/sandrun";
@@ -27,7 +27,7 @@ pub struct ContainerLauncher {
 impl ContainerLauncher {
     /// `binary`: the sandrun executable (`std::env::current_exe()` in the runner);
     /// `state_dir`: the stage's private state directory; `images`: every image of the
-    /// stage, already in the store, by the reference the plan uses.
+    /// stage, already in the store, by `ImagePlan::source` (after connector mapping).
     pub fn new(
         binary: PathBuf,
         state_dir: PathBuf,
@@ -77,21 +77,14 @@ impl ContainerLauncher {
         let reference = step
             .image
             .as_ref()
-            .map(|i| i.reference.clone())
+            .map(|i| i.source.clone())
             .ok_or_else(|| refused("has no image; it runs on the host".into()))?;
         let image = self.images.get(&reference).cloned().ok_or_else(|| {
             refused(format!(
                 "image `{reference}` was not prepared for this stage"
             ))
         })?;
-        let process = match &spec.process {
-            Process::Shell { shell, script } => ContainerProcess::Shell {
-                shell: (*shell).into(),
-                script: script.clone(),
-            },
-            Process::Exec { argv } => ContainerProcess::Exec { argv: argv.clone() },
-            Process::ImageDefault => ContainerProcess::ImageDefault,
-        };
+        let process = spec.process.clone();
         let mut mounts = vec![
             BindMount {
                 source: spec.workspace.to_path_buf(),

@@ -20,6 +20,6 @@ pub mod userns;
 pub use container::{ERROR_PREFIX, WARNING_PREFIX};
 pub use error::SandboxError;
 pub use launcher::ContainerLauncher;
-pub use spec::{BindMount, ContainerProcess, ContainerSpec, ImageConfig, ImageSpec, Limits, Shell};
+pub use spec::{BindMount, ContainerProcess, ContainerSpec, ImageConfig, ImageSpec, Limits};
 pub use state::RunState;
 pub use userns::{enter_rootless, InvokingUser, UsernsInfo};

@@ -62,23 +62,26 @@ pub fn mount_overlay(
         upper.display(),
         work.display()
     );
-    let mut result = mount(
-        Some("overlay"),
-        target,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(data.as_str()),
-    );
-    if result == Err(nix::errno::Errno::EINVAL) && super::userns::in_user_namespace() {
-        // Inside a user namespace overlay keeps its metadata in user.* xattrs.
-        let data = format!("{data},userxattr");
+    // `volatile`: the upper directory is thrown away with the step, so overlay need not
+    // sync it; without it, unmounting syncs the whole upper filesystem, which took
+    // 8-200 ms per step on a busy machine (kernels before 5.10 lack it: plain then).
+    // Inside a user namespace overlay may need its metadata in user.* xattrs.
+    let userns = super::userns::in_user_namespace();
+    let mut result = Err(nix::errno::Errno::EINVAL);
+    for options in [",volatile", ",volatile,userxattr", "", ",userxattr"] {
+        if options.contains("userxattr") && !userns {
+            continue;
+        }
         result = mount(
             Some("overlay"),
             target,
             Some("overlay"),
             MsFlags::empty(),
-            Some(data.as_str()),
+            Some(format!("{data}{options}").as_str()),
         );
+        if result != Err(nix::errno::Errno::EINVAL) {
+            break;
+        }
     }
     if let Some(old) = cwd_guard {
         let _ = std::env::set_current_dir(old);

@@ -69,53 +69,9 @@ impl From<&oci_spec::image::Config> for ImageConfig {
     }
 }
 
-/// The shells of Harness's `shell:` field.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Shell {
-    Sh,
-    Bash,
-    Powershell,
-    Pwsh,
-    Python,
-}
-
-impl Shell {
-    /// The program and its "run this string" flag, as Harness runs them.
-    pub fn program(self) -> (&'static str, &'static str) {
-        match self {
-            Shell::Sh => ("sh", "-c"),
-            Shell::Bash => ("bash", "-c"),
-            // No `powershell` on Linux: PowerShell 7 (`pwsh`) runs both.
-            Shell::Powershell => ("pwsh", "-Command"),
-            Shell::Pwsh => ("pwsh", "-Command"),
-            Shell::Python => ("python3", "-c"),
-        }
-    }
-}
-
-impl From<crate::pipeline::model::Shell> for Shell {
-    fn from(s: crate::pipeline::model::Shell) -> Self {
-        use crate::pipeline::model::Shell as P;
-        match s {
-            P::Sh => Shell::Sh,
-            P::Bash => Shell::Bash,
-            P::Powershell => Shell::Powershell,
-            P::Pwsh => Shell::Pwsh,
-            P::Python => Shell::Python,
-        }
-    }
-}
-
-/// What the container runs.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ContainerProcess {
-    /// A step `command` run by `shell` (Sh/Bash get `set -e`).
-    Shell { shell: Shell, script: String },
-    /// A step `entrypoint` (replaces the image entrypoint; `command` is dropped).
-    Exec { argv: Vec<String> },
-    /// The image's own Entrypoint + Cmd (services, plugins).
-    ImageDefault,
-}
+/// What the container runs: the executor's process, with Harness's rules for turning
+/// it into an argv over the image config ([`argv`]).
+pub type ContainerProcess = crate::run::launch::Process;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BindMount {
@@ -139,14 +95,7 @@ impl Limits {
 /// The argv to run: Harness rules over the image config.
 pub fn argv(process: &ContainerProcess, image: &ImageConfig) -> Vec<String> {
     match process {
-        ContainerProcess::Shell { shell, script } => {
-            let (program, flag) = shell.program();
-            let script = match shell {
-                Shell::Sh | Shell::Bash => format!("set -e\n{script}"),
-                _ => script.clone(),
-            };
-            vec![program.into(), flag.into(), script]
-        }
+        ContainerProcess::Shell { shell, script } => shell.argv(script),
         ContainerProcess::Exec { argv } => argv.clone(),
         ContainerProcess::ImageDefault => {
             image.entrypoint.iter().chain(&image.cmd).cloned().collect()
@@ -185,6 +134,7 @@ pub fn environment(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::Shell;
 
     fn image() -> ImageConfig {
         ImageConfig {

@@ -19,7 +19,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
@@ -310,15 +310,13 @@ fn unshare_and_map_with_helpers(
             let mut result = fs::File::from(result_write);
             let mut byte = [0u8; 1];
             let code = match go.read(&mut byte) {
-                Ok(1) => {
-                    match run_map_helper(&mut uid_cmd).and_then(|()| run_map_helper(&mut gid_cmd)) {
-                        Ok(()) => 0,
-                        Err(message) => {
-                            let _ = result.write_all(message.as_bytes());
-                            1
-                        }
+                Ok(1) => match run_map_helpers(&mut uid_cmd, &mut gid_cmd) {
+                    Ok(()) => 0,
+                    Err(message) => {
+                        let _ = result.write_all(message.as_bytes());
+                        1
                     }
-                }
+                },
                 _ => 2,
             };
             // SAFETY: leave without running the parent's exit handlers or flushing its
@@ -349,20 +347,38 @@ fn unshare_and_map_with_helpers(
     }
 }
 
-fn run_map_helper(cmd: &mut Command) -> Result<(), String> {
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let out = cmd
-        .output()
-        .map_err(|e| format!("{program} could not be started: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{program} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+/// Runs newuidmap and newgidmap side by side (each writes its own map; two setuid
+/// programs one after the other cost a few ms more).
+fn run_map_helpers(uid_cmd: &mut Command, gid_cmd: &mut Command) -> Result<(), String> {
+    let spawn = |cmd: &mut Command| {
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map(|child| (program.clone(), child))
+            .map_err(|e| format!("{program} could not be started: {e}"))
+    };
+    let uid_child = spawn(uid_cmd);
+    let gid_child = spawn(gid_cmd);
+    let finish = |spawned: Result<(String, std::process::Child), String>| {
+        let (program, child) = spawned?;
+        let out = child
+            .wait_with_output()
+            .map_err(|e| format!("{program} could not be waited for: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{program} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    };
+    let uid_result = finish(uid_child);
+    let gid_result = finish(gid_child);
+    uid_result.and(gid_result)
 }
 
 /// Maps only the invoking user (and group) to 0, as an unprivileged process may do for

@@ -24,12 +24,15 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    pub fn pull_options(&self) -> PullOptions {
-        PullOptions {
+    /// These options, then sandrun's config file (connectors, credentials, mirrors).
+    pub fn pull_options(&self) -> Result<PullOptions> {
+        let mut opts = PullOptions {
             offline: self.offline,
             insecure_registries: self.insecure_registry.clone(),
             ..Default::default()
-        }
+        };
+        crate::config::Config::load()?.apply(&mut opts);
+        Ok(opts)
     }
 }
 
@@ -76,7 +79,7 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn pull(args: &PullArgs, reg: &RegistryArgs) -> Result<i32> {
     enter_userns_if_rootless()?;
     let store = open_store()?;
-    let mut opts = reg.pull_options();
+    let mut opts = reg.pull_options()?;
     let mut wanted: Vec<(String, PullPolicy)> = Vec::new();
     let always = |p: PullPolicy| if args.always { PullPolicy::Always } else { p };
     for image in &args.images {
@@ -278,7 +281,7 @@ pub struct LockArgs {
 
 pub fn lock(args: &LockArgs, reg: &RegistryArgs) -> Result<i32> {
     let store = open_store()?;
-    let opts = reg.pull_options();
+    let opts = reg.pull_options()?;
     let images = pipeline_images(&args.pipeline, &opts)?;
     let progress = TerminalProgress::new();
     let lock = runtime()?.block_on(async {
@@ -311,7 +314,7 @@ pub struct SaveArgs {
 pub fn save(args: &SaveArgs, reg: &RegistryArgs) -> Result<i32> {
     enter_userns_if_rootless()?;
     let store = open_store()?;
-    let mut opts = reg.pull_options();
+    let mut opts = reg.pull_options()?;
     let mut images = Vec::new();
     for w in &args.what {
         let p = Path::new(w);

@@ -144,8 +144,10 @@ impl Store {
     pub fn fsck(&self, repair: bool) -> Result<FsckReport, StoreError> {
         let l = self.layout();
         let _shared = l.lock_store_shared()?;
-        let mut report = FsckReport::default();
-        report.temp_removed = clean_tmp(l, false)?;
+        let mut report = FsckReport {
+            temp_removed: clean_tmp(l, false)?,
+            ..Default::default()
+        };
         let mut bad_blobs = BTreeSet::new();
         for (digest, path) in list_blobs(l)? {
             report.blobs += 1;
@@ -174,7 +176,7 @@ impl Store {
         for d in l.read_index()?.manifests() {
             let name = ref_name(d).unwrap_or("(unnamed)");
             let mut reach = Reach::default();
-            match reach_manifest(l, &d.digest().to_string(), &mut reach) {
+            match reach_manifest(l, d.digest().as_ref(), &mut reach) {
                 Ok(true) => {}
                 Ok(false) => report.incomplete.push(format!(
                     "{name}: blobs or layers missing (the next pull fetches them)"
@@ -229,7 +231,7 @@ fn reach_manifest(l: &Layout, digest: &str, reach: &mut Reach) -> Result<bool, S
             // An index named directly (e.g. written by skopeo): keep all its members.
             let mut all = true;
             for m in idx.manifests() {
-                all &= reach_manifest(l, &m.digest().to_string(), reach)?;
+                all &= reach_manifest(l, m.digest().as_ref(), reach)?;
             }
             return Ok(all);
         }

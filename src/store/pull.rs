@@ -92,14 +92,10 @@ fn desc_digest(d: &Descriptor) -> String {
     d.digest().to_string()
 }
 
-fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> impl std::future::Future<Output = T> {
-    async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .expect("blocking task panicked")
-    }
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking task panicked")
 }
 
 pub(crate) async fn ensure(
@@ -234,7 +230,7 @@ fn read_manifest_and_config(
 ) -> Result<(ImageManifest, Option<ImageConfiguration>), StoreError> {
     let bytes = l.read_blob(manifest_digest, MAX_MANIFEST_BYTES)?;
     let manifest = match parse_manifest(reference, &bytes)? {
-        Fetched::Manifest(m) => m,
+        Fetched::Manifest(m) => *m,
         Fetched::Index(_) => {
             return Err(StoreError::BadManifest {
                 reference: reference.to_string(),

@@ -51,8 +51,8 @@ pub fn install_crypto_provider() {
 /// A manifest or index as received.
 #[derive(Clone, Debug)]
 pub enum Fetched {
-    Manifest(ImageManifest),
-    Index(ImageIndex),
+    Manifest(Box<ImageManifest>),
+    Index(Box<ImageIndex>),
 }
 
 /// The os/architecture/variant an image must be for.
@@ -142,10 +142,10 @@ pub fn parse_manifest(reference: &str, bytes: &[u8]) -> Result<Fetched, StoreErr
     }
     if v.get("manifests").is_some() {
         let idx: ImageIndex = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
-        Ok(Fetched::Index(idx))
+        Ok(Fetched::Index(Box::new(idx)))
     } else {
         let m: ImageManifest = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
-        Ok(Fetched::Manifest(m))
+        Ok(Fetched::Manifest(Box::new(m)))
     }
 }
 

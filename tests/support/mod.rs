@@ -50,7 +50,9 @@ pub fn test_user() -> Option<(u32, u32)> {
 }
 
 /// The binary under test, copied where the unprivileged user can execute it (the
-/// build directory may sit under a home directory it cannot enter).
+/// build directory may sit under a home directory it cannot enter). One copy per
+/// build, shared by every test process (nextest runs each test in its own process),
+/// and copies of older builds are removed.
 pub fn binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -58,15 +60,61 @@ pub fn binary() -> PathBuf {
         if !is_root() {
             return built;
         }
-        let dir = std::env::temp_dir().join(format!("sandrun-test-bin-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let meta = std::fs::metadata(&built).unwrap();
+        let mtime = meta
+            .modified()
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let key = format!("sandrun-test-bin-{}-{mtime}", meta.len());
+        let base = std::env::temp_dir();
+        let dir = base.join(&key);
         let copy = dir.join("sandrun");
-        std::fs::copy(&built, &copy).unwrap();
-        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if !copy.exists() {
+            remove_old_copies(&base, &key);
+            // Copy under a private name, then rename: concurrent test processes
+            // never see a half-written binary.
+            let staging = base.join(format!("{key}.{}", std::process::id()));
+            std::fs::create_dir_all(&staging).unwrap();
+            std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::fs::copy(&built, staging.join("sandrun")).unwrap();
+            std::fs::set_permissions(
+                staging.join("sandrun"),
+                std::fs::Permissions::from_mode(0o755),
+            )
+            .unwrap();
+            if std::fs::rename(&staging, &dir).is_err() {
+                // Another test process won the race; use its copy.
+                let _ = std::fs::remove_dir_all(&staging);
+            }
+        }
         copy
     })
     .clone()
+}
+
+/// Copies of other builds, left by earlier test runs (a few minutes old at least, so
+/// that a test still running from one keeps it).
+fn remove_old_copies(base: &Path, keep: &str) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("sandrun-test-bin-") || name == keep {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(300));
+        if old {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// A scratch workspace (and home) for one run of sandrun in one mode.

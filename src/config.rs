@@ -1,0 +1,148 @@
+//! sandrun's own configuration file: what a machine knows that a pipeline cannot.
+//!
+//! Harness pipelines name registries through connectors (`connectorRef:
+//! account.harnessImage`), which mean nothing on a laptop. The config file maps them
+//! to registries (and optionally credentials), and lists plain-HTTP registries such
+//! as a local mirror:
+//!
+//! ```yaml
+//! insecure_registries: ["mirror.internal:5000"]
+//! connectors:
+//!   account.harnessImage:
+//!     registry: mirror.internal:5000
+//!     credentials: { username: ci, password: s3cret }
+//! credentials:
+//!   ghcr.io: { token: ghp_example }
+//! ```
+//!
+//! It lives at `$SANDRUN_CONFIG`, else `$XDG_CONFIG_HOME/sandrun/config.yaml`, else
+//! `~/.config/sandrun/config.yaml`; a missing file is an empty configuration.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::store::{ConnectorMapping, Credential, PullOptions};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Registries (`host:port`) spoken to over plain HTTP.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// Harness connector identifier -> registry.
+    #[serde(default)]
+    pub connectors: BTreeMap<String, ConnectorMapping>,
+    /// Credentials by registry host; they win over Docker's and podman's files.
+    #[serde(default)]
+    pub credentials: BTreeMap<String, Credential>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}{}: {message}", path.display(), location.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
+    Parse {
+        path: PathBuf,
+        location: Option<(usize, usize)>,
+        message: String,
+    },
+}
+
+/// Where the config file is looked for.
+pub fn path() -> Option<PathBuf> {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("SANDRUN_CONFIG")
+        .or_else(|| var("XDG_CONFIG_HOME").map(|d| d.join("sandrun/config.yaml")))
+        .or_else(|| var("HOME").map(|h| h.join(".config/sandrun/config.yaml")))
+}
+
+impl Config {
+    /// The config at [`path`], or an empty one when there is no file.
+    pub fn load() -> Result<Config, ConfigError> {
+        match path() {
+            Some(p) if p.exists() => Config::read(&p),
+            _ => Ok(Config::default()),
+        }
+    }
+
+    pub fn read(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            location: e.location().map(|l| (l.line(), l.column())),
+            message: e
+                .to_string()
+                .split(" at line ")
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        })
+    }
+
+    /// Add what this file says to `opts` (command-line options come first).
+    pub fn apply(self, opts: &mut PullOptions) {
+        for r in self.insecure_registries {
+            if !opts.insecure_registries.contains(&r) {
+                opts.insecure_registries.push(r);
+            }
+        }
+        for (host, cred) in self.credentials {
+            opts.credentials.entry(host).or_insert(cred);
+        }
+        for (id, mapping) in self.connectors {
+            opts.connectors.entry(id).or_insert(mapping);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_connectors_credentials_and_mirrors() {
+        let c = Config::parse(
+            Path::new("c.yaml"),
+            "insecure_registries: [m:5000]\nconnectors:\n  account.img:\n    registry: m:5000\n    credentials: {username: u, password: p}\ncredentials:\n  ghcr.io: {token: t}\n",
+        )
+        .unwrap();
+        let mut opts = PullOptions::default();
+        c.apply(&mut opts);
+        assert_eq!(opts.insecure_registries, ["m:5000"]);
+        assert_eq!(opts.connectors["account.img"].registry, "m:5000");
+        assert_eq!(
+            opts.credentials["ghcr.io"],
+            Credential::Token { token: "t".into() }
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file_and_position() {
+        let e = Config::parse(Path::new("c.yaml"), "conectors: {}\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("c.yaml:1:1: unknown field `conectors`"),
+            "{msg}"
+        );
+    }
+}
