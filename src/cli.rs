@@ -28,7 +28,12 @@ It reads Harness CI v0 pipeline YAML unchanged (a whole `pipeline:` or a single
 `stage:`): Run, Background and Plugin steps, step groups, parallel blocks, stage
 variables and <+...> expressions. Background steps start services that later steps
 call by step identifier; the stage proceeds at once and the services are stopped
-when it ends. Steps without an image run the host's own binaries.
+when it ends. Steps with an image run in their own rootless container; steps
+without one run the host's own binaries. Every stage gets a private network.
+
+Images come from registries into a content-addressed store ($SANDRUN_HOME); a lock
+file (`sandrun lock`) pins them, and `save`/`load` carry them to air-gapped hosts,
+where `sandrun run --locked --offline` never opens a connection.
 
 Typical use:
   sandrun plan .harness/ci.yaml        show what would run, in order

@@ -672,3 +672,23 @@ fn a_second_ctrl_c_kills_at_once_and_still_leaves_nothing() {
         );
     }
 }
+
+#[test]
+fn readiness_is_bounded_and_the_stage_proceeds_when_it_expires() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let port = free_port();
+        sb.write(
+            "ci.yaml",
+            &stage(&format!(
+                "- step:\n    type: Background\n    name: mute\n    identifier: mute\n    spec:\n      command: sleep 30\n      portBindings:\n        \"{port}\": \"{port}\"\n- step:\n    type: Run\n    name: next\n    identifier: next\n    spec:\n      command: echo went on\n"
+            )),
+        );
+        let started = Instant::now();
+        let r = sb.run(["run", "ci.yaml", "--ready-timeout", "1s", "--grace", "1s"]);
+        r.assert_code(0)
+            .assert_stdout(&format!("port {port} not accepting connections after"))
+            .assert_stdout("went on");
+        assert!(started.elapsed() < Duration::from_secs(20), "{}", r.all());
+    }
+}

@@ -47,11 +47,15 @@ pub fn render(plan: &Plan) -> String {
                 }
             );
             for s in &net.skipped_names {
-                let _ = writeln!(
-                    out,
-                    "  name `{}` resolves to no step: {:?}",
-                    s.name, s.reason
-                );
+                let why = match &s.reason {
+                    crate::net::SkipReason::Ambiguous { keys } => {
+                        format!("steps {} all claim it", keys.join(", "))
+                    }
+                    crate::net::SkipReason::Invalid { key } => {
+                        format!("it is not a valid hostname (step {key})")
+                    }
+                };
+                let _ = writeln!(out, "  name `{}` resolves to no step: {why}", s.name);
             }
         }
         if let Some(t) = stage.timeout {
