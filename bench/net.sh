@@ -2,7 +2,9 @@
 # Stage network benchmark (issue 5). Not a test: prints figures.
 #   - setup time of a stage network of 2, 10 and 50 steps (target: < 5 ms per step)
 #   - first connection between two steps right after setup, 200 trials (no stall > 100 ms)
-#   - throughput through the host port proxy vs a direct loopback connection (>= 0.8x)
+#   - throughput through the host port proxy vs a direct loopback connection (>= 0.8x),
+#     and the CPU time per GiB it costs
+#   - delay the proxy adds to a small request (new connection and kept connection)
 # Runs as root, and rootless as the user `sandrun-test` (tests/rootless creates it) when
 # it exists. All traffic stays on loopback or inside namespaces the benchmark makes.
 set -eu
@@ -18,6 +20,7 @@ run_all() {
     "$@" setup 50 10
     "$@" latency 200
     "$@" proxy 1024 5
+    "$@" request 1000
 }
 
 if [ "$(id -u)" -eq 0 ]; then

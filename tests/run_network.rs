@@ -180,3 +180,38 @@ fn pod_mode_services_are_on_localhost_and_by_name() {
             .assert_stdout("network: pod");
     }
 }
+
+#[test]
+fn pod_mode_names_the_step_that_holds_a_port_another_service_wanted() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write("s/who.txt", "pod service\n");
+        // Both serve on 9000 in one shared network: whichever binds second dies with
+        // "Address already in use", and the report names the other one.
+        let steps = server("first", "s", 9000, "")
+            + &server("second", "s", 9000, "")
+            + r#"- step:
+    type: Run
+    name: wait
+    identifier: wait
+    spec:
+      command: sleep 3
+"#;
+        sb.write("ci.yaml", &stage(K8S, &steps));
+        let r = sb.run(["run", "ci.yaml"]);
+        assert_ne!(r.code, 0, "{}", r.all());
+        let out = r.all();
+        assert!(out.contains("Address already in use"), "{out}");
+        let named = [("second", "first"), ("first", "second")]
+            .iter()
+            .any(|(dead, holder)| {
+                out.contains(&format!(
+                    "`{dead}` could not bind its port: port 9000 is taken by `{holder}` (listening now)"
+                ))
+            });
+        assert!(
+            named,
+            "the report should name both steps and port 9000:\n{out}"
+        );
+    }
+}

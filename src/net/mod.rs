@@ -4,7 +4,8 @@
 //!
 //! `plan` and `files` are pure (addresses, names, file contents). `stage` builds the
 //! live network from a [`NetworkPlan`] (`netns` and `links` hold the system calls),
-//! `proxy` serves port bindings, `egress` is the opt-in way out.
+//! `proxy` serves port bindings, `egress` is the opt-in way out, `listeners` reads
+//! which ports a running step listens on (to explain pod-mode port collisions).
 //!
 //! How the executor uses it: `allocate` at plan time; before the first step
 //! `HostPortProxy::bind` (fails early on a busy port), `StageNetwork::create`, then
@@ -17,6 +18,7 @@ mod egress;
 pub mod error;
 pub mod files;
 mod links;
+mod listeners;
 mod netns;
 pub mod plan;
 mod proxy;
@@ -24,6 +26,7 @@ mod stage;
 
 pub use error::{NetError, NetPlanError};
 pub use files::{render_hosts, render_resolv_conf};
+pub use listeners::listening_ports;
 pub use netns::StepJoin;
 pub use plan::{
     allocate, step_hostnames, NetworkMode, NetworkPlan, PortBinding, SkipReason, SkippedName,

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::events::{EventSink, ExitInfo, RunEvent, StageResult, StepResult, Stream, TestCounts};
 use super::launch::{LaunchSpec, Launcher, Process};
+use super::ports::{exposed_ports, PodPorts};
 use crate::junit;
 use crate::net::StageNetwork;
 use crate::pipeline::{Shell, StageStatus};
@@ -85,9 +86,16 @@ pub async fn run_stage(ctx: &StageContext<'_>) -> StageResult {
     for w in &ctx.stage.warnings {
         ctx.events.warn(None, w.clone());
     }
+    let pod_ports = PodPorts::for_stage(ctx.stage, ctx.images);
+    for w in pod_ports.iter().flat_map(PodPorts::collisions) {
+        ctx.events.warn(None, w);
+    }
     let exec = Executor {
         ctx,
-        state: Arc::new(StageState::default()),
+        state: Arc::new(StageState {
+            pod_ports,
+            ..StageState::default()
+        }),
         stage_cancel: ctx.cancel.child_token(),
     };
     let body = exec.run_nodes(&ctx.stage.nodes);
@@ -134,11 +142,27 @@ struct StageState {
     /// Process groups started by this stage, killed at its end so that nothing a step
     /// left running survives the stage.
     groups: Mutex<Vec<i32>>,
+    /// Ports of the services when the stage runs in pod mode.
+    pod_ports: Option<PodPorts>,
 }
 
 struct Background {
+    key: String,
+    pid: Option<i32>,
     stop: CancellationToken,
     watcher: JoinHandle<()>,
+}
+
+impl StageState {
+    /// In pod mode, why a service that just died may have failed to bind its port.
+    fn bind_conflict(&self, dead: &str, last_lines: &[String]) -> Option<String> {
+        let pods = self.pod_ports.as_ref()?;
+        let running: Vec<(String, i32)> = (self.backgrounds.lock().unwrap().iter())
+            .filter(|b| b.key != dead)
+            .filter_map(|b| Some((b.key.clone(), b.pid?)))
+            .collect();
+        pods.bind_conflict(dead, last_lines, &crate::net::listening_ports(&running))
+    }
 }
 
 struct Executor<'a> {
@@ -579,6 +603,7 @@ impl<'a> Executor<'a> {
             tail,
             ..
         } = running;
+        let pid = child.id().map(|p| p as i32);
         let stop = self.stage_cancel.child_token();
         let exited = CancellationToken::new();
         let watcher = {
@@ -600,7 +625,11 @@ impl<'a> Executor<'a> {
                         let exit = exit.unwrap_or(ExitInfo { code: -1, signal: None });
                         let last_lines: Vec<String> = tail.lock().unwrap().iter().cloned().collect();
                         events.emit(RunEvent::StepExited { step: key.clone(), exit });
+                        let conflict = state.bind_conflict(&key, &last_lines);
                         events.emit(RunEvent::BackgroundDied { step: key.clone(), exit, last_lines });
+                        if let Some(note) = conflict {
+                            events.warn(Some(&key), note);
+                        }
                         if exit.success() {
                             (StepResult::Succeeded, Some(exit))
                         } else {
@@ -636,11 +665,12 @@ impl<'a> Executor<'a> {
                 });
             })
         };
-        self.state
-            .backgrounds
-            .lock()
-            .unwrap()
-            .push(Background { stop, watcher });
+        self.state.backgrounds.lock().unwrap().push(Background {
+            key: step.key.clone(),
+            pid,
+            stop,
+            watcher,
+        });
         self.wait_ready(step, started, &exited).await;
     }
 
@@ -753,21 +783,7 @@ impl<'a> Executor<'a> {
 fn ready_ports(step: &StepPlan, images: &crate::run::images::Images) -> Vec<u16> {
     let mut ports: Vec<u16> = step.port_bindings.iter().map(|(_, c)| *c).collect();
     if ports.is_empty() {
-        let exposed = step
-            .image
-            .as_ref()
-            .and_then(|i| images.get(&i.source))
-            .and_then(|i| i.config.config().as_ref())
-            .and_then(|c| c.exposed_ports().clone())
-            .unwrap_or_default();
-        ports = exposed
-            .iter()
-            .filter_map(|p| match p.split_once('/') {
-                Some((n, proto)) if proto.eq_ignore_ascii_case("tcp") => n.parse().ok(),
-                None => p.parse().ok(),
-                _ => None,
-            })
-            .collect();
+        ports = exposed_ports(step, images);
     }
     ports.sort_unstable();
     ports.dedup();

@@ -4,3 +4,4 @@ pub mod events;
 pub mod executor;
 pub mod images;
 pub mod launch;
+pub mod ports;
