@@ -281,7 +281,7 @@ fn ctrl_c_stops_containers_and_removes_their_state() {
             support::Mode::Rootless if support::is_root() => support::test_user().unwrap().0,
             _ => nix::unistd::getuid().as_raw(),
         };
-        let run_dir = std::path::PathBuf::from(format!("/tmp/sandrun-{uid}/run-{pid}"));
+        let run_dir = sandrun::sandbox::state::default_base_for(uid).join(format!("run-{pid}"));
         assert!(!run_dir.exists(), "{} was left behind", run_dir.display());
         for m in [format!("sleep 6{tag}"), format!("sleep 7{tag}")] {
             assert!(
