@@ -8,7 +8,7 @@ mod support;
 mod registry;
 
 use registry::{tools_present, ImageBuilder, Registry};
-use support::{free_port, modes, processes_with, Sandbox};
+use support::{assert_no_process, free_port, modes, spawn_until, Sandbox};
 
 struct Fixture {
     _registry: Registry,
@@ -116,11 +116,7 @@ fn container_service_is_reached_by_name_from_containers_and_host_steps() {
             .assert_stdout("answer=42 file=shared");
         assert!(r.summary_row("web").contains("stopped"), "{}", r.all());
         let service = format!("httpd -f -p 8080 -h /www{host_port}");
-        assert!(
-            processes_with(&service).is_empty(),
-            "left behind: {:?}",
-            processes_with(&service)
-        );
+        assert_no_process(&service);
     }
 }
 
@@ -247,7 +243,6 @@ fn plugin_steps_get_their_settings_as_plugin_env() {
 fn ctrl_c_stops_containers_and_removes_their_state() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
-    use std::time::{Duration, Instant};
     let Some(fx) = fixture() else { return };
     for mode in modes() {
         let sb = Sandbox::new(mode);
@@ -259,20 +254,8 @@ fn ctrl_c_stops_containers_and_removes_their_state() {
                 bb = fx.busybox
             ),
         );
-        let child = sb
-            .command(["run", "ci.yaml", "--grace", "2s"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        while processes_with(&format!("sleep 7{tag}")).is_empty() {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the container never started"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let long = format!("sleep 7{tag}");
+        let child = spawn_until(&sb, &["run", "ci.yaml", "--grace", "2s"], &long);
         let pid = child.id();
         kill(Pid::from_raw(pid as i32), Signal::SIGINT).unwrap();
         let r = support::Run::from(child.wait_with_output().unwrap());
@@ -284,11 +267,7 @@ fn ctrl_c_stops_containers_and_removes_their_state() {
         let run_dir = sandrun::sandbox::state::default_base_for(uid).join(format!("run-{pid}"));
         assert!(!run_dir.exists(), "{} was left behind", run_dir.display());
         for m in [format!("sleep 6{tag}"), format!("sleep 7{tag}")] {
-            assert!(
-                processes_with(&m).is_empty(),
-                "left behind: {:?}",
-                processes_with(&m)
-            );
+            assert_no_process(&m);
         }
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{free_port, modes, processes_with, Sandbox};
+use support::{assert_no_process, free_port, modes, spawn_until, Sandbox};
 
 fn stage(steps: &str) -> String {
     format!(
@@ -65,11 +65,7 @@ fn background_service_is_reached_then_stopped() {
             .assert_stdout("ready after");
         assert!(r.summary_row("web").contains("stopped"), "{}", r.all());
         assert!(r.summary_row("fetch").contains("passed"), "{}", r.all());
-        assert!(
-            processes_with(&marker).is_empty(),
-            "left behind: {:?}",
-            processes_with(&marker)
-        );
+        assert_no_process(&marker);
     }
 }
 
@@ -218,7 +214,7 @@ fn a_step_past_its_timeout_is_killed_and_fails_the_stage() {
         assert!(r.summary_row("slow").contains("TIMED OUT"), "{}", r.all());
         // The step ignores SIGTERM: only SIGKILL after the grace period ends it.
         assert!(started.elapsed() < Duration::from_secs(8), "{}", r.all());
-        assert!(processes_with(&marker).is_empty());
+        assert_no_process(&marker);
     }
 }
 
@@ -477,28 +473,13 @@ fn ctrl_c_stops_every_step_and_exits_130() {
 "#
             )),
         );
-        let child = sb
-            .command(["run", "ci.yaml", "--grace", "2s"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let pid = Pid::from_raw(child.id() as i32);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while processes_with(&long).is_empty() {
-            assert!(Instant::now() < deadline, "the long step never started");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        kill(pid, Signal::SIGINT).unwrap();
+        let child = spawn_until(&sb, &["run", "ci.yaml", "--grace", "2s"], &long);
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
         let r = support::Run::from(child.wait_with_output().unwrap());
         r.assert_code(130).assert_stdout("interrupted");
         assert!(r.summary_row("long").contains("cancelled"), "{}", r.all());
         for m in [&service, &long] {
-            assert!(
-                processes_with(m).is_empty(),
-                "left behind: {:?}",
-                processes_with(m)
-            );
+            assert_no_process(m);
         }
     }
 }
@@ -644,20 +625,8 @@ fn a_second_ctrl_c_kills_at_once_and_still_leaves_nothing() {
             )),
         );
         let started = Instant::now();
-        let child = sb
-            .command(["run", "ci.yaml", "--grace", "60s"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = spawn_until(&sb, &["run", "ci.yaml", "--grace", "60s"], &stubborn);
         let pid = Pid::from_raw(child.id() as i32);
-        while processes_with(&stubborn).is_empty() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "the step never started"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
         kill(pid, Signal::SIGINT).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         kill(pid, Signal::SIGINT).unwrap();
@@ -665,11 +634,7 @@ fn a_second_ctrl_c_kills_at_once_and_still_leaves_nothing() {
         r.assert_code(130).assert_stdout("interrupted again");
         // Well inside the 60 s grace period: the second Ctrl-C did not wait for it.
         assert!(started.elapsed() < Duration::from_secs(30), "{}", r.all());
-        assert!(
-            processes_with(&stubborn).is_empty(),
-            "left behind: {:?}",
-            processes_with(&stubborn)
-        );
+        assert_no_process(&stubborn);
     }
 }
 

@@ -289,3 +289,29 @@ pub fn processes_with(marker: &str) -> Vec<String> {
     }
     found
 }
+
+/// Fails the test when a process whose command line contains `marker` still exists.
+pub fn assert_no_process(marker: &str) {
+    let left = processes_with(marker);
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Starts `sandrun ARGS` in the background and returns once a process whose command
+/// line contains `marker` exists (a step has started), for tests that interrupt runs.
+pub fn spawn_until(sb: &Sandbox, args: &[&str], marker: &str) -> std::process::Child {
+    let child = sb
+        .command(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot start sandrun");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while processes_with(marker).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no process `{marker}` started within 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child
+}
