@@ -21,12 +21,14 @@
 # - crun:     crun refuses this hybrid cgroup host rootless, so it runs inside
 #             `sandrun __unshare` (the same user-namespace entry sandrun makes, with
 #             cgroup2 bound over /sys/fs/cgroup); its bundle has no user namespace of its
-#             own and no network namespace.
-# - runc:     its own rootless bundle (`runc spec --rootless`), no network namespace.
+#             own, and the network namespace of `crun spec` (loopback only), as every
+#             sandrun step has its own network namespace.
+# - runc:     its own rootless bundle (`runc spec --rootless`), plus a network
+#             namespace (loopback only) like crun's.
 # - unshare:  `sandrun __unshare true`, the cost of that user-namespace entry alone.
 # - podman:   `podman run --rm --network=none --runtime runc` of the same root
 #             filesystem imported as an image (crun as podman's runtime fails here the
-#             same way; no network for it either).
+#             same way); `--network=none` is a network namespace with loopback only.
 #
 # As root it re-runs itself as the rootless test user `sandrun-test` (created by
 # scripts/test.sh).
@@ -124,8 +126,9 @@ for tool in ("crun", "runc"):
     c["root"] = {"path": f"{w}/rootfs", "readonly": True}
     c["process"]["args"] = ["true"]
     c["process"]["terminal"] = False
-    drop = {"network", "user"} if tool == "crun" else {"network"}
+    drop = {"user", "network"} if tool == "crun" else {"network"}
     c["linux"]["namespaces"] = [n for n in c["linux"]["namespaces"] if n["type"] not in drop]
+    c["linux"]["namespaces"].append({"type": "network"})
     if tool == "crun":
         c["linux"].pop("uidMappings", None)
         c["linux"].pop("gidMappings", None)
