@@ -14,17 +14,21 @@
 #             create/start/wait/delete), output, summary and cleanup. The image is in a
 #             private store (SANDRUN_HOME), imported with `sandrun load` from an OCI
 #             archive built here with umoci and skopeo.
+# - pod:      the same with `--network pod` (the step's namespace has only loopback:
+#             no bridge, veth or address), to show what the bridge network costs.
 # - helper:   the per-step helper alone (`sandrun __container SPEC`, entering its own
 #             user namespace since nobody else did), for where the time goes.
 # - crun:     crun refuses this hybrid cgroup host rootless, so it runs inside
 #             `sandrun __unshare` (the same user-namespace entry sandrun makes, with
 #             cgroup2 bound over /sys/fs/cgroup); its bundle has no user namespace of its
-#             own and no network namespace.
-# - runc:     its own rootless bundle (`runc spec --rootless`), no network namespace.
+#             own, and the network namespace of `crun spec` (loopback only), as every
+#             sandrun step has its own network namespace.
+# - runc:     its own rootless bundle (`runc spec --rootless`), plus a network
+#             namespace (loopback only) like crun's.
 # - unshare:  `sandrun __unshare true`, the cost of that user-namespace entry alone.
 # - podman:   `podman run --rm --network=none --runtime runc` of the same root
 #             filesystem imported as an image (crun as podman's runtime fails here the
-#             same way; no network for it either).
+#             same way); `--network=none` is a network namespace with loopback only.
 #
 # As root it re-runs itself as the rootless test user `sandrun-test` (created by
 # scripts/test.sh).
@@ -56,6 +60,10 @@ fi
 
 W="$2"
 cd "$W"
+# Runtime state on a tmpfs for everyone, as sandrun's own runs (and crun's and runc's
+# defaults under $XDG_RUNTIME_DIR) keep it: /tmp is a disk filesystem here.
+T=$(mktemp -d /dev/shm/sandrun-bench.XXXXXX)
+trap 'rm -rf "$T" 2>/dev/null || ./sandrun __unshare rm -rf "$T"' EXIT
 echo "user: $(id -un) (uid $(id -u)), $ROUNDS rounds, $(nproc) cpus, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # The image: busybox-static with its applets and a passwd, as one layer dir.
@@ -75,7 +83,7 @@ umoci repack --image oci:bench unpacked >/dev/null
 umoci config --image oci:bench --config.cmd sh >/dev/null
 skopeo copy -q oci:oci:bench oci-archive:busybox.tar:busybox:bench
 ./sandrun load --color never busybox.tar >load.log 2>&1 || { cat load.log; exit 1; }
-mkdir -p ws state
+mkdir -p ws
 cat > stage.yaml <<EOF
 stage:
   identifier: bench
@@ -102,11 +110,11 @@ cat > spec.json <<EOF
  "env":[],"user":null,"working_dir":"/harness",
  "mounts":[{"source":"$W/ws","destination":"/harness","readonly":false}],
  "resources":{"memory_bytes":null,"cpu_millis":null},"privileged":false,
- "state_dir":"$W/state/run"}
+ "state_dir":"$T/helper/run"}
 EOF
 
 # crun / runc bundles on the same root filesystem (see the top of this file).
-mkdir -p bundle-crun bundle-runc crun-state runc-state
+mkdir -p bundle-crun bundle-runc
 (cd bundle-crun && crun spec --rootless)
 (cd bundle-runc && runc spec --rootless)
 python3 - "$W" <<'PY'
@@ -118,8 +126,9 @@ for tool in ("crun", "runc"):
     c["root"] = {"path": f"{w}/rootfs", "readonly": True}
     c["process"]["args"] = ["true"]
     c["process"]["terminal"] = False
-    drop = {"network", "user"} if tool == "crun" else {"network"}
+    drop = {"user", "network"} if tool == "crun" else {"network"}
     c["linux"]["namespaces"] = [n for n in c["linux"]["namespaces"] if n["type"] not in drop]
+    c["linux"]["namespaces"].append({"type": "network"})
     if tool == "crun":
         c["linux"].pop("uidMappings", None)
         c["linux"].pop("gidMappings", None)
@@ -136,10 +145,11 @@ if ! podman import -q rootfs.tar localhost/sandrun-bench-busybox:latest >/dev/nu
 fi
 
 run_sandrun() { ./sandrun run --color never --workspace ws stage.yaml >/dev/null 2>&1; }
+run_pod() { ./sandrun run --color never --network pod --workspace ws stage.yaml >/dev/null 2>&1; }
 run_helper() { ./sandrun __container spec.json; }
 run_unshare() { ./sandrun __unshare true; }
-run_crun() { ./sandrun __unshare crun --root crun-state --cgroup-manager=disabled run -b bundle-crun "c$1" >/dev/null; }
-run_runc() { runc --root runc-state run -b bundle-runc "r$1" >/dev/null; }
+run_crun() { ./sandrun __unshare crun --root $T/crun --cgroup-manager=disabled run -b bundle-crun "c$1" >/dev/null; }
+run_runc() { runc --root $T/runc run -b bundle-runc "r$1" >/dev/null; }
 run_podman() { podman run --rm --network=none --runtime runc localhost/sandrun-bench-busybox:latest true >/dev/null; }
 
 now() { date +%s%N; }
@@ -150,13 +160,13 @@ measure() { # name round
     echo $(( (t1 - t0) / 1000 )) >> "times.$1"
 }
 
-TOOLS="sandrun helper crun runc unshare"
+TOOLS="sandrun pod helper crun runc unshare"
 [ -n "$PODMAN" ] && TOOLS="$TOOLS podman"
 # One warm-up each (page cache, podman's storage); show why a tool does not work.
 for t in $TOOLS; do
     "run_$t" 0 >/dev/null 2>&1 || {
         echo "$t does not work here:"
-        [ "$t" = sandrun ] && ./sandrun run --color never --workspace ws stage.yaml
+        case "$t" in sandrun|pod) ./sandrun run --color never --workspace ws stage.yaml ;; esac
         "run_$t" 0
         exit 1
     }
