@@ -226,14 +226,8 @@ impl Reporter for TerminalReporter {
                     .max(4);
                 self.order = steps.clone();
             }
-            RunEvent::ImageReady { reference, digest } => {
-                let d = digest.strip_prefix("sha256:").unwrap_or(digest);
-                let t = Style::new().dim().apply_to(format!(
-                    "image {reference} @ sha256:{}",
-                    &d[..d.len().min(12)]
-                ));
-                self.line(&t.to_string());
-            }
+            // The store's own progress display already said where each image came from.
+            RunEvent::ImageReady { .. } => {}
             RunEvent::StageSkipped { stage, reason } => {
                 self.line(&format!(
                     "{} `{stage}` skipped: {reason}",
