@@ -74,9 +74,14 @@ impl StageNetwork {
             .loopback_up()
             .await
             .map_err(NetError::netlink("set lo up in the stage namespace"))?;
-        match plan.mode {
-            NetworkMode::Bridge => network.build_bridge(&hub_link).await?,
-            NetworkMode::Pod => {
+        // A bridge only pays when there are steps to connect: a stage with a single
+        // step gets one namespace with its address on lo (as pod mode has), which is
+        // the same network seen from that step and from the port proxy, without the
+        // veth and bridge that make namespace setup slow on a busy kernel.
+        let shared = plan.mode == NetworkMode::Pod || plan.steps.len() <= 1;
+        match shared {
+            false => network.build_bridge(&hub_link).await?,
+            true => {
                 let address = plan.steps.first().map(|s| s.address);
                 if let Some(address) = address {
                     hub_link
@@ -89,13 +94,13 @@ impl StageNetwork {
             }
         }
         if plan.egress {
-            let targets: Vec<BorrowedFd<'_>> = match plan.mode {
-                NetworkMode::Bridge => network
+            let targets: Vec<BorrowedFd<'_>> = match shared {
+                false => network
                     .steps
                     .iter()
                     .filter_map(|s| s.netns.as_ref().map(|f| f.as_fd()))
                     .collect(),
-                NetworkMode::Pod => vec![network.hub.as_fd()],
+                true => vec![network.hub.as_fd()],
             };
             let egress = Egress::start(&targets).await?;
             network.egress = Some(egress);
