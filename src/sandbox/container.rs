@@ -22,7 +22,7 @@ use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{umount2, MntFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -99,14 +99,7 @@ fn run(spec_path: &Path) -> Result<i32, SandboxError> {
     let dirs = ContainerDirs::create(&spec)?;
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(|e| SandboxError::sys("unshare a private mount namespace", e))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| SandboxError::sys("make mounts private", e))?;
+    super::userns::make_mounts_private()?;
     let mut layers = spec.image.layers.clone();
     if layers.is_empty() {
         layers.push(dirs.empty.clone());

@@ -110,6 +110,19 @@ impl UsernsInfo {
     }
 }
 
+/// Marks every mount of the caller's (new) mount namespace private, so that nothing
+/// mounted here propagates back to the namespace it was copied from.
+pub(crate) fn make_mounts_private() -> Result<(), SandboxError> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| SandboxError::sys("make mounts private in the new mount namespace", e))
+}
+
 /// Moves the calling process into a new user + mount namespace as its uid 0.
 ///
 /// Must be called while the process is single-threaded (before the tokio runtime) and
@@ -143,14 +156,7 @@ pub fn enter_rootless() -> Result<UsernsInfo, SandboxError> {
     };
 
     become_root(matches!(mapping, IdMapping::Subordinate { .. }))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| SandboxError::sys("make mounts private in the new mount namespace", e))?;
+    make_mounts_private()?;
     let cgroups = if is_hybrid_cgroup_host() {
         mount(
             Some("/sys/fs/cgroup/unified"),
