@@ -401,13 +401,25 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
             invoking_user: userns.as_ref().map(InvokingUser::new),
         };
         let images = if needs_images {
-            match prepare_images(&plan, &pull, args.json, &sink).await {
-                Ok(i) => i,
-                Err(e) => {
+            // Ctrl-C during a pull ends the run at once; the store keeps only blobs that
+            // were verified, so the next pull resumes from them.
+            let prepared = tokio::select! {
+                r = prepare_images(&plan, &pull, args.json, &sink) => Some(r),
+                _ = cancel.cancelled() => None,
+            };
+            match prepared {
+                Some(Ok(i)) => i,
+                Some(Err(e)) => {
                     drop(sink);
                     signals.abort();
                     let _ = ui.await;
                     return (Err(e), Ok(Ok(())));
+                }
+                None => {
+                    drop(sink);
+                    signals.abort();
+                    let shown = ui.await;
+                    return (Ok(StageResult::Cancelled), shown);
                 }
             }
         } else {

@@ -324,3 +324,56 @@ fn connectors_map_to_registries_through_the_config_file() {
             .assert_stderr("bad.yaml:1:1: unknown field `conectors`");
     }
 }
+
+#[test]
+fn ctrl_c_during_a_pull_ends_the_run_and_the_store_stays_sound() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::time::{Duration, Instant};
+    let Some(fx) = fixture() else { return };
+    // A large layer, served slowly, so that the pull is still running when Ctrl-C comes.
+    fx._images.new_image("big", "amd64", |root| {
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+        std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+        std::fs::write(root.join("noise"), registry::noise(16 << 20, 11)).unwrap();
+    });
+    let registry_addr = fx.busybox.split('/').next().unwrap().to_string();
+    fx._images
+        .push("big", &format!("{registry_addr}/test/big:1"), &[]);
+    let slow = registry::Proxy::start(&registry_addr, Some(Duration::from_millis(20)));
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &format!(
+                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: hi\n            identifier: hi\n            spec:\n              image: {}/test/big:1\n              command: touch ran\n",
+                slow.addr
+            ),
+        );
+        let child = sb
+            .command(["run", "ci.yaml"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = slow.bytes_down.load(std::sync::atomic::Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while slow.bytes_down.load(std::sync::atomic::Ordering::SeqCst) < start + (1 << 20) {
+            assert!(Instant::now() < deadline, "the pull never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let interrupted = Instant::now();
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+        let r = support::Run::from(child.wait_with_output().unwrap());
+        r.assert_code(130);
+        // Finishing the pull (15 MiB more at 64 KiB per 20 ms) would take about 5 s.
+        assert!(
+            interrupted.elapsed() < Duration::from_secs(3),
+            "{}",
+            r.all()
+        );
+        assert!(!sb.workspace().join("ran").exists());
+        sb.run(["fsck"]).assert_code(0);
+    }
+}
