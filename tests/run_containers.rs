@@ -377,3 +377,54 @@ fn ctrl_c_during_a_pull_ends_the_run_and_the_store_stays_sound() {
         sb.run(["fsck"]).assert_code(0);
     }
 }
+
+#[test]
+fn a_sigkilled_run_leaves_no_process_and_the_next_run_sweeps_its_state() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let Some(fx) = fixture() else { return };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let tag = free_port();
+        let (service, long) = (format!("sleep 8{tag}"), format!("sleep 9{tag}"));
+        sb.write(
+            "ci.yaml",
+            &format!(
+                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Background\n            name: svc\n            identifier: svc\n            spec:\n              command: exec {service}\n        - step:\n            type: Run\n            name: long\n            identifier: long\n            spec:\n              image: {}\n              command: exec busybox {long}\n",
+                fx.busybox
+            ),
+        );
+        let mut child = spawn_until(&sb, &["run", "ci.yaml"], &long);
+        let pid = child.id();
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        child.wait().unwrap();
+        // Parent-death signals take the service and the container down with the runner.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !(support::processes_with(&service).is_empty()
+            && support::processes_with(&long).is_empty())
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "processes outlived a SIGKILLed run"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let uid = match mode {
+            support::Mode::Rootless if support::is_root() => support::test_user().unwrap().0,
+            _ => nix::unistd::getuid().as_raw(),
+        };
+        let stale = sandrun::sandbox::state::default_base_for(uid).join(format!("run-{pid}"));
+        assert!(
+            stale.exists(),
+            "expected the killed run's state at {}",
+            stale.display()
+        );
+        sb.write("ci.yaml", "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: hi\n            identifier: hi\n            spec:\n              command: echo next\n");
+        sb.run(["run", "ci.yaml"]).assert_code(0);
+        assert!(
+            !stale.exists(),
+            "the next run left {} behind",
+            stale.display()
+        );
+    }
+}
