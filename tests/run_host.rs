@@ -657,3 +657,59 @@ fn readiness_is_bounded_and_the_stage_proceeds_when_it_expires() {
         assert!(started.elapsed() < Duration::from_secs(20), "{}", r.all());
     }
 }
+
+#[test]
+fn when_conditions_read_variables_and_step_outputs() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            r#"stage:
+  name: s
+  identifier: s
+  type: CI
+  variables:
+    - name: target
+      type: String
+      value: staging
+  spec:
+    execution:
+      steps:
+        - step:
+            type: Run
+            name: decide
+            identifier: decide
+            spec:
+              command: GO=yes
+              outputVariables:
+                - name: GO
+        - step:
+            type: Run
+            name: deploy
+            identifier: deploy
+            when:
+              stageStatus: Success
+              condition: <+steps.decide.output.outputVariables.GO> == "yes" && <+stage.variables.target> != "prod"
+            spec:
+              command: echo deploying
+        - step:
+            type: Run
+            name: prod only
+            identifier: prod_only
+            when:
+              stageStatus: Success
+              condition: <+stage.variables.target> == "prod"
+            spec:
+              command: echo should not run
+"#,
+        );
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0).assert_stdout("deploying");
+        assert!(
+            r.summary_row("prod_only").contains("skipped"),
+            "{}",
+            r.all()
+        );
+        assert!(!r.stdout.contains("should not run\n"), "{}", r.all());
+    }
+}

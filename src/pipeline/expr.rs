@@ -389,20 +389,38 @@ fn step_output(inner: &str, rest: &[&str]) -> Result<Expr, ExprError> {
     })
 }
 
-/// A parsed `when.condition`: the forms sandrun can evaluate locally.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Condition {
+/// A parsed `when.condition`: the forms sandrun can evaluate locally. The operands are
+/// expressions as parsed here; the plan maps them to what it resolved (`map`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Condition<O = Operand> {
     /// A single operand: true when it is the text `true` (as JEXL does for booleans).
-    Value(Operand),
-    Not(Box<Condition>),
-    And(Box<Condition>, Box<Condition>),
-    Or(Box<Condition>, Box<Condition>),
+    Value(O),
+    Not(Box<Condition<O>>),
+    And(Box<Condition<O>>, Box<Condition<O>>),
+    Or(Box<Condition<O>>, Box<Condition<O>>),
     /// `left == right` (`equal`) or `left != right`, compared as strings.
     Compare {
-        left: Operand,
+        left: O,
         equal: bool,
-        right: Operand,
+        right: O,
     },
+}
+
+impl<O> Condition<O> {
+    /// The same condition with every operand replaced by `f(operand)`.
+    pub fn map<P>(&self, f: &mut impl FnMut(&O) -> P) -> Condition<P> {
+        match self {
+            Condition::Value(o) => Condition::Value(f(o)),
+            Condition::Not(c) => Condition::Not(Box::new(c.map(f))),
+            Condition::And(a, b) => Condition::And(Box::new(a.map(f)), Box::new(b.map(f))),
+            Condition::Or(a, b) => Condition::Or(Box::new(a.map(f)), Box::new(b.map(f))),
+            Condition::Compare { left, equal, right } => Condition::Compare {
+                left: f(left),
+                equal: *equal,
+                right: f(right),
+            },
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::pipeline::expr::{self, CodebaseField, Condition, Expr, Operand, TemplatePart as Part};
+use crate::pipeline::expr::{self, CodebaseField, Expr, Operand, TemplatePart as Part};
 use crate::pipeline::{
     FailureAction, FailureStrategy, Infrastructure, Location, PipelineFile, PullPolicy, Shell,
     Stage, StageStatus, Step, StepItem, StepKind, Variable, VariableType,
@@ -776,31 +776,11 @@ impl<'a> Builder<'a> {
     /// A `when.condition`, with what is known now substituted.
     fn condition(&mut self, text: &str, scope: &Scope, loc: &Location) -> Option<CondPlan> {
         match expr::parse_condition(text) {
-            Ok(c) => Some(self.cond(&c, scope, loc)),
+            Ok(c) => Some(c.map(&mut |o| self.operand(o, scope, loc))),
             Err(e) => {
                 self.error(loc, format!("in `when.condition`: {e}"));
                 None
             }
-        }
-    }
-
-    fn cond(&mut self, c: &Condition, scope: &Scope, loc: &Location) -> CondPlan {
-        match c {
-            Condition::Value(o) => CondPlan::Value(self.operand(o, scope, loc)),
-            Condition::Not(x) => CondPlan::Not(Box::new(self.cond(x, scope, loc))),
-            Condition::And(a, b) => CondPlan::And(
-                Box::new(self.cond(a, scope, loc)),
-                Box::new(self.cond(b, scope, loc)),
-            ),
-            Condition::Or(a, b) => CondPlan::Or(
-                Box::new(self.cond(a, scope, loc)),
-                Box::new(self.cond(b, scope, loc)),
-            ),
-            Condition::Compare { left, equal, right } => CondPlan::Compare {
-                left: self.operand(left, scope, loc),
-                equal: *equal,
-                right: self.operand(right, scope, loc),
-            },
         }
     }
 

@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use crate::net::{NetworkMode, NetworkPlan};
+use crate::pipeline::expr::Condition;
 use crate::pipeline::{Location, PullPolicy, Resources, Shell, StageStatus};
 
 #[derive(Clone, Debug, Serialize)]
@@ -176,39 +177,27 @@ pub enum ProcessTemplate {
 }
 
 /// A `when.condition` whose operands may still wait for step outputs.
-#[derive(Clone, Debug, Serialize)]
-pub enum CondPlan {
-    /// True when the operand is the text `true`.
-    Value(Template),
-    Not(Box<CondPlan>),
-    And(Box<CondPlan>, Box<CondPlan>),
-    Or(Box<CondPlan>, Box<CondPlan>),
-    Compare {
-        left: Template,
-        equal: bool,
-        right: Template,
-    },
-}
+pub type CondPlan = Condition<Template>;
 
-impl CondPlan {
+impl Condition<Template> {
     pub fn eval(&self, outputs: &Outputs) -> bool {
         let r = |t: &Template| t.render(outputs, &mut Vec::new());
         match self {
-            CondPlan::Value(t) => r(t).trim() == "true",
-            CondPlan::Not(c) => !c.eval(outputs),
-            CondPlan::And(a, b) => a.eval(outputs) && b.eval(outputs),
-            CondPlan::Or(a, b) => a.eval(outputs) || b.eval(outputs),
-            CondPlan::Compare { left, equal, right } => (r(left) == r(right)) == *equal,
+            Condition::Value(t) => r(t).trim() == "true",
+            Condition::Not(c) => !c.eval(outputs),
+            Condition::And(a, b) => a.eval(outputs) && b.eval(outputs),
+            Condition::Or(a, b) => a.eval(outputs) || b.eval(outputs),
+            Condition::Compare { left, equal, right } => (r(left) == r(right)) == *equal,
         }
     }
 
     pub fn display(&self) -> String {
         match self {
-            CondPlan::Value(t) => quote_operand(t),
-            CondPlan::Not(c) => format!("!({})", c.display()),
-            CondPlan::And(a, b) => format!("({} && {})", a.display(), b.display()),
-            CondPlan::Or(a, b) => format!("({} || {})", a.display(), b.display()),
-            CondPlan::Compare { left, equal, right } => format!(
+            Condition::Value(t) => quote_operand(t),
+            Condition::Not(c) => format!("!({})", c.display()),
+            Condition::And(a, b) => format!("({} && {})", a.display(), b.display()),
+            Condition::Or(a, b) => format!("({} || {})", a.display(), b.display()),
+            Condition::Compare { left, equal, right } => format!(
                 "{} {} {}",
                 quote_operand(left),
                 if *equal { "==" } else { "!=" },
