@@ -399,6 +399,7 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         }
         let host = HostLauncher {
             invoking_user: userns.as_ref().map(InvokingUser::new),
+            init_binary: std::env::current_exe().ok(),
         };
         let images = if needs_images {
             // Ctrl-C during a pull ends the run at once; the store keeps only blobs that

@@ -390,7 +390,7 @@ fn a_sigkilled_run_leaves_no_process_and_the_next_run_sweeps_its_state() {
         sb.write(
             "ci.yaml",
             &format!(
-                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Background\n            name: svc\n            identifier: svc\n            spec:\n              command: exec {service}\n        - step:\n            type: Run\n            name: long\n            identifier: long\n            spec:\n              image: {}\n              command: exec busybox {long}\n",
+                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Background\n            name: svc\n            identifier: svc\n            spec:\n              command: {service} & wait\n        - step:\n            type: Run\n            name: long\n            identifier: long\n            spec:\n              image: {}\n              command: exec busybox {long}\n",
                 fx.busybox
             ),
         );
@@ -398,7 +398,9 @@ fn a_sigkilled_run_leaves_no_process_and_the_next_run_sweeps_its_state() {
         let pid = child.id();
         kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
         child.wait().unwrap();
-        // Parent-death signals take the service and the container down with the runner.
+        // The service's `sleep` is a grandchild of the runner (sh runs it in the
+        // background): the host step's PID namespace takes it down with its init, and
+        // parent-death signals take the init and the container down with the runner.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !(support::processes_with(&service).is_empty()
             && support::processes_with(&long).is_empty())

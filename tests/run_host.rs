@@ -713,3 +713,37 @@ fn when_conditions_read_variables_and_step_outputs() {
         assert!(!r.stdout.contains("should not run\n"), "{}", r.all());
     }
 }
+
+#[test]
+fn host_steps_get_their_own_pid_and_uts_namespaces_as_the_invoking_user() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &stage(
+                "- step:\n    type: Run\n    name: where\n    identifier: where_am_i\n    spec:\n      command: |\n        echo \"host=$(hostname) pid=$$ procs=$(ls /proc | grep -c '^[0-9]') uid=$(id -u)\"\n",
+            ),
+        );
+        let uid = match mode {
+            support::Mode::Rootless if support::is_root() => support::test_user().unwrap().0,
+            _ => nix::unistd::getuid().as_raw(),
+        };
+        // PID 1 is sandrun's init, the script is PID 2; /proc shows only the step's
+        // processes (init, sh, the command substitution's subshell, ls, grep).
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0)
+            .assert_stdout("host=where_am_i pid=2 procs=")
+            .assert_stdout(&format!(" uid={uid}"));
+        let procs: u32 = r
+            .stdout
+            .split("procs=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(procs <= 6, "the step sees {procs} processes\n{}", r.all());
+    }
+}

@@ -75,6 +75,9 @@ pub trait Launcher: Send + Sync {
 /// user's.
 pub struct HostLauncher {
     pub invoking_user: Option<InvokingUser>,
+    /// The sandrun executable: with a stage network, host steps run through its
+    /// `__host-init` (own PID, UTS and IPC namespaces; nothing outlives the step).
+    pub init_binary: Option<PathBuf>,
 }
 impl Launcher for HostLauncher {
     fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Child, LaunchError> {
@@ -87,6 +90,24 @@ impl Launcher for HostLauncher {
                     message: "has neither an image nor a command to run on the host".into(),
                 })
             }
+        };
+        // Through sandrun's host init, the step gets its own PID, UTS and IPC
+        // namespaces and the init moves the command back to the invoking user; without
+        // it (no stage network: executor tests), the user switch happens here.
+        let (argv, user): (Vec<std::ffi::OsString>, _) = match (&self.init_binary, spec.network) {
+            (Some(binary), Some(_)) => (
+                crate::sandbox::host_init::wrap(
+                    binary,
+                    &spec.step.identifier,
+                    self.invoking_user.as_ref(),
+                    &argv,
+                ),
+                None,
+            ),
+            _ => (
+                argv.iter().map(Into::into).collect(),
+                self.invoking_user.clone(),
+            ),
         };
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -119,7 +140,6 @@ impl Launcher for HostLauncher {
             }
             None => None,
         };
-        let user = self.invoking_user.clone();
         if join.is_some() || user.is_some() {
             // SAFETY: both only make async-signal-safe system calls on data prepared
             // before the fork. The network is joined first: that needs the runner's
@@ -138,7 +158,7 @@ impl Launcher for HostLauncher {
         }
         cmd.spawn().map_err(|e| LaunchError::Spawn {
             step: spec.step.key.clone(),
-            program: argv[0].clone(),
+            program: argv[0].to_string_lossy().into_owned(),
             source: e,
         })
     }

@@ -5,6 +5,8 @@
 //! at the store with its real owners). `__unshare --as-invoking-user CMD...` runs CMD
 //! as the invoking user again through [`InvokingUser`]. `__sweep [BASE]` removes what
 //! killed runs left under BASE (default: the state base), as the next run does.
+//! `__host-init HOSTNAME -- CMD...` runs a host step in its own PID, UTS and IPC
+//! namespaces (see `host_init`).
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -17,6 +19,7 @@ pub fn dispatch(args: &[OsString]) -> Option<i32> {
     match args.get(1)?.to_str()? {
         "__unshare" => Some(unshare_main(&args[2..])),
         "__sweep" => Some(sweep_main(&args[2..])),
+        "__host-init" => Some(super::host_init::main(&args[2..])),
         "__container" => Some(match args.get(2) {
             Some(spec) if args.len() == 3 => {
                 debug_logging();

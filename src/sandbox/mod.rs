@@ -9,6 +9,7 @@ pub mod container;
 pub mod error;
 pub mod helper;
 pub mod host;
+pub mod host_init;
 pub mod launch;
 pub mod launcher;
 pub mod oci;

@@ -430,16 +430,29 @@ fn become_root(may_setgroups: bool) -> Result<(), SandboxError> {
 /// ownership and tools like ssh see the user they expect.
 #[derive(Clone, Debug)]
 pub struct InvokingUser {
+    uid: u32,
+    gid: u32,
     uid_map: Vec<u8>,
     gid_map: Vec<u8>,
 }
 
 impl InvokingUser {
     pub fn new(info: &UsernsInfo) -> Self {
+        Self::from_ids(info.outside_uid, info.outside_gid)
+    }
+
+    /// The invoking user's ids on the host (uid 0 of sandrun's user namespace).
+    pub fn from_ids(uid: u32, gid: u32) -> Self {
         InvokingUser {
-            uid_map: format!("{} 0 1\n", info.outside_uid).into_bytes(),
-            gid_map: format!("{} 0 1\n", info.outside_gid).into_bytes(),
+            uid,
+            gid,
+            uid_map: format!("{uid} 0 1\n").into_bytes(),
+            gid_map: format!("{gid} 0 1\n").into_bytes(),
         }
+    }
+
+    pub fn ids(&self) -> (u32, u32) {
+        (self.uid, self.gid)
     }
 
     /// Unshares a nested user namespace and maps the invoking user in it. Only

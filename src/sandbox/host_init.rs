@@ -1,0 +1,193 @@
+//! `sandrun __host-init HOSTNAME -- PROGRAM ARGS...`: how a host step (no image) gets
+//! its own PID, UTS and IPC namespaces.
+//!
+//! The runner starts host steps through this small init instead of running the
+//! command directly. It unshares the namespaces, and a forked child becomes PID 1 of
+//! the new PID namespace: it names the host, mounts a /proc that shows only the step's
+//! processes, starts the command as PID 2 and reaps whatever the command leaves. When
+//! the command ends, PID 1 exits with its status and the kernel kills every process
+//! left in the namespace, so nothing a host step started outlives it, not even when
+//! sandrun itself is SIGKILLed (PID 1 has a parent-death signal).
+//!
+//! Stopping: the runner signals the step's whole process group. This wrapper ignores
+//! those signals (it waits for PID 1), PID 1 ignores them (the kernel drops signals
+//! from outside to a namespace's init that has no handler), and the command receives
+//! them directly, with their default meaning.
+
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::OsStrExt;
+
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{signal, SigHandler, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{execvp, fork, sethostname, ForkResult, Pid};
+
+use super::userns::InvokingUser;
+
+const STOP_SIGNALS: [Signal; 4] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
+
+/// The argv that runs `command` as a host step named `hostname` through this init;
+/// with `user`, the command runs as the invoking user again (rootless).
+pub fn wrap(
+    binary: &std::path::Path,
+    hostname: &str,
+    user: Option<&InvokingUser>,
+    command: &[String],
+) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = vec![
+        binary.as_os_str().to_owned(),
+        "__host-init".into(),
+        hostname.into(),
+    ];
+    if let Some(u) = user {
+        let (uid, gid) = u.ids();
+        argv.push("--as".into());
+        argv.push(format!("{uid}:{gid}").into());
+    }
+    argv.push("--".into());
+    argv.extend(command.iter().map(OsString::from));
+    argv
+}
+
+/// Entry point of `sandrun __host-init`; returns the exit code.
+pub fn main(args: &[OsString]) -> i32 {
+    let usage = || {
+        eprintln!("usage: sandrun __host-init HOSTNAME [--as UID:GID] -- PROGRAM [ARGS...]");
+        125
+    };
+    let (hostname, user, command) = match args {
+        [hostname, sep, command @ ..] if sep == "--" && !command.is_empty() => {
+            (hostname, None, command)
+        }
+        [hostname, flag, ids, sep, command @ ..]
+            if flag == "--as" && sep == "--" && !command.is_empty() =>
+        {
+            let parsed = ids
+                .to_str()
+                .and_then(|s| s.split_once(':'))
+                .and_then(|(u, g)| Some(InvokingUser::from_ids(u.parse().ok()?, g.parse().ok()?)));
+            match parsed {
+                Some(u) => (hostname, Some(u), command),
+                None => return usage(),
+            }
+        }
+        _ => return usage(),
+    };
+    let fail = |what: &str, e: nix::Error| {
+        eprintln!("sandrun: host step: cannot {what}: {e}");
+        125
+    };
+    if let Err(e) = unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC,
+    ) {
+        return fail("create its PID, UTS and IPC namespaces", e);
+    }
+    for sig in STOP_SIGNALS {
+        // SAFETY: setting a disposition, no handler code.
+        let _ = unsafe { signal(sig, SigHandler::SigIgn) };
+    }
+    // SAFETY: single-threaded process (hidden subcommands run before any thread).
+    match unsafe { fork() } {
+        Err(e) => fail("fork its init", e),
+        Ok(ForkResult::Child) => init(hostname, user.as_ref(), command),
+        Ok(ForkResult::Parent { child }) => exit_code(wait_for(child)),
+    }
+}
+
+/// PID 1 of the step's PID namespace.
+fn init(hostname: &OsString, user: Option<&InvokingUser>, command: &[OsString]) -> ! {
+    let die = |what: &str, e: nix::Error| -> ! {
+        eprintln!("sandrun: host step: cannot {what}: {e}");
+        std::process::exit(125)
+    };
+    // SAFETY: prctl with constant arguments. (The parent is outside this PID
+    // namespace, so getppid() cannot tell whether it already died: that window is
+    // the few instructions since fork.)
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    if let Err(e) = sethostname(hostname) {
+        die("set its hostname", e);
+    }
+    let private = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    );
+    if let Err(e) = private {
+        die("make its mounts private", e);
+    }
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if let Err(e) = mount(Some("proc"), "/proc", Some("proc"), flags, None::<&str>) {
+        die("mount /proc for its PID namespace", e);
+    }
+    let argv: Vec<CString> = command
+        .iter()
+        .map(|a| CString::new(a.as_bytes()).unwrap_or_default())
+        .collect();
+    // SAFETY: still single-threaded.
+    let child = match unsafe { fork() } {
+        Err(e) => die("start its command", e),
+        Ok(ForkResult::Child) => {
+            for sig in STOP_SIGNALS {
+                // SAFETY: restoring the default disposition before exec.
+                let _ = unsafe { signal(sig, SigHandler::SigDfl) };
+            }
+            if let Some(u) = user {
+                // SAFETY: a freshly forked, single-threaded child.
+                if let Err(e) = unsafe { u.enter() } {
+                    eprintln!("sandrun: host step: cannot run as the invoking user: {e}");
+                    std::process::exit(125);
+                }
+            }
+            let e = execvp(&argv[0], &argv).unwrap_err();
+            eprintln!(
+                "sandrun: cannot run `{}`: {e}",
+                command[0].to_string_lossy()
+            );
+            std::process::exit(if e == nix::errno::Errno::ENOENT {
+                127
+            } else {
+                126
+            });
+        }
+        Ok(ForkResult::Parent { child }) => child,
+    };
+    // Reap every orphan of the namespace until the command itself ends.
+    loop {
+        match waitpid(None, None) {
+            Ok(status) if status.pid() == Some(child) => std::process::exit(exit_code(status)),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => std::process::exit(125),
+        }
+    }
+}
+
+fn wait_for(pid: Pid) -> WaitStatus {
+    loop {
+        match waitpid(pid, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Ok(s) => return s,
+            Err(_) => return WaitStatus::Exited(pid, 125),
+        }
+    }
+}
+
+/// Exit code as a shell reports it: the code, or 128+N for signal N.
+fn exit_code(status: WaitStatus) -> i32 {
+    match status {
+        WaitStatus::Exited(_, code) => code,
+        WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+        _ => 125,
+    }
+}
