@@ -126,6 +126,11 @@ pub struct RunArgs {
     /// instead of refusing the pipeline; each is marked skipped in the summary.
     #[arg(long)]
     pub skip_unsupported: bool,
+    /// Steps without an image see the host read-only but for the workspace, /tmp,
+    /// /var/tmp and /dev/shm; this lets them write PATH too (e.g. a cache such as
+    /// ~/.cargo or ~/.npm). Repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub host_writable: Vec<PathBuf>,
     /// Merge every JUnit report the steps produce into DIR/junit.xml.
     #[arg(long, value_name = "DIR")]
     pub report_dir: Option<PathBuf>,
@@ -400,6 +405,7 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         let host = HostLauncher {
             invoking_user: userns.as_ref().map(InvokingUser::new),
             init_binary: std::env::current_exe().ok(),
+            writable: args.host_writable.clone(),
         };
         let images = if needs_images {
             // Ctrl-C during a pull ends the run at once; the store keeps only blobs that

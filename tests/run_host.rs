@@ -747,3 +747,39 @@ fn host_steps_get_their_own_pid_and_uts_namespaces_as_the_invoking_user() {
         assert!(procs <= 6, "the step sees {procs} processes\n{}", r.all());
     }
 }
+
+#[test]
+fn host_steps_see_the_host_read_only_but_workspace_and_scratch() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        // A directory outside the workspace and /tmp that the step's user owns.
+        let outside = std::path::PathBuf::from(format!("/var/tmp/sandrun-ro-{}", free_port()));
+        let probe = tempfile::Builder::new()
+            .prefix("sandrun-ro-")
+            .tempdir_in("/var/lib")
+            .unwrap();
+        if let (support::Mode::Rootless, true) = (mode, support::is_root()) {
+            let (uid, gid) = support::test_user().unwrap();
+            nix::unistd::chown(probe.path(), Some(uid.into()), Some(gid.into())).unwrap();
+        }
+        let p = probe.path().display();
+        sb.write(
+            "ci.yaml",
+            &stage(&format!(
+                "- step:\n    type: Run\n    name: w\n    identifier: w\n    spec:\n      command: |\n        touch in-workspace && echo workspace writable\n        touch /tmp/x-$$ && rm /tmp/x-$$ && echo tmp writable\n        mkdir -p {o} && rmdir {o} && echo var-tmp writable\n        touch {p}/x 2>&1 || true\n",
+                o = outside.display()
+            )),
+        );
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0)
+            .assert_stdout("workspace writable")
+            .assert_stdout("tmp writable")
+            .assert_stdout("var-tmp writable")
+            .assert_stdout("Read-only file system");
+        assert!(!probe.path().join("x").exists());
+        let r = sb.run(["run", "ci.yaml", "--host-writable", &p.to_string()]);
+        r.assert_code(0);
+        assert!(!r.stdout.contains("Read-only file system"), "{}", r.all());
+        assert!(probe.path().join("x").exists());
+    }
+}

@@ -76,8 +76,12 @@ pub trait Launcher: Send + Sync {
 pub struct HostLauncher {
     pub invoking_user: Option<InvokingUser>,
     /// The sandrun executable: with a stage network, host steps run through its
-    /// `__host-init` (own PID, UTS and IPC namespaces; nothing outlives the step).
+    /// `__host-init` (own PID, UTS and IPC namespaces; nothing outlives the step;
+    /// the host read-only but for the workspace, scratch dirs and `writable`).
     pub init_binary: Option<PathBuf>,
+    /// Host paths host steps may write besides the workspace and scratch dirs
+    /// (`--host-writable`).
+    pub writable: Vec<PathBuf>,
 }
 impl Launcher for HostLauncher {
     fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Child, LaunchError> {
@@ -100,6 +104,9 @@ impl Launcher for HostLauncher {
                     binary,
                     &spec.step.identifier,
                     self.invoking_user.as_ref(),
+                    &std::iter::once(spec.workspace)
+                        .chain(self.writable.iter().map(PathBuf::as_path))
+                        .collect::<Vec<_>>(),
                     &argv,
                 ),
                 None,

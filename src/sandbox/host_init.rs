@@ -38,6 +38,7 @@ pub fn wrap(
     binary: &std::path::Path,
     hostname: &str,
     user: Option<&InvokingUser>,
+    writable: &[&std::path::Path],
     command: &[String],
 ) -> Vec<OsString> {
     let mut argv: Vec<OsString> = vec![
@@ -50,6 +51,10 @@ pub fn wrap(
         argv.push("--as".into());
         argv.push(format!("{uid}:{gid}").into());
     }
+    for w in writable {
+        argv.push("--writable".into());
+        argv.push(w.as_os_str().to_owned());
+    }
     argv.push("--".into());
     argv.extend(command.iter().map(OsString::from));
     argv
@@ -58,27 +63,44 @@ pub fn wrap(
 /// Entry point of `sandrun __host-init`; returns the exit code.
 pub fn main(args: &[OsString]) -> i32 {
     let usage = || {
-        eprintln!("usage: sandrun __host-init HOSTNAME [--as UID:GID] -- PROGRAM [ARGS...]");
+        eprintln!(
+            "usage: sandrun __host-init HOSTNAME [--as UID:GID] [--writable PATH]... -- PROGRAM [ARGS...]"
+        );
         125
     };
-    let (hostname, user, command) = match args {
-        [hostname, sep, command @ ..] if sep == "--" && !command.is_empty() => {
-            (hostname, None, command)
-        }
-        [hostname, flag, ids, sep, command @ ..]
-            if flag == "--as" && sep == "--" && !command.is_empty() =>
-        {
-            let parsed = ids
-                .to_str()
-                .and_then(|s| s.split_once(':'))
-                .and_then(|(u, g)| Some(InvokingUser::from_ids(u.parse().ok()?, g.parse().ok()?)));
-            match parsed {
-                Some(u) => (hostname, Some(u), command),
-                None => return usage(),
-            }
-        }
-        _ => return usage(),
+    let Some((hostname, mut rest)) = args.split_first() else {
+        return usage();
     };
+    let mut user = None;
+    let mut writable: Vec<CString> = Vec::new();
+    loop {
+        match rest {
+            [sep, command @ ..] if sep == "--" && !command.is_empty() => {
+                rest = command;
+                break;
+            }
+            [flag, ids, more @ ..] if flag == "--as" => {
+                let parsed = ids
+                    .to_str()
+                    .and_then(|s| s.split_once(':'))
+                    .and_then(|(u, g)| {
+                        Some(InvokingUser::from_ids(u.parse().ok()?, g.parse().ok()?))
+                    });
+                let Some(u) = parsed else { return usage() };
+                user = Some(u);
+                rest = more;
+            }
+            [flag, path, more @ ..] if flag == "--writable" => {
+                let Ok(c) = CString::new(path.as_bytes()) else {
+                    return usage();
+                };
+                writable.push(c);
+                rest = more;
+            }
+            _ => return usage(),
+        }
+    }
+    let command = rest;
     let fail = |what: &str, e: nix::Error| {
         eprintln!("sandrun: host step: cannot {what}: {e}");
         125
@@ -98,13 +120,18 @@ pub fn main(args: &[OsString]) -> i32 {
     // SAFETY: single-threaded process (hidden subcommands run before any thread).
     match unsafe { fork() } {
         Err(e) => fail("fork its init", e),
-        Ok(ForkResult::Child) => init(hostname, user.as_ref(), command),
+        Ok(ForkResult::Child) => init(hostname, user.as_ref(), &writable, command),
         Ok(ForkResult::Parent { child }) => exit_code(wait_for(child)),
     }
 }
 
 /// PID 1 of the step's PID namespace.
-fn init(hostname: &OsString, user: Option<&InvokingUser>, command: &[OsString]) -> ! {
+fn init(
+    hostname: &OsString,
+    user: Option<&InvokingUser>,
+    writable: &[CString],
+    command: &[OsString],
+) -> ! {
     let die = |what: &str, e: nix::Error| -> ! {
         eprintln!("sandrun: host step: cannot {what}: {e}");
         std::process::exit(125)
@@ -129,6 +156,16 @@ fn init(hostname: &OsString, user: Option<&InvokingUser>, command: &[OsString]) 
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     if let Err(e) = mount(Some("proc"), "/proc", Some("proc"), flags, None::<&str>) {
         die("mount /proc for its PID namespace", e);
+    }
+    if let Err(e) = read_only_host(writable) {
+        die("make the host's filesystems read-only", e);
+    }
+    // The working directory still points into the mounts as they were before: enter
+    // it again through the new ones (the workspace is writable there).
+    if let Ok(cwd) = std::env::current_dir() {
+        if let Err(e) = nix::unistd::chdir(&cwd) {
+            die("enter its working directory", e);
+        }
     }
     let argv: Vec<CString> = command
         .iter()
@@ -170,6 +207,76 @@ fn init(hostname: &OsString, user: Option<&InvokingUser>, command: &[OsString]) 
             Err(nix::errno::Errno::EINTR) => {}
             Err(_) => std::process::exit(125),
         }
+    }
+}
+
+/// Directories a host step may always write: scratch space every tool expects.
+const SCRATCH: [&std::ffi::CStr; 4] = [c"/tmp", c"/var/tmp", c"/dev/shm", c"/proc"];
+
+/// The whole host filesystem read-only for the step, except the scratch directories and
+/// `writable` (the workspace, and what the user opened with `--host-writable`).
+fn read_only_host(writable: &[CString]) -> nix::Result<()> {
+    let open: Vec<&std::ffi::CStr> = SCRATCH
+        .iter()
+        .copied()
+        .chain(writable.iter().map(CString::as_c_str))
+        .filter(|p| std::path::Path::new(std::ffi::OsStr::from_bytes(p.to_bytes())).is_dir())
+        .collect();
+    // Each writable place becomes a mount of its own, so that it can stay writable
+    // under a read-only root.
+    for p in &open {
+        if *p != c"/proc" {
+            mount(
+                Some(*p),
+                *p,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )?;
+        }
+    }
+    mount_setattr(c"/", MOUNT_ATTR_RDONLY, 0)?;
+    for p in &open {
+        mount_setattr(p, 0, MOUNT_ATTR_RDONLY)?;
+    }
+    Ok(())
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const AT_RECURSIVE: libc::c_int = 0x8000;
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Set and clear attributes on `path` and every mount below it (Linux 5.12+).
+fn mount_setattr(path: &std::ffi::CStr, set: u64, clear: u64) -> nix::Result<()> {
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: clear,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: a valid C string and a mount_attr of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(nix::errno::Errno::last())
     }
 }
 
