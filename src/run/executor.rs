@@ -480,7 +480,12 @@ impl<'a> Executor<'a> {
         if matches!(result, StepResult::Succeeded) {
             self.collect_outputs(step);
         }
-        let tests = self.collect_reports(step);
+        let tests = collect_reports(
+            &self.ctx.plan.workspace,
+            &step.reports,
+            &step.key,
+            &self.ctx.events,
+        );
         self.ctx.events.emit(RunEvent::StepFinished {
             step: step.key.clone(),
             name: step.name.clone(),
@@ -550,33 +555,6 @@ impl<'a> Executor<'a> {
             .insert(step.key.clone(), values);
     }
 
-    fn collect_reports(&self, step: &StepPlan) -> Option<TestCounts> {
-        if step.reports.is_empty() {
-            return None;
-        }
-        let mut total = TestCounts::default();
-        let workspace = &self.ctx.plan.workspace;
-        for path in junit::find_reports(workspace, &step.reports) {
-            match junit::parse_file(&path) {
-                Ok(report) => {
-                    let counts = report.counts();
-                    total.add(&counts);
-                    self.ctx.events.emit(RunEvent::Report {
-                        step: step.key.clone(),
-                        path,
-                        counts,
-                    });
-                }
-                Err(e) => self.ctx.events.emit(RunEvent::ReportError {
-                    step: step.key.clone(),
-                    path,
-                    message: e.to_string(),
-                }),
-            }
-        }
-        Some(total)
-    }
-
     /// Start a Background step, wait for its ports (if it declares any), and leave a
     /// watcher that reports an early death and stops it at the end of the stage.
     async fn start_background(&self, step: &StepPlan) {
@@ -614,7 +592,8 @@ impl<'a> Executor<'a> {
             let grace = self.ctx.options.grace;
             let timeout = step.timeout;
             let (key, name) = (step.key.clone(), step.name.clone());
-            let reports = self.reports_probe(step);
+            // Collected when the service ends: the watcher outlives this borrow.
+            let (workspace, patterns) = (self.ctx.plan.workspace.clone(), step.reports.clone());
             tokio::spawn(async move {
                 let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
                 let (result, exit) = tokio::select! {
@@ -653,7 +632,7 @@ impl<'a> Executor<'a> {
                         (StepResult::Stopped, exit)
                     }
                 };
-                let tests = reports();
+                let tests = collect_reports(&workspace, &patterns, &key, &events);
                 events.emit(RunEvent::StepFinished {
                     step: key,
                     name,
@@ -672,40 +651,6 @@ impl<'a> Executor<'a> {
             watcher,
         });
         self.wait_ready(step, started, &exited).await;
-    }
-
-    /// Collects a Background step's reports when it ends (a closure, because the
-    /// watcher task outlives this borrow of the executor).
-    fn reports_probe(&self, step: &StepPlan) -> impl FnOnce() -> Option<TestCounts> + Send {
-        let patterns = step.reports.clone();
-        let workspace = self.ctx.plan.workspace.clone();
-        let events = self.ctx.events.clone();
-        let key = step.key.clone();
-        move || {
-            if patterns.is_empty() {
-                return None;
-            }
-            let mut total = TestCounts::default();
-            for path in junit::find_reports(&workspace, &patterns) {
-                match junit::parse_file(&path) {
-                    Ok(r) => {
-                        let counts = r.counts();
-                        total.add(&counts);
-                        events.emit(RunEvent::Report {
-                            step: key.clone(),
-                            path,
-                            counts,
-                        });
-                    }
-                    Err(e) => events.emit(RunEvent::ReportError {
-                        step: key.clone(),
-                        path,
-                        message: e.to_string(),
-                    }),
-                }
-            }
-            Some(total)
-        }
     }
 
     /// One connection attempt to `port` of a running step.
@@ -776,6 +721,39 @@ impl<'a> Executor<'a> {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
     }
+}
+
+/// Parse the JUnit files a step's `reports` globs match, announce each (or why it was
+/// ignored), and total their counts; `None` when the step declares no reports.
+fn collect_reports(
+    workspace: &Path,
+    patterns: &[String],
+    key: &str,
+    events: &EventSink,
+) -> Option<TestCounts> {
+    if patterns.is_empty() {
+        return None;
+    }
+    let mut total = TestCounts::default();
+    for path in junit::find_reports(workspace, patterns) {
+        match junit::parse_file(&path) {
+            Ok(report) => {
+                let counts = report.counts();
+                total.add(&counts);
+                events.emit(RunEvent::Report {
+                    step: key.to_string(),
+                    path,
+                    counts,
+                });
+            }
+            Err(e) => events.emit(RunEvent::ReportError {
+                step: key.to_string(),
+                path,
+                message: e.to_string(),
+            }),
+        }
+    }
+    Some(total)
 }
 
 /// The ports a Background step must open before later steps start: its
