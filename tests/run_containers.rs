@@ -260,10 +260,7 @@ fn ctrl_c_stops_containers_and_removes_their_state() {
         kill(Pid::from_raw(pid as i32), Signal::SIGINT).unwrap();
         let r = support::Run::from(child.wait_with_output().unwrap());
         r.assert_code(130);
-        let uid = match mode {
-            support::Mode::Rootless if support::is_root() => support::test_user().unwrap().0,
-            _ => nix::unistd::getuid().as_raw(),
-        };
+        let uid = sb.uid();
         let run_dir = sandrun::sandbox::state::default_base_for(uid).join(format!("run-{pid}"));
         assert!(!run_dir.exists(), "{} was left behind", run_dir.display());
         for m in [format!("sleep 6{tag}"), format!("sleep 7{tag}")] {
@@ -351,12 +348,7 @@ fn ctrl_c_during_a_pull_ends_the_run_and_the_store_stays_sound() {
                 slow.addr
             ),
         );
-        let child = sb
-            .command(["run", "ci.yaml"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = sb.spawn(["run", "ci.yaml"]);
         let start = slow.bytes_down.load(std::sync::atomic::Ordering::SeqCst);
         let deadline = Instant::now() + Duration::from_secs(30);
         while slow.bytes_down.load(std::sync::atomic::Ordering::SeqCst) < start + (1 << 20) {
@@ -411,10 +403,7 @@ fn a_sigkilled_run_leaves_no_process_and_the_next_run_sweeps_its_state() {
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        let uid = match mode {
-            support::Mode::Rootless if support::is_root() => support::test_user().unwrap().0,
-            _ => nix::unistd::getuid().as_raw(),
-        };
+        let uid = sb.uid();
         let stale = sandrun::sandbox::state::default_base_for(uid).join(format!("run-{pid}"));
         assert!(
             stale.exists(),

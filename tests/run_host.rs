@@ -724,10 +724,7 @@ fn host_steps_get_their_own_pid_and_uts_namespaces_as_the_invoking_user() {
                 "- step:\n    type: Run\n    name: where\n    identifier: where_am_i\n    spec:\n      command: |\n        echo \"host=$(hostname) pid=$$ procs=$(ls /proc | grep -c '^[0-9]') uid=$(id -u)\"\n",
             ),
         );
-        let uid = match mode {
-            support::Mode::Rootless if support::is_root() => support::test_user().unwrap().0,
-            _ => nix::unistd::getuid().as_raw(),
-        };
+        let uid = sb.uid();
         // PID 1 is sandrun's init, the script is PID 2; /proc shows only the step's
         // processes (init, sh, the command substitution's subshell, ls, grep).
         let r = sb.run(["run", "ci.yaml"]);

@@ -111,12 +111,7 @@ fn port_bindings_reach_a_service_from_the_host() {
             &format!("      portBindings:\n        \"{host_port}\": \"8080\"\n"),
         ) + "- step:\n    type: Run\n    name: hold\n    identifier: hold\n    spec:\n      command: while [ ! -f done ]; do sleep 0.05; done\n";
         sb.write("ci.yaml", &stage(DOCKER, &steps));
-        let child = sb
-            .command(["run", "ci.yaml"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = sb.spawn(["run", "ci.yaml"]);
         let deadline = Instant::now() + Duration::from_secs(30);
         let body = loop {
             assert!(Instant::now() < deadline, "the port binding never answered");

@@ -190,6 +190,28 @@ impl Sandbox {
         cmd
     }
 
+    /// `sandrun ARGS` in the background, its output captured (for tests that act while
+    /// it runs).
+    pub fn spawn<I, S>(&self, args: I) -> std::process::Child
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.command(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cannot start sandrun")
+    }
+
+    /// The uid sandrun runs as in this mode (whose state directory it uses).
+    pub fn uid(&self) -> u32 {
+        match self.mode {
+            Mode::Rootless if is_root() => test_user().expect("test user").0,
+            _ => nix::unistd::getuid().as_raw(),
+        }
+    }
+
     pub fn run<I, S>(&self, args: I) -> Run
     where
         I: IntoIterator<Item = S>,
@@ -299,12 +321,7 @@ pub fn assert_no_process(marker: &str) {
 /// Starts `sandrun ARGS` in the background and returns once a process whose command
 /// line contains `marker` exists (a step has started), for tests that interrupt runs.
 pub fn spawn_until(sb: &Sandbox, args: &[&str], marker: &str) -> std::process::Child {
-    let child = sb
-        .command(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("cannot start sandrun");
+    let child = sb.spawn(args);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while processes_with(marker).is_empty() {
         assert!(
