@@ -367,12 +367,62 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     // Asked before entering the rootless user namespace: inside it the uid is 0.
     let state_base = crate::sandbox::state::default_base();
     // Rootless, the runner moves into its own user + mount namespace now, while it is
-    // still single-threaded (docs/ARCHITECTURE.md, "Process model").
-    let userns = if nix::unistd::geteuid().is_root() {
+    // still single-threaded (docs/ARCHITECTURE.md, "Process model"); newuidmap and
+    // newgidmap write its id maps while it goes on.
+    let pending = if nix::unistd::geteuid().is_root() {
         None
     } else {
-        Some(crate::sandbox::enter_rootless().context("cannot set up rootless mode")?)
+        Some(crate::sandbox::begin_rootless().context("cannot set up rootless mode")?)
     };
+    // Forked while still single-threaded: it starts each container helper without
+    // executing the binary again.
+    let zygote = if needs_images {
+        match crate::sandbox::zygote::Zygote::start(pending.is_some()) {
+            Ok(z) => Some(std::sync::Arc::new(z)),
+            Err(e) => {
+                tracing::debug!("no zygote, helpers are executed: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    // The first stage's network needs only the namespace's capabilities: build it
+    // while the id maps are being written, then finish entering the namespace.
+    // Images already in the store are looked up meanwhile too (no pull: unpacking
+    // needs the maps).
+    let first = plan.stages.iter().position(|s| s.skipped.is_none());
+    let (userns, prebuilt, local_images) = runtime.block_on(async {
+        let finish = pending.map(|p| tokio::task::spawn_blocking(move || p.finish()));
+        let local_images = needs_images.then(|| {
+            let (plan, pull) = (plan.clone(), pull.clone());
+            tokio::task::spawn_blocking(move || {
+                let store = crate::store::Store::open(&crate::store::default_home()?).ok()?;
+                crate::run::images::prepare_local(&plan, &store, &pull)
+            })
+        });
+        let prebuilt = match first.and_then(|i| plan.stages[i].net.as_ref()) {
+            Some(net) if !net.egress => Some(StageNetwork::build(net).await),
+            _ => None,
+        };
+        let local_images = match local_images {
+            Some(task) => task.await.ok().flatten(),
+            None => None,
+        };
+        let userns = match finish {
+            Some(task) => Some(
+                task.await
+                    .context("entering the user namespace failed")?
+                    .context("cannot set up rootless mode")?,
+            ),
+            None => None,
+        };
+        anyhow::Ok((userns, first.zip(prebuilt), local_images))
+    })?;
     let run_dir =
         crate::sandbox::RunState::create(&state_base, &format!("run-{}", std::process::id()))
             .context("cannot create the run's state directory")?;
@@ -381,10 +431,6 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         ready_timeout: args.ready_timeout,
         skip_unsupported: args.skip_unsupported,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     let result = runtime.block_on(async {
         let (sink, rx) = EventSink::channel();
         let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();
@@ -411,7 +457,7 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
             // Ctrl-C during a pull ends the run at once; the store keeps only blobs that
             // were verified, so the next pull resumes from them.
             let prepared = tokio::select! {
-                r = prepare_images(&plan, &pull, args.json, &sink) => Some(r),
+                r = prepare_images(&plan, &pull, local_images, args.json, &sink) => Some(r),
                 _ = cancel.cancelled() => None,
             };
             match prepared {
@@ -432,12 +478,28 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         } else {
             Default::default()
         };
-        let outcome = run_plan(&plan, &options, &host, &images, run_dir.dir(), sink, cancel).await;
+        let outcome = run_plan(
+            &plan,
+            &options,
+            &host,
+            RunParts {
+                images: &images,
+                zygote: zygote.clone(),
+                prebuilt,
+            },
+            run_dir.dir(),
+            sink,
+            cancel,
+        )
+        .await;
         signals.abort();
         let shown = ui.await;
         (Ok(outcome), shown)
     });
     drop(run_dir);
+    // Everything the run started has ended and been awaited: do not wait for idle
+    // worker threads to be joined.
+    runtime.shutdown_background();
     let (outcome, shown) = result;
     let outcome = outcome?;
     match shown {
@@ -452,15 +514,30 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     })
 }
 
+/// What `run` prepared for the stages before they start.
+struct RunParts<'a> {
+    /// Every image of the plan, in the store.
+    images: &'a crate::run::images::Images,
+    /// Starts container helpers (see `sandbox::zygote`).
+    zygote: Option<std::sync::Arc<crate::sandbox::zygote::Zygote>>,
+    /// The network of the first stage to run, built while entering the namespace.
+    prebuilt: Option<(usize, Result<StageNetwork, crate::net::NetError>)>,
+}
+
 async fn run_plan(
     plan: &Plan,
     options: &RunOptions,
     host: &HostLauncher,
-    images: &crate::run::images::Images,
+    parts: RunParts<'_>,
     state_dir: &Path,
     sink: EventSink,
     cancel: CancellationToken,
 ) -> StageResult {
+    let RunParts {
+        images,
+        zygote,
+        mut prebuilt,
+    } = parts;
     let mut overall = StageResult::Succeeded;
     for stage in &plan.stages {
         if let Some(reason) = &stage.skipped {
@@ -478,7 +555,14 @@ async fn run_plan(
             continue;
         }
         let stage_dir = state_dir.join(&stage.identifier);
-        let network = match start_network(stage, &stage_dir).await {
+        let prebuilt = match prebuilt.take() {
+            Some((i, net)) if std::ptr::eq(&plan.stages[i], stage) => Some(net),
+            other => {
+                prebuilt = other;
+                None
+            }
+        };
+        let network = match start_network(stage, &stage_dir, prebuilt).await {
             Ok(n) => n,
             Err(e) => {
                 sink.emit(RunEvent::StageSkipped {
@@ -493,11 +577,10 @@ async fn run_plan(
             None
         } else {
             match std::env::current_exe() {
-                Ok(exe) => Some(ContainerLauncher::new(
-                    exe,
-                    stage_dir.clone(),
-                    images.clone(),
-                )),
+                Ok(exe) => Some(
+                    ContainerLauncher::new(exe, stage_dir.clone(), images.clone())
+                        .with_zygote(zygote.clone()),
+                ),
                 Err(e) => {
                     sink.warn(
                         None,
@@ -534,9 +617,32 @@ async fn run_plan(
 async fn prepare_images(
     plan: &Plan,
     pull: &crate::store::PullOptions,
+    present: Option<crate::run::images::Images>,
     json: bool,
     sink: &EventSink,
 ) -> anyhow::Result<crate::run::images::Images> {
+    if let Some(images) = present {
+        if !json {
+            let progress = crate::store::progress::TerminalProgress::new();
+            for image in images.values() {
+                crate::store::PullProgress::event(
+                    &progress,
+                    &crate::store::PullEvent::Done {
+                        reference: image.reference.clone(),
+                        manifest_digest: image.manifest_digest.clone(),
+                        pulled: 0,
+                    },
+                );
+            }
+        }
+        for (reference, image) in &images {
+            sink.emit(RunEvent::ImageReady {
+                reference: reference.clone(),
+                digest: image.manifest_digest.clone(),
+            });
+        }
+        return Ok(images);
+    }
     let home = crate::store::default_home()
         .context("no image store directory: set SANDRUN_HOME (or HOME)")?;
     let store = crate::store::Store::open(&home)
@@ -561,6 +667,7 @@ async fn prepare_images(
 async fn start_network(
     stage: &plan::StagePlan,
     stage_dir: &Path,
+    prebuilt: Option<Result<StageNetwork, crate::net::NetError>>,
 ) -> anyhow::Result<Option<(StageNetwork, ProxyServer)>> {
     let Some(net) = &stage.net else {
         return Ok(None);
@@ -568,9 +675,18 @@ async fn start_network(
     let proxy = HostPortProxy::bind(std::net::Ipv4Addr::LOCALHOST.into(), net)?;
     std::fs::create_dir_all(stage_dir)
         .with_context(|| format!("cannot create {}", stage_dir.display()))?;
-    let network = StageNetwork::create(net, stage_dir)
-        .await
-        .context("cannot create the stage network")?;
+    let network = match prebuilt {
+        Some(built) => {
+            let mut network = built.context("cannot create the stage network")?;
+            network
+                .write_files(stage_dir)
+                .context("cannot create the stage network")?;
+            network
+        }
+        None => StageNetwork::create(net, stage_dir)
+            .await
+            .context("cannot create the stage network")?,
+    };
     let server = proxy.serve(&network)?;
     Ok(Some((network, server)))
 }

@@ -388,14 +388,30 @@ fn a_sigkilled_run_leaves_no_process_and_the_next_run_sweeps_its_state() {
         );
         let mut child = spawn_until(&sb, &["run", "ci.yaml"], &long);
         let pid = child.id();
+        // The runner's own children: the zygote, the container helpers it cloned (the
+        // runner's children too), the host step's init.
+        let children = support::children_of(pid);
+        assert!(children.len() >= 3, "children of the runner: {children:?}");
         kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
         child.wait().unwrap();
+        // Looked at right away: runs that other tests start meanwhile sweep it.
+        let uid = sb.uid();
+        let stale = sandrun::sandbox::state::default_base_for(uid).join(format!("run-{pid}"));
+        let left_state = stale.exists();
         // The service's `sleep` is a grandchild of the runner (sh runs it in the
         // background): the host step's PID namespace takes it down with its init, and
         // parent-death signals take the init and the container down with the runner.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // Zombies waiting for init to reap them are gone.
+        let alive = |p: &u32| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+            })
+        };
         while !(support::processes_with(&service).is_empty()
-            && support::processes_with(&long).is_empty())
+            && support::processes_with(&long).is_empty()
+            && !children.iter().any(alive))
         {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -403,10 +419,8 @@ fn a_sigkilled_run_leaves_no_process_and_the_next_run_sweeps_its_state() {
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        let uid = sb.uid();
-        let stale = sandrun::sandbox::state::default_base_for(uid).join(format!("run-{pid}"));
         assert!(
-            stale.exists(),
+            left_state,
             "expected the killed run's state at {}",
             stale.display()
         );

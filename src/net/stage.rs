@@ -44,7 +44,8 @@ struct StepNet {
 /// [`StageNetwork::teardown`]) removes all of them.
 pub struct StageNetwork {
     plan: NetworkPlan,
-    dir: PathBuf,
+    /// `<state_dir>/net` once the step files are written.
+    dir: Option<PathBuf>,
     /// The bridge's namespace (bridge mode) or the shared one (pod mode).
     hub: OwnedFd,
     steps: Vec<StepNet>,
@@ -57,15 +58,32 @@ impl StageNetwork {
     /// `hosts` and `resolv.conf` under `<state_dir>/net`. Returns once every link is
     /// up, so that no step's first packet is lost.
     pub async fn create(plan: &NetworkPlan, state_dir: &Path) -> Result<StageNetwork, NetError> {
-        let dir = state_dir.join("net");
-        let steps = write_files(plan, &dir)?;
+        let mut network = StageNetwork::build(plan).await?;
+        network.write_files(state_dir)?;
+        Ok(network)
+    }
+
+    /// The namespaces, links and addresses of [`StageNetwork::create`], without the
+    /// step files: it needs only the capabilities of the runner's namespace, so a
+    /// rootless runner can build it while its id maps are still being written. Call
+    /// [`StageNetwork::write_files`] before starting steps.
+    pub async fn build(plan: &NetworkPlan) -> Result<StageNetwork, NetError> {
         let (sockets, hub) = SocketFactory::in_new_netns()
             .map_err(NetError::os("create the stage network namespace"))?;
         let mut network = StageNetwork {
             plan: plan.clone(),
-            dir,
+            dir: None,
             hub: hub.ns,
-            steps,
+            steps: plan
+                .steps
+                .iter()
+                .map(|s| StepNet {
+                    key: s.key.clone(),
+                    netns: None,
+                    hosts: PathBuf::new(),
+                    resolv_conf: PathBuf::new(),
+                })
+                .collect(),
             sockets: Arc::new(sockets),
             egress: None,
         };
@@ -271,11 +289,27 @@ impl Drop for StageNetwork {
         if let Some(egress) = self.egress.take() {
             egress.kill_now();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
-fn write_files(plan: &NetworkPlan, dir: &Path) -> Result<Vec<StepNet>, NetError> {
+impl StageNetwork {
+    /// Writes each step's `hosts` and `resolv.conf` under `<state_dir>/net`.
+    pub fn write_files(&mut self, state_dir: &Path) -> Result<(), NetError> {
+        let dir = state_dir.join("net");
+        let files = write_files(&self.plan, &dir)?;
+        self.dir = Some(dir);
+        for (step, (hosts, resolv_conf)) in self.steps.iter_mut().zip(files) {
+            step.hosts = hosts;
+            step.resolv_conf = resolv_conf;
+        }
+        Ok(())
+    }
+}
+
+fn write_files(plan: &NetworkPlan, dir: &Path) -> Result<Vec<(PathBuf, PathBuf)>, NetError> {
     let write = |path: &Path, text: &str| {
         std::fs::write(path, text).map_err(|source| NetError::WriteFile {
             path: path.to_path_buf(),
@@ -304,12 +338,7 @@ fn write_files(plan: &NetworkPlan, dir: &Path) -> Result<Vec<StepNet>, NetError>
             &render_hosts(plan, &endpoint.key).unwrap_or_default(),
         )?;
         write(&resolv_conf, &resolv)?;
-        steps.push(StepNet {
-            key: endpoint.key.clone(),
-            netns: None,
-            hosts,
-            resolv_conf,
-        });
+        steps.push((hosts, resolv_conf));
     }
     Ok(steps)
 }

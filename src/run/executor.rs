@@ -17,12 +17,11 @@ use futures::FutureExt;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::Child;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{EventSink, ExitInfo, RunEvent, StageResult, StepResult, Stream, TestCounts};
-use super::launch::{LaunchSpec, Launcher, Process};
+use super::launch::{LaunchSpec, Launcher, Process, StepChild};
 use super::ports::{exposed_ports, PodPorts};
 use crate::junit;
 use crate::net::StageNetwork;
@@ -769,7 +768,7 @@ fn ready_ports(step: &StepPlan, images: &crate::run::images::Images) -> Vec<u16>
 }
 
 struct Running {
-    child: Child,
+    child: StepChild,
     pumps: Vec<JoinHandle<()>>,
     tail: Arc<Mutex<VecDeque<String>>>,
 }
@@ -796,7 +795,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// SIGTERM the child's process group, wait `grace`, then SIGKILL it. Returns how the
 /// child ended, when it could be reaped.
-pub async fn stop_process(child: &mut Child, grace: Duration) -> Option<ExitInfo> {
+pub async fn stop_process(child: &mut StepChild, grace: Duration) -> Option<ExitInfo> {
     let Some(pid) = child.id() else {
         return child.wait().await.ok().map(ExitInfo::from_status);
     };

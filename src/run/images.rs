@@ -78,6 +78,18 @@ pub fn resolve_sources(plan: &mut Plan, opts: &PullOptions) -> anyhow::Result<()
 
 /// Every image of the plan's runnable steps, in plan order, merged by reference (the
 /// strictest pull policy wins: Always over IfNotPresent over Never).
+/// [`prepare`] for a run whose images are all in the store already: no network and no
+/// unpacking, so a rootless runner can do it while its id maps are being written.
+/// `None` when some image needs a pull, or has a problem that [`prepare`] reports.
+pub fn prepare_local(plan: &Plan, store: &Store, opts: &PullOptions) -> Option<Images> {
+    let mut images = Images::new();
+    for w in wanted(plan) {
+        let image = store.ensure_local(&w.source, w.policy, opts).ok()??;
+        images.insert(w.source, image);
+    }
+    Some(images)
+}
+
 fn wanted(plan: &Plan) -> Vec<Wanted> {
     let mut out: Vec<Wanted> = Vec::new();
     for stage in plan.stages.iter().filter(|s| s.skipped.is_none()) {

@@ -10,6 +10,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, Interest};
 use tokio::process::{Child, Command};
 
 use crate::net::StageNetwork;
@@ -62,7 +68,7 @@ pub enum LaunchError {
 /// Starts step processes. Implementations must return a child whose stdout and stderr
 /// are piped and which leads its own process group.
 pub trait Launcher: Send + Sync {
-    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Child, LaunchError>;
+    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<StepChild, LaunchError>;
 
     /// Where `LaunchSpec::control_dir` appears to the step's process.
     fn control_dir_in_step(&self, host_path: &Path) -> PathBuf;
@@ -84,7 +90,7 @@ pub struct HostLauncher {
     pub writable: Vec<PathBuf>,
 }
 impl Launcher for HostLauncher {
-    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Child, LaunchError> {
+    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<StepChild, LaunchError> {
         let argv = match &spec.process {
             Process::Shell { shell, script } => shell.argv(script),
             Process::Exec { argv } => argv.clone(),
@@ -163,14 +169,134 @@ impl Launcher for HostLauncher {
                 });
             }
         }
-        cmd.spawn().map_err(|e| LaunchError::Spawn {
-            step: spec.step.key.clone(),
-            program: argv[0].to_string_lossy().into_owned(),
-            source: e,
-        })
+        cmd.spawn()
+            .map(StepChild::from)
+            .map_err(|e| LaunchError::Spawn {
+                step: spec.step.key.clone(),
+                program: argv[0].to_string_lossy().into_owned(),
+                source: e,
+            })
     }
 
     fn control_dir_in_step(&self, host_path: &Path) -> PathBuf {
         host_path.to_path_buf()
+    }
+}
+
+/// Output of a step's process as the executor reads it.
+pub type StepOutput = Box<dyn AsyncRead + Send + Unpin>;
+
+/// A started step process: a child of the runner in a process group of its own, with
+/// its stdout and stderr piped to the runner. Either spawned by tokio (host steps, an
+/// executed helper) or cloned by the zygote as the runner's child and waited for
+/// through a pidfd.
+pub struct StepChild {
+    pub stdout: Option<StepOutput>,
+    pub stderr: Option<StepOutput>,
+    kind: ChildKind,
+}
+
+enum ChildKind {
+    Tokio(Child),
+    Pidfd {
+        pid: u32,
+        pidfd: AsyncFd<OwnedFd>,
+        status: Option<ExitStatus>,
+    },
+}
+
+impl From<Child> for StepChild {
+    fn from(mut child: Child) -> StepChild {
+        StepChild {
+            stdout: child.stdout.take().map(|o| Box::new(o) as StepOutput),
+            stderr: child.stderr.take().map(|e| Box::new(e) as StepOutput),
+            kind: ChildKind::Tokio(child),
+        }
+    }
+}
+
+impl StepChild {
+    /// A child of this process known by pid (it must not have been waited for yet, so
+    /// the pid cannot have been reused), with the read ends of its output pipes.
+    pub fn from_pid(pid: u32, stdout: OwnedFd, stderr: OwnedFd) -> io::Result<StepChild> {
+        // SAFETY: pidfd_open(2) returns a new descriptor or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_open,
+                pid as libc::pid_t,
+                libc::PIDFD_NONBLOCK,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the descriptor was just returned to us.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let pipe = |fd: OwnedFd| -> io::Result<StepOutput> {
+            Ok(Box::new(tokio::net::unix::pipe::Receiver::from_owned_fd(
+                fd,
+            )?))
+        };
+        // SAFETY: an OwnedFd keeps the same open descriptor for its whole life.
+        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        Ok(StepChild {
+            stdout: Some(pipe(stdout)?),
+            stderr: Some(pipe(stderr)?),
+            kind: ChildKind::Pidfd {
+                pid,
+                pidfd,
+                status: None,
+            },
+        })
+    }
+
+    /// The pid, until the process has been waited for.
+    pub fn id(&self) -> Option<u32> {
+        match &self.kind {
+            ChildKind::Tokio(c) => c.id(),
+            ChildKind::Pidfd { pid, status, .. } => status.is_none().then_some(*pid),
+        }
+    }
+
+    /// Waits for the process to end and reaps it. Cancel-safe; once it has ended,
+    /// returns the same status again.
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        match &mut self.kind {
+            ChildKind::Tokio(c) => c.wait().await,
+            ChildKind::Pidfd { pidfd, status, .. } => loop {
+                if let Some(s) = status {
+                    return Ok(*s);
+                }
+                let mut ready = pidfd.readable().await?;
+                // SAFETY: waitid(2) on a pidfd of our child fills `info`.
+                let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+                let r = unsafe {
+                    libc::waitid(
+                        libc::P_PIDFD,
+                        pidfd.as_raw_fd() as libc::id_t,
+                        &mut info,
+                        libc::WEXITED | libc::WNOHANG,
+                    )
+                };
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: waitid filled the child fields (si_pid 0: not yet ended).
+                let (pid, code, value) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+                if pid == 0 {
+                    ready.clear_ready();
+                    continue;
+                }
+                // The raw wait(2) status: exit code in the second byte, or the signal
+                // (with 0x80 for a core dump).
+                let raw = match code {
+                    libc::CLD_EXITED => (value & 0xff) << 8,
+                    libc::CLD_DUMPED => value | 0x80,
+                    _ => value,
+                };
+                *status = Some(ExitStatus::from_raw(raw));
+            },
+        }
     }
 }

@@ -75,7 +75,7 @@ fn unshare_main(mut cmd: &[OsString]) -> i32 {
 }
 
 /// `SANDRUN_LOG=debug` (an env-filter) shows libcontainer's own log on stderr.
-fn debug_logging() {
+pub(crate) fn debug_logging() {
     if let Ok(filter) = std::env::var("SANDRUN_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))

@@ -4,12 +4,15 @@
 //! __container` helper for it inside the step's network namespace.
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use tokio::process::Child;
+use std::sync::Arc;
 
-use super::launch::spawn_container;
+use super::launch::{spawn_container, write_spec};
 use super::spec::{BindMount, ContainerSpec, ImageConfig, ImageSpec, Limits};
+use super::zygote::Zygote;
+use crate::run::launch::StepChild;
 use crate::run::launch::{LaunchError, LaunchSpec, Launcher};
 
 /// Where the step's control directory (output variables) appears in its container.
@@ -22,6 +25,7 @@ pub struct ContainerLauncher {
     state_dir: PathBuf,
     id_prefix: String,
     images: HashMap<String, ImageSpec>,
+    zygote: Option<Arc<Zygote>>,
 }
 
 impl ContainerLauncher {
@@ -64,7 +68,15 @@ impl ContainerLauncher {
             state_dir,
             id_prefix,
             images,
+            zygote: None,
         }
+    }
+
+    /// Starts helpers through `zygote` (no new exec of the binary per step) instead of
+    /// executing `binary __container`.
+    pub fn with_zygote(mut self, zygote: Option<Arc<Zygote>>) -> ContainerLauncher {
+        self.zygote = zygote;
+        self
     }
 
     /// The container spec for a launch (pure; spawning is separate).
@@ -137,7 +149,7 @@ impl ContainerLauncher {
 }
 
 impl Launcher for ContainerLauncher {
-    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Child, LaunchError> {
+    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<StepChild, LaunchError> {
         let container = self.container_spec(spec)?;
         let netns = match spec.network {
             Some(net) => {
@@ -151,11 +163,27 @@ impl Launcher for ContainerLauncher {
             }
             None => None,
         };
-        spawn_container(&self.binary, &container, netns).map_err(|e| LaunchError::Spawn {
+        let failed = |e: std::io::Error| LaunchError::Spawn {
             step: spec.step.key.clone(),
             program: format!("{} __container", self.binary.display()),
-            source: std::io::Error::other(e.to_string()),
-        })
+            source: e,
+        };
+        match &self.zygote {
+            Some(zygote) => {
+                let path = write_spec(&container)
+                    .map_err(|e| failed(std::io::Error::other(e.to_string())))?;
+                let (out_read, out_write) = pipe()?;
+                let (err_read, err_write) = pipe()?;
+                let pid = zygote
+                    .spawn(&path, out_write.as_fd(), err_write.as_fd(), netns)
+                    .map_err(failed)?;
+                drop((out_write, err_write));
+                StepChild::from_pid(pid.as_raw() as u32, out_read, err_read).map_err(failed)
+            }
+            None => spawn_container(&self.binary, &container, netns)
+                .map(StepChild::from)
+                .map_err(|e| failed(std::io::Error::other(e.to_string()))),
+        }
     }
 
     fn control_dir_in_step(&self, _host_path: &Path) -> PathBuf {
@@ -174,4 +202,12 @@ fn sanitize(s: &str) -> String {
             }
         })
         .collect()
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| LaunchError::Spawn {
+        step: String::new(),
+        program: "pipe".into(),
+        source: e.into(),
+    })
 }

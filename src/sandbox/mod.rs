@@ -17,10 +17,11 @@ pub mod rootfs;
 pub mod spec;
 pub mod state;
 pub mod userns;
+pub mod zygote;
 
 pub use container::{ERROR_PREFIX, WARNING_PREFIX};
 pub use error::SandboxError;
 pub use launcher::ContainerLauncher;
 pub use spec::{BindMount, ContainerProcess, ContainerSpec, ImageConfig, ImageSpec, Limits};
 pub use state::RunState;
-pub use userns::{enter_rootless, InvokingUser, UsernsInfo};
+pub use userns::{begin_rootless, enter_rootless, InvokingUser, PendingRootless, UsernsInfo};

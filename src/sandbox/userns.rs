@@ -25,7 +25,7 @@ use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
 use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{fork, getgid, getpid, getuid, pipe, ForkResult, Gid, Uid, User};
+use nix::unistd::{fork, getgid, getpid, getuid, pipe, ForkResult, Gid, Pid, Uid, User};
 
 use super::error::SandboxError;
 
@@ -128,6 +128,26 @@ pub(crate) fn make_mounts_private() -> Result<(), SandboxError> {
 /// Must be called while the process is single-threaded (before the tokio runtime) and
 /// only when the effective uid is not 0. The network namespace is kept.
 pub fn enter_rootless() -> Result<UsernsInfo, SandboxError> {
+    begin_rootless()?.finish()
+}
+
+/// A user + mount namespace entered, whose id maps may still be being written by
+/// newuidmap and newgidmap. Until [`PendingRootless::finish`] returns, the process may
+/// start threads and do what needs only the namespace's capabilities (create network
+/// namespaces, configure links), but must not rely on its ids (they read as the
+/// overflow id) nor create files meant for the mapped ids.
+pub struct PendingRootless {
+    uid: u32,
+    gid: u32,
+    user_name: Option<String>,
+    helpers: Option<(Vec<IdRange>, Vec<IdRange>, MapHelpers)>,
+    /// Why subordinate ranges are not used, when they are not.
+    single_reason: Option<String>,
+}
+
+/// The [`enter_rootless`] work that must happen while the process is single-threaded:
+/// unshare the namespaces and start the id-mapping helpers, without waiting for them.
+pub fn begin_rootless() -> Result<PendingRootless, SandboxError> {
     let threads = thread_count();
     if threads > 1 {
         return Err(SandboxError::MultiThreaded { threads });
@@ -135,49 +155,73 @@ pub fn enter_rootless() -> Result<UsernsInfo, SandboxError> {
     let uid = getuid().as_raw();
     let gid = getgid().as_raw();
     let user_name = User::from_uid(getuid()).ok().flatten().map(|u| u.name);
-
-    let mapping = plan_mapping(uid, user_name.as_deref());
-    let mapping = match mapping {
+    let mut pending = PendingRootless {
+        uid,
+        gid,
+        user_name,
+        helpers: None,
+        single_reason: None,
+    };
+    match plan_mapping(uid, pending.user_name.as_deref()) {
         Ok((uids, gids, newuidmap, newgidmap)) => {
-            match unshare_and_map_with_helpers(uid, gid, &uids, &gids, &newuidmap, &newgidmap)? {
+            let helpers =
+                unshare_and_start_map_helpers(uid, gid, &uids, &gids, &newuidmap, &newgidmap)?;
+            pending.helpers = Some((uids, gids, helpers));
+        }
+        Err(reason) => {
+            unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
+                .map_err(|e| SandboxError::sys("unshare a user and mount namespace", e))?;
+            pending.single_reason = Some(reason);
+        }
+    }
+    Ok(pending)
+}
+
+impl PendingRootless {
+    /// Waits for the id maps (writing a single-id map if the helpers failed), becomes
+    /// uid 0 of the namespace and prepares its mounts. Any thread may call it.
+    pub fn finish(self) -> Result<UsernsInfo, SandboxError> {
+        let (uid, gid) = (self.uid, self.gid);
+        let mapping = match self.helpers {
+            Some((uids, gids, helpers)) => match helpers.wait() {
                 Ok(()) => IdMapping::Subordinate { uids, gids },
                 Err(failure) => {
                     write_single_mapping(uid, gid)?;
                     IdMapping::Single { reason: failure }
                 }
+            },
+            None => {
+                write_single_mapping(uid, gid)?;
+                IdMapping::Single {
+                    reason: self.single_reason.unwrap_or_default(),
+                }
             }
-        }
-        Err(reason) => {
-            unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
-                .map_err(|e| SandboxError::sys("unshare a user and mount namespace", e))?;
-            write_single_mapping(uid, gid)?;
-            IdMapping::Single { reason }
-        }
-    };
+        };
 
-    become_root(matches!(mapping, IdMapping::Subordinate { .. }))?;
-    make_mounts_private()?;
-    let cgroups = if is_hybrid_cgroup_host() {
-        mount(
-            Some("/sys/fs/cgroup/unified"),
-            "/sys/fs/cgroup",
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| SandboxError::sys("bind /sys/fs/cgroup/unified over /sys/fs/cgroup", e))?;
-        CgroupView::UnifiedOverHybrid
-    } else {
-        CgroupView::Host
-    };
+        become_root(matches!(mapping, IdMapping::Subordinate { .. }))?;
+        make_mounts_private()?;
+        let cgroups = if is_hybrid_cgroup_host() {
+            mount(
+                Some("/sys/fs/cgroup/unified"),
+                "/sys/fs/cgroup",
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| SandboxError::sys("bind /sys/fs/cgroup/unified over /sys/fs/cgroup", e))?;
+            CgroupView::UnifiedOverHybrid
+        } else {
+            CgroupView::Host
+        };
 
-    Ok(UsernsInfo {
-        outside_uid: uid,
-        outside_gid: gid,
-        user_name,
-        mapping,
-        cgroups,
-    })
+        Ok(UsernsInfo {
+            outside_uid: uid,
+            outside_gid: gid,
+            user_name: self.user_name,
+            mapping,
+            cgroups,
+        })
+    }
 }
 
 /// True when the calling process runs in a user namespace other than the initial one.
@@ -276,7 +320,7 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn thread_count() -> usize {
+pub(crate) fn thread_count() -> usize {
     fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -287,17 +331,37 @@ fn thread_count() -> usize {
         .unwrap_or(1)
 }
 
+/// The child running newuidmap/newgidmap on this process.
+struct MapHelpers {
+    child: Pid,
+    result: fs::File,
+}
+
+impl MapHelpers {
+    /// `Err`: the helpers failed (the message says how); the caller falls back.
+    fn wait(self) -> Result<(), String> {
+        let mut message = String::new();
+        let mut result = self.result;
+        let _ = result.read_to_string(&mut message);
+        match waitpid(self.child, None) {
+            Ok(WaitStatus::Exited(_, 0)) => Ok(()),
+            Ok(WaitStatus::Exited(_, _)) if !message.is_empty() => Err(message),
+            other => Err(format!("the id-mapping child ended with {other:?}")),
+        }
+    }
+}
+
 /// Forks a child that waits until this process has unshared, then runs
-/// newuidmap/newgidmap on it. Outer `Err`: the namespace could not be entered at all;
-/// inner `Err`: the helpers failed (the message says how), the caller falls back.
-fn unshare_and_map_with_helpers(
+/// newuidmap/newgidmap on it; unshares and lets the child go. `Err`: the namespace
+/// could not be entered at all.
+fn unshare_and_start_map_helpers(
     uid: u32,
     gid: u32,
     uids: &[IdRange],
     gids: &[IdRange],
     newuidmap: &Path,
     newgidmap: &Path,
-) -> Result<Result<(), String>, SandboxError> {
+) -> Result<MapHelpers, SandboxError> {
     let parent = getpid().as_raw().to_string();
     let mut uid_cmd = Command::new(newuidmap);
     uid_cmd.arg(&parent).args(map_arguments(uid, uids));
@@ -338,17 +402,15 @@ fn unshare_and_map_with_helpers(
                 let _ = go.write_all(b"g");
             }
             drop(go);
-            let mut message = String::new();
-            let _ = fs::File::from(result_read).read_to_string(&mut message);
-            let status = waitpid(child, None);
+            let helpers = MapHelpers {
+                child,
+                result: fs::File::from(result_read),
+            };
             if let Err(e) = unshared {
+                let _ = helpers.wait();
                 return Err(SandboxError::sys("unshare a user and mount namespace", e));
             }
-            match status {
-                Ok(WaitStatus::Exited(_, 0)) => Ok(Ok(())),
-                Ok(WaitStatus::Exited(_, _)) if !message.is_empty() => Ok(Err(message)),
-                other => Ok(Err(format!("the id-mapping child ended with {other:?}"))),
-            }
+            Ok(helpers)
         }
     }
 }
@@ -411,7 +473,7 @@ fn write_single_mapping(uid: u32, gid: u32) -> Result<(), SandboxError> {
     Ok(())
 }
 
-fn become_root(may_setgroups: bool) -> Result<(), SandboxError> {
+pub(crate) fn become_root(may_setgroups: bool) -> Result<(), SandboxError> {
     let root_gid = Gid::from_raw(0);
     let root_uid = Uid::from_raw(0);
     nix::unistd::setresgid(root_gid, root_gid, root_gid)

@@ -214,6 +214,17 @@ impl Store {
         pull::resolve_pin(self, image, opts, progress).await
     }
 
+    /// [`Store::ensure`] without the network: the image when `policy` lets the
+    /// store's complete copy serve, `None` when it would have to be pulled.
+    pub fn ensure_local(
+        &self,
+        image: &str,
+        policy: PullPolicy,
+        opts: &PullOptions,
+    ) -> Result<Option<Image>, StoreError> {
+        pull::ensure_local(self, image, policy, opts)
+    }
+
     /// The image named `image` if it is complete in the store, without any network.
     pub fn get(&self, image: &str, opts: &PullOptions) -> Result<Option<Image>, StoreError> {
         pull::local(self, &ImageRef::parse(image)?, opts)

@@ -108,26 +108,15 @@ pub(crate) async fn ensure(
     let r = ImageRef::parse(image)?;
     let lay = store.layout().clone();
     let _shared = blocking(move || lay.lock_store_shared()).await?;
-    let pin = opts.pins.get(&r.canonical()).cloned();
-    if opts.locked && pin.is_none() && r.digest().is_none() {
-        return Err(StoreError::PinMismatch {
-            reference: r.canonical(),
-            pinned: "nothing".into(),
-            found: "--locked requires every image to be pinned; run `sandrun lock`".into(),
+    if let Some(img) = local_if_allowed(store, &r, policy, opts)? {
+        progress.event(&PullEvent::Done {
+            reference: img.reference.clone(),
+            manifest_digest: img.manifest_digest.clone(),
+            pulled: 0,
         });
+        return Ok(img);
     }
-    let use_local = policy != PullPolicy::Always || opts.offline;
-    if use_local {
-        if let Some(img) = local(store, &r, opts)? {
-            store.layout().touch_used(&img.manifest_digest)?;
-            progress.event(&PullEvent::Done {
-                reference: img.reference.clone(),
-                manifest_digest: img.manifest_digest.clone(),
-                pulled: 0,
-            });
-            return Ok(img);
-        }
-    }
+    let pin = opts.pins.get(&r.canonical()).cloned();
     if policy == PullPolicy::Never {
         return Err(StoreError::NotPresent {
             reference: r.canonical(),
@@ -141,6 +130,43 @@ pub(crate) async fn ensure(
         });
     }
     pull(store, &r, pin.as_ref(), opts, progress).await
+}
+
+/// The local half of [`ensure`]: the image when `policy` lets the store's copy serve
+/// and that copy is complete (it is marked as used), `None` when a pull is needed.
+/// Never touches the network.
+pub(crate) fn ensure_local(
+    store: &Store,
+    image: &str,
+    policy: PullPolicy,
+    opts: &PullOptions,
+) -> Result<Option<Image>, StoreError> {
+    let r = ImageRef::parse(image)?;
+    let _shared = store.layout().lock_store_shared()?;
+    local_if_allowed(store, &r, policy, opts)
+}
+
+fn local_if_allowed(
+    store: &Store,
+    r: &ImageRef,
+    policy: PullPolicy,
+    opts: &PullOptions,
+) -> Result<Option<Image>, StoreError> {
+    if opts.locked && !opts.pins.contains_key(&r.canonical()) && r.digest().is_none() {
+        return Err(StoreError::PinMismatch {
+            reference: r.canonical(),
+            pinned: "nothing".into(),
+            found: "--locked requires every image to be pinned; run `sandrun lock`".into(),
+        });
+    }
+    if policy == PullPolicy::Always && !opts.offline {
+        return Ok(None);
+    }
+    let Some(img) = local(store, r, opts)? else {
+        return Ok(None);
+    };
+    store.layout().touch_used(&img.manifest_digest)?;
+    Ok(Some(img))
 }
 
 /// The manifest digest the store would use for `r` without a network.
