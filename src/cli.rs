@@ -348,6 +348,13 @@ fn unsupported_steps(plan: &Plan) -> Vec<String> {
 }
 
 fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
+    // Rootless: the child that will write our id maps is forked first, while the
+    // process is small, so that it is ready when the namespace is entered below.
+    let prepared = if nix::unistd::geteuid().is_root() {
+        None
+    } else {
+        Some(crate::sandbox::prepare_rootless().context("cannot set up rootless mode")?)
+    };
     let (_, mut plan) = load_and_plan(&args.input, false)?;
     let mut pull = global.registry.pull_options()?;
     crate::run::images::resolve_sources(&mut plan, &pull)?;
@@ -369,10 +376,9 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     // Rootless, the runner moves into its own user + mount namespace now, while it is
     // still single-threaded (docs/ARCHITECTURE.md, "Process model"); newuidmap and
     // newgidmap write its id maps while it goes on.
-    let pending = if nix::unistd::geteuid().is_root() {
-        None
-    } else {
-        Some(crate::sandbox::begin_rootless().context("cannot set up rootless mode")?)
+    let pending = match prepared {
+        Some(p) => Some(p.begin().context("cannot set up rootless mode")?),
+        None => None,
     };
     // Forked while still single-threaded: it starts each container helper without
     // executing the binary again.

@@ -24,4 +24,7 @@ pub use error::SandboxError;
 pub use launcher::ContainerLauncher;
 pub use spec::{BindMount, ContainerProcess, ContainerSpec, ImageConfig, ImageSpec, Limits};
 pub use state::RunState;
-pub use userns::{begin_rootless, enter_rootless, InvokingUser, PendingRootless, UsernsInfo};
+pub use userns::{
+    begin_rootless, enter_rootless, prepare_rootless, InvokingUser, PendingRootless,
+    PreparedRootless, UsernsInfo,
+};

@@ -145,9 +145,19 @@ pub struct PendingRootless {
     single_reason: Option<String>,
 }
 
-/// The [`enter_rootless`] work that must happen while the process is single-threaded:
-/// unshare the namespaces and start the id-mapping helpers, without waiting for them.
-pub fn begin_rootless() -> Result<PendingRootless, SandboxError> {
+/// The first part of [`enter_rootless`], for a process that will enter later: forks
+/// the child that is to run newuidmap and newgidmap (it waits, already scheduled,
+/// for [`PreparedRootless::begin`]). Call it early, while the process is small and
+/// single-threaded.
+pub struct PreparedRootless {
+    uid: u32,
+    gid: u32,
+    user_name: Option<String>,
+    /// The mapping child, or why subordinate ranges are not used.
+    mapper: Result<(Vec<IdRange>, Vec<IdRange>, Mapper), String>,
+}
+
+pub fn prepare_rootless() -> Result<PreparedRootless, SandboxError> {
     let threads = thread_count();
     if threads > 1 {
         return Err(SandboxError::MultiThreaded { threads });
@@ -155,26 +165,57 @@ pub fn begin_rootless() -> Result<PendingRootless, SandboxError> {
     let uid = getuid().as_raw();
     let gid = getgid().as_raw();
     let user_name = User::from_uid(getuid()).ok().flatten().map(|u| u.name);
-    let mut pending = PendingRootless {
+    let mapper = match plan_mapping(uid, user_name.as_deref()) {
+        Ok((uids, gids, newuidmap, newgidmap)) => {
+            let mapper = fork_mapper(uid, gid, &uids, &gids, &newuidmap, &newgidmap)?;
+            Ok((uids, gids, mapper))
+        }
+        Err(reason) => Err(reason),
+    };
+    Ok(PreparedRootless {
         uid,
         gid,
         user_name,
-        helpers: None,
-        single_reason: None,
-    };
-    match plan_mapping(uid, pending.user_name.as_deref()) {
-        Ok((uids, gids, newuidmap, newgidmap)) => {
-            let helpers =
-                unshare_and_start_map_helpers(uid, gid, &uids, &gids, &newuidmap, &newgidmap)?;
-            pending.helpers = Some((uids, gids, helpers));
+        mapper,
+    })
+}
+
+/// [`prepare_rootless`] and [`PreparedRootless::begin`] at once.
+pub fn begin_rootless() -> Result<PendingRootless, SandboxError> {
+    prepare_rootless()?.begin()
+}
+
+impl PreparedRootless {
+    /// The part of [`enter_rootless`] that must happen while the process is
+    /// single-threaded: unshare the namespaces and let the id-mapping helpers go,
+    /// without waiting for them.
+    pub fn begin(self) -> Result<PendingRootless, SandboxError> {
+        let threads = thread_count();
+        if threads > 1 {
+            return Err(SandboxError::MultiThreaded { threads });
         }
-        Err(reason) => {
-            unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
-                .map_err(|e| SandboxError::sys("unshare a user and mount namespace", e))?;
-            pending.single_reason = Some(reason);
+        let unshared = unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS);
+        let (helpers, single_reason) = match self.mapper {
+            Ok((uids, gids, mapper)) => {
+                let helpers = mapper.go(unshared.is_ok());
+                (Some((uids, gids, helpers)), None)
+            }
+            Err(reason) => (None, Some(reason)),
+        };
+        if let Err(e) = unshared {
+            if let Some((_, _, helpers)) = helpers {
+                let _ = helpers.wait();
+            }
+            return Err(SandboxError::sys("unshare a user and mount namespace", e));
         }
+        Ok(PendingRootless {
+            uid: self.uid,
+            gid: self.gid,
+            user_name: self.user_name,
+            helpers,
+            single_reason,
+        })
     }
-    Ok(pending)
 }
 
 impl PendingRootless {
@@ -351,17 +392,46 @@ impl MapHelpers {
     }
 }
 
+/// The forked child that runs newuidmap/newgidmap on this process once told to.
+struct Mapper {
+    child: Pid,
+    /// `None` once told (see [`Mapper::go`]).
+    go: Option<(fs::File, fs::File)>,
+}
+
+impl Mapper {
+    /// Tells the child to map (`unshared`) or to leave.
+    fn go(mut self, unshared: bool) -> MapHelpers {
+        let (mut go, result) = self.go.take().expect("a mapper is told once");
+        if unshared {
+            let _ = go.write_all(b"g");
+        }
+        MapHelpers {
+            child: self.child,
+            result,
+        }
+    }
+}
+
+impl Drop for Mapper {
+    /// Never told (the run stopped before entering): the child leaves on end of file.
+    fn drop(&mut self) {
+        if self.go.take().is_some() {
+            let _ = waitpid(self.child, None);
+        }
+    }
+}
+
 /// Forks a child that waits until this process has unshared, then runs
-/// newuidmap/newgidmap on it; unshares and lets the child go. `Err`: the namespace
-/// could not be entered at all.
-fn unshare_and_start_map_helpers(
+/// newuidmap/newgidmap on it.
+fn fork_mapper(
     uid: u32,
     gid: u32,
     uids: &[IdRange],
     gids: &[IdRange],
     newuidmap: &Path,
     newgidmap: &Path,
-) -> Result<MapHelpers, SandboxError> {
+) -> Result<Mapper, SandboxError> {
     let parent = getpid().as_raw().to_string();
     let mut uid_cmd = Command::new(newuidmap);
     uid_cmd.arg(&parent).args(map_arguments(uid, uids));
@@ -393,25 +463,10 @@ fn unshare_and_start_map_helpers(
             // buffers a second time.
             unsafe { libc::_exit(code) }
         }
-        ForkResult::Parent { child } => {
-            drop(go_read);
-            drop(result_write);
-            let unshared = unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS);
-            let mut go = fs::File::from(go_write);
-            if unshared.is_ok() {
-                let _ = go.write_all(b"g");
-            }
-            drop(go);
-            let helpers = MapHelpers {
-                child,
-                result: fs::File::from(result_read),
-            };
-            if let Err(e) = unshared {
-                let _ = helpers.wait();
-                return Err(SandboxError::sys("unshare a user and mount namespace", e));
-            }
-            Ok(helpers)
-        }
+        ForkResult::Parent { child } => Ok(Mapper {
+            child,
+            go: Some((fs::File::from(go_write), fs::File::from(result_read))),
+        }),
     }
 }
 
@@ -476,6 +531,18 @@ fn write_single_mapping(uid: u32, gid: u32) -> Result<(), SandboxError> {
 pub(crate) fn become_root(may_setgroups: bool) -> Result<(), SandboxError> {
     let root_gid = Gid::from_raw(0);
     let root_uid = Uid::from_raw(0);
+    // With the maps written, the invoking user usually is 0:0 of the namespace
+    // already: the calls would change nothing, yet glibc signals every thread of the
+    // process to apply them, which costs a runner with threads a third of a
+    // millisecond.
+    let all = |r: nix::unistd::ResUid| [r.real, r.effective, r.saved] == [root_uid; 3];
+    let all_g = |r: nix::unistd::ResGid| [r.real, r.effective, r.saved] == [root_gid; 3];
+    let ids_done = nix::unistd::getresuid().is_ok_and(all)
+        && nix::unistd::getresgid().is_ok_and(all_g)
+        && (!may_setgroups || nix::unistd::getgroups().is_ok_and(|g| g.is_empty()));
+    if ids_done {
+        return Ok(());
+    }
     nix::unistd::setresgid(root_gid, root_gid, root_gid)
         .map_err(|e| SandboxError::sys("become gid 0 in the user namespace", e))?;
     if may_setgroups {
