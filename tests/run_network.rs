@@ -109,7 +109,7 @@ fn port_bindings_reach_a_service_from_the_host() {
             "site",
             8080,
             &format!("      portBindings:\n        \"{host_port}\": \"8080\"\n"),
-        ) + "- step:\n    type: Run\n    name: hold\n    identifier: hold\n    spec:\n      command: while [ ! -f done ]; do sleep 0.05; done\n";
+        ) + "- step:\n    type: Run\n    name: hold\n    identifier: hold\n    spec:\n      command: getent hosts web; ip -d link show lo | grep -o 'gso_max_size [0-9]*'; while [ ! -f done ]; do sleep 0.05; done\n";
         sb.write("ci.yaml", &stage(DOCKER, &steps));
         let child = sb.spawn(["run", "ci.yaml"]);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -131,6 +131,40 @@ fn port_bindings_reach_a_service_from_the_host() {
         r.assert_code(0);
         // The binding ends with the stage.
         assert!(TcpStream::connect(("127.0.0.1", host_port)).is_err());
+        // The proxy dials from the step's own namespace, to the step's stage address:
+        // the service sees that address as the peer (the connection ran over the
+        // namespace's loopback device, not the bridge).
+        let out = &r.stdout;
+        let web = out
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("hold | ")?
+                    .strip_suffix(" web")
+                    .map(str::trim)
+            })
+            .unwrap_or_else(|| panic!("no address for web: {out}"));
+        assert!(
+            out.lines().any(|l| l.starts_with("web ")
+                && l.contains(&format!("| {web} - -"))
+                && l.contains("GET /index.html")),
+            "{out}"
+        );
+        // Stage namespaces' loopback devices use 256 KiB segments where the kernel
+        // has BIG TCP for IPv4 (6.3 and later).
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut v = release
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+        let expected = if (major, minor) >= (6, 3) {
+            262144
+        } else {
+            65536
+        };
+        assert!(
+            out.contains(&format!("hold | gso_max_size {expected}")),
+            "{out}"
+        );
     }
 }
 

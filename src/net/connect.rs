@@ -8,9 +8,24 @@ use super::{NetError, StageNetwork};
 
 impl StageNetwork {
     /// One TCP connection to `port` of step `key`, dialled from inside the stage
-    /// network (the bridge in bridge mode, the shared namespace in pod mode).
+    /// network: from the step's own namespace to its stage address (pod mode: to
+    /// localhost), so that it reaches exactly what other steps reach, over the
+    /// namespace's loopback device (no bridge or veth on the way).
     pub async fn connect(&self, key: &str, port: u16) -> Result<TcpStream, NetError> {
         let target = self.dial_target(key, port)?;
+        let socket = self.dial_socket(key, &target).await?;
+        socket
+            .connect(target)
+            .await
+            .map_err(NetError::os("connect inside the stage network"))
+    }
+
+    /// A socket in step `key`'s namespace, for connecting to `target`.
+    pub(crate) async fn dial_socket(
+        &self,
+        key: &str,
+        target: &std::net::SocketAddr,
+    ) -> Result<TcpSocket, NetError> {
         let domain = if target.is_ipv4() {
             libc::AF_INET
         } else {
@@ -18,13 +33,9 @@ impl StageNetwork {
         };
         let fd = self
             .socket_factory()
-            .stream_socket(domain)
+            .stream_socket(domain, Some(self.step_netns(key)?))
             .await
             .map_err(NetError::os("create a socket in the stage network"))?;
-        let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
-        socket
-            .connect(target)
-            .await
-            .map_err(NetError::os("connect inside the stage network"))
+        Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(fd)))
     }
 }

@@ -18,6 +18,9 @@ use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
 /// that step-to-step traffic costs about what loopback does; 1500 halves throughput.
 pub(crate) const STAGE_MTU: u32 = 65520;
 
+/// Segment size for loopback devices of the stage's namespaces (see `loopback_up`).
+const BIG_TCP_SIZE: u32 = 256 * 1024;
+
 /// The loopback device is always index 1 in a new network namespace.
 const LOOPBACK_INDEX: u32 = 1;
 
@@ -41,8 +44,23 @@ impl Netlink {
         })
     }
 
+    /// Sets `lo` up, with "BIG TCP" segments where the kernel has them (6.3 and
+    /// later for IPv4): the port proxy's connections into a step run over the step's
+    /// loopback, and 256 KiB segments instead of 64 KiB cost that half of the proxy
+    /// about a third less CPU per byte.
     pub async fn loopback_up(&self) -> NlResult<()> {
-        self.set_up(LOOPBACK_INDEX).await
+        let big = LinkUnspec::new_with_index(LOOPBACK_INDEX)
+            .up()
+            .append_extra_attribute(LinkAttribute::GsoMaxSize(BIG_TCP_SIZE))
+            .append_extra_attribute(LinkAttribute::GroMaxSize(BIG_TCP_SIZE))
+            .append_extra_attribute(LinkAttribute::GsoIpv4MaxSize(BIG_TCP_SIZE))
+            .append_extra_attribute(LinkAttribute::GroIpv4MaxSize(BIG_TCP_SIZE))
+            .build();
+        match self.handle.link().set(big).execute().await {
+            Ok(()) => Ok(()),
+            // Older kernels refuse the attributes: plain up.
+            Err(_) => self.set_up(LOOPBACK_INDEX).await,
+        }
     }
 
     pub async fn set_up(&self, index: u32) -> NlResult<()> {

@@ -13,7 +13,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -67,11 +67,13 @@ pub(crate) fn create_namespaces(count: usize) -> io::Result<Vec<FreshNetns>> {
 
 type SocketRequest = (
     libc::c_int,
+    Option<OwnedFd>,
     tokio::sync::oneshot::Sender<io::Result<OwnedFd>>,
 );
 
-/// A thread parked in one network namespace that creates TCP sockets there on request.
-/// Dropping the factory ends the thread (and its hold on the namespace).
+/// A thread parked in one network namespace that creates TCP sockets there (or, on
+/// request, in another namespace it joins for the purpose) on request. Dropping the
+/// factory ends the thread (and its hold on the namespace).
 pub(crate) struct SocketFactory {
     requests: Option<mpsc::Sender<SocketRequest>>,
     thread: Option<JoinHandle<()>>,
@@ -105,13 +107,19 @@ impl SocketFactory {
         ))
     }
 
-    /// A new non-blocking stream socket of `domain` (AF_INET/AF_INET6) in the namespace.
-    pub async fn stream_socket(&self, domain: libc::c_int) -> io::Result<OwnedFd> {
+    /// A new non-blocking stream socket of `domain` (AF_INET/AF_INET6) in the
+    /// factory's namespace, or in `netns` when given.
+    pub async fn stream_socket(
+        &self,
+        domain: libc::c_int,
+        netns: Option<BorrowedFd<'_>>,
+    ) -> io::Result<OwnedFd> {
+        let netns = netns.map(|n| n.try_clone_to_owned()).transpose()?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.requests
             .as_ref()
             .ok_or_else(|| io::Error::other("socket factory stopped"))?
-            .send((domain, tx))
+            .send((domain, netns, tx))
             .map_err(|_| io::Error::other("socket factory thread is gone"))?;
         rx.await
             .map_err(|_| io::Error::other("socket factory thread is gone"))?
@@ -133,7 +141,21 @@ impl Drop for SocketFactory {
 }
 
 fn serve_sockets(rx: mpsc::Receiver<SocketRequest>) {
-    while let Ok((domain, reply)) = rx.recv() {
+    let Ok(home) = open_own_netns() else {
+        return;
+    };
+    let mut away = false;
+    while let Ok((domain, netns, reply)) = rx.recv() {
+        // A network namespace is per thread: join the requested one (or come back).
+        let joined = match (&netns, away) {
+            (Some(ns), _) => setns_net(ns.as_fd()).map(|()| away = true),
+            (None, true) => setns_net(home.as_fd()).map(|()| away = false),
+            (None, false) => Ok(()),
+        };
+        if let Err(e) = joined {
+            let _ = reply.send(Err(e));
+            continue;
+        }
         // SAFETY: plain socket(2); the descriptor is owned right away.
         let fd = unsafe {
             libc::socket(
@@ -150,6 +172,10 @@ fn serve_sockets(rx: mpsc::Receiver<SocketRequest>) {
         };
         let _ = reply.send(result);
     }
+}
+
+fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
+    nix::sched::setns(ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
 }
 
 /// What a child process does, between fork and exec, to join its step's network.

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use tokio::io::Interest;
@@ -88,10 +88,17 @@ impl HostPortProxy {
             let target = network.dial_target(&port.key, port.binding.container_port)?;
             let listener = TcpListener::from_std(port.listener)
                 .map_err(NetError::os("register a port-binding listener"))?;
-            let sockets = network.socket_factory();
-            tasks.push(tokio::spawn(accept_loop(
-                listener, sockets, target, port.key,
-            )));
+            let dial = Dial {
+                sockets: network.socket_factory(),
+                netns: Arc::new(
+                    network
+                        .step_netns(&port.key)?
+                        .try_clone_to_owned()
+                        .map_err(NetError::os("duplicate a namespace descriptor"))?,
+                ),
+                target,
+            };
+            tasks.push(tokio::spawn(accept_loop(listener, dial, port.key)));
         }
         Ok(ProxyServer { tasks })
     }
@@ -122,23 +129,28 @@ impl Drop for ProxyServer {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
+/// Where a port binding's connections go: `target`, dialled with a socket made in
+/// the step's own namespace (its stage address then routes over that namespace's
+/// loopback device, without the bridge and veth).
+#[derive(Clone)]
+struct Dial {
     sockets: Arc<SocketFactory>,
+    netns: Arc<OwnedFd>,
     target: SocketAddr,
-    key: String,
-) {
+}
+
+async fn accept_loop(listener: TcpListener, dial: Dial, key: String) {
     // Connections live in this set: aborting the loop drops them all.
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((client, _)) => {
-                    let sockets = sockets.clone();
+                    let dial = dial.clone();
                     let key = key.clone();
                     connections.spawn(async move {
-                        if let Err(e) = forward(client, &sockets, target).await {
-                            tracing::debug!(step = %key, %target, "port binding connection ended: {e}");
+                        if let Err(e) = forward(client, &dial).await {
+                            tracing::debug!(step = %key, target = %dial.target, "port binding connection ended: {e}");
                         }
                     });
                 }
@@ -152,15 +164,18 @@ async fn accept_loop(
     }
 }
 
-async fn forward(client: TcpStream, sockets: &SocketFactory, target: SocketAddr) -> io::Result<()> {
-    let domain = if target.is_ipv4() {
+async fn forward(client: TcpStream, dial: &Dial) -> io::Result<()> {
+    let domain = if dial.target.is_ipv4() {
         libc::AF_INET
     } else {
         libc::AF_INET6
     };
-    let fd: OwnedFd = sockets.stream_socket(domain).await?;
+    let fd: OwnedFd = dial
+        .sockets
+        .stream_socket(domain, Some(dial.netns.as_fd()))
+        .await?;
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
-    let upstream = socket.connect(target).await?;
+    let upstream = socket.connect(dial.target).await?;
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     tokio::try_join!(
