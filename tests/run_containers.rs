@@ -433,3 +433,66 @@ fn a_sigkilled_run_leaves_no_process_and_the_next_run_sweeps_its_state() {
         );
     }
 }
+
+/// A root runner on a host whose /sys/fs/cgroup is cgroup2 (a v2-only host), seen
+/// here through a private mount namespace with this hybrid host's cgroup2 tree bound
+/// over /sys/fs/cgroup: the container gets a cgroup namespace of its own, and limits
+/// that the tree cannot give (its memory and cpu controllers belong to the v1
+/// hierarchies here) are named in one warning while the step still runs.
+#[test]
+fn a_root_runner_on_a_cgroup2_only_tree_runs_and_says_which_limits_it_cannot_give() {
+    use std::path::Path;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to make the mount namespace");
+        return;
+    }
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if !unified.join("cgroup.controllers").exists() {
+        eprintln!("skipped: not a hybrid cgroup host (a v2-only host runs this for real)");
+        return;
+    }
+    let Some(fx) = fixture() else { return };
+    let sb = Sandbox::new(support::Mode::Root);
+    sb.write(
+        "ci.yaml",
+        &format!(
+            "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: v2\n            identifier: v2\n            spec:\n              image: {}\n              command: stat -f -c %t /sys/fs/cgroup; tail -1 /proc/self/cgroup\n              resources:\n                limits:\n                  memory: 64Mi\n                  cpu: 500m\n",
+            fx.busybox
+        ),
+    );
+    let direct = sb.command(["run", "ci.yaml"]);
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-m", "sh", "-c"])
+        .arg("mount --make-rprivate / && mount --bind /sys/fs/cgroup/unified /sys/fs/cgroup && exec \"$0\" \"$@\"")
+        .arg(direct.get_program())
+        .args(direct.get_args());
+    if let Some(dir) = direct.get_current_dir() {
+        cmd.current_dir(dir);
+    }
+    for (k, v) in direct.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let r = support::Run::from(cmd.output().unwrap());
+    r.assert_code(0)
+        // The step sees cgroup2 (its magic number) and sits at the root of its own
+        // cgroup namespace.
+        .assert_stdout("| 63677270")
+        .assert_stdout("| 0::/");
+    let controllers = std::fs::read_to_string(unified.join("cgroup.controllers")).unwrap();
+    let missing: Vec<&str> = ["memory", "cpu"]
+        .into_iter()
+        .filter(|c| !controllers.split_whitespace().any(|have| have == *c))
+        .collect();
+    if !missing.is_empty() {
+        let warnings: Vec<&str> = r
+            .stdout
+            .lines()
+            .filter(|l| l.contains("sandrun: warning: ") && l.contains("not enforced"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "{}", r.all());
+        assert!(warnings[0].contains(&missing.join(", ")), "{}", r.all());
+    }
+}
