@@ -250,10 +250,12 @@ fn users_from_the_image() {
     both(|w| {
         let mut spec = w.spec(
             "user",
-            shell("echo $(id -u):$(id -g) $HOME; touch /tmp/x && stat -c %u /tmp/x"),
+            shell("echo $(id -u):$(id -g) $HOME; touch /tmp/x && stat -c %u /tmp/x; id -G"),
         );
         spec.user = Some("svc".into());
-        assert_eq!(ok(&w.run(&spec)), "999:999 /home/svc\n999\n");
+        // svc's supplementary group (audio, 29, from the image's /etc/group) too,
+        // rootless as well: newgidmap leaves setgroups(2) allowed.
+        assert_eq!(ok(&w.run(&spec)), "999:999 /home/svc\n999\n999 29\n");
         spec.user = Some("1234".into());
         assert_eq!(ok(&w.run(&spec)).lines().next(), Some("1234:0 /"));
         // The image's User applies when the step sets none.

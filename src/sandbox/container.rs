@@ -229,7 +229,7 @@ impl Drop for ContainerDirs {
 fn prepare(spec: &ContainerSpec, root: &Path) -> Result<(Spec, HostFacts), SandboxError> {
     let image = &spec.image.config;
     let user_spec = spec.user.clone().or_else(|| image.user.clone());
-    let user = match &user_spec {
+    let mut user = match &user_spec {
         Some(u) => rootfs::lookup_user(root, u).map_err(|missing| SandboxError::UnknownUser {
             step: spec.step.clone(),
             user: missing,
@@ -258,6 +258,22 @@ fn prepare(spec: &ContainerSpec, root: &Path) -> Result<(Spec, HostFacts), Sandb
                 ),
             });
         }
+    }
+    if let Some(max) = mapped {
+        let (kept, dropped): (Vec<u32>, Vec<u32>) = user
+            .additional_gids
+            .iter()
+            .partition(|g| u64::from(**g) < max);
+        if !dropped.is_empty() {
+            eprintln!(
+                "{WARNING_PREFIX}step `{}` runs without its supplementary groups {} from image `{}`: only ids 0..{} are mapped in sandrun's user namespace",
+                spec.step,
+                dropped.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+                spec.image.reference,
+                max
+            );
+        }
+        user.additional_gids = kept;
     }
     let argv = spec::argv(&spec.process, image);
     if argv.is_empty() {

@@ -88,6 +88,8 @@ pub fn facts(spec: &ContainerSpec) -> (HostFacts, Vec<String>) {
         unified_cgroups,
         sysfs_mountable: !rootless || netns_owned_by_own_userns(),
         tty_gid_mapped: mapped_ids().is_none_or(|n| n > 5),
+        setgroups: !rootless
+            || fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "allow"),
         limits,
         cgroups_path,
         cap_bounding: fs::read_to_string("/proc/self/status")

@@ -30,6 +30,9 @@ pub struct HostFacts {
     pub sysfs_mountable: bool,
     /// gid 5 (tty) is mapped: devpts may use `gid=5`.
     pub tty_gid_mapped: bool,
+    /// setgroups(2) works: as root, or in a user namespace whose gid map newgidmap
+    /// wrote (a single-id map written by ourselves needs `setgroups` = `deny`).
+    pub setgroups: bool,
     /// Limits that will be enforced (already reduced to what the host allows).
     pub limits: Limits,
     /// Absolute cgroups path for this container.
@@ -133,8 +136,8 @@ pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFa
         .ambient(HashSet::new())
         .build()?;
     let mut user = UserBuilder::default().uid(p.user.uid).gid(p.user.gid);
-    // Supplementary groups need setgroups, which libcontainer refuses rootless.
-    if !host.rootless && !p.user.additional_gids.is_empty() {
+    // Supplementary groups (the image's /etc/group memberships) need setgroups(2).
+    if host.setgroups && !p.user.additional_gids.is_empty() {
         user = user.additional_gids(p.user.additional_gids.clone());
     }
     let process = ProcessBuilder::default()
@@ -333,6 +336,7 @@ mod tests {
             unified_cgroups: false,
             sysfs_mountable: !rootless,
             tty_gid_mapped: true,
+            setgroups: !rootless,
             limits: Limits {
                 memory_bytes: Some(1 << 29),
                 cpu_millis: Some(400),
@@ -345,6 +349,10 @@ mod tests {
     }
 
     fn build(privileged: bool, rootless: bool) -> Spec {
+        build_on(privileged, &host(rootless))
+    }
+
+    fn build_on(privileged: bool, host: &HostFacts) -> Spec {
         let user = ImageUser {
             uid: 999,
             gid: 999,
@@ -357,7 +365,7 @@ mod tests {
             cwd: "/harness",
             user: &user,
         };
-        runtime_spec(&container(privileged), Path::new("/r"), &p, &host(rootless)).unwrap()
+        runtime_spec(&container(privileged), Path::new("/r"), &p, host).unwrap()
     }
 
     #[test]
@@ -422,6 +430,22 @@ mod tests {
             .as_ref()
             .unwrap()
             .contains(&"/proc/kcore".to_string()));
+    }
+
+    #[test]
+    fn rootless_keeps_supplementary_groups_where_setgroups_works() {
+        let mut h = host(true);
+        h.setgroups = true;
+        let spec = build_on(false, &h);
+        assert_eq!(
+            spec.process()
+                .as_ref()
+                .unwrap()
+                .user()
+                .additional_gids()
+                .as_deref(),
+            Some(&[5][..])
+        );
     }
 
     #[test]

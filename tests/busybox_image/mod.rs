@@ -35,7 +35,11 @@ pub fn layers(dir: &Path, owner: Option<(u32, u32)>) -> Vec<PathBuf> {
         "root:x:0:0:root:/root:/bin/sh\nsvc:x:999:999:svc:/home/svc:/bin/sh\n",
     )
     .unwrap();
-    fs::write(l1.join("etc/group"), "root:x:0:\ntty:x:5:\nsvc:x:999:\n").unwrap();
+    fs::write(
+        l1.join("etc/group"),
+        "root:x:0:\ntty:x:5:\naudio:x:29:svc\nsvc:x:999:\n",
+    )
+    .unwrap();
     fs::write(l1.join("etc/motd"), "layer1\n").unwrap();
     fs::set_permissions(l1.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
     fs::write(l2.join("etc/marker"), "layer2\n").unwrap();
