@@ -496,3 +496,40 @@ fn a_root_runner_on_a_cgroup2_only_tree_runs_and_says_which_limits_it_cannot_giv
         assert!(warnings[0].contains(&missing.join(", ")), "{}", r.all());
     }
 }
+
+/// Pod mode (KubernetesDirect infrastructure): two container services whose image
+/// declares the same port (ExposedPorts 8080/tcp) cannot both listen on it, as in a
+/// Pod; sandrun names both steps and the port before they start.
+#[test]
+fn pod_mode_names_services_whose_images_expose_the_same_port() {
+    let Some(fx) = fixture() else { return };
+    let sb = Sandbox::new(support::Mode::Root);
+    let service = |id: &str| {
+        format!(
+            "        - step:\n            type: Background\n            name: {id}\n            identifier: {id}\n            spec:\n              image: {}\n              command: sleep 30\n",
+            fx.web
+        )
+    };
+    sb.write(
+        "ci.yaml",
+        &format!(
+            "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    infrastructure:\n      type: KubernetesDirect\n      spec:\n        connectorRef: k8s\n        namespace: ci\n    execution:\n      steps:\n{}{}        - step:\n            type: Run\n            name: done\n            identifier: done\n            spec:\n              command: \"true\"\n",
+            service("api"),
+            service("worker")
+        ),
+    );
+    // The services never listen: readiness gives up at once and the stage goes on.
+    let r = sb.run(["run", "--ready-timeout", "1s", "ci.yaml"]);
+    r.assert_code(0);
+    let warning = r
+        .stdout
+        .lines()
+        .find(|l| l.contains("port 8080 is claimed by"))
+        .unwrap_or_else(|| panic!("no collision warning\n{}", r.all()));
+    assert!(
+        warning.contains("`api`")
+            && warning.contains("`worker`")
+            && warning.contains("ExposedPorts"),
+        "{warning}"
+    );
+}
