@@ -145,10 +145,8 @@ pub struct PendingRootless {
     single_reason: Option<String>,
 }
 
-/// The first part of [`enter_rootless`], for a process that will enter later: forks
-/// the child that is to run newuidmap and newgidmap (it waits, already scheduled,
-/// for [`PreparedRootless::begin`]). Call it early, while the process is small and
-/// single-threaded.
+/// The id-mapping child of [`prepare_rootless`], forked and waiting for
+/// [`PreparedRootless::begin`].
 pub struct PreparedRootless {
     uid: u32,
     gid: u32,
@@ -157,6 +155,10 @@ pub struct PreparedRootless {
     mapper: Result<(Vec<IdRange>, Vec<IdRange>, Mapper), String>,
 }
 
+/// The first part of [`enter_rootless`], for a process that will enter later: forks
+/// the child that is to run newuidmap and newgidmap (it waits, already scheduled,
+/// for [`PreparedRootless::begin`]). Call it early, while the process is small and
+/// single-threaded.
 pub fn prepare_rootless() -> Result<PreparedRootless, SandboxError> {
     let threads = thread_count();
     if threads > 1 {

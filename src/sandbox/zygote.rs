@@ -116,10 +116,6 @@ impl Zygote {
         let _ = nix::unistd::setpgid(pid, pid);
         Ok(pid)
     }
-
-    pub fn pid(&self) -> Pid {
-        self.pid
-    }
 }
 
 impl Drop for Zygote {
