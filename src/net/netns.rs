@@ -13,7 +13,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -67,13 +67,14 @@ pub(crate) fn create_namespaces(count: usize) -> io::Result<Vec<FreshNetns>> {
 
 type SocketRequest = (
     libc::c_int,
-    Option<OwnedFd>,
+    OwnedFd,
     tokio::sync::oneshot::Sender<io::Result<OwnedFd>>,
 );
 
-/// A thread parked in one network namespace that creates TCP sockets there (or, on
-/// request, in another namespace it joins for the purpose) on request. Dropping the
-/// factory ends the thread (and its hold on the namespace).
+/// A thread, made in the stage's first network namespace (which it keeps alive), that
+/// creates TCP sockets in any namespace of the stage on request: it joins that
+/// namespace for the `socket()` call, since a socket keeps the namespace it was made
+/// in. Dropping the factory ends the thread.
 pub(crate) struct SocketFactory {
     requests: Option<mpsc::Sender<SocketRequest>>,
     thread: Option<JoinHandle<()>>,
@@ -107,22 +108,29 @@ impl SocketFactory {
         ))
     }
 
-    /// A new non-blocking stream socket of `domain` (AF_INET/AF_INET6) in the
-    /// factory's namespace, or in `netns` when given.
-    pub async fn stream_socket(
+    /// A TCP connection to `target` from inside the network namespace `netns`.
+    pub async fn connect(
         &self,
-        domain: libc::c_int,
-        netns: Option<BorrowedFd<'_>>,
-    ) -> io::Result<OwnedFd> {
-        let netns = netns.map(|n| n.try_clone_to_owned()).transpose()?;
+        netns: BorrowedFd<'_>,
+        target: std::net::SocketAddr,
+    ) -> io::Result<tokio::net::TcpStream> {
+        let domain = if target.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.requests
             .as_ref()
             .ok_or_else(|| io::Error::other("socket factory stopped"))?
-            .send((domain, netns, tx))
+            .send((domain, netns.try_clone_to_owned()?, tx))
             .map_err(|_| io::Error::other("socket factory thread is gone"))?;
-        rx.await
-            .map_err(|_| io::Error::other("socket factory thread is gone"))?
+        let fd = rx
+            .await
+            .map_err(|_| io::Error::other("socket factory thread is gone"))??;
+        tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd))
+            .connect(target)
+            .await
     }
 
     /// Ends the thread and waits for it (it only ever blocks on its queue).
@@ -141,19 +149,10 @@ impl Drop for SocketFactory {
 }
 
 fn serve_sockets(rx: mpsc::Receiver<SocketRequest>) {
-    let Ok(home) = open_own_netns() else {
-        return;
-    };
-    let mut away = false;
     while let Ok((domain, netns, reply)) = rx.recv() {
-        // A network namespace is per thread: join the requested one (or come back).
-        let joined = match (&netns, away) {
-            (Some(ns), _) => setns_net(ns.as_fd()).map(|()| away = true),
-            (None, true) => setns_net(home.as_fd()).map(|()| away = false),
-            (None, false) => Ok(()),
-        };
-        if let Err(e) = joined {
-            let _ = reply.send(Err(e));
+        // A network namespace is per thread: join the requested one.
+        if let Err(e) = nix::sched::setns(&netns, CloneFlags::CLONE_NEWNET) {
+            let _ = reply.send(Err(e.into()));
             continue;
         }
         // SAFETY: plain socket(2); the descriptor is owned right away.
@@ -172,10 +171,6 @@ fn serve_sockets(rx: mpsc::Receiver<SocketRequest>) {
         };
         let _ = reply.send(result);
     }
-}
-
-fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
-    nix::sched::setns(ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
 }
 
 /// What a child process does, between fork and exec, to join its step's network.

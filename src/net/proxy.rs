@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use tokio::io::Interest;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::error::NetError;
@@ -165,17 +165,10 @@ async fn accept_loop(listener: TcpListener, dial: Dial, key: String) {
 }
 
 async fn forward(client: TcpStream, dial: &Dial) -> io::Result<()> {
-    let domain = if dial.target.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    let fd: OwnedFd = dial
+    let upstream = dial
         .sockets
-        .stream_socket(domain, Some(dial.netns.as_fd()))
+        .connect(dial.netns.as_fd(), dial.target)
         .await?;
-    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
-    let upstream = socket.connect(dial.target).await?;
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     tokio::try_join!(

@@ -48,6 +48,23 @@ pub struct LaunchSpec<'a> {
     pub network: Option<&'a StageNetwork>,
 }
 
+impl<'a> LaunchSpec<'a> {
+    /// What `part` gives for this step from the stage network (`None` without one),
+    /// its error told as the step's.
+    pub fn network_part<T>(
+        &self,
+        part: impl FnOnce(&'a StageNetwork, &str) -> Result<T, crate::net::NetError>,
+    ) -> Result<Option<T>, LaunchError> {
+        self.network
+            .map(|net| part(net, &self.step.key))
+            .transpose()
+            .map_err(|source| LaunchError::Network {
+                step: self.step.key.clone(),
+                source,
+            })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     #[error("cannot start `{program}` for step `{step}`: {source}")]
@@ -141,18 +158,7 @@ impl Launcher for HostLauncher {
                 Ok(())
             });
         }
-        let join = match spec.network {
-            Some(net) => {
-                Some(
-                    net.host_join(&spec.step.key)
-                        .map_err(|source| LaunchError::Network {
-                            step: spec.step.key.clone(),
-                            source,
-                        })?,
-                )
-            }
-            None => None,
-        };
+        let join = spec.network_part(StageNetwork::host_join)?;
         if join.is_some() || user.is_some() {
             // SAFETY: both only make async-signal-safe system calls on data prepared
             // before the fork. The network is joined first: that needs the runner's

@@ -4,7 +4,7 @@
 //! __container` helper for it inside the step's network namespace.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use std::sync::Arc;
 use super::launch::{spawn_container, write_spec};
 use super::spec::{BindMount, ContainerSpec, ImageConfig, ImageSpec, Limits};
 use super::zygote::Zygote;
+use crate::net::StageNetwork;
 use crate::run::launch::StepChild;
 use crate::run::launch::{LaunchError, LaunchSpec, Launcher};
 
@@ -109,24 +110,18 @@ impl ContainerLauncher {
                 readonly: false,
             },
         ];
-        if let Some(net) = spec.network {
-            let network = |e| LaunchError::Network {
-                step: step.key.clone(),
-                source: e,
-            };
-            for (source, destination) in [
-                (net.hosts_file(&step.key).map_err(network)?, "/etc/hosts"),
-                (
-                    net.resolv_conf(&step.key).map_err(network)?,
-                    "/etc/resolv.conf",
-                ),
-            ] {
-                mounts.push(BindMount {
-                    source: source.to_path_buf(),
-                    destination: destination.into(),
-                    readonly: false,
-                });
-            }
+        let files = spec.network_part(|net, key| {
+            Ok([
+                (net.hosts_file(key)?, "/etc/hosts"),
+                (net.resolv_conf(key)?, "/etc/resolv.conf"),
+            ])
+        })?;
+        for (source, destination) in files.into_iter().flatten() {
+            mounts.push(BindMount {
+                source: source.to_path_buf(),
+                destination: destination.into(),
+                readonly: false,
+            });
         }
         Ok(ContainerSpec {
             id: format!("{}-{}", self.id_prefix, sanitize(&step.key)),
@@ -151,18 +146,7 @@ impl ContainerLauncher {
 impl Launcher for ContainerLauncher {
     fn launch(&self, spec: &LaunchSpec<'_>) -> Result<StepChild, LaunchError> {
         let container = self.container_spec(spec)?;
-        let netns = match spec.network {
-            Some(net) => {
-                Some(
-                    net.step_netns(&spec.step.key)
-                        .map_err(|source| LaunchError::Network {
-                            step: spec.step.key.clone(),
-                            source,
-                        })?,
-                )
-            }
-            None => None,
-        };
+        let netns = spec.network_part(StageNetwork::step_netns)?;
         let failed = |e: std::io::Error| LaunchError::Spawn {
             step: spec.step.key.clone(),
             program: format!("{} __container", self.binary.display()),
@@ -172,6 +156,9 @@ impl Launcher for ContainerLauncher {
             Some(zygote) => {
                 let path = write_spec(&container)
                     .map_err(|e| failed(std::io::Error::other(e.to_string())))?;
+                let pipe = || {
+                    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| failed(e.into()))
+                };
                 let (out_read, out_write) = pipe()?;
                 let (err_read, err_write) = pipe()?;
                 let pid = zygote
@@ -202,12 +189,4 @@ fn sanitize(s: &str) -> String {
             }
         })
         .collect()
-}
-
-fn pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| LaunchError::Spawn {
-        step: String::new(),
-        program: "pipe".into(),
-        source: e.into(),
-    })
 }
