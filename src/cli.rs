@@ -627,37 +627,36 @@ async fn prepare_images(
     json: bool,
     sink: &EventSink,
 ) -> anyhow::Result<crate::run::images::Images> {
-    if let Some(images) = present {
-        if !json {
-            let progress = crate::store::progress::TerminalProgress::new();
-            for image in images.values() {
-                crate::store::PullProgress::event(
-                    &progress,
-                    &crate::store::PullEvent::Done {
-                        reference: image.reference.clone(),
-                        manifest_digest: image.manifest_digest.clone(),
-                        pulled: 0,
-                    },
-                );
+    let images = match present {
+        // Found before the namespace was entered: say so as a pull of them would.
+        Some(images) => {
+            if !json {
+                let progress = crate::store::progress::TerminalProgress::new();
+                for image in images.values() {
+                    crate::store::PullProgress::event(
+                        &progress,
+                        &crate::store::PullEvent::Done {
+                            reference: image.reference.clone(),
+                            manifest_digest: image.manifest_digest.clone(),
+                            pulled: 0,
+                        },
+                    );
+                }
+            }
+            images
+        }
+        None => {
+            let home = crate::store::default_home()
+                .context("no image store directory: set SANDRUN_HOME (or HOME)")?;
+            let store = crate::store::Store::open(&home)
+                .with_context(|| format!("cannot open the image store at {}", home.display()))?;
+            if json {
+                crate::run::images::prepare(plan, &store, pull, &crate::store::NoProgress).await?
+            } else {
+                let progress = crate::store::progress::TerminalProgress::new();
+                crate::run::images::prepare(plan, &store, pull, &progress).await?
             }
         }
-        for (reference, image) in &images {
-            sink.emit(RunEvent::ImageReady {
-                reference: reference.clone(),
-                digest: image.manifest_digest.clone(),
-            });
-        }
-        return Ok(images);
-    }
-    let home = crate::store::default_home()
-        .context("no image store directory: set SANDRUN_HOME (or HOME)")?;
-    let store = crate::store::Store::open(&home)
-        .with_context(|| format!("cannot open the image store at {}", home.display()))?;
-    let images = if json {
-        crate::run::images::prepare(plan, &store, pull, &crate::store::NoProgress).await?
-    } else {
-        let progress = crate::store::progress::TerminalProgress::new();
-        crate::run::images::prepare(plan, &store, pull, &progress).await?
     };
     for (reference, image) in &images {
         sink.emit(RunEvent::ImageReady {

@@ -160,10 +160,7 @@ pub struct PreparedRootless {
 /// for [`PreparedRootless::begin`]). Call it early, while the process is small and
 /// single-threaded.
 pub fn prepare_rootless() -> Result<PreparedRootless, SandboxError> {
-    let threads = thread_count();
-    if threads > 1 {
-        return Err(SandboxError::MultiThreaded { threads });
-    }
+    require_single_thread()?;
     let uid = getuid().as_raw();
     let gid = getgid().as_raw();
     let user_name = User::from_uid(getuid()).ok().flatten().map(|u| u.name);
@@ -192,10 +189,7 @@ impl PreparedRootless {
     /// single-threaded: unshare the namespaces and let the id-mapping helpers go,
     /// without waiting for them.
     pub fn begin(self) -> Result<PendingRootless, SandboxError> {
-        let threads = thread_count();
-        if threads > 1 {
-            return Err(SandboxError::MultiThreaded { threads });
-        }
+        require_single_thread()?;
         let unshared = unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS);
         let (helpers, single_reason) = match self.mapper {
             Ok((uids, gids, mapper)) => {
@@ -363,7 +357,16 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-pub(crate) fn thread_count() -> usize {
+/// Unsharing a user namespace, and forking a child that goes on running Rust code,
+/// both need a process with one thread.
+pub(crate) fn require_single_thread() -> Result<(), SandboxError> {
+    match thread_count() {
+        threads if threads > 1 => Err(SandboxError::MultiThreaded { threads }),
+        _ => Ok(()),
+    }
+}
+
+fn thread_count() -> usize {
     fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

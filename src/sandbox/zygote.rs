@@ -46,10 +46,7 @@ impl Zygote {
     /// namespace, whose maps may still be being written; each helper then sets its
     /// ids to 0 of that namespace first, as the runner does to itself.
     pub fn start(rootless: bool) -> Result<Zygote, SandboxError> {
-        let threads = super::userns::thread_count();
-        if threads > 1 {
-            return Err(SandboxError::MultiThreaded { threads });
-        }
+        super::userns::require_single_thread()?;
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
