@@ -455,9 +455,12 @@ fn a_root_runner_on_a_cgroup2_only_tree_runs_and_says_which_limits_it_cannot_giv
     let sb = Sandbox::new(support::Mode::Root);
     sb.write(
         "ci.yaml",
-        &format!(
-            "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: v2\n            identifier: v2\n            spec:\n              image: {}\n              command: stat -f -c %t /sys/fs/cgroup; tail -1 /proc/self/cgroup\n              resources:\n                limits:\n                  memory: 64Mi\n                  cpu: 500m\n",
-            fx.busybox
+        &support::stage(
+            "",
+            &format!(
+                "- step:\n    type: Run\n    name: v2\n    identifier: v2\n    spec:\n      image: {}\n      command: stat -f -c %t /sys/fs/cgroup; tail -1 /proc/self/cgroup\n      resources:\n        limits:\n          memory: 64Mi\n          cpu: 500m\n",
+                fx.busybox
+            ),
         ),
     );
     let direct = sb.command(["run", "ci.yaml"]);
@@ -506,16 +509,19 @@ fn pod_mode_names_services_whose_images_expose_the_same_port() {
     let sb = Sandbox::new(support::Mode::Root);
     let service = |id: &str| {
         format!(
-            "        - step:\n            type: Background\n            name: {id}\n            identifier: {id}\n            spec:\n              image: {}\n              command: sleep 30\n",
+            "- step:\n    type: Background\n    name: {id}\n    identifier: {id}\n    spec:\n      image: {}\n      command: sleep 30\n",
             fx.web
         )
     };
     sb.write(
         "ci.yaml",
-        &format!(
-            "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    infrastructure:\n      type: KubernetesDirect\n      spec:\n        connectorRef: k8s\n        namespace: ci\n    execution:\n      steps:\n{}{}        - step:\n            type: Run\n            name: done\n            identifier: done\n            spec:\n              command: \"true\"\n",
-            service("api"),
-            service("worker")
+        &support::stage(
+            support::KUBERNETES,
+            &format!(
+                "{}{}- step:\n    type: Run\n    name: done\n    identifier: done\n    spec:\n      command: \"true\"\n",
+                service("api"),
+                service("worker")
+            ),
         ),
     );
     // The services never listen: readiness gives up at once and the stage goes on.

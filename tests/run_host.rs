@@ -8,25 +8,7 @@ use std::time::{Duration, Instant};
 use support::{assert_no_process, free_port, modes, spawn_until, Sandbox};
 
 fn stage(steps: &str) -> String {
-    format!(
-        "stage:\n  name: test\n  identifier: test\n  type: CI\n  spec:\n    runtime:\n      type: Docker\n      spec: {{}}\n    execution:\n      steps:\n{}",
-        indent(steps, 8)
-    )
-}
-
-fn indent(text: &str, n: usize) -> String {
-    let pad = " ".repeat(n);
-    text.lines()
-        .map(|l| {
-            if l.is_empty() {
-                String::new()
-            } else {
-                format!("{pad}{l}")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        + "\n"
+    support::stage(support::DOCKER, steps)
 }
 
 #[test]

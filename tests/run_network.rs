@@ -7,26 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::{free_port, modes, Sandbox};
-
-fn stage(infra: &str, steps: &str) -> String {
-    let body: String = steps
-        .lines()
-        .map(|l| {
-            if l.is_empty() {
-                "\n".to_string()
-            } else {
-                format!("        {l}\n")
-            }
-        })
-        .collect();
-    format!(
-        "stage:\n  name: net\n  identifier: net\n  type: CI\n  spec:\n{infra}    execution:\n      steps:\n{body}"
-    )
-}
-
-const DOCKER: &str = "    runtime:\n      type: Docker\n      spec: {}\n";
-const K8S: &str = "    infrastructure:\n      type: KubernetesDirect\n      spec:\n        connectorRef: k8s\n        namespace: ci\n";
+use support::{free_port, modes, stage, Sandbox, DOCKER, KUBERNETES};
 
 /// A Background step serving `dir` of the workspace on `port`.
 fn server(id: &str, dir: &str, port: u16, bindings: &str) -> String {
@@ -200,7 +181,7 @@ fn pod_mode_services_are_on_localhost_and_by_name() {
         until curl -sf http://localhost:9000/who.txt; do sleep 0.1; done
         curl -sf http://svc:9000/who.txt
 "#;
-        sb.write("ci.yaml", &stage(K8S, &steps));
+        sb.write("ci.yaml", &stage(KUBERNETES, &steps));
         let r = sb.run(["run", "ci.yaml"]);
         r.assert_code(0);
         assert_eq!(r.stdout.matches("| pod service").count(), 2, "{}", r.all());
@@ -226,7 +207,7 @@ fn pod_mode_names_the_step_that_holds_a_port_another_service_wanted() {
     spec:
       command: sleep 3
 "#;
-        sb.write("ci.yaml", &stage(K8S, &steps));
+        sb.write("ci.yaml", &stage(KUBERNETES, &steps));
         let r = sb.run(["run", "ci.yaml"]);
         assert_ne!(r.code, 0, "{}", r.all());
         let out = r.all();

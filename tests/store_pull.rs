@@ -74,16 +74,22 @@ impl Home {
     }
 }
 
+/// busybox (one layer, image "1" of the builder) pushed as `<registry>/test/<repo>:1`.
+fn pushed_busybox(reg: &Registry, repo: &str) -> (ImageBuilder, String) {
+    let b = ImageBuilder::new();
+    b.busybox("1", "amd64");
+    let reference = format!("{}/test/{repo}:1", reg.addr);
+    b.push("1", &reference, &[]);
+    (b, reference)
+}
+
 #[test]
 fn pull_busybox_store_is_an_oci_layout() {
     if !tools_present() {
         return;
     }
     let reg = Registry::start();
-    let b = ImageBuilder::new();
-    b.busybox("1", "amd64");
-    let reference = format!("{}/test/busybox:1", reg.addr);
-    b.push("1", &reference, &[]);
+    let (_b, reference) = pushed_busybox(&reg, "busybox");
 
     let home = Home::new();
     let out = home.ok(&["pull", &reference]);
@@ -465,10 +471,7 @@ fn tampered_blob_never_enters_the_store() {
         return;
     }
     let reg = Registry::start();
-    let b = ImageBuilder::new();
-    b.busybox("1", "amd64");
-    let reference = format!("{}/test/tampered:1", reg.addr);
-    b.push("1", &reference, &[]);
+    let (b, reference) = pushed_busybox(&reg, "tampered");
     let layer = layer_digests(&b, "1")[0].clone();
     // Same size, one byte changed.
     let file = reg.blob_file(&layer);

@@ -16,6 +16,29 @@ use std::sync::OnceLock;
 
 pub const TEST_USER: &str = "sandrun-test";
 
+/// The spec lines that give a stage the Docker runtime (bridge network).
+pub const DOCKER: &str = "    runtime:\n      type: Docker\n      spec: {}\n";
+/// The spec lines that put a stage on Kubernetes infrastructure (pod network).
+pub const KUBERNETES: &str = "    infrastructure:\n      type: KubernetesDirect\n      spec:\n        connectorRef: k8s\n        namespace: ci\n";
+
+/// A CI stage `test` whose spec starts with `infra` (lines indented for it, or "")
+/// and runs `steps` (a step list written from column 0).
+pub fn stage(infra: &str, steps: &str) -> String {
+    let body: String = steps
+        .lines()
+        .map(|l| {
+            if l.is_empty() {
+                "\n".to_string()
+            } else {
+                format!("        {l}\n")
+            }
+        })
+        .collect();
+    format!(
+        "stage:\n  name: test\n  identifier: test\n  type: CI\n  spec:\n{infra}    execution:\n      steps:\n{body}"
+    )
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Root,
