@@ -3,7 +3,7 @@
 # Time from process start to exit of a step running `true` in a cached busybox image,
 # rootless: sandrun (`sandrun run` of a one-step stage) vs `crun run` and `runc run` on
 # a bundle of the same root filesystem vs `podman run --rm` of the same image.
-# Alternating order (rotated every round), ROUNDS rounds (default 20), medians, ratios.
+# Alternating order (shuffled every round), ROUNDS rounds (default 20), medians, ratios.
 # Targets: sandrun <= 1.2x crun, <= 0.15x podman.
 #
 # What each line pays:
@@ -173,8 +173,14 @@ for t in $TOOLS; do
 done
 i=1
 while [ "$i" -le "$ROUNDS" ]; do
-    # Rotate the order every round.
-    order=$(echo "$TOOLS" | awk -v r="$i" '{for (k = 0; k < NF; k++) printf "%s ", $((k + r) % NF + 1)}')
+    # A new order every round (seeded by the round, so runs repeat). Rotating one fixed
+    # order would put the same tool after podman every time, and podman's namespaces
+    # and processes are still being torn down by the kernel when the next tool starts.
+    order=$(echo "$TOOLS" | awk -v r="$i" 'BEGIN { srand(r) } {
+        n = split($0, t, " ")
+        for (k = n; k > 1; k--) { j = int(rand() * k) + 1; x = t[k]; t[k] = t[j]; t[j] = x }
+        for (k = 1; k <= n; k++) printf "%s ", t[k]
+    }')
     for t in $order; do measure "$t" "$i"; done
     i=$((i + 1))
 done
