@@ -128,9 +128,9 @@ fn a_missing_image_stops_the_run_before_any_step() {
         let missing = fx.busybox.replace("busybox:1", "nothing-here:1");
         sb.write(
             "ci.yaml",
-            &format!(
-                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: first\n            identifier: first\n            spec:\n              command: touch ran\n        - step:\n            type: Run\n            name: second\n            identifier: second\n            spec:\n              image: {missing}\n              command: true\n"
-            ),
+            &support::stage("", &format!(
+                "- step:\n    type: Run\n    name: first\n    identifier: first\n    spec:\n      command: touch ran\n- step:\n    type: Run\n    name: second\n    identifier: second\n    spec:\n      image: {missing}\n      command: true\n"
+            )),
         );
         let r = sb.run(["run", "ci.yaml"]);
         r.assert_code(2)
@@ -149,11 +149,11 @@ fn a_service_is_ready_when_its_exposed_ports_accept_connections() {
         // client does not retry, so it only passes if sandrun waited.
         sb.write(
             "ci.yaml",
-            &format!(
-                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Background\n            name: slow\n            identifier: slow\n            spec:\n              image: {web}\n              command: sleep 1; mkdir -p /w; echo up > /w/i; exec busybox httpd -f -p 8080 -h /w\n        - step:\n            type: Run\n            name: client\n            identifier: client\n            spec:\n              image: {bb}\n              command: busybox wget -qO- http://slow:8080/i\n",
+            &support::stage("", &format!(
+                "- step:\n    type: Background\n    name: slow\n    identifier: slow\n    spec:\n      image: {web}\n      command: sleep 1; mkdir -p /w; echo up > /w/i; exec busybox httpd -f -p 8080 -h /w\n- step:\n    type: Run\n    name: client\n    identifier: client\n    spec:\n      image: {bb}\n      command: busybox wget -qO- http://slow:8080/i\n",
                 web = fx.web,
                 bb = fx.busybox
-            ),
+            )),
         );
         let r = sb.run(["run", "ci.yaml"]);
         r.assert_code(0)
@@ -170,10 +170,10 @@ fn locked_images_carried_in_an_archive_run_offline() {
     let mut prepared = Vec::new();
     for mode in modes() {
         let sb = Sandbox::new(mode);
-        let pipeline = format!(
-            "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: hi\n            identifier: hi\n            spec:\n              image: {}\n              command: echo hello from the archive\n",
+        let pipeline = support::stage("", &format!(
+            "- step:\n    type: Run\n    name: hi\n    identifier: hi\n    spec:\n      image: {}\n      command: echo hello from the archive\n",
             fx.busybox
-        );
+        ));
         sb.write("ci.yaml", &pipeline);
         sb.run(["lock", "ci.yaml"]).assert_code(0);
         assert!(sb.workspace().join("ci.yaml.lock").exists());
@@ -249,10 +249,10 @@ fn ctrl_c_stops_containers_and_removes_their_state() {
         let tag = free_port();
         sb.write(
             "ci.yaml",
-            &format!(
-                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Background\n            name: svc\n            identifier: svc\n            spec:\n              image: {bb}\n              command: exec busybox sleep 6{tag}\n        - step:\n            type: Run\n            name: long\n            identifier: long\n            spec:\n              image: {bb}\n              command: exec busybox sleep 7{tag}\n",
+            &support::stage("", &format!(
+                "- step:\n    type: Background\n    name: svc\n    identifier: svc\n    spec:\n      image: {bb}\n      command: exec busybox sleep 6{tag}\n- step:\n    type: Run\n    name: long\n    identifier: long\n    spec:\n      image: {bb}\n      command: exec busybox sleep 7{tag}\n",
                 bb = fx.busybox
-            ),
+            )),
         );
         let long = format!("sleep 7{tag}");
         let child = spawn_until(&sb, &["run", "ci.yaml", "--grace", "2s"], &long);
@@ -287,7 +287,7 @@ fn connectors_map_to_registries_through_the_config_file() {
         // As a Harness pipeline writes it: a Docker Hub style name and a connector.
         sb.write(
             "ci.yaml",
-            "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: hi\n            identifier: hi\n            spec:\n              connectorRef: account.harnessImage\n              image: test/busybox:1\n              command: echo pulled through the connector\n        - step:\n            type: Run\n            name: other\n            identifier: other\n            spec:\n              connectorRef: account.unknown\n              image: test/busybox:1\n              command: echo same image\n",
+            &support::stage("", "- step:\n    type: Run\n    name: hi\n    identifier: hi\n    spec:\n      connectorRef: account.harnessImage\n      image: test/busybox:1\n      command: echo pulled through the connector\n- step:\n    type: Run\n    name: other\n    identifier: other\n    spec:\n      connectorRef: account.unknown\n      image: test/busybox:1\n      command: echo same image\n"),
         );
         let with_config = |args: &[&str]| {
             let mut cmd = sb.command(args);
@@ -343,10 +343,10 @@ fn ctrl_c_during_a_pull_ends_the_run_and_the_store_stays_sound() {
         let sb = Sandbox::new(mode);
         sb.write(
             "ci.yaml",
-            &format!(
-                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: hi\n            identifier: hi\n            spec:\n              image: {}/test/big:1\n              command: touch ran\n",
+            &support::stage("", &format!(
+                "- step:\n    type: Run\n    name: hi\n    identifier: hi\n    spec:\n      image: {}/test/big:1\n      command: touch ran\n",
                 slow.addr
-            ),
+            )),
         );
         let child = sb.spawn(["run", "ci.yaml"]);
         let start = slow.bytes_down.load(std::sync::atomic::Ordering::SeqCst);
@@ -381,10 +381,10 @@ fn a_sigkilled_run_leaves_no_process_and_the_next_run_sweeps_its_state() {
         let (service, long) = (format!("sleep 8{tag}"), format!("sleep 9{tag}"));
         sb.write(
             "ci.yaml",
-            &format!(
-                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Background\n            name: svc\n            identifier: svc\n            spec:\n              command: {service} & wait\n        - step:\n            type: Run\n            name: long\n            identifier: long\n            spec:\n              image: {}\n              command: exec busybox {long}\n",
+            &support::stage("", &format!(
+                "- step:\n    type: Background\n    name: svc\n    identifier: svc\n    spec:\n      command: {service} & wait\n- step:\n    type: Run\n    name: long\n    identifier: long\n    spec:\n      image: {}\n      command: exec busybox {long}\n",
                 fx.busybox
-            ),
+            )),
         );
         let mut child = spawn_until(&sb, &["run", "ci.yaml"], &long);
         let pid = child.id();
@@ -424,7 +424,7 @@ fn a_sigkilled_run_leaves_no_process_and_the_next_run_sweeps_its_state() {
             "expected the killed run's state at {}",
             stale.display()
         );
-        sb.write("ci.yaml", "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: hi\n            identifier: hi\n            spec:\n              command: echo next\n");
+        sb.write("ci.yaml", &support::stage("", "- step:\n    type: Run\n    name: hi\n    identifier: hi\n    spec:\n      command: echo next\n"));
         sb.run(["run", "ci.yaml"]).assert_code(0);
         assert!(
             !stale.exists(),
