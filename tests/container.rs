@@ -321,6 +321,77 @@ fn workspace_is_shared_between_containers() {
 }
 
 #[test]
+fn mount_targets_are_resolved_inside_the_image() {
+    both(|w| {
+        // A layer whose mount targets are symlinks: relative, and absolute with `..`
+        // that would leave the root filesystem if followed on the host.
+        let layer = w._tmp.path().join("links");
+        fs::create_dir_all(layer.join("etc")).unwrap();
+        fs::create_dir_all(layer.join("run")).unwrap();
+        fs::create_dir_all(layer.join("srv")).unwrap();
+        std::os::unix::fs::symlink("../run/resolv.conf", layer.join("etc/resolv.conf")).unwrap();
+        std::os::unix::fs::symlink("/../../../srv", layer.join("data")).unwrap();
+        std::os::unix::fs::symlink("../nowhere", layer.join("etc/dangling")).unwrap();
+        fs::write(layer.join("run/resolv.conf"), "from the image\n").unwrap();
+        let owner = w.user.as_ref().map_or(0, |u| u.uid);
+        for p in [
+            "",
+            "etc",
+            "run",
+            "srv",
+            "etc/resolv.conf",
+            "run/resolv.conf",
+            "data",
+            "etc/dangling",
+        ] {
+            std::os::unix::fs::lchown(layer.join(p), Some(owner), Some(owner)).unwrap();
+        }
+        let resolv = w._tmp.path().join("resolv.conf");
+        fs::write(&resolv, "nameserver 192.0.2.1\n").unwrap();
+        fs::set_permissions(&resolv, fs::Permissions::from_mode(0o644)).unwrap();
+        let mut spec = w.spec(
+            "links",
+            shell("cat /run/resolv.conf; ls /srv/in; echo in > /srv/in/made"),
+        );
+        spec.image.layers.push(layer);
+        spec.mounts.push(BindMount {
+            source: resolv.clone(),
+            destination: "/etc/resolv.conf".into(),
+            readonly: true,
+        });
+        spec.mounts.push(BindMount {
+            source: w.workspace.clone(),
+            destination: "/data/in".into(),
+            readonly: false,
+        });
+        fs::write(w.workspace.join("seen"), "").unwrap();
+        let out = ok(&w.run(&spec));
+        assert_eq!(out, "nameserver 192.0.2.1\nseen\n");
+        assert_eq!(
+            fs::read_to_string(w.workspace.join("made")).unwrap(),
+            "in\n"
+        );
+        assert!(!Path::new("/srv/in").exists());
+        // Read-only where asked.
+        spec.process = shell("echo x > /etc/resolv.conf");
+        assert!(!w.run(&spec).status.success());
+        // A link to nothing is not followed out of the image, and the error says so.
+        spec.mounts.push(BindMount {
+            source: resolv.clone(),
+            destination: "/etc/dangling".into(),
+            readonly: true,
+        });
+        let out = w.run(&spec);
+        assert_eq!(out.status.code(), Some(125));
+        assert!(
+            text(&out).1.contains("`/etc/dangling` in image `busybox:test`: it is a symlink to `../nowhere`, which the image does not have"),
+            "{}",
+            text(&out).1
+        );
+    });
+}
+
+#[test]
 fn exit_codes_and_signals() {
     both(|w| {
         assert_eq!(w.sh("three", "exit 3").status.code(), Some(3));

@@ -31,6 +31,7 @@ use oci_spec::runtime::Spec;
 
 use super::error::SandboxError;
 use super::host;
+use super::mounts;
 use super::oci::{self, HostFacts};
 use super::rootfs::{self, ImageUser};
 use super::spec::{self, ContainerProcess, ContainerSpec};
@@ -107,6 +108,19 @@ fn run(spec_path: &Path) -> Result<i32, SandboxError> {
     rootfs::mount_overlay(&layers, &dirs.upper, &dirs.work, &dirs.rootfs)?;
 
     let (runtime_spec, facts) = prepare(&spec, &dirs.rootfs)?;
+    let own_mounts = oci::helper_mounts(&spec, &facts)
+        .map_err(|e| container_error(&spec, "plan the mounts", e))?;
+    mounts::mount_in_root(&dirs.rootfs, &own_mounts).map_err(|(dest, e)| {
+        SandboxError::Container {
+            step: spec.step.clone(),
+            what: "mount",
+            message: format!(
+                "`{}` in image `{}`: {e}",
+                dest.display(),
+                spec.image.reference
+            ),
+        }
+    })?;
     runtime_spec
         .save(dirs.bundle.join("config.json"))
         .map_err(|e| {

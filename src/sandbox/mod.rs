@@ -12,6 +12,7 @@ pub mod host;
 pub mod host_init;
 pub mod launch;
 pub mod launcher;
+pub mod mounts;
 pub mod oci;
 pub mod rootfs;
 pub mod spec;

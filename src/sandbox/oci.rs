@@ -216,11 +216,40 @@ pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFa
                 .build()?,
         )
         .process(process)
-        .mounts(mounts(c, host)?)
+        .mounts(split_mounts(mounts(c, host)?).1)
         .linux(linux.build()?)
         .build()
 }
 
+/// Filesystems whose instance belongs to the namespaces of the process that mounts
+/// them (PID, IPC, cgroup): only libcontainer, inside the container, can mount them.
+const RUNTIME_FILESYSTEMS: [&str; 4] = ["proc", "mqueue", "cgroup", "cgroup2"];
+
+/// The mounts the helper makes itself, in the root filesystem, before libcontainer
+/// runs (see `sandbox::mounts`); the spec lists the others.
+pub fn helper_mounts(
+    c: &ContainerSpec,
+    host: &HostFacts,
+) -> Result<Vec<Mount>, oci_spec::OciSpecError> {
+    Ok(split_mounts(mounts(c, host)?).0)
+}
+
+/// Splits the step's mounts into the helper's and libcontainer's. The helper's are all
+/// made first, so one goes to libcontainer too when it lies under a mount of
+/// libcontainer's (which would hide it).
+fn split_mounts(all: Vec<Mount>) -> (Vec<Mount>, Vec<Mount>) {
+    let runtime_dirs: Vec<PathBuf> = all
+        .iter()
+        .filter(|m| RUNTIME_FILESYSTEMS.contains(&m.typ().as_deref().unwrap_or("")))
+        .map(|m| m.destination().clone())
+        .collect();
+    all.into_iter().partition(|m| {
+        !RUNTIME_FILESYSTEMS.contains(&m.typ().as_deref().unwrap_or(""))
+            && !runtime_dirs.iter().any(|d| m.destination().starts_with(d))
+    })
+}
+
+/// Every mount of the step, in order.
 fn mounts(c: &ContainerSpec, host: &HostFacts) -> Result<Vec<Mount>, oci_spec::OciSpecError> {
     let m = |dest: &str, typ: &str, source: &str, options: &[&str]| {
         MountBuilder::default()
@@ -446,10 +475,8 @@ mod tests {
     #[test]
     fn rootless_binds_sys_and_drops_supplementary_groups() {
         let spec = build(false, true);
-        let sys = spec
-            .mounts()
-            .as_ref()
-            .unwrap()
+        let all = mounts(&container(false), &host(true)).unwrap();
+        let sys = all
             .iter()
             .find(|m| m.destination() == Path::new("/sys"))
             .unwrap();
@@ -470,11 +497,8 @@ mod tests {
 
     #[test]
     fn workspace_is_a_rw_bind() {
-        let spec = build(false, false);
-        let ws = spec
-            .mounts()
-            .as_ref()
-            .unwrap()
+        let own = helper_mounts(&container(false), &host(false)).unwrap();
+        let ws = own
             .iter()
             .find(|m| m.destination() == Path::new("/harness"))
             .unwrap();
@@ -482,5 +506,43 @@ mod tests {
             ws.options().as_deref(),
             Some(&["rbind".to_string(), "rw".to_string()][..])
         );
+    }
+
+    fn destinations(mounts: &[Mount]) -> Vec<&str> {
+        mounts
+            .iter()
+            .map(|m| m.destination().to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn namespace_bound_filesystems_are_left_to_libcontainer() {
+        for rootless in [false, true] {
+            let c = container(false);
+            let own = helper_mounts(&c, &host(rootless)).unwrap();
+            assert_eq!(
+                destinations(&own),
+                ["/dev", "/dev/pts", "/dev/shm", "/sys", "/harness"]
+            );
+            let spec = build(false, rootless);
+            let runtime = destinations(spec.mounts().as_ref().unwrap()).join(" ");
+            let expected = if rootless {
+                "/proc /dev/mqueue"
+            } else {
+                "/proc /dev/mqueue /sys/fs/cgroup"
+            };
+            assert_eq!(runtime, expected);
+        }
+        // A bind under /proc would be hidden by libcontainer's /proc: it stays in the
+        // spec, after it.
+        let mut c = container(false);
+        c.mounts.push(BindMount {
+            source: "/tmp".into(),
+            destination: "/proc/driver/x".into(),
+            readonly: true,
+        });
+        let (own, runtime) = split_mounts(mounts(&c, &host(false)).unwrap());
+        assert!(!destinations(&own).contains(&"/proc/driver/x"));
+        assert_eq!(destinations(&runtime).last(), Some(&"/proc/driver/x"));
     }
 }
