@@ -3,7 +3,7 @@
 
 mod rootless;
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Output;
 
 const SANDRUN: &str = env!("CARGO_BIN_EXE_sandrun");
@@ -83,6 +83,45 @@ fn rootless_without_uidmap_maps_one_id_and_says_what_breaks() {
     );
     assert!(stderr.contains("only one id is mapped"), "{stderr}");
     assert!(stderr.contains("uidmap"), "{stderr}");
+}
+
+#[test]
+fn a_failing_newuidmap_is_quoted_and_one_id_is_mapped() {
+    let Some(user) = rootless::test_user() else {
+        return;
+    };
+    // A newuidmap that refuses, next to the real newgidmap.
+    let bin = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake = bin.path().join("newuidmap");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'newuidmap: range not allowed' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("/usr/bin/newgidmap", bin.path().join("newgidmap")).unwrap();
+    let out = user
+        .command(SANDRUN)
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.path().display()))
+        .args([
+            "__unshare",
+            "/bin/sh",
+            "-c",
+            "read m < /proc/self/uid_map; echo map=$m",
+        ])
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains(&format!("map=0 {} 1", user.uid)), "{text}");
+    assert!(
+        stderr.contains(&format!(
+            "{} failed (exit status: 1): newuidmap: range not allowed",
+            fake.display()
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]
