@@ -348,8 +348,8 @@ fn unsupported_steps(plan: &Plan) -> Vec<String> {
 }
 
 fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
-    // Rootless: the child that will write our id maps is forked first, while the
-    // process is small, so that it is ready when the namespace is entered below.
+    // Rootless: the children that will write our id maps are forked first, while the
+    // process is small, so that they are ready when the namespace is entered below.
     let prepared = if nix::unistd::geteuid().is_root() {
         None
     } else {
@@ -373,62 +373,66 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     }
     // Asked before entering the rootless user namespace: inside it the uid is 0.
     let state_base = crate::sandbox::state::default_base();
+    // What starts before the id maps are written (docs/ARCHITECTURE.md, "A run, in
+    // order"): the zygote, forked while the runner is still single-threaded (it starts
+    // each container helper without executing the binary again), and the thread that
+    // creates the first stage's network namespace (it needs only the namespace's
+    // capabilities, and takes as long as the maps).
+    let first = plan.stages.iter().position(|s| s.skipped.is_none());
+    let rootless = prepared.is_some();
+    let mut zygote = None;
+    let mut network = None;
+    let mut start_early = || {
+        if needs_images {
+            zygote = match crate::sandbox::zygote::Zygote::start(rootless) {
+                Ok(z) => Some(std::sync::Arc::new(z)),
+                Err(e) => {
+                    tracing::debug!("no zygote, helpers are executed: {e}");
+                    None
+                }
+            };
+        }
+        network = match first.and_then(|i| plan.stages[i].net.as_ref()) {
+            Some(net) if !net.egress => Some(StageNetwork::start(net)),
+            _ => None,
+        };
+    };
     // Rootless, the runner moves into its own user + mount namespace now, while it is
     // still single-threaded (docs/ARCHITECTURE.md, "Process model"); newuidmap and
     // newgidmap write its id maps while it goes on.
     let pending = match prepared {
-        Some(p) => Some(p.begin().context("cannot set up rootless mode")?),
-        None => None,
-    };
-    // Forked while still single-threaded: it starts each container helper without
-    // executing the binary again.
-    let zygote = if needs_images {
-        match crate::sandbox::zygote::Zygote::start(pending.is_some()) {
-            Ok(z) => Some(std::sync::Arc::new(z)),
-            Err(e) => {
-                tracing::debug!("no zygote, helpers are executed: {e}");
-                None
-            }
+        Some(p) => Some(
+            p.begin_with(start_early)
+                .context("cannot set up rootless mode")?,
+        ),
+        None => {
+            start_early();
+            None
         }
-    } else {
-        None
     };
+    // Images already in the store are looked up meanwhile (no pull: unpacking needs
+    // the maps); then the maps are waited for. Both on this thread: no runtime thread
+    // competes with the helpers for the CPUs before it is needed.
+    let local_images = needs_images
+        .then(|| {
+            let store = crate::store::Store::open(&crate::store::default_home()?).ok()?;
+            crate::run::images::prepare_local(&plan, &store, &pull)
+        })
+        .flatten();
+    let userns = pending
+        .map(|p| p.finish())
+        .transpose()
+        .context("cannot set up rootless mode")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    // The first stage's network needs only the namespace's capabilities: build it
-    // while the id maps are being written, then finish entering the namespace.
-    // Images already in the store are looked up meanwhile too (no pull: unpacking
-    // needs the maps).
-    let first = plan.stages.iter().position(|s| s.skipped.is_none());
-    let (userns, prebuilt, local_images) = runtime.block_on(async {
-        let finish = pending.map(|p| tokio::task::spawn_blocking(move || p.finish()));
-        let local_images = needs_images.then(|| {
-            let (plan, pull) = (plan.clone(), pull.clone());
-            tokio::task::spawn_blocking(move || {
-                let store = crate::store::Store::open(&crate::store::default_home()?).ok()?;
-                crate::run::images::prepare_local(&plan, &store, &pull)
-            })
-        });
-        let prebuilt = match first.and_then(|i| plan.stages[i].net.as_ref()) {
-            Some(net) if !net.egress => Some(StageNetwork::build(net).await),
-            _ => None,
-        };
-        let local_images = match local_images {
-            Some(task) => task.await.ok().flatten(),
-            None => None,
-        };
-        let userns = match finish {
-            Some(task) => Some(
-                task.await
-                    .context("entering the user namespace failed")?
-                    .context("cannot set up rootless mode")?,
-            ),
-            None => None,
-        };
-        anyhow::Ok((userns, first.zip(prebuilt), local_images))
-    })?;
+    let prebuilt = match network {
+        Some(Ok(started)) => Some(runtime.block_on(started.finish())),
+        Some(Err(e)) => Some(Err(e)),
+        None => None,
+    };
+    let prebuilt = first.zip(prebuilt);
     let run_dir =
         crate::sandbox::RunState::create(&state_base, &format!("run-{}", std::process::id()))
             .context("cannot create the run's state directory")?;

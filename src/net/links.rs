@@ -4,15 +4,21 @@
 //! Each [`Netlink`] talks to one namespace: the one its socket was created in.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
+use rtnetlink::packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
+};
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage, State,
 };
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::TokioSocket;
-use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
+use rtnetlink::{
+    AddressMessageBuilder, Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth,
+};
 
 /// MTU of the bridge and veths: as large as veth allows (like slirp4netns's 65520), so
 /// that step-to-step traffic costs about what loopback does; 1500 halves throughput.
@@ -146,6 +152,105 @@ impl Netlink {
             }
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
+    }
+}
+
+/// The loopback device set up as [`Netlink::loopback_up`] does, with blocking requests
+/// on a route-netlink `socket` of the namespace: for the namespace's own thread, before
+/// any runtime exists (three tokio hand-offs per request cost more than the request).
+pub(crate) fn loopback_up_blocking(socket: BorrowedFd<'_>) -> std::io::Result<()> {
+    let big = LinkUnspec::new_with_index(LOOPBACK_INDEX)
+        .up()
+        .append_extra_attribute(LinkAttribute::GsoMaxSize(BIG_TCP_SIZE))
+        .append_extra_attribute(LinkAttribute::GroMaxSize(BIG_TCP_SIZE))
+        .append_extra_attribute(LinkAttribute::GsoIpv4MaxSize(BIG_TCP_SIZE))
+        .append_extra_attribute(LinkAttribute::GroIpv4MaxSize(BIG_TCP_SIZE))
+        .build();
+    let flags = NLM_F_REQUEST | NLM_F_ACK;
+    match request_blocking(socket, RouteNetlinkMessage::SetLink(big), flags) {
+        Ok(()) => Ok(()),
+        // Older kernels refuse the attributes: plain up.
+        Err(_) => {
+            let plain = LinkUnspec::new_with_index(LOOPBACK_INDEX).up().build();
+            request_blocking(socket, RouteNetlinkMessage::SetLink(plain), flags)
+        }
+    }
+}
+
+/// `address/prefix_len` on link `index`, as [`Netlink::add_address`] does, blocking.
+pub(crate) fn add_address_blocking(
+    socket: BorrowedFd<'_>,
+    index: u32,
+    address: Ipv4Addr,
+    prefix_len: u8,
+) -> std::io::Result<()> {
+    let message = AddressMessageBuilder::<Ipv4Addr>::new()
+        .index(index)
+        .address(address, prefix_len)
+        .build();
+    request_blocking(
+        socket,
+        RouteNetlinkMessage::NewAddress(message),
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_EXCL | NLM_F_CREATE,
+    )
+}
+
+/// Sends one request to the kernel and waits for its acknowledgement.
+fn request_blocking(
+    socket: BorrowedFd<'_>,
+    message: RouteNetlinkMessage,
+    flags: u16,
+) -> std::io::Result<()> {
+    let mut request = NetlinkMessage::from(message);
+    request.header.flags = flags;
+    request.header.sequence_number = 1;
+    request.finalize();
+    let mut buf = vec![0u8; request.buffer_len()];
+    request.serialize(&mut buf);
+    // SAFETY: an all-zero sockaddr_nl is valid; pid 0 is the kernel.
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: sendto(2) of our buffer to a filled address.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut reply = vec![0u8; 8192];
+    loop {
+        // SAFETY: recv(2) into our buffer.
+        let n = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                reply.as_mut_ptr().cast(),
+                reply.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[..n as usize])
+            .map_err(|e| std::io::Error::other(format!("netlink reply: {e}")))?;
+        if message.header.sequence_number != 1 {
+            continue;
+        }
+        return match message.payload {
+            NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
+            _ => Ok(()),
+        };
     }
 }
 

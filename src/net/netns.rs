@@ -19,6 +19,8 @@ use std::thread::JoinHandle;
 
 use nix::sched::{unshare, CloneFlags};
 
+use super::error::NetError;
+
 /// A fresh network namespace and a netlink (route) socket that lives in it.
 pub(crate) struct FreshNetns {
     pub ns: OwnedFd,
@@ -80,15 +82,43 @@ pub(crate) struct SocketFactory {
     thread: Option<JoinHandle<()>>,
 }
 
+/// A [`SocketFactory`] whose thread is still creating its namespace (see
+/// [`SocketFactory::start_in_new_netns`]).
+pub(crate) struct PendingFactory {
+    factory: SocketFactory,
+    ready: tokio::sync::oneshot::Receiver<Result<FreshNetns, NetError>>,
+}
+
+impl PendingFactory {
+    /// The factory and its namespace, once the thread has made and set it up.
+    pub async fn ready(self) -> Result<(SocketFactory, FreshNetns), NetError> {
+        match self.ready.await {
+            Ok(Ok(fresh)) => Ok((self.factory, fresh)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(NetError::Os {
+                what: "create the stage network namespace".into(),
+                source: io::Error::other("namespace thread ended early"),
+            }),
+        }
+    }
+}
+
 impl SocketFactory {
-    /// Starts the thread inside a *new* namespace and returns that namespace too.
-    pub fn in_new_netns() -> io::Result<(SocketFactory, FreshNetns)> {
-        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<FreshNetns>>();
+    /// Starts the thread inside a *new* namespace, where it runs `setup` first (with
+    /// the namespace's netlink socket, blocking: no runtime is needed). Returns at
+    /// once; [`PendingFactory::ready`] gives the namespace.
+    pub fn start_in_new_netns<F>(setup: F) -> io::Result<PendingFactory>
+    where
+        F: FnOnce(&FreshNetns) -> Result<(), NetError> + Send + 'static,
+    {
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let (tx, rx) = mpsc::channel::<SocketRequest>();
         let thread = std::thread::Builder::new()
             .name("sandrun-netns-dial".into())
             .spawn(move || {
-                let fresh = unshare_netns();
+                let fresh = unshare_netns()
+                    .map_err(NetError::os("create the stage network namespace"))
+                    .and_then(|fresh| setup(&fresh).map(|()| fresh));
                 let ok = fresh.is_ok();
                 let _ = ready_tx.send(fresh);
                 if ok {
@@ -96,16 +126,13 @@ impl SocketFactory {
                 }
             })
             .map_err(io::Error::other)?;
-        let fresh = ready_rx
-            .recv()
-            .map_err(|_| io::Error::other("namespace thread ended early"))??;
-        Ok((
-            SocketFactory {
+        Ok(PendingFactory {
+            factory: SocketFactory {
                 requests: Some(tx),
                 thread: Some(thread),
             },
-            fresh,
-        ))
+            ready,
+        })
     }
 
     /// A TCP connection to `target` from inside the network namespace `netns`.

@@ -22,8 +22,8 @@ use futures_util::future::try_join_all;
 use super::egress::Egress;
 use super::error::NetError;
 use super::files::{render_hosts, render_resolv_conf};
-use super::links::Netlink;
-use super::netns::{create_namespaces, FreshNetns, SocketFactory, StepJoin};
+use super::links::{add_address_blocking, loopback_up_blocking, Netlink};
+use super::netns::{create_namespaces, FreshNetns, PendingFactory, SocketFactory, StepJoin};
 use super::plan::{NetworkMode, NetworkPlan};
 
 /// How long links may take to report up before the stage fails (they take well under
@@ -53,23 +53,18 @@ pub struct StageNetwork {
     egress: Option<Egress>,
 }
 
-impl StageNetwork {
-    /// Builds the network of `plan`: namespaces, links, addresses, and each step's
-    /// `hosts` and `resolv.conf` under `<state_dir>/net`. Returns once every link is
-    /// up, so that no step's first packet is lost.
-    pub async fn create(plan: &NetworkPlan, state_dir: &Path) -> Result<StageNetwork, NetError> {
-        let mut network = StageNetwork::build(plan).await?;
-        network.write_files(state_dir)?;
-        Ok(network)
-    }
+/// A stage network being built (see [`StageNetwork::start`]).
+pub struct StartedNetwork {
+    plan: NetworkPlan,
+    pending: PendingFactory,
+}
 
-    /// The namespaces, links and addresses of [`StageNetwork::create`], without the
-    /// step files: it needs only the capabilities of the runner's namespace, so a
-    /// rootless runner can build it while its id maps are still being written. Call
-    /// [`StageNetwork::write_files`] before starting steps.
-    pub async fn build(plan: &NetworkPlan) -> Result<StageNetwork, NetError> {
-        let (sockets, hub) = SocketFactory::in_new_netns()
-            .map_err(NetError::os("create the stage network namespace"))?;
+impl StartedNetwork {
+    /// The rest of [`StageNetwork::build`]: waits for the namespace, then builds the
+    /// bridge and veths (several steps) and egress.
+    pub async fn finish(self) -> Result<StageNetwork, NetError> {
+        let plan = &self.plan;
+        let (sockets, hub) = self.pending.ready().await?;
         let mut network = StageNetwork {
             plan: plan.clone(),
             dir: None,
@@ -87,29 +82,14 @@ impl StageNetwork {
             sockets: Arc::new(sockets),
             egress: None,
         };
-        let hub_link = Netlink::new(hub.netlink).map_err(NetError::os("open netlink"))?;
-        hub_link
-            .loopback_up()
-            .await
-            .map_err(NetError::netlink("set lo up in the stage namespace"))?;
-        // A bridge only pays when there are steps to connect: a stage with a single
-        // step gets one namespace with its address on lo (as pod mode has), which is
-        // the same network seen from that step and from the port proxy, without the
-        // veth and bridge that make namespace setup slow on a busy kernel.
-        let shared = plan.mode == NetworkMode::Pod || plan.steps.len() <= 1;
-        match shared {
-            false => network.build_bridge(&hub_link).await?,
-            true => {
-                let address = plan.steps.first().map(|s| s.address);
-                if let Some(address) = address {
-                    hub_link
-                        .add_address(1, address, 32)
-                        .await
-                        .map_err(NetError::netlink(format!(
-                            "add pod address {address} to lo"
-                        )))?;
-                }
-            }
+        // A stage with a single step gets one namespace with its address on lo (set
+        // by the namespace's thread), as pod mode has: the same network seen from that
+        // step and from the port proxy, without the veth and bridge that make namespace
+        // setup slow on a busy kernel.
+        let shared = shared(plan);
+        if !shared {
+            let hub_link = Netlink::new(hub.netlink).map_err(NetError::os("open netlink"))?;
+            network.build_bridge(&hub_link).await?;
         }
         if plan.egress {
             let targets: Vec<BorrowedFd<'_>> = match shared {
@@ -124,6 +104,55 @@ impl StageNetwork {
             network.egress = Some(egress);
         }
         Ok(network)
+    }
+}
+
+/// One namespace for all steps: pod mode, or a stage of a single step (a bridge only
+/// pays when there are steps to connect).
+fn shared(plan: &NetworkPlan) -> bool {
+    plan.mode == NetworkMode::Pod || plan.steps.len() <= 1
+}
+
+impl StageNetwork {
+    /// Builds the network of `plan`: namespaces, links, addresses, and each step's
+    /// `hosts` and `resolv.conf` under `<state_dir>/net`. Returns once every link is
+    /// up, so that no step's first packet is lost.
+    pub async fn create(plan: &NetworkPlan, state_dir: &Path) -> Result<StageNetwork, NetError> {
+        let mut network = StageNetwork::build(plan).await?;
+        network.write_files(state_dir)?;
+        Ok(network)
+    }
+
+    /// The namespaces, links and addresses of [`StageNetwork::create`], without the
+    /// step files: it needs only the capabilities of the runner's namespace, so a
+    /// rootless runner can build it while its id maps are still being written. Call
+    /// [`StageNetwork::write_files`] before starting steps.
+    pub async fn build(plan: &NetworkPlan) -> Result<StageNetwork, NetError> {
+        StageNetwork::start(plan)?.finish().await
+    }
+
+    /// The first part of [`StageNetwork::build`], needing no runtime: starts the
+    /// namespace's thread, which creates the namespace and sets `lo` up (with the pod
+    /// address, for a shared namespace) on its own while the caller goes on.
+    pub fn start(plan: &NetworkPlan) -> Result<StartedNetwork, NetError> {
+        let address = match shared(plan) {
+            true => plan.steps.first().map(|s| s.address),
+            false => None,
+        };
+        let pending = SocketFactory::start_in_new_netns(move |hub| {
+            loopback_up_blocking(hub.netlink.as_fd())
+                .map_err(NetError::os("set lo up in the stage namespace"))?;
+            if let Some(address) = address {
+                add_address_blocking(hub.netlink.as_fd(), 1, address, 32)
+                    .map_err(NetError::os(format!("add pod address {address} to lo")))?;
+            }
+            Ok(())
+        })
+        .map_err(NetError::os("start the stage namespace's thread"))?;
+        Ok(StartedNetwork {
+            plan: plan.clone(),
+            pending,
+        })
     }
 
     async fn build_bridge(&mut self, hub: &Netlink) -> Result<(), NetError> {

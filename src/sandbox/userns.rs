@@ -188,8 +188,19 @@ impl PreparedRootless {
     /// single-threaded: unshare the namespaces and let the id-mapping helpers go,
     /// without waiting for them.
     pub fn begin(self) -> Result<PendingRootless, SandboxError> {
+        self.begin_with(|| ())
+    }
+
+    /// [`PreparedRootless::begin`], running `before_go` in the new namespaces right
+    /// before the id-mapping helpers are let go (not at all if unsharing failed): what
+    /// must be forked while single-threaded, or should start before the helpers take
+    /// the CPUs.
+    pub fn begin_with(self, before_go: impl FnOnce()) -> Result<PendingRootless, SandboxError> {
         require_single_thread()?;
         let unshared = unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS);
+        if unshared.is_ok() {
+            before_go();
+        }
         let (helpers, single_reason) = match self.mapper {
             Ok((uids, gids, mapper)) => {
                 let helpers = mapper.go(unshared.is_ok());
