@@ -177,8 +177,16 @@ pub fn remove_run_cgroups(run_dir: &Path) {
         return;
     };
     let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
-    if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
-        roots.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    // cgroup v1 (or hybrid): one hierarchy per directory below; v2 has only the one.
+    let unified = nix::sys::statfs::statfs("/sys/fs/cgroup")
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC);
+    if let (false, Ok(entries)) = (unified, fs::read_dir("/sys/fs/cgroup")) {
+        roots.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
     }
     for root in roots {
         let Ok(children) = fs::read_dir(root.join("sandrun")) else {
