@@ -17,7 +17,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
 use oci_spec::runtime::Mount;
@@ -92,10 +92,22 @@ fn mount_one(root: &OwnedFd, m: &Mount) -> io::Result<()> {
     }
 }
 
-/// A new instance of `fstype` on `target`. As libcontainer does, the read-only and
-/// other flags are attributes of the mount, not of the superblock (sysfs shares one
-/// superblock per network namespace between all its mounts).
+/// A new instance of `fstype` on `target`. For sysfs, as libcontainer does, the
+/// read-only and other flags are attributes of the mount, not of the superblock: sysfs
+/// shares one superblock per network namespace between all its mounts.
 fn fresh(fstype: &str, source: &Path, target: &OwnedFd, options: &Options) -> io::Result<()> {
+    if fstype != "sysfs" {
+        // A superblock of its own (tmpfs, devpts with newinstance): one mount(2) onto
+        // the target's descriptor, through its /proc/self/fd link.
+        return nix::mount::mount(
+            Some(source),
+            Path::new(&format!("/proc/self/fd/{}", target.as_raw_fd())),
+            Some(fstype),
+            options.flags,
+            (!options.data.is_empty()).then_some(options.data.as_str()),
+        )
+        .map_err(io::Error::from);
+    }
     let fstype = CString::new(fstype)?;
     // SAFETY: fsopen(2) with a valid C string; returns a new descriptor or -1.
     let fs =
@@ -274,72 +286,72 @@ fn open_in_root(root: &OwnedFd, path: &Path, flags: i32) -> io::Result<OwnedFd> 
 /// The directory `path` inside `root`, created (with its parents) where missing.
 fn make_dir(root: &OwnedFd, path: &Path) -> io::Result<OwnedFd> {
     let flags = libc::O_PATH | libc::O_DIRECTORY;
-    if let Ok(fd) = open_in_root(root, path, flags) {
-        return Ok(fd);
+    match open_in_root(root, path, flags) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        found => return found,
     }
-    let mut done = PathBuf::from("/");
-    let mut dir = open_in_root(root, &done, flags)?;
-    for part in path.components() {
-        let Component::Normal(name) = part else {
-            continue;
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(io::Error::from_raw_os_error(libc::ENOENT));
+    };
+    let dir = make_dir(root, parent)?;
+    let c = CString::new(name.as_bytes())?;
+    // SAFETY: mkdirat(2) in a directory we hold open.
+    if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) } == 0 {
+        // SAFETY: openat(2) of the directory just made, following nothing.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
         };
-        let next = done.join(name);
-        dir = match open_in_root(root, &next, flags) {
-            Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                let c = CString::new(name.as_bytes())?;
-                // SAFETY: mkdirat(2) in a directory we hold open.
-                if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) } < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.raw_os_error() != Some(libc::EEXIST) {
-                        return Err(e);
-                    }
-                }
-                open_in_root(root, &next, flags)?
-            }
-            Err(e) => return Err(e),
-        };
-        done = next;
+        return owned(fd.into());
     }
-    Ok(dir)
+    // Something is there already: a link, resolved inside the root, or an error.
+    open_in_root(root, path, flags).map_err(|e| dangling(&dir, name, e))
 }
 
 /// The file `path` inside `root`, created empty (0644) where missing.
 fn make_file(root: &OwnedFd, path: &Path) -> io::Result<OwnedFd> {
-    if let Ok(fd) = open_in_root(root, path, libc::O_PATH) {
-        return Ok(fd);
+    match open_in_root(root, path, libc::O_PATH) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        found => return found,
     }
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     };
     let dir = make_dir(root, parent)?;
     let c = CString::new(name.as_bytes())?;
-    // SAFETY: openat(2) in a directory we hold open; O_NOFOLLOW|O_EXCL never follows
-    // a symlink that appeared there (its target is resolved in the root below).
+    // SAFETY: openat(2) in a directory we hold open; O_EXCL|O_NOFOLLOW never follows a
+    // link there (a dangling one is reported below).
     let fd = unsafe {
         libc::openat(
             dir.as_raw_fd(),
             c.as_ptr(),
-            libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_WRONLY | libc::O_CLOEXEC,
+            libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_RDONLY | libc::O_CLOEXEC,
             0o644,
         )
     };
-    if fd >= 0 {
-        drop(owned(fd.into()));
-    }
-    open_in_root(root, path, libc::O_PATH).map_err(|e| {
-        // Say why a file that "exists" cannot be found: a link to a missing file.
-        match nix::fcntl::readlinkat(Some(dir.as_raw_fd()), name) {
-            Ok(link) if e.raw_os_error() == Some(libc::ENOENT) => io::Error::new(
-                e.kind(),
-                format!(
-                    "it is a symlink to `{}`, which the image does not have",
-                    link.to_string_lossy()
-                ),
-            ),
-            _ => e,
+    match owned(fd.into()) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            open_in_root(root, path, libc::O_PATH).map_err(|e| dangling(&dir, name, e))
         }
-    })
+        made => made,
+    }
+}
+
+/// Says why a name that exists cannot be resolved: a link to something missing.
+fn dangling(dir: &OwnedFd, name: &std::ffi::OsStr, e: io::Error) -> io::Error {
+    match nix::fcntl::readlinkat(Some(dir.as_raw_fd()), name) {
+        Ok(link) if e.raw_os_error() == Some(libc::ENOENT) => io::Error::new(
+            e.kind(),
+            format!(
+                "it is a symlink to `{}`, which the image does not have",
+                link.to_string_lossy()
+            ),
+        ),
+        _ => e,
+    }
 }
 
 #[cfg(test)]
