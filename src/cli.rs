@@ -506,6 +506,9 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         let shown = ui.await;
         (Ok(outcome), shown)
     });
+    // Helpers that reported their step's exit status early may still be cleaning up
+    // inside the run's state directory.
+    crate::run::launch::reap_reported();
     drop(run_dir);
     // Everything the run started has ended and been awaited: do not wait for idle
     // worker threads to be joined.

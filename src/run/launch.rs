@@ -206,9 +206,54 @@ enum ChildKind {
     Tokio(Child),
     Pidfd {
         pid: u32,
-        pidfd: AsyncFd<OwnedFd>,
+        pidfd: Option<AsyncFd<OwnedFd>>,
         status: Option<ExitStatus>,
+        /// Where a container helper reports its step's exit status before it cleans
+        /// up (see `sandbox::container::report_status_to`).
+        report: Option<tokio::net::unix::pipe::Receiver>,
     },
+}
+
+/// Helpers that reported their step's exit status and were not reaped yet (they are
+/// still cleaning up): [`reap_reported`] waits for them.
+static REPORTED: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
+
+/// Waits for every helper that reported its step's exit status early to end (it
+/// cleans up after its container meanwhile). Call before removing the run's state.
+pub fn reap_reported() {
+    let pending = std::mem::take(&mut *REPORTED.lock().unwrap_or_else(|e| e.into_inner()));
+    for pidfd in pending {
+        // SAFETY: waitid(2) on a pidfd of our child.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        loop {
+            let r = unsafe {
+                libc::waitid(
+                    libc::P_PIDFD,
+                    pidfd.as_raw_fd() as libc::id_t,
+                    &mut info,
+                    libc::WEXITED,
+                )
+            };
+            if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                break;
+            }
+        }
+    }
+}
+
+impl Drop for StepChild {
+    fn drop(&mut self) {
+        // Reported but not reaped: the helper is still cleaning up; keep its pidfd so
+        // that the run waits for it (reap_reported).
+        if let ChildKind::Pidfd { pidfd, status, .. } = &mut self.kind {
+            if status.is_some() {
+                if let Some(fd) = pidfd.take() {
+                    let fd = fd.into_inner();
+                    REPORTED.lock().unwrap_or_else(|e| e.into_inner()).push(fd);
+                }
+            }
+        }
+    }
 }
 
 impl From<Child> for StepChild {
@@ -251,10 +296,20 @@ impl StepChild {
             stderr: Some(pipe(stderr)?),
             kind: ChildKind::Pidfd {
                 pid,
-                pidfd,
+                pidfd: Some(pidfd),
                 status: None,
+                report: None,
             },
         })
+    }
+
+    /// Takes the step's exit status from `status` (a pipe the helper writes it to
+    /// before cleaning up) when it comes before the helper's own exit.
+    pub fn with_status_pipe(mut self, status: OwnedFd) -> io::Result<StepChild> {
+        if let ChildKind::Pidfd { report, .. } = &mut self.kind {
+            *report = Some(tokio::net::unix::pipe::Receiver::from_owned_fd(status)?);
+        }
+        Ok(self)
     }
 
     /// The pid, until the process has been waited for.
@@ -270,38 +325,81 @@ impl StepChild {
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         match &mut self.kind {
             ChildKind::Tokio(c) => c.wait().await,
-            ChildKind::Pidfd { pidfd, status, .. } => loop {
+            ChildKind::Pidfd {
+                pidfd: slot,
+                status,
+                report,
+                ..
+            } => loop {
                 if let Some(s) = status {
                     return Ok(*s);
                 }
-                let mut ready = pidfd.readable().await?;
-                // SAFETY: waitid(2) on a pidfd of our child fills `info`.
-                let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-                let r = unsafe {
-                    libc::waitid(
-                        libc::P_PIDFD,
-                        pidfd.as_raw_fd() as libc::id_t,
-                        &mut info,
-                        libc::WEXITED | libc::WNOHANG,
-                    )
+                let Some(pidfd) = slot.as_ref() else {
+                    return Err(io::Error::other("the helper was already waited for"));
                 };
-                if r < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // SAFETY: waitid filled the child fields (si_pid 0: not yet ended).
-                let (pid, code, value) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
-                if pid == 0 {
-                    ready.clear_ready();
-                    continue;
-                }
-                // The raw wait(2) status: exit code in the second byte, or the signal
-                // (with 0x80 for a core dump).
-                let raw = match code {
-                    libc::CLD_EXITED => (value & 0xff) << 8,
-                    libc::CLD_DUMPED => value | 0x80,
-                    _ => value,
+                let early = async {
+                    match report.as_mut() {
+                        Some(pipe) => {
+                            use tokio::io::AsyncReadExt;
+                            let mut code = [0u8; 4];
+                            pipe.read_exact(&mut code).await.ok().map(|_| code)
+                        }
+                        None => std::future::pending().await,
+                    }
                 };
-                *status = Some(ExitStatus::from_raw(raw));
+                let reaped = tokio::select! {
+                    code = early => {
+                        match code {
+                            // The exit code, as the helper would have exited with it;
+                            // the helper is reaped later (see `reap_reported`).
+                            Some(code) => {
+                                let code = i32::from_ne_bytes(code);
+                                *status = Some(ExitStatus::from_raw((code & 0xff) << 8));
+                            }
+                            // The helper ended (or failed) before reporting: its exit
+                            // status says.
+                            None => *report = None,
+                        }
+                        None
+                    }
+                    ready = pidfd.readable() => {
+                        let mut ready = ready?;
+                        // SAFETY: waitid(2) on a pidfd of our child fills `info`.
+                        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+                        let r = unsafe {
+                            libc::waitid(
+                                libc::P_PIDFD,
+                                pidfd.as_raw_fd() as libc::id_t,
+                                &mut info,
+                                libc::WEXITED | libc::WNOHANG,
+                            )
+                        };
+                        if r < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                        // SAFETY: waitid filled the child fields (si_pid 0: not yet ended).
+                        let (pid, code, value) =
+                            unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+                        if pid == 0 {
+                            ready.clear_ready();
+                            None
+                        } else {
+                            // The raw wait(2) status: exit code in the second byte, or
+                            // the signal (with 0x80 for a core dump).
+                            Some(match code {
+                                libc::CLD_EXITED => (value & 0xff) << 8,
+                                libc::CLD_DUMPED => value | 0x80,
+                                _ => value,
+                            })
+                        }
+                    }
+                };
+                if let Some(raw) = reaped {
+                    *status = Some(ExitStatus::from_raw(raw));
+                    // Reaped: nothing to wait for later.
+                    *slot = None;
+                    *report = None;
+                }
             },
         }
     }

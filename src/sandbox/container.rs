@@ -13,7 +13,7 @@
 //! image); things it cannot do but runs on without start with [`WARNING_PREFIX`].
 
 use std::fs;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -43,6 +43,44 @@ pub const ERROR_PREFIX: &str = "sandrun: error: ";
 /// Start of a line on the helper's stderr that reports something sandrun could not
 /// do but ran on without (e.g. limits not enforceable rootless).
 pub const WARNING_PREFIX: &str = "sandrun: warning: ";
+
+/// Where a helper cloned by the zygote reports the step's exit status as soon as the
+/// container has exited (a pipe to the runner), and the runner's stderr for what it
+/// says afterwards; -1 for an executed helper, whose exit status is the report.
+static REPORT_TO: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
+
+/// Makes [`run`] report the exit status on `status` and go on cleaning up quietly
+/// (its output then goes to `runner_stderr`): the runner goes on with the stage
+/// meanwhile, and waits for the helper only before it removes the run's state.
+pub(crate) fn report_status_to(status: RawFd, runner_stderr: RawFd) {
+    REPORT_TO[0].store(status, Ordering::SeqCst);
+    REPORT_TO[1].store(runner_stderr, Ordering::SeqCst);
+}
+
+/// Sends `code` to the runner when it asked for an early report: the step's output
+/// pipes are closed here (the container's processes are gone), its stderr becomes
+/// the runner's.
+fn report_early(code: i32) {
+    let status = REPORT_TO[0].swap(-1, Ordering::SeqCst);
+    if status < 0 {
+        return;
+    }
+    let runner_stderr = REPORT_TO[1].load(Ordering::SeqCst);
+    // SAFETY: writes and dup2s on descriptors this helper holds.
+    unsafe {
+        let bytes = code.to_ne_bytes();
+        libc::write(status, bytes.as_ptr().cast(), bytes.len());
+        libc::close(status);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if null >= 0 {
+            libc::dup2(null, 1);
+            libc::close(null);
+        }
+        if runner_stderr >= 0 {
+            libc::dup2(runner_stderr, 2);
+        }
+    }
+}
 
 /// Entry point of `sandrun __container <spec.json>`.
 pub fn main(spec_path: &Path) -> i32 {
@@ -168,6 +206,7 @@ fn run(spec_path: &Path) -> Result<i32, SandboxError> {
             );
         }
     }
+    report_early(code);
     container
         .delete(true)
         .map_err(|e| container_error(&spec, "delete", e))?;

@@ -161,11 +161,20 @@ impl Launcher for ContainerLauncher {
                 };
                 let (out_read, out_write) = pipe()?;
                 let (err_read, err_write) = pipe()?;
+                let (status_read, status_write) = pipe()?;
                 let pid = zygote
-                    .spawn(&path, out_write.as_fd(), err_write.as_fd(), netns)
+                    .spawn(
+                        &path,
+                        out_write.as_fd(),
+                        err_write.as_fd(),
+                        status_write.as_fd(),
+                        netns,
+                    )
                     .map_err(failed)?;
-                drop((out_write, err_write));
-                StepChild::from_pid(pid.as_raw() as u32, out_read, err_read).map_err(failed)
+                drop((out_write, err_write, status_write));
+                StepChild::from_pid(pid.as_raw() as u32, out_read, err_read)
+                    .and_then(|child| child.with_status_pipe(status_read))
+                    .map_err(failed)
             }
             None => spawn_container(&self.binary, &container, netns)
                 .map(StepChild::from)

@@ -76,13 +76,14 @@ impl Zygote {
         spec_path: &Path,
         stdout: BorrowedFd<'_>,
         stderr: BorrowedFd<'_>,
+        status: BorrowedFd<'_>,
         netns: Option<BorrowedFd<'_>>,
     ) -> std::io::Result<Pid> {
         let path = spec_path.as_os_str().as_bytes();
         if path.len() > MAX_PATH {
             return Err(std::io::Error::other("spec path too long"));
         }
-        let mut fds = vec![stdout.as_raw_fd(), stderr.as_raw_fd()];
+        let mut fds = vec![stdout.as_raw_fd(), stderr.as_raw_fd(), status.as_raw_fd()];
         fds.extend(netns.map(|n| n.as_raw_fd()));
         let socket = self.socket.lock().unwrap_or_else(|e| e.into_inner());
         let cmsg = [ControlMessage::ScmRights(&fds)];
@@ -140,7 +141,7 @@ fn serve(socket: OwnedFd, runner: Pid, rootless: bool) -> ! {
     }
     let mut path = vec![0u8; MAX_PATH];
     loop {
-        let mut space = nix::cmsg_space!([RawFd; 3]);
+        let mut space = nix::cmsg_space!([RawFd; 4]);
         let (len, fds) = {
             let mut iov = [IoSliceMut::new(&mut path)];
             match recvmsg::<()>(
@@ -168,7 +169,7 @@ fn serve(socket: OwnedFd, runner: Pid, rootless: bool) -> ! {
             // SAFETY: the runner closed its end.
             unsafe { libc::_exit(0) }
         }
-        let reply = if fds.len() < 2 {
+        let reply = if fds.len() < 3 {
             -libc::EINVAL
         } else {
             let spec = Path::new(OsStr::from_bytes(&path[..len]));
@@ -256,6 +257,11 @@ fn helper_setup(
     }
     nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))
         .map_err(sys("make a process group"))?;
+    // The runner's own stderr, for what the helper says after it has reported the
+    // step's exit status (its fd 2 is the step's pipe until then).
+    // SAFETY: F_DUPFD_CLOEXEC on the helper's own descriptor 2.
+    let runner_stderr = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) };
+    super::container::report_status_to(fds[2].as_raw_fd(), runner_stderr);
     let null = std::fs::File::open("/dev/null")
         .map_err(|e| SandboxError::io("open", Path::new("/dev/null"), e))?;
     for (from, to) in [
@@ -266,7 +272,14 @@ fn helper_setup(
         // dup2 clears close-on-exec on the new descriptor.
         nix::unistd::dup2(from, to).map_err(sys("set up the helper's standard streams"))?;
     }
-    if let Some(netns) = fds.get(2) {
+    // Only 1 and 2 may hold the step's pipes: when the helper reports the exit status
+    // early, it points them elsewhere, and the runner then sees the end of the output.
+    // (The helper never returns from here, so these descriptors are not dropped.)
+    for fd in &fds[..2] {
+        // SAFETY: closing this helper's copies, which nothing uses or drops after.
+        unsafe { libc::close(fd.as_raw_fd()) };
+    }
+    if let Some(netns) = fds.get(3) {
         nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(sys("join the step's network namespace"))?;
     }
