@@ -370,6 +370,59 @@ fn ctrl_c_during_a_pull_ends_the_run_and_the_store_stays_sound() {
     }
 }
 
+/// A container helper reports its step's exit status before it cleans up, and the
+/// runner goes on at once: the step's output still arrives whole, its exit code is the
+/// container's, and when the run ends nothing of it is left (the last helper of each
+/// stage is stopped with the stage and the run removes what it left).
+#[test]
+fn early_exit_status_keeps_output_and_exit_codes_and_leaves_nothing() {
+    let Some(fx) = fixture() else { return };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let tag = free_port();
+        let step = |id: &str, command: &str| {
+            format!(
+                "              - step:\n                  type: Run\n                  name: {id}\n                  identifier: {id}\n                  spec:\n                    image: {bb}\n                    shell: Sh\n                    command: {command}\n",
+                bb = fx.busybox
+            )
+        };
+        let stage = |id: &str, steps: &str| {
+            format!(
+                "    - stage:\n        name: {id}\n        identifier: {id}\n        type: CI\n        spec:\n          execution:\n            steps:\n{steps}"
+            )
+        };
+        let pipeline = format!(
+            "pipeline:\n  name: p\n  identifier: p\n  stages:\n{}{}",
+            stage(
+                "one",
+                &(step("many", &format!("seq 1 20000; echo last-{tag}"))
+                    + &step("fails", "exit 3"))
+            ),
+            stage("two", &step("after", &format!("echo two-{tag}"))),
+        );
+        sb.write("ci.yaml", &pipeline);
+        let child = sb.spawn(["run", "ci.yaml"]);
+        let pid = child.id();
+        let r = support::Run::from(child.wait_with_output().unwrap());
+        // `fails` fails the first stage; the second is skipped.
+        r.assert_code(1);
+        let out = r.all();
+        assert!(out.contains("many  | 20000\n"), "{out}");
+        assert!(out.contains(&format!("many  | last-{tag}")), "{out}");
+        assert!(out.contains("exit code 3"), "{out}");
+        let run_dir =
+            sandrun::sandbox::state::default_base_for(sb.uid()).join(format!("run-{pid}"));
+        assert!(!run_dir.exists(), "{} was left behind", run_dir.display());
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(&format!("run-{pid}")), "{mounts}");
+        // Both stages run when the first passes; the second's output is whole too.
+        sb.write("ci.yaml", &pipeline.replace("exit 3", "true"));
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0)
+            .assert_stdout(&format!("after | two-{tag}"));
+    }
+}
+
 #[test]
 fn a_sigkilled_run_leaves_no_process_and_the_next_run_sweeps_its_state() {
     use nix::sys::signal::{kill, Signal};
