@@ -55,14 +55,13 @@ impl Netlink {
     /// loopback, and 256 KiB segments instead of 64 KiB cost that half of the proxy
     /// about a third less CPU per byte.
     pub async fn loopback_up(&self) -> NlResult<()> {
-        let big = LinkUnspec::new_with_index(LOOPBACK_INDEX)
-            .up()
-            .append_extra_attribute(LinkAttribute::GsoMaxSize(BIG_TCP_SIZE))
-            .append_extra_attribute(LinkAttribute::GroMaxSize(BIG_TCP_SIZE))
-            .append_extra_attribute(LinkAttribute::GsoIpv4MaxSize(BIG_TCP_SIZE))
-            .append_extra_attribute(LinkAttribute::GroIpv4MaxSize(BIG_TCP_SIZE))
-            .build();
-        match self.handle.link().set(big).execute().await {
+        match self
+            .handle
+            .link()
+            .set(loopback_big_tcp_up())
+            .execute()
+            .await
+        {
             Ok(()) => Ok(()),
             // Older kernels refuse the attributes: plain up.
             Err(_) => self.set_up(LOOPBACK_INDEX).await,
@@ -155,19 +154,27 @@ impl Netlink {
     }
 }
 
-/// The loopback device set up as [`Netlink::loopback_up`] does, with blocking requests
-/// on a route-netlink `socket` of the namespace: for the namespace's own thread, before
-/// any runtime exists (three tokio hand-offs per request cost more than the request).
-pub(crate) fn loopback_up_blocking(socket: BorrowedFd<'_>) -> std::io::Result<()> {
-    let big = LinkUnspec::new_with_index(LOOPBACK_INDEX)
+/// `lo` up with 256 KiB GSO/GRO segments (see [`Netlink::loopback_up`]).
+fn loopback_big_tcp_up() -> LinkMessage {
+    LinkUnspec::new_with_index(LOOPBACK_INDEX)
         .up()
         .append_extra_attribute(LinkAttribute::GsoMaxSize(BIG_TCP_SIZE))
         .append_extra_attribute(LinkAttribute::GroMaxSize(BIG_TCP_SIZE))
         .append_extra_attribute(LinkAttribute::GsoIpv4MaxSize(BIG_TCP_SIZE))
         .append_extra_attribute(LinkAttribute::GroIpv4MaxSize(BIG_TCP_SIZE))
-        .build();
+        .build()
+}
+
+/// The loopback device set up as [`Netlink::loopback_up`] does, with blocking requests
+/// on a route-netlink `socket` of the namespace: for the namespace's own thread, before
+/// any runtime exists (three tokio hand-offs per request cost more than the request).
+pub(crate) fn loopback_up_blocking(socket: BorrowedFd<'_>) -> std::io::Result<()> {
     let flags = NLM_F_REQUEST | NLM_F_ACK;
-    match request_blocking(socket, RouteNetlinkMessage::SetLink(big), flags) {
+    match request_blocking(
+        socket,
+        RouteNetlinkMessage::SetLink(loopback_big_tcp_up()),
+        flags,
+    ) {
         Ok(()) => Ok(()),
         // Older kernels refuse the attributes: plain up.
         Err(_) => {
