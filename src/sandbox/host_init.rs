@@ -235,49 +235,23 @@ fn read_only_host(writable: &[CString]) -> nix::Result<()> {
             )?;
         }
     }
-    mount_setattr(c"/", MOUNT_ATTR_RDONLY, 0)?;
+    mount_setattr(c"/", libc::MOUNT_ATTR_RDONLY, 0)?;
     for p in &open {
-        mount_setattr(p, 0, MOUNT_ATTR_RDONLY)?;
+        mount_setattr(p, 0, libc::MOUNT_ATTR_RDONLY)?;
     }
     Ok(())
 }
 
-const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const AT_RECURSIVE: libc::c_int = 0x8000;
-
-/// `struct mount_attr` of mount_setattr(2).
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
 /// Set and clear attributes on `path` and every mount below it (Linux 5.12+).
 fn mount_setattr(path: &std::ffi::CStr, set: u64, clear: u64) -> nix::Result<()> {
-    let attr = MountAttr {
-        attr_set: set,
-        attr_clr: clear,
-        propagation: 0,
-        userns_fd: 0,
-    };
-    // SAFETY: a valid C string and a mount_attr of the size passed.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            AT_RECURSIVE,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(nix::errno::Errno::last())
-    }
+    super::mounts::mount_setattr(
+        libc::AT_FDCWD,
+        path,
+        libc::AT_RECURSIVE as libc::c_uint,
+        set,
+        clear,
+    )
+    .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
 }
 
 fn wait_for(pid: Pid) -> WaitStatus {

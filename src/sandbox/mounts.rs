@@ -13,9 +13,9 @@
 //! 0755, files 0644, as runc does). All of it happens in the helper's private mount
 //! namespace, so nothing is left mounted when the helper ends.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -169,6 +169,38 @@ fn mount_attributes(flags: MsFlags) -> u64 {
     .fold(0, |attrs, (_, attr)| attrs | attr)
 }
 
+/// mount_setattr(2): sets `set` and clears `clear` (`MOUNT_ATTR_*`) on the mount at
+/// `path` relative to `dirfd` (`at`: `AT_*` flags such as `AT_RECURSIVE`).
+pub(crate) fn mount_setattr(
+    dirfd: RawFd,
+    path: &CStr,
+    at: libc::c_uint,
+    set: u64,
+    clear: u64,
+) -> io::Result<()> {
+    let attr = libc::mount_attr {
+        attr_set: set,
+        attr_clr: clear,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: a valid C string and a mount_attr of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            dirfd,
+            path.as_ptr(),
+            at,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Attaches the detached mount `mnt` on `target`.
 fn move_mount(mnt: &OwnedFd, target: &OwnedFd) -> io::Result<()> {
     // SAFETY: move_mount(2) between two descriptors we hold.
@@ -202,30 +234,11 @@ fn bind(source: &Path, target: &OwnedFd, options: &Options) -> io::Result<()> {
     let tree = owned(tree)?;
     let attr_set = mount_attributes(options.flags);
     if attr_set != 0 {
-        let attr = libc::mount_attr {
-            attr_set,
-            attr_clr: 0,
-            propagation: 0,
-            userns_fd: 0,
-        };
         let mut at = libc::AT_EMPTY_PATH as libc::c_uint;
         if options.recursive {
             at |= libc::AT_RECURSIVE as libc::c_uint;
         }
-        // SAFETY: mount_setattr(2) on our tree descriptor with a filled struct.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_mount_setattr,
-                tree.as_raw_fd(),
-                c"".as_ptr(),
-                at,
-                &attr as *const libc::mount_attr,
-                std::mem::size_of::<libc::mount_attr>(),
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        mount_setattr(tree.as_raw_fd(), c"", at, attr_set, 0)?;
     }
     move_mount(&tree, target)
 }
