@@ -182,6 +182,7 @@ pub fn main() -> i32 {
         return code;
     }
     let cli = Cli::parse();
+    crate::sandbox::helper::debug_logging();
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -592,7 +593,13 @@ async fn run_plan(
             match std::env::current_exe() {
                 Ok(exe) => Some(
                     ContainerLauncher::new(exe, stage_dir.clone(), images.clone())
-                        .with_zygote(zygote.clone()),
+                        .with_zygote(zygote.clone())
+                        .with_accept_listeners(
+                            network
+                                .as_ref()
+                                .map(|(_, proxy)| proxy.accept_listeners())
+                                .unwrap_or_default(),
+                        ),
                 ),
                 Err(e) => {
                     sink.warn(
@@ -699,7 +706,10 @@ async fn start_network(
             .await
             .context("cannot create the stage network")?,
     };
-    let server = proxy.serve(&network)?;
+    // Host connections are handed to container services directly unless turned off
+    // (the benchmark compares both ways).
+    let handoff = std::env::var_os("SANDRUN_PORT_HANDOFF").is_none_or(|v| v != "off");
+    let server = proxy.serve(&network, handoff.then_some(stage_dir))?;
     Ok(Some((network, server)))
 }
 
