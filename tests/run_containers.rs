@@ -688,7 +688,6 @@ fn host_connections_to_a_bound_port_are_handed_to_the_container_service() {
                 ),
             );
             let mut cmd = sb.command(["run", "ci.yaml"]);
-            cmd.env("SANDRUN_LOG", "sandrun=debug,error");
             if !handoff {
                 cmd.env("SANDRUN_PORT_HANDOFF", "off");
             }
@@ -726,7 +725,9 @@ fn host_connections_to_a_bound_port_are_handed_to_the_container_service() {
             let expected = std::fs::read_to_string(sb.workspace().join("big.md5")).unwrap();
             assert_eq!(big.len(), 4 << 20, "{}", r.all());
             assert_eq!(
-                String::from_utf8_lossy(&sum.stdout).split_whitespace().next(),
+                String::from_utf8_lossy(&sum.stdout)
+                    .split_whitespace()
+                    .next(),
                 expected.split_whitespace().next(),
                 "the 4 MiB body arrived changed"
             );

@@ -102,7 +102,9 @@ impl Handoff {
 
     /// Takes back a host connection that is still parked (nobody claimed it).
     pub fn unpark(&self, placeholder: &SocketAddr) -> Option<StdStream> {
-        lock(&self.waiting).remove(placeholder).map(|(host, _)| host)
+        lock(&self.waiting)
+            .remove(placeholder)
+            .map(|(host, _)| host)
     }
 
     /// Binds the unix socket libcontainer sends the step's seccomp listener to, and
@@ -192,12 +194,15 @@ impl Handoff {
         let inode = socket_inode(&listener);
         let blocking = fd_flags(&listener) & libc::O_NONBLOCK == 0;
         // SAFETY: the AsyncFd owns the duplicate for as long as it is registered.
-        let listener = match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
-            Ok(l) => l,
-            Err(_) => return go_on(fd, n.id),
-        };
+        let listener =
+            match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
+                Ok(l) => l,
+                Err(_) => return go_on(fd, n.id),
+            };
         loop {
-            let stashed = lock(&self.stash).get_mut(&inode).and_then(VecDeque::pop_front);
+            let stashed = lock(&self.stash)
+                .get_mut(&inode)
+                .and_then(VecDeque::pop_front);
             let accepted = match stashed {
                 Some(got) => Ok(got),
                 None => accept_ready(listener.get_ref()).await,
@@ -254,7 +259,12 @@ impl Handoff {
 
     /// The connection the service gets for `conn`, accepted from `peer`: the host
     /// connection parked behind that placeholder, or `conn` itself.
-    fn exchange(&self, conn: OwnedFd, peer: SocketAddr, listener_v4: bool) -> (OwnedFd, SocketAddr) {
+    fn exchange(
+        &self,
+        conn: OwnedFd,
+        peer: SocketAddr,
+        listener_v4: bool,
+    ) -> (OwnedFd, SocketAddr) {
         let Some((host, verdict)) = lock(&self.waiting).remove(&unmapped(peer)) else {
             return (conn, peer);
         };
@@ -262,9 +272,7 @@ impl Handoff {
         // The peer as the service's listener would have said it: an IPv4 client of a
         // dual-stack IPv6 listener is an IPv4-mapped address.
         let said = match (unmapped(host_peer), listener_v4) {
-            (SocketAddr::V4(a), false) => {
-                SocketAddr::from((a.ip().to_ipv6_mapped(), a.port()))
-            }
+            (SocketAddr::V4(a), false) => SocketAddr::from((a.ip().to_ipv6_mapped(), a.port())),
             (SocketAddr::V6(_), true) => {
                 // An IPv6 client cannot reach an IPv4 listener: proxy it instead.
                 let _ = verdict.send(Some(host));
@@ -360,8 +368,14 @@ fn install(
     // into the caller and answers the call with its number.
     let r = unsafe { libc::ioctl(notify, libc::SECCOMP_IOCTL_NOTIF_ADDFD, &addfd) };
     if r < 0 {
-        tracing::debug!("cannot give the connection from {peer}: {}", io::Error::last_os_error());
-        return Err((conn, peer));
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            // Withdrawn (a signal): the next accept gets it.
+            return Err((conn, peer));
+        }
+        // Never leave the service waiting: servers retry after this error.
+        tracing::warn!("cannot give a connection from {peer} to the service: {e}");
+        fail(notify, call.id, libc::ECONNABORTED);
     }
     Ok(())
 }
@@ -461,7 +475,8 @@ fn accept_now(listener: RawFd) -> io::Result<(OwnedFd, SocketAddr)> {
     }
     // SAFETY: accept4 returned a new descriptor.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let peer = from_sockaddr(&addr).ok_or_else(|| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))?;
+    let peer =
+        from_sockaddr(&addr).ok_or_else(|| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))?;
     Ok((fd, peer))
 }
 
@@ -471,7 +486,13 @@ fn local_addr(fd: RawFd) -> Option<SocketAddr> {
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: getsockname(2) writes at most `len` bytes to `addr`.
-    let r = unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len) };
+    let r = unsafe {
+        libc::getsockname(
+            fd,
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
     if r < 0 {
         return None;
     }
@@ -482,13 +503,15 @@ fn from_sockaddr(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match addr.ss_family as i32 {
         libc::AF_INET => {
             // SAFETY: the family says it is a sockaddr_in.
-            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let a =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
             Some(SocketAddr::from((ip, u16::from_be(a.sin_port))))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says it is a sockaddr_in6.
-            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let a =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
             let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
             Some(SocketAddr::V6(std::net::SocketAddrV6::new(
                 ip,
@@ -505,8 +528,10 @@ fn from_sockaddr(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
 fn sockaddr_bytes(addr: SocketAddr) -> Vec<u8> {
     fn bytes_of<T>(v: &T) -> Vec<u8> {
         // SAFETY: a plain-data C struct, read as bytes.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
+        }
+        .to_vec()
     }
     match addr {
         SocketAddr::V4(a) => {
@@ -642,8 +667,10 @@ async fn receive_listener(listener: &UnixListener) -> io::Result<OwnedFd> {
         match got {
             Ok((_, fds)) if !fds.is_empty() => {
                 // SAFETY: SCM_RIGHTS installed these descriptors for us.
-                let mut owned: Vec<OwnedFd> =
-                    fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }).collect();
+                let mut owned: Vec<OwnedFd> = fds
+                    .into_iter()
+                    .map(|f| unsafe { OwnedFd::from_raw_fd(f) })
+                    .collect();
                 return Ok(owned.swap_remove(0));
             }
             Ok((0, _)) => return Err(io::Error::other("closed without a descriptor")),
@@ -652,6 +679,19 @@ async fn receive_listener(listener: &UnixListener) -> io::Result<OwnedFd> {
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Whether this kernel can hand connections over: seccomp's ADDFD with the SEND flag
+/// came with Linux 5.14.
+pub fn supported() -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (5, 14)
 }
 
 /// Where the step's listener socket goes: in the stage's private state directory.

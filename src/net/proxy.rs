@@ -7,8 +7,8 @@
 //! privileges beyond those the runner already has. Bytes are copied both ways until
 //! either side closes or the stage ends.
 
-use std::io;
 use std::collections::{BTreeMap, HashMap};
+use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -98,7 +98,7 @@ impl HostPortProxy {
         let mut tasks = Vec::new();
         let mut handoffs: HashMap<String, Arc<Handoff>> = HashMap::new();
         let mut accept_listeners = HashMap::new();
-        if let Some(dir) = handoff_dir {
+        if let Some(dir) = handoff_dir.filter(|_| handoff::supported()) {
             let mut ports: BTreeMap<&str, Vec<u16>> = BTreeMap::new();
             for port in &self.ports {
                 ports

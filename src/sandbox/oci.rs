@@ -388,8 +388,43 @@ mod tests {
             }],
             resources: Limits::default(),
             privileged,
+            accept_listener: None,
             state_dir: "/tmp/x".into(),
         }
+    }
+
+    #[test]
+    fn accept_calls_go_to_the_runner_only_when_it_asks() {
+        let user = ImageUser {
+            uid: 0,
+            gid: 0,
+            home: "/".into(),
+            additional_gids: vec![],
+        };
+        let p = Process {
+            argv: vec!["sh".into()],
+            env: vec![],
+            cwd: "/",
+            user: &user,
+        };
+        let facts = host(true);
+        let plain = runtime_spec(&container(false), Path::new("/r"), &p, &facts).unwrap();
+        assert!(plain.linux().as_ref().unwrap().seccomp().is_none());
+        let mut c = container(false);
+        c.accept_listener = Some("/run/x/accept-web.sock".into());
+        let spec = runtime_spec(&c, Path::new("/r"), &p, &facts).unwrap();
+        let seccomp = spec.linux().as_ref().unwrap().seccomp().clone().unwrap();
+        assert_eq!(seccomp.default_action(), LinuxSeccompAction::ScmpActAllow);
+        assert_eq!(
+            seccomp.listener_path().as_deref(),
+            Some(Path::new("/run/x/accept-web.sock"))
+        );
+        let rules = seccomp.syscalls().clone().unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0].names(), &["accept", "accept4"]);
+        assert_eq!(rules[0].action(), LinuxSeccompAction::ScmpActNotify);
+        // Unset, so that libcontainer loads the filter while it still may.
+        assert_eq!(spec.process().as_ref().unwrap().no_new_privileges(), None);
     }
 
     fn host(rootless: bool) -> HostFacts {
