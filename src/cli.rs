@@ -593,13 +593,7 @@ async fn run_plan(
             match std::env::current_exe() {
                 Ok(exe) => Some(
                     ContainerLauncher::new(exe, stage_dir.clone(), images.clone())
-                        .with_zygote(zygote.clone())
-                        .with_accept_listeners(
-                            network
-                                .as_ref()
-                                .map(|(_, proxy)| proxy.accept_listeners())
-                                .unwrap_or_default(),
-                        ),
+                        .with_zygote(zygote.clone()),
                 ),
                 Err(e) => {
                     sink.warn(
@@ -619,6 +613,10 @@ async fn run_plan(
                 .map(|c| c as &dyn crate::run::launch::Launcher),
             images,
             network: network.as_ref().map(|(n, _)| n),
+            accept_listeners: network
+                .as_ref()
+                .map(|(_, proxy)| proxy.accept_listeners())
+                .unwrap_or_default(),
             state_dir: &stage_dir,
             options,
             events: sink.clone(),

@@ -593,42 +593,6 @@ fn pod_mode_names_services_whose_images_expose_the_same_port() {
     );
 }
 
-/// GET `path` from the host's loopback port, retrying while the service is not up;
-/// the body.
-fn http_get(port: u16, path: &str) -> Vec<u8> {
-    use std::io::{Read, Write};
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let got = (|| -> std::io::Result<Vec<u8>> {
-            let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
-            write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
-            let mut all = Vec::new();
-            c.read_to_end(&mut all)?;
-            // busybox httpd passes a CGI script's bare "\n\n" on.
-            let (head, gap) = match all.windows(4).position(|w| w == b"\r\n\r\n") {
-                Some(i) => (i, 4),
-                None => (
-                    all.windows(2)
-                        .position(|w| w == b"\n\n")
-                        .ok_or_else(|| std::io::Error::other("no HTTP answer"))?,
-                    2,
-                ),
-            };
-            if !all.starts_with(b"HTTP/1.0 200") && !all.starts_with(b"HTTP/1.1 200") {
-                return Err(std::io::Error::other(
-                    String::from_utf8_lossy(&all[..head]).into_owned(),
-                ));
-            }
-            Ok(all[head + gap..].to_vec())
-        })();
-        match got {
-            Ok(body) => return body,
-            Err(e) if std::time::Instant::now() > deadline => panic!("GET {path}: {e}"),
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
-        }
-    }
-}
-
 #[test]
 fn host_connections_to_a_bound_port_are_handed_to_the_container_service() {
     let Some(fx) = fixture() else { return };
@@ -706,9 +670,9 @@ fn host_connections_to_a_bound_port_are_handed_to_the_container_service() {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             let peers: Vec<String> = (0..3)
-                .map(|_| String::from_utf8(http_get(host_port, "/cgi-bin/peer")).unwrap())
+                .map(|_| String::from_utf8(support::http_get(host_port, "/cgi-bin/peer")).unwrap())
                 .collect();
-            let big = http_get(host_port, "/big");
+            let big = support::http_get(host_port, "/big");
             std::fs::write(sb.workspace().join("done"), "").unwrap();
             let r = support::Run::from(child.wait_with_output().unwrap());
             r.assert_code(0);

@@ -762,3 +762,73 @@ fn host_steps_see_the_host_read_only_but_workspace_and_scratch() {
         assert!(probe.path().join("x").exists());
     }
 }
+
+#[test]
+fn host_connections_to_a_bound_port_are_handed_to_a_host_step_service() {
+    for mode in modes() {
+        for handoff in [true, false] {
+            let sb = Sandbox::new(mode);
+            let host_port = free_port();
+            let tag = free_port();
+            let big: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+            std::fs::write(sb.workspace().join("big"), &big).unwrap();
+            // python's http.server: an IPv4 listener, accept(2) after select(2); it logs
+            // each request's peer address.
+            sb.write(
+                "ci.yaml",
+                &stage(&format!(
+                    r#"- step:
+    type: Background
+    name: web
+    identifier: web
+    spec:
+      shell: Sh
+      command: exec python3 -m http.server 8000 --bind 0.0.0.0
+      portBindings:
+        "{host_port}": "8000"
+- step:
+    type: Run
+    name: hold
+    identifier: hold
+    spec:
+      shell: Sh
+      command: |
+        curl -sf http://web:8000/ >/dev/null
+        while [ ! -f done ]; do sleep 0.1; done # wait{tag}
+"#
+                )),
+            );
+            let mut cmd = sb.command(["run", "ci.yaml"]);
+            cmd.env("SANDRUN_PORT_HANDOFF", if handoff { "on" } else { "off" });
+            let mut child = cmd
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while support::processes_with(&format!("wait{tag}")).is_empty() {
+                if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+                    let _ = child.kill();
+                    let r = support::Run::from(child.wait_with_output().unwrap());
+                    panic!("the hold step did not start:\n{}", r.all());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let got = support::http_get(host_port, "/big");
+            std::fs::write(sb.workspace().join("done"), "").unwrap();
+            let r = support::Run::from(child.wait_with_output().unwrap());
+            r.assert_code(0);
+            assert!(got == big, "the 4 MiB body arrived changed\n{}", r.all());
+            let all = r.all();
+            let served: Vec<&str> = all.lines().filter(|l| l.contains("\"GET /big")).collect();
+            assert_eq!(served.len(), 1, "{}", r.all());
+            if handoff {
+                // The service talked to the host's client itself.
+                assert!(served[0].contains("| 127.0.0.1 - -"), "{}", r.all());
+            } else {
+                // Proxied: the connection came from inside the stage network.
+                assert!(served[0].contains("| 10."), "{}", r.all());
+            }
+        }
+    }
+}

@@ -313,13 +313,9 @@ impl AcceptCall {
             return None;
         }
         let nr = n.data.nr as libc::c_long;
-        #[cfg(target_arch = "x86_64")]
-        let plain_accept = nr == libc::SYS_accept;
-        #[cfg(not(target_arch = "x86_64"))]
-        let plain_accept = false;
         let flags = if nr == libc::SYS_accept4 {
             n.data.args[3] as i32
-        } else if plain_accept {
+        } else if nr == libc::SYS_accept {
             0
         } else {
             return None;

@@ -27,8 +27,6 @@ pub struct ContainerLauncher {
     id_prefix: String,
     images: HashMap<String, ImageSpec>,
     zygote: Option<Arc<Zygote>>,
-    /// Step key -> the runner's socket for the seccomp listener of its `accept` calls.
-    accept_listeners: HashMap<String, PathBuf>,
 }
 
 impl ContainerLauncher {
@@ -72,15 +70,7 @@ impl ContainerLauncher {
             id_prefix,
             images,
             zygote: None,
-            accept_listeners: HashMap::new(),
         }
-    }
-
-    /// Steps whose `accept` calls the runner answers, so that connections to their
-    /// bound ports are handed to them directly (`net::handoff`).
-    pub fn with_accept_listeners(mut self, listeners: HashMap<String, PathBuf>) -> Self {
-        self.accept_listeners = listeners;
-        self
     }
 
     /// Starts helpers through `zygote` (no new exec of the binary per step) instead of
@@ -148,7 +138,7 @@ impl ContainerLauncher {
                 cpu_millis: step.resources.cpu_millis,
             },
             privileged: step.privileged,
-            accept_listener: self.accept_listeners.get(&step.key).cloned(),
+            accept_listener: spec.accept_listener.map(Path::to_path_buf),
             state_dir: self.state_dir.clone(),
         })
     }
