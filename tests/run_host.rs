@@ -832,3 +832,91 @@ fn host_connections_to_a_bound_port_are_handed_to_a_host_step_service() {
         }
     }
 }
+
+#[test]
+fn an_asyncio_service_takes_host_connections_through_its_non_blocking_listener() {
+    for mode in modes() {
+        for handoff in [true, false] {
+            let sb = Sandbox::new(mode);
+            let host_port = free_port();
+            let tag = free_port();
+            // asyncio: a non-blocking listener, epoll, accept(2) until EAGAIN.
+            sb.write(
+                "serve.py",
+                "import asyncio\n\
+                 async def handle(r, w):\n\
+                 \x20   await r.read(1)\n\
+                 \x20   w.write(f\"peer={w.get_extra_info('peername')[0]}\\n\".encode())\n\
+                 \x20   await w.drain()\n\
+                 \x20   w.close()\n\
+                 async def main():\n\
+                 \x20   s = await asyncio.start_server(handle, '0.0.0.0', 8000)\n\
+                 \x20   await s.serve_forever()\n\
+                 asyncio.run(main())\n",
+            );
+            sb.write(
+                "ci.yaml",
+                &stage(&format!(
+                    r#"- step:
+    type: Background
+    name: svc
+    identifier: svc
+    spec:
+      shell: Sh
+      command: exec python3 serve.py
+      portBindings:
+        "{host_port}": "8000"
+- step:
+    type: Run
+    name: hold
+    identifier: hold
+    spec:
+      shell: Sh
+      command: |
+        while [ ! -f done ]; do sleep 0.1; done # wait{tag}
+"#
+                )),
+            );
+            let mut cmd = sb.command(["run", "ci.yaml"]);
+            cmd.env("SANDRUN_PORT_HANDOFF", if handoff { "on" } else { "off" });
+            let mut child = cmd
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while support::processes_with(&format!("wait{tag}")).is_empty() {
+                if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+                    let _ = child.kill();
+                    let r = support::Run::from(child.wait_with_output().unwrap());
+                    panic!("the hold step did not start:\n{}", r.all());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // Several connections at once: each one is answered.
+            let conns: Vec<std::net::TcpStream> = (0..5)
+                .map(|_| std::net::TcpStream::connect(("127.0.0.1", host_port)).unwrap())
+                .collect();
+            let answers: Vec<String> = conns
+                .into_iter()
+                .map(|mut c| {
+                    use std::io::{Read, Write};
+                    c.write_all(b"x").unwrap();
+                    let mut s = String::new();
+                    c.read_to_string(&mut s).unwrap();
+                    s
+                })
+                .collect();
+            std::fs::write(sb.workspace().join("done"), "").unwrap();
+            let r = support::Run::from(child.wait_with_output().unwrap());
+            r.assert_code(0);
+            for a in &answers {
+                if handoff {
+                    assert_eq!(a.trim(), "peer=127.0.0.1", "{}", r.all());
+                } else {
+                    assert!(a.starts_with("peer=10."), "{a}\n{}", r.all());
+                }
+            }
+        }
+    }
+}

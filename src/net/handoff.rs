@@ -182,45 +182,54 @@ impl Handoff {
     async fn answer(self: Arc<Handoff>, notify: Arc<AsyncFd<OwnedFd>>, n: libc::seccomp_notif) {
         let fd = notify.get_ref().as_raw_fd();
         let call = AcceptCall::from(&n);
-        tracing::debug!(step = %self.key, nr = n.data.nr, pid = n.pid, fd = n.data.args[0], "system call of the step");
+        tracing::trace!(step = %self.key, nr = n.data.nr, pid = n.pid, fd = n.data.args[0], "accept call of the step");
         let Some(call) = call else {
             go_on(fd, n.id);
             return;
         };
-        let Some(listener) = self.bound_listener(fd, &call) else {
+        let Some((listener, local)) = self.bound_listener(fd, &call) else {
             go_on(fd, n.id);
             return;
         };
         let inode = socket_inode(&listener);
         let blocking = fd_flags(&listener) & libc::O_NONBLOCK == 0;
-        // SAFETY: the AsyncFd owns the duplicate for as long as it is registered.
-        let listener =
-            match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
-                Ok(l) => l,
-                Err(_) => return go_on(fd, n.id),
-            };
+        // Registered with the runtime only if the call has to wait for a connection.
+        let mut watch: Option<AsyncFd<OwnedFd>> = None;
         loop {
             let stashed = lock(&self.stash)
                 .get_mut(&inode)
                 .and_then(VecDeque::pop_front);
             let accepted = match stashed {
                 Some(got) => Ok(got),
-                None => accept_ready(listener.get_ref()).await,
+                None if blocking => accept_ready(&listener).await,
+                // A non-blocking listener never blocks accept(2): no thread needed.
+                None => accept_now(listener.as_raw_fd()),
             };
             match accepted {
                 Ok((conn, peer)) => {
-                    let family_v4 = local_is_v4(listener.get_ref().as_raw_fd());
-                    let (conn, peer) = self.exchange(conn, peer, family_v4);
+                    let (conn, peer) = self.exchange(conn, peer, local.is_ipv4());
                     if let Err(back) = install(fd, &call, conn, peer) {
                         lock(&self.stash).entry(inode).or_default().push_back(back);
                     }
                     return;
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && blocking => {
+                    if watch.is_none() {
+                        let dup = match listener.try_clone() {
+                            Ok(d) => d,
+                            Err(e) => return fail(fd, n.id, e.raw_os_error().unwrap_or(libc::EIO)),
+                        };
+                        // SAFETY: the AsyncFd owns the duplicate while it is registered.
+                        match unsafe { AsyncFd::register_with_interest(dup, Interest::READABLE) } {
+                            Ok(w) => watch = Some(w),
+                            Err(_) => return fail(fd, n.id, libc::EIO),
+                        }
+                    }
+                    let Some(w) = &watch else { return };
                     tokio::select! {
-                        ready = listener.readable() => match ready {
+                        ready = w.readable() => match ready {
                             Ok(mut g) => g.clear_ready(),
-                            Err(_) => return go_on(fd, n.id),
+                            Err(_) => return fail(fd, n.id, libc::EIO),
                         },
                         _ = tokio::time::sleep(WITHDRAWN_CHECK) => {
                             if !id_valid(fd, n.id) {
@@ -238,7 +247,7 @@ impl Handoff {
 
     /// The listener the call is about, when it is one of a bound port (a duplicate of
     /// the service's descriptor).
-    fn bound_listener(&self, notify: RawFd, call: &AcceptCall) -> Option<OwnedFd> {
+    fn bound_listener(&self, notify: RawFd, call: &AcceptCall) -> Option<(OwnedFd, SocketAddr)> {
         let listener = match take_fd(call.pid, call.fd) {
             Ok(l) => l,
             Err(e) => {
@@ -253,8 +262,10 @@ impl Handoff {
         if !socket::getsockopt(&listener, sockopt::AcceptConn).unwrap_or(false) {
             return None;
         }
-        let port = local_port(listener.as_raw_fd())?;
-        self.ports.contains(&port).then_some(listener)
+        let local = local_addr(listener.as_raw_fd())?;
+        self.ports
+            .contains(&local.port())
+            .then_some((listener, local))
     }
 
     /// The connection the service gets for `conn`, accepted from `peer`: the host
@@ -549,14 +560,6 @@ fn sockaddr_bytes(addr: SocketAddr) -> Vec<u8> {
             bytes_of(&s)
         }
     }
-}
-
-fn local_port(fd: RawFd) -> Option<u16> {
-    local_addr(fd).map(|a| a.port())
-}
-
-fn local_is_v4(fd: RawFd) -> bool {
-    local_addr(fd).is_none_or(|a| a.is_ipv4())
 }
 
 fn socket_inode(fd: &OwnedFd) -> u64 {
