@@ -6,7 +6,8 @@
 # - direct:  the same sink run on the host, pushed to over the host's loopback;
 # - handoff: `sandrun run` as it is: the service's accept(2) takes the host connection
 #            itself (seccomp notification, src/net/handoff.rs);
-# - proxy:   the same run with SANDRUN_PORT_HANDOFF=off: the splice(2) port proxy.
+# - host:    the same with the sink as a host step (no image), also handed over;
+# - proxy:   the container run with SANDRUN_PORT_HANDOFF=off: the splice(2) port proxy.
 # Also the machine's CPU-seconds per GiB moved (all processes, from /proc/stat), and
 # the time to a first answer on a fresh connection (connect, 8-byte answer).
 # As root it runs root, then rootless as `sandrun-test` (scripts/test.sh creates it).
@@ -68,9 +69,14 @@ umoci config --image oci:bench --config.cmd sh >/dev/null
 skopeo copy -q oci:oci:bench oci-archive:sink.tar:sink:bench
 "$B/sandrun" load --color never sink.tar >load.log 2>&1 || { cat load.log; exit 1; }
 
-start_run() { # name host-port [env...]
-    name=$1 port=$2
-    shift 2
+start_run() { # name host-port image|- [env...]
+    name=$1 port=$2 image=$3
+    shift 3
+    if [ "$image" = - ]; then
+        image_line="" sink="$B/sink"
+    else
+        image_line="image: $image" sink=/bin/sink
+    fi
     mkdir -p "ws-$name"
     cat > "ws-$name/stage.yaml" <<YAML
 stage:
@@ -85,9 +91,9 @@ stage:
             name: sink
             type: Background
             spec:
-              image: sink:bench
+              $image_line
               shell: Sh
-              command: exec /bin/sink sink 9000
+              command: exec $sink sink 9000
               portBindings:
                 "$port": "9000"
         - step:
@@ -95,9 +101,9 @@ stage:
             name: hold
             type: Run
             spec:
-              image: sink:bench
+              $image_line
               shell: Sh
-              command: while [ ! -f /harness/done ]; do sleep 0.1; done
+              command: while [ ! -f done ]; do sleep 0.1; done
 YAML
     (cd "ws-$name" && env "$@" "$B/sandrun" run --color never stage.yaml >run.log 2>&1 &)
     i=0
@@ -112,16 +118,18 @@ DIRECT=$(free_port)
 "$B/sink" sink "$DIRECT" &
 SINK=$!
 HANDOFF=$(free_port)
-start_run handoff "$HANDOFF" SANDRUN_PORT_HANDOFF=on
+start_run handoff "$HANDOFF" sink:bench SANDRUN_PORT_HANDOFF=on
+HOST=$(free_port)
+start_run host "$HOST" - SANDRUN_PORT_HANDOFF=on
 PROXY=$(free_port)
-start_run proxy "$PROXY" SANDRUN_PORT_HANDOFF=off
-trap 'kill $SINK 2>/dev/null; touch ws-handoff/done ws-proxy/done' EXIT
+start_run proxy "$PROXY" sink:bench SANDRUN_PORT_HANDOFF=off
+trap 'kill $SINK 2>/dev/null; touch ws-handoff/done ws-host/done ws-proxy/done' EXIT
 echo "$(nproc) cpus, load average $(cut -d' ' -f1-3 /proc/loadavg), $ROUNDS rounds of $MIB MiB"
 
 r=0
 while [ $r -lt "$ROUNDS" ]; do
-    for line in direct handoff proxy; do
-        case $line in direct) port=$DIRECT ;; handoff) port=$HANDOFF ;; proxy) port=$PROXY ;; esac
+    for line in direct handoff host proxy; do
+        case $line in direct) port=$DIRECT ;; handoff) port=$HANDOFF ;; host) port=$HOST ;; proxy) port=$PROXY ;; esac
         c0=$(busy)
         mbps=$("$B/sink" push 127.0.0.1 "$port" "$MIB")
         c1=$(busy)
@@ -130,8 +138,8 @@ while [ $r -lt "$ROUNDS" ]; do
     r=$((r + 1))
 done
 # First answer on a fresh connection, 200 times each (python on the host).
-for line in direct handoff proxy; do
-    case $line in direct) port=$DIRECT ;; handoff) port=$HANDOFF ;; proxy) port=$PROXY ;; esac
+for line in direct handoff host proxy; do
+    case $line in direct) port=$DIRECT ;; handoff) port=$HANDOFF ;; host) port=$HOST ;; proxy) port=$PROXY ;; esac
     python3 - "$port" "$line" >> latency <<'PY'
 import socket, sys, time
 port, line = int(sys.argv[1]), sys.argv[2]
@@ -147,16 +155,16 @@ ts.sort()
 print(f"{line} {ts[len(ts)//2]:.3f} {ts[int(len(ts)*0.99)]:.3f}")
 PY
 done
-touch ws-handoff/done ws-proxy/done
+touch ws-handoff/done ws-host/done ws-proxy/done
 kill $SINK 2>/dev/null || true
 sleep 1
 python3 - <<'PY'
 rows = [l.split() for l in open("results")]
 med = lambda v: sorted(v)[len(v) // 2]
-mb = {k: med([float(r[1]) for r in rows if r[0] == k]) for k in ("direct", "handoff", "proxy")}
-cpu = {k: med([float(r[2]) for r in rows if r[0] == k]) for k in ("direct", "handoff", "proxy")}
+mb = {k: med([float(r[1]) for r in rows if r[0] == k]) for k in ("direct", "handoff", "host", "proxy")}
+cpu = {k: med([float(r[2]) for r in rows if r[0] == k]) for k in ("direct", "handoff", "host", "proxy")}
 lat = {l.split()[0]: l.split()[1:] for l in open("latency")}
-for k in ("direct", "handoff", "proxy"):
+for k in ("direct", "handoff", "host", "proxy"):
     all_ = " ".join(r[1] for r in rows if r[0] == k)
     print(f"{k:8} {mb[k]:6.0f} MiB/s ({mb[k] / mb['direct']:.2f}x direct)  CPU {cpu[k]:.2f} s/GiB  "
           f"fresh connection {lat[k][0]} ms (p99 {lat[k][1]})  [all: {all_}]")
