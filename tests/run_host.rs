@@ -836,7 +836,12 @@ fn host_connections_to_a_bound_port_are_handed_to_a_host_step_service() {
 #[test]
 fn an_asyncio_service_takes_host_connections_through_its_non_blocking_listener() {
     for mode in modes() {
-        for handoff in [true, false] {
+        for (network, handoff) in [
+            ("bridge", true),
+            ("bridge", false),
+            ("pod", true),
+            ("pod", false),
+        ] {
             let sb = Sandbox::new(mode);
             let host_port = free_port();
             let tag = free_port();
@@ -846,7 +851,9 @@ fn an_asyncio_service_takes_host_connections_through_its_non_blocking_listener()
                 "import asyncio\n\
                  async def handle(r, w):\n\
                  \x20   await r.read(1)\n\
-                 \x20   w.write(f\"peer={w.get_extra_info('peername')[0]}\\n\".encode())\n\
+                 \x20   peer = w.get_extra_info('peername')[0]\n\
+                 \x20   port = w.get_extra_info('sockname')[1]\n\
+                 \x20   w.write(f\"peer={peer} port={port}\\n\".encode())\n\
                  \x20   await w.drain()\n\
                  \x20   w.close()\n\
                  async def main():\n\
@@ -877,7 +884,7 @@ fn an_asyncio_service_takes_host_connections_through_its_non_blocking_listener()
 "#
                 )),
             );
-            let mut cmd = sb.command(["run", "ci.yaml"]);
+            let mut cmd = sb.command(["run", "ci.yaml", "--network", network]);
             cmd.env("SANDRUN_PORT_HANDOFF", if handoff { "on" } else { "off" });
             let mut child = cmd
                 .stdout(std::process::Stdio::piped())
@@ -912,9 +919,23 @@ fn an_asyncio_service_takes_host_connections_through_its_non_blocking_listener()
             r.assert_code(0);
             for a in &answers {
                 if handoff {
-                    assert_eq!(a.trim(), "peer=127.0.0.1", "{}", r.all());
+                    // The host's own connection: the client's address, the host port.
+                    assert_eq!(
+                        a.trim(),
+                        format!("peer=127.0.0.1 port={host_port}"),
+                        "{network}\n{}",
+                        r.all()
+                    );
+                } else if network == "bridge" {
+                    // Proxied from the step's own namespace to its stage address.
+                    assert!(
+                        a.starts_with("peer=10.") && a.trim().ends_with(" port=8000"),
+                        "{a}\n{}",
+                        r.all()
+                    );
                 } else {
-                    assert!(a.starts_with("peer=10."), "{a}\n{}", r.all());
+                    // Proxied over the pod namespace's loopback.
+                    assert_eq!(a.trim(), "peer=127.0.0.1 port=8000", "{}", r.all());
                 }
             }
         }
