@@ -107,6 +107,8 @@ pub struct InputArgs {
     /// identifier) or `pod` (all steps share one localhost, as on Kubernetes) overrides
     /// what the stage's infrastructure implies; `egress` lets steps connect out of the
     /// machine (off by default: a run is hermetic). Repeat or comma-separate: `pod,egress`.
+    /// Host connections to `portBindings` are handed to the service's own `accept`
+    /// (a plain loopback connection); SANDRUN_PORT_HANDOFF=off proxies them instead.
     #[arg(long, value_enum, value_name = "MODE", value_delimiter = ',')]
     pub network: Vec<NetworkArg>,
 }

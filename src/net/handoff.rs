@@ -121,7 +121,9 @@ impl Handoff {
                 let notify = match receive_listener(&listener).await {
                     Ok(fd) => fd,
                     Err(e) => {
-                        tracing::warn!(step = %handoff.key, socket = %path.display(), "no seccomp listener from the container: {e}");
+                        tracing::warn!(step = %handoff.key, socket = %path.display(), "no seccomp listener from the step: {e}");
+                        // Whatever failed (descriptors run out, say) may go on failing.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
