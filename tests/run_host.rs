@@ -941,3 +941,106 @@ fn an_asyncio_service_takes_host_connections_through_its_non_blocking_listener()
         }
     }
 }
+
+#[test]
+fn a_signal_during_a_blocking_accept_loses_no_host_connection() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let host_port = free_port();
+        let tag = free_port();
+        // A blocking accept(2) with a SIGUSR1 handler: each signal withdraws the call
+        // the runner is answering, and python makes it again (PEP 475).
+        sb.write(
+            &format!("blocking{tag}.py"),
+            "import signal, socket\n\
+             signal.signal(signal.SIGUSR1, lambda *a: None)\n\
+             s = socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('0.0.0.0', 8000))\n\
+             s.listen()\n\
+             while True:\n\
+             \x20   c, a = s.accept()\n\
+             \x20   c.sendall(f'peer={a[0]} port={c.getsockname()[1]}\\n'.encode())\n\
+             \x20   c.close()\n",
+        );
+        sb.write(
+            "ci.yaml",
+            &stage(&format!(
+                r#"- step:
+    type: Background
+    name: svc
+    identifier: svc
+    spec:
+      shell: Sh
+      command: exec python3 blocking{tag}.py
+      portBindings:
+        "{host_port}": "8000"
+- step:
+    type: Run
+    name: hold
+    identifier: hold
+    spec:
+      shell: Sh
+      command: |
+        while [ ! -f done ]; do sleep 0.1; done # wait{tag}
+"#
+            )),
+        );
+        let child = spawn_until(&sb, &["run", "ci.yaml"], &format!("wait{tag}"));
+        // The process that handles SIGUSR1 (python may run under a pyenv shim).
+        let handles_usr1 = |pid: &str| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                .is_some_and(|m| m & (1 << (libc::SIGUSR1 - 1)) != 0)
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let service: i32 = loop {
+            let found = support::processes_with(&format!("blocking{tag}.py"))
+                .iter()
+                .filter_map(|p| p.split_once(": ").map(|(pid, _)| pid.to_string()))
+                .find(|pid| handles_usr1(pid));
+            if let Some(pid) = found {
+                break pid.parse().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no python with a SIGUSR1 handler"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(300));
+            kill(Pid::from_raw(service), Signal::SIGUSR1).unwrap();
+        }
+        let started = Instant::now();
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            use std::io::Read;
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", host_port)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).unwrap();
+            answers.push(s);
+            kill(Pid::from_raw(service), Signal::SIGUSR1).unwrap();
+        }
+        let took = started.elapsed();
+        std::fs::write(sb.workspace().join("done"), "").unwrap();
+        let r = support::Run::from(child.wait_with_output().unwrap());
+        r.assert_code(0);
+        for a in &answers {
+            assert_eq!(
+                a.trim(),
+                format!("peer=127.0.0.1 port={host_port}"),
+                "{}",
+                r.all()
+            );
+        }
+        // Handed over, not proxied after the 1 s claim timeout.
+        assert!(took < Duration::from_secs(2), "took {took:?}\n{}", r.all());
+    }
+}

@@ -73,6 +73,11 @@ pub struct Handoff {
     /// Connections accepted for an `accept` that was withdrawn before it got them, by
     /// listener (socket inode): the next `accept` on that listener gets them first.
     stash: Mutex<HashMap<u64, VecDeque<(OwnedFd, SocketAddr)>>>,
+    /// Wakes the calls waiting for a connection when one goes to the stash.
+    stashed: tokio::sync::Notify,
+    /// One accept at a time per step: two calls woken by one connection must not both
+    /// accept, or the second would block on a listener with nothing queued.
+    accepting: tokio::sync::Mutex<()>,
 }
 
 impl Handoff {
@@ -83,6 +88,8 @@ impl Handoff {
             attached: AtomicBool::new(false),
             waiting: Mutex::new(HashMap::new()),
             stash: Mutex::new(HashMap::new()),
+            stashed: tokio::sync::Notify::new(),
+            accepting: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -198,20 +205,29 @@ impl Handoff {
         // Registered with the runtime only if the call has to wait for a connection.
         let mut watch: Option<AsyncFd<OwnedFd>> = None;
         loop {
-            let stashed = lock(&self.stash)
-                .get_mut(&inode)
-                .and_then(VecDeque::pop_front);
-            let accepted = match stashed {
-                Some(got) => Ok(got),
-                None if blocking => accept_ready(&listener).await,
-                // A non-blocking listener never blocks accept(2): no thread needed.
-                None => accept_now(listener.as_raw_fd()),
+            // A call withdrawn meanwhile (a signal) takes nothing: the caller makes it
+            // again, and that call is answered.
+            if !id_valid(fd, n.id) {
+                return;
+            }
+            let accepted = {
+                let _one = self.accepting.lock().await;
+                let stashed = lock(&self.stash)
+                    .get_mut(&inode)
+                    .and_then(VecDeque::pop_front);
+                match stashed {
+                    Some(got) => Ok(got),
+                    None if blocking => accept_ready(&listener).await,
+                    // A non-blocking listener never blocks accept(2): no thread needed.
+                    None => accept_now(listener.as_raw_fd()),
+                }
             };
             match accepted {
                 Ok((conn, peer)) => {
                     let (conn, peer) = self.exchange(conn, peer, local.is_ipv4());
                     if let Err(back) = install(fd, &call, conn, peer) {
                         lock(&self.stash).entry(inode).or_default().push_back(back);
+                        self.stashed.notify_waiters();
                     }
                     return;
                 }
@@ -233,11 +249,9 @@ impl Handoff {
                             Ok(mut g) => g.clear_ready(),
                             Err(_) => return fail(fd, n.id, libc::EIO),
                         },
-                        _ = tokio::time::sleep(WITHDRAWN_CHECK) => {
-                            if !id_valid(fd, n.id) {
-                                return;
-                            }
-                        }
+                        _ = self.stashed.notified() => {}
+                        // Checked at the top of the loop.
+                        _ = tokio::time::sleep(WITHDRAWN_CHECK) => {}
                     }
                 }
                 Err(e) => {
