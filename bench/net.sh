@@ -5,6 +5,8 @@
 #   - throughput through the host port proxy vs a direct loopback connection (>= 0.8x),
 #     and the CPU time per GiB it costs
 #   - delay the proxy adds to a small request (new connection and kept connection)
+#   - then bench/portfwd.sh: the same through `sandrun run`, end to end, where host
+#     connections are handed to the service itself (and, for comparison, proxied)
 # Runs as root, and rootless as the user `sandrun-test` (tests/rootless creates it) when
 # it exists. All traffic stays on loopback or inside namespaces the benchmark makes.
 set -eu
@@ -37,3 +39,6 @@ else
     echo "== rootless (inside sandrun __unshare)"
     run_all "$SANDRUN" __unshare "$BENCH"
 fi
+
+echo "== end to end through sandrun run (bench/portfwd.sh)"
+sh bench/portfwd.sh

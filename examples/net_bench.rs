@@ -173,7 +173,7 @@ async fn proxied_network(state: &Path) -> (u16, NetworkPlan, StageNetwork, Proxy
     let plan = allocate(NetworkMode::Bridge, &steps(2, Some((host_port, 9000)))).unwrap();
     let bound = HostPortProxy::bind(Ipv4Addr::LOCALHOST.into(), &plan).unwrap();
     let net = StageNetwork::create(&plan, state).await.unwrap();
-    let served = bound.serve(&net).unwrap();
+    let served = bound.serve(&net, None).unwrap();
     (host_port, plan, net, served)
 }
 

@@ -107,6 +107,8 @@ pub struct InputArgs {
     /// identifier) or `pod` (all steps share one localhost, as on Kubernetes) overrides
     /// what the stage's infrastructure implies; `egress` lets steps connect out of the
     /// machine (off by default: a run is hermetic). Repeat or comma-separate: `pod,egress`.
+    /// Host connections to `portBindings` are handed to the service's own `accept`
+    /// (a plain loopback connection); SANDRUN_PORT_HANDOFF=off proxies them instead.
     #[arg(long, value_enum, value_name = "MODE", value_delimiter = ',')]
     pub network: Vec<NetworkArg>,
 }
@@ -182,6 +184,7 @@ pub fn main() -> i32 {
         return code;
     }
     let cli = Cli::parse();
+    crate::sandbox::helper::debug_logging();
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -612,6 +615,10 @@ async fn run_plan(
                 .map(|c| c as &dyn crate::run::launch::Launcher),
             images,
             network: network.as_ref().map(|(n, _)| n),
+            accept_listeners: network
+                .as_ref()
+                .map(|(_, proxy)| proxy.accept_listeners())
+                .unwrap_or_default(),
             state_dir: &stage_dir,
             options,
             events: sink.clone(),
@@ -699,7 +706,10 @@ async fn start_network(
             .await
             .context("cannot create the stage network")?,
     };
-    let server = proxy.serve(&network)?;
+    // Host connections are handed to container services directly unless turned off
+    // (the benchmark compares both ways).
+    let handoff = std::env::var_os("SANDRUN_PORT_HANDOFF").is_none_or(|v| v != "off");
+    let server = proxy.serve(&network, handoff.then_some(stage_dir))?;
     Ok(Some((network, server)))
 }
 

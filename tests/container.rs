@@ -97,6 +97,7 @@ impl World {
             }],
             resources: Limits::default(),
             privileged: false,
+            accept_listener: None,
             state_dir: self.state.join("run1"),
         }
     }

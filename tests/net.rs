@@ -335,7 +335,7 @@ async fn port_bindings(state: &Path) {
             )]
         );
         let net = StageNetwork::create(&plan, state).await.unwrap();
-        let server = proxy.serve(&net).unwrap();
+        let server = proxy.serve(&net, None).unwrap();
         let _web = serve_in(&net, "web", 8080, &format!("web-{mode}"));
         // Wait until the service listens (checked from inside), then go through the proxy.
         fetch(

@@ -592,3 +592,128 @@ fn pod_mode_names_services_whose_images_expose_the_same_port() {
         "{warning}"
     );
 }
+
+#[test]
+fn host_connections_to_a_bound_port_are_handed_to_the_container_service() {
+    let Some(fx) = fixture() else { return };
+    for mode in modes() {
+        for handoff in [true, false] {
+            let sb = Sandbox::new(mode);
+            let host_port = free_port();
+            let image = &fx.busybox;
+            let tag = free_port();
+            // busybox httpd accepts with a blocking accept(2); its CGI script says which
+            // peer address the connection came from.
+            sb.write(
+                "ci.yaml",
+                &format!(
+                    r#"pipeline:
+  name: handoff
+  identifier: handoff
+  stages:
+    - stage:
+        name: build
+        identifier: build
+        type: CI
+        spec:
+          runtime:
+            type: Docker
+            spec: {{}}
+          execution:
+            steps:
+              - step:
+                  type: Background
+                  name: web
+                  identifier: web
+                  spec:
+                    image: {image}
+                    shell: Sh
+                    command: |
+                      mkdir -p /www/cgi-bin
+                      printf '#!/bin/sh\necho "Content-Type: text/plain"\necho\necho "peer=$REMOTE_ADDR"\n' > /www/cgi-bin/peer
+                      chmod +x /www/cgi-bin/peer
+                      head -c 4194304 /dev/urandom > /www/big
+                      md5sum /www/big > /harness/big.md5
+                      exec busybox httpd -f -p 8080 -h /www
+                    portBindings:
+                      "{host_port}": "8080"
+              - step:
+                  type: Run
+                  name: client
+                  identifier: client
+                  spec:
+                    image: {image}
+                    shell: Sh
+                    command: |
+                      busybox wget -qO- http://web:8080/cgi-bin/peer
+                      echo "client=$(hostname -i)"
+                      while [ ! -f /harness/done ]; do sleep 0.1; done # wait{tag}
+"#
+                ),
+            );
+            let mut cmd = sb.command(["run", "ci.yaml"]);
+            if !handoff {
+                cmd.env("SANDRUN_PORT_HANDOFF", "off");
+            }
+            let mut child = cmd
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while support::processes_with(&format!("wait{tag}")).is_empty() {
+                if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+                    let _ = child.kill();
+                    let r = support::Run::from(child.wait_with_output().unwrap());
+                    panic!("the client step did not start:\n{}", r.all());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let peers: Vec<String> = (0..3)
+                .map(|_| String::from_utf8(support::http_get(host_port, "/cgi-bin/peer")).unwrap())
+                .collect();
+            let big = support::http_get(host_port, "/big");
+            std::fs::write(sb.workspace().join("done"), "").unwrap();
+            let r = support::Run::from(child.wait_with_output().unwrap());
+            r.assert_code(0);
+            let sum = std::process::Command::new("md5sum")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    use std::io::Write;
+                    c.stdin.take().unwrap().write_all(&big)?;
+                    c.wait_with_output()
+                })
+                .unwrap();
+            let expected = std::fs::read_to_string(sb.workspace().join("big.md5")).unwrap();
+            assert_eq!(big.len(), 4 << 20, "{}", r.all());
+            assert_eq!(
+                String::from_utf8_lossy(&sum.stdout)
+                    .split_whitespace()
+                    .next(),
+                expected.split_whitespace().next(),
+                "the 4 MiB body arrived changed"
+            );
+            // From another step: the connection is the service's own, as it came.
+            let out = r.all();
+            let client = out
+                .lines()
+                .find_map(|l| l.split("client=").nth(1))
+                .expect("client address")
+                .trim()
+                .to_string();
+            r.assert_stdout(&format!("peer=[::ffff:{client}]"));
+            for peer in &peers {
+                if handoff {
+                    // Handed over: the service talks to the host's client itself.
+                    // (busybox httpd listens on IPv6, dual-stack: the address is mapped.)
+                    assert_eq!(peer.trim(), "peer=[::ffff:127.0.0.1]", "{}", r.all());
+                } else {
+                    // Proxied: the connection comes from inside the stage network.
+                    assert!(peer.starts_with("peer=[::ffff:10."), "{peer}\n{}", r.all());
+                }
+            }
+        }
+    }
+}

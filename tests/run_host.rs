@@ -762,3 +762,285 @@ fn host_steps_see_the_host_read_only_but_workspace_and_scratch() {
         assert!(probe.path().join("x").exists());
     }
 }
+
+#[test]
+fn host_connections_to_a_bound_port_are_handed_to_a_host_step_service() {
+    for mode in modes() {
+        for handoff in [true, false] {
+            let sb = Sandbox::new(mode);
+            let host_port = free_port();
+            let tag = free_port();
+            let big: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+            std::fs::write(sb.workspace().join("big"), &big).unwrap();
+            // python's http.server: an IPv4 listener, accept(2) after select(2); it logs
+            // each request's peer address.
+            sb.write(
+                "ci.yaml",
+                &stage(&format!(
+                    r#"- step:
+    type: Background
+    name: web
+    identifier: web
+    spec:
+      shell: Sh
+      command: exec python3 -m http.server 8000 --bind 0.0.0.0
+      portBindings:
+        "{host_port}": "8000"
+- step:
+    type: Run
+    name: hold
+    identifier: hold
+    spec:
+      shell: Sh
+      command: |
+        curl -sf http://web:8000/ >/dev/null
+        while [ ! -f done ]; do sleep 0.1; done # wait{tag}
+"#
+                )),
+            );
+            let mut cmd = sb.command(["run", "ci.yaml"]);
+            cmd.env("SANDRUN_PORT_HANDOFF", if handoff { "on" } else { "off" });
+            let mut child = cmd
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while support::processes_with(&format!("wait{tag}")).is_empty() {
+                if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+                    let _ = child.kill();
+                    let r = support::Run::from(child.wait_with_output().unwrap());
+                    panic!("the hold step did not start:\n{}", r.all());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let got = support::http_get(host_port, "/big");
+            std::fs::write(sb.workspace().join("done"), "").unwrap();
+            let r = support::Run::from(child.wait_with_output().unwrap());
+            r.assert_code(0);
+            assert!(got == big, "the 4 MiB body arrived changed\n{}", r.all());
+            let all = r.all();
+            let served: Vec<&str> = all.lines().filter(|l| l.contains("\"GET /big")).collect();
+            assert_eq!(served.len(), 1, "{}", r.all());
+            if handoff {
+                // The service talked to the host's client itself.
+                assert!(served[0].contains("| 127.0.0.1 - -"), "{}", r.all());
+            } else {
+                // Proxied: the connection came from inside the stage network.
+                assert!(served[0].contains("| 10."), "{}", r.all());
+            }
+        }
+    }
+}
+
+#[test]
+fn an_asyncio_service_takes_host_connections_through_its_non_blocking_listener() {
+    for mode in modes() {
+        for (network, handoff) in [
+            ("bridge", true),
+            ("bridge", false),
+            ("pod", true),
+            ("pod", false),
+        ] {
+            let sb = Sandbox::new(mode);
+            let host_port = free_port();
+            let tag = free_port();
+            // asyncio: a non-blocking listener, epoll, accept(2) until EAGAIN.
+            sb.write(
+                "serve.py",
+                "import asyncio\n\
+                 async def handle(r, w):\n\
+                 \x20   await r.read(1)\n\
+                 \x20   peer = w.get_extra_info('peername')[0]\n\
+                 \x20   port = w.get_extra_info('sockname')[1]\n\
+                 \x20   w.write(f\"peer={peer} port={port}\\n\".encode())\n\
+                 \x20   await w.drain()\n\
+                 \x20   w.close()\n\
+                 async def main():\n\
+                 \x20   s = await asyncio.start_server(handle, '0.0.0.0', 8000)\n\
+                 \x20   await s.serve_forever()\n\
+                 asyncio.run(main())\n",
+            );
+            sb.write(
+                "ci.yaml",
+                &stage(&format!(
+                    r#"- step:
+    type: Background
+    name: svc
+    identifier: svc
+    spec:
+      shell: Sh
+      command: exec python3 serve.py
+      portBindings:
+        "{host_port}": "8000"
+- step:
+    type: Run
+    name: hold
+    identifier: hold
+    spec:
+      shell: Sh
+      command: |
+        while [ ! -f done ]; do sleep 0.1; done # wait{tag}
+"#
+                )),
+            );
+            let mut cmd = sb.command(["run", "ci.yaml", "--network", network]);
+            cmd.env("SANDRUN_PORT_HANDOFF", if handoff { "on" } else { "off" });
+            let mut child = cmd
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while support::processes_with(&format!("wait{tag}")).is_empty() {
+                if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+                    let _ = child.kill();
+                    let r = support::Run::from(child.wait_with_output().unwrap());
+                    panic!("the hold step did not start:\n{}", r.all());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // Several connections at once: each one is answered.
+            let conns: Vec<std::net::TcpStream> = (0..5)
+                .map(|_| std::net::TcpStream::connect(("127.0.0.1", host_port)).unwrap())
+                .collect();
+            let answers: Vec<String> = conns
+                .into_iter()
+                .map(|mut c| {
+                    use std::io::{Read, Write};
+                    c.write_all(b"x").unwrap();
+                    let mut s = String::new();
+                    c.read_to_string(&mut s).unwrap();
+                    s
+                })
+                .collect();
+            std::fs::write(sb.workspace().join("done"), "").unwrap();
+            let r = support::Run::from(child.wait_with_output().unwrap());
+            r.assert_code(0);
+            for a in &answers {
+                if handoff {
+                    // The host's own connection: the client's address, the host port.
+                    assert_eq!(
+                        a.trim(),
+                        format!("peer=127.0.0.1 port={host_port}"),
+                        "{network}\n{}",
+                        r.all()
+                    );
+                } else if network == "bridge" {
+                    // Proxied from the step's own namespace to its stage address.
+                    assert!(
+                        a.starts_with("peer=10.") && a.trim().ends_with(" port=8000"),
+                        "{a}\n{}",
+                        r.all()
+                    );
+                } else {
+                    // Proxied over the pod namespace's loopback.
+                    assert_eq!(a.trim(), "peer=127.0.0.1 port=8000", "{}", r.all());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_signal_during_a_blocking_accept_loses_no_host_connection() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let host_port = free_port();
+        let tag = free_port();
+        // A blocking accept(2) with a SIGUSR1 handler: each signal withdraws the call
+        // the runner is answering, and python makes it again (PEP 475).
+        sb.write(
+            &format!("blocking{tag}.py"),
+            "import signal, socket\n\
+             signal.signal(signal.SIGUSR1, lambda *a: None)\n\
+             s = socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('0.0.0.0', 8000))\n\
+             s.listen()\n\
+             while True:\n\
+             \x20   c, a = s.accept()\n\
+             \x20   c.sendall(f'peer={a[0]} port={c.getsockname()[1]}\\n'.encode())\n\
+             \x20   c.close()\n",
+        );
+        sb.write(
+            "ci.yaml",
+            &stage(&format!(
+                r#"- step:
+    type: Background
+    name: svc
+    identifier: svc
+    spec:
+      shell: Sh
+      command: exec python3 blocking{tag}.py
+      portBindings:
+        "{host_port}": "8000"
+- step:
+    type: Run
+    name: hold
+    identifier: hold
+    spec:
+      shell: Sh
+      command: |
+        while [ ! -f done ]; do sleep 0.1; done # wait{tag}
+"#
+            )),
+        );
+        let child = spawn_until(&sb, &["run", "ci.yaml"], &format!("wait{tag}"));
+        // The process that handles SIGUSR1 (python may run under a pyenv shim).
+        let handles_usr1 = |pid: &str| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                .is_some_and(|m| m & (1 << (libc::SIGUSR1 - 1)) != 0)
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let service: i32 = loop {
+            let found = support::processes_with(&format!("blocking{tag}.py"))
+                .iter()
+                .filter_map(|p| p.split_once(": ").map(|(pid, _)| pid.to_string()))
+                .find(|pid| handles_usr1(pid));
+            if let Some(pid) = found {
+                break pid.parse().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no python with a SIGUSR1 handler"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(300));
+            kill(Pid::from_raw(service), Signal::SIGUSR1).unwrap();
+        }
+        let started = Instant::now();
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            use std::io::Read;
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", host_port)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).unwrap();
+            answers.push(s);
+            kill(Pid::from_raw(service), Signal::SIGUSR1).unwrap();
+        }
+        let took = started.elapsed();
+        std::fs::write(sb.workspace().join("done"), "").unwrap();
+        let r = support::Run::from(child.wait_with_output().unwrap());
+        r.assert_code(0);
+        for a in &answers {
+            assert_eq!(
+                a.trim(),
+                format!("peer=127.0.0.1 port={host_port}"),
+                "{}",
+                r.all()
+            );
+        }
+        // Handed over, not proxied after the 1 s claim timeout.
+        assert!(took < Duration::from_secs(2), "took {took:?}\n{}", r.all());
+    }
+}

@@ -17,6 +17,7 @@ mod connect;
 mod egress;
 pub mod error;
 pub mod files;
+mod handoff;
 mod links;
 mod listeners;
 mod netns;

@@ -141,6 +141,16 @@ impl SocketFactory {
         netns: BorrowedFd<'_>,
         target: std::net::SocketAddr,
     ) -> io::Result<tokio::net::TcpStream> {
+        self.socket(netns, target).await?.connect(target).await
+    }
+
+    /// A TCP socket of `target`'s address family made inside the network namespace
+    /// `netns`, not yet connected.
+    pub async fn socket(
+        &self,
+        netns: BorrowedFd<'_>,
+        target: std::net::SocketAddr,
+    ) -> io::Result<tokio::net::TcpSocket> {
         let domain = if target.is_ipv4() {
             libc::AF_INET
         } else {
@@ -155,9 +165,9 @@ impl SocketFactory {
         let fd = rx
             .await
             .map_err(|_| io::Error::other("socket factory thread is gone"))??;
-        tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd))
-            .connect(target)
-            .await
+        Ok(tokio::net::TcpSocket::from_std_stream(
+            std::net::TcpStream::from(fd),
+        ))
     }
 
     /// Ends the thread and waits for it (it only ever blocks on its queue).

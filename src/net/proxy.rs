@@ -7,9 +7,11 @@
 //! privileges beyond those the runner already has. Bytes are copied both ways until
 //! either side closes or the stage ends.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::io::Interest;
@@ -17,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::error::NetError;
+use super::handoff::{self, Handoff};
 use super::netns::SocketFactory;
 use super::plan::{NetworkPlan, PortBinding};
 use super::stage::StageNetwork;
@@ -82,8 +85,41 @@ impl HostPortProxy {
 
     /// Starts forwarding into `network`. Connections that arrive before the step
     /// listens are closed (as Docker's proxy does); later ones go through.
-    pub fn serve(self, network: &StageNetwork) -> Result<ProxyServer, NetError> {
+    ///
+    /// With `handoff_dir`, each step with bindings also gets a socket there for the
+    /// seccomp listener of its container's `accept` calls ([`ProxyServer::accept_listeners`]),
+    /// and host connections are handed to the service itself once it is attached
+    /// (`handoff`); the others are proxied.
+    pub fn serve(
+        self,
+        network: &StageNetwork,
+        handoff_dir: Option<&Path>,
+    ) -> Result<ProxyServer, NetError> {
         let mut tasks = Vec::new();
+        let mut handoffs: HashMap<String, Arc<Handoff>> = HashMap::new();
+        let mut accept_listeners = HashMap::new();
+        if let Some(dir) = handoff_dir.filter(|_| handoff::supported()) {
+            let mut ports: BTreeMap<&str, Vec<u16>> = BTreeMap::new();
+            for port in &self.ports {
+                ports
+                    .entry(&port.key)
+                    .or_default()
+                    .push(port.binding.container_port);
+            }
+            for (key, ports) in ports {
+                let handoff = Handoff::new(key, ports);
+                let path = handoff::socket_path(dir, key);
+                match handoff.listen(&path) {
+                    Ok(task) => {
+                        tasks.push(task);
+                        accept_listeners.insert(key.to_string(), path);
+                        handoffs.insert(key.to_string(), handoff);
+                    }
+                    // A path too long for a unix socket, say: that step is proxied.
+                    Err(e) => tracing::debug!(step = %key, "no accept hand-off: {e}"),
+                }
+            }
+        }
         for port in self.ports {
             let target = network.dial_target(&port.key, port.binding.container_port)?;
             let listener = TcpListener::from_std(port.listener)
@@ -98,9 +134,13 @@ impl HostPortProxy {
                 ),
                 target,
             };
-            tasks.push(tokio::spawn(accept_loop(listener, dial, port.key)));
+            let handoff = handoffs.get(&port.key).cloned();
+            tasks.push(tokio::spawn(accept_loop(listener, dial, handoff, port.key)));
         }
-        Ok(ProxyServer { tasks })
+        Ok(ProxyServer {
+            tasks,
+            accept_listeners,
+        })
     }
 }
 
@@ -108,9 +148,16 @@ impl HostPortProxy {
 /// forwarded connection.
 pub struct ProxyServer {
     tasks: Vec<JoinHandle<()>>,
+    accept_listeners: HashMap<String, PathBuf>,
 }
 
 impl ProxyServer {
+    /// Step key -> the socket its container sends the seccomp listener of its
+    /// `accept` calls to (see `handoff`).
+    pub fn accept_listeners(&self) -> HashMap<String, PathBuf> {
+        self.accept_listeners.clone()
+    }
+
     pub async fn shutdown(mut self) {
         for task in &self.tasks {
             task.abort();
@@ -139,7 +186,12 @@ struct Dial {
     target: SocketAddr,
 }
 
-async fn accept_loop(listener: TcpListener, dial: Dial, key: String) {
+async fn accept_loop(
+    listener: TcpListener,
+    dial: Dial,
+    handoff: Option<Arc<Handoff>>,
+    key: String,
+) {
     // Connections live in this set: aborting the loop drops them all.
     let mut connections = JoinSet::new();
     loop {
@@ -148,8 +200,13 @@ async fn accept_loop(listener: TcpListener, dial: Dial, key: String) {
                 Ok((client, _)) => {
                     let dial = dial.clone();
                     let key = key.clone();
+                    let handoff = handoff.clone();
                     connections.spawn(async move {
-                        if let Err(e) = forward(client, &dial).await {
+                        let done = match handoff.filter(|h| h.attached()) {
+                            Some(handoff) => hand_over(client, &dial, &handoff).await,
+                            None => forward(client, &dial).await,
+                        };
+                        if let Err(e) = done {
                             tracing::debug!(step = %key, target = %dial.target, "port binding connection ended: {e}");
                         }
                     });
@@ -164,11 +221,48 @@ async fn accept_loop(listener: TcpListener, dial: Dial, key: String) {
     }
 }
 
+/// Gives `client` to the service: a placeholder connection from inside the stage
+/// network wakes its `accept`, which the runner answers with `client` (`handoff`).
+/// When nobody claims it in time, or the service's listener is of the other address
+/// family, `client` is proxied to the placeholder instead.
+async fn hand_over(client: TcpStream, dial: &Dial, handoff: &Handoff) -> io::Result<()> {
+    let socket = dial.sockets.socket(dial.netns.as_fd(), dial.target).await?;
+    // Bound first, so that the placeholder is known before the service can accept it.
+    socket.bind(SocketAddr::new(dial.target.ip(), 0))?;
+    let placeholder = socket.local_addr()?;
+    let mut verdict = handoff.park(placeholder, client.into_std()?);
+    let upstream = match socket.connect(dial.target).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            // Not listening yet: the client's connection is closed, as when proxied.
+            handoff.unpark(&placeholder);
+            return Err(e);
+        }
+    };
+    let outcome = tokio::select! {
+        v = &mut verdict => v,
+        _ = tokio::time::sleep(handoff::CLAIM_TIMEOUT) => match handoff.unpark(&placeholder) {
+            Some(host) => Ok(Some(host)),
+            // Claimed just now.
+            None => verdict.await,
+        },
+    };
+    match outcome {
+        Ok(Some(host)) => splice_both_ways(TcpStream::from_std(host)?, upstream).await,
+        // The service has the connection; the placeholder is not needed.
+        _ => Ok(()),
+    }
+}
+
 async fn forward(client: TcpStream, dial: &Dial) -> io::Result<()> {
     let upstream = dial
         .sockets
         .connect(dial.netns.as_fd(), dial.target)
         .await?;
+    splice_both_ways(client, upstream).await
+}
+
+async fn splice_both_ways(client: TcpStream, upstream: TcpStream) -> io::Result<()> {
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     tokio::try_join!(

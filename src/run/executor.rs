@@ -6,7 +6,7 @@
 //! [`Launcher`] and reports only through [`RunEvent`]s, so it can be driven with host
 //! processes in tests and with containers in real runs alike.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,6 +65,9 @@ pub struct StageContext<'a> {
     pub images: &'a crate::run::images::Images,
     /// The stage network; `None` only when the executor is driven without namespaces.
     pub network: Option<&'a StageNetwork>,
+    /// Step key -> the socket its `accept` calls are answered through
+    /// ([`crate::net::ProxyServer::accept_listeners`]).
+    pub accept_listeners: HashMap<String, PathBuf>,
     /// A private directory for this run's control files; removed by the caller.
     pub state_dir: &'a Path,
     pub options: &'a RunOptions,
@@ -334,6 +337,11 @@ impl<'a> Executor<'a> {
             workspace: &self.ctx.plan.workspace,
             control_dir: &control,
             network: self.ctx.network,
+            accept_listener: self
+                .ctx
+                .accept_listeners
+                .get(&step.key)
+                .map(PathBuf::as_path),
         };
         self.ctx.events.emit(RunEvent::StepStarted {
             step: step.key.clone(),

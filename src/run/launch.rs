@@ -46,6 +46,9 @@ pub struct LaunchSpec<'a> {
     pub control_dir: &'a Path,
     /// The stage network the step joins (`None` only in executor tests).
     pub network: Option<&'a StageNetwork>,
+    /// The runner's socket for the seccomp listener of the step's `accept` calls, when
+    /// host connections to its bound ports are to be handed to it (`net::handoff`).
+    pub accept_listener: Option<&'a Path>,
 }
 
 impl<'a> LaunchSpec<'a> {
@@ -130,6 +133,7 @@ impl Launcher for HostLauncher {
                     &std::iter::once(spec.workspace)
                         .chain(self.writable.iter().map(PathBuf::as_path))
                         .collect::<Vec<_>>(),
+                    spec.accept_listener,
                     &argv,
                 ),
                 None,

@@ -217,12 +217,22 @@ fn run(spec_path: &Path) -> Result<i32, SandboxError> {
 fn container_error(
     spec: &ContainerSpec,
     what: &'static str,
-    e: impl std::fmt::Display,
+    e: impl std::error::Error,
 ) -> SandboxError {
+    // libcontainer's errors wrap their causes: say all of them.
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        source = cause.source();
+    }
     SandboxError::Container {
         step: spec.step.clone(),
         what,
-        message: e.to_string(),
+        message,
     }
 }
 

@@ -39,6 +39,7 @@ pub fn wrap(
     hostname: &str,
     user: Option<&InvokingUser>,
     writable: &[&std::path::Path],
+    accept_listener: Option<&std::path::Path>,
     command: &[String],
 ) -> Vec<OsString> {
     let mut argv: Vec<OsString> = vec![
@@ -55,6 +56,10 @@ pub fn wrap(
         argv.push("--writable".into());
         argv.push(w.as_os_str().to_owned());
     }
+    if let Some(path) = accept_listener {
+        argv.push("--accept-listener".into());
+        argv.push(path.as_os_str().to_owned());
+    }
     argv.push("--".into());
     argv.extend(command.iter().map(OsString::from));
     argv
@@ -64,7 +69,7 @@ pub fn wrap(
 pub fn main(args: &[OsString]) -> i32 {
     let usage = || {
         eprintln!(
-            "usage: sandrun __host-init HOSTNAME [--as UID:GID] [--writable PATH]... -- PROGRAM [ARGS...]"
+            "usage: sandrun __host-init HOSTNAME [--as UID:GID] [--writable PATH]... [--accept-listener SOCKET] -- PROGRAM [ARGS...]"
         );
         125
     };
@@ -73,6 +78,7 @@ pub fn main(args: &[OsString]) -> i32 {
     };
     let mut user = None;
     let mut writable: Vec<CString> = Vec::new();
+    let mut accept_listener = None;
     loop {
         match rest {
             [sep, command @ ..] if sep == "--" && !command.is_empty() => {
@@ -88,6 +94,10 @@ pub fn main(args: &[OsString]) -> i32 {
                     });
                 let Some(u) = parsed else { return usage() };
                 user = Some(u);
+                rest = more;
+            }
+            [flag, path, more @ ..] if flag == "--accept-listener" => {
+                accept_listener = Some(std::path::PathBuf::from(path));
                 rest = more;
             }
             [flag, path, more @ ..] if flag == "--writable" => {
@@ -120,7 +130,13 @@ pub fn main(args: &[OsString]) -> i32 {
     // SAFETY: single-threaded process (hidden subcommands run before any thread).
     match unsafe { fork() } {
         Err(e) => fail("fork its init", e),
-        Ok(ForkResult::Child) => init(hostname, user.as_ref(), &writable, command),
+        Ok(ForkResult::Child) => init(
+            hostname,
+            user.as_ref(),
+            &writable,
+            accept_listener.as_deref(),
+            command,
+        ),
         Ok(ForkResult::Parent { child }) => exit_code(wait_for(child)),
     }
 }
@@ -130,6 +146,7 @@ fn init(
     hostname: &OsString,
     user: Option<&InvokingUser>,
     writable: &[CString],
+    accept_listener: Option<&std::path::Path>,
     command: &[OsString],
 ) -> ! {
     let die = |what: &str, e: nix::Error| -> ! {
@@ -179,6 +196,22 @@ fn init(
                 // SAFETY: restoring the default disposition before exec.
                 let _ = unsafe { signal(sig, SigHandler::SigDfl) };
             }
+            // Before the switch to the user: loading a filter without no_new_privs
+            // takes CAP_SYS_ADMIN.
+            if let Some(path) = accept_listener {
+                match send_accept_calls(path) {
+                    Ok(()) => {}
+                    // Nothing is filtered yet: the port binding is proxied instead.
+                    Err((e, false)) => {
+                        eprintln!("sandrun: warning: host step: {e}; its bound ports are proxied")
+                    }
+                    // Filtered, and nobody would answer: every accept would fail.
+                    Err((e, true)) => {
+                        eprintln!("sandrun: host step: {e}");
+                        std::process::exit(125);
+                    }
+                }
+            }
             if let Some(u) = user {
                 // SAFETY: a freshly forked, single-threaded child.
                 if let Err(e) = unsafe { u.enter() } {
@@ -208,6 +241,63 @@ fn init(
             Err(_) => std::process::exit(125),
         }
     }
+}
+
+/// Sends the command's `accept` and `accept4` calls to the runner (`net::handoff`): a
+/// seccomp filter that waits for the runner's answer on them, whose listener goes to
+/// the runner's socket at `path` (as libcontainer sends a container's). The socket is
+/// connected first: a filter nobody listens to would fail every `accept`.
+/// On failure, the message and whether the filter is already in place.
+fn send_accept_calls(path: &std::path::Path) -> Result<(), (String, bool)> {
+    use libseccomp::{ScmpAction, ScmpArch, ScmpFilterContext, ScmpSyscall};
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let runner = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+        let message = format!("cannot reach the runner's socket {}: {e}", path.display());
+        (message, false)
+    })?;
+    let unloaded =
+        |e: libseccomp::error::SeccompError| (format!("cannot make the accept filter: {e}"), false);
+    let mut filter = ScmpFilterContext::new(ScmpAction::Allow).map_err(unloaded)?;
+    // The machine's other ABIs run as before (a filter kills unlisted ones).
+    let others: &[ScmpArch] = if cfg!(target_arch = "x86_64") {
+        &[ScmpArch::X86, ScmpArch::X32]
+    } else if cfg!(target_arch = "aarch64") {
+        &[ScmpArch::Arm]
+    } else {
+        &[]
+    };
+    for arch in others {
+        filter.add_arch(*arch).map_err(unloaded)?;
+    }
+    filter.set_ctl_nnp(false).map_err(unloaded)?;
+    for name in ["accept", "accept4"] {
+        let call = ScmpSyscall::from_name(name).map_err(unloaded)?;
+        filter
+            .add_rule(ScmpAction::Notify, call)
+            .map_err(unloaded)?;
+    }
+    filter.load().map_err(unloaded)?;
+    let notify = filter
+        .get_notify_fd()
+        .map_err(|e| (format!("no listener for the accept filter: {e}"), true))?;
+    let fds = [notify];
+    sendmsg::<UnixAddr>(
+        runner.as_raw_fd(),
+        &[std::io::IoSlice::new(b"{}")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| {
+        (
+            format!("cannot send the accept filter to the runner: {e}"),
+            true,
+        )
+    })?;
+    // SAFETY: the listener was sent; this process keeps no use for it.
+    unsafe { libc::close(notify) };
+    Ok(())
 }
 
 /// Directories a host step may always write: scratch space every tool expects.

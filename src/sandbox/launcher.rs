@@ -138,6 +138,7 @@ impl ContainerLauncher {
                 cpu_millis: step.resources.cpu_millis,
             },
             privileged: step.privileged,
+            accept_listener: spec.accept_listener.map(Path::to_path_buf),
             state_dir: self.state_dir.clone(),
         })
     }

@@ -8,9 +8,10 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDevice,
+    Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDevice,
     LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder, LinuxNamespaceBuilder,
-    LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder,
+    LinuxNamespaceType, LinuxResourcesBuilder, LinuxSeccomp, LinuxSeccompAction,
+    LinuxSeccompBuilder, LinuxSyscallBuilder, Mount, MountBuilder, PosixRlimitBuilder,
     PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
@@ -146,7 +147,6 @@ pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFa
         .args(p.argv.clone())
         .env(p.env.clone())
         .cwd(p.cwd)
-        .no_new_privileges(false)
         .capabilities(capabilities)
         .rlimits(vec![PosixRlimitBuilder::default()
             .typ(PosixRlimitType::RlimitNofile)
@@ -154,6 +154,11 @@ pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFa
             .hard(host.nofile.1)
             .build()?])
         .build()?;
+    // Unset rather than false (which it means too): libcontainer then installs a
+    // seccomp filter before it drops capabilities, which it must when no_new_privs is
+    // off (a setuid `sudo` in the image keeps working).
+    let mut process = process;
+    process.set_no_new_privileges(None);
 
     let mut namespaces = vec![
         LinuxNamespaceType::Mount,
@@ -206,6 +211,10 @@ pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFa
             .readonly_paths(oci_spec::runtime::get_default_readonly_paths());
     }
 
+    if let Some(listener) = &c.accept_listener {
+        linux = linux.seccomp(accept_notify(listener)?);
+    }
+
     SpecBuilder::default()
         .version("1.0.2")
         .hostname(c.hostname.clone())
@@ -218,6 +227,30 @@ pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFa
         .process(process)
         .mounts(split_mounts(mounts(c, host)?).1)
         .linux(linux.build()?)
+        .build()
+}
+
+/// A seccomp filter that lets every system call through but `accept` and `accept4`,
+/// which wait for the runner's answer on the listener libcontainer sends to
+/// `listener` (see `net::handoff`). The other ABIs of the machine are listed so that
+/// their programs run (unlisted, libseccomp would kill them); their calls are answered
+/// "go on".
+fn accept_notify(listener: &Path) -> Result<LinuxSeccomp, oci_spec::OciSpecError> {
+    let architectures = if cfg!(target_arch = "x86_64") {
+        vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32]
+    } else if cfg!(target_arch = "aarch64") {
+        vec![Arch::ScmpArchAarch64, Arch::ScmpArchArm]
+    } else {
+        vec![Arch::ScmpArchNative]
+    };
+    LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActAllow)
+        .architectures(architectures)
+        .listener_path(listener)
+        .syscalls(vec![LinuxSyscallBuilder::default()
+            .names(vec!["accept".to_string(), "accept4".to_string()])
+            .action(LinuxSeccompAction::ScmpActNotify)
+            .build()?])
         .build()
 }
 
@@ -355,8 +388,43 @@ mod tests {
             }],
             resources: Limits::default(),
             privileged,
+            accept_listener: None,
             state_dir: "/tmp/x".into(),
         }
+    }
+
+    #[test]
+    fn accept_calls_go_to_the_runner_only_when_it_asks() {
+        let user = ImageUser {
+            uid: 0,
+            gid: 0,
+            home: "/".into(),
+            additional_gids: vec![],
+        };
+        let p = Process {
+            argv: vec!["sh".into()],
+            env: vec![],
+            cwd: "/",
+            user: &user,
+        };
+        let facts = host(true);
+        let plain = runtime_spec(&container(false), Path::new("/r"), &p, &facts).unwrap();
+        assert!(plain.linux().as_ref().unwrap().seccomp().is_none());
+        let mut c = container(false);
+        c.accept_listener = Some("/run/x/accept-web.sock".into());
+        let spec = runtime_spec(&c, Path::new("/r"), &p, &facts).unwrap();
+        let seccomp = spec.linux().as_ref().unwrap().seccomp().clone().unwrap();
+        assert_eq!(seccomp.default_action(), LinuxSeccompAction::ScmpActAllow);
+        assert_eq!(
+            seccomp.listener_path().as_deref(),
+            Some(Path::new("/run/x/accept-web.sock"))
+        );
+        let rules = seccomp.syscalls().clone().unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0].names(), &["accept", "accept4"]);
+        assert_eq!(rules[0].action(), LinuxSeccompAction::ScmpActNotify);
+        // Unset, so that libcontainer loads the filter while it still may.
+        assert_eq!(spec.process().as_ref().unwrap().no_new_privileges(), None);
     }
 
     fn host(rootless: bool) -> HostFacts {

@@ -31,6 +31,11 @@ pub struct ContainerSpec {
     pub mounts: Vec<BindMount>,
     pub resources: Limits,
     pub privileged: bool,
+    /// A unix socket of the runner's that takes the seccomp listener of the step's
+    /// `accept` calls, so that host connections to a bound port are handed to the
+    /// service itself (`net::handoff`); `None` for steps without `portBindings`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_listener: Option<PathBuf>,
     /// The run's state directory (`$XDG_RUNTIME_DIR/sandrun/<run-id>`): bundles, upper
     /// dirs and libcontainer state go below it.
     pub state_dir: PathBuf,
@@ -234,6 +239,7 @@ mod tests {
                 cpu_millis: None,
             },
             privileged: false,
+            accept_listener: None,
             state_dir: "/run/user/1/sandrun/r1".into(),
         };
         let json = serde_json::to_string(&spec).unwrap();

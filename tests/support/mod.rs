@@ -377,3 +377,39 @@ pub fn spawn_until(sb: &Sandbox, args: &[&str], marker: &str) -> std::process::C
     }
     child
 }
+
+/// GET `path` from the host's loopback port, retrying while the service is not up;
+/// the body.
+pub fn http_get(port: u16, path: &str) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let got = (|| -> std::io::Result<Vec<u8>> {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+            let mut all = Vec::new();
+            c.read_to_end(&mut all)?;
+            // busybox httpd passes a CGI script's bare "\n\n" on.
+            let (head, gap) = match all.windows(4).position(|w| w == b"\r\n\r\n") {
+                Some(i) => (i, 4),
+                None => (
+                    all.windows(2)
+                        .position(|w| w == b"\n\n")
+                        .ok_or_else(|| std::io::Error::other("no HTTP answer"))?,
+                    2,
+                ),
+            };
+            if !all.starts_with(b"HTTP/1.0 200") && !all.starts_with(b"HTTP/1.1 200") {
+                return Err(std::io::Error::other(
+                    String::from_utf8_lossy(&all[..head]).into_owned(),
+                ));
+            }
+            Ok(all[head + gap..].to_vec())
+        })();
+        match got {
+            Ok(body) => return body,
+            Err(e) if std::time::Instant::now() > deadline => panic!("GET {path}: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+}
