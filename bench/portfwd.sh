@@ -23,6 +23,7 @@ if [ "${1:-}" != "--inner" ]; then
     W=$(mktemp -d /tmp/sandrun-bench-portfwd.XXXXXX)
     cp "$CARGO_TARGET_DIR/release/sandrun" "$W/sandrun"
     cp "$0" "$W/portfwd.sh"
+    cp bench/image.sh "$W/image.sh"
     gcc -O2 -static -o "$W/sink" bench/sink.c
     chmod 755 "$W" "$W/sandrun" "$W/portfwd.sh" "$W/sink"
     if [ "$(id -u)" -eq 0 ]; then
@@ -60,14 +61,8 @@ cp /bin/busybox "$B/sink" rootfs/bin/
 ln -s busybox rootfs/bin/sh
 printf 'root:x:0:0:root:/root:/bin/sh\n' > rootfs/etc/passwd
 export SANDRUN_HOME="$D/store"
-umoci init --layout oci >/dev/null
-umoci new --image oci:bench >/dev/null
-umoci unpack --rootless --image oci:bench unpacked >/dev/null
-cp -a rootfs/. unpacked/rootfs/
-umoci repack --image oci:bench unpacked >/dev/null
-umoci config --image oci:bench --config.cmd sh >/dev/null
-skopeo copy -q oci:oci:bench oci-archive:sink.tar:sink:bench
-"$B/sandrun" load --color never sink.tar >load.log 2>&1 || { cat load.log; exit 1; }
+. "$B/image.sh"
+load_image "$B/sandrun" sink:bench
 
 start_run() { # name host-port image|- [env...]
     name=$1 port=$2 image=$3

@@ -43,6 +43,7 @@ if [ "${1:-}" != "--inner" ]; then
     W=$(mktemp -d /tmp/sandrun-bench-start.XXXXXX)
     cp "$SANDRUN" "$W/sandrun"
     cp "$0" "$W/start.sh"
+    cp bench/image.sh "$W/image.sh"
     chmod 755 "$W" "$W/sandrun" "$W/start.sh"
     if [ "$(id -u)" -eq 0 ]; then
         id sandrun-test >/dev/null 2>&1 || { echo "no user sandrun-test: run scripts/test.sh once to create it"; exit 1; }
@@ -75,14 +76,8 @@ printf 'root:x:0:\n' > rootfs/etc/group
 
 # sandrun: the same root filesystem as an OCI image `busybox:bench` in a private store.
 export SANDRUN_HOME="$W/store"
-umoci init --layout oci >/dev/null
-umoci new --image oci:bench >/dev/null
-umoci unpack --rootless --image oci:bench unpacked >/dev/null
-cp -a rootfs/. unpacked/rootfs/
-umoci repack --image oci:bench unpacked >/dev/null
-umoci config --image oci:bench --config.cmd sh >/dev/null
-skopeo copy -q oci:oci:bench oci-archive:busybox.tar:busybox:bench
-./sandrun load --color never busybox.tar >load.log 2>&1 || { cat load.log; exit 1; }
+. "$W/image.sh"
+load_image ./sandrun busybox:bench
 mkdir -p ws
 cat > stage.yaml <<EOF
 stage:

@@ -651,24 +651,13 @@ fn host_connections_to_a_bound_port_are_handed_to_the_container_service() {
 "#
                 ),
             );
-            let mut cmd = sb.command(["run", "ci.yaml"]);
-            if !handoff {
-                cmd.env("SANDRUN_PORT_HANDOFF", "off");
-            }
-            let mut child = cmd
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-            while support::processes_with(&format!("wait{tag}")).is_empty() {
-                if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
-                    let _ = child.kill();
-                    let r = support::Run::from(child.wait_with_output().unwrap());
-                    panic!("the client step did not start:\n{}", r.all());
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
+            let handoff_env = if handoff { "on" } else { "off" };
+            let child = support::spawn_with_until(
+                &sb,
+                &["run", "ci.yaml"],
+                &[("SANDRUN_PORT_HANDOFF", handoff_env)],
+                &format!("wait{tag}"),
+            );
             let peers: Vec<String> = (0..3)
                 .map(|_| String::from_utf8(support::http_get(host_port, "/cgi-bin/peer")).unwrap())
                 .collect();

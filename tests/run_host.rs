@@ -11,6 +11,33 @@ fn stage(steps: &str) -> String {
     support::stage(support::DOCKER, steps)
 }
 
+/// A Background step `svc` running `command` with host port `host_port` bound to its
+/// port 8000, and a Run step that runs `first` then waits (its command line carries
+/// `wait{tag}`) until the workspace has a file `done`.
+fn service_and_hold(command: &str, host_port: u16, first: &str, tag: u16) -> String {
+    stage(&format!(
+        r#"- step:
+    type: Background
+    name: svc
+    identifier: svc
+    spec:
+      shell: Sh
+      command: {command}
+      portBindings:
+        "{host_port}": "8000"
+- step:
+    type: Run
+    name: hold
+    identifier: hold
+    spec:
+      shell: Sh
+      command: |
+        {first}
+        while [ ! -f done ]; do sleep 0.1; done # wait{tag}
+"#
+    ))
+}
+
 #[test]
 fn background_service_is_reached_then_stopped() {
     for mode in modes() {
@@ -776,44 +803,20 @@ fn host_connections_to_a_bound_port_are_handed_to_a_host_step_service() {
             // each request's peer address.
             sb.write(
                 "ci.yaml",
-                &stage(&format!(
-                    r#"- step:
-    type: Background
-    name: web
-    identifier: web
-    spec:
-      shell: Sh
-      command: exec python3 -m http.server 8000 --bind 0.0.0.0
-      portBindings:
-        "{host_port}": "8000"
-- step:
-    type: Run
-    name: hold
-    identifier: hold
-    spec:
-      shell: Sh
-      command: |
-        curl -sf http://web:8000/ >/dev/null
-        while [ ! -f done ]; do sleep 0.1; done # wait{tag}
-"#
-                )),
+                &service_and_hold(
+                    "exec python3 -m http.server 8000 --bind 0.0.0.0",
+                    host_port,
+                    "curl -sf http://svc:8000/ >/dev/null",
+                    tag,
+                ),
             );
-            let mut cmd = sb.command(["run", "ci.yaml"]);
-            cmd.env("SANDRUN_PORT_HANDOFF", if handoff { "on" } else { "off" });
-            let mut child = cmd
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while support::processes_with(&format!("wait{tag}")).is_empty() {
-                if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
-                    let _ = child.kill();
-                    let r = support::Run::from(child.wait_with_output().unwrap());
-                    panic!("the hold step did not start:\n{}", r.all());
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let handoff_env = if handoff { "on" } else { "off" };
+            let child = support::spawn_with_until(
+                &sb,
+                &["run", "ci.yaml"],
+                &[("SANDRUN_PORT_HANDOFF", handoff_env)],
+                &format!("wait{tag}"),
+            );
             let got = support::http_get(host_port, "/big");
             std::fs::write(sb.workspace().join("done"), "").unwrap();
             let r = support::Run::from(child.wait_with_output().unwrap());
@@ -863,43 +866,15 @@ fn an_asyncio_service_takes_host_connections_through_its_non_blocking_listener()
             );
             sb.write(
                 "ci.yaml",
-                &stage(&format!(
-                    r#"- step:
-    type: Background
-    name: svc
-    identifier: svc
-    spec:
-      shell: Sh
-      command: exec python3 serve.py
-      portBindings:
-        "{host_port}": "8000"
-- step:
-    type: Run
-    name: hold
-    identifier: hold
-    spec:
-      shell: Sh
-      command: |
-        while [ ! -f done ]; do sleep 0.1; done # wait{tag}
-"#
-                )),
+                &service_and_hold("exec python3 serve.py", host_port, "true", tag),
             );
-            let mut cmd = sb.command(["run", "ci.yaml", "--network", network]);
-            cmd.env("SANDRUN_PORT_HANDOFF", if handoff { "on" } else { "off" });
-            let mut child = cmd
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while support::processes_with(&format!("wait{tag}")).is_empty() {
-                if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
-                    let _ = child.kill();
-                    let r = support::Run::from(child.wait_with_output().unwrap());
-                    panic!("the hold step did not start:\n{}", r.all());
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let handoff_env = if handoff { "on" } else { "off" };
+            let child = support::spawn_with_until(
+                &sb,
+                &["run", "ci.yaml", "--network", network],
+                &[("SANDRUN_PORT_HANDOFF", handoff_env)],
+                &format!("wait{tag}"),
+            );
             // Several connections at once: each one is answered.
             let conns: Vec<std::net::TcpStream> = (0..5)
                 .map(|_| std::net::TcpStream::connect(("127.0.0.1", host_port)).unwrap())
@@ -967,26 +942,12 @@ fn a_signal_during_a_blocking_accept_loses_no_host_connection() {
         );
         sb.write(
             "ci.yaml",
-            &stage(&format!(
-                r#"- step:
-    type: Background
-    name: svc
-    identifier: svc
-    spec:
-      shell: Sh
-      command: exec python3 blocking{tag}.py
-      portBindings:
-        "{host_port}": "8000"
-- step:
-    type: Run
-    name: hold
-    identifier: hold
-    spec:
-      shell: Sh
-      command: |
-        while [ ! -f done ]; do sleep 0.1; done # wait{tag}
-"#
-            )),
+            &service_and_hold(
+                &format!("exec python3 blocking{tag}.py"),
+                host_port,
+                "true",
+                tag,
+            ),
         );
         let child = spawn_until(&sb, &["run", "ci.yaml"], &format!("wait{tag}"));
         // The process that handles SIGUSR1 (python may run under a pyenv shim).

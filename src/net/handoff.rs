@@ -115,7 +115,8 @@ impl Handoff {
     }
 
     /// Binds the unix socket libcontainer sends the step's seccomp listener to, and
-    /// answers the step's `accept` calls from then on (until the runtime stops).
+    /// answers the step's `accept` calls from then on (the task ends with the proxy
+    /// server; the calls of a live step are still answered by their own tasks).
     pub fn listen(self: &Arc<Handoff>, path: &Path) -> io::Result<tokio::task::JoinHandle<()>> {
         let _ = std::fs::remove_file(path);
         let listener = StdUnixListener::bind(path)?;

@@ -413,3 +413,30 @@ pub fn http_get(port: u16, path: &str) -> Vec<u8> {
         }
     }
 }
+
+/// `sandrun ARGS` with `env` in the background, once a process whose command line
+/// contains `marker` runs; its output is in the panic message when it ends first.
+pub fn spawn_with_until(
+    sb: &Sandbox,
+    args: &[&str],
+    env: &[(&str, &str)],
+    marker: &str,
+) -> std::process::Child {
+    let mut child = sb
+        .command(args)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot start sandrun");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while processes_with(marker).is_empty() {
+        if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let r = Run::from(child.wait_with_output().unwrap());
+            panic!("no process `{marker}` started:\n{}", r.all());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child
+}
