@@ -663,7 +663,7 @@ fn host_connections_to_a_bound_port_are_handed_to_the_container_service() {
                 .collect();
             let big = support::http_get(host_port, "/big");
             std::fs::write(sb.workspace().join("done"), "").unwrap();
-            let r = support::Run::from(child.wait_with_output().unwrap());
+            let r = child.finish();
             r.assert_code(0);
             let sum = std::process::Command::new("md5sum")
                 .stdin(std::process::Stdio::piped())

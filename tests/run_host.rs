@@ -819,7 +819,7 @@ fn host_connections_to_a_bound_port_are_handed_to_a_host_step_service() {
             );
             let got = support::http_get(host_port, "/big");
             std::fs::write(sb.workspace().join("done"), "").unwrap();
-            let r = support::Run::from(child.wait_with_output().unwrap());
+            let r = child.finish();
             r.assert_code(0);
             assert!(got == big, "the 4 MiB body arrived changed\n{}", r.all());
             let all = r.all();
@@ -890,7 +890,7 @@ fn an_asyncio_service_takes_host_connections_through_its_non_blocking_listener()
                 })
                 .collect();
             std::fs::write(sb.workspace().join("done"), "").unwrap();
-            let r = support::Run::from(child.wait_with_output().unwrap());
+            let r = child.finish();
             r.assert_code(0);
             for a in &answers {
                 if handoff {
@@ -949,7 +949,7 @@ fn a_signal_during_a_blocking_accept_loses_no_host_connection() {
                 tag,
             ),
         );
-        let child = spawn_until(&sb, &["run", "ci.yaml"], &format!("wait{tag}"));
+        let child = support::spawn_with_until(&sb, &["run", "ci.yaml"], &[], &format!("wait{tag}"));
         // The process that handles SIGUSR1 (python may run under a pyenv shim).
         let handles_usr1 = |pid: &str| {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -991,7 +991,7 @@ fn a_signal_during_a_blocking_accept_loses_no_host_connection() {
         }
         let took = started.elapsed();
         std::fs::write(sb.workspace().join("done"), "").unwrap();
-        let r = support::Run::from(child.wait_with_output().unwrap());
+        let r = child.finish();
         r.assert_code(0);
         for a in &answers {
             assert_eq!(

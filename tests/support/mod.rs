@@ -414,6 +414,28 @@ pub fn http_get(port: u16, path: &str) -> Vec<u8> {
     }
 }
 
+/// A run in the background that is interrupted (SIGINT, as Ctrl-C) and reaped when the
+/// test fails before it waits for it, so that a failed test leaves no run behind.
+pub struct Background(Option<std::process::Child>);
+
+impl Background {
+    /// Waits for the run to end.
+    pub fn finish(mut self) -> Run {
+        let child = self.0.take().expect("a running sandrun");
+        Run::from(child.wait_with_output().unwrap())
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let _ = child.wait();
+        }
+    }
+}
+
 /// `sandrun ARGS` with `env` in the background, once a process whose command line
 /// contains `marker` runs; its output is in the panic message when it ends first.
 pub fn spawn_with_until(
@@ -421,7 +443,7 @@ pub fn spawn_with_until(
     args: &[&str],
     env: &[(&str, &str)],
     marker: &str,
-) -> std::process::Child {
+) -> Background {
     let mut child = sb
         .command(args)
         .envs(env.iter().copied())
@@ -438,5 +460,5 @@ pub fn spawn_with_until(
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    child
+    Background(Some(child))
 }
