@@ -699,9 +699,12 @@ async fn receive_listener(listener: &UnixListener) -> io::Result<OwnedFd> {
     }
 }
 
-/// Whether this kernel can hand connections over: seccomp's ADDFD with the SEND flag
-/// came with Linux 5.14.
+/// Whether this machine can hand connections over: seccomp's ADDFD with the SEND flag
+/// came with Linux 5.14, and the calls are told apart on x86_64 and aarch64 only.
 pub fn supported() -> bool {
+    if AUDIT_ARCH_NATIVE == 0 {
+        return false;
+    }
     let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
         return false;
     };
