@@ -2,10 +2,11 @@
 //!
 //! The port proxy (`proxy`) moves every byte through a second TCP connection and a
 //! third busy party: on two cores that costs about 40% of the throughput of a direct
-//! loopback connection. For container steps the runner can do better, because it
-//! answers the service's `accept` calls: the step's OCI spec has a seccomp filter that
-//! sends `accept` and `accept4` to a user-notification listener, which libcontainer
-//! passes to a unix socket of the runner's ([`Handoff::listen`]).
+//! loopback connection. The runner does better by answering the service's `accept`
+//! calls: the step runs under a seccomp filter that sends `accept` and `accept4` to a
+//! user-notification listener, which reaches a unix socket of the runner's
+//! ([`Handoff::listen`]). A container's filter is in its OCI spec and libcontainer
+//! sends the listener; a host step's `__host-init` loads the same filter itself.
 //!
 //! When the service accepts on a listener of a bound port, the runner accepts on its
 //! behalf, on a duplicate of that listener (`pidfd_getfd`), and installs the result in
@@ -68,7 +69,8 @@ pub struct Handoff {
     key: String,
     ports: Vec<u16>,
     attached: AtomicBool,
-    /// Placeholder address (as the service's listener sees the peer) -> host connection.
+    /// Placeholder address (IPv4 as such, even where a dual-stack listener sees it
+    /// mapped) -> host connection.
     waiting: Mutex<HashMap<SocketAddr, Waiting>>,
     /// Connections accepted for an `accept` that was withdrawn before it got them, by
     /// listener (socket inode): the next `accept` on that listener gets them first.
@@ -697,9 +699,12 @@ async fn receive_listener(listener: &UnixListener) -> io::Result<OwnedFd> {
     }
 }
 
-/// Whether this kernel can hand connections over: seccomp's ADDFD with the SEND flag
-/// came with Linux 5.14.
+/// Whether this machine can hand connections over: seccomp's ADDFD with the SEND flag
+/// came with Linux 5.14, and the calls are told apart on x86_64 and aarch64 only.
 pub fn supported() -> bool {
+    if AUDIT_ARCH_NATIVE == 0 {
+        return false;
+    }
     let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
         return false;
     };

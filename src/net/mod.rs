@@ -4,7 +4,8 @@
 //!
 //! `plan` and `files` are pure (addresses, names, file contents). `stage` builds the
 //! live network from a [`NetworkPlan`] (`netns` and `links` hold the system calls),
-//! `proxy` serves port bindings, `egress` is the opt-in way out, `listeners` reads
+//! `proxy` serves port bindings (`handoff` gives host connections to the service's own
+//! `accept`, the proxy copies the rest), `egress` is the opt-in way out, `listeners` reads
 //! which ports a running step listens on (to explain pod-mode port collisions).
 //!
 //! How the executor uses it: `allocate` at plan time; before the first step

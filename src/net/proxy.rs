@@ -6,6 +6,10 @@
 //! socket keeps the namespace it was made in), so this needs no /dev/net/tun and no
 //! privileges beyond those the runner already has. Bytes are copied both ways until
 //! either side closes or the stage ends.
+//!
+//! That copying is the fallback: where it can, the runner gives the host's connection
+//! to the service's own `accept` instead (`handoff`), and this module only dials the
+//! placeholder connection that wakes the service.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -87,9 +91,9 @@ impl HostPortProxy {
     /// listens are closed (as Docker's proxy does); later ones go through.
     ///
     /// With `handoff_dir`, each step with bindings also gets a socket there for the
-    /// seccomp listener of its container's `accept` calls ([`ProxyServer::accept_listeners`]),
-    /// and host connections are handed to the service itself once it is attached
-    /// (`handoff`); the others are proxied.
+    /// seccomp listener of its `accept` calls ([`ProxyServer::accept_listeners`]), and
+    /// host connections are handed to the service itself once that listener has come
+    /// (`handoff`); until then, and for the other steps, they are proxied.
     pub fn serve(
         self,
         network: &StageNetwork,
@@ -152,8 +156,8 @@ pub struct ProxyServer {
 }
 
 impl ProxyServer {
-    /// Step key -> the socket its container sends the seccomp listener of its
-    /// `accept` calls to (see `handoff`).
+    /// Step key -> the socket the step (its container, or `__host-init`) sends the
+    /// seccomp listener of its `accept` calls to (see `handoff`).
     pub fn accept_listeners(&self) -> HashMap<String, PathBuf> {
         self.accept_listeners.clone()
     }
@@ -223,8 +227,8 @@ async fn accept_loop(
 
 /// Gives `client` to the service: a placeholder connection from inside the stage
 /// network wakes its `accept`, which the runner answers with `client` (`handoff`).
-/// When nobody claims it in time, or the service's listener is of the other address
-/// family, `client` is proxied to the placeholder instead.
+/// When nobody claims it in time, or it is an IPv6 client of an IPv4-only listener,
+/// `client` is proxied to the placeholder instead.
 async fn hand_over(client: TcpStream, dial: &Dial, handoff: &Handoff) -> io::Result<()> {
     let socket = dial.sockets.socket(dial.netns.as_fd(), dial.target).await?;
     // Bound first, so that the placeholder is known before the service can accept it.
