@@ -699,20 +699,31 @@ async fn receive_listener(listener: &UnixListener) -> io::Result<OwnedFd> {
     }
 }
 
-/// Whether this machine can hand connections over: seccomp's ADDFD with the SEND flag
-/// came with Linux 5.14, and the calls are told apart on x86_64 and aarch64 only.
+/// Whether this machine can hand connections over:
+/// - seccomp's ADDFD with the SEND flag came with Linux 5.14;
+/// - the kernel must offer user notification (`user_notif`; a sandbox may not);
+/// - sandrun must not run under a seccomp filter itself (inside a step of another
+///   sandrun with bound ports, say): the kernel allows one listener per filter chain,
+///   and a second would fail the step instead of falling back to the proxy;
+/// - the calls are told apart on x86_64 and aarch64 only.
 pub fn supported() -> bool {
     if AUDIT_ARCH_NATIVE == 0 {
         return false;
     }
-    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
-        return false;
-    };
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let release = read("/proc/sys/kernel/osrelease");
     let mut parts = release
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|p| p.parse::<u32>().ok());
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (major, minor) >= (5, 14)
+    let notify = read("/proc/sys/kernel/seccomp/actions_avail")
+        .split_whitespace()
+        .any(|a| a == "user_notif");
+    let filtered = read("/proc/self/status")
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .is_none_or(|mode| mode.trim() != "0");
+    (major, minor) >= (5, 14) && notify && !filtered
 }
 
 /// Where the step's listener socket goes: in the stage's private state directory.

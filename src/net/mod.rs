@@ -28,6 +28,7 @@ mod stage;
 
 pub use error::{NetError, NetPlanError};
 pub use files::{render_hosts, render_resolv_conf};
+pub use handoff::supported as port_handoff_supported;
 pub use listeners::listening_ports;
 pub use netns::StepJoin;
 pub use plan::{
