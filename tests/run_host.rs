@@ -1021,3 +1021,59 @@ fn a_signal_during_a_blocking_accept_loses_no_host_connection() {
         assert!(took < Duration::from_secs(2), "took {took:?}\n{}", r.all());
     }
 }
+
+#[test]
+fn a_host_connection_the_service_is_slow_to_accept_is_proxied_after_a_second() {
+    if !sandrun::net::port_handoff_supported() {
+        eprintln!("skipped: the hand-off is not supported here (kernel, seccomp, architecture)");
+        return;
+    }
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let host_port = free_port();
+        let tag = free_port();
+        // Listens at once, accepts only after 2.5 s: longer than the hand-off waits.
+        sb.write(
+            &format!("slow{tag}.py"),
+            "import socket, time\n\
+             s = socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('0.0.0.0', 8000))\n\
+             s.listen(16)\n\
+             time.sleep(2.5)\n\
+             while True:\n\
+             \x20   c, a = s.accept()\n\
+             \x20   if c.recv(1):\n\
+             \x20       c.sendall(f'peer={a[0]} port={c.getsockname()[1]}\\n'.encode())\n\
+             \x20   c.close()\n",
+        );
+        sb.write(
+            "ci.yaml",
+            &service_and_hold(
+                &format!("exec python3 slow{tag}.py"),
+                host_port,
+                "true",
+                tag,
+            ),
+        );
+        let child = support::spawn_with_until(&sb, &["run", "ci.yaml"], &[], &format!("wait{tag}"));
+        use std::io::{Read, Write};
+        let started = Instant::now();
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", host_port)).unwrap();
+        c.write_all(b"x").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        let took = started.elapsed();
+        std::fs::write(sb.workspace().join("done"), "").unwrap();
+        let r = child.finish();
+        r.assert_code(0);
+        // Proxied to its placeholder, which the service then accepted as it came.
+        assert!(
+            answer.starts_with("peer=10.") && answer.trim().ends_with(" port=8000"),
+            "{answer}\n{}",
+            r.all()
+        );
+        assert!(took < Duration::from_secs(8), "took {took:?}");
+    }
+}
