@@ -137,6 +137,7 @@ impl HostPortProxy {
                         .map_err(NetError::os("duplicate a namespace descriptor"))?,
                 ),
                 target,
+                spare: Default::default(),
             };
             let handoff = handoffs.get(&port.key).cloned();
             tasks.push(tokio::spawn(accept_loop(listener, dial, handoff, port.key)));
@@ -188,6 +189,30 @@ struct Dial {
     sockets: Arc<SocketFactory>,
     netns: Arc<OwnedFd>,
     target: SocketAddr,
+    /// A socket made ahead, for the next connection.
+    spare: Arc<std::sync::Mutex<Option<tokio::net::TcpSocket>>>,
+}
+
+impl Dial {
+    /// A socket made in the step's namespace: the one made ahead when there is one
+    /// (the namespace's thread makes the next meanwhile), so that a connection does
+    /// not wait for that thread.
+    async fn socket(&self) -> io::Result<tokio::net::TcpSocket> {
+        let ready = self.spare.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let dial = self.clone();
+        tokio::spawn(async move {
+            if let Ok(s) = dial.sockets.socket(dial.netns.as_fd(), dial.target).await {
+                dial.spare
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(s);
+            }
+        });
+        match ready {
+            Some(socket) => Ok(socket),
+            None => self.sockets.socket(self.netns.as_fd(), self.target).await,
+        }
+    }
 }
 
 async fn accept_loop(
@@ -230,7 +255,7 @@ async fn accept_loop(
 /// When nobody claims it in time, or it is an IPv6 client of an IPv4-only listener,
 /// `client` is proxied to the placeholder instead.
 async fn hand_over(client: TcpStream, dial: &Dial, handoff: &Handoff) -> io::Result<()> {
-    let socket = dial.sockets.socket(dial.netns.as_fd(), dial.target).await?;
+    let socket = dial.socket().await?;
     // Bound first, so that the placeholder is known before the service can accept it.
     socket.bind(SocketAddr::new(dial.target.ip(), 0))?;
     let placeholder = socket.local_addr()?;
@@ -259,10 +284,7 @@ async fn hand_over(client: TcpStream, dial: &Dial, handoff: &Handoff) -> io::Res
 }
 
 async fn forward(client: TcpStream, dial: &Dial) -> io::Result<()> {
-    let upstream = dial
-        .sockets
-        .connect(dial.netns.as_fd(), dial.target)
-        .await?;
+    let upstream = dial.socket().await?.connect(dial.target).await?;
     splice_both_ways(client, upstream).await
 }
 
