@@ -11,6 +11,21 @@ fn stage(steps: &str) -> String {
     support::stage(support::DOCKER, steps)
 }
 
+/// Python that leaves `s`, a TCP socket bound to port 8000 of every IPv4 address.
+const PY_LISTEN_8000: &str = "import socket\n\
+     s = socket.socket()\n\
+     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+     s.bind(('0.0.0.0', 8000))\n";
+
+/// Says so when the hand-off cannot work here (tests of it only then skip).
+fn handoff_unsupported() -> bool {
+    let no = !sandrun::net::port_handoff_supported();
+    if no {
+        eprintln!("skipped: the hand-off is not supported here (kernel, seccomp, architecture)");
+    }
+    no
+}
+
 /// A Background step `svc` running `command` with host port `host_port` bound to its
 /// port 8000, and a Run step that runs `first` then waits (its command line carries
 /// `wait{tag}`) until the workspace has a file `done`.
@@ -933,8 +948,7 @@ fn an_asyncio_service_takes_host_connections_through_its_non_blocking_listener()
 fn a_signal_during_a_blocking_accept_loses_no_host_connection() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
-    if !sandrun::net::port_handoff_supported() {
-        eprintln!("skipped: the hand-off is not supported here (kernel, seccomp, architecture)");
+    if handoff_unsupported() {
         return;
     }
     for mode in modes() {
@@ -945,16 +959,17 @@ fn a_signal_during_a_blocking_accept_loses_no_host_connection() {
         // the runner is answering, and python makes it again (PEP 475).
         sb.write(
             &format!("blocking{tag}.py"),
-            "import signal, socket\n\
+            &[
+                PY_LISTEN_8000,
+                "import signal\n\
              signal.signal(signal.SIGUSR1, lambda *a: None)\n\
-             s = socket.socket()\n\
-             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-             s.bind(('0.0.0.0', 8000))\n\
              s.listen()\n\
              while True:\n\
              \x20   c, a = s.accept()\n\
              \x20   c.sendall(f'peer={a[0]} port={c.getsockname()[1]}\\n'.encode())\n\
              \x20   c.close()\n",
+            ]
+            .concat(),
         );
         sb.write(
             "ci.yaml",
@@ -1024,8 +1039,7 @@ fn a_signal_during_a_blocking_accept_loses_no_host_connection() {
 
 #[test]
 fn a_host_connection_the_service_is_slow_to_accept_is_proxied_after_a_second() {
-    if !sandrun::net::port_handoff_supported() {
-        eprintln!("skipped: the hand-off is not supported here (kernel, seccomp, architecture)");
+    if handoff_unsupported() {
         return;
     }
     for mode in modes() {
@@ -1035,10 +1049,9 @@ fn a_host_connection_the_service_is_slow_to_accept_is_proxied_after_a_second() {
         // Listens at once, accepts only after 2.5 s: longer than the hand-off waits.
         sb.write(
             &format!("slow{tag}.py"),
-            "import socket, time\n\
-             s = socket.socket()\n\
-             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-             s.bind(('0.0.0.0', 8000))\n\
+            &[
+                PY_LISTEN_8000,
+                "import time\n\
              s.listen(16)\n\
              time.sleep(2.5)\n\
              while True:\n\
@@ -1046,6 +1059,8 @@ fn a_host_connection_the_service_is_slow_to_accept_is_proxied_after_a_second() {
              \x20   if c.recv(1):\n\
              \x20       c.sendall(f'peer={a[0]} port={c.getsockname()[1]}\\n'.encode())\n\
              \x20   c.close()\n",
+            ]
+            .concat(),
         );
         sb.write(
             "ci.yaml",
