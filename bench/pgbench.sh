@@ -20,23 +20,16 @@ PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 
 if [ "${1:-}" != "--inner" ]; then
     cd "$(dirname "$0")/.."
-    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-    cargo build --release --quiet --bin sandrun
-    W=$(mktemp -d /tmp/sandrun-bench-pg.XXXXXX)
-    cp "$CARGO_TARGET_DIR/release/sandrun" "$W/sandrun"
-    cp "$0" "$W/pgbench.sh"
-    chmod 755 "$W" "$W/sandrun" "$W/pgbench.sh"
+    . bench/lib.sh
+    prepare_workdir pg "$0"
     if [ "$(id -u)" -eq 0 ]; then
-        id sandrun-test >/dev/null 2>&1 || { echo "no user sandrun-test: run scripts/test.sh once"; exit 1; }
-        chown sandrun-test: "$W"
-        home=$(getent passwd sandrun-test | cut -d: -f6)
-        setpriv --reuid=sandrun-test --regid=sandrun-test --clear-groups \
-            env -i PATH="$PATH" HOME="$home" USER=sandrun-test ROUNDS="$ROUNDS" SECONDS="$SECONDS_EACH" \
-            sh "$W/pgbench.sh" --inner "$W" || status=$?
+        chown sandrun-test: "$W" 2>/dev/null
+        as_test_user ROUNDS="$ROUNDS" SECONDS="$SECONDS_EACH" sh "$W/pgbench.sh" --inner "$W" ||
+            status=$?
     else
         sh "$W/pgbench.sh" --inner "$W" || status=$?
     fi
-    rm -rf "$W" 2>/dev/null || "$W/sandrun" __unshare rm -rf "$W"
+    remove_workdir
     exit "${status:-0}"
 fi
 

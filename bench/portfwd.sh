@@ -18,14 +18,10 @@ MIB="${MIB:-2048}"
 
 if [ "${1:-}" != "--inner" ]; then
     cd "$(dirname "$0")/.."
-    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-    cargo build --release --quiet --bin sandrun
-    W=$(mktemp -d /tmp/sandrun-bench-portfwd.XXXXXX)
-    cp "$CARGO_TARGET_DIR/release/sandrun" "$W/sandrun"
-    cp "$0" "$W/portfwd.sh"
-    cp bench/image.sh "$W/image.sh"
+    . bench/lib.sh
+    prepare_workdir portfwd "$0"
     gcc -O2 -static -o "$W/sink" bench/sink.c
-    chmod 755 "$W" "$W/sandrun" "$W/portfwd.sh" "$W/sink"
+    chmod 755 "$W/sink"
     if [ "$(id -u)" -eq 0 ]; then
         echo "== root"
         mkdir "$W/root"
@@ -34,17 +30,15 @@ if [ "${1:-}" != "--inner" ]; then
             echo "== rootless (sandrun-test)"
             mkdir "$W/rootless"
             chown sandrun-test: "$W/rootless"
-            home=$(getent passwd sandrun-test | cut -d: -f6)
-            setpriv --reuid=sandrun-test --regid=sandrun-test --clear-groups \
-                env -i PATH="$PATH" HOME="$home" USER=sandrun-test ROUNDS="$ROUNDS" MIB="$MIB" \
-                sh "$W/portfwd.sh" --inner "$W/rootless" || status=$?
+            as_test_user ROUNDS="$ROUNDS" MIB="$MIB" sh "$W/portfwd.sh" --inner "$W/rootless" ||
+                status=$?
         fi
     else
         echo "== rootless"
         mkdir "$W/rootless"
         sh "$W/portfwd.sh" --inner "$W/rootless" || status=$?
     fi
-    rm -rf "$W" 2>/dev/null || "$W/sandrun" __unshare rm -rf "$W"
+    remove_workdir
     exit "${status:-0}"
 fi
 
@@ -61,7 +55,7 @@ cp /bin/busybox "$B/sink" rootfs/bin/
 ln -s busybox rootfs/bin/sh
 printf 'root:x:0:0:root:/root:/bin/sh\n' > rootfs/etc/passwd
 export SANDRUN_HOME="$D/store"
-. "$B/image.sh"
+. "$B/lib.sh"
 load_image "$B/sandrun" sink:bench
 
 start_run() { # name host-port image|- [env...]

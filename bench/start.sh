@@ -37,25 +37,15 @@ ROUNDS="${ROUNDS:-20}"
 
 if [ "${1:-}" != "--inner" ]; then
     cd "$(dirname "$0")/.."
-    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-    cargo build --release --quiet --bin sandrun
-    SANDRUN="$CARGO_TARGET_DIR/release/sandrun"
-    W=$(mktemp -d /tmp/sandrun-bench-start.XXXXXX)
-    cp "$SANDRUN" "$W/sandrun"
-    cp "$0" "$W/start.sh"
-    cp bench/image.sh "$W/image.sh"
-    chmod 755 "$W" "$W/sandrun" "$W/start.sh"
+    . bench/lib.sh
+    prepare_workdir start "$0"
     if [ "$(id -u)" -eq 0 ]; then
-        id sandrun-test >/dev/null 2>&1 || { echo "no user sandrun-test: run scripts/test.sh once to create it"; exit 1; }
-        chown sandrun-test: "$W"
-        home=$(getent passwd sandrun-test | cut -d: -f6)
-        setpriv --reuid=sandrun-test --regid=sandrun-test --clear-groups \
-            env -i PATH="$PATH" HOME="$home" USER=sandrun-test ROUNDS="$ROUNDS" \
-            sh "$W/start.sh" --inner "$W" || status=$?
+        chown sandrun-test: "$W" 2>/dev/null
+        as_test_user ROUNDS="$ROUNDS" sh "$W/start.sh" --inner "$W" || status=$?
     else
         sh "$W/start.sh" --inner "$W" || status=$?
     fi
-    rm -rf "$W" 2>/dev/null || "$SANDRUN" __unshare rm -rf "$W"
+    remove_workdir
     exit "${status:-0}"
 fi
 
@@ -76,7 +66,7 @@ printf 'root:x:0:\n' > rootfs/etc/group
 
 # sandrun: the same root filesystem as an OCI image `busybox:bench` in a private store.
 export SANDRUN_HOME="$W/store"
-. "$W/image.sh"
+. "$W/lib.sh"
 load_image ./sandrun busybox:bench
 mkdir -p ws
 cat > stage.yaml <<EOF

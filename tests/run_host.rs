@@ -17,15 +17,6 @@ const PY_LISTEN_8000: &str = "import socket\n\
      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
      s.bind(('0.0.0.0', 8000))\n";
 
-/// Says so when the hand-off cannot work here (tests of it only then skip).
-fn handoff_unsupported() -> bool {
-    let no = !sandrun::net::port_handoff_supported();
-    if no {
-        eprintln!("skipped: the hand-off is not supported here (kernel, seccomp, architecture)");
-    }
-    no
-}
-
 /// A Background step `svc` running `command` with host port `host_port` bound to its
 /// port 8000, and a Run step that runs `first` then waits (its command line carries
 /// `wait{tag}`) until the workspace has a file `done`.
@@ -809,10 +800,7 @@ fn host_steps_see_the_host_read_only_but_workspace_and_scratch() {
 fn host_connections_to_a_bound_port_are_handed_to_a_host_step_service() {
     for mode in modes() {
         for handoff in [true, false] {
-            if handoff && !sandrun::net::port_handoff_supported() {
-                eprintln!(
-                    "hand-off not supported here (kernel, seccomp, architecture): its half skipped"
-                );
+            if handoff && support::handoff_unsupported() {
                 continue;
             }
             let sb = Sandbox::new(mode);
@@ -866,10 +854,7 @@ fn an_asyncio_service_takes_host_connections_through_its_non_blocking_listener()
             ("pod", true),
             ("pod", false),
         ] {
-            if handoff && !sandrun::net::port_handoff_supported() {
-                eprintln!(
-                    "hand-off not supported here (kernel, seccomp, architecture): its half skipped"
-                );
+            if handoff && support::handoff_unsupported() {
                 continue;
             }
             let sb = Sandbox::new(mode);
@@ -948,7 +933,7 @@ fn an_asyncio_service_takes_host_connections_through_its_non_blocking_listener()
 fn a_signal_during_a_blocking_accept_loses_no_host_connection() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
-    if handoff_unsupported() {
+    if support::handoff_unsupported() {
         return;
     }
     for mode in modes() {
@@ -1039,7 +1024,7 @@ fn a_signal_during_a_blocking_accept_loses_no_host_connection() {
 
 #[test]
 fn a_host_connection_the_service_is_slow_to_accept_is_proxied_after_a_second() {
-    if handoff_unsupported() {
+    if support::handoff_unsupported() {
         return;
     }
     for mode in modes() {

@@ -38,7 +38,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{
+    self, sockopt, ControlMessageOwned, MsgFlags, SockaddrLike, SockaddrStorage,
+};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::UnixListener;
@@ -412,8 +414,10 @@ fn write_peer(call: &AcceptCall, peer: SocketAddr) -> io::Result<()> {
     let mut room = [0u8; 4];
     remote_io(call.pid, call.addrlen, &mut room, false)?;
     let room = u32::from_ne_bytes(room) as usize;
-    let bytes = sockaddr_bytes(peer);
-    let len = bytes.len();
+    let addr = SockaddrStorage::from(peer);
+    let len = addr.len() as usize;
+    // SAFETY: `addr` holds `len` initialised bytes of a sockaddr_in or sockaddr_in6.
+    let bytes = unsafe { std::slice::from_raw_parts(addr.as_ptr().cast::<u8>(), len) };
     let mut head = bytes[..len.min(room)].to_vec();
     remote_io(call.pid, call.addr, &mut head, true)?;
     let mut size = (len as u32).to_ne_bytes();
@@ -468,13 +472,7 @@ fn take_fd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
 /// poll(2) has seen a connection. (Only a process accepting behind the runner's back,
 /// through io_uring say, could take it first: then that thread waits for the next.)
 async fn accept_ready(listener: &OwnedFd) -> io::Result<(OwnedFd, SocketAddr)> {
-    let mut p = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll(2) on one pollfd, no timeout.
-    if unsafe { libc::poll(&mut p, 1, 0) } <= 0 || p.revents & libc::POLLIN == 0 {
+    if poll_now(listener.as_raw_fd()) & libc::POLLIN == 0 {
         return Err(io::Error::from_raw_os_error(libc::EAGAIN));
     }
     let listener = listener.try_clone()?;
@@ -483,102 +481,23 @@ async fn accept_ready(listener: &OwnedFd) -> io::Result<(OwnedFd, SocketAddr)> {
         .map_err(io::Error::other)?
 }
 
+/// Accepts on `listener` (blocking if it is blocking: see [`accept_ready`]); the
+/// connection's flags are set when it is installed.
 fn accept_now(listener: RawFd) -> io::Result<(OwnedFd, SocketAddr)> {
-    // SAFETY: sockaddr_storage is plain data.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: accept4(2) writes at most `len` bytes to `addr`.
-    let fd = unsafe {
-        libc::accept4(
-            listener,
-            (&mut addr as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: accept4 returned a new descriptor.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let peer =
-        from_sockaddr(&addr).ok_or_else(|| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))?;
-    Ok((fd, peer))
+    let (conn, peer) = borrow_listener(listener).accept()?;
+    Ok((OwnedFd::from(conn), peer))
 }
 
 /// The local address of socket `fd`.
 fn local_addr(fd: RawFd) -> Option<SocketAddr> {
-    // SAFETY: sockaddr_storage is plain data.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: getsockname(2) writes at most `len` bytes to `addr`.
-    let r = unsafe {
-        libc::getsockname(
-            fd,
-            (&mut addr as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return None;
-    }
-    from_sockaddr(&addr)
+    borrow_listener(fd).local_addr().ok()
 }
 
-fn from_sockaddr(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match addr.ss_family as i32 {
-        libc::AF_INET => {
-            // SAFETY: the family says it is a sockaddr_in.
-            let a =
-                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddr::from((ip, u16::from_be(a.sin_port))))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says it is a sockaddr_in6.
-            let a =
-                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
-                ip,
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
-}
-
-/// `addr` as the bytes of a sockaddr_in or sockaddr_in6.
-fn sockaddr_bytes(addr: SocketAddr) -> Vec<u8> {
-    fn bytes_of<T>(v: &T) -> Vec<u8> {
-        // SAFETY: a plain-data C struct, read as bytes.
-        unsafe {
-            std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
-        }
-        .to_vec()
-    }
-    match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_in is plain data.
-            let mut s: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-            s.sin_family = libc::AF_INET as libc::sa_family_t;
-            s.sin_port = a.port().to_be();
-            s.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-            bytes_of(&s)
-        }
-        SocketAddr::V6(a) => {
-            // SAFETY: sockaddr_in6 is plain data.
-            let mut s: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-            s.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            s.sin6_port = a.port().to_be();
-            s.sin6_addr.s6_addr = a.ip().octets();
-            s.sin6_flowinfo = a.flowinfo();
-            s.sin6_scope_id = a.scope_id();
-            bytes_of(&s)
-        }
-    }
+/// `fd`, a descriptor this process holds, as std's listener, which parses socket
+/// addresses; not closed when dropped.
+fn borrow_listener(fd: RawFd) -> std::mem::ManuallyDrop<std::net::TcpListener> {
+    // SAFETY: `fd` stays open for the borrow's life; ManuallyDrop never closes it.
+    std::mem::ManuallyDrop::new(unsafe { std::net::TcpListener::from_raw_fd(fd) })
 }
 
 fn socket_inode(fd: &OwnedFd) -> u64 {
@@ -614,22 +533,28 @@ enum Pending {
 
 /// Whether a notification waits, without blocking (RECV itself would block).
 fn pending(notify: RawFd) -> Pending {
-    let mut p = libc::pollfd {
-        fd: notify,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll(2) on one pollfd we own, no timeout.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    if n <= 0 {
-        Pending::Nothing
-    } else if p.revents & libc::POLLIN != 0 {
+    let revents = poll_now(notify);
+    if revents & libc::POLLIN != 0 {
         Pending::Notification
-    } else if p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+    } else if revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
         Pending::Gone
     } else {
         Pending::Nothing
     }
+}
+
+/// What poll(2) says of `fd` for reading right now (its revents; 0 for nothing).
+fn poll_now(fd: RawFd) -> libc::c_short {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one pollfd, no timeout.
+    if unsafe { libc::poll(&mut p, 1, 0) } <= 0 {
+        return 0;
+    }
+    p.revents
 }
 
 fn id_valid(notify: RawFd, id: u64) -> bool {

@@ -249,38 +249,23 @@ fn init(
 /// connected first: a filter nobody listens to would fail every `accept`.
 /// On failure, the message and whether the filter is already in place.
 fn send_accept_calls(path: &std::path::Path) -> Result<(), (String, bool)> {
-    use libseccomp::{ScmpAction, ScmpArch, ScmpFilterContext, ScmpSyscall};
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
     use std::os::fd::AsRawFd;
     let runner = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
         let message = format!("cannot reach the runner's socket {}: {e}", path.display());
         (message, false)
     })?;
-    let unloaded =
-        |e: libseccomp::error::SeccompError| (format!("cannot make the accept filter: {e}"), false);
-    let mut filter = ScmpFilterContext::new(ScmpAction::Allow).map_err(unloaded)?;
-    // The machine's other ABIs run as before (a filter kills unlisted ones).
-    let others: &[ScmpArch] = if cfg!(target_arch = "x86_64") {
-        &[ScmpArch::X86, ScmpArch::X32]
-    } else if cfg!(target_arch = "aarch64") {
-        &[ScmpArch::Arm]
-    } else {
-        &[]
+    // The same filter as a container's, loaded the way libcontainer loads it there.
+    let filter = super::oci::accept_notify(path)
+        .map_err(|e| (format!("cannot describe the accept filter: {e}"), false))?;
+    let notify = match libcontainer::seccomp::initialize_seccomp(&filter) {
+        Ok(Some(fd)) => fd,
+        Ok(None) => return Err(("the accept filter came without a listener".into(), true)),
+        Err(e @ libcontainer::seccomp::SeccompError::GetNotifyId { .. }) => {
+            return Err((format!("no listener for the accept filter: {e}"), true))
+        }
+        Err(e) => return Err((format!("cannot install the accept filter: {e}"), false)),
     };
-    for arch in others {
-        filter.add_arch(*arch).map_err(unloaded)?;
-    }
-    filter.set_ctl_nnp(false).map_err(unloaded)?;
-    for name in ["accept", "accept4"] {
-        let call = ScmpSyscall::from_name(name).map_err(unloaded)?;
-        filter
-            .add_rule(ScmpAction::Notify, call)
-            .map_err(unloaded)?;
-    }
-    filter.load().map_err(unloaded)?;
-    let notify = filter
-        .get_notify_fd()
-        .map_err(|e| (format!("no listener for the accept filter: {e}"), true))?;
     let fds = [notify];
     sendmsg::<UnixAddr>(
         runner.as_raw_fd(),

@@ -235,7 +235,7 @@ pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFa
 /// `listener` (see `net::handoff`). The other ABIs of the machine are listed so that
 /// their programs run (unlisted, libseccomp would kill them); their calls are answered
 /// "go on".
-fn accept_notify(listener: &Path) -> Result<LinuxSeccomp, oci_spec::OciSpecError> {
+pub(crate) fn accept_notify(listener: &Path) -> Result<LinuxSeccomp, oci_spec::OciSpecError> {
     let architectures = if cfg!(target_arch = "x86_64") {
         vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32]
     } else if cfg!(target_arch = "aarch64") {
