@@ -26,6 +26,13 @@ enum Mode {
 
 /// One test's world: image layers, a workspace and a run state dir, owned by the user
 /// the helper runs as.
+/// This test process's run directory name (and its containers' id prefix): tests
+/// run in processes of their own at the same time, and a run's cleanup removes the
+/// cgroups of its own ids.
+fn run_name() -> String {
+    format!("run{}", std::process::id())
+}
+
 struct World {
     _tmp: tempfile::TempDir,
     mode: Mode,
@@ -72,7 +79,7 @@ impl World {
 
     fn spec(&self, step: &str, process: ContainerProcess) -> ContainerSpec {
         ContainerSpec {
-            id: format!("run1-{step}"),
+            id: format!("{}-{step}", run_name()),
             step: step.into(),
             hostname: step.into(),
             image: ImageSpec {
@@ -98,7 +105,7 @@ impl World {
             resources: Limits::default(),
             privileged: false,
             accept_listener: None,
-            state_dir: self.state.join("run1"),
+            state_dir: self.state.join(run_name()),
         }
     }
 
@@ -125,7 +132,7 @@ impl World {
 
     /// Nothing of the run is left: no container directories, no libcontainer state.
     fn assert_clean(&self) {
-        let run = self.state.join("run1");
+        let run = self.state.join(run_name());
         for sub in ["containers", "youki"] {
             let left: Vec<_> = fs::read_dir(run.join(sub))
                 .map(|d| d.flatten().map(|e| e.path()).collect())
@@ -493,9 +500,10 @@ fn sigkilled_helper_takes_its_container_down_and_the_next_run_sweeps() {
             assert!(Instant::now() < deadline, "container outlived its helper");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let run = w.state.join("run1");
+        let run = w.state.join(run_name());
         assert!(
-            run.join("containers/run1-killed").exists(),
+            run.join(format!("containers/{}-killed", run_name()))
+                .exists(),
             "a SIGKILLed helper cannot clean up"
         );
         // The next run (as the same user) removes the leftovers.
@@ -507,7 +515,7 @@ fn sigkilled_helper_takes_its_container_down_and_the_next_run_sweeps() {
         .arg(&w.state)
         .output()
         .unwrap();
-        assert!(ok(&sweep).contains("run1"));
+        assert!(ok(&sweep).contains(&run_name()));
         assert!(!run.exists(), "stale run not swept");
         fs::remove_file(w.workspace.join("started")).unwrap();
     });

@@ -170,10 +170,15 @@ fn make_writable(path: &Path) {
     }
 }
 
-/// Removes the (empty, left by killed helpers) cgroups `/sandrun/<prefix>*` in every
-/// hierarchy; container ids start with their run's directory name.
+/// Removes the (empty, left by killed helpers) cgroups `/sandrun/<run>-*` in every
+/// hierarchy; container ids start with their run's directory name and a dash (so that
+/// `run-12` leaves the cgroups of `run-123` alone).
 pub fn remove_run_cgroups(run_dir: &Path) {
-    let Some(prefix) = run_dir.file_name().and_then(|n| n.to_str()) else {
+    let Some(prefix) = run_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(|n| format!("{n}-"))
+    else {
         return;
     };
     let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
@@ -196,7 +201,7 @@ pub fn remove_run_cgroups(run_dir: &Path) {
             if child
                 .file_name()
                 .to_str()
-                .is_some_and(|n| n.starts_with(prefix))
+                .is_some_and(|n| n.starts_with(&prefix))
             {
                 let _ = fs::remove_dir(child.path());
             }
