@@ -20,6 +20,7 @@ if [ "${1:-}" = test ]; then
     docker-registry skopeo umoci busybox-static # registry + image fixtures
     apache2-utils                               # htpasswd for the auth registry
     python3 curl git slirp4netns                # services, clients, egress
+    nix-bin                                     # flake.nix parses (tests/nix_shell.rs)
   )
 fi
 
