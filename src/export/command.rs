@@ -1,0 +1,117 @@
+//! `sandrun export kubernetes`: its options, and what it reads besides the plan (the
+//! config file's pull Secrets, the facts of images already in the store).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::{ImageFacts, KnownImages, KubeOptions, DEFAULT_HELPER_IMAGE};
+use crate::plan::Plan;
+use crate::store::{PullOptions, Store};
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(subcommand)]
+    pub target: ExportTarget,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ExportTarget {
+    /// Print a stage as Kubernetes manifests (one Pod per stage, or a Job), as Harness's
+    /// Kubernetes build infrastructure runs it, for `kubectl apply -f -`.
+    ///
+    /// Background steps become native sidecars (Kubernetes 1.29 or later) with a
+    /// startup probe on their image's exposed port; Run and Plugin steps run one after
+    /// another in their own images, sharing an emptyDir workspace at /harness. What
+    /// Kubernetes cannot run (steps without an image, portBindings, two services on one
+    /// port) is refused with the reason; what it runs differently is said in comments
+    /// at the top of the output. Secret values are never written: steps that use
+    /// secrets are refused. See docs/kubernetes.md.
+    #[command(name = "kubernetes", visible_alias = "k8s")]
+    Kubernetes(KubernetesArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct KubernetesArgs {
+    /// The pipeline file. Default: the only YAML file under `.harness/`.
+    pub file: Option<PathBuf>,
+    /// Export only this stage (its identifier).
+    #[arg(long, value_name = "ID")]
+    pub stage: Option<String>,
+    /// Print a batch/v1 Job (backoffLimit 0) around each Pod.
+    #[arg(long)]
+    pub job: bool,
+    /// metadata.namespace of every object. Default: none (kubectl's current namespace).
+    #[arg(long, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// Answer a runtime input (`<+input>`): a variable's name, or STEP.FIELD.
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_pair)]
+    pub set: Vec<(String, String)>,
+    /// Pull images of steps with this `connectorRef` with this image pull Secret
+    /// (repeatable; wins over `kubernetes.pull_secrets` in sandrun's config file).
+    #[arg(long = "pull-secret", value_name = "CONNECTOR=SECRET", value_parser = parse_pair)]
+    pub pull_secret: Vec<(String, String)>,
+    /// The image the step wrappers' static busybox is copied from.
+    #[arg(long, value_name = "IMAGE", default_value = DEFAULT_HELPER_IMAGE)]
+    pub helper_image: String,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got `{s}`")),
+    }
+}
+
+impl KubernetesArgs {
+    /// The options, with the config file's pull Secrets under the command line's.
+    pub fn options(&self) -> anyhow::Result<KubeOptions> {
+        let mut pull_secrets: BTreeMap<String, String> =
+            crate::config::Config::load()?.kubernetes.pull_secrets;
+        pull_secrets.extend(self.pull_secret.iter().cloned());
+        Ok(KubeOptions {
+            job: self.job,
+            namespace: self.namespace.clone(),
+            pull_secrets,
+            helper_image: self.helper_image.clone(),
+        })
+    }
+}
+
+/// What the store knows about the plan's images, without any network: their exposed
+/// ports (startup probes, port collisions) and entrypoints (Plugin steps).
+pub fn known_images(plan: &Plan, pull: &PullOptions) -> KnownImages {
+    let mut known = KnownImages::new();
+    let Some(home) = crate::store::default_home().filter(|h| h.is_dir()) else {
+        return known;
+    };
+    let Ok(store) = Store::open(&home) else {
+        return known;
+    };
+    for step in plan.stages.iter().flat_map(|s| s.steps()) {
+        let Some(img) = &step.image else { continue };
+        if known.contains_key(&img.source) {
+            continue;
+        }
+        let Ok(Some(image)) = store.get(&img.source, pull) else {
+            continue;
+        };
+        let Some(config) = image.config.config().as_ref() else {
+            continue;
+        };
+        known.insert(
+            img.source.clone(),
+            ImageFacts {
+                exposed_tcp: config
+                    .exposed_ports()
+                    .as_ref()
+                    .map(crate::run::ports::tcp_ports)
+                    .unwrap_or_default(),
+                entrypoint: config.entrypoint().clone().unwrap_or_default(),
+                cmd: config.cmd().clone().unwrap_or_default(),
+            },
+        );
+    }
+    known
+}
