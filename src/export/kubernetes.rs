@@ -402,13 +402,14 @@ impl<'a> StageBuilder<'a, '_> {
         }
         self.notes.extend(order_lines);
 
-        let mut init = vec![self.tools_container()];
+        let (host_aliases, other_names) = self.host_aliases();
+        let mut init = vec![self.tools_container(&other_names)];
         init.extend(sidecars);
         let spec = PodSpec {
             active_deadline_seconds: stage.timeout.map(|t| t.as_secs().max(1) as i64),
             containers,
             init_containers: Some(init),
-            host_aliases: self.host_aliases(),
+            host_aliases,
             image_pull_secrets: self.pull_secrets(),
             restart_policy: Some("Never".into()),
             volumes: Some(self.volumes()),
@@ -486,14 +487,6 @@ impl<'a> StageBuilder<'a, '_> {
                 value: Some(text),
                 value_from: None,
             });
-        }
-        if let Some(connector) = &image.connector_ref {
-            if !self.opts.pull_secrets.contains_key(connector) {
-                self.notes.push(format!(
-                    "Connector `{connector}` (step `{}`) has no pull Secret: the image is pulled without credentials (map it with --pull-secret {connector}=SECRET or `kubernetes: pull_secrets:` in sandrun's config file).",
-                    step.key
-                ));
-            }
         }
         if !step.reports.is_empty() {
             self.notes.push(format!(
@@ -661,23 +654,27 @@ impl<'a> StageBuilder<'a, '_> {
         Some(c)
     }
 
-    fn tools_container(&self) -> Container {
+    /// The init container that copies the wrappers' busybox into the `sandrun` volume
+    /// and adds the step names hostAliases cannot hold to the Pod's /etc/hosts.
+    fn tools_container(&self, other_names: &[String]) -> Container {
         let bin = std::path::Path::new(sequence::BUSYBOX);
         let dir = bin.parent().map(|d| d.display().to_string()).unwrap_or_default();
+        let mut script = format!(
+            "mkdir -p {dir} {state} && cp /bin/busybox {bin}",
+            state = sequence::STATE_DIR,
+            bin = sequence::BUSYBOX
+        );
+        if !other_names.is_empty() {
+            let names = other_names.join(" ");
+            script.push_str(&format!(
+                "\n{{ echo '127.0.0.1 {names}' >> /etc/hosts; }} 2>/dev/null || echo 'sandrun: /etc/hosts is read-only: call {names} on localhost' >&2"
+            ));
+        }
         Container {
             name: "sandrun-tools".into(),
             image: Some(self.opts.helper_image.clone()),
             image_pull_policy: Some("IfNotPresent".into()),
-            command: Some(vec![
-                "/bin/busybox".into(),
-                "sh".into(),
-                "-c".into(),
-                format!(
-                    "mkdir -p {dir} {state} && cp /bin/busybox {bin}",
-                    state = sequence::STATE_DIR,
-                    bin = sequence::BUSYBOX
-                ),
-            ]),
+            command: Some(vec!["/bin/busybox".into(), "sh".into(), "-c".into(), script]),
             resources: Some(requirements(
                 (ADDON_CPU_MILLIS, ADDON_MEMORY),
                 (ADDON_CPU_MILLIS, ADDON_MEMORY),
@@ -687,46 +684,62 @@ impl<'a> StageBuilder<'a, '_> {
         }
     }
 
-    /// Every step's names on 127.0.0.1: the Pod's containers share its network.
-    fn host_aliases(&mut self) -> Option<Vec<HostAlias>> {
+    /// Every step's names on 127.0.0.1, since the Pod's containers share its network:
+    /// hostAliases for those Kubernetes accepts there (lowercase DNS names), and the
+    /// rest (identifiers with `_`, `Group_Step`) for the tools container to add.
+    fn host_aliases(&mut self) -> (Option<Vec<HostAlias>>, Vec<String>) {
         let mut names = BTreeSet::new();
-        let mut invalid = BTreeSet::new();
+        let mut other = BTreeSet::new();
         for step in self.stage.steps() {
             for name in &step.hostnames {
                 let lower = name.to_ascii_lowercase();
                 if is_dns_subdomain(&lower) {
                     names.insert(lower);
-                } else {
-                    invalid.insert(name.clone());
+                } else if valid_hosts_name(name) {
+                    other.insert(name.clone());
                 }
             }
         }
-        if !invalid.is_empty() {
+        let other: Vec<String> = other.into_iter().collect();
+        if !other.is_empty() {
             self.notes.push(format!(
-                "Not in hostAliases (Kubernetes takes only lowercase DNS names there, without `_`): {}; call these services on localhost, as Harness's docs say for Kubernetes.",
-                quoted_list(&invalid.into_iter().collect::<Vec<_>>())
+                "Kubernetes takes only lowercase DNS names in hostAliases: {} are added to the Pod's /etc/hosts (one file, written by the kubelet, shared by its containers) by the init container `sandrun-tools`; where the runtime mounts it read-only, call them on localhost, as Harness's docs say for Kubernetes.",
+                quoted_list(&other)
             ));
         }
-        (!names.is_empty()).then(|| {
+        let aliases = (!names.is_empty()).then(|| {
             vec![HostAlias {
                 ip: "127.0.0.1".into(),
                 hostnames: Some(names.into_iter().collect()),
             }]
-        })
+        });
+        (aliases, other)
     }
 
-    fn pull_secrets(&self) -> Option<Vec<LocalObjectReference>> {
-        let secrets: BTreeSet<&String> = self
-            .stage
-            .steps()
-            .iter()
-            .filter_map(|s| s.image.as_ref()?.connector_ref.as_ref())
-            .filter_map(|c| self.opts.pull_secrets.get(c))
-            .collect();
+    fn pull_secrets(&mut self) -> Option<Vec<LocalObjectReference>> {
+        let mut secrets = BTreeSet::new();
+        let mut unmapped: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for step in self.stage.steps() {
+            let Some(connector) = step.image.as_ref().and_then(|i| i.connector_ref.as_ref()) else {
+                continue;
+            };
+            match self.opts.pull_secrets.get(connector) {
+                Some(secret) => {
+                    secrets.insert(secret.clone());
+                }
+                None => unmapped.entry(connector).or_default().push(step.key.clone()),
+            }
+        }
+        for (connector, steps) in unmapped {
+            self.notes.push(format!(
+                "Connector `{connector}` (steps {}) has no pull Secret: those images are pulled without credentials (map it with --pull-secret {connector}=SECRET or `kubernetes: pull_secrets:` in sandrun's config file).",
+                quoted_list(&steps)
+            ));
+        }
         (!secrets.is_empty()).then(|| {
             secrets
                 .into_iter()
-                .map(|name| LocalObjectReference { name: name.clone() })
+                .map(|name| LocalObjectReference { name })
                 .collect()
         })
     }
@@ -912,6 +925,11 @@ fn is_dns_subdomain(s: &str) -> bool {
                 && !l.ends_with('-')
                 && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         })
+}
+
+/// A name safe to write into /etc/hosts unquoted (Harness identifiers always are).
+fn valid_hosts_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 fn quoted_list(items: &[String]) -> String {

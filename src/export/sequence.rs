@@ -51,18 +51,27 @@ pub fn output_dir(key: &str) -> String {
 
 /// A shell word that expands to the template's value at run time.
 fn word(t: &Template) -> String {
-    if t.parts.is_empty() {
-        return "''".into();
-    }
     let mut s = String::new();
+    let mut text = String::new();
     for p in &t.parts {
+        if let TemplatePart::Text(t) = p {
+            // Adjacent texts as one quoted word: `'a b'`, not `'a ''b'`.
+            text.push_str(t);
+            continue;
+        }
+        if !text.is_empty() {
+            s.push_str(&sh_quote(&std::mem::take(&mut text)));
+        }
         match p {
-            TemplatePart::Text(text) => s.push_str(&sh_quote(text)),
+            TemplatePart::Text(_) => {}
             TemplatePart::StepOutput { step, variable } => {
                 let file = format!("{}/{variable}", output_dir(step));
                 let _ = write!(s, "\"$({BUSYBOX} cat {} 2>/dev/null)\"", sh_quote(&file));
             }
         }
+    }
+    if !text.is_empty() || s.is_empty() {
+        s.push_str(&sh_quote(&text));
     }
     s
 }
