@@ -823,7 +823,7 @@ fn step_resources(step: &StepPlan) -> ResourceRequirements {
 fn requirements(requests: (u64, u64), limits: (u64, u64)) -> ResourceRequirements {
     let list = |(cpu, mem): (u64, u64)| {
         BTreeMap::from([
-            ("cpu".to_string(), Quantity(format!("{cpu}m"))),
+            ("cpu".to_string(), Quantity(cpu_quantity(cpu))),
             ("memory".to_string(), Quantity(memory_quantity(mem))),
         ])
     };
@@ -831,6 +831,15 @@ fn requirements(requests: (u64, u64), limits: (u64, u64)) -> ResourceRequirement
         requests: Some(list(requests)),
         limits: Some(list(limits)),
         claims: None,
+    }
+}
+
+/// Whole cores as Kubernetes writes them back (`1`, not `1000m`).
+fn cpu_quantity(millis: u64) -> String {
+    if millis > 0 && millis % 1000 == 0 {
+        (millis / 1000).to_string()
+    } else {
+        format!("{millis}m")
     }
 }
 
@@ -960,6 +969,8 @@ mod tests {
         assert_eq!(memory_quantity(2 * 1024 * MI), "2Gi");
         assert_eq!(memory_quantity(1000), "1000");
         assert_eq!(memory_quantity(1536), "1536");
+        assert_eq!(cpu_quantity(2000), "2");
+        assert_eq!(cpu_quantity(1500), "1500m");
         assert!(is_dns_subdomain("users-db"));
         assert!(!is_dns_subdomain("users_db"));
     }

@@ -165,7 +165,11 @@ pub fn script(s: &StepScript<'_>) -> String {
     let _ = writeln!(out, "finish() {{ echo \"$1\" > \"$S/\"{key}.exit; : > \"$S/\"{key}.done; exit \"$2\"; }}");
     let mut tests = vec![r#"[ ! -e "$S/aborted" ]"#.to_string()];
     for (status, cond) in s.guards {
-        tests.extend(stage_status(*status).map(String::from));
+        if let Some(t) = stage_status(*status) {
+            if !tests.iter().any(|x| x == t) {
+                tests.push(t.to_string());
+            }
+        }
         if let Some(c) = cond {
             tests.push(format!("{{ {}; }}", condition(c)));
         }
