@@ -353,16 +353,19 @@ fn unsupported_steps(plan: &Plan) -> Vec<String> {
         .collect()
 }
 
-/// `sandrun export`: plan as `run` would (secrets left as placeholders: they are never
+/// `sandrun export`: plan as `run` would, with markers for secret values (they are never
 /// written into manifests), then hand the plan to `export`.
 fn export(global: &GlobalOptions, args: &crate::export::command::ExportArgs) -> anyhow::Result<i32> {
     let crate::export::command::ExportTarget::Kubernetes(k) = &args.target;
+    let path = pipeline_path(k.file.as_deref())?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let input = InputArgs {
-        file: k.file.clone(),
+        file: Some(path),
         stage: k.stage.clone(),
         workspace: None,
         set: k.set.clone(),
-        secret: Vec::new(),
+        secret: crate::export::secret_markers(&text).into_iter().collect(),
         secrets_file: None,
         network: Vec::new(),
     };

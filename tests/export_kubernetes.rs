@@ -43,13 +43,39 @@ fn known_images() -> KnownImages {
     ])
 }
 
+/// A git workspace whose codebase facts are always the same (fixed author, dates,
+/// branch and remote), so that the golden files do not depend on this checkout.
+fn fixed_workspace() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(dir.path())
+            .env("GIT_AUTHOR_NAME", "ci")
+            .env("GIT_AUTHOR_EMAIL", "ci@example.com")
+            .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
+            .env("GIT_COMMITTER_NAME", "ci")
+            .env("GIT_COMMITTER_EMAIL", "ci@example.com")
+            .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .output()
+            .expect("git (Debian package: git) is needed");
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["remote", "add", "origin", "https://git.example.com/team/app.git"]);
+    git(&["commit", "-q", "--allow-empty", "-m", "fixed"]);
+    dir
+}
+
 /// Plan `path` as `sandrun export` does (no secrets: they stay placeholders) from a
-/// workspace without git, so that the output does not depend on this checkout.
+/// fixed workspace.
 fn export_file(path: &Path, opts: &KubeOptions) -> Result<String, String> {
     let file = sandrun::pipeline::load(path).map_err(|e| e.to_string())?;
-    let workspace = tempfile::tempdir().unwrap();
+    let workspace = fixed_workspace();
     let inputs = PlanInputs {
         workspace: workspace.path().to_path_buf(),
+        secrets: export::secret_markers(&std::fs::read_to_string(path).unwrap()),
         placeholders: true,
         ..Default::default()
     };
@@ -271,6 +297,7 @@ fn refused(infra: &str, steps: &str, images: &KnownImages) -> String {
     let file = sandrun::pipeline::load(&path).unwrap();
     let inputs = PlanInputs {
         workspace: dir.path().to_path_buf(),
+        secrets: export::secret_markers(&std::fs::read_to_string(&path).unwrap()),
         placeholders: true,
         ..Default::default()
     };
@@ -299,6 +326,44 @@ fn assert_refused(message: &str, needles: &[&str]) {
         assert!(message.contains(n), "`{n}` missing from:\n{message}");
     }
     assert!(message.ends_with("nothing was exported"), "{message}");
+}
+
+#[test]
+fn a_secret_is_a_reference_to_a_kubernetes_secret_never_its_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stage.yaml");
+    let steps = run_step(
+        "deploy",
+        "alpine:3",
+        "      envVariables:\n        TOKEN: <+secrets.getValue(\"account.deploy_token\")>\n",
+    );
+    std::fs::write(&path, support::stage(support::KUBERNETES, &steps)).unwrap();
+    let file = sandrun::pipeline::load(&path).unwrap();
+    let mut secrets = export::secret_markers(&std::fs::read_to_string(&path).unwrap());
+    assert_eq!(secrets.len(), 1);
+    // Even when the user has the value at hand, the export only names the Secret.
+    let inputs = PlanInputs {
+        workspace: dir.path().to_path_buf(),
+        secrets: std::mem::take(&mut secrets),
+        placeholders: true,
+        ..Default::default()
+    };
+    let plan = plan::build(&file, &inputs).unwrap();
+    let text = export::kubernetes(&plan, &KubeOptions::default(), &KnownImages::new()).unwrap();
+    let spec = pod_of(&text);
+    let env = spec.containers[0].env.as_ref().unwrap();
+    let token = env.iter().find(|e| e.name == "TOKEN").unwrap();
+    assert!(token.value.is_none());
+    let selector = token
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!((selector.name.as_str(), selector.key.as_str()), ("deploy-token", "value"));
+    assert!(text.contains("kubectl create secret generic deploy-token"), "{text}");
+    assert!(!text.contains("sandrun-secret"), "{text}");
 }
 
 #[test]
@@ -376,9 +441,13 @@ fn other_refusals_say_why() {
             run_step(
                 "secretive",
                 "alpine:3",
-                "      envVariables:\n        TOKEN: <+secrets.getValue(\"token\")>\n",
+                "      envVariables:\n        AUTH: Bearer <+secrets.getValue(\"token\")>\n",
             ),
-            &["step `secretive`: env `TOKEN` uses a secret: sandrun never writes secret values into manifests"],
+            &["step `secretive`: env `AUTH` uses a secret inside other text: sandrun never writes secret values into manifests"],
+        ),
+        (
+            "- step:\n    type: Run\n    name: inline\n    identifier: inline\n    spec:\n      image: alpine:3\n      shell: Sh\n      command: curl -u ci:<+secrets.getValue(\"token\")> https://example.com\n".to_string(),
+            &["step `inline`: its command uses a secret inside other text"],
         ),
         (
             "- step:\n    type: Plugin\n    name: slack\n    identifier: slack\n    spec:\n      image: plugins/slack\n      settings:\n        channel: ci\n".to_string(),

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, HostAlias, LocalObjectReference, Pod, PodSpec,
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostAlias, SecretKeySelector, LocalObjectReference, Pod, PodSpec,
     PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, TCPSocketAction, Volume,
     VolumeMount,
 };
@@ -300,7 +300,7 @@ impl<'a> StageBuilder<'a, '_> {
         let mut names = Names::default();
         let mut sidecars = Vec::new();
         let mut containers = Vec::new();
-        let mut listening: BTreeMap<u16, (String, &'static str)> = BTreeMap::new();
+        let mut listening: BTreeMap<u16, String> = BTreeMap::new();
         let mut order_lines = Vec::new();
         let mut seen_step = false;
         for p in &placed {
@@ -312,16 +312,16 @@ impl<'a> StageBuilder<'a, '_> {
                 StepType::Background => {
                     let mut c = container;
                     c.restart_policy = Some("Always".into());
-                    let (ports, source) = self.listening_ports(step);
+                    let ports = self.listening_ports(step);
                     for &port in &ports {
-                        if let Some((other, other_source)) = listening.get(&port) {
+                        if let Some(other) = listening.get(&port) {
                             let message = format!(
-                                "steps `{other}` and `{}` both listen on port {port} ({other_source}; {source}): the containers of a Pod share one network, so only one of them can have it, as on Harness's Kubernetes infrastructure (move one to another port with its entrypoint or command, or run them in separate stages)",
+                                "steps `{other}` and `{}` both listen on port {port} (their images' ExposedPorts): the containers of a Pod share one network, so only one of them can have it, as on Harness's Kubernetes infrastructure (move one to another port with its entrypoint or command, or run them in separate stages)",
                                 step.key
                             );
                             self.refuse(step, message);
                         } else {
-                            listening.insert(port, (step.key.clone(), source));
+                            listening.insert(port, step.key.clone());
                         }
                     }
                     if let Some(&first) = ports.first() {
@@ -478,6 +478,10 @@ impl<'a> StageBuilder<'a, '_> {
                 continue;
             }
             let text = value.display();
+            if let Some(id) = super::secret_of(&text) {
+                env.push(self.secret_env(name, id));
+                continue;
+            }
             if let Some(problem) = placeholder(&text) {
                 self.refuse(step, format!("env `{name}` {problem}"));
                 continue;
@@ -532,6 +536,31 @@ impl<'a> StageBuilder<'a, '_> {
         Some(c)
     }
 
+    /// An environment variable from the Kubernetes Secret that stands for a Harness
+    /// secret: named after the secret's identifier without its scope, key `value`.
+    fn secret_env(&mut self, name: &str, id: &str) -> EnvVar {
+        let bare = id.rsplit('.').next().unwrap_or(id);
+        let secret = dns_label(bare);
+        let note = format!(
+            "Secret `{id}` comes from the Kubernetes Secret `{secret}` (key `value`); create it before applying: kubectl create secret generic {secret} --from-literal=value=...",
+        );
+        if !self.notes.contains(&note) {
+            self.notes.push(note);
+        }
+        EnvVar {
+            name: name.into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: secret,
+                    key: "value".into(),
+                    optional: None,
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
     fn background_command_ok(&mut self, step: &StepPlan) -> bool {
         let reads_outputs = step.env.iter().any(|(_, t)| t.step_refs().next().is_some())
             || match &step.process {
@@ -562,18 +591,19 @@ impl<'a> StageBuilder<'a, '_> {
         Some(argv)
     }
 
-    /// The ports a Background step listens on and where that is known from.
-    fn listening_ports(&self, step: &StepPlan) -> (Vec<u16>, &'static str) {
+    /// The ports a Background step listens on: its image's `ExposedPorts`, when the step
+    /// runs the image's own entrypoint and the store has the image.
+    fn listening_ports(&self, step: &StepPlan) -> Vec<u16> {
         // With its own entrypoint or command a service may listen anywhere (Harness's
         // "multiple PostgreSQL instances" moves one with its entrypoint).
         if !matches!(step.process, ProcessTemplate::ImageDefault) {
-            return (Vec::new(), "");
+            return Vec::new();
         }
-        let facts = step.image.as_ref().and_then(|i| self.images.get(&i.source));
-        match facts {
-            Some(f) => (f.exposed_tcp.clone(), "its image's ExposedPorts"),
-            None => (Vec::new(), ""),
-        }
+        step.image
+            .as_ref()
+            .and_then(|i| self.images.get(&i.source))
+            .map(|f| f.exposed_tcp.clone())
+            .unwrap_or_default()
     }
 
     /// A Run or Plugin step's container: its command runs under the sequencing wrapper.
@@ -638,6 +668,12 @@ impl<'a> StageBuilder<'a, '_> {
             .filter(|(_, t)| t.step_refs().next().is_some())
             .cloned()
             .collect();
+        for (name, value) in &dynamic_env {
+            if let Some(problem) = placeholder(&value.display()) {
+                self.refuse(step, format!("env `{name}` {problem}"));
+                return None;
+            }
+        }
         let script = sequence::script(&StepScript {
             key: &step.key,
             after: &p.after,
@@ -873,7 +909,9 @@ fn is_recipe(reference: &str) -> bool {
 /// never writes secret values; an unanswered `<+input>`).
 fn placeholder(text: &str) -> Option<String> {
     if text.contains("<secret>") {
-        Some("uses a secret: sandrun never writes secret values into manifests; give it to the Pod from a Kubernetes Secret (e.g. `kubectl set env --from=secret/NAME`) and remove it from the pipeline's export".into())
+        Some("uses a secret the export cannot name (a Secret variable whose value is not `<+secrets.getValue(\"ID\")>`); sandrun never writes secret values into manifests".into())
+    } else if super::holds_secret(text) {
+        Some("uses a secret inside other text: sandrun never writes secret values into manifests, and Kubernetes can only give a whole environment variable from a Secret (set an env variable to exactly `<+secrets.getValue(\"ID\")>` and use that variable instead)".into())
     } else if text.contains("<input>") {
         Some("is a runtime input without an answer: give it with --set".into())
     } else {
