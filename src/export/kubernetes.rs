@@ -401,6 +401,14 @@ impl<'a> StageBuilder<'a, '_> {
             return None;
         }
         self.notes.extend(order_lines);
+        if !sidecars.is_empty() {
+            self.notes.push(
+                "Background steps run as sidecars until the last step has ended; one that exits \
+                 early is started again by the kubelet (Harness marks it successful and goes on; \
+                 `sandrun run` reports it failed)."
+                    .into(),
+            );
+        }
 
         let (host_aliases, other_names) = self.host_aliases();
         let mut init = vec![self.tools_container(&other_names)];
