@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use sandrun::export::{self, ExportError, ImageFacts, KnownImages, KubeOptions};
 use sandrun::plan::{self, PlanInputs};
 
@@ -184,6 +184,13 @@ fn job_with_namespace_and_pull_secrets() {
     assert!(!text.contains("has no pull Secret"), "{text}");
 }
 
+fn has_env(c: &Container, name: &str, value: &str) -> bool {
+    c.env
+        .iter()
+        .flatten()
+        .any(|e| e.name == name && e.value.as_deref() == Some(value))
+}
+
 fn pod_of(text: &str) -> PodSpec {
     let pod: Pod = serde_yaml::from_str(&documents(text)[0]).unwrap();
     pod.spec.unwrap()
@@ -244,12 +251,7 @@ fn a_stage_becomes_sidecars_and_sequenced_steps() {
     // The plugin runs its image's entrypoint with PLUGIN_* settings.
     assert!(script("notify").contains("set -- '/bin/drone-webhook'"));
     let notify = spec.containers.iter().find(|c| c.name == "notify").unwrap();
-    assert!(notify
-        .env
-        .as_ref()
-        .unwrap()
-        .iter()
-        .any(|e| e.name == "PLUGIN_URLS" && e.value.as_deref() == Some("https://hooks.example/ci")));
+    assert!(has_env(notify, "PLUGIN_URLS", "https://hooks.example/ci"));
     // Security, pull policy, Harness's default limits and minimum requests.
     let lint = spec.containers.iter().find(|c| c.name == "lint").unwrap();
     assert_eq!(lint.security_context.as_ref().unwrap().run_as_user, Some(1000));
@@ -266,12 +268,7 @@ fn a_stage_becomes_sidecars_and_sequenced_steps() {
         .unwrap();
     assert_eq!(build.security_context.as_ref().unwrap().privileged, Some(true));
     // Stage variables in every step; the shared path and workspace as emptyDirs.
-    assert!(lint
-        .env
-        .as_ref()
-        .unwrap()
-        .iter()
-        .any(|e| e.name == "GO_FLAGS" && e.value.as_deref() == Some("-race")));
+    assert!(has_env(lint, "GO_FLAGS", "-race"));
     let mounts: Vec<&str> = lint
         .volume_mounts
         .as_ref()
@@ -289,8 +286,9 @@ fn a_stage_becomes_sidecars_and_sequenced_steps() {
     assert!(init[0].command.as_ref().unwrap()[3].contains("integration_docker_build"));
 }
 
-/// A one-stage pipeline written to a temporary file, and its export's error.
-fn refused(infra: &str, steps: &str, images: &KnownImages) -> String {
+/// The plan of a one-stage pipeline written to a temporary file, as `sandrun export`
+/// plans it (secrets as markers).
+fn plan_stage(infra: &str, steps: &str) -> sandrun::plan::Plan {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stage.yaml");
     std::fs::write(&path, support::stage(infra, steps)).unwrap();
@@ -301,7 +299,12 @@ fn refused(infra: &str, steps: &str, images: &KnownImages) -> String {
         placeholders: true,
         ..Default::default()
     };
-    let plan = plan::build(&file, &inputs).unwrap();
+    plan::build(&file, &inputs).unwrap()
+}
+
+/// A one-stage pipeline's export error.
+fn refused(infra: &str, steps: &str, images: &KnownImages) -> String {
+    let plan = plan_stage(infra, steps);
     match export::kubernetes(&plan, &KubeOptions::default(), images) {
         Ok(text) => panic!("exported:\n{text}"),
         Err(e @ ExportError::Refused(_)) => e.to_string(),
@@ -330,25 +333,13 @@ fn assert_refused(message: &str, needles: &[&str]) {
 
 #[test]
 fn a_secret_is_a_reference_to_a_kubernetes_secret_never_its_value() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("stage.yaml");
     let steps = run_step(
         "deploy",
         "alpine:3",
         "      envVariables:\n        TOKEN: <+secrets.getValue(\"account.deploy_token\")>\n",
     );
-    std::fs::write(&path, support::stage(support::KUBERNETES, &steps)).unwrap();
-    let file = sandrun::pipeline::load(&path).unwrap();
-    let mut secrets = export::secret_markers(&std::fs::read_to_string(&path).unwrap());
-    assert_eq!(secrets.len(), 1);
-    // Even when the user has the value at hand, the export only names the Secret.
-    let inputs = PlanInputs {
-        workspace: dir.path().to_path_buf(),
-        secrets: std::mem::take(&mut secrets),
-        placeholders: true,
-        ..Default::default()
-    };
-    let plan = plan::build(&file, &inputs).unwrap();
+    // The plan holds a marker where `sandrun run` would hold the value.
+    let plan = plan_stage(support::KUBERNETES, &steps);
     let text = export::kubernetes(&plan, &KubeOptions::default(), &KnownImages::new()).unwrap();
     let spec = pod_of(&text);
     let env = spec.containers[0].env.as_ref().unwrap();
@@ -412,16 +403,7 @@ fn two_services_on_one_port_are_refused_naming_both() {
             "      entrypoint: [docker-entrypoint.sh, postgres, -p, \"5433\"]\n",
         )
         + &run_step("query", "alpine:3", "");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("stage.yaml");
-    std::fs::write(&path, support::stage(support::KUBERNETES, &moved)).unwrap();
-    let file = sandrun::pipeline::load(&path).unwrap();
-    let inputs = PlanInputs {
-        workspace: dir.path().to_path_buf(),
-        placeholders: true,
-        ..Default::default()
-    };
-    let plan = plan::build(&file, &inputs).unwrap();
+    let plan = plan_stage(support::KUBERNETES, &moved);
     export::kubernetes(&plan, &KubeOptions::default(), &known_images()).unwrap();
 }
 

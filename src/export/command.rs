@@ -46,22 +46,15 @@ pub struct KubernetesArgs {
     #[arg(long, value_name = "NS")]
     pub namespace: Option<String>,
     /// Answer a runtime input (`<+input>`): a variable's name, or STEP.FIELD.
-    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_pair)]
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = crate::cli::parse_pair)]
     pub set: Vec<(String, String)>,
     /// Pull images of steps with this `connectorRef` with this image pull Secret
     /// (repeatable; wins over `kubernetes.pull_secrets` in sandrun's config file).
-    #[arg(long = "pull-secret", value_name = "CONNECTOR=SECRET", value_parser = parse_pair)]
+    #[arg(long = "pull-secret", value_name = "CONNECTOR=SECRET", value_parser = crate::cli::parse_pair)]
     pub pull_secret: Vec<(String, String)>,
     /// The image the step wrappers' static busybox is copied from.
     #[arg(long, value_name = "IMAGE", default_value = DEFAULT_HELPER_IMAGE)]
     pub helper_image: String,
-}
-
-fn parse_pair(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("expected NAME=VALUE, got `{s}`")),
-    }
 }
 
 impl KubernetesArgs {
