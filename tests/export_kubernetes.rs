@@ -585,3 +585,127 @@ fn normalize(mut v: serde_yaml::Value) -> serde_yaml::Value {
     walk(&mut v);
     v
 }
+
+/// The Pod's containers run as processes on this machine, all started at once as the
+/// kubelet starts them, with `/sandrun` in a temporary directory and the host's static
+/// busybox: the wrappers alone must give Harness's order, `when`, failure strategies
+/// and outputs.
+#[test]
+fn the_pod_runs_its_steps_in_harness_order() {
+    if !Path::new("/bin/busybox").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "/bin/busybox is missing (Debian package: busybox-static)"
+        );
+        eprintln!("skipped: /bin/busybox missing (Debian package: busybox-static)");
+        return;
+    }
+    let step = |id: &str, command: &str, extra: &str| {
+        format!(
+            "- step:\n    type: Run\n    name: {id}\n    identifier: {id}\n{extra}    spec:\n      image: alpine:3\n      shell: Sh\n      command: {command}\n"
+        )
+    };
+    let steps = [
+        step("a", "'echo a >> log; V=42'", "")
+            .replace("      command:", "      outputVariables:\n        - name: V\n      command:"),
+        "- parallel:\n".to_string()
+            // b1 waits (boundedly) for b2's line: only running together gives b2, b1.
+            + &indent(&step(
+                "b1",
+                "'for i in $(seq 100); do grep -q b2 log && break; sleep 0.1; done; echo b1 >> log'",
+                "",
+            ))
+            + &indent(&step(
+                "b2",
+                "'echo b2 >> log; exit 1'",
+                "    failureStrategies:\n      - onFailure:\n          errors: [AllErrors]\n          action:\n            type: Ignore\n",
+            )),
+        step(
+            "c",
+            "'echo \"c $V_IN\" >> log'",
+            "    when:\n      stageStatus: Success\n      condition: <+steps.a.output.outputVariables.V> == \"42\"\n",
+        )
+        .replace(
+            "      command:",
+            "      envVariables:\n        V_IN: <+steps.a.output.outputVariables.V>\n      command:",
+        ),
+        step(
+            "d",
+            "'if [ -e tried ]; then echo d >> log; else touch tried; exit 1; fi'",
+            "    failureStrategies:\n      - onFailure:\n          errors: [AllErrors]\n          action:\n            type: Retry\n            spec:\n              retryCount: 1\n              onRetryFailure:\n                action:\n                  type: MarkAsFailure\n",
+        ),
+        step("e", "'exit 3'", ""),
+        step("f", "'echo f >> log'", ""),
+        step("g", "'echo g >> log'", "    when:\n      stageStatus: Failure\n"),
+    ]
+    .concat();
+    let plan = plan_stage(support::KUBERNETES, &steps);
+    let text = export::kubernetes(&plan, &KubeOptions::default(), &KnownImages::new()).unwrap();
+    let spec = pod_of(&text);
+
+    let root = tempfile::tempdir().unwrap();
+    let sandrun = root.path().join("sandrun");
+    let workspace = root.path().join("harness");
+    std::fs::create_dir_all(sandrun.join("bin")).unwrap();
+    std::fs::create_dir_all(sandrun.join("state")).unwrap();
+    std::fs::create_dir_all(&workspace).unwrap();
+    std::os::unix::fs::symlink("/bin/busybox", sandrun.join("bin/busybox")).unwrap();
+    let here = |s: &str| s.replace("/sandrun/", &format!("{}/", sandrun.display()));
+    let mut children: Vec<(String, std::process::Child)> = spec
+        .containers
+        .iter()
+        .map(|c| {
+            let argv: Vec<String> = c.command.as_ref().unwrap().iter().map(|a| here(a)).collect();
+            let child = Command::new(&argv[0])
+                .args(&argv[1..])
+                .current_dir(&workspace)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            (c.name.clone(), child)
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut codes = BTreeMap::new();
+    while !children.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the Pod's steps did not end");
+        children.retain_mut(|(name, child)| match child.try_wait().unwrap() {
+            Some(status) => {
+                codes.insert(name.clone(), status.code().unwrap());
+                false
+            }
+            None => true,
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(workspace.join("log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    // a; the parallel block (b1 waits for b2); c with a's output; d on its
+    // retry; e fails; f is skipped (the stage failed); g runs on failure.
+    assert_eq!(lines, ["a", "b2", "b1", "c 42", "d", "g"], "{log}");
+    let expected: BTreeMap<String, i32> = [
+        ("a", 0),
+        ("b1", 0),
+        ("b2", 0),
+        ("c", 0),
+        ("d", 0),
+        ("e", 3),
+        ("f", 0),
+        ("g", 0),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(codes, expected);
+    let exit = |key: &str| std::fs::read_to_string(sandrun.join(format!("state/{key}.exit"))).unwrap();
+    assert_eq!(exit("b2"), "1\n");
+    assert_eq!(exit("f"), "skipped\n");
+    assert_eq!(
+        std::fs::read_to_string(sandrun.join("state/out/a/V")).unwrap(),
+        "42"
+    );
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  {l}\n")).collect()
+}
