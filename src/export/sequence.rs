@@ -220,11 +220,17 @@ mod tests {
 
     fn run(script: &str, state: &std::path::Path) -> (i32, String) {
         // The wrapper names busybox by its path in the Pod; run it with the host's
-        // shell tools instead, against a temporary state directory.
+        // static busybox (Debian's busybox-static, which the test setup installs),
+        // against a temporary state directory.
+        assert!(
+            std::path::Path::new("/bin/busybox").exists(),
+            "/bin/busybox is missing (Debian package: busybox-static)"
+        );
         let text = script
-            .replace(&format!("{BUSYBOX} "), "")
+            .replace(BUSYBOX, "/bin/busybox")
             .replace(STATE_DIR, &state.to_string_lossy());
-        let out = std::process::Command::new("sh")
+        let out = std::process::Command::new("/bin/busybox")
+            .arg("sh")
             .arg("-c")
             .arg(&text)
             .output()
@@ -315,6 +321,37 @@ mod tests {
     }
 
     #[test]
+    fn a_timeout_has_its_own_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = FailurePolicy {
+            rules: vec![FailureRule {
+                errors: vec![ErrorKind::Timeout],
+                action: Action::Ignore,
+            }],
+        };
+        let guards = [(StageStatus::Success, None)];
+        let slow = [lit("sleep"), lit("5")];
+        let s = StepScript {
+            timeout: Some(Duration::from_secs(1)),
+            ..step("slow", &slow, &guards, &policy)
+        };
+        let (code, _) = run(&script(&s), dir.path());
+        assert_eq!(code, 0);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("slow.exit")).unwrap(),
+            "143\n"
+        );
+        // Any other failure still counts.
+        let fail = [lit("false")];
+        let s = StepScript {
+            timeout: Some(Duration::from_secs(1)),
+            ..step("fails", &fail, &guards, &policy)
+        };
+        assert_eq!(run(&script(&s), dir.path()).0, 1);
+        assert!(dir.path().join("failed").exists());
+    }
+
+    #[test]
     fn outputs_of_earlier_steps_reach_arguments_and_conditions() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out/build");
@@ -332,8 +369,7 @@ mod tests {
             right: lit("1.2"),
         };
         let guards = [(StageStatus::Success, Some(&cond))];
-        let mut script_arg = lit("[ \"$1\" = v1.2 ] && [ \"$V\" = 1.2 ]");
-        script_arg.parts.insert(0, TemplatePart::Text(String::new()));
+        let script_arg = lit("[ \"$1\" = v1.2 ] && [ \"$V\" = 1.2 ]");
         let mut arg = lit("v");
         arg.parts.extend(version.parts.clone());
         let argv = [lit("sh"), lit("-c"), script_arg, lit("sh"), arg];
