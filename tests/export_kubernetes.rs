@@ -445,6 +445,10 @@ fn other_refusals_say_why() {
             &["step `svc`: reads other steps' output variables: as a native sidecar it starts with the Pod"],
         ),
         (
+            run_step("pinned", "alpine:<+input>", ""),
+            &["step `pinned`: its image is a runtime input without an answer: give it with --set"],
+        ),
+        (
             background("only", "redis:7-alpine", ""),
             &["stage `test` has no Run or Plugin step"],
         ),

@@ -26,8 +26,9 @@ pub enum ExportTarget {
     /// another in their own images, sharing an emptyDir workspace at /harness. What
     /// Kubernetes cannot run (steps without an image, portBindings, two services on one
     /// port) is refused with the reason; what it runs differently is said in comments
-    /// at the top of the output. Secret values are never written: steps that use
-    /// secrets are refused. See docs/kubernetes.md.
+    /// at the top of the output. Secret values are never written: an env variable that
+    /// is exactly `<+secrets.getValue("ID")>` is taken from a Kubernetes Secret, any
+    /// other use of a secret is refused. See docs/kubernetes.md.
     #[command(name = "kubernetes", visible_alias = "k8s")]
     Kubernetes(KubernetesArgs),
 }

@@ -457,6 +457,10 @@ impl<'a> StageBuilder<'a, '_> {
                 ),
             );
         }
+        if let Some(problem) = placeholder(&image.reference) {
+            self.refuse(step, format!("its image {problem}"));
+            return None;
+        }
         if is_recipe(&image.reference) {
             self.refuse(
                 step,
@@ -703,8 +707,9 @@ impl<'a> StageBuilder<'a, '_> {
     fn tools_container(&self, other_names: &[String]) -> Container {
         let bin = std::path::Path::new(sequence::BUSYBOX);
         let dir = bin.parent().map(|d| d.display().to_string()).unwrap_or_default();
+        // Steps may run as other users (runAsUser): all of them write their markers.
         let mut script = format!(
-            "mkdir -p {dir} {state} && cp /bin/busybox {bin}",
+            "mkdir -p {dir} {state}/out && chmod 1777 {state} {state}/out && cp /bin/busybox {bin}",
             state = sequence::STATE_DIR,
             bin = sequence::BUSYBOX
         );
