@@ -378,7 +378,7 @@ fn port_bindings_are_refused_with_harness_reason() {
     assert_refused(
         &m,
         &[
-            "step `web`: `portBindings` (8080: 80): Harness refuses port bindings on Kubernetes",
+            "step `web`: `portBindings` (host 8080 -> container 80): Harness refuses port bindings on Kubernetes",
             "call the service at localhost:80",
         ],
     );

@@ -453,7 +453,7 @@ impl<'a> StageBuilder<'a, '_> {
             self.refuse(
                 step,
                 format!(
-                    "`portBindings` ({host}: {container}): Harness refuses port bindings on Kubernetes: every step shares the Pod's network, so there is no host port to bind; remove them and call the service at localhost:{container}"
+                    "`portBindings` (host {host} -> container {container}): Harness refuses port bindings on Kubernetes: every step shares the Pod's network, so there is no host port to bind; remove them and call the service at localhost:{container}"
                 ),
             );
         }
