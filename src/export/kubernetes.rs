@@ -261,7 +261,7 @@ struct StageBuilder<'a, 'r> {
     notes: Vec<String>,
 }
 
-impl<'a> StageBuilder<'a, '_> {
+impl StageBuilder<'_, '_> {
     fn refuse(&mut self, step: &StepPlan, message: impl Into<String>) {
         self.refusals.push(Refusal {
             loc: step.loc.to_string(),
