@@ -239,7 +239,10 @@ fn a_stage_becomes_sidecars_and_sequenced_steps() {
     assert!(script("integration-migrate").contains("for m in 'unit.done' 'lint.done'"));
     assert!(script("notify").contains("for m in 'integration.docker_build.done'"));
     // Outputs: written by `version`, read by `unit`'s env and the group's condition.
-    assert!(script("version").contains("\"${VERSION-}\" > '\\''/sandrun/state/out/version/VERSION'\\''"));
+    assert!(script("version").contains("\"$${VERSION-}\" > '\\''/sandrun/state/out/version/VERSION'\\''"));
+    // The pipeline's own `$` doubled, so that the kubelet's `$(NAME)` expansion leaves
+    // the script as written.
+    assert!(script("unit").contains("go test $$GO_FLAGS ./..."));
     assert!(script("unit").contains("export APP_VERSION=\"$(/sandrun/bin/busybox cat '/sandrun/state/out/version/VERSION' 2>/dev/null)\""));
     assert!(script("integration-migrate").contains("/sandrun/state/out/version/VERSION"));
     // Retry with its intervals, Ignore, the step timeout, `when: All`.
@@ -654,7 +657,12 @@ fn the_pod_runs_its_steps_in_harness_order() {
     std::fs::create_dir_all(sandrun.join("state")).unwrap();
     std::fs::create_dir_all(&workspace).unwrap();
     std::os::unix::fs::symlink("/bin/busybox", sandrun.join("bin/busybox")).unwrap();
-    let here = |s: &str| s.replace("/sandrun/", &format!("{}/", sandrun.display()));
+    // The kubelet's expansion (`$$` -> `$`; no `$(NAME)` of a defined variable here),
+    // then the Pod's paths to this machine's.
+    let here = |s: &str| {
+        s.replace("$$", "$")
+            .replace("/sandrun/", &format!("{}/", sandrun.display()))
+    };
     let mut children: Vec<(String, std::process::Child)> = spec
         .containers
         .iter()

@@ -500,7 +500,7 @@ impl StageBuilder<'_, '_> {
             }
             env.push(EnvVar {
                 name: name.clone(),
-                value: Some(text),
+                value: Some(sequence::kubelet_literal(&text)),
                 value_from: None,
             });
         }
@@ -600,7 +600,7 @@ impl StageBuilder<'_, '_> {
                 self.refuse(step, format!("its command {problem}"));
             }
         }
-        Some(argv)
+        Some(argv.iter().map(|a| sequence::kubelet_literal(a)).collect())
     }
 
     /// The ports a Background step listens on: its image's `ExposedPorts`, when the step

@@ -49,6 +49,14 @@ pub fn output_dir(key: &str) -> String {
     format!("{STATE_DIR}/out/{key}")
 }
 
+/// The kubelet expands `$(NAME)` in a container's command, args and env values and
+/// turns `$$` into `$`; Harness passes them on unchanged. Doubling every `$` of the
+/// pipeline's own text makes the kubelet hand the step exactly what the pipeline says
+/// (the wrappers' own code has no `$$` and no `$(NAME)` of a variable).
+pub fn kubelet_literal(text: &str) -> String {
+    text.replace('$', "$$")
+}
+
 /// A shell word that expands to the template's value at run time.
 fn word(t: &Template) -> String {
     let mut s = String::new();
@@ -60,7 +68,7 @@ fn word(t: &Template) -> String {
             continue;
         }
         if !text.is_empty() {
-            s.push_str(&sh_quote(&std::mem::take(&mut text)));
+            s.push_str(&kubelet_literal(&sh_quote(&std::mem::take(&mut text))));
         }
         match p {
             TemplatePart::Text(_) => {}
@@ -71,7 +79,7 @@ fn word(t: &Template) -> String {
         }
     }
     if !text.is_empty() || s.is_empty() {
-        s.push_str(&sh_quote(&text));
+        s.push_str(&kubelet_literal(&sh_quote(&text)));
     }
     s
 }
@@ -227,6 +235,7 @@ mod tests {
             "/bin/busybox is missing (Debian package: busybox-static)"
         );
         let text = script
+            .replace("$$", "$")
             .replace(BUSYBOX, "/bin/busybox")
             .replace(STATE_DIR, &state.to_string_lossy());
         let out = std::process::Command::new("/bin/busybox")
