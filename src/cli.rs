@@ -373,7 +373,7 @@ fn export(global: &GlobalOptions, args: &crate::export::command::ExportArgs) -> 
     let pull = global.registry.pull_options()?;
     crate::run::images::resolve_sources(&mut plan, &pull)?;
     let images = crate::export::command::known_images(&plan, &pull);
-    print!("{}", crate::export::kubernetes(&plan, &k.options()?, &images)?);
+    print!("{}", crate::export::kubernetes(&plan, &k.options(&plan)?, &images)?);
     Ok(0)
 }
 

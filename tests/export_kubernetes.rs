@@ -721,3 +721,34 @@ fn the_pod_runs_its_steps_in_harness_order() {
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("  {l}\n")).collect()
 }
+
+#[test]
+fn images_the_lock_file_pins_are_named_by_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = dir.path().join("ci.yaml");
+    std::fs::copy(root().join("testdata/pipelines/docker-in-docker.yaml"), &pipeline).unwrap();
+    let index = format!("sha256:{}", "a".repeat(64));
+    let manifest = format!("sha256:{}", "b".repeat(64));
+    std::fs::write(
+        dir.path().join("ci.yaml.lock"),
+        format!(
+            "version: 1\nplatform: linux/amd64\nimages:\n  docker.io/library/docker:dind:\n    manifest: {manifest}\n    index: {index}\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(support::binary())
+        .args(["export", "kubernetes"])
+        .arg(&pipeline)
+        .env("SANDRUN_CONFIG", "/dev/null")
+        .env("SANDRUN_HOME", dir.path().join("home"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spec = pod_of(&text);
+    let dind = &spec.init_containers.as_ref().unwrap()[1];
+    assert_eq!(dind.image.as_deref(), Some(format!("docker:dind@{index}").as_str()));
+    // Not pinned: as the pipeline names it.
+    assert_eq!(spec.containers[0].image.as_deref(), Some("docker:cli"));
+    assert!(text.contains("ci.yaml.lock") && text.contains("named by digest"), "{text}");
+}

@@ -59,8 +59,10 @@ pub struct KubernetesArgs {
 }
 
 impl KubernetesArgs {
-    /// The options, with the config file's pull Secrets under the command line's.
-    pub fn options(&self) -> anyhow::Result<KubeOptions> {
+    /// The options, with the config file's pull Secrets under the command line's and
+    /// the lock file's pins.
+    pub fn options(&self, plan: &Plan) -> anyhow::Result<KubeOptions> {
+        let (pins, lock_file) = lock_pins(plan)?;
         let mut pull_secrets: BTreeMap<String, String> =
             crate::config::Config::load()?.kubernetes.pull_secrets;
         pull_secrets.extend(self.pull_secret.iter().cloned());
@@ -69,8 +71,31 @@ impl KubernetesArgs {
             namespace: self.namespace.clone(),
             pull_secrets,
             helper_image: self.helper_image.clone(),
+            pins,
+            lock_file,
         })
     }
+}
+
+/// The digests the lock file beside the pipeline pins the plan's images to, by
+/// `ImagePlan::source`: the index digest of a multi-platform image (so the cluster
+/// picks its nodes' platform), else the platform manifest's. Also the lock's path.
+pub fn lock_pins(plan: &Plan) -> anyhow::Result<(BTreeMap<String, String>, Option<PathBuf>)> {
+    let Some(lock) = crate::store::lock::LockFile::for_pipeline(&plan.source)? else {
+        return Ok((BTreeMap::new(), None));
+    };
+    let mut pins = BTreeMap::new();
+    for step in plan.stages.iter().flat_map(|s| s.steps()) {
+        let Some(img) = &step.image else { continue };
+        let Ok(reference) = crate::store::reference::ImageRef::parse(&img.source) else {
+            continue;
+        };
+        if let Some(pin) = lock.images.get(&reference.canonical()) {
+            let digest = pin.index.clone().unwrap_or_else(|| pin.manifest.clone());
+            pins.insert(img.source.clone(), digest);
+        }
+    }
+    Ok((pins, Some(crate::store::lock::lock_path(&plan.source))))
 }
 
 /// What the store knows about the plan's images, without any network: their exposed

@@ -54,6 +54,10 @@ pub struct KubeOptions {
     pub pull_secrets: BTreeMap<String, String>,
     /// The image the static busybox is copied from.
     pub helper_image: String,
+    /// Digests the lock file pins images to, by `ImagePlan::source`.
+    pub pins: BTreeMap<String, String>,
+    /// The lock file they come from, for the comment that says so.
+    pub lock_file: Option<std::path::PathBuf>,
 }
 
 impl Default for KubeOptions {
@@ -63,6 +67,8 @@ impl Default for KubeOptions {
             namespace: None,
             pull_secrets: BTreeMap::new(),
             helper_image: DEFAULT_HELPER_IMAGE.into(),
+            pins: BTreeMap::new(),
+            lock_file: None,
         }
     }
 }
@@ -522,7 +528,7 @@ impl StageBuilder<'_, '_> {
         }
         let mut c = Container {
             name: names.claim(&step.key),
-            image: Some(image.source.clone()),
+            image: Some(self.image_name(&image.source)),
             image_pull_policy: Some(
                 match image.pull_policy {
                     PullPolicy::Always => "Always",
@@ -546,6 +552,26 @@ impl StageBuilder<'_, '_> {
             c.command = self.background_command(step);
         }
         Some(c)
+    }
+
+    /// The image as the cluster pulls it: by the lock file's digest when it pins it
+    /// (the tag stays for readers; the kubelet pulls by the digest).
+    fn image_name(&mut self, source: &str) -> String {
+        match self.opts.pins.get(source) {
+            Some(digest) if !source.contains('@') => {
+                if let Some(lock) = &self.opts.lock_file {
+                    let note = format!(
+                        "Images pinned in {} are named by digest (a multi-platform image by its index).",
+                        lock.display()
+                    );
+                    if !self.notes.contains(&note) {
+                        self.notes.push(note);
+                    }
+                }
+                format!("{source}@{digest}")
+            }
+            _ => source.to_string(),
+        }
     }
 
     /// An environment variable from the Kubernetes Secret that stands for a Harness
