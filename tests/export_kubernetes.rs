@@ -420,7 +420,7 @@ fn other_refusals_say_why() {
         ),
         (
             run_step("recipe", "./images/tools.yaml", ""),
-            &["step `recipe`: image `./images/tools.yaml` is a recipe path", "build and push it"],
+            &["step `recipe`: image `./images/tools.yaml` is a recipe, built on this machine", "push it to a registry the cluster can reach"],
         ),
         (
             run_step(

@@ -471,7 +471,7 @@ impl StageBuilder<'_, '_> {
             self.refuse(
                 step,
                 format!(
-                    "image `{}` is a recipe path: this sandrun cannot build recipe images, so it cannot name one by digest; build and push it to a registry the cluster can reach, and name it there",
+                    "image `{}` is a recipe, built on this machine: the cluster cannot pull it from here; build it, push it to a registry the cluster can reach, and name it there by digest",
                     image.reference
                 ),
             );
