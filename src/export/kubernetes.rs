@@ -299,9 +299,6 @@ impl StageBuilder<'_, '_> {
             self.opts.helper_image,
             sequence::STATE_DIR
         ));
-        for w in &stage.warnings {
-            self.notes.push(format!("Also noted by the plan: {w}"));
-        }
 
         let mut names = Names::default();
         let mut sidecars = Vec::new();
