@@ -292,13 +292,17 @@ fn a_stage_becomes_sidecars_and_sequenced_steps() {
 /// The plan of a one-stage pipeline written to a temporary file, as `sandrun export`
 /// plans it (secrets as markers).
 fn plan_stage(infra: &str, steps: &str) -> sandrun::plan::Plan {
+    plan_text(&support::stage(infra, steps))
+}
+
+fn plan_text(text: &str) -> sandrun::plan::Plan {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stage.yaml");
-    std::fs::write(&path, support::stage(infra, steps)).unwrap();
+    std::fs::write(&path, text).unwrap();
     let file = sandrun::pipeline::load(&path).unwrap();
     let inputs = PlanInputs {
         workspace: dir.path().to_path_buf(),
-        secrets: export::secret_markers(&std::fs::read_to_string(&path).unwrap()),
+        secrets: export::secret_markers(text),
         placeholders: true,
         ..Default::default()
     };
@@ -358,6 +362,22 @@ fn a_secret_is_a_reference_to_a_kubernetes_secret_never_its_value() {
     assert_eq!((selector.name.as_str(), selector.key.as_str()), ("deploy-token", "value"));
     assert!(text.contains("kubectl create secret generic deploy-token"), "{text}");
     assert!(!text.contains("sandrun-secret"), "{text}");
+}
+
+#[test]
+fn a_secret_variable_naming_a_bare_secret_id_is_refused() {
+    let text = support::stage(support::KUBERNETES, &run_step("use", "alpine:3", "")).replace(
+        "  type: CI\n",
+        "  type: CI\n  variables:\n    - name: TOKEN\n      type: Secret\n      value: account.token\n",
+    );
+    let plan = plan_text(&text);
+    let m = export::kubernetes(&plan, &KubeOptions::default(), &KnownImages::new())
+        .unwrap_err()
+        .to_string();
+    assert_refused(
+        &m,
+        &["step `use`: env `TOKEN` uses a secret the export cannot name (a Secret variable whose value is not `<+secrets.getValue(\"ID\")>`)"],
+    );
 }
 
 #[test]
