@@ -355,7 +355,10 @@ fn unsupported_steps(plan: &Plan) -> Vec<String> {
 
 /// `sandrun export`: plan as `run` would, with markers for secret values (they are never
 /// written into manifests), then hand the plan to `export`.
-fn export(global: &GlobalOptions, args: &crate::export::command::ExportArgs) -> anyhow::Result<i32> {
+fn export(
+    global: &GlobalOptions,
+    args: &crate::export::command::ExportArgs,
+) -> anyhow::Result<i32> {
     let crate::export::command::ExportTarget::Kubernetes(k) = &args.target;
     let path = pipeline_path(k.file.as_deref())?;
     let text = std::fs::read_to_string(&path)
@@ -373,7 +376,10 @@ fn export(global: &GlobalOptions, args: &crate::export::command::ExportArgs) -> 
     let pull = global.registry.pull_options()?;
     crate::run::images::resolve_sources(&mut plan, &pull)?;
     let images = crate::export::command::known_images(&plan, &pull);
-    print!("{}", crate::export::kubernetes(&plan, &k.options(&plan)?, &images)?);
+    print!(
+        "{}",
+        crate::export::kubernetes(&plan, &k.options(&plan)?, &images)?
+    );
     Ok(0)
 }
 

@@ -60,10 +60,19 @@ fn fixed_workspace() -> tempfile::TempDir {
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .output()
             .expect("git (Debian package: git) is needed");
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     git(&["init", "-q", "-b", "main"]);
-    git(&["remote", "add", "origin", "https://git.example.com/team/app.git"]);
+    git(&[
+        "remote",
+        "add",
+        "origin",
+        "https://git.example.com/team/app.git",
+    ]);
     git(&["commit", "-q", "--allow-empty", "-m", "fixed"]);
     dir
 }
@@ -104,12 +113,8 @@ fn check_golden(name: &str, actual: &str) {
         std::fs::write(&path, actual).unwrap();
         return;
     }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (UPDATE_GOLDEN=1 writes it)",
-            path.display()
-        )
-    });
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
     assert!(
         expected == actual,
         "{} differs from the export (UPDATE_GOLDEN=1 rewrites it); export:\n{actual}",
@@ -227,7 +232,14 @@ fn a_stage_becomes_sidecars_and_sequenced_steps() {
     let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(
         names,
-        ["version", "unit", "lint", "integration-migrate", "integration-docker-build", "notify"]
+        [
+            "version",
+            "unit",
+            "lint",
+            "integration-migrate",
+            "integration-docker-build",
+            "notify"
+        ]
     );
     let script = |name: &str| -> String {
         let c = spec.containers.iter().find(|c| c.name == name).unwrap();
@@ -239,7 +251,8 @@ fn a_stage_becomes_sidecars_and_sequenced_steps() {
     assert!(script("integration-migrate").contains("for m in 'unit.done' 'lint.done'"));
     assert!(script("notify").contains("for m in 'integration.docker_build.done'"));
     // Outputs: written by `version`, read by `unit`'s env and the group's condition.
-    assert!(script("version").contains("\"$${VERSION-}\" > '\\''/sandrun/state/out/version/VERSION'\\''"));
+    assert!(script("version")
+        .contains("\"$${VERSION-}\" > '\\''/sandrun/state/out/version/VERSION'\\''"));
     // The pipeline's own `$` doubled, so that the kubelet's `$(NAME)` expansion leaves
     // the script as written.
     assert!(script("unit").contains("go test $$GO_FLAGS ./..."));
@@ -257,7 +270,10 @@ fn a_stage_becomes_sidecars_and_sequenced_steps() {
     assert!(has_env(notify, "PLUGIN_URLS", "https://hooks.example/ci"));
     // Security, pull policy, Harness's default limits and minimum requests.
     let lint = spec.containers.iter().find(|c| c.name == "lint").unwrap();
-    assert_eq!(lint.security_context.as_ref().unwrap().run_as_user, Some(1000));
+    assert_eq!(
+        lint.security_context.as_ref().unwrap().run_as_user,
+        Some(1000)
+    );
     assert_eq!(lint.image_pull_policy.as_deref(), Some("Always"));
     let r = lint.resources.as_ref().unwrap();
     assert_eq!(r.limits.as_ref().unwrap()["cpu"].0, "400m");
@@ -269,7 +285,10 @@ fn a_stage_becomes_sidecars_and_sequenced_steps() {
         .iter()
         .find(|c| c.name == "integration-docker-build")
         .unwrap();
-    assert_eq!(build.security_context.as_ref().unwrap().privileged, Some(true));
+    assert_eq!(
+        build.security_context.as_ref().unwrap().privileged,
+        Some(true)
+    );
     // Stage variables in every step; the shared path and workspace as emptyDirs.
     assert!(has_env(lint, "GO_FLAGS", "-race"));
     let mounts: Vec<&str> = lint
@@ -285,7 +304,11 @@ fn a_stage_becomes_sidecars_and_sequenced_steps() {
     // Names on 127.0.0.1: DNS names as hostAliases, the rest through /etc/hosts.
     let aliases = spec.host_aliases.unwrap();
     assert_eq!(aliases[0].ip, "127.0.0.1");
-    assert!(aliases[0].hostnames.as_ref().unwrap().contains(&"database".to_string()));
+    assert!(aliases[0]
+        .hostnames
+        .as_ref()
+        .unwrap()
+        .contains(&"database".to_string()));
     assert!(init[0].command.as_ref().unwrap()[3].contains("integration_docker_build"));
 }
 
@@ -359,8 +382,14 @@ fn a_secret_is_a_reference_to_a_kubernetes_secret_never_its_value() {
         .secret_key_ref
         .as_ref()
         .unwrap();
-    assert_eq!((selector.name.as_str(), selector.key.as_str()), ("deploy-token", "value"));
-    assert!(text.contains("kubectl create secret generic deploy-token"), "{text}");
+    assert_eq!(
+        (selector.name.as_str(), selector.key.as_str()),
+        ("deploy-token", "value")
+    );
+    assert!(
+        text.contains("kubectl create secret generic deploy-token"),
+        "{text}"
+    );
     assert!(!text.contains("sandrun-secret"), "{text}");
 }
 
@@ -386,7 +415,10 @@ fn a_step_without_an_image_is_refused() {
     let m = refused("", steps, &KnownImages::new());
     assert_refused(
         &m,
-        &["stage.yaml:", "step `host`: has no image: on Kubernetes there is no host to run it on"],
+        &[
+            "stage.yaml:",
+            "step `host`: has no image: on Kubernetes there is no host to run it on",
+        ],
     );
 }
 
@@ -592,7 +624,12 @@ fn normalize(mut v: serde_yaml::Value) -> serde_yaml::Value {
     fn walk(v: &mut serde_yaml::Value) {
         match v {
             serde_yaml::Value::Mapping(m) => {
-                for key in ["serviceAccountName", "serviceAccount", "creationTimestamp", "status"] {
+                for key in [
+                    "serviceAccountName",
+                    "serviceAccount",
+                    "creationTimestamp",
+                    "status",
+                ] {
                     m.remove(key);
                 }
                 m.retain(|_, v| v.as_str() != Some(""));
@@ -687,7 +724,13 @@ fn the_pod_runs_its_steps_in_harness_order() {
         .containers
         .iter()
         .map(|c| {
-            let argv: Vec<String> = c.command.as_ref().unwrap().iter().map(|a| here(a)).collect();
+            let argv: Vec<String> = c
+                .command
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|a| here(a))
+                .collect();
             let child = Command::new(&argv[0])
                 .args(&argv[1..])
                 .current_dir(&workspace)
@@ -700,7 +743,10 @@ fn the_pod_runs_its_steps_in_harness_order() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut codes = BTreeMap::new();
     while !children.is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the Pod's steps did not end");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Pod's steps did not end"
+        );
         children.retain_mut(|(name, child)| match child.try_wait().unwrap() {
             Some(status) => {
                 codes.insert(name.clone(), status.code().unwrap());
@@ -729,7 +775,8 @@ fn the_pod_runs_its_steps_in_harness_order() {
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     assert_eq!(codes, expected);
-    let exit = |key: &str| std::fs::read_to_string(sandrun.join(format!("state/{key}.exit"))).unwrap();
+    let exit =
+        |key: &str| std::fs::read_to_string(sandrun.join(format!("state/{key}.exit"))).unwrap();
     assert_eq!(exit("b2"), "1\n");
     assert_eq!(exit("f"), "skipped\n");
     assert_eq!(
@@ -746,7 +793,11 @@ fn indent(s: &str) -> String {
 fn images_the_lock_file_pins_are_named_by_digest() {
     let dir = tempfile::tempdir().unwrap();
     let pipeline = dir.path().join("ci.yaml");
-    std::fs::copy(root().join("testdata/pipelines/docker-in-docker.yaml"), &pipeline).unwrap();
+    std::fs::copy(
+        root().join("testdata/pipelines/docker-in-docker.yaml"),
+        &pipeline,
+    )
+    .unwrap();
     let index = format!("sha256:{}", "a".repeat(64));
     let manifest = format!("sha256:{}", "b".repeat(64));
     std::fs::write(
@@ -764,11 +815,21 @@ fn images_the_lock_file_pins_are_named_by_digest() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let spec = pod_of(&text);
     let dind = &spec.init_containers.as_ref().unwrap()[1];
-    assert_eq!(dind.image.as_deref(), Some(format!("docker:dind@{index}").as_str()));
+    assert_eq!(
+        dind.image.as_deref(),
+        Some(format!("docker:dind@{index}").as_str())
+    );
     // Not pinned: as the pipeline names it.
     assert_eq!(spec.containers[0].image.as_deref(), Some("docker:cli"));
-    assert!(text.contains("ci.yaml.lock") && text.contains("named by digest"), "{text}");
+    assert!(
+        text.contains("ci.yaml.lock") && text.contains("named by digest"),
+        "{text}"
+    );
 }

@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostAlias, SecretKeySelector, LocalObjectReference, Pod, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, TCPSocketAction, Volume,
-    VolumeMount,
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostAlias, LocalObjectReference, Pod,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecretKeySelector, SecurityContext,
+    TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -343,11 +343,16 @@ impl StageBuilder<'_, '_> {
                         c.name,
                         step.key,
                         match ports.as_slice() {
-                            [] => " (no port known: no startup probe; the steps do not wait for it)".to_string(),
+                            [] =>
+                                " (no port known: no startup probe; the steps do not wait for it)"
+                                    .to_string(),
                             [p] => format!(" (startup probe: TCP {p})"),
                             [p, rest @ ..] => format!(
                                 " (startup probe: TCP {p}; also exposes {})",
-                                rest.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+                                rest.iter()
+                                    .map(u16::to_string)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
                             ),
                         }
                     ));
@@ -427,9 +432,8 @@ impl StageBuilder<'_, '_> {
             ..Default::default()
         };
         if stage.timeout.is_none() {
-            self.notes.push(
-                "The stage has no timeout: the Pod has no activeDeadlineSeconds.".into(),
-            );
+            self.notes
+                .push("The stage has no timeout: the Pod has no activeDeadlineSeconds.".into());
         }
         let workload = self.workload(spec);
         Some(Manifest {
@@ -476,16 +480,18 @@ impl StageBuilder<'_, '_> {
         }
         let run_as_user = match &step.run_as_user {
             None => None,
-            Some(u) => match u.trim().parse::<i64>() {
-                Ok(n) => Some(n),
-                Err(_) => {
-                    self.refuse(
+            Some(u) => {
+                match u.trim().parse::<i64>() {
+                    Ok(n) => Some(n),
+                    Err(_) => {
+                        self.refuse(
                         step,
                         format!("runAsUser `{u}` is not a number: Kubernetes takes a numeric user id"),
                     );
-                    return None;
+                        return None;
+                    }
                 }
-            },
+            }
         };
         let mut env = Vec::new();
         for (name, value) in &step.env {
@@ -514,11 +520,12 @@ impl StageBuilder<'_, '_> {
                 step.reports.join(", ")
             ));
         }
-        let security_context = (step.privileged || run_as_user.is_some()).then(|| SecurityContext {
-            privileged: step.privileged.then_some(true),
-            run_as_user,
-            ..Default::default()
-        });
+        let security_context =
+            (step.privileged || run_as_user.is_some()).then(|| SecurityContext {
+                privileged: step.privileged.then_some(true),
+                run_as_user,
+                ..Default::default()
+            });
         let mut mounts = vec![mount("harness", WORKSPACE)];
         for (i, path) in self.stage.shared_paths.iter().enumerate() {
             mounts.push(mount(&format!("shared-{i}"), path));
@@ -600,7 +607,9 @@ impl StageBuilder<'_, '_> {
         let reads_outputs = step.env.iter().any(|(_, t)| t.step_refs().next().is_some())
             || match &step.process {
                 ProcessTemplate::Shell { script, .. } => script.step_refs().next().is_some(),
-                ProcessTemplate::Exec { argv } => argv.iter().any(|t| t.step_refs().next().is_some()),
+                ProcessTemplate::Exec { argv } => {
+                    argv.iter().any(|t| t.step_refs().next().is_some())
+                }
                 ProcessTemplate::ImageDefault => false,
             };
         if reads_outputs {
@@ -657,7 +666,10 @@ impl StageBuilder<'_, '_> {
                         std::path::Path::new(&out_dir),
                     )));
                 }
-                full.into_iter().map(Template::literal).chain([body]).collect()
+                full.into_iter()
+                    .map(Template::literal)
+                    .chain([body])
+                    .collect()
             }
             ProcessTemplate::Exec { argv } => argv.clone(),
             ProcessTemplate::ImageDefault => {
@@ -685,10 +697,7 @@ impl StageBuilder<'_, '_> {
         if !step.output_variables.is_empty()
             && !matches!(step.process, ProcessTemplate::Shell { .. })
         {
-            self.refuse(
-                step,
-                "has output variables but no script to read them from",
-            );
+            self.refuse(step, "has output variables but no script to read them from");
             return None;
         }
         for a in &argv {
@@ -718,7 +727,12 @@ impl StageBuilder<'_, '_> {
             timeout: step.timeout,
             on_failure: &step.on_failure,
         });
-        c.command = Some(vec![sequence::BUSYBOX.into(), "sh".into(), "-c".into(), script]);
+        c.command = Some(vec![
+            sequence::BUSYBOX.into(),
+            "sh".into(),
+            "-c".into(),
+            script,
+        ]);
         c.volume_mounts
             .get_or_insert_with(Vec::new)
             .push(mount("sandrun", sequence::STATE_MOUNT));
@@ -729,7 +743,10 @@ impl StageBuilder<'_, '_> {
     /// and adds the step names hostAliases cannot hold to the Pod's /etc/hosts.
     fn tools_container(&self, other_names: &[String]) -> Container {
         let bin = std::path::Path::new(sequence::BUSYBOX);
-        let dir = bin.parent().map(|d| d.display().to_string()).unwrap_or_default();
+        let dir = bin
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
         // Steps may run as other users (runAsUser): all of them write their markers.
         let mut script = format!(
             "mkdir -p {dir} {state}/out && chmod 1777 {state} {state}/out && cp /bin/busybox {bin}",
@@ -746,7 +763,12 @@ impl StageBuilder<'_, '_> {
             name: "sandrun-tools".into(),
             image: Some(self.opts.helper_image.clone()),
             image_pull_policy: Some("IfNotPresent".into()),
-            command: Some(vec!["/bin/busybox".into(), "sh".into(), "-c".into(), script]),
+            command: Some(vec![
+                "/bin/busybox".into(),
+                "sh".into(),
+                "-c".into(),
+                script,
+            ]),
             resources: Some(requirements(
                 (ADDON_CPU_MILLIS, ADDON_MEMORY),
                 (ADDON_CPU_MILLIS, ADDON_MEMORY),
@@ -799,7 +821,10 @@ impl StageBuilder<'_, '_> {
                 Some(secret) => {
                     secrets.insert(secret.clone());
                 }
-                None => unmapped.entry(connector).or_default().push(step.key.clone()),
+                None => unmapped
+                    .entry(connector)
+                    .or_default()
+                    .push(step.key.clone()),
             }
         }
         for (connector, steps) in unmapped {
@@ -842,11 +867,18 @@ impl StageBuilder<'_, '_> {
             stage.identifier.clone(),
         )]);
         if let Some(p) = &self.plan.pipeline {
-            annotations.insert("sandrun.dev/pipeline-identifier".into(), p.identifier.clone());
+            annotations.insert(
+                "sandrun.dev/pipeline-identifier".into(),
+                p.identifier.clone(),
+            );
         }
         ObjectMeta {
             name: with_name.then(|| format!("sandrun-{label}")),
-            namespace: if with_name { self.opts.namespace.clone() } else { None },
+            namespace: if with_name {
+                self.opts.namespace.clone()
+            } else {
+                None
+            },
             labels: Some(labels),
             annotations: with_name.then_some(annotations),
             ..Default::default()
@@ -969,7 +1001,10 @@ impl Names {
         while !self.used.insert(name.clone()) || name == "sandrun-tools" {
             let suffix = format!("-{n}");
             let keep = 63 - suffix.len();
-            name = format!("{}{suffix}", base[..base.len().min(keep)].trim_end_matches('-'));
+            name = format!(
+                "{}{suffix}",
+                base[..base.len().min(keep)].trim_end_matches('-')
+            );
             n += 1;
         }
         name
@@ -1006,13 +1041,16 @@ fn is_dns_subdomain(s: &str) -> bool {
                 && l.len() <= 63
                 && !l.starts_with('-')
                 && !l.ends_with('-')
-                && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && l.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         })
 }
 
 /// A name safe to write into /etc/hosts unquoted (Harness identifiers always are).
 fn valid_hosts_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 fn quoted_list(items: &[String]) -> String {

@@ -91,7 +91,10 @@ mod tests {
         let m = secret_markers(
             "a: <+secrets.getValue(\"db_password\")>\nb: x<+secrets.getValue('account.token')>y\nc: secrets.getValue(id)\n",
         );
-        assert_eq!(m.keys().collect::<Vec<_>>(), ["account.token", "db_password"]);
+        assert_eq!(
+            m.keys().collect::<Vec<_>>(),
+            ["account.token", "db_password"]
+        );
         assert_eq!(secret_of(&m["db_password"]), Some("db_password"));
         assert_eq!(secret_of(&format!("x{}", m["db_password"])), None);
         assert!(holds_secret(&format!("x{}", m["db_password"])));

@@ -170,7 +170,10 @@ pub fn script(s: &StepScript<'_>) -> String {
             markers.join(" ")
         );
     }
-    let _ = writeln!(out, "finish() {{ echo \"$1\" > \"$S/\"{key}.exit; : > \"$S/\"{key}.done; exit \"$2\"; }}");
+    let _ = writeln!(
+        out,
+        "finish() {{ echo \"$1\" > \"$S/\"{key}.exit; : > \"$S/\"{key}.done; exit \"$2\"; }}"
+    );
     let mut tests = vec![r#"[ ! -e "$S/aborted" ]"#.to_string()];
     for (status, cond) in s.guards {
         if let Some(t) = stage_status(*status) {
