@@ -873,7 +873,7 @@ impl StageBuilder<'_, '_> {
             );
         }
         ObjectMeta {
-            name: with_name.then(|| format!("sandrun-{label}")),
+            name: with_name.then(|| object_name(&label)),
             namespace: if with_name {
                 self.opts.namespace.clone()
             } else {
@@ -1011,6 +1011,14 @@ impl Names {
     }
 }
 
+/// `sandrun-STAGE`, at most 63 characters: a Job's name becomes its Pods' `job-name`
+/// label, which Kubernetes caps at 63.
+fn object_name(stage_label: &str) -> String {
+    let mut name = format!("sandrun-{stage_label}");
+    name.truncate(63);
+    name.trim_end_matches('-').to_string()
+}
+
 /// A DNS-1123 label from an identifier: lowercase, `_` and `.` as `-`, at most 63.
 fn dns_label(s: &str) -> String {
     let mapped: String = s
@@ -1073,6 +1081,11 @@ mod tests {
         assert_eq!(n.claim("_x_"), "x");
         assert_eq!(n.claim("sandrun_tools"), "sandrun-tools-2");
         assert_eq!(n.claim(&"a".repeat(80)).len(), 63);
+        assert_eq!(object_name(&"b".repeat(63)).len(), 63);
+        assert_eq!(
+            object_name(&format!("{}-c", "b".repeat(54))),
+            format!("sandrun-{}", "b".repeat(54))
+        );
     }
 
     #[test]
