@@ -81,6 +81,8 @@ pub enum Command {
     Save(store_cmd::SaveArgs),
     /// Import images from an OCI archive.
     Load(store_cmd::LoadArgs),
+    /// Print a stage for another engine to run (`export kubernetes`: a Pod or Job).
+    Export(crate::export::command::ExportArgs),
 }
 
 /// What a pipeline needs to be planned.
@@ -165,7 +167,7 @@ pub struct ValidateArgs {
     pub file: Option<PathBuf>,
 }
 
-fn parse_pair(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_pair(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected NAME=VALUE, got `{s}`")),
@@ -216,6 +218,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Run(args) => run(&cli.global, &args),
+        Command::Export(args) => export(&cli.global, &args),
     }
 }
 
@@ -348,6 +351,36 @@ fn unsupported_steps(plan: &Plan) -> Vec<String> {
                 .map(|why| format!("{}: step `{}`: {why}", s.loc, s.key))
         })
         .collect()
+}
+
+/// `sandrun export`: plan as `run` would, with markers for secret values (they are never
+/// written into manifests), then hand the plan to `export`.
+fn export(
+    global: &GlobalOptions,
+    args: &crate::export::command::ExportArgs,
+) -> anyhow::Result<i32> {
+    let crate::export::command::ExportTarget::Kubernetes(k) = &args.target;
+    let path = pipeline_path(k.file.as_deref())?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let input = InputArgs {
+        file: Some(path),
+        stage: k.stage.clone(),
+        workspace: None,
+        set: k.set.clone(),
+        secret: crate::export::secret_markers(&text).into_iter().collect(),
+        secrets_file: None,
+        network: Vec::new(),
+    };
+    let (_, mut plan) = load_and_plan(&input, true)?;
+    let pull = global.registry.pull_options()?;
+    crate::run::images::resolve_sources(&mut plan, &pull)?;
+    let images = crate::export::command::known_images(&plan, &pull);
+    print!(
+        "{}",
+        crate::export::kubernetes(&plan, &k.options(&plan)?, &images)?
+    );
+    Ok(0)
 }
 
 fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {

@@ -13,6 +13,9 @@
 //!     credentials: { username: ci, password: s3cret }
 //! credentials:
 //!   ghcr.io: { token: ghp_example }
+//! kubernetes:
+//!   pull_secrets:                        # connector -> imagePullSecrets entry
+//!     account.harnessImage: regcred      # (for `sandrun export kubernetes`)
 //! ```
 //!
 //! It lives at `$SANDRUN_CONFIG`, else `$XDG_CONFIG_HOME/sandrun/config.yaml`, else
@@ -37,6 +40,17 @@ pub struct Config {
     /// Credentials by registry host; they win over Docker's and podman's files.
     #[serde(default)]
     pub credentials: BTreeMap<String, Credential>,
+    /// What `sandrun export kubernetes` needs to know about the cluster.
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Harness connector identifier -> name of the cluster's image pull Secret.
+    #[serde(default)]
+    pub pull_secrets: BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,15 +115,21 @@ impl Config {
 
     /// Add what this file says to `opts` (command-line options come first).
     pub fn apply(self, opts: &mut PullOptions) {
-        for r in self.insecure_registries {
+        let Config {
+            insecure_registries,
+            connectors,
+            credentials,
+            kubernetes: _,
+        } = self;
+        for r in insecure_registries {
             if !opts.insecure_registries.contains(&r) {
                 opts.insecure_registries.push(r);
             }
         }
-        for (host, cred) in self.credentials {
+        for (host, cred) in credentials {
             opts.credentials.entry(host).or_insert(cred);
         }
-        for (id, mapping) in self.connectors {
+        for (id, mapping) in connectors {
             opts.connectors.entry(id).or_insert(mapping);
         }
     }
@@ -134,6 +154,18 @@ mod tests {
             opts.credentials["ghcr.io"],
             Credential::Token { token: "t".into() }
         );
+    }
+
+    #[test]
+    fn maps_connectors_to_pull_secrets() {
+        let c = Config::parse(
+            Path::new("c.yaml"),
+            "kubernetes:\n  pull_secrets:\n    account.img: regcred\n",
+        )
+        .unwrap();
+        assert_eq!(c.kubernetes.pull_secrets["account.img"], "regcred");
+        let e = Config::parse(Path::new("c.yaml"), "kubernetes: {pullSecrets: {}}\n").unwrap_err();
+        assert!(e.to_string().contains("unknown field `pullSecrets`"), "{e}");
     }
 
     #[test]

@@ -846,7 +846,7 @@ fn mask_line(secrets: &Secrets, bytes: &[u8]) -> String {
 
 /// Script text appended to a Run step's command that records its output variables
 /// (one file per variable, so values may hold any byte) when the script reaches its end.
-fn output_trailer(shell: Shell, names: &[String], dir: &Path) -> String {
+pub(crate) fn output_trailer(shell: Shell, names: &[String], dir: &Path) -> String {
     let dir = dir.to_string_lossy();
     let mut s = String::from("\n");
     match shell {
@@ -880,7 +880,7 @@ fn output_trailer(shell: Shell, names: &[String], dir: &Path) -> String {
     s
 }
 
-fn sh_quote(s: &str) -> String {
+pub(crate) fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 

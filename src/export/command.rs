@@ -1,0 +1,136 @@
+//! `sandrun export kubernetes`: its options, and what it reads besides the plan (the
+//! config file's pull Secrets, the facts of images already in the store).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::{ImageFacts, KnownImages, KubeOptions, DEFAULT_HELPER_IMAGE};
+use crate::plan::Plan;
+use crate::store::{PullOptions, Store};
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(subcommand)]
+    pub target: ExportTarget,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ExportTarget {
+    /// Print a stage as Kubernetes manifests (one Pod per stage, or a Job), as Harness's
+    /// Kubernetes build infrastructure runs it, for `kubectl apply -f -`.
+    ///
+    /// Background steps become native sidecars (Kubernetes 1.29 or later) with a
+    /// startup probe on their image's exposed port; Run and Plugin steps run one after
+    /// another in their own images, sharing an emptyDir workspace at /harness. What
+    /// Kubernetes cannot run (steps without an image, portBindings, two services on one
+    /// port) is refused with the reason; what it runs differently is said in comments
+    /// at the top of the output. Secret values are never written: an env variable that
+    /// is exactly `<+secrets.getValue("ID")>` is taken from a Kubernetes Secret, any
+    /// other use of a secret is refused. See docs/kubernetes.md.
+    #[command(name = "kubernetes", visible_alias = "k8s")]
+    Kubernetes(KubernetesArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct KubernetesArgs {
+    /// The pipeline file. Default: the only YAML file under `.harness/`.
+    pub file: Option<PathBuf>,
+    /// Export only this stage (its identifier).
+    #[arg(long, value_name = "ID")]
+    pub stage: Option<String>,
+    /// Print a batch/v1 Job (backoffLimit 0) around each Pod.
+    #[arg(long)]
+    pub job: bool,
+    /// metadata.namespace of every object. Default: none (kubectl's current namespace).
+    #[arg(long, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// Answer a runtime input (`<+input>`): a variable's name, or STEP.FIELD.
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = crate::cli::parse_pair)]
+    pub set: Vec<(String, String)>,
+    /// Pull images of steps with this `connectorRef` with this image pull Secret
+    /// (repeatable; wins over `kubernetes.pull_secrets` in sandrun's config file).
+    #[arg(long = "pull-secret", value_name = "CONNECTOR=SECRET", value_parser = crate::cli::parse_pair)]
+    pub pull_secret: Vec<(String, String)>,
+    /// The image the step wrappers' static busybox is copied from.
+    #[arg(long, value_name = "IMAGE", default_value = DEFAULT_HELPER_IMAGE)]
+    pub helper_image: String,
+}
+
+impl KubernetesArgs {
+    /// The options, with the config file's pull Secrets under the command line's and
+    /// the lock file's pins.
+    pub fn options(&self, plan: &Plan) -> anyhow::Result<KubeOptions> {
+        let (pins, lock_file) = lock_pins(plan)?;
+        let mut pull_secrets: BTreeMap<String, String> =
+            crate::config::Config::load()?.kubernetes.pull_secrets;
+        pull_secrets.extend(self.pull_secret.iter().cloned());
+        Ok(KubeOptions {
+            job: self.job,
+            namespace: self.namespace.clone(),
+            pull_secrets,
+            helper_image: self.helper_image.clone(),
+            pins,
+            lock_file,
+        })
+    }
+}
+
+/// The digests the lock file beside the pipeline pins the plan's images to, by
+/// `ImagePlan::source`: the index digest of a multi-platform image (so the cluster
+/// picks its nodes' platform), else the platform manifest's. Also the lock's path.
+pub fn lock_pins(plan: &Plan) -> anyhow::Result<(BTreeMap<String, String>, Option<PathBuf>)> {
+    let Some(lock) = crate::store::lock::LockFile::for_pipeline(&plan.source)? else {
+        return Ok((BTreeMap::new(), None));
+    };
+    let mut pins = BTreeMap::new();
+    for step in plan.stages.iter().flat_map(|s| s.steps()) {
+        let Some(img) = &step.image else { continue };
+        let Ok(reference) = crate::store::reference::ImageRef::parse(&img.source) else {
+            continue;
+        };
+        if let Some(pin) = lock.images.get(&reference.canonical()) {
+            let digest = pin.index.clone().unwrap_or_else(|| pin.manifest.clone());
+            pins.insert(img.source.clone(), digest);
+        }
+    }
+    Ok((pins, Some(crate::store::lock::lock_path(&plan.source))))
+}
+
+/// What the store knows about the plan's images, without any network: their exposed
+/// ports (startup probes, port collisions) and entrypoints (Plugin steps).
+pub fn known_images(plan: &Plan, pull: &PullOptions) -> KnownImages {
+    let mut known = KnownImages::new();
+    let Some(home) = crate::store::default_home().filter(|h| h.is_dir()) else {
+        return known;
+    };
+    let Ok(store) = Store::open(&home) else {
+        return known;
+    };
+    for step in plan.stages.iter().flat_map(|s| s.steps()) {
+        let Some(img) = &step.image else { continue };
+        if known.contains_key(&img.source) {
+            continue;
+        }
+        let Ok(Some(image)) = store.get(&img.source, pull) else {
+            continue;
+        };
+        let Some(config) = image.config.config().as_ref() else {
+            continue;
+        };
+        known.insert(
+            img.source.clone(),
+            ImageFacts {
+                exposed_tcp: config
+                    .exposed_ports()
+                    .as_ref()
+                    .map(crate::run::ports::tcp_ports)
+                    .unwrap_or_default(),
+                entrypoint: config.entrypoint().clone().unwrap_or_default(),
+                cmd: config.cmd().clone().unwrap_or_default(),
+            },
+        );
+    }
+    known
+}
