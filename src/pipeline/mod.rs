@@ -28,7 +28,7 @@ use std::path::Path;
 pub use error::{ErrorKind, PipelineError, PipelineErrors};
 pub use model::*;
 pub use parse::valid_identifier;
-pub use template::TemplateSearch;
+pub use template::{is_template_file, TemplateSearch};
 
 /// Read and check a pipeline file; templates are looked for beside it and under
 /// `.harness/` of the current directory.

@@ -210,6 +210,17 @@ pub(crate) struct Inlined {
     pub problems: Vec<Problem>,
 }
 
+/// Whether the file at `path` is a Harness template file rather than a pipeline (so
+/// that `.harness/` may hold templates beside the one pipeline).
+pub fn is_template_file(path: &Path) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|text| {
+        text.lines().any(|l| l.starts_with("template:"))
+            && !text
+                .lines()
+                .any(|l| l.starts_with("pipeline:") || l.starts_with("stage:"))
+    })
+}
+
 /// Whether `text` uses templates at all (then the template files are read).
 pub(crate) fn uses_templates(text: &str) -> bool {
     text.contains("templateRef")
