@@ -699,25 +699,7 @@ impl<'e> Parser<'e> {
             if s.get("template").is_some() {
                 // A template reference left in place: why was reported when inlining.
             } else if s.get("strategy").is_some() {
-                if let Some(st) = self.read_strategy(s) {
-                    let of = s
-                        .get("identifier")
-                        .and_then(Node::as_str)
-                        .unwrap_or_default()
-                        .to_string();
-                    let count = st.instances.len();
-                    let stages = self.instances(s, &st, Level::Stage, |p, copy| p.stage(copy, key));
-                    for (index, mut stage) in stages.into_iter().enumerate() {
-                        stage.instance = Some(StageInstance {
-                            of: of.clone(),
-                            kind: st.kind,
-                            index,
-                            count,
-                            max_concurrency: st.max_concurrency,
-                        });
-                        out.push(stage);
-                    }
-                }
+                self.looped_stages(s, key, out);
             } else if let Some(stage) = self.stage(s, key) {
                 out.push(stage);
             }
@@ -732,6 +714,32 @@ impl<'e> Parser<'e> {
                 item.pos,
                 "empty item in `stages`: expected `stage:` or `parallel:`",
             );
+        }
+    }
+
+    /// The instances of a stage with a `strategy`, one after the other in `out`.
+    fn looped_stages(&mut self, node: &Node, key: Pos, out: &mut Vec<Stage>) {
+        let Some(st) = self.read_strategy(node) else {
+            // Still check the rest of the stage.
+            self.stage(&strategy::without_strategy(node), key);
+            return;
+        };
+        let of = node
+            .get("identifier")
+            .and_then(Node::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let count = st.instances.len();
+        let stages = self.instances(node, &st, Level::Stage, |p, copy| p.stage(copy, key));
+        for (index, mut stage) in stages.into_iter().enumerate() {
+            stage.instance = Some(StageInstance {
+                of: of.clone(),
+                kind: st.kind,
+                index,
+                count,
+                max_concurrency: st.max_concurrency,
+            });
+            out.push(stage);
         }
     }
 
@@ -1314,7 +1322,10 @@ impl<'e> Parser<'e> {
                 return None; // reported when inlining
             }
             if s.get("strategy").is_some() {
-                let st = self.read_strategy(s)?;
+                let Some(st) = self.read_strategy(s) else {
+                    // Still check the rest of the step.
+                    return self.step(&strategy::without_strategy(s), key).and(None);
+                };
                 let steps = self.instances(s, &st, Level::Step, |p, copy| {
                     p.step(copy, key).map(StepItem::Step)
                 });
@@ -1345,7 +1356,12 @@ impl<'e> Parser<'e> {
                 return None; // reported when inlining
             }
             if g.get("strategy").is_some() {
-                let st = self.read_strategy(g)?;
+                let Some(st) = self.read_strategy(g) else {
+                    let plain = strategy::without_strategy(g);
+                    return self
+                        .step_group(&plain, key, shared_paths, group_path)
+                        .and(None);
+                };
                 let groups = self.instances(g, &st, Level::Step, |p, copy| {
                     p.step_group(copy, key, shared_paths, group_path)
                         .map(StepItem::Group)

@@ -464,7 +464,13 @@ fn matrix(node: &Node, out: &mut Vec<Problem>) -> Option<Strategy> {
 fn sanitize(label: &str) -> String {
     label
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -656,15 +662,21 @@ fn nested_names(strategy: &Node) -> Hidden {
     Hidden { axes, item }
 }
 
+/// `item` without its `strategy`: what is checked of an item whose strategy is wrong.
+pub(crate) fn without_strategy(item: &Node) -> Node {
+    let mut node = item.clone();
+    if let Value::Map(entries) = &mut node.value {
+        entries.retain(|(k, _)| k.as_str() != Some("strategy"));
+    }
+    node
+}
+
 /// The instance `inst` of `item` (the mapping under `step:`, `stepGroup:` or `stage:`):
 /// without its `strategy`, with its postfixed identifier and name, expressions written
 /// in and the loop variables in the environment of each of its steps.
 pub(crate) fn instantiate(item: &Node, inst: &Instance, level: Level) -> Node {
-    let mut node = item.clone();
+    let mut node = without_strategy(item);
     let strategy_pos = item.get("strategy").map_or(item.pos, |s| s.pos);
-    if let Value::Map(entries) = &mut node.value {
-        entries.retain(|(k, _)| k.as_str() != Some("strategy"));
-    }
     substitute(&mut node, &Subst::full(inst, level));
     if let Value::Map(entries) = &mut node.value {
         let base = entries
@@ -691,7 +703,10 @@ pub(crate) fn instantiate(item: &Node, inst: &Instance, level: Level) -> Node {
                 .label
                 .clone()
                 .unwrap_or_else(|| format!("{base}{}", inst.postfix));
-            entries.push((scalar_at(strategy_pos, "name"), scalar_at(strategy_pos, &name)));
+            entries.push((
+                scalar_at(strategy_pos, "name"),
+                scalar_at(strategy_pos, &name),
+            ));
         }
     }
     let (index, total) = match level {
@@ -851,7 +866,8 @@ mod tests {
         assert_eq!(s.kind, LoopKind::Parallelism);
         assert_eq!(postfixes(&s), ["_0", "_1", "_2"]);
         assert_eq!(s.max_concurrency, Some(1));
-        let s = strategy("strategy:\n  repeat:\n    items: [a, b]\n    maxConcurrency: 1\n").unwrap();
+        let s =
+            strategy("strategy:\n  repeat:\n    items: [a, b]\n    maxConcurrency: 1\n").unwrap();
         assert_eq!(s.instances[1].item.as_ref().unwrap().as_str(), Some("b"));
         assert_eq!(s.max_concurrency, Some(1));
         let s = strategy("strategy:\n  repeat:\n    times: 2\n").unwrap();
@@ -889,10 +905,16 @@ mod tests {
         assert_eq!(inst.get("name").unwrap().as_str(), Some("Test_0_0"));
         let spec = inst.get("spec").unwrap();
         let command = spec.get("command").unwrap().as_str().unwrap();
-        assert!(command.starts_with("echo linux go 0/1 _0_0 <+input> {"), "{command}");
+        assert!(
+            command.starts_with("echo linux go 0/1 _0_0 <+input> {"),
+            "{command}"
+        );
         assert!(command.contains(r#""os":"linux""#), "{command}");
         let env = spec.get("envVariables").unwrap();
-        assert_eq!(env.get("HARNESS_NODE_INDEX").unwrap().as_str(), Some("mine"));
+        assert_eq!(
+            env.get("HARNESS_NODE_INDEX").unwrap().as_str(),
+            Some("mine")
+        );
         assert_eq!(env.get("HARNESS_NODE_TOTAL").unwrap().as_str(), Some("1"));
         assert_eq!(env.get("HARNESS_STEP_INDEX").unwrap().as_str(), Some("0"));
     }
@@ -906,8 +928,16 @@ mod tests {
         let stage = root.get("stage").unwrap();
         let s = read(stage.get("strategy").unwrap()).unwrap();
         let inst = instantiate(stage, &s.instances[0], Level::Stage);
-        let steps = inst.get("spec").unwrap().get("execution").unwrap().get("steps").unwrap();
-        let Value::Seq(items) = &steps.value else { panic!() };
+        let steps = inst
+            .get("spec")
+            .unwrap()
+            .get("execution")
+            .unwrap()
+            .get("steps")
+            .unwrap();
+        let Value::Seq(items) = &steps.value else {
+            panic!()
+        };
         let a = items[0].get("step").unwrap();
         let b = items[1].get("step").unwrap();
         assert_eq!(
@@ -919,7 +949,10 @@ mod tests {
             Some("outer 0")
         );
         let a_env = a.get("spec").unwrap().get("envVariables").unwrap();
-        assert_eq!(a_env.get("HARNESS_STAGE_INDEX").unwrap().as_str(), Some("0"));
+        assert_eq!(
+            a_env.get("HARNESS_STAGE_INDEX").unwrap().as_str(),
+            Some("0")
+        );
         assert!(a_env.get("HARNESS_NODE_INDEX").is_none());
         let b_env = b.get("spec").unwrap().get("envVariables").unwrap();
         assert_eq!(b_env.get("HARNESS_NODE_TOTAL").unwrap().as_str(), Some("1"));

@@ -253,7 +253,11 @@ impl Inliner<'_> {
 
     fn loc(&self, pos: Pos) -> Location {
         Location {
-            file: self.sources.get(pos.src as usize).cloned().unwrap_or_default(),
+            file: self
+                .sources
+                .get(pos.src as usize)
+                .cloned()
+                .unwrap_or_default(),
             line: pos.line,
             column: pos.col,
         }
@@ -300,7 +304,10 @@ impl Inliner<'_> {
             self.problem(
                 link.pos,
                 ErrorKind::InvalidValue,
-                format!("`template` must be a mapping with `templateRef`, not {}", link.kind_name()),
+                format!(
+                    "`template` must be a mapping with `templateRef`, not {}",
+                    link.kind_name()
+                ),
             );
             return None;
         };
@@ -335,7 +342,11 @@ impl Inliner<'_> {
         };
         let ref_pos = reference.pos;
         let Some(ref_text) = reference.as_str().map(str::to_string) else {
-            self.problem(ref_pos, ErrorKind::InvalidValue, "`templateRef` must be a string".into());
+            self.problem(
+                ref_pos,
+                ErrorKind::InvalidValue,
+                "`templateRef` must be a string".into(),
+            );
             return None;
         };
         let id = ref_text
@@ -343,11 +354,22 @@ impl Inliner<'_> {
             .or_else(|| ref_text.strip_prefix("org."))
             .unwrap_or(&ref_text)
             .to_string();
-        let version = link.get("versionLabel").and_then(|v| v.as_str().map(|s| (s.to_string(), v.pos)));
-        let candidates: Vec<&Template> =
-            self.lib.templates.iter().filter(|t| t.identifier == id).collect();
+        let version = link
+            .get("versionLabel")
+            .and_then(|v| v.as_str().map(|s| (s.to_string(), v.pos)));
+        let candidates: Vec<&Template> = self
+            .lib
+            .templates
+            .iter()
+            .filter(|t| t.identifier == id)
+            .collect();
         if candidates.is_empty() {
-            let known: Vec<&str> = self.lib.templates.iter().map(|t| t.identifier.as_str()).collect();
+            let known: Vec<&str> = self
+                .lib
+                .templates
+                .iter()
+                .map(|t| t.identifier.as_str())
+                .collect();
             let hint = did_you_mean(&id, &known)
                 .map(|c| format!("; did you mean `{c}`?"))
                 .unwrap_or_default();
@@ -363,7 +385,11 @@ impl Inliner<'_> {
         }
         let found = |t: &Template| format!("`{}` at {}", t.version, self.loc(t.pos));
         let chosen: Vec<&Template> = match &version {
-            Some((v, _)) => candidates.iter().copied().filter(|t| t.version == *v).collect(),
+            Some((v, _)) => candidates
+                .iter()
+                .copied()
+                .filter(|t| t.version == *v)
+                .collect(),
             None => candidates.clone(),
         };
         let template = match (chosen.as_slice(), &version) {
@@ -381,7 +407,10 @@ impl Inliner<'_> {
                 return None;
             }
             (several, Some((v, pos))) => {
-                let list: Vec<String> = several.iter().map(|t| self.loc(t.pos).to_string()).collect();
+                let list: Vec<String> = several
+                    .iter()
+                    .map(|t| self.loc(t.pos).to_string())
+                    .collect();
                 self.problem(
                     *pos,
                     ErrorKind::Duplicate,
@@ -423,7 +452,11 @@ impl Inliner<'_> {
                 ErrorKind::InvalidValue,
                 format!(
                     "template `{ref_text}` is a {} template ({}), but it is used as a {expected}",
-                    if template.kind.is_empty() { "typeless" } else { &template.kind },
+                    if template.kind.is_empty() {
+                        "typeless"
+                    } else {
+                        &template.kind
+                    },
                     self.loc(template.pos)
                 ),
             );
@@ -588,7 +621,11 @@ mod tests {
         assert_eq!(command.as_str(), Some("make test"));
         assert_eq!(command.pos.src, 0, "the value comes from the pipeline");
         let b = spec.get("envVariables").unwrap().get("B").unwrap();
-        assert_eq!(b.as_str(), Some("<+input>.default(b)"), "unanswered inputs stay inputs");
+        assert_eq!(
+            b.as_str(),
+            Some("<+input>.default(b)"),
+            "unanswered inputs stay inputs"
+        );
         assert_ne!(spec.pos.src, 0, "the rest comes from the template file");
         let origin = out.origins.get(&step.pos).unwrap();
         assert_eq!(origin.version, "v1");
@@ -605,20 +642,32 @@ mod tests {
             "step:\n  identifier: t1\n  template:\n    templateRef: run_test\n",
         );
         assert_eq!(out.problems[0].pos.line, 4);
-        assert!(out.problems[0].message.contains("did you mean `run_tests`"), "{:?}", out.problems);
+        assert!(
+            out.problems[0].message.contains("did you mean `run_tests`"),
+            "{:?}",
+            out.problems
+        );
         let (_, out) = inline_text(
             &lib,
             &sources,
             "step:\n  identifier: t1\n  template:\n    templateRef: org.run_tests\n    versionLabel: v3\n",
         );
         assert_eq!(out.problems[0].pos.line, 5);
-        assert!(out.problems[0].message.contains("no version `v3`"), "{:?}", out.problems);
+        assert!(
+            out.problems[0].message.contains("no version `v3`"),
+            "{:?}",
+            out.problems
+        );
         let (_, out) = inline_text(
             &lib,
             &sources,
             "step:\n  identifier: t1\n  template:\n    templateRef: run_tests\n",
         );
-        assert!(out.problems[0].message.contains("several versions"), "{:?}", out.problems);
+        assert!(
+            out.problems[0].message.contains("several versions"),
+            "{:?}",
+            out.problems
+        );
     }
 
     #[test]
@@ -645,7 +694,9 @@ mod tests {
         let messages: Vec<&str> = out.problems.iter().map(|p| p.message.as_str()).collect();
         assert!(messages[0].contains("fixed by template"), "{messages:?}");
         assert!(messages[1].contains("not a field"), "{messages:?}");
-        let mut target = yaml::parse("- step: {identifier: a, c: x}\n- step: {identifier: b, c: <+input>}\n").unwrap();
+        let mut target =
+            yaml::parse("- step: {identifier: a, c: x}\n- step: {identifier: b, c: <+input>}\n")
+                .unwrap();
         let inputs = yaml::parse("- step: {identifier: b, c: filled}\n").unwrap();
         let mut inliner = Inliner {
             lib: &lib,
@@ -656,9 +707,18 @@ mod tests {
             },
         };
         inliner.fill(&mut target, &inputs, "templateInputs", "x");
-        assert!(inliner.out.problems.is_empty(), "{:?}", inliner.out.problems);
-        let Value::Seq(items) = &target.value else { panic!() };
-        assert_eq!(items[1].get("step").unwrap().get("c").unwrap().as_str(), Some("filled"));
+        assert!(
+            inliner.out.problems.is_empty(),
+            "{:?}",
+            inliner.out.problems
+        );
+        let Value::Seq(items) = &target.value else {
+            panic!()
+        };
+        assert_eq!(
+            items[1].get("step").unwrap().get("c").unwrap().as_str(),
+            Some("filled")
+        );
     }
 
     #[test]
@@ -669,6 +729,10 @@ mod tests {
             &sources,
             "stage:\n  identifier: s\n  template:\n    templateRef: run_tests\n",
         );
-        assert!(out.problems[0].message.contains("used as a Stage"), "{:?}", out.problems);
+        assert!(
+            out.problems[0].message.contains("used as a Stage"),
+            "{:?}",
+            out.problems
+        );
     }
 }

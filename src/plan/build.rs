@@ -20,8 +20,8 @@ use crate::net::StepRequest;
 
 use super::{
     Action, CondPlan, ErrorKind, FailurePolicy, FailureRule, GroupPlan, ImagePlan, LoopPlan,
-    NetworkChoice, NetworkMode, NetworkPlan, Node, PipelineName, Plan, ProcessTemplate, Secrets, StagePlan,
-    StepPlan, StepType, Template, TemplatePart,
+    NetworkChoice, NetworkMode, NetworkPlan, Node, PipelineName, Plan, ProcessTemplate, Secrets,
+    StagePlan, StepPlan, StepType, Template, TemplatePart,
 };
 
 /// What the user tells sandrun besides the pipeline file.
@@ -578,6 +578,28 @@ impl<'a> Builder<'a> {
             .collect()
     }
 
+    /// Items that run side by side (a parallel block, a loop's instances): each sees
+    /// only what finished before them.
+    fn side_by_side(
+        &mut self,
+        items: &[StepItem],
+        scope: &mut Scope,
+        groups: &[&str],
+        inherited: &[FailureStrategy],
+    ) -> Vec<Node> {
+        let before = scope.done.clone();
+        let mut nodes = Vec::new();
+        let mut finished = before.clone();
+        for i in items {
+            let mut s = scope.clone();
+            s.done = before.clone();
+            nodes.push(self.item(i, &mut s, groups, inherited));
+            finished.extend(s.done);
+        }
+        scope.done = finished;
+        nodes
+    }
+
     fn item(
         &mut self,
         item: &StepItem,
@@ -587,39 +609,15 @@ impl<'a> Builder<'a> {
     ) -> Node {
         match item {
             StepItem::Step(step) => self.step(step, scope, groups, inherited),
-            StepItem::Parallel(items, _) => {
-                // Every branch sees only what finished before the block.
-                let before = scope.done.clone();
-                let mut nodes = Vec::new();
-                let mut finished = before.clone();
-                for i in items {
-                    let mut s = scope.clone();
-                    s.done = before.clone();
-                    nodes.push(self.item(i, &mut s, groups, inherited));
-                    finished.extend(s.done);
-                }
-                scope.done = finished;
-                Node::Parallel { nodes }
-            }
-            StepItem::Loop(l) => {
-                // Like a parallel block: no instance sees another's outputs.
-                let before = scope.done.clone();
-                let mut nodes = Vec::new();
-                let mut finished = before.clone();
-                for i in &l.instances {
-                    let mut s = scope.clone();
-                    s.done = before.clone();
-                    nodes.push(self.item(i, &mut s, groups, inherited));
-                    finished.extend(s.done);
-                }
-                scope.done = finished;
-                Node::Loop(LoopPlan {
-                    identifier: l.identifier.clone(),
-                    kind: l.kind,
-                    max_concurrency: l.max_concurrency,
-                    nodes,
-                })
-            }
+            StepItem::Parallel(items, _) => Node::Parallel {
+                nodes: self.side_by_side(items, scope, groups, inherited),
+            },
+            StepItem::Loop(l) => Node::Loop(LoopPlan {
+                identifier: l.identifier.clone(),
+                kind: l.kind,
+                max_concurrency: l.max_concurrency,
+                nodes: self.side_by_side(&l.instances, scope, groups, inherited),
+            }),
             StepItem::Group(g) => {
                 let mut path: Vec<&str> = groups.to_vec();
                 path.push(&g.identifier);

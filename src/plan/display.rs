@@ -36,7 +36,10 @@ pub fn render(plan: &Plan) -> String {
             );
             match i.max_concurrency {
                 Some(n) => {
-                    let _ = writeln!(out, " (at most {n} at once; instances run one after the other here)");
+                    let _ = writeln!(
+                        out,
+                        " (at most {n} at once; instances run one after the other here)"
+                    );
                 }
                 None => {
                     let _ = writeln!(out, " (instances run one after the other here)");

@@ -21,7 +21,9 @@ use serde::Serialize;
 
 pub use crate::net::{NetworkMode, NetworkPlan};
 use crate::pipeline::expr::Condition;
-use crate::pipeline::{Location, LoopKind, PullPolicy, Resources, Shell, StageInstance, StageStatus};
+use crate::pipeline::{
+    Location, LoopKind, PullPolicy, Resources, Shell, StageInstance, StageStatus,
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Plan {
@@ -74,7 +76,9 @@ pub struct NetworkChoice {
 #[serde(tag = "node", rename_all = "lowercase")]
 pub enum Node {
     Step(Box<StepPlan>),
-    Parallel { nodes: Vec<Node> },
+    Parallel {
+        nodes: Vec<Node>,
+    },
     Group(GroupPlan),
     /// The instances of a looped step or step group: side by side, at most
     /// `max_concurrency` at once.
