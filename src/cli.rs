@@ -26,7 +26,9 @@ sandrun runs a Harness CI stage on this machine, as you, with no daemon.
 
 It reads Harness CI v0 pipeline YAML unchanged (a whole `pipeline:` or a single
 `stage:`): Run, Background and Plugin steps, step groups, parallel blocks, stage
-variables and <+...> expressions. Background steps start services that later steps
+variables and <+...> expressions, looping strategies (matrix, parallelism, repeat:
+each instance a step or stage of its own) and stage, step-group and step templates
+(template files under .harness/, beside the pipeline, or in --templates DIR). Background steps start services that later steps
 call by step identifier; the stage proceeds at once and the services are stopped
 when it ends. Steps with an image run in their own rootless container; steps
 without one run the host's own binaries. Every stage gets a private network.

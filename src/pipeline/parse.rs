@@ -1366,6 +1366,9 @@ impl<'e> Parser<'e> {
                     p.step_group(copy, key, shared_paths, group_path)
                         .map(StepItem::Group)
                 });
+                // Each instance lists the group's `sharedPaths` again.
+                let mut seen = HashSet::new();
+                shared_paths.retain(|p| seen.insert(p.clone()));
                 return self.looped(g, key, &st, groups);
             }
             return self
