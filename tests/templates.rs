@@ -151,3 +151,35 @@ fn several_versions_without_a_label_ask_for_one() {
         .assert_stderr("template `s` has several versions")
         .assert_stderr("write the `versionLabel` to use");
 }
+
+#[test]
+fn a_template_reference_may_carry_a_looping_strategy() {
+    let sb = Sandbox::new(support::Mode::Root);
+    let tpl = std::fs::read_to_string(testdata().join("run-tests.yaml")).unwrap();
+    sb.write(".harness/run-tests.yaml", &tpl);
+    sb.write(
+        "ci.yaml",
+        &support::stage(
+            "",
+            r#"- step:
+    identifier: unit
+    name: unit
+    strategy:
+      parallelism: 2
+    template:
+      templateRef: account.run_tests
+      versionLabel: v1
+      templateInputs:
+        type: Run
+        spec:
+          command: echo "shard <+strategy.iteration> of $HARNESS_NODE_TOTAL"
+"#,
+        ),
+    );
+    let r = sb.run(["plan", "ci.yaml"]);
+    r.assert_code(0)
+        .assert_stdout("parallelism `unit`: 2 instances, all at once")
+        .assert_stdout("Run `unit_1` (unit_1)")
+        .assert_stdout("from template `account.run_tests` version `v1`")
+        .assert_stdout(r#"echo "shard 1 of $HARNESS_NODE_TOTAL""#);
+}
