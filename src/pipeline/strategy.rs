@@ -5,7 +5,8 @@
 //! each a real stage or step of its own: its identifier gets a postfix (`_0`, `_1`, or
 //! the matrix indices `_0_1`, or `_` and the `nodeName`), and inside it `<+matrix.AXIS>`,
 //! `<+repeat.item>`, `<+strategy.iteration>`, `<+strategy.iterations>` and
-//! `<+strategy.identifierPostFix>` have that copy's values. Harness's CI stages also give
+//! `<+strategy.identifierPostFix>` (also `<+step.…>` / `<+stage.…>` forms naming the
+//! step's or the stage's loop) have that copy's values. Harness's CI stages also give
 //! every step of a looped stage or step the environment variables `HARNESS_NODE_INDEX` /
 //! `HARNESS_NODE_TOTAL` (the innermost loop), `HARNESS_STAGE_INDEX` / `_TOTAL` and
 //! `HARNESS_STEP_INDEX` / `_TOTAL`, which test-splitting tools read.
@@ -534,6 +535,12 @@ impl<'a> Subst<'a> {
                         "repeat.item" | "strategy.repeat.item" if !self.hidden.item => {
                             inst.item.clone()
                         }
+                        "step.identifierPostFix" if own && self.level == Level::Step => {
+                            Some(scalar(inst.postfix.clone()))
+                        }
+                        "stage.identifierPostFix" if self.level == Level::Stage => {
+                            Some(scalar(inst.postfix.clone()))
+                        }
                         "stage.iteration" if self.level == Level::Stage => {
                             Some(scalar(inst.iteration.to_string()))
                         }
@@ -917,6 +924,83 @@ mod tests {
         );
         assert_eq!(env.get("HARNESS_NODE_TOTAL").unwrap().as_str(), Some("1"));
         assert_eq!(env.get("HARNESS_STEP_INDEX").unwrap().as_str(), Some("0"));
+    }
+
+    fn parse(text: &str) -> Result<crate::pipeline::PipelineFile, crate::pipeline::PipelineErrors> {
+        crate::pipeline::parse_str(std::path::Path::new("p.yaml"), text)
+    }
+
+    const STAGE_HEAD: &str =
+        "stage:\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n";
+
+    #[test]
+    fn a_looped_step_parses_into_a_loop_of_real_steps() {
+        let file = parse(&format!(
+            "{STAGE_HEAD}        - step:\n            identifier: t\n            type: Run\n            strategy:\n              repeat:\n                items: [a, b]\n                maxConcurrency: 1\n            spec:\n              command: echo <+repeat.item>\n"
+        ))
+        .unwrap();
+        let steps = &file.stages[0].spec.as_ref().unwrap().steps;
+        let crate::pipeline::StepItem::Loop(l) = &steps[0] else {
+            panic!("{steps:?}")
+        };
+        assert_eq!(
+            (l.identifier.as_str(), l.kind, l.max_concurrency),
+            ("t", LoopKind::Repeat, Some(1))
+        );
+        assert_eq!(l.loc.line, 7);
+        let ids: Vec<String> = l
+            .instances
+            .iter()
+            .map(|i| match i {
+                crate::pipeline::StepItem::Step(s) => match &s.kind {
+                    crate::pipeline::StepKind::Run(r) => format!("{}:{}", s.identifier, r.command),
+                    other => panic!("{other:?}"),
+                },
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, ["t_0:echo a", "t_1:echo b"]);
+    }
+
+    #[test]
+    fn errors_shared_by_instances_are_reported_once_and_their_own_each() {
+        let errors = parse(&format!(
+            "{STAGE_HEAD}        - step:\n            identifier: t\n            type: Run\n            strategy:\n              matrix:\n                sh: [Sh, Zsh, Ksh]\n            spec:\n              comand: x\n              command: x\n              shell: <+matrix.sh>\n"
+        ))
+        .unwrap_err();
+        let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages
+                .iter()
+                .filter(|m| m.contains("unknown field `comand`"))
+                .count(),
+            1,
+            "{messages:#?}"
+        );
+        assert_eq!(
+            messages
+                .iter()
+                .filter(|m| m.contains("invalid `shell`"))
+                .count(),
+            2,
+            "{messages:#?}"
+        );
+        assert!(
+            messages.iter().all(|m| m.starts_with("p.yaml:")),
+            "{messages:#?}"
+        );
+    }
+
+    #[test]
+    fn a_looped_stage_becomes_stages_that_know_their_loop() {
+        let file = parse(
+            "pipeline:\n  identifier: p\n  stages:\n    - stage:\n        identifier: b\n        type: CI\n        strategy:\n          parallelism: 2\n        spec:\n          execution:\n            steps:\n              - step:\n                  identifier: s\n                  type: Run\n                  spec:\n                    command: echo $HARNESS_STAGE_INDEX\n",
+        )
+        .unwrap();
+        let ids: Vec<&str> = file.stages.iter().map(|s| s.identifier.as_str()).collect();
+        assert_eq!(ids, ["b_0", "b_1"]);
+        let i = file.stages[1].instance.as_ref().unwrap();
+        assert_eq!((i.of.as_str(), i.index, i.count), ("b", 1, 2));
     }
 
     #[test]
