@@ -176,11 +176,13 @@ pub(crate) fn read(node: &Node) -> Result<Strategy, Vec<Problem>> {
         }
         [(kind, _, v)] => match kind {
             LoopKind::Matrix => matrix(v, &mut out),
-            LoopKind::Parallelism => count(v, "`parallelism`", &mut out).map(|n| Strategy {
-                kind: LoopKind::Parallelism,
-                max_concurrency: None,
-                instances: indexed(n),
-            }),
+            LoopKind::Parallelism => count(v, "`parallelism`", &mut out)
+                .and_then(|n| bounded(n, v.pos, &mut out))
+                .map(|n| Strategy {
+                    kind: LoopKind::Parallelism,
+                    max_concurrency: None,
+                    instances: indexed(n),
+                }),
             LoopKind::Repeat => repeat(v, &mut out),
         },
         [_, (_, pos, _), ..] => {
@@ -197,20 +199,23 @@ pub(crate) fn read(node: &Node) -> Result<Strategy, Vec<Problem>> {
             if s.max_concurrency.is_none() {
                 s.max_concurrency = outer_max;
             }
-            if s.instances.len() > MAX_INSTANCES {
-                return Err(vec![problem(
-                    node.pos,
-                    ErrorKind::Unsupported,
-                    format!(
-                        "this strategy makes {} instances; sandrun runs at most {MAX_INSTANCES}",
-                        s.instances.len()
-                    ),
-                )]);
-            }
             Ok(s)
         }
         _ => Err(out),
     }
+}
+
+/// `n` instances, if that is not too many.
+fn bounded(n: usize, pos: Pos, out: &mut Vec<Problem>) -> Option<usize> {
+    if n > MAX_INSTANCES {
+        out.push(problem(
+            pos,
+            ErrorKind::Unsupported,
+            format!("this strategy makes {n} instances; sandrun runs at most {MAX_INSTANCES}"),
+        ));
+        return None;
+    }
+    Some(n)
 }
 
 fn indexed(n: usize) -> Vec<Instance> {
@@ -232,20 +237,20 @@ fn repeat(node: &Node, out: &mut Vec<Problem>) -> Option<Strategy> {
     let mut instances = None;
     for (k, v) in fields {
         match k.as_str().unwrap_or_default() {
-            "times" => instances = count(v, "`repeat.times`", out).map(indexed),
+            "times" => {
+                instances = count(v, "`repeat.times`", out)
+                    .and_then(|n| bounded(n, v.pos, out))
+                    .map(indexed)
+            }
             "items" => match &v.value {
                 Value::Seq(items) if !items.is_empty() => {
-                    let n = items.len();
-                    instances = Some(
-                        items
-                            .iter()
-                            .enumerate()
-                            .map(|(i, item)| Instance {
-                                item: Some(item.clone()),
-                                ..indexed(n).swap_remove(i)
-                            })
-                            .collect(),
-                    );
+                    instances = bounded(items.len(), v.pos, out).map(|n| {
+                        let mut all = indexed(n);
+                        for (inst, item) in all.iter_mut().zip(items) {
+                            inst.item = Some(item.clone());
+                        }
+                        all
+                    });
                 }
                 Value::Seq(_) => out.push(problem(
                     v.pos,
@@ -427,7 +432,7 @@ fn matrix(node: &Node, out: &mut Vec<Problem>) -> Option<Strategy> {
         ));
         return None;
     }
-    let n = combos.len();
+    let n = bounded(combos.len(), node.pos, out)?;
     let instances = combos
         .into_iter()
         .enumerate()
@@ -896,6 +901,11 @@ mod tests {
         assert!(e[0].message.contains("not several"));
         let e = strategy("strategy:\n  parallelism: 300\n").unwrap_err();
         assert!(e[0].message.contains("at most"));
+        // Refused before anything is made for them.
+        let e = strategy("strategy:\n  repeat:\n    times: 4000000000\n").unwrap_err();
+        assert!(e[0].message.contains("at most 256"), "{e:?}");
+        let e = strategy("strategy:\n  matrix:\n    a: [1,2,3,4,5,6,7,8]\n    b: [1,2,3,4,5,6,7,8]\n    c: [1,2,3,4,5,6,7,8]\n    d: [1,2,3,4,5,6,7,8]\n    e: [1,2,3,4,5,6,7,8]\n").unwrap_err();
+        assert!(e[0].message.contains("more than 256"), "{e:?}");
     }
 
     #[test]
