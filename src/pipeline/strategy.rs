@@ -755,8 +755,9 @@ fn scalar_at(pos: Pos, text: &str) -> Node {
     }
 }
 
-/// Give every step below `node` the loop variables. Below a nested strategy only the
-/// stage's variables are given (`keep_stage`): the nested loop sets the others.
+/// Give every step below `node` the loop variables (`vars`, the stage's first when
+/// `stage`). Below a nested strategy (`nested`) only a stage's own variables are given:
+/// the nested loop sets the others when it is expanded.
 fn inject_below(node: &mut Node, vars: &[(&str, String)], pos: Pos, nested: bool, stage: bool) {
     let Value::Map(entries) = &mut node.value else {
         if let Value::Seq(items) = &mut node.value {
