@@ -358,3 +358,45 @@ fn strategy_mistakes_are_named_with_their_line() {
         .assert_stderr("ci.yaml:19:21: `matrix.exclude` names axis `arch`")
         .assert_stderr("ci.yaml:28:24: `repeat.times` is `<+input>`");
 }
+
+/// Each instance of a looped Background step is a service of its own, on the same port
+/// in its own network namespace, reached by its instance identifier.
+#[test]
+fn looped_services_are_reached_by_their_instance_names() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write("srv0/who.txt", "instance zero\n");
+        sb.write("srv1/who.txt", "instance one\n");
+        sb.write(
+            "ci.yaml",
+            &stage(
+                r#"- step:
+    type: Background
+    name: svc
+    identifier: svc
+    strategy:
+      parallelism: 2
+    spec:
+      command: exec python3 -m http.server 8000 --directory srv<+strategy.iteration>
+- step:
+    type: Run
+    name: client
+    identifier: client
+    spec:
+      shell: Bash
+      command: |
+        for host in svc_0 svc_1; do
+          n=0
+          until curl -sf http://$host:8000/who.txt; do
+            n=$((n + 1)); [ $n -lt 100 ] || exit 1; sleep 0.1
+          done
+        done
+"#,
+            ),
+        );
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0)
+            .assert_stdout("| instance zero")
+            .assert_stdout("| instance one");
+    }
+}
