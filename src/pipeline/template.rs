@@ -477,11 +477,18 @@ impl Inliner<'_> {
             return None;
         };
         let usage_entries = usage.entries().unwrap_or_default();
-        let mut merged: Vec<(Node, Node)> = usage_entries
-            .iter()
-            .filter(|(k, _)| k.as_str() != Some("template"))
-            .cloned()
-            .collect();
+        let mut merged: Vec<(Node, Node)> = Vec::new();
+        for (k, v) in usage_entries {
+            match k.as_str().unwrap_or_default() {
+                "template" => {}
+                key @ ("type" | "spec") => self.problem(
+                    k.pos,
+                    ErrorKind::InvalidValue,
+                    format!("`{key}` beside `template`: the {expected} takes its `{key}` from template `{ref_text}`; give values through `templateInputs`"),
+                ),
+                _ => merged.push((k.clone(), v.clone())),
+            }
+        }
         for (k, v) in body_entries {
             let key_text = k.as_str().unwrap_or_default();
             // `stageType` says which stages a step group template fits: not a field of
@@ -719,6 +726,19 @@ mod tests {
             items[1].get("step").unwrap().get("c").unwrap().as_str(),
             Some("filled")
         );
+    }
+
+    #[test]
+    fn a_reference_does_not_bring_its_own_spec() {
+        let (_d, lib, sources) = library(&[("a.yaml", STEP_V1)]);
+        let (_, out) = inline_text(
+            &lib,
+            &sources,
+            "step:\n  identifier: t1\n  spec:\n    command: x\n  template:\n    templateRef: run_tests\n",
+        );
+        assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
+        assert_eq!(out.problems[0].pos.line, 3);
+        assert!(out.problems[0].message.contains("`spec` beside `template`"));
     }
 
     #[test]
