@@ -200,6 +200,7 @@ fn repeat_on_a_step_group_runs_each_item_in_order_with_max_concurrency_one() {
               mkdir lock/held || { echo "two instances at once"; exit 1; }
               echo "<+repeat.item>" >> order.txt
               sleep 0.1
+              MODULE="<+repeat.item>"
             outputVariables:
               - name: MODULE
       - step:
@@ -209,7 +210,7 @@ fn repeat_on_a_step_group_runs_each_item_in_order_with_max_concurrency_one() {
           spec:
             shell: Sh
             command: |
-              echo "tested <+repeat.item> $HARNESS_STEP_INDEX/$HARNESS_STEP_TOTAL"
+              echo "tested <+steps.compile.output.outputVariables.MODULE> $HARNESS_STEP_INDEX/$HARNESS_STEP_TOTAL"
               rmdir lock/held
 "#,
             ),

@@ -1003,6 +1003,14 @@ mod tests {
     }
 
     #[test]
+    fn steps_of_a_looped_group_read_outputs_of_their_own_instance() {
+        let text = format!(
+            "{STAGE_HEAD}        - stepGroup:\n            identifier: g\n            strategy:\n              repeat:\n                items: [x, y]\n            steps:\n              - step:\n                  identifier: a\n                  type: Run\n                  spec:\n                    command: V=<+repeat.item>\n                    outputVariables:\n                      - name: V\n              - step:\n                  identifier: b\n                  type: Run\n                  spec:\n                    command: echo <+steps.a.output.outputVariables.V>\n"
+        );
+        parse(&text).unwrap();
+    }
+
+    #[test]
     fn a_looped_stage_becomes_stages_that_know_their_loop() {
         let file = parse(
             "pipeline:\n  identifier: p\n  stages:\n    - stage:\n        identifier: b\n        type: CI\n        strategy:\n          parallelism: 2\n        spec:\n          execution:\n            steps:\n              - step:\n                  identifier: s\n                  type: Run\n                  spec:\n                    command: echo $HARNESS_STAGE_INDEX\n",

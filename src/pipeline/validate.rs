@@ -231,6 +231,15 @@ fn check_parallel(
                 for (i, branch) in branches.iter().enumerate() {
                     for from in branch {
                         for r in refs.iter().filter(|r| r.from_step == from.loc) {
+                            // A step of its own branch (its own group) answers first,
+                            // as in the plan: e.g. a sibling in a looped group instance.
+                            let local = r.group_path.is_empty()
+                                && branch.iter().any(|m| {
+                                    m.id == r.step && m.path == from.path && m.loc != from.loc
+                                });
+                            if local {
+                                continue;
+                            }
                             let target = branches
                                 .iter()
                                 .enumerate()
