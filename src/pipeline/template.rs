@@ -94,6 +94,8 @@ struct Template {
     spec: Option<Node>,
     /// Position of its `template:` key (its source says which file).
     pos: Pos,
+    /// Position of template-level `variables`, which sandrun does not support.
+    variables: Option<Pos>,
 }
 
 /// Every template definition found.
@@ -165,6 +167,11 @@ impl Library {
                 kind: text_of("type").unwrap_or_default(),
                 spec: body.get("spec").cloned(),
                 pos: key.pos,
+                variables: body
+                    .entries()
+                    .and_then(|e| e.iter().find(|(k, _)| k.as_str() == Some("variables")))
+                    .filter(|(_, v)| matches!(&v.value, Value::Seq(items) if !items.is_empty()))
+                    .map(|(k, _)| k.pos),
             });
         }
         lib
@@ -462,6 +469,16 @@ impl Inliner<'_> {
             );
             return None;
         }
+        if let Some(pos) = template.variables {
+            self.problem(
+                pos,
+                ErrorKind::Unsupported,
+                format!(
+                    "template `{}` has template variables (`<+template.variables.X>`), which sandrun does not support; move them into the template's `spec` as `<+input>` fields",
+                    template.identifier
+                ),
+            );
+        }
         let Some(mut body) = template.spec.clone().filter(|s| s.entries().is_some()) else {
             self.problem(
                 template.pos,
@@ -739,6 +756,22 @@ mod tests {
         assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
         assert_eq!(out.problems[0].pos.line, 3);
         assert!(out.problems[0].message.contains("`spec` beside `template`"));
+    }
+
+    #[test]
+    fn template_variables_are_refused_where_the_template_has_them() {
+        let with_vars = STEP_V2.replace(
+            "  type: Step\n",
+            "  type: Step\n  variables:\n    - name: x\n      type: String\n      value: a\n",
+        );
+        let (_d, lib, sources) = library(&[("a.yaml", &with_vars)]);
+        let (_, out) = inline_text(
+            &lib,
+            &sources,
+            "step:\n  identifier: t1\n  template:\n    templateRef: run_tests\n",
+        );
+        assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
+        assert_eq!((out.problems[0].pos.line, out.problems[0].pos.src), (6, 1));
     }
 
     #[test]
