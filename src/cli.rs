@@ -26,7 +26,9 @@ sandrun runs a Harness CI stage on this machine, as you, with no daemon.
 
 It reads Harness CI v0 pipeline YAML unchanged (a whole `pipeline:` or a single
 `stage:`): Run, Background and Plugin steps, step groups, parallel blocks, stage
-variables and <+...> expressions. Background steps start services that later steps
+variables and <+...> expressions, looping strategies (matrix, parallelism, repeat:
+each instance a step or stage of its own) and stage, step-group and step templates
+(template files under .harness/, beside the pipeline, or in --templates DIR). Background steps start services that later steps
 call by step identifier; the stage proceeds at once and the services are stopped
 when it ends. Steps with an image run in their own rootless container; steps
 without one run the host's own binaries. Every stage gets a private network.
@@ -96,6 +98,11 @@ pub struct InputArgs {
     /// The workspace shared by every step (the codebase). Default: the current directory.
     #[arg(long, value_name = "DIR")]
     pub workspace: Option<PathBuf>,
+    /// Also look for Harness template files (`template: {identifier, versionLabel, type,
+    /// spec}`) in DIR and below. They are always looked for beside the pipeline file and
+    /// under the workspace's `.harness/`. Repeatable.
+    #[arg(long = "templates", value_name = "DIR")]
+    pub templates: Vec<PathBuf>,
     /// Answer a runtime input (`<+input>`): a variable's name, or STEP.FIELD for step fields.
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_pair)]
     pub set: Vec<(String, String)>,
@@ -165,6 +172,9 @@ pub struct PlanArgs {
 pub struct ValidateArgs {
     /// The pipeline file. Default: the only YAML file under `.harness/`.
     pub file: Option<PathBuf>,
+    /// Also look for Harness template files in DIR and below (see `run --help`).
+    #[arg(long = "templates", value_name = "DIR")]
+    pub templates: Vec<PathBuf>,
 }
 
 pub(crate) fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -235,6 +245,7 @@ fn pipeline_path(given: Option<&Path>) -> anyhow::Result<PathBuf> {
                 .filter(|p| {
                     p.is_file()
                         && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                        && !pipeline::is_template_file(p)
                 })
                 .collect()
         })
@@ -255,13 +266,8 @@ fn pipeline_path(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn load(path: &Path) -> anyhow::Result<PipelineFile> {
-    pipeline::load(path).map_err(|e| anyhow::anyhow!("{e}"))
-}
-
 fn load_and_plan(input: &InputArgs, placeholders: bool) -> anyhow::Result<(PipelineFile, Plan)> {
     let path = pipeline_path(input.file.as_deref())?;
-    let file = load(&path)?;
     let workspace = match &input.workspace {
         Some(w) => w.clone(),
         None => std::env::current_dir().context("cannot read the current directory")?,
@@ -269,6 +275,8 @@ fn load_and_plan(input: &InputArgs, placeholders: bool) -> anyhow::Result<(Pipel
     let workspace = workspace
         .canonicalize()
         .with_context(|| format!("workspace {}", workspace.display()))?;
+    let templates = pipeline::TemplateSearch::for_pipeline(&path, &workspace, &input.templates);
+    let file = pipeline::load_with(&path, &templates).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut secrets: BTreeMap<String, String> = BTreeMap::new();
     if let Some(f) = &input.secrets_file {
         secrets.extend(read_secrets_file(f)?);
@@ -319,6 +327,7 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<i32> {
         file: args.file.clone(),
         stage: None,
         workspace: None,
+        templates: args.templates.clone(),
         set: Vec::new(),
         secret: Vec::new(),
         secrets_file: None,

@@ -72,6 +72,7 @@ fn all_steps(items: &[StepItem]) -> Vec<&pipeline::Step> {
             StepItem::Step(s) => out.push(s),
             StepItem::Parallel(inner, _) => out.extend(all_steps(inner)),
             StepItem::Group(g) => out.extend(all_steps(&g.steps)),
+            StepItem::Loop(l) => out.extend(all_steps(&l.instances)),
         }
     }
     out

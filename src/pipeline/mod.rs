@@ -8,11 +8,17 @@
 //!
 //! Step types only Harness's cloud can run become [`StepKind::Unsupported`] rather than
 //! errors: `sandrun validate` lists them and `sandrun run` refuses (or skips) them.
+//!
+//! Before the typed parse, template references are replaced by the templates they name
+//! ([`template`]); looping strategies are expanded into their instances while parsing
+//! ([`strategy`]).
 
 pub mod error;
 pub mod expr;
 pub mod model;
 mod parse;
+mod strategy;
+mod template;
 mod validate;
 pub mod values;
 mod yaml;
@@ -22,11 +28,19 @@ use std::path::Path;
 pub use error::{ErrorKind, PipelineError, PipelineErrors};
 pub use model::*;
 pub use parse::valid_identifier;
+pub use template::{is_template_file, TemplateSearch};
 
-/// Read and check a pipeline file.
+/// Read and check a pipeline file; templates are looked for beside it and under
+/// `.harness/` of the current directory.
 pub fn load(path: &Path) -> Result<PipelineFile, PipelineErrors> {
+    let search = TemplateSearch::for_pipeline(path, Path::new("."), &[]);
+    load_with(path, &search)
+}
+
+/// Read and check a pipeline file, with templates from `search`.
+pub fn load_with(path: &Path, search: &TemplateSearch) -> Result<PipelineFile, PipelineErrors> {
     match std::fs::read_to_string(path) {
-        Ok(text) => parse_str(path, &text),
+        Ok(text) => parse_with(path, &text, search),
         Err(e) => {
             let mut errors = PipelineErrors::default();
             errors.push(PipelineError {
@@ -43,10 +57,20 @@ pub fn load(path: &Path) -> Result<PipelineFile, PipelineErrors> {
     }
 }
 
-/// Parse and check `text` as if read from `path` (which only names it in errors).
+/// Parse and check `text` as if read from `path` (which only names it in errors),
+/// with no template files.
 pub fn parse_str(path: &Path, text: &str) -> Result<PipelineFile, PipelineErrors> {
+    parse_with(path, text, &TemplateSearch::none())
+}
+
+/// Parse and check `text` as if read from `path`, with templates from `search`.
+pub fn parse_with(
+    path: &Path,
+    text: &str,
+    search: &TemplateSearch,
+) -> Result<PipelineFile, PipelineErrors> {
     let mut errors = PipelineErrors::default();
-    let root = match yaml::parse(text) {
+    let mut root = match yaml::parse(text) {
         Ok(root) => root,
         Err(e) => {
             errors.push(PipelineError {
@@ -61,7 +85,16 @@ pub fn parse_str(path: &Path, text: &str) -> Result<PipelineFile, PipelineErrors
             return Err(errors);
         }
     };
+    let mut sources = vec![path.to_path_buf()];
+    let inlined = template::uses_templates(text).then(|| {
+        let library = template::Library::load(search, &mut sources);
+        template::inline(&mut root, &library, &sources)
+    });
     let mut parser = parse::Parser::new(path, &mut errors);
+    if let Some(inlined) = inlined {
+        parser = parser.with_templates(sources, inlined.origins);
+        inlined.problems.into_iter().for_each(|p| parser.report(p));
+    }
     let file = parser.file(&root);
     let refs = std::mem::take(&mut parser.output_refs);
     if let Some(file) = &file {

@@ -54,7 +54,53 @@ pub struct Stage {
     pub when: Option<When>,
     /// Apply to steps (and groups) that have none of their own.
     pub failure_strategies: Vec<FailureStrategy>,
+    /// Set when the stage is one instance of a looping strategy.
+    pub instance: Option<StageInstance>,
+    /// Set when the stage comes from a stage template.
+    pub template: Option<TemplateOrigin>,
     pub loc: Location,
+}
+
+/// A stage that a looping strategy made: which one, and its place among its siblings
+/// (which follow it directly in [`PipelineFile::stages`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StageInstance {
+    /// The identifier as written, without the instance's postfix.
+    pub of: String,
+    pub kind: LoopKind,
+    /// 0-based.
+    pub index: usize,
+    pub count: usize,
+    pub max_concurrency: Option<usize>,
+}
+
+/// Which looping strategy made a set of instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoopKind {
+    Matrix,
+    Parallelism,
+    Repeat,
+}
+
+/// The template a stage, step group or step was inlined from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TemplateOrigin {
+    /// `templateRef` as written (`account.build`, `org.build`, `build`).
+    pub reference: String,
+    pub version: String,
+    /// Where the template file defines it.
+    pub loc: Location,
+}
+
+impl fmt::Display for TemplateOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "template `{}` version `{}` ({})",
+            self.reference, self.version, self.loc
+        )
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -122,6 +168,19 @@ pub enum StepItem {
     Step(Step),
     Parallel(Vec<StepItem>, Location),
     Group(StepGroup),
+    /// The instances a looping strategy made of one step or step group: they run side
+    /// by side like a `parallel` block, at most `max_concurrency` at once.
+    Loop(Loop),
+}
+
+#[derive(Clone, Debug)]
+pub struct Loop {
+    /// The identifier as written, without the instances' postfixes.
+    pub identifier: String,
+    pub kind: LoopKind,
+    pub max_concurrency: Option<usize>,
+    pub instances: Vec<StepItem>,
+    pub loc: Location,
 }
 
 #[derive(Clone, Debug)]
@@ -132,6 +191,7 @@ pub struct StepGroup {
     pub variables: Vec<Variable>,
     pub when: Option<When>,
     pub failure_strategies: Vec<FailureStrategy>,
+    pub template: Option<TemplateOrigin>,
     pub loc: Location,
 }
 
@@ -144,6 +204,7 @@ pub struct Step {
     pub when: Option<When>,
     pub failure_strategies: Vec<FailureStrategy>,
     pub kind: StepKind,
+    pub template: Option<TemplateOrigin>,
     pub loc: Location,
 }
 

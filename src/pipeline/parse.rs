@@ -5,17 +5,21 @@
 //! that place: unknown ones are errors (with a did-you-mean), fields that cannot change
 //! a local run (tags, org/project ids, notification rules, delegate selectors, caching
 //! switches...) are accepted and dropped, and fields that would change the run but that
-//! sandrun cannot honour (looping strategies, templates, rollback actions...) are
-//! "unsupported" errors. Nothing is silently ignored. Parsing continues after an error
-//! so that one pass reports as many mistakes as possible.
+//! sandrun cannot honour (rollback actions, pipeline templates...) are "unsupported"
+//! errors. Nothing is silently ignored. Parsing continues after an error so that one
+//! pass reports as many mistakes as possible.
+//!
+//! Templates are inlined before this (`template`); a stage, step group or step with a
+//! looping `strategy` is parsed once per instance (`strategy`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::error::{ErrorKind, PipelineError, PipelineErrors};
 use super::expr;
 use super::model::*;
+use super::strategy::{self, Level, Problem};
 use super::values;
 use super::yaml::{Node, Pos, Value};
 
@@ -33,6 +37,11 @@ pub(crate) struct OutputRef {
 
 pub(crate) struct Parser<'e> {
     file: PathBuf,
+    /// Path of each source a position may come from: the pipeline file, then the
+    /// template files inlined into it.
+    sources: Vec<PathBuf>,
+    /// Items inlined from templates, by the position of their mapping.
+    origins: HashMap<Pos, TemplateOrigin>,
     pub errors: &'e mut PipelineErrors,
     pub output_refs: Vec<OutputRef>,
     /// The step whose fields are being read (for `OutputRef::from_step`).
@@ -208,6 +217,8 @@ impl<'e> Parser<'e> {
     pub fn new(file: &Path, errors: &'e mut PipelineErrors) -> Self {
         Parser {
             file: file.to_path_buf(),
+            sources: vec![file.to_path_buf()],
+            origins: HashMap::new(),
             errors,
             output_refs: Vec::new(),
             current_step: None,
@@ -218,12 +229,80 @@ impl<'e> Parser<'e> {
         }
     }
 
+    /// Positions may also come from these template files (`sources[0]` is the
+    /// pipeline file), and these items were inlined from templates.
+    pub fn with_templates(
+        mut self,
+        sources: Vec<PathBuf>,
+        origins: HashMap<Pos, TemplateOrigin>,
+    ) -> Self {
+        self.sources = sources;
+        self.origins = origins;
+        self
+    }
+
     pub fn loc(&self, pos: Pos) -> Location {
         Location {
-            file: self.file.clone(),
+            file: (self.sources.get(pos.src as usize))
+                .unwrap_or(&self.file)
+                .clone(),
             line: pos.line,
             column: pos.col,
         }
+    }
+
+    /// Report a problem found by the template or strategy expansion.
+    pub fn report(&mut self, p: Problem) {
+        self.error(p.pos, p.kind, p.message);
+    }
+
+    fn read_strategy(&mut self, item: &Node) -> Option<strategy::Strategy> {
+        let node = item.get("strategy")?;
+        match strategy::read(node) {
+            Ok(s) => Some(s),
+            Err(problems) => {
+                problems.into_iter().for_each(|p| self.report(p));
+                None
+            }
+        }
+    }
+
+    /// Parse each instance of a looped item with `parse`. Errors the copies share with
+    /// the first one are reported once.
+    fn instances<T>(
+        &mut self,
+        item: &Node,
+        strategy: &strategy::Strategy,
+        level: Level,
+        mut parse: impl FnMut(&mut Self, &Node) -> Option<T>,
+    ) -> Vec<T> {
+        let before = self.errors.errors.len();
+        let mut first: Vec<(Location, ErrorKind)> = Vec::new();
+        let mut out = Vec::new();
+        for (i, inst) in strategy.instances.iter().enumerate() {
+            let start = self.errors.errors.len();
+            let copy = strategy::instantiate(item, inst, level);
+            if let Some(t) = parse(self, &copy) {
+                out.push(t);
+            }
+            if i == 0 {
+                first = self.errors.errors[before..]
+                    .iter()
+                    .map(|e| (e.loc.clone(), e.kind))
+                    .collect();
+            } else {
+                let mut k = start;
+                while k < self.errors.errors.len() {
+                    let e = &self.errors.errors[k];
+                    if first.iter().any(|(l, kind)| *l == e.loc && *kind == e.kind) {
+                        self.errors.errors.remove(k);
+                    } else {
+                        k += 1;
+                    }
+                }
+            }
+        }
+        out
     }
 
     fn error(&mut self, pos: Pos, kind: ErrorKind, message: impl Into<String>) {
@@ -617,7 +696,11 @@ impl<'e> Parser<'e> {
         self.check_fields(&f, &["stage", "parallel"], &[], &[]);
         if let Some(s) = f.get("stage") {
             let key = f.key_pos("stage").unwrap_or(item.pos);
-            if let Some(stage) = self.stage(s, key) {
+            if s.get("template").is_some() {
+                // A template reference left in place: why was reported when inlining.
+            } else if s.get("strategy").is_some() {
+                self.looped_stages(s, key, out);
+            } else if let Some(stage) = self.stage(s, key) {
                 out.push(stage);
             }
         }
@@ -631,6 +714,32 @@ impl<'e> Parser<'e> {
                 item.pos,
                 "empty item in `stages`: expected `stage:` or `parallel:`",
             );
+        }
+    }
+
+    /// The instances of a stage with a `strategy`, one after the other in `out`.
+    fn looped_stages(&mut self, node: &Node, key: Pos, out: &mut Vec<Stage>) {
+        let Some(st) = self.read_strategy(node) else {
+            // Still check the rest of the stage.
+            self.stage(&strategy::without_strategy(node), key);
+            return;
+        };
+        let of = node
+            .get("identifier")
+            .and_then(Node::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let count = st.instances.len();
+        let stages = self.instances(node, &st, Level::Stage, |p, copy| p.stage(copy, key));
+        for (index, mut stage) in stages.into_iter().enumerate() {
+            stage.instance = Some(StageInstance {
+                of: of.clone(),
+                kind: st.kind,
+                index,
+                count,
+                max_concurrency: st.max_concurrency,
+            });
+            out.push(stage);
         }
     }
 
@@ -655,6 +764,8 @@ impl<'e> Parser<'e> {
                 timeout: None,
                 when: None,
                 failure_strategies: Vec::new(),
+                instance: None,
+                template: self.origins.get(&node.pos).cloned(),
                 loc,
             });
         }
@@ -671,16 +782,7 @@ impl<'e> Parser<'e> {
                 "timeout",
             ],
             HARMLESS,
-            &[
-                (
-                    "strategy",
-                    "looping strategies (matrix, repeat, parallelism) need Harness",
-                ),
-                (
-                    "template",
-                    "stage templates live on Harness; inline the stage",
-                ),
-            ],
+            &[],
         );
         let variables = self.variables(&f);
         let timeout = self.opt_duration(&f, "timeout");
@@ -710,6 +812,8 @@ impl<'e> Parser<'e> {
             timeout,
             when,
             failure_strategies,
+            instance: None,
+            template: self.origins.get(&node.pos).cloned(),
             loc,
         })
     }
@@ -1214,6 +1318,19 @@ impl<'e> Parser<'e> {
         }
         if let Some(s) = f.get("step") {
             let key = f.key_pos("step").unwrap_or(node.pos);
+            if s.get("template").is_some() {
+                return None; // reported when inlining
+            }
+            if s.get("strategy").is_some() {
+                let Some(st) = self.read_strategy(s) else {
+                    // Still check the rest of the step.
+                    return self.step(&strategy::without_strategy(s), key).and(None);
+                };
+                let steps = self.instances(s, &st, Level::Step, |p, copy| {
+                    p.step(copy, key).map(StepItem::Step)
+                });
+                return self.looped(s, key, &st, steps);
+            }
             return self.step(s, key).map(StepItem::Step);
         }
         if let Some(p) = f.get("parallel") {
@@ -1235,11 +1352,53 @@ impl<'e> Parser<'e> {
         }
         if let Some(g) = f.get("stepGroup") {
             let key = f.key_pos("stepGroup").unwrap_or(node.pos);
+            if g.get("template").is_some() {
+                return None; // reported when inlining
+            }
+            if g.get("strategy").is_some() {
+                let Some(st) = self.read_strategy(g) else {
+                    let plain = strategy::without_strategy(g);
+                    return self
+                        .step_group(&plain, key, shared_paths, group_path)
+                        .and(None);
+                };
+                let groups = self.instances(g, &st, Level::Step, |p, copy| {
+                    p.step_group(copy, key, shared_paths, group_path)
+                        .map(StepItem::Group)
+                });
+                // Each instance lists the group's `sharedPaths` again.
+                let mut seen = HashSet::new();
+                shared_paths.retain(|p| seen.insert(p.clone()));
+                return self.looped(g, key, &st, groups);
+            }
             return self
                 .step_group(g, key, shared_paths, group_path)
                 .map(StepItem::Group);
         }
         None
+    }
+
+    fn looped(
+        &mut self,
+        item: &Node,
+        key: Pos,
+        st: &strategy::Strategy,
+        instances: Vec<StepItem>,
+    ) -> Option<StepItem> {
+        if instances.len() != st.instances.len() {
+            return None;
+        }
+        Some(StepItem::Loop(Loop {
+            identifier: item
+                .get("identifier")
+                .and_then(Node::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            kind: st.kind,
+            max_concurrency: st.max_concurrency,
+            instances,
+            loc: self.loc(key),
+        }))
     }
 
     fn step_group(
@@ -1267,20 +1426,10 @@ impl<'e> Parser<'e> {
                 "sharedPaths",
             ],
             HARMLESS,
-            &[
-                (
-                    "strategy",
-                    "looping strategies (matrix, repeat, parallelism) need Harness",
-                ),
-                (
-                    "stepGroupInfra",
-                    "containerized step groups run on a Harness-managed cluster",
-                ),
-                (
-                    "template",
-                    "step group templates live on Harness; inline the group",
-                ),
-            ],
+            &[(
+                "stepGroupInfra",
+                "containerized step groups run on a Harness-managed cluster",
+            )],
         );
         let name = self
             .opt_string(&f, "name")
@@ -1304,6 +1453,7 @@ impl<'e> Parser<'e> {
             variables,
             when,
             failure_strategies,
+            template: self.origins.get(&node.pos).cloned(),
             loc: self.loc(key_pos),
         })
     }
@@ -1334,16 +1484,7 @@ impl<'e> Parser<'e> {
                 "failureStrategies",
             ],
             &["delegateSelectors", "enforce"],
-            &[
-                (
-                    "strategy",
-                    "looping strategies (matrix, repeat, parallelism) need Harness",
-                ),
-                (
-                    "template",
-                    "step templates live on Harness; inline the step",
-                ),
-            ],
+            &[],
         );
         let loc = self.loc(key_pos);
         self.current_step = Some(loc.clone());
@@ -1399,6 +1540,7 @@ impl<'e> Parser<'e> {
             when,
             failure_strategies,
             kind: kind?,
+            template: self.origins.get(&node.pos).cloned(),
             loc,
         })
     }
@@ -1890,6 +2032,7 @@ impl<'e> Parser<'e> {
             when: None,
             failure_strategies: Vec::new(),
             kind: kind?,
+            template: None,
             loc,
         })
     }
@@ -1916,7 +2059,7 @@ fn setting_value(v: &Node) -> String {
     }
 }
 
-fn to_json(v: &Node) -> serde_json::Value {
+pub(crate) fn to_json(v: &Node) -> serde_json::Value {
     use serde_json::Value as J;
     match &v.value {
         Value::Null => J::Null,

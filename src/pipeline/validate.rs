@@ -157,7 +157,10 @@ fn check_scope(
     for item in items {
         match item {
             StepItem::Step(s) => unique(ids, &s.identifier, &s.loc, "step", scope, errors),
-            StepItem::Parallel(inner, _) => check_scope(inner, ids, scope, errors),
+            StepItem::Parallel(inner, _)
+            | StepItem::Loop(Loop {
+                instances: inner, ..
+            }) => check_scope(inner, ids, scope, errors),
             StepItem::Group(g) => {
                 unique(ids, &g.identifier, &g.loc, "step group", scope, errors);
                 let mut inner_ids = HashMap::new();
@@ -184,7 +187,10 @@ fn members(item: &StepItem, path: &[String], out: &mut Vec<Member>) {
             loc: s.loc.clone(),
             kind: s.kind.clone(),
         }),
-        StepItem::Parallel(inner, _) => inner.iter().for_each(|i| members(i, path, out)),
+        StepItem::Parallel(inner, _)
+        | StepItem::Loop(Loop {
+            instances: inner, ..
+        }) => inner.iter().for_each(|i| members(i, path, out)),
         StepItem::Group(g) => {
             let mut p = path.to_vec();
             p.push(g.identifier.clone());
@@ -210,7 +216,10 @@ fn check_parallel(
                 p.push(g.identifier.clone());
                 check_parallel(&g.steps, &p, refs, errors, siblings);
             }
-            StepItem::Parallel(inner, _) => {
+            StepItem::Parallel(inner, _)
+            | StepItem::Loop(Loop {
+                instances: inner, ..
+            }) => {
                 let branches: Vec<Vec<Member>> = inner
                     .iter()
                     .map(|i| {
@@ -222,6 +231,15 @@ fn check_parallel(
                 for (i, branch) in branches.iter().enumerate() {
                     for from in branch {
                         for r in refs.iter().filter(|r| r.from_step == from.loc) {
+                            // A step of its own branch (its own group) answers first,
+                            // as in the plan: e.g. a sibling in a looped group instance.
+                            let local = r.group_path.is_empty()
+                                && branch.iter().any(|m| {
+                                    m.id == r.step && m.path == from.path && m.loc != from.loc
+                                });
+                            if local {
+                                continue;
+                            }
                             let target = branches
                                 .iter()
                                 .enumerate()
@@ -255,7 +273,7 @@ fn check_parallel(
 
 fn parallel_line(item: &StepItem) -> usize {
     match item {
-        StepItem::Parallel(_, loc) => loc.line,
+        StepItem::Parallel(_, loc) | StepItem::Loop(Loop { loc, .. }) => loc.line,
         _ => 0,
     }
 }

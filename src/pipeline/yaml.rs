@@ -13,11 +13,14 @@
 use saphyr::{MarkedYaml, ScalarStyle, YamlData, YamlLoader};
 use saphyr_parser::Parser;
 
-/// 1-based line and column (in characters) of a node in the source text.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// 1-based line and column (in characters) of a node in the source text, and which
+/// source it is: 0 is the pipeline file, others are template files inlined into it
+/// (see `template`), so that an error inside a template names the template's file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Pos {
     pub line: usize,
     pub col: usize,
+    pub src: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -74,7 +77,11 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let docs = loader.into_documents();
     match docs.into_iter().next() {
         None => Ok(Node {
-            pos: Pos { line: 1, col: 1 },
+            pos: Pos {
+                line: 1,
+                col: 1,
+                src: 0,
+            },
             value: Value::Null,
         }),
         Some(doc) => convert(&doc),
@@ -93,6 +100,7 @@ fn pos_of(m: &saphyr::Marker) -> Pos {
     Pos {
         line: m.line(),
         col: m.col() + 1,
+        src: 0,
     }
 }
 
@@ -213,8 +221,28 @@ impl Node {
         }
     }
 
+    /// Mark this node and everything below it as coming from source `src`.
+    pub fn set_source(&mut self, src: u32) {
+        self.pos.src = src;
+        match &mut self.value {
+            Value::Seq(items) => items.iter_mut().for_each(|i| i.set_source(src)),
+            Value::Map(entries) => entries.iter_mut().for_each(|(k, v)| {
+                k.set_source(src);
+                v.set_source(src);
+            }),
+            Value::Null | Value::Scalar { .. } => {}
+        }
+    }
+
+    /// The entries of a mapping node.
+    pub fn entries(&self) -> Option<&[(Node, Node)]> {
+        match &self.value {
+            Value::Map(entries) => Some(entries),
+            _ => None,
+        }
+    }
+
     /// Look a key up in a mapping node.
-    #[cfg(test)]
     pub fn get(&self, key: &str) -> Option<&Node> {
         match &self.value {
             Value::Map(entries) => entries
@@ -237,8 +265,8 @@ mod tests {
         let Value::Map(entries) = &a.value else {
             panic!("not a map")
         };
-        assert_eq!(entries[0].0.pos, Pos { line: 2, col: 3 });
-        assert_eq!(entries[0].1.pos, Pos { line: 2, col: 6 });
+        assert_eq!((entries[0].0.pos.line, entries[0].0.pos.col), (2, 3));
+        assert_eq!((entries[0].1.pos.line, entries[0].1.pos.col), (2, 6));
         assert!(matches!(&entries[1].1.value, Value::Scalar { text, plain: false } if text == "x"));
     }
 

@@ -19,9 +19,9 @@ use crate::pipeline::{
 use crate::net::StepRequest;
 
 use super::{
-    Action, CondPlan, ErrorKind, FailurePolicy, FailureRule, GroupPlan, ImagePlan, NetworkChoice,
-    NetworkMode, NetworkPlan, Node, PipelineName, Plan, ProcessTemplate, Secrets, StagePlan,
-    StepPlan, StepType, Template, TemplatePart,
+    Action, CondPlan, ErrorKind, FailurePolicy, FailureRule, GroupPlan, ImagePlan, LoopPlan,
+    NetworkChoice, NetworkMode, NetworkPlan, Node, PipelineName, Plan, ProcessTemplate, Secrets,
+    StagePlan, StepPlan, StepType, Template, TemplatePart,
 };
 
 /// What the user tells sandrun besides the pipeline file.
@@ -137,7 +137,9 @@ impl<'a> Builder<'a> {
             self.pipeline_vars = self.variables(&p.variables, &scope, "pipeline.variables");
         }
         if let Some(want) = &self.inputs.stage {
-            if !self.file.stages.iter().any(|s| &s.identifier == want) {
+            if !self.file.stages.iter().any(|s| {
+                &s.identifier == want || s.instance.as_ref().is_some_and(|i| &i.of == want)
+            }) {
                 let known: Vec<&str> = self
                     .file
                     .stages
@@ -160,10 +162,9 @@ impl<'a> Builder<'a> {
             .stages
             .iter()
             .filter(|s| {
-                self.inputs
-                    .stage
-                    .as_ref()
-                    .is_none_or(|w| w == &s.identifier)
+                self.inputs.stage.as_ref().is_none_or(|w| {
+                    w == &s.identifier || s.instance.as_ref().is_some_and(|i| &i.of == w)
+                })
             })
             .map(|s| self.stage(s))
             .collect();
@@ -197,6 +198,8 @@ impl<'a> Builder<'a> {
                 warnings: Vec::new(),
                 timeout: stage.timeout,
                 nodes: Vec::new(),
+                instance: stage.instance.clone(),
+                template: stage.template.as_ref().map(ToString::to_string),
             };
         };
         scope.stage_vars = self.variables(&stage.variables, &scope, "stage.variables");
@@ -217,6 +220,8 @@ impl<'a> Builder<'a> {
             warnings: Vec::new(),
             timeout: stage.timeout,
             nodes,
+            instance: stage.instance.clone(),
+            template: stage.template.as_ref().map(ToString::to_string),
         };
         plan.warnings = stage_warnings(&plan, spec.platform.as_ref(), &stage.loc);
         match address_steps(&mut plan, self.inputs.egress) {
@@ -573,6 +578,28 @@ impl<'a> Builder<'a> {
             .collect()
     }
 
+    /// Items that run side by side (a parallel block, a loop's instances): each sees
+    /// only what finished before them.
+    fn side_by_side(
+        &mut self,
+        items: &[StepItem],
+        scope: &mut Scope,
+        groups: &[&str],
+        inherited: &[FailureStrategy],
+    ) -> Vec<Node> {
+        let before = scope.done.clone();
+        let mut nodes = Vec::new();
+        let mut finished = before.clone();
+        for i in items {
+            let mut s = scope.clone();
+            s.done = before.clone();
+            nodes.push(self.item(i, &mut s, groups, inherited));
+            finished.extend(s.done);
+        }
+        scope.done = finished;
+        nodes
+    }
+
     fn item(
         &mut self,
         item: &StepItem,
@@ -582,20 +609,15 @@ impl<'a> Builder<'a> {
     ) -> Node {
         match item {
             StepItem::Step(step) => self.step(step, scope, groups, inherited),
-            StepItem::Parallel(items, _) => {
-                // Every branch sees only what finished before the block.
-                let before = scope.done.clone();
-                let mut nodes = Vec::new();
-                let mut finished = before.clone();
-                for i in items {
-                    let mut s = scope.clone();
-                    s.done = before.clone();
-                    nodes.push(self.item(i, &mut s, groups, inherited));
-                    finished.extend(s.done);
-                }
-                scope.done = finished;
-                Node::Parallel { nodes }
-            }
+            StepItem::Parallel(items, _) => Node::Parallel {
+                nodes: self.side_by_side(items, scope, groups, inherited),
+            },
+            StepItem::Loop(l) => Node::Loop(LoopPlan {
+                identifier: l.identifier.clone(),
+                kind: l.kind,
+                max_concurrency: l.max_concurrency,
+                nodes: self.side_by_side(&l.instances, scope, groups, inherited),
+            }),
             StepItem::Group(g) => {
                 let mut path: Vec<&str> = groups.to_vec();
                 path.push(&g.identifier);
@@ -625,6 +647,7 @@ impl<'a> Builder<'a> {
                         .and_then(|w| w.condition.as_deref())
                         .and_then(|c| self.condition(c, scope, &g.loc)),
                     nodes,
+                    template: g.template.as_ref().map(ToString::to_string),
                 })
             }
         }
@@ -767,6 +790,7 @@ impl<'a> Builder<'a> {
             resources: container.map(|c| c.resources.clone()).unwrap_or_default(),
             hostnames: Vec::new(),
             address: None,
+            template: step.template.as_ref().map(ToString::to_string),
             loc: loc.clone(),
         };
         scope.done.insert(key);
@@ -966,7 +990,9 @@ fn address_steps(stage: &mut StagePlan, egress: bool) -> Result<(), crate::net::
                         s.address = Some(e.address);
                     }
                 }
-                Node::Parallel { nodes } | Node::Group(GroupPlan { nodes, .. }) => walk(nodes, net),
+                Node::Parallel { nodes }
+                | Node::Group(GroupPlan { nodes, .. })
+                | Node::Loop(LoopPlan { nodes, .. }) => walk(nodes, net),
             }
         }
     }

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{GroupPlan, Node, Plan, ProcessTemplate, StepPlan};
+use super::{GroupPlan, LoopPlan, Node, Plan, ProcessTemplate, StepPlan};
 use crate::pipeline::StageStatus;
 
 pub fn render(plan: &Plan) -> String {
@@ -25,6 +25,30 @@ pub fn render(plan: &Plan) -> String {
     for stage in &plan.stages {
         let _ = writeln!(out);
         let _ = writeln!(out, "Stage `{}` ({})", stage.identifier, stage.name);
+        if let Some(i) = &stage.instance {
+            let _ = write!(
+                out,
+                "  instance {} of {} of {} `{}`",
+                i.index + 1,
+                i.count,
+                i.kind,
+                i.of
+            );
+            match i.max_concurrency {
+                Some(n) => {
+                    let _ = writeln!(
+                        out,
+                        " (at most {n} at once; instances run one after the other here)"
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, " (instances run one after the other here)");
+                }
+            }
+        }
+        if let Some(t) = &stage.template {
+            let _ = writeln!(out, "  from {t}");
+        }
         if let Some(why) = &stage.skipped {
             let _ = writeln!(out, "  skipped: {why}");
             continue;
@@ -84,12 +108,32 @@ fn node_lines(out: &mut String, node: &Node, label: &str, indent: usize) {
                 node_lines(out, n, "-", indent + 3);
             }
         }
+        Node::Loop(LoopPlan {
+            identifier,
+            kind,
+            max_concurrency,
+            nodes,
+        }) => {
+            let _ = write!(
+                out,
+                "{pad}{label} {kind} `{identifier}`: {} instances",
+                nodes.len()
+            );
+            let _ = match max_concurrency {
+                Some(n) if *n < nodes.len() => writeln!(out, ", at most {n} at once:"),
+                _ => writeln!(out, ", all at once:"),
+            };
+            for n in nodes {
+                node_lines(out, n, "-", indent + 3);
+            }
+        }
         Node::Group(GroupPlan {
             identifier,
             name,
             run_when,
             condition,
             nodes,
+            template,
             ..
         }) => {
             let _ = write!(out, "{pad}{label} step group `{identifier}` ({name})");
@@ -100,6 +144,9 @@ fn node_lines(out: &mut String, node: &Node, label: &str, indent: usize) {
                 let _ = write!(out, " if {}", c.display());
             }
             let _ = writeln!(out, ":");
+            if let Some(t) = template {
+                let _ = writeln!(out, "{pad}   from {t}");
+            }
             for (i, n) in nodes.iter().enumerate() {
                 node_lines(out, n, &format!("{}.", i + 1), indent + 3);
             }
@@ -111,6 +158,9 @@ fn step_lines(out: &mut String, s: &StepPlan, label: &str, indent: usize) {
     let pad = " ".repeat(indent);
     let more = " ".repeat(indent + label.len() + 1);
     let _ = writeln!(out, "{pad}{label} {} `{}` ({})", kind(s), s.key, s.name);
+    if let Some(t) = &s.template {
+        let _ = writeln!(out, "{more}from {t}");
+    }
     if let Some(why) = &s.unsupported {
         let _ = writeln!(out, "{more}UNSUPPORTED: {why}");
         return;

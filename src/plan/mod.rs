@@ -21,7 +21,9 @@ use serde::Serialize;
 
 pub use crate::net::{NetworkMode, NetworkPlan};
 use crate::pipeline::expr::Condition;
-use crate::pipeline::{Location, PullPolicy, Resources, Shell, StageStatus};
+use crate::pipeline::{
+    Location, LoopKind, PullPolicy, Resources, Shell, StageInstance, StageStatus,
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Plan {
@@ -56,6 +58,10 @@ pub struct StagePlan {
     pub warnings: Vec<String>,
     pub timeout: Option<Duration>,
     pub nodes: Vec<Node>,
+    /// Set when a looping strategy made this stage.
+    pub instance: Option<StageInstance>,
+    /// The template the stage was inlined from (`template `ID` version `V` (file:line)`).
+    pub template: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -70,8 +76,23 @@ pub struct NetworkChoice {
 #[serde(tag = "node", rename_all = "lowercase")]
 pub enum Node {
     Step(Box<StepPlan>),
-    Parallel { nodes: Vec<Node> },
+    Parallel {
+        nodes: Vec<Node>,
+    },
     Group(GroupPlan),
+    /// The instances of a looped step or step group: side by side, at most
+    /// `max_concurrency` at once.
+    Loop(LoopPlan),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LoopPlan {
+    /// The identifier as written, without the instances' postfixes.
+    pub identifier: String,
+    pub kind: LoopKind,
+    /// `None`: every instance at once.
+    pub max_concurrency: Option<usize>,
+    pub nodes: Vec<Node>,
 }
 
 impl Node {
@@ -85,7 +106,9 @@ impl Node {
     fn collect_steps<'a>(&'a self, out: &mut Vec<&'a StepPlan>) {
         match self {
             Node::Step(s) => out.push(s),
-            Node::Parallel { nodes } | Node::Group(GroupPlan { nodes, .. }) => {
+            Node::Parallel { nodes }
+            | Node::Group(GroupPlan { nodes, .. })
+            | Node::Loop(LoopPlan { nodes, .. }) => {
                 for n in nodes {
                     n.collect_steps(out);
                 }
@@ -109,6 +132,8 @@ pub struct GroupPlan {
     pub run_when: StageStatus,
     pub condition: Option<CondPlan>,
     pub nodes: Vec<Node>,
+    /// The template the group was inlined from.
+    pub template: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -147,6 +172,8 @@ pub struct StepPlan {
     pub hostnames: Vec<String>,
     /// Address on the stage network, once the network layer has allocated one.
     pub address: Option<Ipv4Addr>,
+    /// The template the step was inlined from.
+    pub template: Option<String>,
     #[serde(skip)]
     pub loc: Location,
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{join_all, BoxFuture};
-use futures::FutureExt;
+use futures::{stream, FutureExt, StreamExt};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -196,6 +196,16 @@ impl<'a> Executor<'a> {
                 Node::Step(step) => self.run_step(step).await,
                 Node::Parallel { nodes } => {
                     join_all(nodes.iter().map(|n| self.run_node(n))).await;
+                }
+                Node::Loop(l) => {
+                    // Instances start in order, at most `maxConcurrency` at a time.
+                    let cap = l.max_concurrency.unwrap_or(l.nodes.len()).max(1);
+                    let instances: Vec<BoxFuture<'b, ()>> =
+                        l.nodes.iter().map(|n| self.run_node(n)).collect();
+                    stream::iter(instances)
+                        .buffer_unordered(cap)
+                        .collect::<Vec<()>>()
+                        .await;
                 }
                 Node::Group(group) => {
                     match self.blocked_by(group.run_when, group.condition.as_ref()) {

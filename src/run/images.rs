@@ -63,9 +63,9 @@ pub fn resolve_sources(plan: &mut Plan, opts: &PullOptions) -> anyhow::Result<()
                         }
                     }
                 }
-                Node::Parallel { nodes } | Node::Group(GroupPlan { nodes, .. }) => {
-                    walk(nodes, opts)?
-                }
+                Node::Parallel { nodes }
+                | Node::Group(GroupPlan { nodes, .. })
+                | Node::Loop(crate::plan::LoopPlan { nodes, .. }) => walk(nodes, opts)?,
             }
         }
         Ok(())

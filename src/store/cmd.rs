@@ -163,7 +163,10 @@ fn collect(items: &[StepItem], opts: &PullOptions, out: &mut Vec<PipelineImage>)
                     step: step.identifier.clone(),
                 });
             }
-            StepItem::Parallel(items, _) => collect(items, opts, out)?,
+            StepItem::Parallel(items, _)
+            | StepItem::Loop(crate::pipeline::Loop {
+                instances: items, ..
+            }) => collect(items, opts, out)?,
             StepItem::Group(g) => collect(&g.steps, opts, out)?,
         }
     }

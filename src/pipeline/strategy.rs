@@ -1,0 +1,1063 @@
+//! Looping strategies (`strategy: matrix | parallelism | repeat`), expanded into the
+//! instances Harness would run.
+//!
+//! Harness runs a stage, step group or step that has a `strategy` as several copies,
+//! each a real stage or step of its own: its identifier gets a postfix (`_0`, `_1`, or
+//! the matrix indices `_0_1`, or `_` and the `nodeName`), and inside it `<+matrix.AXIS>`,
+//! `<+repeat.item>`, `<+strategy.iteration>`, `<+strategy.iterations>` and
+//! `<+strategy.identifierPostFix>` (also `<+step.…>` / `<+stage.…>` forms naming the
+//! step's or the stage's loop) have that copy's values. Harness's CI stages also give
+//! every step of a looped stage or step the environment variables `HARNESS_NODE_INDEX` /
+//! `HARNESS_NODE_TOTAL` (the innermost loop), `HARNESS_STAGE_INDEX` / `_TOTAL` and
+//! `HARNESS_STEP_INDEX` / `_TOTAL`, which test-splitting tools read.
+//!
+//! The expansion works on the positioned YAML tree, before typed parsing: each copy is
+//! the original mapping with those expressions written in, so that every field of every
+//! copy is then parsed and checked like any other (errors still point at the lines of
+//! the original), and nothing downstream needs to know about strategies beyond "these
+//! items run side by side, at most N at once".
+
+use std::fmt;
+
+use super::error::ErrorKind;
+use super::model::LoopKind;
+use super::yaml::{Node, Pos, Value};
+
+/// More copies than this are refused: Harness itself runs at most 256 stages in
+/// parallel, and on one machine so many containers would only thrash.
+pub(crate) const MAX_INSTANCES: usize = 256;
+
+/// A problem with a `strategy` mapping, at a position of the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Problem {
+    pub pos: Pos,
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// A strategy, read and expanded.
+#[derive(Debug, Clone)]
+pub(crate) struct Strategy {
+    pub kind: LoopKind,
+    /// `maxConcurrency`; `None`: every instance at once, as Harness does.
+    pub max_concurrency: Option<usize>,
+    pub instances: Vec<Instance>,
+}
+
+/// One copy of the looped item.
+#[derive(Debug, Clone)]
+pub(crate) struct Instance {
+    /// Appended to the identifier: `_0`, `_1_2`, or `_` + the sanitised `nodeName`.
+    pub postfix: String,
+    /// The resolved `nodeName`, when the matrix has one: the instance's display name.
+    pub label: Option<String>,
+    pub iteration: usize,
+    pub iterations: usize,
+    /// Matrix axis values (`<+matrix.AXIS>`), in axis order.
+    pub matrix: Vec<(String, Node)>,
+    /// The `repeat.items` value (`<+repeat.item>`).
+    pub item: Option<Node>,
+}
+
+/// Where the looped item sits: it decides which expressions and variables name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Level {
+    Stage,
+    /// A step or a step group.
+    Step,
+}
+
+impl fmt::Display for LoopKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LoopKind::Matrix => "matrix",
+            LoopKind::Parallelism => "parallelism",
+            LoopKind::Repeat => "repeat",
+        })
+    }
+}
+
+fn problem(pos: Pos, kind: ErrorKind, message: impl Into<String>) -> Problem {
+    Problem {
+        pos,
+        kind,
+        message: message.into(),
+    }
+}
+
+fn entries<'n>(node: &'n Node, what: &str, out: &mut Vec<Problem>) -> Option<&'n [(Node, Node)]> {
+    match &node.value {
+        Value::Map(e) => Some(e),
+        Value::Scalar { text, .. } if text.contains("<+") => {
+            out.push(problem(
+                node.pos,
+                ErrorKind::Unsupported,
+                format!("{what} is `{text}`: sandrun expands looping strategies before the run, so it needs them written out, not as an expression or runtime input"),
+            ));
+            None
+        }
+        _ => {
+            out.push(problem(
+                node.pos,
+                ErrorKind::InvalidValue,
+                format!("{what} must be a mapping, not {}", node.kind_name()),
+            ));
+            None
+        }
+    }
+}
+
+/// A whole number of at least 1, written literally.
+fn count(node: &Node, what: &str, out: &mut Vec<Problem>) -> Option<usize> {
+    let Some(text) = node.as_str() else {
+        out.push(problem(
+            node.pos,
+            ErrorKind::InvalidValue,
+            format!("{what} must be a number, not {}", node.kind_name()),
+        ));
+        return None;
+    };
+    if text.contains("<+") {
+        out.push(problem(
+            node.pos,
+            ErrorKind::Unsupported,
+            format!("{what} is `{text}`: sandrun needs a literal number here"),
+        ));
+        return None;
+    }
+    match text.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Some(n),
+        _ => {
+            out.push(problem(
+                node.pos,
+                ErrorKind::InvalidValue,
+                format!("{what} must be a whole number of at least 1, not `{text}`"),
+            ));
+            None
+        }
+    }
+}
+
+/// Read a `strategy` mapping and expand it into instances.
+pub(crate) fn read(node: &Node) -> Result<Strategy, Vec<Problem>> {
+    let mut out = Vec::new();
+    let Some(fields) = entries(node, "`strategy`", &mut out) else {
+        return Err(out);
+    };
+    let mut kinds = Vec::new();
+    let mut outer_max = None;
+    for (k, v) in fields {
+        match k.as_str().unwrap_or_default() {
+            "matrix" => kinds.push((LoopKind::Matrix, k.pos, v)),
+            "parallelism" => kinds.push((LoopKind::Parallelism, k.pos, v)),
+            "repeat" => kinds.push((LoopKind::Repeat, k.pos, v)),
+            "maxConcurrency" => outer_max = count(v, "`maxConcurrency`", &mut out),
+            "description" => {}
+            key @ ("when" | "onFailure") => out.push(problem(
+                k.pos,
+                ErrorKind::Unsupported,
+                format!("`strategy.{key}` is not supported by sandrun: it runs every instance and stops on failures as the step's own failure strategy says"),
+            )),
+            other => out.push(problem(
+                k.pos,
+                ErrorKind::UnknownField,
+                format!("unknown field `{other}` in `strategy`: expected `matrix`, `parallelism` or `repeat`"),
+            )),
+        }
+    }
+    let strategy = match kinds.as_slice() {
+        [] => {
+            out.push(problem(
+                node.pos,
+                ErrorKind::MissingField,
+                "`strategy` needs one of `matrix`, `parallelism` or `repeat`",
+            ));
+            None
+        }
+        [(kind, _, v)] => match kind {
+            LoopKind::Matrix => matrix(v, &mut out),
+            LoopKind::Parallelism => count(v, "`parallelism`", &mut out)
+                .and_then(|n| bounded(n, v.pos, &mut out))
+                .map(|n| Strategy {
+                    kind: LoopKind::Parallelism,
+                    max_concurrency: None,
+                    instances: indexed(n),
+                }),
+            LoopKind::Repeat => repeat(v, &mut out),
+        },
+        [_, (_, pos, _), ..] => {
+            out.push(problem(
+                *pos,
+                ErrorKind::InvalidValue,
+                "`strategy` holds one of `matrix`, `parallelism` or `repeat`, not several",
+            ));
+            None
+        }
+    };
+    match strategy {
+        Some(mut s) if out.is_empty() => {
+            if s.max_concurrency.is_none() {
+                s.max_concurrency = outer_max;
+            }
+            Ok(s)
+        }
+        _ => Err(out),
+    }
+}
+
+/// `n` instances, if that is not too many.
+fn bounded(n: usize, pos: Pos, out: &mut Vec<Problem>) -> Option<usize> {
+    if n > MAX_INSTANCES {
+        out.push(problem(
+            pos,
+            ErrorKind::Unsupported,
+            format!("this strategy makes {n} instances; sandrun runs at most {MAX_INSTANCES}"),
+        ));
+        return None;
+    }
+    Some(n)
+}
+
+fn indexed(n: usize) -> Vec<Instance> {
+    (0..n)
+        .map(|i| Instance {
+            postfix: format!("_{i}"),
+            label: None,
+            iteration: i,
+            iterations: n,
+            matrix: Vec::new(),
+            item: None,
+        })
+        .collect()
+}
+
+fn repeat(node: &Node, out: &mut Vec<Problem>) -> Option<Strategy> {
+    let fields = entries(node, "`repeat`", out)?;
+    let mut max = None;
+    let mut instances = None;
+    for (k, v) in fields {
+        match k.as_str().unwrap_or_default() {
+            "times" => {
+                instances = count(v, "`repeat.times`", out)
+                    .and_then(|n| bounded(n, v.pos, out))
+                    .map(indexed)
+            }
+            "items" => match &v.value {
+                Value::Seq(items) if !items.is_empty() => {
+                    instances = bounded(items.len(), v.pos, out).map(|n| {
+                        let mut all = indexed(n);
+                        for (inst, item) in all.iter_mut().zip(items) {
+                            inst.item = Some(item.clone());
+                        }
+                        all
+                    });
+                }
+                Value::Seq(_) => out.push(problem(
+                    v.pos,
+                    ErrorKind::InvalidValue,
+                    "`repeat.items` is empty: nothing to run",
+                )),
+                Value::Scalar { text, .. } if text.contains("<+") => out.push(problem(
+                    v.pos,
+                    ErrorKind::Unsupported,
+                    format!("`repeat.items` is `{text}`: sandrun needs the list written out"),
+                )),
+                _ => out.push(problem(
+                    v.pos,
+                    ErrorKind::InvalidValue,
+                    format!("`repeat.items` must be a list, not {}", v.kind_name()),
+                )),
+            },
+            "maxConcurrency" => max = count(v, "`repeat.maxConcurrency`", out),
+            key @ ("start" | "end" | "unit" | "partitionSize") => out.push(problem(
+                k.pos,
+                ErrorKind::Unsupported,
+                format!("`repeat.{key}` partitions a deployment's target hosts; sandrun supports `times` and `items`"),
+            )),
+            other => out.push(problem(
+                k.pos,
+                ErrorKind::UnknownField,
+                format!("unknown field `{other}` in `repeat`: expected `times`, `items` or `maxConcurrency`"),
+            )),
+        }
+    }
+    let has = |key: &str| fields.iter().any(|(k, _)| k.as_str() == Some(key));
+    if has("times") && has("items") {
+        out.push(problem(
+            node.pos,
+            ErrorKind::InvalidValue,
+            "`repeat` takes `times` or `items`, not both",
+        ));
+        return None;
+    }
+    if !has("times") && !has("items") {
+        out.push(problem(
+            node.pos,
+            ErrorKind::MissingField,
+            "`repeat` needs `times` or `items`",
+        ));
+    }
+    Some(Strategy {
+        kind: LoopKind::Repeat,
+        max_concurrency: max,
+        instances: instances?,
+    })
+}
+
+fn matrix(node: &Node, out: &mut Vec<Problem>) -> Option<Strategy> {
+    let fields = entries(node, "`matrix`", out)?;
+    let mut axes: Vec<(String, &[Node])> = Vec::new();
+    let mut max = None;
+    let mut node_name = None;
+    let mut exclude: &[Node] = &[];
+    for (k, v) in fields {
+        let key = k.as_str().unwrap_or_default();
+        match key {
+            "maxConcurrency" => max = count(v, "`matrix.maxConcurrency`", out),
+            "nodeName" => match v.as_str() {
+                Some(text) => node_name = Some((text.to_string(), v.pos)),
+                None => out.push(problem(
+                    v.pos,
+                    ErrorKind::InvalidValue,
+                    format!("`matrix.nodeName` must be a string, not {}", v.kind_name()),
+                )),
+            },
+            "exclude" => match &v.value {
+                Value::Seq(items) => exclude = items,
+                Value::Null => {}
+                _ => out.push(problem(
+                    v.pos,
+                    ErrorKind::InvalidValue,
+                    format!("`matrix.exclude` must be a list, not {}", v.kind_name()),
+                )),
+            },
+            axis => match &v.value {
+                Value::Seq(values) if !values.is_empty() => {
+                    for value in values {
+                        if matches!(value.value, Value::Seq(_)) {
+                            out.push(problem(
+                                value.pos,
+                                ErrorKind::InvalidValue,
+                                format!("values of matrix axis `{axis}` are strings, numbers or mappings, not lists"),
+                            ));
+                        }
+                    }
+                    axes.push((axis.to_string(), values));
+                }
+                Value::Seq(_) => out.push(problem(
+                    v.pos,
+                    ErrorKind::InvalidValue,
+                    format!("matrix axis `{axis}` is empty: the matrix would have no instances"),
+                )),
+                Value::Scalar { text, .. } if text.contains("<+") => out.push(problem(
+                    v.pos,
+                    ErrorKind::Unsupported,
+                    format!("matrix axis `{axis}` is `{text}`: sandrun needs the values written out as a list"),
+                )),
+                _ => out.push(problem(
+                    v.pos,
+                    ErrorKind::InvalidValue,
+                    format!("matrix axis `{axis}` must be a list of values, not {}", v.kind_name()),
+                )),
+            },
+        }
+    }
+    if axes.is_empty() {
+        out.push(problem(
+            node.pos,
+            ErrorKind::MissingField,
+            "`matrix` has no axis (a key with a list of values)",
+        ));
+        return None;
+    }
+    let mut excludes: Vec<Vec<(String, String)>> = Vec::new();
+    for e in exclude {
+        let Some(pairs) = entries(e, "an item of `matrix.exclude`", out) else {
+            continue;
+        };
+        let mut rule = Vec::new();
+        for (k, v) in pairs {
+            let axis = k.as_str().unwrap_or_default();
+            if !axes.iter().any(|(a, _)| a == axis) {
+                let known: Vec<&str> = axes.iter().map(|(a, _)| a.as_str()).collect();
+                out.push(problem(
+                    k.pos,
+                    ErrorKind::InvalidValue,
+                    format!(
+                        "`matrix.exclude` names axis `{axis}`, which the matrix does not have (axes: {})",
+                        known.join(", ")
+                    ),
+                ));
+            }
+            rule.push((axis.to_string(), canonical(v)));
+        }
+        excludes.push(rule);
+    }
+    // Every combination, the first axis varying slowest (Harness's order).
+    let mut combos: Vec<Vec<usize>> = vec![Vec::new()];
+    for (_, values) in &axes {
+        combos = combos
+            .into_iter()
+            .flat_map(|c| {
+                (0..values.len()).map(move |i| {
+                    let mut c = c.clone();
+                    c.push(i);
+                    c
+                })
+            })
+            .collect();
+        if combos.len() > MAX_INSTANCES * 16 {
+            out.push(problem(
+                node.pos,
+                ErrorKind::Unsupported,
+                format!("this matrix makes more than {MAX_INSTANCES} instances; sandrun runs at most {MAX_INSTANCES}"),
+            ));
+            return None;
+        }
+    }
+    combos.retain(|c| {
+        !excludes.iter().any(|rule| {
+            rule.iter().all(|(axis, value)| {
+                axes.iter()
+                    .zip(c)
+                    .any(|((a, values), &i)| a == axis && canonical(&values[i]) == *value)
+            })
+        })
+    });
+    if combos.is_empty() {
+        out.push(problem(
+            node.pos,
+            ErrorKind::InvalidValue,
+            "`matrix.exclude` removes every combination: nothing would run",
+        ));
+        return None;
+    }
+    let n = bounded(combos.len(), node.pos, out)?;
+    let instances = combos
+        .into_iter()
+        .enumerate()
+        .map(|(iteration, c)| {
+            let matrix: Vec<(String, Node)> = axes
+                .iter()
+                .zip(&c)
+                .map(|((a, values), &i)| (a.clone(), values[i].clone()))
+                .collect();
+            let mut inst = Instance {
+                postfix: c.iter().map(|i| format!("_{i}")).collect(),
+                label: None,
+                iteration,
+                iterations: n,
+                matrix,
+                item: None,
+            };
+            if let Some((name, _)) = &node_name {
+                let label = substitute_text(name, &Subst::full(&inst, Level::Step))
+                    .unwrap_or_else(|| name.clone());
+                inst.postfix = format!("_{}", sanitize(&label));
+                inst.label = Some(label);
+            }
+            inst
+        })
+        .collect();
+    Some(Strategy {
+        kind: LoopKind::Matrix,
+        max_concurrency: max,
+        instances,
+    })
+}
+
+/// A `nodeName` as an identifier postfix: characters identifiers cannot hold become `_`.
+fn sanitize(label: &str) -> String {
+    label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// A value as comparable text: scalars as written, mappings and lists as JSON.
+fn canonical(node: &Node) -> String {
+    match &node.value {
+        Value::Scalar { text, .. } => text.clone(),
+        Value::Null => String::new(),
+        _ => super::parse::to_json(node).to_string(),
+    }
+}
+
+/// What an instance substitutes, at one depth of the tree.
+struct Subst<'a> {
+    inst: &'a Instance,
+    level: Level,
+    /// False inside a nested item with its own strategy: its `<+strategy.*>` are its own.
+    own: bool,
+    /// What nested strategies define themselves, hidden from this instance.
+    hidden: Hidden,
+}
+
+/// The names a nested strategy defines: its matrix axes, and `<+repeat.item>`.
+#[derive(Clone, Default)]
+struct Hidden {
+    axes: Vec<String>,
+    item: bool,
+}
+
+impl<'a> Subst<'a> {
+    fn full(inst: &'a Instance, level: Level) -> Self {
+        Subst {
+            inst,
+            level,
+            own: true,
+            hidden: Hidden::default(),
+        }
+    }
+
+    /// The value of the expression body `inner` (without `<+` and `>`), if this
+    /// instance defines it.
+    fn value(&self, inner: &str) -> Option<Node> {
+        let inst = self.inst;
+        let scalar = |text: String| Node {
+            pos: Pos::default(),
+            value: Value::Scalar { text, plain: false },
+        };
+        let (stage_prefixed, path) = match inner.strip_prefix("stage.matrix.") {
+            Some(rest) => (true, rest),
+            None => match inner
+                .strip_prefix("strategy.matrix.")
+                .or_else(|| inner.strip_prefix("matrix."))
+            {
+                Some(rest) => (false, rest),
+                None => {
+                    let own = self.own;
+                    return match inner {
+                        "strategy.iteration" if own => Some(scalar(inst.iteration.to_string())),
+                        "strategy.iterations" if own => Some(scalar(inst.iterations.to_string())),
+                        "strategy.identifierPostFix" if own => Some(scalar(inst.postfix.clone())),
+                        "repeat.item" | "strategy.repeat.item" if !self.hidden.item => {
+                            inst.item.clone()
+                        }
+                        "step.identifierPostFix" if own && self.level == Level::Step => {
+                            Some(scalar(inst.postfix.clone()))
+                        }
+                        "stage.identifierPostFix" if self.level == Level::Stage => {
+                            Some(scalar(inst.postfix.clone()))
+                        }
+                        "stage.iteration" if self.level == Level::Stage => {
+                            Some(scalar(inst.iteration.to_string()))
+                        }
+                        "stage.iterations" if self.level == Level::Stage => {
+                            Some(scalar(inst.iterations.to_string()))
+                        }
+                        "step.iteration" if own && self.level == Level::Step => {
+                            Some(scalar(inst.iteration.to_string()))
+                        }
+                        "step.iterations" if own && self.level == Level::Step => {
+                            Some(scalar(inst.iterations.to_string()))
+                        }
+                        _ => None,
+                    };
+                }
+            },
+        };
+        if stage_prefixed && self.level != Level::Stage {
+            return None;
+        }
+        let mut parts = path.split('.');
+        let axis = parts.next()?;
+        if !stage_prefixed && self.hidden.axes.iter().any(|h| h == axis) {
+            return None;
+        }
+        let mut node = inst.matrix.iter().find(|(a, _)| a == axis)?.1.clone();
+        for key in parts {
+            node = node.get(key)?.clone();
+        }
+        Some(node)
+    }
+}
+
+/// `text` with every expression this instance defines written in; `None` when
+/// nothing changed.
+fn substitute_text(text: &str, subst: &Subst<'_>) -> Option<String> {
+    if !text.contains("<+") {
+        return None;
+    }
+    let mut out = String::new();
+    let mut rest = text;
+    let mut changed = false;
+    while let Some(start) = rest.find("<+") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('>') else { break };
+        let inner = after[..end].trim();
+        match subst.value(inner) {
+            Some(v) => {
+                out.push_str(&rest[..start]);
+                out.push_str(&canonical(&v));
+                changed = true;
+            }
+            None => out.push_str(&rest[..start + 2 + end + 1]),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    changed.then_some(out)
+}
+
+fn substitute(node: &mut Node, subst: &Subst<'_>) {
+    match &mut node.value {
+        Value::Scalar { text, .. } => {
+            let trimmed = text.trim();
+            // A whole value that is one reference to a mapping or list becomes it.
+            if let Some(inner) = trimmed
+                .strip_prefix("<+")
+                .and_then(|t| t.strip_suffix('>'))
+                .filter(|t| !t.contains(['<', '>']))
+            {
+                if let Some(v) = subst.value(inner.trim()) {
+                    if matches!(v.value, Value::Map(_) | Value::Seq(_)) {
+                        node.value = v.value;
+                        return;
+                    }
+                }
+            }
+            if let Some(new) = substitute_text(text, subst) {
+                *text = new;
+            }
+        }
+        Value::Seq(items) => items.iter_mut().for_each(|i| substitute(i, subst)),
+        Value::Map(entries) => {
+            let nested = entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some("strategy"))
+                .map(|(_, v)| nested_names(v));
+            match nested {
+                Some(names) => {
+                    let mut hidden = subst.hidden.clone();
+                    hidden.axes.extend(names.axes);
+                    hidden.item |= names.item;
+                    let inner = Subst {
+                        inst: subst.inst,
+                        level: subst.level,
+                        own: false,
+                        hidden,
+                    };
+                    for (_, v) in entries.iter_mut() {
+                        substitute(v, &inner);
+                    }
+                }
+                None => entries.iter_mut().for_each(|(_, v)| substitute(v, subst)),
+            }
+        }
+        Value::Null => {}
+    }
+}
+
+/// What a nested `strategy` defines itself.
+fn nested_names(strategy: &Node) -> Hidden {
+    let axes = strategy
+        .get("matrix")
+        .and_then(Node::entries)
+        .map(|e| {
+            e.iter()
+                .filter_map(|(k, _)| k.as_str())
+                .filter(|k| !matches!(*k, "exclude" | "maxConcurrency" | "nodeName"))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let item = strategy
+        .get("repeat")
+        .is_some_and(|r| r.get("items").is_some());
+    Hidden { axes, item }
+}
+
+/// `item` without its `strategy`: what is checked of an item whose strategy is wrong.
+pub(crate) fn without_strategy(item: &Node) -> Node {
+    let mut node = item.clone();
+    if let Value::Map(entries) = &mut node.value {
+        entries.retain(|(k, _)| k.as_str() != Some("strategy"));
+    }
+    node
+}
+
+/// The instance `inst` of `item` (the mapping under `step:`, `stepGroup:` or `stage:`):
+/// without its `strategy`, with its postfixed identifier and name, expressions written
+/// in and the loop variables in the environment of each of its steps.
+pub(crate) fn instantiate(item: &Node, inst: &Instance, level: Level) -> Node {
+    let mut node = without_strategy(item);
+    let strategy_pos = item.get("strategy").map_or(item.pos, |s| s.pos);
+    substitute(&mut node, &Subst::full(inst, level));
+    if let Value::Map(entries) = &mut node.value {
+        let base = entries
+            .iter()
+            .find(|(k, _)| k.as_str() == Some("identifier"))
+            .and_then(|(_, v)| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        for (k, v) in entries.iter_mut() {
+            let Value::Scalar { text, .. } = &mut v.value else {
+                continue;
+            };
+            match k.as_str() {
+                Some("identifier") => text.push_str(&inst.postfix),
+                Some("name") => match &inst.label {
+                    Some(label) => *text = label.clone(),
+                    None => text.push_str(&inst.postfix),
+                },
+                _ => {}
+            }
+        }
+        if !entries.iter().any(|(k, _)| k.as_str() == Some("name")) {
+            let name = inst
+                .label
+                .clone()
+                .unwrap_or_else(|| format!("{base}{}", inst.postfix));
+            entries.push((
+                scalar_at(strategy_pos, "name"),
+                scalar_at(strategy_pos, &name),
+            ));
+        }
+    }
+    let (index, total) = match level {
+        Level::Stage => ("HARNESS_STAGE_INDEX", "HARNESS_STAGE_TOTAL"),
+        Level::Step => ("HARNESS_STEP_INDEX", "HARNESS_STEP_TOTAL"),
+    };
+    let vars = [
+        (index, inst.iteration.to_string()),
+        (total, inst.iterations.to_string()),
+        ("HARNESS_NODE_INDEX", inst.iteration.to_string()),
+        ("HARNESS_NODE_TOTAL", inst.iterations.to_string()),
+    ];
+    match level {
+        Level::Stage => inject_below(&mut node, &vars, strategy_pos, false, true),
+        Level::Step => {
+            // The item itself is a step when it has a `spec` and no `steps`.
+            if node.get("steps").is_none() {
+                inject(&mut node, &vars, strategy_pos);
+            } else {
+                inject_below(&mut node, &vars, strategy_pos, false, false);
+            }
+        }
+    }
+    node
+}
+
+fn scalar_at(pos: Pos, text: &str) -> Node {
+    Node {
+        pos,
+        value: Value::Scalar {
+            text: text.to_string(),
+            plain: false,
+        },
+    }
+}
+
+/// Give every step below `node` the loop variables (`vars`, the stage's first when
+/// `stage`). Below a nested strategy (`nested`) only a stage's own variables are given:
+/// the nested loop sets the others when it is expanded.
+fn inject_below(node: &mut Node, vars: &[(&str, String)], pos: Pos, nested: bool, stage: bool) {
+    let Value::Map(entries) = &mut node.value else {
+        if let Value::Seq(items) = &mut node.value {
+            for i in items {
+                inject_below(i, vars, pos, nested, stage);
+            }
+        }
+        return;
+    };
+    for (k, v) in entries.iter_mut() {
+        let below_nested = nested || v.get("strategy").is_some();
+        if k.as_str() == Some("step") && matches!(v.value, Value::Map(_)) {
+            if !below_nested {
+                inject(v, vars, pos);
+            } else if stage {
+                inject(v, &vars[..2], pos);
+            }
+        } else {
+            if below_nested && !stage {
+                continue;
+            }
+            inject_below(v, vars, pos, below_nested, stage);
+        }
+    }
+}
+
+/// Add `vars` to the `spec.envVariables` of the step mapping `step`, keeping any the
+/// step sets itself.
+fn inject(step: &mut Node, vars: &[(&str, String)], pos: Pos) {
+    let Value::Map(fields) = &mut step.value else {
+        return;
+    };
+    let Some((_, spec)) = fields.iter_mut().find(|(k, _)| k.as_str() == Some("spec")) else {
+        return;
+    };
+    let Value::Map(spec_fields) = &mut spec.value else {
+        return;
+    };
+    let env = match spec_fields
+        .iter()
+        .position(|(k, _)| k.as_str() == Some("envVariables"))
+    {
+        Some(i) => &mut spec_fields[i].1,
+        None => {
+            spec_fields.push((
+                scalar_at(pos, "envVariables"),
+                Node {
+                    pos,
+                    value: Value::Map(Vec::new()),
+                },
+            ));
+            &mut spec_fields.last_mut().expect("just pushed").1
+        }
+    };
+    if env.is_null() {
+        env.value = Value::Map(Vec::new());
+    }
+    let Value::Map(env_entries) = &mut env.value else {
+        return;
+    };
+    for (name, value) in vars {
+        if !env_entries.iter().any(|(k, _)| k.as_str() == Some(name)) {
+            env_entries.push((scalar_at(pos, name), scalar_at(pos, value)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::yaml;
+
+    fn strategy(text: &str) -> Result<Strategy, Vec<Problem>> {
+        let root = yaml::parse(text).unwrap();
+        read(root.get("strategy").unwrap())
+    }
+
+    fn postfixes(s: &Strategy) -> Vec<&str> {
+        s.instances.iter().map(|i| i.postfix.as_str()).collect()
+    }
+
+    #[test]
+    fn matrix_combinations_first_axis_slowest_with_exclude() {
+        let s = strategy(
+            "strategy:\n  matrix:\n    os: [linux, mac]\n    v: [1, 2, 3]\n    exclude:\n      - os: mac\n        v: 2\n      - v: 3\n    maxConcurrency: 2\n",
+        )
+        .unwrap();
+        assert_eq!(s.kind, LoopKind::Matrix);
+        assert_eq!(s.max_concurrency, Some(2));
+        assert_eq!(postfixes(&s), ["_0_0", "_0_1", "_1_0"]);
+        let values: Vec<String> = s
+            .instances
+            .iter()
+            .map(|i| {
+                i.matrix
+                    .iter()
+                    .map(|(a, v)| format!("{a}={}", v.as_str().unwrap()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        assert_eq!(values, ["os=linux,v=1", "os=linux,v=2", "os=mac,v=1"]);
+        assert!(s.instances.iter().all(|i| i.iterations == 3));
+    }
+
+    #[test]
+    fn node_name_gives_label_and_postfix() {
+        let s = strategy(
+            "strategy:\n  matrix:\n    py: [\"3.11\", \"3.12\"]\n    nodeName: py-<+matrix.py>\n",
+        )
+        .unwrap();
+        assert_eq!(postfixes(&s), ["_py_3_11", "_py_3_12"]);
+        assert_eq!(s.instances[1].label.as_deref(), Some("py-3.12"));
+    }
+
+    #[test]
+    fn parallelism_and_repeat() {
+        let s = strategy("strategy:\n  parallelism: 3\n  maxConcurrency: 1\n").unwrap();
+        assert_eq!(s.kind, LoopKind::Parallelism);
+        assert_eq!(postfixes(&s), ["_0", "_1", "_2"]);
+        assert_eq!(s.max_concurrency, Some(1));
+        let s =
+            strategy("strategy:\n  repeat:\n    items: [a, b]\n    maxConcurrency: 1\n").unwrap();
+        assert_eq!(s.instances[1].item.as_ref().unwrap().as_str(), Some("b"));
+        assert_eq!(s.max_concurrency, Some(1));
+        let s = strategy("strategy:\n  repeat:\n    times: 2\n").unwrap();
+        assert_eq!(postfixes(&s), ["_0", "_1"]);
+    }
+
+    #[test]
+    fn bad_strategies_are_reported_where_they_are() {
+        let e = strategy("strategy:\n  matrix:\n    os: []\n").unwrap_err();
+        assert_eq!(e[0].pos.line, 3);
+        let e = strategy("strategy:\n  matrix:\n    os: [a]\n    exclude:\n      - arch: x\n")
+            .unwrap_err();
+        assert!(e[0].message.contains("axis `arch`"), "{:?}", e);
+        let e = strategy("strategy:\n  parallelism: <+input>\n").unwrap_err();
+        assert_eq!(e[0].kind, ErrorKind::Unsupported);
+        let e = strategy("strategy:\n  parallelism: 0\n").unwrap_err();
+        assert!(e[0].message.contains("at least 1"));
+        let e = strategy("strategy:\n  parallelism: 2\n  repeat:\n    times: 2\n").unwrap_err();
+        assert!(e[0].message.contains("not several"));
+        let e = strategy("strategy:\n  parallelism: 300\n").unwrap_err();
+        assert!(e[0].message.contains("at most"));
+        // Refused before anything is made for them.
+        let e = strategy("strategy:\n  repeat:\n    times: 4000000000\n").unwrap_err();
+        assert!(e[0].message.contains("at most 256"), "{e:?}");
+        let e = strategy("strategy:\n  matrix:\n    a: [1,2,3,4,5,6,7,8]\n    b: [1,2,3,4,5,6,7,8]\n    c: [1,2,3,4,5,6,7,8]\n    d: [1,2,3,4,5,6,7,8]\n    e: [1,2,3,4,5,6,7,8]\n").unwrap_err();
+        assert!(e[0].message.contains("more than 256"), "{e:?}");
+    }
+
+    #[test]
+    fn instances_carry_their_values_ids_and_env() {
+        let root = yaml::parse(
+            "step:\n  identifier: test\n  name: Test\n  type: Run\n  strategy:\n    matrix:\n      cfg:\n        - {os: linux, arch: x64}\n      tool: [go]\n  spec:\n    command: echo <+matrix.cfg.os> <+matrix.tool> <+strategy.iteration>/<+strategy.iterations> <+strategy.identifierPostFix> <+input> <+matrix.cfg>\n    envVariables:\n      HARNESS_NODE_INDEX: mine\n",
+        )
+        .unwrap();
+        let step = root.get("step").unwrap();
+        let s = read(step.get("strategy").unwrap()).unwrap();
+        let inst = instantiate(step, &s.instances[0], Level::Step);
+        assert!(inst.get("strategy").is_none());
+        assert_eq!(inst.get("identifier").unwrap().as_str(), Some("test_0_0"));
+        assert_eq!(inst.get("name").unwrap().as_str(), Some("Test_0_0"));
+        let spec = inst.get("spec").unwrap();
+        let command = spec.get("command").unwrap().as_str().unwrap();
+        assert!(
+            command.starts_with("echo linux go 0/1 _0_0 <+input> {"),
+            "{command}"
+        );
+        assert!(command.contains(r#""os":"linux""#), "{command}");
+        let env = spec.get("envVariables").unwrap();
+        assert_eq!(
+            env.get("HARNESS_NODE_INDEX").unwrap().as_str(),
+            Some("mine")
+        );
+        assert_eq!(env.get("HARNESS_NODE_TOTAL").unwrap().as_str(), Some("1"));
+        assert_eq!(env.get("HARNESS_STEP_INDEX").unwrap().as_str(), Some("0"));
+    }
+
+    fn parse(text: &str) -> Result<crate::pipeline::PipelineFile, crate::pipeline::PipelineErrors> {
+        crate::pipeline::parse_str(std::path::Path::new("p.yaml"), text)
+    }
+
+    const STAGE_HEAD: &str =
+        "stage:\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n";
+
+    #[test]
+    fn a_looped_step_parses_into_a_loop_of_real_steps() {
+        let file = parse(&format!(
+            "{STAGE_HEAD}        - step:\n            identifier: t\n            type: Run\n            strategy:\n              repeat:\n                items: [a, b]\n                maxConcurrency: 1\n            spec:\n              command: echo <+repeat.item>\n"
+        ))
+        .unwrap();
+        let steps = &file.stages[0].spec.as_ref().unwrap().steps;
+        let crate::pipeline::StepItem::Loop(l) = &steps[0] else {
+            panic!("{steps:?}")
+        };
+        assert_eq!(
+            (l.identifier.as_str(), l.kind, l.max_concurrency),
+            ("t", LoopKind::Repeat, Some(1))
+        );
+        assert_eq!(l.loc.line, 7);
+        let ids: Vec<String> = l
+            .instances
+            .iter()
+            .map(|i| match i {
+                crate::pipeline::StepItem::Step(s) => match &s.kind {
+                    crate::pipeline::StepKind::Run(r) => format!("{}:{}", s.identifier, r.command),
+                    other => panic!("{other:?}"),
+                },
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, ["t_0:echo a", "t_1:echo b"]);
+    }
+
+    #[test]
+    fn errors_shared_by_instances_are_reported_once_and_their_own_each() {
+        let errors = parse(&format!(
+            "{STAGE_HEAD}        - step:\n            identifier: t\n            type: Run\n            strategy:\n              matrix:\n                sh: [Sh, Zsh, Ksh]\n            spec:\n              comand: x\n              command: x\n              shell: <+matrix.sh>\n"
+        ))
+        .unwrap_err();
+        let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages
+                .iter()
+                .filter(|m| m.contains("unknown field `comand`"))
+                .count(),
+            1,
+            "{messages:#?}"
+        );
+        assert_eq!(
+            messages
+                .iter()
+                .filter(|m| m.contains("invalid `shell`"))
+                .count(),
+            2,
+            "{messages:#?}"
+        );
+        assert!(
+            messages.iter().all(|m| m.starts_with("p.yaml:")),
+            "{messages:#?}"
+        );
+    }
+
+    #[test]
+    fn steps_of_a_looped_group_read_outputs_of_their_own_instance() {
+        let text = format!(
+            "{STAGE_HEAD}        - stepGroup:\n            identifier: g\n            strategy:\n              repeat:\n                items: [x, y]\n            steps:\n              - step:\n                  identifier: a\n                  type: Run\n                  spec:\n                    command: V=<+repeat.item>\n                    outputVariables:\n                      - name: V\n              - step:\n                  identifier: b\n                  type: Run\n                  spec:\n                    command: echo <+steps.a.output.outputVariables.V>\n"
+        );
+        parse(&text).unwrap();
+    }
+
+    #[test]
+    fn a_looped_stage_becomes_stages_that_know_their_loop() {
+        let file = parse(
+            "pipeline:\n  identifier: p\n  stages:\n    - stage:\n        identifier: b\n        type: CI\n        strategy:\n          parallelism: 2\n        spec:\n          execution:\n            steps:\n              - step:\n                  identifier: s\n                  type: Run\n                  spec:\n                    command: echo $HARNESS_STAGE_INDEX\n",
+        )
+        .unwrap();
+        let ids: Vec<&str> = file.stages.iter().map(|s| s.identifier.as_str()).collect();
+        assert_eq!(ids, ["b_0", "b_1"]);
+        let i = file.stages[1].instance.as_ref().unwrap();
+        assert_eq!((i.of.as_str(), i.index, i.count), ("b", 1, 2));
+    }
+
+    #[test]
+    fn nested_strategies_keep_their_own_expressions() {
+        let root = yaml::parse(
+            "stage:\n  identifier: s\n  strategy:\n    repeat:\n      items: [outer]\n  spec:\n    execution:\n      steps:\n        - step:\n            identifier: a\n            strategy:\n              parallelism: 2\n            spec:\n              command: <+repeat.item> <+stage.matrix.x> <+strategy.iteration> <+stage.iteration>\n        - step:\n            identifier: b\n            spec:\n              command: <+repeat.item> <+strategy.iteration>\n",
+        )
+        .unwrap();
+        let stage = root.get("stage").unwrap();
+        let s = read(stage.get("strategy").unwrap()).unwrap();
+        let inst = instantiate(stage, &s.instances[0], Level::Stage);
+        let steps = inst
+            .get("spec")
+            .unwrap()
+            .get("execution")
+            .unwrap()
+            .get("steps")
+            .unwrap();
+        let Value::Seq(items) = &steps.value else {
+            panic!()
+        };
+        let a = items[0].get("step").unwrap();
+        let b = items[1].get("step").unwrap();
+        assert_eq!(
+            a.get("spec").unwrap().get("command").unwrap().as_str(),
+            Some("outer <+stage.matrix.x> <+strategy.iteration> 0")
+        );
+        assert_eq!(
+            b.get("spec").unwrap().get("command").unwrap().as_str(),
+            Some("outer 0")
+        );
+        let a_env = a.get("spec").unwrap().get("envVariables").unwrap();
+        assert_eq!(
+            a_env.get("HARNESS_STAGE_INDEX").unwrap().as_str(),
+            Some("0")
+        );
+        assert!(a_env.get("HARNESS_NODE_INDEX").is_none());
+        let b_env = b.get("spec").unwrap().get("envVariables").unwrap();
+        assert_eq!(b_env.get("HARNESS_NODE_TOTAL").unwrap().as_str(), Some("1"));
+    }
+}
