@@ -380,6 +380,7 @@ fn export(
         secret: crate::export::secret_markers(&text).into_iter().collect(),
         secrets_file: None,
         network: Vec::new(),
+        templates: k.templates.clone(),
     };
     let (_, mut plan) = load_and_plan(&input, true)?;
     let pull = global.registry.pull_options()?;

@@ -49,6 +49,10 @@ pub struct KubernetesArgs {
     /// Answer a runtime input (`<+input>`): a variable's name, or STEP.FIELD.
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = crate::cli::parse_pair)]
     pub set: Vec<(String, String)>,
+    /// Another directory of Harness template files (repeatable), besides those beside the
+    /// pipeline and under `.harness/`.
+    #[arg(long = "templates", value_name = "DIR")]
+    pub templates: Vec<PathBuf>,
     /// Pull images of steps with this `connectorRef` with this image pull Secret
     /// (repeatable; wins over `kubernetes.pull_secrets` in sandrun's config file).
     #[arg(long = "pull-secret", value_name = "CONNECTOR=SECRET", value_parser = crate::cli::parse_pair)]

@@ -21,7 +21,7 @@ use super::sequence::{self, StepScript};
 use super::{ExportError, Refusal};
 use crate::pipeline::{PullPolicy, StageStatus};
 use crate::plan::{
-    CondPlan, GroupPlan, Node, Plan, ProcessTemplate, StagePlan, StepPlan, StepType, Template,
+    CondPlan, GroupPlan, LoopPlan, Node, Plan, ProcessTemplate, StagePlan, StepPlan, StepType, Template,
     TemplatePart,
 };
 use crate::run::executor::output_trailer;
@@ -250,6 +250,35 @@ fn place<'a>(
                             ends.push(k);
                         }
                     }
+                }
+                prev = ends;
+            }
+            Node::Loop(LoopPlan {
+                max_concurrency,
+                nodes,
+                ..
+            }) => {
+                // Instances start together, as a parallel block; with `maxConcurrency: m`
+                // instance i also waits for instance i-m, so at most m run at once.
+                let window = max_concurrency.unwrap_or(nodes.len()).max(1);
+                let mut instance_ends: Vec<Vec<String>> = Vec::new();
+                let mut ends = Vec::new();
+                for (i, instance) in nodes.iter().enumerate() {
+                    let mut after = prev.clone();
+                    if i >= window {
+                        for k in &instance_ends[i - window] {
+                            if !after.contains(k) {
+                                after.push(k.clone());
+                            }
+                        }
+                    }
+                    let end = place(std::slice::from_ref(instance), after, guards, out);
+                    for k in &end {
+                        if !ends.contains(k) {
+                            ends.push(k.clone());
+                        }
+                    }
+                    instance_ends.push(end);
                 }
                 prev = ends;
             }
