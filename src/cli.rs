@@ -555,6 +555,7 @@ async fn run_plan(
         mut prebuilt,
     } = parts;
     let mut overall = StageResult::Succeeded;
+    let outputs = std::sync::Mutex::new(crate::plan::PipelineOutputs::new());
     for stage in &plan.stages {
         if let Some(reason) = &stage.skipped {
             sink.emit(RunEvent::StageSkipped {
@@ -623,6 +624,7 @@ async fn run_plan(
             options,
             events: sink.clone(),
             cancel: cancel.clone(),
+            pipeline_outputs: &outputs,
         };
         overall = run_stage(&ctx).await;
         if let Some((network, proxy)) = network {

@@ -61,11 +61,11 @@ pub fn parse_str(path: &Path, text: &str) -> Result<PipelineFile, PipelineErrors
             return Err(errors);
         }
     };
-    let mut parser = parse::Parser::new(path, &mut errors);
-    let file = parser.file(&root);
-    let refs = std::mem::take(&mut parser.output_refs);
-    if let Some(file) = &file {
-        validate::validate(file, &refs, &mut errors);
+    let mut parser = parse::Parser::new(path, &mut errors).with_source(text);
+    let mut file = parser.file(&root);
+    let sites = std::mem::take(&mut parser.expr_sites);
+    if let Some(file) = &mut file {
+        file.server_inputs = validate::validate(file, &sites, &mut errors);
     }
     errors.sort();
     match file {

@@ -21,6 +21,18 @@ impl fmt::Display for Location {
     }
 }
 
+/// A `timeout` field: a duration as written, or an expression the plan resolves
+/// (`timeout: <+pipeline.variables.build_timeout>`) and then reads as a duration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    Fixed(Duration),
+    Expr {
+        text: String,
+        /// Where the value is written.
+        loc: Location,
+    },
+}
+
 /// A parsed file: either a whole `pipeline:` or a single `stage:`.
 #[derive(Clone, Debug)]
 pub struct PipelineFile {
@@ -28,6 +40,19 @@ pub struct PipelineFile {
     /// `None` when the file holds a single `stage:`.
     pub pipeline: Option<PipelineInfo>,
     pub stages: Vec<Stage>,
+    /// Every expression only Harness's server can answer, where it is read.
+    pub server_inputs: Vec<ServerInput>,
+}
+
+/// A value only Harness's server knows (`<+trigger.branch>`, `<+variable.org.x>`...),
+/// read by an expression: the user gives it with `--set KEY=VALUE` or a values file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerInput {
+    /// The expression's path, the key of its answer (`trigger.branch`).
+    pub key: String,
+    /// Identifier of the stage the expression is in (`None` at pipeline level).
+    pub stage: Option<String>,
+    pub loc: Location,
 }
 
 #[derive(Clone, Debug)]
@@ -36,7 +61,7 @@ pub struct PipelineInfo {
     pub name: String,
     pub variables: Vec<Variable>,
     /// Pipeline-level `timeout`.
-    pub timeout: Option<Duration>,
+    pub timeout: Option<Timeout>,
     pub loc: Location,
 }
 
@@ -49,7 +74,7 @@ pub struct Stage {
     pub variables: Vec<Variable>,
     /// `None` for stages that are not `CI` (they are reported as skipped).
     pub spec: Option<CiStageSpec>,
-    pub timeout: Option<Duration>,
+    pub timeout: Option<Timeout>,
     /// Stage `when`: `stage_status` holds the stage's `pipelineStatus`.
     pub when: Option<When>,
     /// Apply to steps (and groups) that have none of their own.
@@ -140,7 +165,7 @@ pub struct Step {
     pub identifier: String,
     pub name: String,
     pub description: Option<String>,
-    pub timeout: Option<Duration>,
+    pub timeout: Option<Timeout>,
     pub when: Option<When>,
     pub failure_strategies: Vec<FailureStrategy>,
     pub kind: StepKind,

@@ -19,24 +19,33 @@ use super::model::*;
 use super::values;
 use super::yaml::{Node, Pos, Value};
 
-/// A reference from a step to another step's output, kept for validation.
+/// An expression and where it was written, kept for validation (which needs the
+/// whole file: variables declared later, steps of other stages).
 #[derive(Clone, Debug)]
-pub(crate) struct OutputRef {
-    /// Location of the referencing step.
-    pub from_step: Location,
-    /// Location of the value holding the expression.
+pub(crate) struct ExprSite {
+    /// Location of the step the expression is in (`None` outside steps).
+    pub from_step: Option<Location>,
+    /// Location of the expression itself (its `<+`).
     pub at: Location,
-    pub group_path: Vec<String>,
-    pub step: String,
-    pub variable: String,
+    /// Identifier of the stage the expression is in (`None` at pipeline level).
+    pub stage: Option<String>,
+    /// The step groups enclosing the expression, outermost first.
+    pub groups: Vec<String>,
+    pub expr: expr::Expr,
 }
 
 pub(crate) struct Parser<'e> {
     file: PathBuf,
     pub errors: &'e mut PipelineErrors,
-    pub output_refs: Vec<OutputRef>,
-    /// The step whose fields are being read (for `OutputRef::from_step`).
+    pub expr_sites: Vec<ExprSite>,
+    /// The source text, to place expressions inside multi-line scalars.
+    source: String,
+    /// The step whose fields are being read (for `ExprSite::from_step`).
     current_step: Option<Location>,
+    /// The stage being read.
+    current_stage: Option<String>,
+    /// The step groups being read, outermost first.
+    current_groups: Vec<String>,
     /// Infrastructure of the stage being read.
     current_infra: Infrastructure,
     /// Host ports bound so far in the stage being read.
@@ -209,13 +218,23 @@ impl<'e> Parser<'e> {
         Parser {
             file: file.to_path_buf(),
             errors,
-            output_refs: Vec::new(),
+            expr_sites: Vec::new(),
+            source: String::new(),
             current_step: None,
+            current_stage: None,
+            current_groups: Vec::new(),
             current_infra: Infrastructure::Cloud,
             host_ports: HashSet::new(),
             stage_infra: Vec::new(),
             typo_targets: Vec::new(),
         }
+    }
+
+    /// The text the nodes come from, so that errors inside multi-line strings point
+    /// at their own line.
+    pub fn with_source(mut self, text: &str) -> Self {
+        self.source = text.to_string();
+        self
     }
 
     pub fn loc(&self, pos: Pos) -> Location {
@@ -349,36 +368,43 @@ impl<'e> Parser<'e> {
         Some(s)
     }
 
-    /// Check the expressions in a string value located at `pos`.
+    /// Check the expressions in a string value located at `pos`: every bad one is
+    /// reported at its own line and column, the good ones kept for validation.
     fn check_template(&mut self, pos: Pos, text: &str) {
         if !expr::has_expressions(text) {
             return;
         }
         match expr::expressions(text) {
-            Err(e) => self.error(pos, ErrorKind::Expression, e.message),
+            Err(errors) => {
+                for e in errors {
+                    let at = self.expr_pos(pos, text, e.offset);
+                    self.error(at, ErrorKind::Expression, e.message);
+                }
+            }
             Ok(exprs) => {
+                let mut offsets = text.match_indices("<+").map(|(i, _)| i);
                 for e in exprs {
-                    if let (
-                        Some(step_loc),
-                        expr::Expr::StepOutput {
-                            group_path,
-                            step,
-                            variable,
-                        },
-                    ) = (&self.current_step, &e)
-                    {
-                        let r = OutputRef {
-                            from_step: step_loc.clone(),
-                            at: self.loc(pos),
-                            group_path: group_path.clone(),
-                            step: step.clone(),
-                            variable: variable.clone(),
-                        };
-                        self.output_refs.push(r);
-                    }
+                    let offset = offsets.next().unwrap_or(0);
+                    self.record(pos, text, offset, e);
                 }
             }
         }
+    }
+
+    /// The position of the expression at byte `offset` of the scalar at `pos`.
+    fn expr_pos(&self, pos: Pos, text: &str, offset: usize) -> Pos {
+        super::yaml::expression_pos(&self.source, pos, text, offset)
+    }
+
+    fn record(&mut self, pos: Pos, text: &str, offset: usize, expr: expr::Expr) {
+        let at = self.loc(self.expr_pos(pos, text, offset));
+        self.expr_sites.push(ExprSite {
+            from_step: self.current_step.clone(),
+            at,
+            stage: self.current_stage.clone(),
+            groups: self.current_groups.clone(),
+            expr,
+        });
     }
 
     /// A field that must be a literal (no expression): refuses `<+...>`.
@@ -412,6 +438,20 @@ impl<'e> Parser<'e> {
                 None
             }
         }
+    }
+
+    /// A `timeout`: a duration, or an expression the plan resolves.
+    fn opt_timeout(&mut self, f: &Fields<'_>, key: &str) -> Option<Timeout> {
+        let s = self.opt_string(f, key)?;
+        let pos = f.get(key).map(|n| n.pos).unwrap_or_default();
+        if expr::has_expressions(&s) {
+            self.check_template(pos, &s);
+            return Some(Timeout::Expr {
+                text: s,
+                loc: self.loc(pos),
+            });
+        }
+        self.opt_duration(f, key).map(Timeout::Fixed)
     }
 
     fn opt_duration(&mut self, f: &Fields<'_>, key: &str) -> Option<Duration> {
@@ -536,6 +576,7 @@ impl<'e> Parser<'e> {
                     path: self.file.clone(),
                     pipeline: Some(info),
                     stages,
+                    server_inputs: Vec::new(),
                 })
             }
             (None, Some(s)) => {
@@ -545,6 +586,7 @@ impl<'e> Parser<'e> {
                     path: self.file.clone(),
                     pipeline: None,
                     stages: vec![stage],
+                    server_inputs: Vec::new(),
                 })
             }
             (None, None) => {
@@ -589,7 +631,7 @@ impl<'e> Parser<'e> {
             .opt_string(&f, "name")
             .unwrap_or_else(|| identifier.clone());
         let variables = self.variables(&f);
-        let timeout = self.opt_duration(&f, "timeout");
+        let timeout = self.opt_timeout(&f, "timeout");
         let mut stages = Vec::new();
         if f.get("stages").is_none() {
             self.missing(&f, "stages");
@@ -644,6 +686,8 @@ impl<'e> Parser<'e> {
             .opt_string(&f, "name")
             .unwrap_or_else(|| identifier.clone());
         let loc = self.loc(key_pos);
+        self.current_stage = Some(identifier.clone());
+        self.current_groups.clear();
         if stage_type != "CI" {
             // Only far enough to report it as skipped.
             return Some(Stage {
@@ -683,7 +727,7 @@ impl<'e> Parser<'e> {
             ],
         );
         let variables = self.variables(&f);
-        let timeout = self.opt_duration(&f, "timeout");
+        let timeout = self.opt_timeout(&f, "timeout");
         let when = f
             .get("when")
             .and_then(|w| self.when(w, &f.what, "pipelineStatus"));
@@ -701,6 +745,7 @@ impl<'e> Parser<'e> {
             self.stage_infra
                 .push((identifier.clone(), spec.infrastructure.clone()));
         }
+        self.current_stage = None;
         Some(Stage {
             identifier,
             name,
@@ -988,15 +1033,28 @@ impl<'e> Parser<'e> {
         if let Some(c) = &condition {
             let pos = f.get("condition").map(|n| n.pos).unwrap_or(f.pos);
             match expr::parse_condition(c) {
-                Ok(_) => self.check_template(pos, c),
-                Err(e) => self.error(
-                    pos,
-                    ErrorKind::Unsupported,
-                    format!(
-                        "`when.condition` of {owner} cannot be evaluated by sandrun: {}",
-                        e.message
-                    ),
-                ),
+                Ok(cond) => {
+                    let mut offsets = c.match_indices("<+").map(|(i, _)| i);
+                    for e in cond.exprs() {
+                        let offset = offsets.next().unwrap_or(0);
+                        self.record(pos, c, offset, e.clone());
+                    }
+                }
+                Err(e) => {
+                    let at = if c[e.offset..].starts_with("<+") {
+                        self.expr_pos(pos, c, e.offset)
+                    } else {
+                        pos
+                    };
+                    self.error(
+                        at,
+                        ErrorKind::Unsupported,
+                        format!(
+                            "`when.condition` of {owner} cannot be evaluated by sandrun: {}",
+                            e.message
+                        ),
+                    )
+                }
             }
         }
         Some(When {
@@ -1285,18 +1343,21 @@ impl<'e> Parser<'e> {
         let name = self
             .opt_string(&f, "name")
             .unwrap_or_else(|| identifier.clone());
-        let variables = self.variables(&f);
+        // The group's `when` is decided where the group starts, outside it.
         let when = f
             .get("when")
             .and_then(|w| self.when(w, &f.what, "stageStatus"));
+        let mut path = group_path.to_vec();
+        path.push(identifier.clone());
+        let outer_groups = std::mem::replace(&mut self.current_groups, path.clone());
+        let variables = self.variables(&f);
         let failure_strategies = self.failure_strategies(&f);
         shared_paths.extend(self.string_list(&f, "sharedPaths"));
         if f.get("steps").is_none() {
             self.missing(&f, "steps");
         }
-        let mut path = group_path.to_vec();
-        path.push(identifier.clone());
         let steps = self.step_items(&f, shared_paths, &path);
+        self.current_groups = outer_groups;
         Some(StepGroup {
             identifier,
             name,
@@ -1351,7 +1412,7 @@ impl<'e> Parser<'e> {
             .opt_string(&f, "name")
             .unwrap_or_else(|| identifier.clone());
         let description = self.opt_string(&f, "description");
-        let timeout = self.opt_duration(&f, "timeout");
+        let timeout = self.opt_timeout(&f, "timeout");
         let when = f
             .get("when")
             .and_then(|w| self.when(w, &f.what, "stageStatus"));

@@ -10,10 +10,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::pipeline::expr::{self, CodebaseField, Expr, Operand, TemplatePart as Part};
+use crate::pipeline::expr::{
+    self, CodebaseField, Expr, Operand, StageAttr, TemplatePart as Part,
+};
 use crate::pipeline::{
     FailureAction, FailureStrategy, Infrastructure, Location, PipelineFile, PullPolicy, Shell,
-    Stage, StageStatus, Step, StepItem, StepKind, Variable, VariableType,
+    Stage, StageStatus, Step, StepItem, StepKind, Timeout, Variable, VariableType,
 };
 
 use crate::net::StepRequest;
@@ -28,7 +30,8 @@ use super::{
 #[derive(Clone, Debug, Default)]
 pub struct PlanInputs {
     pub workspace: PathBuf,
-    /// Answers to `<+input>`: variable names, or `STEP.FIELD` for step fields.
+    /// Answers to `<+input>` (variable names, or `STEP.FIELD` for step fields) and to
+    /// what only Harness's server knows (the expression's path: `trigger.branch`).
     pub inputs: BTreeMap<String, String>,
     /// Secret values by secret identifier.
     pub secrets: BTreeMap<String, String>,
@@ -80,6 +83,7 @@ pub fn build(file: &PipelineFile, inputs: &PlanInputs) -> Result<Plan, PlanError
         secrets: Secrets::default(),
         codebase: None,
         pipeline_vars: BTreeMap::new(),
+        stages_run: BTreeMap::new(),
     };
     let plan = b.plan();
     if b.errors.is_empty() {
@@ -96,6 +100,14 @@ struct Builder<'a> {
     secrets: Secrets,
     codebase: Option<Result<Codebase, String>>,
     pipeline_vars: BTreeMap<String, String>,
+    /// Stages planned so far (they run before the one being planned): their resolved
+    /// variables and the keys of their steps.
+    stages_run: BTreeMap<String, StageFacts>,
+}
+
+struct StageFacts {
+    variables: BTreeMap<String, String>,
+    steps: HashSet<String>,
 }
 
 /// What expressions inside one step (or stage, or group) may refer to.
@@ -107,6 +119,8 @@ struct Scope {
     group_vars: BTreeMap<String, String>,
     /// Key of the enclosing group (`""` at the top of the stage).
     group_key: String,
+    /// The enclosing groups' own variables, outermost first, by group identifier.
+    groups: Vec<(String, BTreeMap<String, String>)>,
     step_id: String,
     step_name: String,
     /// Keys of the steps that have finished before this point.
@@ -132,6 +146,7 @@ impl<'a> Builder<'a> {
             identifier: p.identifier.clone(),
             name: p.name.clone(),
         });
+        self.unanswered_server_inputs();
         if let Some(p) = &self.file.pipeline {
             let scope = Scope::default();
             self.pipeline_vars = self.variables(&p.variables, &scope, "pipeline.variables");
@@ -176,6 +191,33 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// Every value only Harness's server knows that this run reads and nobody
+    /// answered, each where it is read, before anything else is said.
+    fn unanswered_server_inputs(&mut self) {
+        if self.inputs.placeholders {
+            return;
+        }
+        let wanted = |stage: &Option<String>| match (stage, &self.inputs.stage) {
+            (Some(s), Some(only)) => s == only,
+            _ => true,
+        };
+        let missing: Vec<(Location, String)> = self
+            .file
+            .server_inputs
+            .iter()
+            .filter(|i| wanted(&i.stage) && !self.inputs.inputs.contains_key(&i.key))
+            .map(|i| (i.loc.clone(), i.key.clone()))
+            .collect();
+        for (loc, key) in missing {
+            self.error(
+                &loc,
+                format!(
+                    "`<+{key}>` is known only to Harness's server: give it with --set {key}=VALUE or in a --values file"
+                ),
+            );
+        }
+    }
+
     fn stage(&mut self, stage: &Stage) -> StagePlan {
         let mut scope = Scope {
             stage_id: stage.identifier.clone(),
@@ -195,11 +237,12 @@ impl<'a> Builder<'a> {
                 net: None,
                 shared_paths: Vec::new(),
                 warnings: Vec::new(),
-                timeout: stage.timeout,
+                timeout: None,
                 nodes: Vec::new(),
             };
         };
         scope.stage_vars = self.variables(&stage.variables, &scope, "stage.variables");
+        let timeout = self.timeout(stage.timeout.as_ref(), &scope);
         let mut nodes = Vec::new();
         // Legacy `serviceDependencies` start before the steps, as Background steps.
         for dep in &spec.service_dependencies {
@@ -215,9 +258,16 @@ impl<'a> Builder<'a> {
             net: None,
             shared_paths: spec.shared_paths.clone(),
             warnings: Vec::new(),
-            timeout: stage.timeout,
+            timeout,
             nodes,
         };
+        self.stages_run.insert(
+            stage.identifier.clone(),
+            StageFacts {
+                variables: scope.stage_vars.clone(),
+                steps: plan.steps().iter().map(|s| s.key.clone()).collect(),
+            },
+        );
         plan.warnings = stage_warnings(&plan, spec.platform.as_ref(), &stage.loc);
         match address_steps(&mut plan, self.inputs.egress) {
             Ok(()) => {}
@@ -402,8 +452,10 @@ impl<'a> Builder<'a> {
         }
         let parts = match expr::parse_template(text) {
             Ok(p) => p,
-            Err(e) => {
-                self.error(loc, format!("in `{field}`: {e}"));
+            Err(errors) => {
+                for e in errors {
+                    self.error(loc, format!("in `{field}`: {e}"));
+                }
                 return Template::literal(text);
             }
         };
@@ -413,9 +465,15 @@ impl<'a> Builder<'a> {
                 Part::Literal(s) => push_text(&mut out, &s),
                 Part::Expr(e) => match self.resolve(&e, scope, loc, field) {
                     Resolved::Text(s) => push_text(&mut out, &s),
-                    Resolved::Output { step, variable } => {
-                        out.parts.push(TemplatePart::StepOutput { step, variable })
-                    }
+                    Resolved::Output {
+                        stage,
+                        step,
+                        variable,
+                    } => out.parts.push(TemplatePart::StepOutput {
+                        stage,
+                        step,
+                        variable,
+                    }),
                 },
             }
         }
@@ -456,16 +514,57 @@ impl<'a> Builder<'a> {
             Expr::StepName => text(&scope.step_name),
             Expr::StepIdentifier => text(&scope.step_id),
             Expr::StepOutput {
+                stage,
                 group_path,
                 step,
                 variable,
-            } => match self.output_ref(group_path, step, scope) {
-                Ok(key) => Resolved::Output {
-                    step: key,
-                    variable: variable.clone(),
+            } => {
+                let other = stage.as_ref().filter(|s| **s != scope.stage_id);
+                let found = match other {
+                    None => self.output_ref(group_path, step, scope),
+                    Some(s) => self.earlier_output_ref(s, group_path, step),
+                };
+                match found {
+                    Ok(key) => Resolved::Output {
+                        stage: other.cloned(),
+                        step: key,
+                        variable: variable.clone(),
+                    },
+                    Err(why) => self.unknown(loc, field, e, &why),
+                }
+            }
+            Expr::OtherStage { stage, attr } => match attr {
+                StageAttr::Name | StageAttr::Identifier => {
+                    match self.file.stages.iter().find(|s| &s.identifier == stage) {
+                        Some(s) => text(if *attr == StageAttr::Name {
+                            &s.name
+                        } else {
+                            &s.identifier
+                        }),
+                        None => self.unknown(loc, field, e, "the pipeline has no such stage"),
+                    }
+                }
+                StageAttr::Variable(v) => match self.stage_variable(stage, v, scope) {
+                    Ok(x) => Resolved::Text(x),
+                    Err(why) => self.unknown(loc, field, e, &why),
                 },
-                Err(why) => self.unknown(loc, field, e, &why),
             },
+            Expr::NodeVariable { node, variable } => {
+                if self.file.stages.iter().any(|s| &s.identifier == node) {
+                    match self.stage_variable(node, variable, scope) {
+                        Ok(x) => Resolved::Text(x),
+                        Err(why) => self.unknown(loc, field, e, &why),
+                    }
+                } else if let Some((_, vars)) = scope.groups.iter().find(|(g, _)| g == node) {
+                    match vars.get(variable) {
+                        Some(x) => Resolved::Text(x.clone()),
+                        None => self.unknown(loc, field, e, "the step group has no such variable"),
+                    }
+                } else {
+                    Resolved::Text(self.server_value(&format!("{node}.variables.{variable}")))
+                }
+            }
+            Expr::Server(key) => Resolved::Text(self.server_value(key)),
             Expr::Codebase(f) => match self.codebase() {
                 Ok(c) => Resolved::Text(match f {
                     CodebaseField::Branch => c.branch.clone(),
@@ -505,6 +604,98 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// The answer to a value only Harness's server knows. Unanswered ones were all
+    /// reported up front (`unanswered_server_inputs`).
+    fn server_value(&self, key: &str) -> String {
+        match self.inputs.inputs.get(key) {
+            Some(v) => v.clone(),
+            None if self.inputs.placeholders => "<input>".to_string(),
+            None => String::new(),
+        }
+    }
+
+    /// Variable `name` of stage `stage`: the stage being planned or an earlier one.
+    fn stage_variable(&self, stage: &str, name: &str, scope: &Scope) -> Result<String, String> {
+        let vars = if stage == scope.stage_id {
+            &scope.stage_vars
+        } else {
+            &self.stage_facts(stage)?.variables
+        };
+        vars.get(name)
+            .cloned()
+            .ok_or_else(|| format!("stage `{stage}` has no such variable"))
+    }
+
+    /// What is known of stage `stage` once it has run, if it runs before this point.
+    fn stage_facts(&self, stage: &str) -> Result<&StageFacts, String> {
+        if let Some(f) = self.stages_run.get(stage) {
+            return Ok(f);
+        }
+        if !self.file.stages.iter().any(|s| s.identifier == stage) {
+            return Err(format!("the pipeline has no stage `{stage}`"));
+        }
+        match &self.inputs.stage {
+            Some(only) if only != stage => Err(format!(
+                "stage `{stage}` does not run when only stage `{only}` is run (--stage)"
+            )),
+            _ => Err(format!("stage `{stage}` runs after this point")),
+        }
+    }
+
+    /// The key of the step of an earlier stage an output expression names.
+    fn earlier_output_ref(
+        &self,
+        stage: &str,
+        group_path: &[String],
+        step: &str,
+    ) -> Result<String, String> {
+        let facts = self.stage_facts(stage)?;
+        let found: Vec<&String> = facts
+            .steps
+            .iter()
+            .filter(|k| key_matches(k, group_path, step))
+            .collect();
+        match found.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(format!("stage `{stage}` has no such step")),
+            _ => Err(format!(
+                "more than one step of stage `{stage}` matches; name its step groups"
+            )),
+        }
+    }
+
+    /// The duration of a `timeout`, resolving its expressions.
+    fn timeout(&mut self, t: Option<&Timeout>, scope: &Scope) -> Option<std::time::Duration> {
+        let (text, loc) = match t? {
+            Timeout::Fixed(d) => return Some(*d),
+            Timeout::Expr { text, loc } => (text, loc),
+        };
+        let resolved = self.template(text, scope, loc, "timeout");
+        if resolved.step_refs().next().is_some() {
+            self.error(
+                loc,
+                format!(
+                    "`timeout` is `{text}`, which reads a step output: sandrun sets a timeout before the step or stage starts, when no step output is known yet; use a variable or a literal duration"
+                ),
+            );
+            return None;
+        }
+        let value = resolved.display();
+        if self.inputs.placeholders && value.contains("<input>") {
+            return None;
+        }
+        match crate::pipeline::values::parse_duration(&value) {
+            Ok(d) => Some(d),
+            Err(why) => {
+                self.error(
+                    loc,
+                    format!("`timeout` is `{text}`, which resolves to `{value}`: {why}"),
+                );
+                None
+            }
+        }
+    }
+
     fn unknown(&mut self, loc: &Location, field: &str, e: &Expr, why: &str) -> Resolved {
         self.error(loc, format!("in `{field}`: cannot resolve `{e}`: {why}"));
         Resolved::Text(String::new())
@@ -530,6 +721,17 @@ impl<'a> Builder<'a> {
         for c in &candidates {
             if scope.done.contains(c) {
                 return Ok(c.clone());
+            }
+        }
+        // `<+G.steps.ID...>` is relative: G may sit inside other groups.
+        if !group_path.is_empty() {
+            let found: Vec<&String> = scope
+                .done
+                .iter()
+                .filter(|k| key_matches(k, group_path, step))
+                .collect();
+            if found.len() == 1 {
+                return Ok(found[0].clone());
             }
         }
         // Harness lets `<+steps.ID>` find a step by identifier alone when it is unique.
@@ -603,7 +805,8 @@ impl<'a> Builder<'a> {
                 let mut s = scope.clone();
                 s.group_key = key.clone();
                 let vars = self.variables(&g.variables, &s, "stepGroup.variables");
-                s.group_vars.extend(vars);
+                s.group_vars.extend(vars.clone());
+                s.groups.push((g.identifier.clone(), vars));
                 let strategies = if g.failure_strategies.is_empty() {
                     inherited
                 } else {
@@ -751,7 +954,7 @@ impl<'a> Builder<'a> {
             output_variables,
             port_bindings,
             reports: container.map(|c| c.reports.clone()).unwrap_or_default(),
-            timeout: step.timeout,
+            timeout: self.timeout(step.timeout.as_ref(), &s),
             run_when: step
                 .when
                 .as_ref()
@@ -789,8 +992,16 @@ impl<'a> Builder<'a> {
             Operand::Text(t) => Template::literal(t.clone()),
             Operand::Expr(e) => match self.resolve(e, scope, loc, "when.condition") {
                 Resolved::Text(t) => Template::literal(t),
-                Resolved::Output { step, variable } => Template {
-                    parts: vec![TemplatePart::StepOutput { step, variable }],
+                Resolved::Output {
+                    stage,
+                    step,
+                    variable,
+                } => Template {
+                    parts: vec![TemplatePart::StepOutput {
+                        stage,
+                        step,
+                        variable,
+                    }],
                 },
             },
         }
@@ -799,7 +1010,21 @@ impl<'a> Builder<'a> {
 
 enum Resolved {
     Text(String),
-    Output { step: String, variable: String },
+    Output {
+        stage: Option<String>,
+        step: String,
+        variable: String,
+    },
+}
+
+/// Whether step key `key` (`G.H.ID`) names step `step` inside groups ending with
+/// `group_path` (any groups when it is empty).
+fn key_matches(key: &str, group_path: &[String], step: &str) -> bool {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    if parts.pop() != Some(step) {
+        return false;
+    }
+    parts.ends_with(&group_path.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn push_text(t: &mut Template, s: &str) {
