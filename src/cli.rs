@@ -94,9 +94,17 @@ pub struct InputArgs {
     /// The workspace shared by every step (the codebase). Default: the current directory.
     #[arg(long, value_name = "DIR")]
     pub workspace: Option<PathBuf>,
-    /// Answer a runtime input (`<+input>`): a variable's name, or STEP.FIELD for step fields.
+    /// Answer an input: a variable's name or STEP.FIELD for a runtime input (`<+input>`);
+    /// for what only Harness's server knows, the expression's path:
+    /// `--set trigger.branch=main`, `--set variable.org.region=eu`,
+    /// `--set STAGE.variables.X=...` for a stage that is not in this pipeline.
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_pair)]
     pub set: Vec<(String, String)>,
+    /// Read answers from a YAML file of `KEY: VALUE` (nested maps join keys with `.`:
+    /// `trigger: {branch: main}`), or a Harness input set (its pipeline variables).
+    /// `--set` overrides it.
+    #[arg(long, value_name = "FILE")]
+    pub values: Option<PathBuf>,
     /// Give a secret's value (`<+secrets.getValue("ID")>`, Secret variables). Never printed.
     #[arg(long = "secret", value_name = "ID=VALUE", value_parser = parse_pair)]
     pub secret: Vec<(String, String)>,
@@ -271,9 +279,14 @@ fn load_and_plan(input: &InputArgs, placeholders: bool) -> anyhow::Result<(Pipel
         secrets.extend(read_secrets_file(f)?);
     }
     secrets.extend(input.secret.iter().cloned());
+    let mut answers = match &input.values {
+        Some(f) => pipeline::load_values(f).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => BTreeMap::new(),
+    };
+    answers.extend(input.set.iter().cloned());
     let inputs = PlanInputs {
         workspace,
-        inputs: input.set.iter().cloned().collect(),
+        inputs: answers,
         secrets,
         stage: input.stage.clone(),
         network: input.network.iter().rev().find_map(|n| match n {
@@ -317,16 +330,19 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<i32> {
         stage: None,
         workspace: None,
         set: Vec::new(),
+        values: None,
         secret: Vec::new(),
         secrets_file: None,
         network: Vec::new(),
     };
-    let (_, plan) = load_and_plan(&input, true)?;
+    let (file, plan) = load_and_plan(&input, true)?;
     let unsupported = unsupported_steps(&plan);
     if unsupported.is_empty() {
         println!("{}: valid", plan.source.display());
+        print_server_inputs(&file);
         return Ok(0);
     }
+    print_server_inputs(&file);
     for line in &unsupported {
         eprintln!("{line}");
     }
@@ -336,6 +352,20 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<i32> {
         unsupported.len()
     );
     Ok(1)
+}
+
+/// The values only Harness's server knows that the pipeline reads: a run needs them
+/// answered.
+fn print_server_inputs(file: &PipelineFile) {
+    if file.server_inputs.is_empty() {
+        return;
+    }
+    println!(
+        "inputs only Harness's server knows; give them to `sandrun run` with --set KEY=VALUE or --values FILE:"
+    );
+    for i in &file.server_inputs {
+        println!("  {}: {}", i.loc, i.key);
+    }
 }
 
 fn unsupported_steps(plan: &Plan) -> Vec<String> {

@@ -210,8 +210,43 @@ pub fn has_expressions(text: &str) -> bool {
 /// Split `text` into literal text and expressions. Every malformed or unknown
 /// expression is reported, each with the offset of its `<+`.
 pub fn parse_template(text: &str) -> Result<Vec<TemplatePart>, Vec<ExprError>> {
-    let mut parts = Vec::new();
-    let mut errors = Vec::new();
+    let split = split(text);
+    if split.errors.is_empty() {
+        Ok(split.parts)
+    } else {
+        Err(split.errors)
+    }
+}
+
+/// Every expression in `text`, in order.
+pub fn expressions(text: &str) -> Result<Vec<Expr>, Vec<ExprError>> {
+    let split = split(text);
+    if split.errors.is_empty() {
+        Ok(split.located.into_iter().map(|(_, e)| e).collect())
+    } else {
+        Err(split.errors)
+    }
+}
+
+/// Every expression in `text` with the offset of its `<+`, and every error: the good
+/// expressions of a string with a bad one are still there to check.
+pub fn scan(text: &str) -> (Vec<(usize, Expr)>, Vec<ExprError>) {
+    let split = split(text);
+    (split.located, split.errors)
+}
+
+struct Split {
+    parts: Vec<TemplatePart>,
+    located: Vec<(usize, Expr)>,
+    errors: Vec<ExprError>,
+}
+
+fn split(text: &str) -> Split {
+    let mut out = Split {
+        parts: Vec::new(),
+        located: Vec::new(),
+        errors: Vec::new(),
+    };
     let mut literal = String::new();
     let mut pos = 0;
     while let Some(found) = text[pos..].find("<+") {
@@ -219,7 +254,7 @@ pub fn parse_template(text: &str) -> Result<Vec<TemplatePart>, Vec<ExprError>> {
         literal.push_str(&text[pos..start]);
         let after = start + 2;
         let Some(end) = find_close(&text[after..]) else {
-            errors.push(ExprError {
+            out.errors.push(ExprError {
                 message: format!(
                     "expression `{}` has no closing `>`",
                     shorten(&text[start..])
@@ -243,35 +278,23 @@ pub fn parse_template(text: &str) -> Result<Vec<TemplatePart>, Vec<ExprError>> {
         match parsed {
             Ok(expr) => {
                 if !literal.is_empty() {
-                    parts.push(TemplatePart::Literal(std::mem::take(&mut literal)));
+                    out.parts
+                        .push(TemplatePart::Literal(std::mem::take(&mut literal)));
                 }
-                parts.push(TemplatePart::Expr(expr));
+                out.parts.push(TemplatePart::Expr(expr.clone()));
+                out.located.push((start, expr));
             }
-            Err(e) => errors.push(ExprError {
+            Err(e) => out.errors.push(ExprError {
                 message: e.message,
                 offset: start,
             }),
         }
     }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
     literal.push_str(&text[pos..]);
     if !literal.is_empty() {
-        parts.push(TemplatePart::Literal(literal));
+        out.parts.push(TemplatePart::Literal(literal));
     }
-    Ok(parts)
-}
-
-/// Every expression in `text`, in order.
-pub fn expressions(text: &str) -> Result<Vec<Expr>, Vec<ExprError>> {
-    Ok(parse_template(text)?
-        .into_iter()
-        .filter_map(|p| match p {
-            TemplatePart::Expr(e) => Some(e),
-            TemplatePart::Literal(_) => None,
-        })
-        .collect())
+    out
 }
 
 fn shorten(s: &str) -> String {

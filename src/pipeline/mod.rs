@@ -9,6 +9,7 @@
 //! Step types only Harness's cloud can run become [`StepKind::Unsupported`] rather than
 //! errors: `sandrun validate` lists them and `sandrun run` refuses (or skips) them.
 
+mod answers;
 pub mod error;
 pub mod expr;
 pub mod model;
@@ -19,6 +20,7 @@ mod yaml;
 
 use std::path::Path;
 
+pub use answers::{load_values, MAX_VALUES_FILE};
 pub use error::{ErrorKind, PipelineError, PipelineErrors};
 pub use model::*;
 pub use parse::valid_identifier;

@@ -374,20 +374,13 @@ impl<'e> Parser<'e> {
         if !expr::has_expressions(text) {
             return;
         }
-        match expr::expressions(text) {
-            Err(errors) => {
-                for e in errors {
-                    let at = self.expr_pos(pos, text, e.offset);
-                    self.error(at, ErrorKind::Expression, e.message);
-                }
-            }
-            Ok(exprs) => {
-                let mut offsets = text.match_indices("<+").map(|(i, _)| i);
-                for e in exprs {
-                    let offset = offsets.next().unwrap_or(0);
-                    self.record(pos, text, offset, e);
-                }
-            }
+        let (located, errors) = expr::scan(text);
+        for e in errors {
+            let at = self.expr_pos(pos, text, e.offset);
+            self.error(at, ErrorKind::Expression, e.message);
+        }
+        for (offset, e) in located {
+            self.record(pos, text, offset, e);
         }
     }
 

@@ -259,7 +259,6 @@ impl Node {
     }
 
     /// Look a key up in a mapping node.
-    #[cfg(test)]
     pub fn get(&self, key: &str) -> Option<&Node> {
         match &self.value {
             Value::Map(entries) => entries
