@@ -30,6 +30,27 @@ fn a_later_stage_reads_outputs_variables_and_names_of_an_earlier_one() {
             // The next stage: its condition and its command read the first stage.
             .assert_stdout("deploying 1.4.2 for linux-amd64")
             .assert_stdout("after stage Build (linux-amd64)");
+        // Run alone, the later stage asks for what it reads of the stage that does not
+        // run, keyed by the expression (Harness's "replaced expressions").
+        let version = "pipeline.stages.build.spec.execution.steps.pkg.steps.version.output.outputVariables.VERSION";
+        sb.run(["run", "ci.yaml", "--stage", "deploy"])
+            .assert_code(2)
+            .assert_stderr(&format!("--set {version}=VALUE"))
+            .assert_stderr("--set build.variables.target=VALUE");
+        sb.run([
+            "run",
+            "ci.yaml",
+            "--stage",
+            "deploy",
+            "--set",
+            &format!("{version}=1.4.7"),
+            "--set",
+            "pipeline.stages.build.variables.target=arm64",
+            "--set",
+            "build.variables.target=arm64",
+        ])
+        .assert_code(0)
+        .assert_stdout("deploying 1.4.7 for arm64");
     }
 }
 

@@ -22,33 +22,25 @@ pub const MAX_VALUES_FILE: u64 = 1 << 20;
 
 /// Read the answers in a values file.
 pub fn load_values(path: &Path) -> Result<BTreeMap<String, String>, PipelineErrors> {
-    let mut errors = PipelineErrors::default();
-    let fail = |errors: &mut PipelineErrors, message: String| {
-        errors.push(PipelineError {
-            loc: Location {
-                file: path.to_path_buf(),
-                line: 0,
-                column: 0,
-            },
-            kind: ErrorKind::Io,
-            message,
-        });
-    };
     let mut text = String::new();
-    let read = std::fs::File::open(path).and_then(|f| {
-        f.take(MAX_VALUES_FILE + 1).read_to_string(&mut text)
-    });
+    let read = std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_VALUES_FILE + 1).read_to_string(&mut text));
     match read {
-        Err(e) => fail(&mut errors, format!("cannot read the values file: {e}")),
-        Ok(n) if n as u64 > MAX_VALUES_FILE => fail(
-            &mut errors,
-            format!("the values file is larger than {MAX_VALUES_FILE} bytes"),
-        ),
+        Err(e) => {
+            return Err(PipelineErrors::about_file(
+                path,
+                format!("cannot read the values file: {e}"),
+            ))
+        }
+        Ok(n) if n as u64 > MAX_VALUES_FILE => {
+            return Err(PipelineErrors::about_file(
+                path,
+                format!("the values file is larger than {MAX_VALUES_FILE} bytes"),
+            ))
+        }
         Ok(_) => {}
     }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
+    let mut errors = PipelineErrors::default();
     let mut reader = Reader {
         path,
         errors: &mut errors,

@@ -29,19 +29,10 @@ pub use parse::valid_identifier;
 pub fn load(path: &Path) -> Result<PipelineFile, PipelineErrors> {
     match std::fs::read_to_string(path) {
         Ok(text) => parse_str(path, &text),
-        Err(e) => {
-            let mut errors = PipelineErrors::default();
-            errors.push(PipelineError {
-                loc: Location {
-                    file: path.to_path_buf(),
-                    line: 0,
-                    column: 0,
-                },
-                kind: ErrorKind::Io,
-                message: format!("cannot read the pipeline file: {e}"),
-            });
-            Err(errors)
-        }
+        Err(e) => Err(PipelineErrors::about_file(
+            path,
+            format!("cannot read the pipeline file: {e}"),
+        )),
     }
 }
 

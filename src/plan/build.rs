@@ -520,6 +520,12 @@ impl<'a> Builder<'a> {
                 variable,
             } => {
                 let other = stage.as_ref().filter(|s| **s != scope.stage_id);
+                if let Some(answer) = other.and_then(|s| self.replaced(s, e)) {
+                    return match answer {
+                        Ok(v) => Resolved::Text(v),
+                        Err(why) => self.unknown(loc, field, e, &why),
+                    };
+                }
                 let found = match other {
                     None => self.output_ref(group_path, step, scope),
                     Some(s) => self.earlier_output_ref(s, group_path, step),
@@ -544,13 +550,25 @@ impl<'a> Builder<'a> {
                         None => self.unknown(loc, field, e, "the pipeline has no such stage"),
                     }
                 }
+                StageAttr::Variable(_) if self.replaced(stage, e).is_some() => {
+                    match self.replaced(stage, e) {
+                        Some(Ok(v)) => Resolved::Text(v),
+                        Some(Err(why)) => self.unknown(loc, field, e, &why),
+                        None => Resolved::Text(String::new()),
+                    }
+                }
                 StageAttr::Variable(v) => match self.stage_variable(stage, v, scope) {
                     Ok(x) => Resolved::Text(x),
                     Err(why) => self.unknown(loc, field, e, &why),
                 },
             },
             Expr::NodeVariable { node, variable } => {
-                if self.file.stages.iter().any(|s| &s.identifier == node) {
+                if let Some(answer) = self.replaced(node, e) {
+                    match answer {
+                        Ok(v) => Resolved::Text(v),
+                        Err(why) => self.unknown(loc, field, e, &why),
+                    }
+                } else if self.file.stages.iter().any(|s| &s.identifier == node) {
                     match self.stage_variable(node, variable, scope) {
                         Ok(x) => Resolved::Text(x),
                         Err(why) => self.unknown(loc, field, e, &why),
@@ -614,6 +632,28 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// With `--stage`, what an expression reads of a stage that does not run is asked
+    /// for, as Harness's selective stage execution asks for "replaced expressions":
+    /// keyed by the expression's path. `None` when stage `stage` runs (or is unknown).
+    fn replaced(&self, stage: &str, e: &Expr) -> Option<Result<String, String>> {
+        let only = self.inputs.stage.as_ref()?;
+        if only == stage || !self.file.stages.iter().any(|s| s.identifier == stage) {
+            return None;
+        }
+        let text = e.to_string();
+        let key = text
+            .strip_prefix("<+")
+            .and_then(|t| t.strip_suffix('>'))
+            .unwrap_or(&text);
+        Some(match self.inputs.inputs.get(key) {
+            Some(v) => Ok(v.clone()),
+            None if self.inputs.placeholders => Ok("<input>".to_string()),
+            None => Err(format!(
+                "stage `{stage}` does not run when only stage `{only}` is run (--stage): give the value with --set {key}=VALUE"
+            )),
+        })
+    }
+
     /// Variable `name` of stage `stage`: the stage being planned or an earlier one.
     fn stage_variable(&self, stage: &str, name: &str, scope: &Scope) -> Result<String, String> {
         let vars = if stage == scope.stage_id {
@@ -634,12 +674,7 @@ impl<'a> Builder<'a> {
         if !self.file.stages.iter().any(|s| s.identifier == stage) {
             return Err(format!("the pipeline has no stage `{stage}`"));
         }
-        match &self.inputs.stage {
-            Some(only) if only != stage => Err(format!(
-                "stage `{stage}` does not run when only stage `{only}` is run (--stage)"
-            )),
-            _ => Err(format!("stage `{stage}` runs after this point")),
-        }
+        Err(format!("stage `{stage}` runs after this point"))
     }
 
     /// The key of the step of an earlier stage an output expression names.
