@@ -1261,3 +1261,184 @@ fn read_codebase(workspace: &Path) -> Result<Codebase, String> {
         repo_url,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::plan::Outputs;
+
+    fn plan(yaml: &str, answers: &[(&str, &str)]) -> Result<Plan, String> {
+        let file = crate::pipeline::parse_str(Path::new("p.yaml"), yaml).map_err(|e| e.to_string())?;
+        let inputs = PlanInputs {
+            inputs: answers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..PlanInputs::default()
+        };
+        build(&file, &inputs).map_err(|e| e.to_string())
+    }
+
+    fn script<'p>(plan: &'p Plan, stage: usize, key: &str) -> &'p Template {
+        let step = plan.stages[stage]
+            .steps()
+            .into_iter()
+            .find(|s| s.key == key)
+            .unwrap();
+        match &step.process {
+            ProcessTemplate::Shell { script, .. } => script,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    const TWO_STAGES: &str = r#"pipeline:
+  name: p
+  identifier: p
+  stages:
+    - stage:
+        name: a
+        identifier: a
+        type: CI
+        variables:
+          - name: v
+            type: String
+            value: from-a
+        spec:
+          execution:
+            steps:
+              - stepGroup:
+                  name: outer
+                  identifier: outer
+                  variables:
+                    - name: gv
+                      type: String
+                      value: group-value
+                  steps:
+                    - stepGroup:
+                        name: inner
+                        identifier: inner
+                        steps:
+                          - step:
+                              type: Run
+                              name: s
+                              identifier: s
+                              spec:
+                                command: X=1
+                                outputVariables:
+                                  - name: X
+                    - step:
+                        type: Run
+                        name: t
+                        identifier: t
+                        spec:
+                          command: echo <+inner.steps.s.output.outputVariables.X> <+outer.variables.gv> <+a.variables.v>
+    - stage:
+        name: b
+        identifier: b
+        type: CI
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: Run
+                  name: u
+                  identifier: u
+                  timeout: <+pipeline.stages.a.variables.v.length>
+                  spec:
+                    command: echo <+pipeline.stages.a.spec.execution.steps.inner.steps.s.output.outputVariables.X> <+pipeline.stages.a.name>
+"#;
+
+    #[test]
+    fn references_resolve_to_the_right_stage_and_step() {
+        let yaml = TWO_STAGES.replace("                  timeout: <+pipeline.stages.a.variables.v.length>\n", "");
+        let p = plan(&yaml, &[]).unwrap();
+        let hole = |stage: Option<&str>| TemplatePart::StepOutput {
+            stage: stage.map(String::from),
+            step: "outer.inner.s".into(),
+            variable: "X".into(),
+        };
+        assert_eq!(
+            script(&p, 0, "outer.t").parts,
+            vec![
+                TemplatePart::Text("echo ".into()),
+                hole(None),
+                TemplatePart::Text(" group-value from-a".into()),
+            ]
+        );
+        assert_eq!(
+            script(&p, 1, "u").parts,
+            vec![
+                TemplatePart::Text("echo ".into()),
+                hole(Some("a")),
+                TemplatePart::Text(" a".into()),
+            ]
+        );
+        // The earlier stage's value is read from what it gave the run.
+        let mut outputs = Outputs::default();
+        outputs.earlier.insert(
+            "a".into(),
+            [("outer.inner.s".to_string(), [("X".to_string(), "42".to_string())].into())].into(),
+        );
+        assert_eq!(script(&p, 1, "u").render(&outputs, &mut Vec::new()), "echo 42 a");
+    }
+
+    #[test]
+    fn timeouts_resolve_before_the_run() {
+        let yaml = TWO_STAGES.replace(
+            "<+pipeline.stages.a.variables.v.length>",
+            "<+pipeline.variables.t>",
+        );
+        let yaml = yaml.replace(
+            "  identifier: p\n",
+            "  identifier: p\n  variables:\n    - name: t\n      type: String\n      value: <+input>\n",
+        );
+        let p = plan(&yaml, &[("t", "1m 30s")]).unwrap();
+        assert_eq!(p.stages[1].steps()[0].timeout, Some(Duration::from_secs(90)));
+        let e = plan(&yaml, &[("t", "soon")]).unwrap_err();
+        assert!(
+            e.starts_with("p.yaml:57:28: `timeout` is `<+pipeline.variables.t>`, which resolves to `soon`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn server_values_are_answered_or_all_listed() {
+        let yaml = r#"stage:
+  name: s
+  identifier: s
+  type: CI
+  spec:
+    execution:
+      steps:
+        - step:
+            type: Run
+            name: r
+            identifier: r
+            spec:
+              command: |
+                echo <+trigger.branch>
+                echo <+variable.org.x> <+elsewhere.variables.y>
+"#;
+        let e = plan(yaml, &[("variable.org.x", "1")]).unwrap_err();
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines.len(), 2, "{e}");
+        assert!(lines[0].starts_with("p.yaml:14:22: `<+trigger.branch>` is known only to Harness's server: give it with --set trigger.branch=VALUE"), "{e}");
+        assert!(lines[1].starts_with("p.yaml:15:40: `<+elsewhere.variables.y>`"), "{e}");
+        let p = plan(
+            yaml,
+            &[
+                ("variable.org.x", "1"),
+                ("trigger.branch", "main"),
+                ("elsewhere.variables.y", "2"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            script(&p, 0, "r").parts,
+            vec![TemplatePart::Text("echo main\necho 1 2\n".into())]
+        );
+    }
+}
