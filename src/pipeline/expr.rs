@@ -748,17 +748,14 @@ impl fmt::Display for Tok {
         match self {
             Tok::Operand(Operand::Expr(e)) => write!(f, "{e}"),
             Tok::Operand(Operand::Text(t)) => write!(f, "{t}"),
-            Tok::Eq => write!(f, "=="),
-            Tok::Ne => write!(f, "!="),
-            Tok::Order(op) => write!(f, "{}", op.symbol()),
-            Tok::Method(StrMethod::StartsWith, neg) => write!(f, "{}^", if *neg { '!' } else { '=' }),
-            Tok::Method(m, neg) => write!(f, "{}{}", if *neg { '!' } else { '=' }, if *m == StrMethod::EndsWith { "$" } else { m.name() }),
             Tok::Call(m, _) => write!(f, ".{}(...)", m.name()),
-            Tok::And => write!(f, "&&"),
-            Tok::Or => write!(f, "||"),
-            Tok::Not => write!(f, "!"),
-            Tok::Open => write!(f, "("),
-            Tok::Close => write!(f, ")"),
+            other => {
+                let symbol = OPERATORS
+                    .iter()
+                    .find(|(_, t)| t == other)
+                    .map_or("?", |(s, _)| s);
+                write!(f, "{symbol}")
+            }
         }
     }
 }

@@ -1034,11 +1034,7 @@ impl<'e> Parser<'e> {
                     }
                 }
                 Err(e) => {
-                    let at = if c[e.offset..].starts_with("<+") {
-                        self.expr_pos(pos, c, e.offset)
-                    } else {
-                        pos
-                    };
+                    let at = self.expr_pos(pos, c, e.offset);
                     self.error(
                         at,
                         ErrorKind::Unsupported,

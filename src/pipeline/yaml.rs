@@ -190,8 +190,8 @@ fn merge_into(merged: &mut Vec<(Node, Node)>, source: Node) -> Result<(), Syntax
     Ok(())
 }
 
-/// Where byte `offset` of a scalar's text is in the source, when that byte starts an
-/// expression (`<+`).
+/// Where byte `offset` of a scalar's text is in the source: any offset of a plain
+/// scalar written on one line, else the start of an expression (`<+`).
 ///
 /// A scalar's text is not a slice of the source: block scalars (`|`, `>`, with
 /// indentation and chomping indicators) drop their indentation and folded ones join
@@ -210,10 +210,17 @@ pub fn expression_pos(source: &str, node: Pos, text: &str, offset: usize) -> Pos
     let Some(start) = byte_index(source, node) else {
         return node;
     };
-    let Some((found, _)) = source[start..].match_indices("<+").nth(k) else {
+    // A plain scalar on one line is its own source: any offset maps directly.
+    let at = if source[start..].starts_with(before) && !before.contains('\n') {
+        start + offset
+    } else if !text[offset..].starts_with("<+") {
         return node;
+    } else {
+        match source[start..].match_indices("<+").nth(k) {
+            Some((found, _)) => start + found,
+            None => return node,
+        }
     };
-    let at = start + found;
     let line_start = source[..at].rfind('\n').map_or(0, |i| i + 1);
     Pos {
         line: source[..at].matches('\n').count() + 1,
