@@ -791,6 +791,8 @@ fn word_operator(word: &str) -> Option<Tok> {
         "le" => Tok::Order(OrderOp::Le),
         "gt" => Tok::Order(OrderOp::Gt),
         "ge" => Tok::Order(OrderOp::Ge),
+        "startsWith" => Tok::Method(StrMethod::StartsWith, false),
+        "endsWith" => Tok::Method(StrMethod::EndsWith, false),
         _ => return None,
     })
 }
@@ -1380,6 +1382,24 @@ mod tests {
                 }),
             )
         );
+        // Seen in a real pipeline: JEXL's word operator.
+        assert_eq!(
+            parse_condition("<+codebase.branch> == \"main\" || <+codebase.branch> startsWith \"release/\"")
+                .unwrap(),
+            Condition::Or(
+                Box::new(Condition::Compare {
+                    left: branch(),
+                    equal: true,
+                    right: text("main"),
+                }),
+                Box::new(Condition::Test {
+                    target: branch(),
+                    method: StrMethod::StartsWith,
+                    arg: text("release/"),
+                }),
+            )
+        );
+        assert!(parse_condition("<+pipeline.variables.branch>==\"main\"").is_ok());
         let e = parse_condition("<+stage.name>.matches(\"a.*\")").unwrap_err();
         assert!(e.message.contains(".matches"), "{}", e.message);
         assert_eq!(e.offset, 13);
