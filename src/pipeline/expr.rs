@@ -218,16 +218,6 @@ pub fn parse_template(text: &str) -> Result<Vec<TemplatePart>, Vec<ExprError>> {
     }
 }
 
-/// Every expression in `text`, in order.
-pub fn expressions(text: &str) -> Result<Vec<Expr>, Vec<ExprError>> {
-    let split = split(text);
-    if split.errors.is_empty() {
-        Ok(split.located.into_iter().map(|(_, e)| e).collect())
-    } else {
-        Err(split.errors)
-    }
-}
-
 /// Every expression in `text` with the offset of its `<+`, and every error: the good
 /// expressions of a string with a bad one are still there to check.
 pub fn scan(text: &str) -> (Vec<(usize, Expr)>, Vec<ExprError>) {
