@@ -102,7 +102,7 @@ pub(crate) fn did_you_mean<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a
         .map(|(_, _, c)| c)
 }
 
-fn suggestion(word: &str, candidates: &[&str]) -> String {
+pub(crate) fn suggestion(word: &str, candidates: &[&str]) -> String {
     match did_you_mean(word, candidates) {
         Some(c) => format!("; did you mean `{c}`?"),
         None => String::new(),

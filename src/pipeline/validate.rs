@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use super::error::{ErrorKind, PipelineError, PipelineErrors};
 use super::expr::{Expr, StageAttr};
 use super::model::*;
-use super::parse::{did_you_mean, ExprSite};
+use super::parse::{did_you_mean, suggestion, ExprSite};
 
 /// A reference from a step to another step's output of the same stage.
 struct OutputRef {
@@ -345,7 +345,7 @@ fn check_references(
                     Some(format!(
                         "step group `{}` has no variable `{v}`{}",
                         groups.last().map_or("", |g| g.identifier.as_str()),
-                        hint(v, &names)
+                        suggestion(v, &names)
                     ))
                 }
             }
@@ -435,19 +435,12 @@ fn check_references(
     server
 }
 
-fn hint(word: &str, names: &[&str]) -> String {
-    match did_you_mean(word, names) {
-        Some(n) => format!("; did you mean `{n}`?"),
-        None => String::new(),
-    }
-}
-
 fn missing_variable(vars: &[Variable], name: &str, owner: &str) -> Option<String> {
     if vars.iter().any(|v| v.name == name) {
         return None;
     }
     let names: Vec<&str> = vars.iter().map(|v| v.name.as_str()).collect();
-    Some(format!("{owner} has no variable `{name}`{}", hint(name, &names)))
+    Some(format!("{owner} has no variable `{name}`{}", suggestion(name, &names)))
 }
 
 /// Why stage `id` cannot be read from the stage at index `current`: it does not exist,
@@ -460,7 +453,7 @@ fn other_stage(
 ) -> Option<String> {
     let Some(i) = file.stages.iter().position(|s| s.identifier == id) else {
         let names: Vec<&str> = file.stages.iter().map(|s| s.identifier.as_str()).collect();
-        return Some(format!("the pipeline has no stage `{id}`{}", hint(id, &names)));
+        return Some(format!("the pipeline has no stage `{id}`{}", suggestion(id, &names)));
     };
     match current {
         Some(c) if needs_run && i > c => Some(format!(

@@ -357,8 +357,17 @@ impl Template {
                     stage: None,
                     step,
                     variable,
-                } => s.push_str(&format!(
+                } if !step.contains('.') => s.push_str(&format!(
                     "<+steps.{step}.output.outputVariables.{variable}>"
+                )),
+                // A step inside groups: `G.ID` is written `G.steps.ID`.
+                TemplatePart::StepOutput {
+                    stage: None,
+                    step,
+                    variable,
+                } => s.push_str(&format!(
+                    "<+execution.steps.{}.output.outputVariables.{variable}>",
+                    step.replace('.', ".steps.")
                 )),
                 TemplatePart::StepOutput {
                     stage: Some(stage),
