@@ -631,6 +631,26 @@ impl StrMethod {
 }
 
 impl<O> Condition<O> {
+    /// Visit every operand, left to right.
+    pub fn walk<'a>(&'a self, f: &mut impl FnMut(&'a O)) {
+        match self {
+            Condition::Value(o) => f(o),
+            Condition::Not(c) => c.walk(f),
+            Condition::And(a, b) | Condition::Or(a, b) => {
+                a.walk(f);
+                b.walk(f);
+            }
+            Condition::Compare { left, right, .. } | Condition::Order { left, right, .. } => {
+                f(left);
+                f(right);
+            }
+            Condition::Test { target, arg, .. } => {
+                f(target);
+                f(arg);
+            }
+        }
+    }
+
     /// The same condition with every operand replaced by `f(operand)`.
     pub fn map<P>(&self, f: &mut impl FnMut(&O) -> P) -> Condition<P> {
         match self {
@@ -671,28 +691,6 @@ impl Condition<Operand> {
             }
         });
         out
-    }
-}
-
-impl<O> Condition<O> {
-    /// Visit every operand, left to right.
-    pub fn walk<'a>(&'a self, f: &mut impl FnMut(&'a O)) {
-        match self {
-            Condition::Value(o) => f(o),
-            Condition::Not(c) => c.walk(f),
-            Condition::And(a, b) | Condition::Or(a, b) => {
-                a.walk(f);
-                b.walk(f);
-            }
-            Condition::Compare { left, right, .. } | Condition::Order { left, right, .. } => {
-                f(left);
-                f(right);
-            }
-            Condition::Test { target, arg, .. } => {
-                f(target);
-                f(arg);
-            }
-        }
     }
 }
 

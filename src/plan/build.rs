@@ -482,6 +482,23 @@ impl<'a> Builder<'a> {
 
     fn resolve(&mut self, e: &Expr, scope: &Scope, loc: &Location, field: &str) -> Resolved {
         let text = |s: &str| Resolved::Text(s.to_string());
+        let other_stage = match e {
+            Expr::StepOutput {
+                stage: Some(stage), ..
+            }
+            | Expr::OtherStage {
+                stage,
+                attr: StageAttr::Variable(_),
+            }
+            | Expr::NodeVariable { node: stage, .. } => Some(stage),
+            _ => None,
+        };
+        if let Some(answer) = other_stage.and_then(|stage| self.replaced(stage, e)) {
+            return match answer {
+                Ok(v) => Resolved::Text(v),
+                Err(why) => self.unknown(loc, field, e, &why),
+            };
+        }
         match e {
             Expr::PipelineName => text(self.file.pipeline.as_ref().map_or("", |p| p.name.as_str())),
             Expr::PipelineIdentifier => text(
@@ -520,12 +537,6 @@ impl<'a> Builder<'a> {
                 variable,
             } => {
                 let other = stage.as_ref().filter(|s| **s != scope.stage_id);
-                if let Some(answer) = other.and_then(|s| self.replaced(s, e)) {
-                    return match answer {
-                        Ok(v) => Resolved::Text(v),
-                        Err(why) => self.unknown(loc, field, e, &why),
-                    };
-                }
                 let found = match other {
                     None => self.output_ref(group_path, step, scope),
                     Some(s) => self.earlier_output_ref(s, group_path, step),
@@ -550,25 +561,13 @@ impl<'a> Builder<'a> {
                         None => self.unknown(loc, field, e, "the pipeline has no such stage"),
                     }
                 }
-                StageAttr::Variable(_) if self.replaced(stage, e).is_some() => {
-                    match self.replaced(stage, e) {
-                        Some(Ok(v)) => Resolved::Text(v),
-                        Some(Err(why)) => self.unknown(loc, field, e, &why),
-                        None => Resolved::Text(String::new()),
-                    }
-                }
                 StageAttr::Variable(v) => match self.stage_variable(stage, v, scope) {
                     Ok(x) => Resolved::Text(x),
                     Err(why) => self.unknown(loc, field, e, &why),
                 },
             },
             Expr::NodeVariable { node, variable } => {
-                if let Some(answer) = self.replaced(node, e) {
-                    match answer {
-                        Ok(v) => Resolved::Text(v),
-                        Err(why) => self.unknown(loc, field, e, &why),
-                    }
-                } else if self.file.stages.iter().any(|s| &s.identifier == node) {
+                if self.file.stages.iter().any(|s| &s.identifier == node) {
                     match self.stage_variable(node, variable, scope) {
                         Ok(x) => Resolved::Text(x),
                         Err(why) => self.unknown(loc, field, e, &why),
