@@ -169,6 +169,8 @@ pub struct Step {
     pub when: Option<When>,
     pub failure_strategies: Vec<FailureStrategy>,
     pub kind: StepKind,
+    /// Typed fields written as expressions, for the plan to resolve.
+    pub expr_fields: Vec<ExprField>,
     pub loc: Location,
 }
 
@@ -205,6 +207,20 @@ pub enum Shell {
 }
 
 impl Shell {
+    pub const NAMES: &'static [&'static str] = &["Sh", "Bash", "Powershell", "Pwsh", "Python"];
+
+    /// The shell a `shell` field names, spelled as Harness spells it.
+    pub fn from_name(name: &str) -> Option<Shell> {
+        Some(match name {
+            "Sh" => Shell::Sh,
+            "Bash" => Shell::Bash,
+            "Powershell" => Shell::Powershell,
+            "Pwsh" => Shell::Pwsh,
+            "Python" => Shell::Python,
+            _ => return None,
+        })
+    }
+
     /// The command line that runs `script` in this shell, as Harness runs it: Sh and
     /// Bash fail on the first error (`set -e`); there is no `powershell` on Linux, so
     /// PowerShell 7 (`pwsh`) runs both PowerShell shells.
@@ -224,6 +240,54 @@ pub enum PullPolicy {
     Always,
     IfNotPresent,
     Never,
+}
+
+impl PullPolicy {
+    pub const NAMES: &'static [&'static str] = &["Always", "IfNotPresent", "Never"];
+
+    pub fn from_name(name: &str) -> Option<PullPolicy> {
+        Some(match name {
+            "Always" => PullPolicy::Always,
+            "IfNotPresent" => PullPolicy::IfNotPresent,
+            "Never" => PullPolicy::Never,
+            _ => return None,
+        })
+    }
+}
+
+/// A step field written as an expression (`privileged: <+pipeline.variables.dind>`):
+/// the plan resolves it before the run and reads the value as the field's type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExprField {
+    pub field: StepField,
+    pub text: String,
+    /// Where the value is written.
+    pub loc: Location,
+}
+
+/// The step fields that may be written as an expression besides strings and `timeout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepField {
+    Privileged,
+    PullPolicy,
+    RunAsUser,
+    Shell,
+    Memory,
+    Cpu,
+}
+
+impl StepField {
+    /// The field as the YAML names it.
+    pub fn key(self) -> &'static str {
+        match self {
+            StepField::Privileged => "privileged",
+            StepField::PullPolicy => "imagePullPolicy",
+            StepField::RunAsUser => "runAsUser",
+            StepField::Shell => "shell",
+            StepField::Memory => "resources.limits.memory",
+            StepField::Cpu => "resources.limits.cpu",
+        }
+    }
 }
 
 /// Fields shared by the container-running step types.

@@ -46,6 +46,8 @@ pub(crate) struct Parser<'e> {
     current_stage: Option<String>,
     /// The step groups being read, outermost first.
     current_groups: Vec<String>,
+    /// Typed fields of the step being read that are written as expressions.
+    step_expr_fields: Vec<ExprField>,
     /// Infrastructure of the stage being read.
     current_infra: Infrastructure,
     /// Host ports bound so far in the stage being read.
@@ -223,6 +225,7 @@ impl<'e> Parser<'e> {
             current_step: None,
             current_stage: None,
             current_groups: Vec::new(),
+            step_expr_fields: Vec::new(),
             current_infra: Infrastructure::Cloud,
             host_ports: HashSet::new(),
             stage_infra: Vec::new(),
@@ -431,6 +434,27 @@ impl<'e> Parser<'e> {
                 None
             }
         }
+    }
+
+    /// A typed step field written as an expression: checked, and kept for the plan to
+    /// resolve and read as its type. False when the field is absent or a literal.
+    fn expr_field(&mut self, f: &Fields<'_>, key: &str, field: StepField) -> bool {
+        let Some(node) = f.get(key) else {
+            return false;
+        };
+        let Some(text) = node.as_str() else {
+            return false;
+        };
+        if !expr::has_expressions(text) || self.current_step.is_none() {
+            return false;
+        }
+        self.check_template(node.pos, text);
+        self.step_expr_fields.push(ExprField {
+            field,
+            text: text.to_string(),
+            loc: self.loc(node.pos),
+        });
+        true
     }
 
     /// A `timeout`: a duration, or an expression the plan resolves.
@@ -1397,6 +1421,7 @@ impl<'e> Parser<'e> {
         );
         let loc = self.loc(key_pos);
         self.current_step = Some(loc.clone());
+        self.step_expr_fields.clear();
         let name = self
             .opt_string(&f, "name")
             .unwrap_or_else(|| identifier.clone());
@@ -1449,6 +1474,7 @@ impl<'e> Parser<'e> {
             when,
             failure_strategies,
             kind: kind?,
+            expr_fields: std::mem::take(&mut self.step_expr_fields),
             loc,
         })
     }
@@ -1458,17 +1484,19 @@ impl<'e> Parser<'e> {
             .opt_template(f, "image")
             .filter(|s| !s.trim().is_empty());
         let connector_ref = self.opt_string(f, "connectorRef");
-        let pull_policy = match self
-            .opt_enum(f, "imagePullPolicy", &["Always", "IfNotPresent", "Never"])
-            .as_deref()
-        {
-            Some("Always") => Some(PullPolicy::Always),
-            Some("IfNotPresent") => Some(PullPolicy::IfNotPresent),
-            Some("Never") => Some(PullPolicy::Never),
-            _ => None,
+        let pull_policy = if self.expr_field(f, "imagePullPolicy", StepField::PullPolicy) {
+            None
+        } else {
+            self.opt_enum(f, "imagePullPolicy", PullPolicy::NAMES)
+                .and_then(|s| PullPolicy::from_name(&s))
         };
-        let privileged = self.opt_bool(f, "privileged").unwrap_or(false);
-        let run_as_user = self.literal(f, "runAsUser").map(|(s, _)| s);
+        let privileged = !self.expr_field(f, "privileged", StepField::Privileged)
+            && self.opt_bool(f, "privileged").unwrap_or(false);
+        let run_as_user = if self.expr_field(f, "runAsUser", StepField::RunAsUser) {
+            None
+        } else {
+            self.literal(f, "runAsUser").map(|(s, _)| s)
+        };
         let resources = f
             .get("resources")
             .map(|r| self.resources(r, &f.what))
@@ -1546,13 +1574,23 @@ impl<'e> Parser<'e> {
             return res;
         };
         self.check_fields(&lf, &["memory", "cpu"], &[], &[]);
-        if let Some((s, pos)) = self.literal(&lf, "memory") {
+        let memory = if self.expr_field(&lf, "memory", StepField::Memory) {
+            None
+        } else {
+            self.literal(&lf, "memory")
+        };
+        if let Some((s, pos)) = memory {
             match values::parse_memory(&s) {
                 Ok(b) => res.memory = Some(b),
                 Err(e) => self.invalid(pos, format!("invalid memory limit in {owner}: {e}")),
             }
         }
-        if let Some((s, pos)) = self.literal(&lf, "cpu") {
+        let cpu = if self.expr_field(&lf, "cpu", StepField::Cpu) {
+            None
+        } else {
+            self.literal(&lf, "cpu")
+        };
+        if let Some((s, pos)) = cpu {
             match values::parse_cpu(&s) {
                 Ok(m) => res.cpu_millis = Some(m),
                 Err(e) => self.invalid(pos, format!("invalid cpu limit in {owner}: {e}")),
@@ -1585,17 +1623,11 @@ impl<'e> Parser<'e> {
     }
 
     fn shell(&mut self, f: &Fields<'_>) -> Option<Shell> {
-        match self
-            .opt_enum(f, "shell", &["Sh", "Bash", "Powershell", "Pwsh", "Python"])
-            .as_deref()
-        {
-            Some("Sh") => Some(Shell::Sh),
-            Some("Bash") => Some(Shell::Bash),
-            Some("Powershell") => Some(Shell::Powershell),
-            Some("Pwsh") => Some(Shell::Pwsh),
-            Some("Python") => Some(Shell::Python),
-            _ => None,
+        if self.expr_field(f, "shell", StepField::Shell) {
+            return None;
         }
+        self.opt_enum(f, "shell", Shell::NAMES)
+            .and_then(|s| Shell::from_name(&s))
     }
 
     /// `entrypoint`: a list, or a string split into words (with shell-like quotes).
@@ -1878,6 +1910,7 @@ impl<'e> Parser<'e> {
             .unwrap_or_else(|| identifier.clone());
         let loc = self.loc(node.pos);
         self.current_step = Some(loc.clone());
+        self.step_expr_fields.clear();
         let spec = match f.get("spec") {
             None => {
                 self.missing(&f, "spec");
@@ -1940,6 +1973,7 @@ impl<'e> Parser<'e> {
             when: None,
             failure_strategies: Vec::new(),
             kind: kind?,
+            expr_fields: std::mem::take(&mut self.step_expr_fields),
             loc,
         })
     }

@@ -321,10 +321,7 @@ fn check_references(
         let current = site.stage.as_deref().and_then(stage_index);
         let problem = match &site.expr {
             Expr::PipelineVariable(v) => match &file.pipeline {
-                None => Some(format!(
-                    "`{}` reads a pipeline variable, but this file holds a single stage",
-                    site.expr
-                )),
+                None => Some("the file holds a single stage, which has no pipeline variables".into()),
                 Some(p) => missing_variable(&p.variables, v, "the pipeline"),
             },
             Expr::StageVariable(v) => current.and_then(|i| {
@@ -334,7 +331,7 @@ fn check_references(
             Expr::StepGroupVariable(v) => {
                 let groups = enclosing_groups(file, current, &site.groups);
                 if groups.is_empty() {
-                    Some(format!("`{}` is not inside a step group", site.expr))
+                    Some("it is not inside a step group".into())
                 } else if groups.iter().any(|g| g.variables.iter().any(|x| &x.name == v)) {
                     None
                 } else {

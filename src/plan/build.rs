@@ -14,8 +14,9 @@ use crate::pipeline::expr::{
     self, CodebaseField, Expr, Operand, StageAttr, TemplatePart as Part,
 };
 use crate::pipeline::{
-    FailureAction, FailureStrategy, Infrastructure, Location, PipelineFile, PullPolicy, Shell,
-    Stage, StageStatus, Step, StepItem, StepKind, Timeout, Variable, VariableType,
+    ExprField, FailureAction, FailureStrategy, Infrastructure, Location, PipelineFile,
+    PullPolicy, Shell, Stage, StageStatus, Step, StepField, StepItem, StepKind, Timeout,
+    Variable, VariableType,
 };
 
 use crate::net::StepRequest;
@@ -698,6 +699,61 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// Typed step fields written as expressions: resolved, then read as their type.
+    fn expr_fields(&mut self, plan: &mut StepPlan, fields: &[ExprField], scope: &Scope) {
+        for f in fields {
+            let key = f.field.key();
+            let value = self.static_text(&f.text, scope, &f.loc, key);
+            if self.inputs.placeholders && value.contains("<input>") {
+                continue;
+            }
+            let v = value.trim();
+            let parsed: Result<(), String> = match f.field {
+                StepField::Privileged => match v {
+                    "true" | "false" => {
+                        plan.privileged = v == "true";
+                        Ok(())
+                    }
+                    _ => Err("it must be true or false".into()),
+                },
+                StepField::RunAsUser => {
+                    plan.run_as_user = Some(v.to_string());
+                    Ok(())
+                }
+                StepField::PullPolicy => match PullPolicy::from_name(v) {
+                    Some(p) => {
+                        if let Some(image) = plan.image.as_mut() {
+                            image.pull_policy = p;
+                        }
+                        Ok(())
+                    }
+                    None => Err(format!("it must be one of {}", PullPolicy::NAMES.join(", "))),
+                },
+                StepField::Shell => match Shell::from_name(v) {
+                    Some(sh) => {
+                        if let ProcessTemplate::Shell { shell, .. } = &mut plan.process {
+                            *shell = sh;
+                        }
+                        Ok(())
+                    }
+                    None => Err(format!("it must be one of {}", Shell::NAMES.join(", "))),
+                },
+                StepField::Memory => crate::pipeline::values::parse_memory(v).map(|b| {
+                    plan.resources.memory = Some(b);
+                }),
+                StepField::Cpu => crate::pipeline::values::parse_cpu(v).map(|m| {
+                    plan.resources.cpu_millis = Some(m);
+                }),
+            };
+            if let Err(why) = parsed {
+                self.error(
+                    &f.loc,
+                    format!("`{key}` is `{}`, which resolves to `{value}`: {why}", f.text),
+                );
+            }
+        }
+    }
+
     /// The duration of a `timeout`, resolving its expressions.
     fn timeout(&mut self, t: Option<&Timeout>, scope: &Scope) -> Option<std::time::Duration> {
         let (text, loc) = match t? {
@@ -976,7 +1032,7 @@ impl<'a> Builder<'a> {
         } else {
             &step.failure_strategies
         };
-        let plan = StepPlan {
+        let mut plan = StepPlan {
             key: key.clone(),
             identifier: step.identifier.clone(),
             name: step.name.clone(),
@@ -1006,6 +1062,7 @@ impl<'a> Builder<'a> {
             address: None,
             loc: loc.clone(),
         };
+        self.expr_fields(&mut plan, &step.expr_fields, &s);
         scope.done.insert(key);
         Node::Step(Box::new(plan))
     }
@@ -1438,6 +1495,65 @@ mod tests {
         assert_eq!(
             script(&p, 0, "r").parts,
             vec![TemplatePart::Text("echo main\necho 1 2\n".into())]
+        );
+    }
+
+    #[test]
+    fn typed_fields_may_be_expressions() {
+        let yaml = r#"stage:
+  name: s
+  identifier: s
+  type: CI
+  variables:
+    - name: dind
+      type: String
+      value: <+input>.default(true)
+    - name: mem
+      type: String
+      value: 1Gi
+  spec:
+    execution:
+      steps:
+        - step:
+            type: Run
+            name: r
+            identifier: r
+            spec:
+              image: docker:27
+              imagePullPolicy: <+input>.allowedValues(Always,Never)
+              shell: <+pipeline.variables.nope>
+              privileged: <+stage.variables.dind>
+              command: "true"
+              resources:
+                limits:
+                  memory: <+stage.variables.mem>
+                  cpu: <+stage.variables.dind>
+"#;
+        // The parser checks the expressions of these fields like any other.
+        let e = plan(yaml, &[]).unwrap_err();
+        assert_eq!(
+            e,
+            "p.yaml:22:22: `<+pipeline.variables.nope>`: the file holds a single stage, which has no pipeline variables"
+        );
+        let yaml = yaml.replace("              shell: <+pipeline.variables.nope>\n", "");
+        let e = plan(&yaml, &[("r.imagePullPolicy", "Never")]).unwrap_err();
+        assert_eq!(
+            e,
+            "p.yaml:27:24: `resources.limits.cpu` is `<+stage.variables.dind>`, which resolves to `true`: `true` is not a quantity"
+        );
+        let yaml = yaml.replace("                  cpu: <+stage.variables.dind>\n", "");
+        let p = plan(&yaml, &[("r.imagePullPolicy", "Never")]).unwrap();
+        let step = p.stages[0].steps()[0].clone();
+        assert!(step.privileged);
+        assert_eq!(step.resources.memory, Some(1 << 30));
+        assert_eq!(
+            step.image.as_ref().map(|i| i.pull_policy),
+            Some(PullPolicy::Never)
+        );
+        let e = plan(&yaml, &[("r.imagePullPolicy", "Never"), ("dind", "yes")]).unwrap_err();
+        assert!(
+            e.starts_with("p.yaml:22:27: `privileged` is `<+stage.variables.dind>`, which resolves to `yes`: it must be true or false"),
+            "{e}"
         );
     }
 }
