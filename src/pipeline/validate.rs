@@ -1,7 +1,7 @@
 //! Checks that need the whole stage rather than one field: identifiers unique in their
-//! scope, parallel steps that read each other's outputs, and every expression that
-//! names something of the file (variables, stages, steps, groups) naming something
-//! that exists and is known where the expression is read.
+//! scope, parallel steps that read each other's outputs, and expressions that name
+//! something of the file (a variable, stage, step group or step): it must exist and be
+//! known where the expression is read.
 //!
 //! Harness addresses a step by its fully qualified name
 //! (`pipeline.stages.S.spec.execution.steps.G.steps.ID`): a `parallel` block adds no
