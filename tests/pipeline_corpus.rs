@@ -89,7 +89,10 @@ fn python_http_server_is_host_steps_with_a_port_binding() {
     assert_eq!(steps[1].identifier, "http_server");
     assert!(bg.container.image.is_none());
     assert_eq!(bg.port_bindings, vec![(8000, 8000)]);
-    assert_eq!(steps[2].timeout, Some(Timeout::Fixed(std::time::Duration::from_secs(60))));
+    assert_eq!(
+        steps[2].timeout,
+        Some(Timeout::Fixed(std::time::Duration::from_secs(60)))
+    );
 }
 
 fn find<'a>(items: &'a [StepItem], id: &str) -> &'a pipeline::Step {
@@ -107,7 +110,10 @@ fn full_pipeline_keeps_every_field() {
     let file = pipeline::load(&corpus_dir().join("full-pipeline.yaml")).unwrap();
     let info = file.pipeline.as_ref().unwrap();
     assert_eq!(info.identifier, "everything");
-    assert_eq!(info.timeout, Some(Timeout::Fixed(Duration::from_secs(7200))));
+    assert_eq!(
+        info.timeout,
+        Some(Timeout::Fixed(Duration::from_secs(7200)))
+    );
     let vars: Vec<_> = info
         .variables
         .iter()
@@ -149,7 +155,10 @@ fn full_pipeline_keeps_every_field() {
     );
 
     let stage = &file.stages[0];
-    assert_eq!(stage.timeout, Some(Timeout::Fixed(Duration::from_secs(5400))));
+    assert_eq!(
+        stage.timeout,
+        Some(Timeout::Fixed(Duration::from_secs(5400)))
+    );
     assert_eq!(stage.variables.len(), 3);
     assert_eq!(stage.variables[2].default.as_deref(), Some("fallback"));
     let when = stage.when.as_ref().unwrap();

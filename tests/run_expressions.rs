@@ -157,7 +157,9 @@ fn a_timeout_from_a_variable_limits_the_step() {
         // An answer that is no duration is refused before the run, at the timeout.
         sb.run(["run", "ci.yaml", "--set", "limit=soon"])
             .assert_code(2)
-            .assert_stderr("ci.yaml:19:22: `timeout` is `<+stage.variables.limit>`, which resolves to `soon`");
+            .assert_stderr(
+                "ci.yaml:19:22: `timeout` is `<+stage.variables.limit>`, which resolves to `soon`",
+            );
     }
 }
 

@@ -131,9 +131,7 @@ impl Reader<'_> {
 
     /// A Harness input set: the pipeline's variables are the answers.
     fn input_set(&mut self, node: &Node) {
-        let variables = node
-            .get("pipeline")
-            .and_then(|p| p.get("variables"));
+        let variables = node.get("pipeline").and_then(|p| p.get("variables"));
         let Some(variables) = variables else {
             return self.error(
                 node.pos,

@@ -64,12 +64,18 @@ pub enum Expr {
         variable: String,
     },
     /// `<+pipeline.stages.S.name>`, `.identifier`, `.variables.X`: a fact of stage `S`.
-    OtherStage { stage: String, attr: StageAttr },
+    OtherStage {
+        stage: String,
+        attr: StageAttr,
+    },
     /// `<+ID.variables.X>`: Harness resolves a first segment that is not a namespace as
     /// the identifier of an enclosing or earlier node of the run (a stage or a step
     /// group). The plan looks `ID` up; when the pipeline has no such node, the value is
     /// one Harness's server would supply and it is asked for as the input `ID.variables.X`.
-    NodeVariable { node: String, variable: String },
+    NodeVariable {
+        node: String,
+        variable: String,
+    },
     /// A value only Harness's server knows: `<+trigger.*>`, `<+variable.X>`,
     /// `<+variable.org.X>`, `<+variable.account.X>`, `<+account|org|project.*>`,
     /// `<+pipeline.triggeredBy.*>`, `<+pipeline.triggerType>`. The path (without `<+ >`)
@@ -545,7 +551,11 @@ pub enum Condition<O = Operand> {
         right: O,
     },
     /// `<`, `<=`, `>`, `>=`: as numbers when both sides are numbers, else as strings.
-    Order { left: O, op: OrderOp, right: O },
+    Order {
+        left: O,
+        op: OrderOp,
+        right: O,
+    },
     /// A string test: `<+x>.contains("a")`, `.startsWith(..)`, `.endsWith(..)`,
     /// `.equals(..)`, `.equalsIgnoreCase(..)`, and JEXL's `=^` / `=$` operators.
     Test {
@@ -787,7 +797,11 @@ fn word_operator(word: &str) -> Option<Tok> {
 
 /// A `.method(arg)` call at the start of `s`: the method, its one argument (a quoted
 /// string, a number or an expression) and the bytes consumed.
-fn method_call(s: &str, text: &str, at: usize) -> Result<Option<(StrMethod, Operand, usize)>, ExprError> {
+fn method_call(
+    s: &str,
+    text: &str,
+    at: usize,
+) -> Result<Option<(StrMethod, Operand, usize)>, ExprError> {
     let Some(rest) = s.strip_prefix('.') else {
         return Ok(None);
     };
@@ -803,7 +817,11 @@ fn method_call(s: &str, text: &str, at: usize) -> Result<Option<(StrMethod, Oper
             message: format!(
                 "condition `{}`: sandrun cannot evaluate the method `.{name}(...)` (it knows {})",
                 text.trim(),
-                StrMethod::ALL.iter().map(|(n, _)| format!(".{n}()")).collect::<Vec<_>>().join(", ")
+                StrMethod::ALL
+                    .iter()
+                    .map(|(n, _)| format!(".{n}()"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             offset: at,
         });
@@ -824,7 +842,10 @@ fn method_call(s: &str, text: &str, at: usize) -> Result<Option<(StrMethod, Oper
             [one] => Operand::Text(one.clone()),
             _ => {
                 return Err(ExprError {
-                    message: format!("condition `{}`: `.{name}(...)` takes one value", text.trim()),
+                    message: format!(
+                        "condition `{}`: `.{name}(...)` takes one value",
+                        text.trim()
+                    ),
                     offset: at,
                 })
             }
@@ -897,7 +918,8 @@ fn tokenize_condition(text: &str) -> Result<Vec<(Tok, usize)>, ExprError> {
                 });
             }
             let word = &s[..end];
-            let tok = word_operator(word).unwrap_or_else(|| Tok::Operand(Operand::Text(word.to_string())));
+            let tok = word_operator(word)
+                .unwrap_or_else(|| Tok::Operand(Operand::Text(word.to_string())));
             (tok, &s[end..])
         };
         out.push((tok, at));
@@ -1182,7 +1204,10 @@ mod tests {
         let e = parse_template("x <+pipeline.nmae> y").unwrap_err();
         assert_eq!(e[0].message, "unknown expression `<+pipeline.nmae>`");
         let e = parse_template("x <+pipeline.name").unwrap_err();
-        assert_eq!(e[0].message, "expression `<+pipeline.name` has no closing `>`");
+        assert_eq!(
+            e[0].message,
+            "expression `<+pipeline.name` has no closing `>`"
+        );
         assert!(parse_template("<+pipeline.variables.x.toLowerCase()>").is_err());
         assert!(parse_template("<+codebase.prNumber>").is_err());
     }
@@ -1372,8 +1397,10 @@ mod tests {
         );
         // Seen in a real pipeline: JEXL's word operator.
         assert_eq!(
-            parse_condition("<+codebase.branch> == \"main\" || <+codebase.branch> startsWith \"release/\"")
-                .unwrap(),
+            parse_condition(
+                "<+codebase.branch> == \"main\" || <+codebase.branch> startsWith \"release/\""
+            )
+            .unwrap(),
             Condition::Or(
                 Box::new(Condition::Compare {
                     left: branch(),

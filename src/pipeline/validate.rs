@@ -269,9 +269,7 @@ fn check_parallel(
                                 .enumerate()
                                 .filter(|(j, _)| *j != i)
                                 .flat_map(|(_, b)| b.iter())
-                                .find(|t| {
-                                    t.id == r.step && t.path.ends_with(&r.group_path)
-                                });
+                                .find(|t| t.id == r.step && t.path.ends_with(&r.group_path));
                             if let Some(t) = target {
                                 siblings.push((from.loc.clone(), t.loc.clone()));
                                 errors.push(PipelineError {
@@ -437,7 +435,10 @@ fn missing_variable(vars: &[Variable], name: &str, owner: &str) -> Option<String
         return None;
     }
     let names: Vec<&str> = vars.iter().map(|v| v.name.as_str()).collect();
-    Some(format!("{owner} has no variable `{name}`{}", suggestion(name, &names)))
+    Some(format!(
+        "{owner} has no variable `{name}`{}",
+        suggestion(name, &names)
+    ))
 }
 
 /// Why stage `id` cannot be read from the stage at index `current`: it does not exist,
@@ -450,7 +451,10 @@ fn other_stage(
 ) -> Option<String> {
     let Some(i) = file.stages.iter().position(|s| s.identifier == id) else {
         let names: Vec<&str> = file.stages.iter().map(|s| s.identifier.as_str()).collect();
-        return Some(format!("the pipeline has no stage `{id}`{}", suggestion(id, &names)));
+        return Some(format!(
+            "the pipeline has no stage `{id}`{}",
+            suggestion(id, &names)
+        ));
     };
     match current {
         Some(c) if needs_run && i > c => Some(format!(
@@ -473,7 +477,9 @@ fn enclosing_groups<'f>(
     let mut out = Vec::new();
     let mut items = &spec.steps[..];
     for id in path {
-        let Some(g) = find_group(items, id) else { break };
+        let Some(g) = find_group(items, id) else {
+            break;
+        };
         out.push(g);
         items = &g.steps;
     }

@@ -337,11 +337,19 @@ mod tests {
     fn expressions_inside_block_scalars_keep_their_line_and_column() {
         let cases: &[(&str, &str, (usize, usize))] = &[
             // literal, with leading empty lines
-            ("c: |\n\n    echo a\n      echo <+b.x> <+c.y>\n", "<+c.y>", (4, 19)),
+            (
+                "c: |\n\n    echo a\n      echo <+b.x> <+c.y>\n",
+                "<+c.y>",
+                (4, 19),
+            ),
             // literal with an explicit indentation indicator and strip chomping
             ("c: |2-\n    echo\n   <+b.x>\n", "<+b.x>", (3, 4)),
             // folded: the lines are joined in the text, not in the source
-            ("c: >\n  one two\n  three <+b.x>\n\n  <+c.y>\n", "<+c.y>", (5, 3)),
+            (
+                "c: >\n  one two\n  three <+b.x>\n\n  <+c.y>\n",
+                "<+c.y>",
+                (5, 3),
+            ),
             ("c: >+\n  one\n  two <+b.x>\n", "<+b.x>", (3, 7)),
             // a header comment holding an expression is not the value
             ("c: | # <+not.this>\n  run <+b.x>\n", "<+b.x>", (2, 7)),

@@ -10,13 +10,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::pipeline::expr::{
-    self, CodebaseField, Expr, Operand, StageAttr, TemplatePart as Part,
-};
+use crate::pipeline::expr::{self, CodebaseField, Expr, Operand, StageAttr, TemplatePart as Part};
 use crate::pipeline::{
-    ExprField, FailureAction, FailureStrategy, Infrastructure, Location, PipelineFile,
-    PullPolicy, Shell, Stage, StageStatus, Step, StepField, StepItem, StepKind, Timeout,
-    Variable, VariableType,
+    ExprField, FailureAction, FailureStrategy, Infrastructure, Location, PipelineFile, PullPolicy,
+    Shell, Stage, StageStatus, Step, StepField, StepItem, StepKind, Timeout, Variable,
+    VariableType,
 };
 
 use crate::net::StepRequest;
@@ -727,7 +725,10 @@ impl<'a> Builder<'a> {
                         }
                         Ok(())
                     }
-                    None => Err(format!("it must be one of {}", PullPolicy::NAMES.join(", "))),
+                    None => Err(format!(
+                        "it must be one of {}",
+                        PullPolicy::NAMES.join(", ")
+                    )),
                 },
                 StepField::Shell => match Shell::from_name(v) {
                     Some(sh) => {
@@ -748,7 +749,10 @@ impl<'a> Builder<'a> {
             if let Err(why) = parsed {
                 self.error(
                     &f.loc,
-                    format!("`{key}` is `{}`, which resolves to `{value}`: {why}", f.text),
+                    format!(
+                        "`{key}` is `{}`, which resolves to `{value}`: {why}",
+                        f.text
+                    ),
                 );
             }
         }
@@ -1327,7 +1331,8 @@ mod tests {
     use crate::plan::Outputs;
 
     fn plan(yaml: &str, answers: &[(&str, &str)]) -> Result<Plan, String> {
-        let file = crate::pipeline::parse_str(Path::new("p.yaml"), yaml).map_err(|e| e.to_string())?;
+        let file =
+            crate::pipeline::parse_str(Path::new("p.yaml"), yaml).map_err(|e| e.to_string())?;
         let inputs = PlanInputs {
             inputs: answers
                 .iter()
@@ -1409,7 +1414,10 @@ mod tests {
 
     #[test]
     fn references_resolve_to_the_right_stage_and_step() {
-        let yaml = TWO_STAGES.replace("                  timeout: <+pipeline.stages.a.variables.v.length>\n", "");
+        let yaml = TWO_STAGES.replace(
+            "                  timeout: <+pipeline.stages.a.variables.v.length>\n",
+            "",
+        );
         let p = plan(&yaml, &[]).unwrap();
         let hole = |stage: Option<&str>| TemplatePart::StepOutput {
             stage: stage.map(String::from),
@@ -1436,9 +1444,16 @@ mod tests {
         let mut outputs = Outputs::default();
         outputs.earlier.insert(
             "a".into(),
-            [("outer.inner.s".to_string(), [("X".to_string(), "42".to_string())].into())].into(),
+            [(
+                "outer.inner.s".to_string(),
+                [("X".to_string(), "42".to_string())].into(),
+            )]
+            .into(),
         );
-        assert_eq!(script(&p, 1, "u").render(&outputs, &mut Vec::new()), "echo 42 a");
+        assert_eq!(
+            script(&p, 1, "u").render(&outputs, &mut Vec::new()),
+            "echo 42 a"
+        );
     }
 
     #[test]
@@ -1452,10 +1467,15 @@ mod tests {
             "  identifier: p\n  variables:\n    - name: t\n      type: String\n      value: <+input>\n",
         );
         let p = plan(&yaml, &[("t", "1m 30s")]).unwrap();
-        assert_eq!(p.stages[1].steps()[0].timeout, Some(Duration::from_secs(90)));
+        assert_eq!(
+            p.stages[1].steps()[0].timeout,
+            Some(Duration::from_secs(90))
+        );
         let e = plan(&yaml, &[("t", "soon")]).unwrap_err();
         assert!(
-            e.starts_with("p.yaml:57:28: `timeout` is `<+pipeline.variables.t>`, which resolves to `soon`"),
+            e.starts_with(
+                "p.yaml:57:28: `timeout` is `<+pipeline.variables.t>`, which resolves to `soon`"
+            ),
             "{e}"
         );
     }
@@ -1482,7 +1502,10 @@ mod tests {
         let lines: Vec<&str> = e.lines().collect();
         assert_eq!(lines.len(), 2, "{e}");
         assert!(lines[0].starts_with("p.yaml:14:22: `<+trigger.branch>` is known only to Harness's server: give it with --set trigger.branch=VALUE"), "{e}");
-        assert!(lines[1].starts_with("p.yaml:15:40: `<+elsewhere.variables.y>`"), "{e}");
+        assert!(
+            lines[1].starts_with("p.yaml:15:40: `<+elsewhere.variables.y>`"),
+            "{e}"
+        );
         let p = plan(
             yaml,
             &[
