@@ -103,9 +103,17 @@ pub struct InputArgs {
     /// under the workspace's `.harness/`. Repeatable.
     #[arg(long = "templates", value_name = "DIR")]
     pub templates: Vec<PathBuf>,
-    /// Answer a runtime input (`<+input>`): a variable's name, or STEP.FIELD for step fields.
+    /// Answer an input: a variable's name or STEP.FIELD for a runtime input (`<+input>`);
+    /// for what only Harness's server knows, the expression's path:
+    /// `--set trigger.branch=main`, `--set variable.org.region=eu`,
+    /// `--set STAGE.variables.X=...` for a stage that is not in this pipeline.
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_pair)]
     pub set: Vec<(String, String)>,
+    /// Read answers from a YAML file of `KEY: VALUE` (nested maps join keys with `.`:
+    /// `trigger: {branch: main}`), or a Harness input set (its pipeline variables).
+    /// `--set` overrides it.
+    #[arg(long, value_name = "FILE")]
+    pub values: Option<PathBuf>,
     /// Give a secret's value (`<+secrets.getValue("ID")>`, Secret variables). Never printed.
     #[arg(long = "secret", value_name = "ID=VALUE", value_parser = parse_pair)]
     pub secret: Vec<(String, String)>,
@@ -282,9 +290,14 @@ fn load_and_plan(input: &InputArgs, placeholders: bool) -> anyhow::Result<(Pipel
         secrets.extend(read_secrets_file(f)?);
     }
     secrets.extend(input.secret.iter().cloned());
+    let mut answers = match &input.values {
+        Some(f) => pipeline::load_values(f).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => BTreeMap::new(),
+    };
+    answers.extend(input.set.iter().cloned());
     let inputs = PlanInputs {
         workspace,
-        inputs: input.set.iter().cloned().collect(),
+        inputs: answers,
         secrets,
         stage: input.stage.clone(),
         network: input.network.iter().rev().find_map(|n| match n {
@@ -329,16 +342,19 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<i32> {
         workspace: None,
         templates: args.templates.clone(),
         set: Vec::new(),
+        values: None,
         secret: Vec::new(),
         secrets_file: None,
         network: Vec::new(),
     };
-    let (_, plan) = load_and_plan(&input, true)?;
+    let (file, plan) = load_and_plan(&input, true)?;
     let unsupported = unsupported_steps(&plan);
     if unsupported.is_empty() {
         println!("{}: valid", plan.source.display());
+        print_server_inputs(&file);
         return Ok(0);
     }
+    print_server_inputs(&file);
     for line in &unsupported {
         eprintln!("{line}");
     }
@@ -348,6 +364,20 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<i32> {
         unsupported.len()
     );
     Ok(1)
+}
+
+/// The values only Harness's server knows that the pipeline reads: a run needs them
+/// answered.
+fn print_server_inputs(file: &PipelineFile) {
+    if file.server_inputs.is_empty() {
+        return;
+    }
+    println!(
+        "inputs only Harness's server knows; give them to `sandrun run` with --set KEY=VALUE or --values FILE:"
+    );
+    for i in &file.server_inputs {
+        println!("  {}: {}", i.loc, i.key);
+    }
 }
 
 fn unsupported_steps(plan: &Plan) -> Vec<String> {
@@ -377,6 +407,7 @@ fn export(
         stage: k.stage.clone(),
         workspace: None,
         set: k.set.clone(),
+        values: k.values.clone(),
         secret: crate::export::secret_markers(&text).into_iter().collect(),
         secrets_file: None,
         network: Vec::new(),
@@ -598,6 +629,7 @@ async fn run_plan(
         mut prebuilt,
     } = parts;
     let mut overall = StageResult::Succeeded;
+    let outputs = std::sync::Mutex::new(crate::plan::PipelineOutputs::new());
     for stage in &plan.stages {
         if let Some(reason) = &stage.skipped {
             sink.emit(RunEvent::StageSkipped {
@@ -666,6 +698,7 @@ async fn run_plan(
             options,
             events: sink.clone(),
             cancel: cancel.clone(),
+            pipeline_outputs: &outputs,
         };
         overall = run_stage(&ctx).await;
         if let Some((network, proxy)) = network {

@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use sandrun::pipeline::{self, StepItem, StepKind};
+use sandrun::pipeline::{self, StepItem, StepKind, Timeout};
 
 fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/pipelines")
@@ -90,7 +90,10 @@ fn python_http_server_is_host_steps_with_a_port_binding() {
     assert_eq!(steps[1].identifier, "http_server");
     assert!(bg.container.image.is_none());
     assert_eq!(bg.port_bindings, vec![(8000, 8000)]);
-    assert_eq!(steps[2].timeout, Some(std::time::Duration::from_secs(60)));
+    assert_eq!(
+        steps[2].timeout,
+        Some(Timeout::Fixed(std::time::Duration::from_secs(60)))
+    );
 }
 
 fn find<'a>(items: &'a [StepItem], id: &str) -> &'a pipeline::Step {
@@ -108,7 +111,10 @@ fn full_pipeline_keeps_every_field() {
     let file = pipeline::load(&corpus_dir().join("full-pipeline.yaml")).unwrap();
     let info = file.pipeline.as_ref().unwrap();
     assert_eq!(info.identifier, "everything");
-    assert_eq!(info.timeout, Some(Duration::from_secs(7200)));
+    assert_eq!(
+        info.timeout,
+        Some(Timeout::Fixed(Duration::from_secs(7200)))
+    );
     let vars: Vec<_> = info
         .variables
         .iter()
@@ -150,7 +156,10 @@ fn full_pipeline_keeps_every_field() {
     );
 
     let stage = &file.stages[0];
-    assert_eq!(stage.timeout, Some(Duration::from_secs(5400)));
+    assert_eq!(
+        stage.timeout,
+        Some(Timeout::Fixed(Duration::from_secs(5400)))
+    );
     assert_eq!(stage.variables.len(), 3);
     assert_eq!(stage.variables[2].default.as_deref(), Some("fallback"));
     let when = stage.when.as_ref().unwrap();
@@ -175,7 +184,7 @@ fn full_pipeline_keeps_every_field() {
     );
 
     let run = find(&spec.steps, "every_run_field");
-    assert_eq!(run.timeout, Some(Duration::from_secs(600)));
+    assert_eq!(run.timeout, Some(Timeout::Fixed(Duration::from_secs(600))));
     assert_eq!(
         run.description.as_deref(),
         Some("uses every field of a Run step")

@@ -49,6 +49,9 @@ pub struct KubernetesArgs {
     /// Answer a runtime input (`<+input>`): a variable's name, or STEP.FIELD.
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = crate::cli::parse_pair)]
     pub set: Vec<(String, String)>,
+    /// Read answers from a YAML file of `KEY: VALUE` (as `sandrun run --values`).
+    #[arg(long, value_name = "FILE")]
+    pub values: Option<PathBuf>,
     /// Another directory of Harness template files (repeatable), besides those beside the
     /// pipeline and under `.harness/`.
     #[arg(long = "templates", value_name = "DIR")]

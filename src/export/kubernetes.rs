@@ -21,8 +21,8 @@ use super::sequence::{self, StepScript};
 use super::{ExportError, Refusal};
 use crate::pipeline::{PullPolicy, StageStatus};
 use crate::plan::{
-    CondPlan, GroupPlan, LoopPlan, Node, Plan, ProcessTemplate, StagePlan, StepPlan, StepType, Template,
-    TemplatePart,
+    CondPlan, GroupPlan, LoopPlan, Node, Plan, ProcessTemplate, StagePlan, StepPlan, StepType,
+    Template, TemplatePart,
 };
 use crate::run::executor::output_trailer;
 
@@ -337,6 +337,18 @@ impl StageBuilder<'_, '_> {
         let mut seen_step = false;
         for p in &placed {
             let step = p.step;
+            for (_, cond) in &p.guards {
+                let mut operands = Vec::new();
+                if let Some(c) = cond {
+                    c.walk(&mut |t| operands.push(t));
+                }
+                if let Some(stage) = earlier_stage_read(operands) {
+                    self.refuse(step, cross_stage_reason(stage));
+                }
+            }
+            if let Some(stage) = earlier_stage_read(step_templates(step)) {
+                self.refuse(step, cross_stage_reason(stage));
+            }
             let Some(container) = self.container(step, &mut names) else {
                 continue;
             };
@@ -1135,4 +1147,35 @@ mod tests {
         assert!(lines.iter().all(|l| l.len() <= 22), "{lines:?}");
         assert!(lines[1].starts_with("  word"));
     }
+}
+
+/// Every template of a step's command and environment.
+fn step_templates(step: &StepPlan) -> Vec<&Template> {
+    let mut out: Vec<&Template> = step.env.iter().map(|(_, t)| t).collect();
+    match &step.process {
+        ProcessTemplate::Shell { script, .. } => out.push(script),
+        ProcessTemplate::Exec { argv } => out.extend(argv),
+        ProcessTemplate::ImageDefault => {}
+    }
+    out
+}
+
+/// The first earlier stage whose step outputs one of `templates` reads.
+fn earlier_stage_read<'a>(templates: impl IntoIterator<Item = &'a Template>) -> Option<&'a str> {
+    templates
+        .into_iter()
+        .flat_map(|t| &t.parts)
+        .find_map(|p| match p {
+            TemplatePart::StepOutput {
+                stage: Some(stage), ..
+            } => Some(stage.as_str()),
+            _ => None,
+        })
+}
+
+fn cross_stage_reason(stage: &str) -> String {
+    format!(
+        "reads output variables of stage `{stage}`: every stage is a Pod of its own, and \
+         outputs do not cross Pods (pass the value as a stage variable with `--set`)"
+    )
 }

@@ -15,6 +15,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::pipeline::expr::StrMethod;
 use crate::pipeline::StageStatus;
 use crate::plan::{Action, CondPlan, ErrorKind, FailurePolicy, Template, TemplatePart};
 use crate::run::executor::sh_quote;
@@ -72,7 +73,9 @@ fn word(t: &Template) -> String {
         }
         match p {
             TemplatePart::Text(_) => {}
-            TemplatePart::StepOutput { step, variable } => {
+            // Outputs of other stages are refused before a script is written
+            // (kubernetes::cross_stage_reason).
+            TemplatePart::StepOutput { step, variable, .. } => {
                 let file = format!("{}/{variable}", output_dir(step));
                 let _ = write!(s, "\"$({BUSYBOX} cat {} 2>/dev/null)\"", sh_quote(&file));
             }
@@ -97,7 +100,49 @@ fn condition(c: &CondPlan) -> String {
             if *equal { "=" } else { "!=" },
             word(right)
         ),
+        // JEXL's order and string tests, in busybox awk: the operands come through the
+        // environment (awk's -v would interpret backslashes), and compare as numbers
+        // when both are numbers, else as strings, as Harness does.
+        CondPlan::Order { left, op, right } => awk_test(
+            left,
+            right,
+            &format!(
+                "(num(a) && num(b) ? a + 0 {op} b + 0 : a \"\" {op} b \"\")",
+                op = op.symbol()
+            ),
+        ),
+        CondPlan::Test {
+            target,
+            method,
+            arg,
+        } => awk_test(
+            target,
+            arg,
+            match method {
+                StrMethod::Contains => "index(a, b) > 0",
+                StrMethod::StartsWith => "substr(a, 1, length(b)) == b",
+                StrMethod::EndsWith => {
+                    "length(a) >= length(b) && substr(a, length(a) - length(b) + 1) == b"
+                }
+                StrMethod::Equals => "a \"\" == b \"\"",
+                StrMethod::EqualsIgnoreCase => "tolower(a) == tolower(b)",
+            },
+        ),
     }
+}
+
+/// A shell test that is true when the awk expression `test` over `a` and `b` holds.
+fn awk_test(a: &Template, b: &Template, test: &str) -> String {
+    let program = format!(
+        "function num(x) {{ return x ~ /^[-+]?[0-9]+([.][0-9]+)?$/ }} \
+         BEGIN {{ a = ENVIRON[\"A\"]; b = ENVIRON[\"B\"]; exit !({test}) }}"
+    );
+    format!(
+        "A={} B={} {BUSYBOX} awk {}",
+        word(a),
+        word(b),
+        kubelet_literal(&sh_quote(&program))
+    )
 }
 
 fn stage_status(s: StageStatus) -> Option<&'static str> {
@@ -371,6 +416,7 @@ mod tests {
         std::fs::write(out.join("VERSION"), "1.2").unwrap();
         let version = Template {
             parts: vec![TemplatePart::StepOutput {
+                stage: None,
                 step: "build".into(),
                 variable: "VERSION".into(),
             }],
@@ -397,5 +443,95 @@ mod tests {
             std::fs::read_to_string(dir.path().join("t.exit")).unwrap(),
             "0\n"
         );
+    }
+
+    #[test]
+    fn order_and_string_tests_decide_like_jexl() {
+        use crate::pipeline::expr::OrderOp;
+        let dir = tempfile::tempdir().unwrap();
+        let none = FailurePolicy::default();
+        let ok = [lit("true")];
+        let cases = [
+            // numbers compare as numbers, other text as text
+            (
+                CondPlan::Order {
+                    left: lit("9"),
+                    op: OrderOp::Lt,
+                    right: lit("10"),
+                },
+                true,
+            ),
+            (
+                CondPlan::Order {
+                    left: lit("b9"),
+                    op: OrderOp::Lt,
+                    right: lit("b10"),
+                },
+                false,
+            ),
+            (
+                CondPlan::Order {
+                    left: lit("2.5"),
+                    op: OrderOp::Ge,
+                    right: lit("2.5"),
+                },
+                true,
+            ),
+            (
+                CondPlan::Test {
+                    target: lit("release/1.2"),
+                    method: StrMethod::StartsWith,
+                    arg: lit("release/"),
+                },
+                true,
+            ),
+            (
+                CondPlan::Test {
+                    target: lit("main"),
+                    method: StrMethod::StartsWith,
+                    arg: lit("release/"),
+                },
+                false,
+            ),
+            (
+                CondPlan::Test {
+                    target: lit("a\\b $x"),
+                    method: StrMethod::Contains,
+                    arg: lit("\\b $"),
+                },
+                true,
+            ),
+            (
+                CondPlan::Test {
+                    target: lit("x.yaml"),
+                    method: StrMethod::EndsWith,
+                    arg: lit(".yaml"),
+                },
+                true,
+            ),
+            (
+                CondPlan::Test {
+                    target: lit("1.0"),
+                    method: StrMethod::Equals,
+                    arg: lit("1"),
+                },
+                false,
+            ),
+            (
+                CondPlan::Test {
+                    target: lit("Main"),
+                    method: StrMethod::EqualsIgnoreCase,
+                    arg: lit("mAIN"),
+                },
+                true,
+            ),
+        ];
+        for (i, (cond, runs)) in cases.iter().enumerate() {
+            let guards = [(StageStatus::All, Some(cond))];
+            let key = format!("c{i}");
+            let (code, err) = run(&script(&step(&key, &ok, &guards, &none)), dir.path());
+            assert_eq!(code, 0, "{cond:?}: {err}");
+            assert_eq!(err.contains("skipped"), !runs, "{cond:?}: {err}");
+        }
     }
 }

@@ -59,6 +59,21 @@ pub struct PipelineErrors {
 }
 
 impl PipelineErrors {
+    /// One error about a whole file (it cannot be read, it is too large): no position.
+    pub fn about_file(path: &std::path::Path, message: impl Into<String>) -> PipelineErrors {
+        let mut errors = PipelineErrors::default();
+        errors.push(PipelineError {
+            loc: Location {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+            },
+            kind: ErrorKind::Io,
+            message: message.into(),
+        });
+        errors
+    }
+
     pub fn push(&mut self, e: PipelineError) {
         if self.errors.len() < MAX_ERRORS {
             self.errors.push(e);

@@ -13,6 +13,7 @@
 //! ([`template`]); looping strategies are expanded into their instances while parsing
 //! ([`strategy`]).
 
+mod answers;
 pub mod error;
 pub mod expr;
 pub mod model;
@@ -25,6 +26,7 @@ mod yaml;
 
 use std::path::Path;
 
+pub use answers::{load_values, MAX_VALUES_FILE};
 pub use error::{ErrorKind, PipelineError, PipelineErrors};
 pub use model::*;
 pub use parse::valid_identifier;
@@ -41,19 +43,10 @@ pub fn load(path: &Path) -> Result<PipelineFile, PipelineErrors> {
 pub fn load_with(path: &Path, search: &TemplateSearch) -> Result<PipelineFile, PipelineErrors> {
     match std::fs::read_to_string(path) {
         Ok(text) => parse_with(path, &text, search),
-        Err(e) => {
-            let mut errors = PipelineErrors::default();
-            errors.push(PipelineError {
-                loc: Location {
-                    file: path.to_path_buf(),
-                    line: 0,
-                    column: 0,
-                },
-                kind: ErrorKind::Io,
-                message: format!("cannot read the pipeline file: {e}"),
-            });
-            Err(errors)
-        }
+        Err(e) => Err(PipelineErrors::about_file(
+            path,
+            format!("cannot read the pipeline file: {e}"),
+        )),
     }
 }
 
@@ -90,15 +83,15 @@ pub fn parse_with(
         let library = template::Library::load(search, &mut sources);
         template::inline(&mut root, &library, &sources)
     });
-    let mut parser = parse::Parser::new(path, &mut errors);
+    let mut parser = parse::Parser::new(path, &mut errors).with_source(text);
     if let Some(inlined) = inlined {
         parser = parser.with_templates(sources, inlined.origins);
         inlined.problems.into_iter().for_each(|p| parser.report(p));
     }
-    let file = parser.file(&root);
-    let refs = std::mem::take(&mut parser.output_refs);
-    if let Some(file) = &file {
-        validate::validate(file, &refs, &mut errors);
+    let mut file = parser.file(&root);
+    let sites = std::mem::take(&mut parser.expr_sites);
+    if let Some(file) = &mut file {
+        file.server_inputs = validate::validate(file, &sites, &mut errors);
     }
     errors.sort();
     match file {

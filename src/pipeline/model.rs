@@ -21,6 +21,18 @@ impl fmt::Display for Location {
     }
 }
 
+/// A `timeout` field: a duration as written, or an expression the plan resolves
+/// (`timeout: <+pipeline.variables.build_timeout>`) and then reads as a duration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    Fixed(Duration),
+    Expr {
+        text: String,
+        /// Where the value is written.
+        loc: Location,
+    },
+}
+
 /// A parsed file: either a whole `pipeline:` or a single `stage:`.
 #[derive(Clone, Debug)]
 pub struct PipelineFile {
@@ -28,6 +40,19 @@ pub struct PipelineFile {
     /// `None` when the file holds a single `stage:`.
     pub pipeline: Option<PipelineInfo>,
     pub stages: Vec<Stage>,
+    /// Every expression only Harness's server can answer, where it is read.
+    pub server_inputs: Vec<ServerInput>,
+}
+
+/// A value only Harness's server knows (`<+trigger.branch>`, `<+variable.org.x>`...),
+/// read by an expression: the user gives it with `--set KEY=VALUE` or a values file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerInput {
+    /// The expression's path, the key of its answer (`trigger.branch`).
+    pub key: String,
+    /// Identifier of the stage the expression is in (`None` at pipeline level).
+    pub stage: Option<String>,
+    pub loc: Location,
 }
 
 #[derive(Clone, Debug)]
@@ -36,7 +61,7 @@ pub struct PipelineInfo {
     pub name: String,
     pub variables: Vec<Variable>,
     /// Pipeline-level `timeout`.
-    pub timeout: Option<Duration>,
+    pub timeout: Option<Timeout>,
     pub loc: Location,
 }
 
@@ -49,7 +74,7 @@ pub struct Stage {
     pub variables: Vec<Variable>,
     /// `None` for stages that are not `CI` (they are reported as skipped).
     pub spec: Option<CiStageSpec>,
-    pub timeout: Option<Duration>,
+    pub timeout: Option<Timeout>,
     /// Stage `when`: `stage_status` holds the stage's `pipelineStatus`.
     pub when: Option<When>,
     /// Apply to steps (and groups) that have none of their own.
@@ -200,11 +225,13 @@ pub struct Step {
     pub identifier: String,
     pub name: String,
     pub description: Option<String>,
-    pub timeout: Option<Duration>,
+    pub timeout: Option<Timeout>,
     pub when: Option<When>,
     pub failure_strategies: Vec<FailureStrategy>,
     pub kind: StepKind,
     pub template: Option<TemplateOrigin>,
+    /// Typed fields written as expressions, for the plan to resolve.
+    pub expr_fields: Vec<ExprField>,
     pub loc: Location,
 }
 
@@ -241,6 +268,20 @@ pub enum Shell {
 }
 
 impl Shell {
+    pub const NAMES: &'static [&'static str] = &["Sh", "Bash", "Powershell", "Pwsh", "Python"];
+
+    /// The shell a `shell` field names, spelled as Harness spells it.
+    pub fn from_name(name: &str) -> Option<Shell> {
+        Some(match name {
+            "Sh" => Shell::Sh,
+            "Bash" => Shell::Bash,
+            "Powershell" => Shell::Powershell,
+            "Pwsh" => Shell::Pwsh,
+            "Python" => Shell::Python,
+            _ => return None,
+        })
+    }
+
     /// The command line that runs `script` in this shell, as Harness runs it: Sh and
     /// Bash fail on the first error (`set -e`); there is no `powershell` on Linux, so
     /// PowerShell 7 (`pwsh`) runs both PowerShell shells.
@@ -260,6 +301,54 @@ pub enum PullPolicy {
     Always,
     IfNotPresent,
     Never,
+}
+
+impl PullPolicy {
+    pub const NAMES: &'static [&'static str] = &["Always", "IfNotPresent", "Never"];
+
+    pub fn from_name(name: &str) -> Option<PullPolicy> {
+        Some(match name {
+            "Always" => PullPolicy::Always,
+            "IfNotPresent" => PullPolicy::IfNotPresent,
+            "Never" => PullPolicy::Never,
+            _ => return None,
+        })
+    }
+}
+
+/// A step field written as an expression (`privileged: <+pipeline.variables.dind>`):
+/// the plan resolves it before the run and reads the value as the field's type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExprField {
+    pub field: StepField,
+    pub text: String,
+    /// Where the value is written.
+    pub loc: Location,
+}
+
+/// The step fields that may be written as an expression besides strings and `timeout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepField {
+    Privileged,
+    PullPolicy,
+    RunAsUser,
+    Shell,
+    Memory,
+    Cpu,
+}
+
+impl StepField {
+    /// The field as the YAML names it.
+    pub fn key(self) -> &'static str {
+        match self {
+            StepField::Privileged => "privileged",
+            StepField::PullPolicy => "imagePullPolicy",
+            StepField::RunAsUser => "runAsUser",
+            StepField::Shell => "shell",
+            StepField::Memory => "resources.limits.memory",
+            StepField::Cpu => "resources.limits.cpu",
+        }
+    }
 }
 
 /// Fields shared by the container-running step types.

@@ -23,16 +23,19 @@ use super::strategy::{self, Level, Problem};
 use super::values;
 use super::yaml::{Node, Pos, Value};
 
-/// A reference from a step to another step's output, kept for validation.
+/// An expression and where it was written, kept for validation (which needs the
+/// whole file: variables declared later, steps of other stages).
 #[derive(Clone, Debug)]
-pub(crate) struct OutputRef {
-    /// Location of the referencing step.
-    pub from_step: Location,
-    /// Location of the value holding the expression.
+pub(crate) struct ExprSite {
+    /// Location of the step the expression is in (`None` outside steps).
+    pub from_step: Option<Location>,
+    /// Location of the expression itself (its `<+`).
     pub at: Location,
-    pub group_path: Vec<String>,
-    pub step: String,
-    pub variable: String,
+    /// Identifier of the stage the expression is in (`None` at pipeline level).
+    pub stage: Option<String>,
+    /// The step groups enclosing the expression, outermost first.
+    pub groups: Vec<String>,
+    pub expr: expr::Expr,
 }
 
 pub(crate) struct Parser<'e> {
@@ -43,9 +46,17 @@ pub(crate) struct Parser<'e> {
     /// Items inlined from templates, by the position of their mapping.
     origins: HashMap<Pos, TemplateOrigin>,
     pub errors: &'e mut PipelineErrors,
-    pub output_refs: Vec<OutputRef>,
-    /// The step whose fields are being read (for `OutputRef::from_step`).
+    pub expr_sites: Vec<ExprSite>,
+    /// The source text, to place expressions inside multi-line scalars.
+    source: String,
+    /// The step whose fields are being read (for `ExprSite::from_step`).
     current_step: Option<Location>,
+    /// The stage being read.
+    current_stage: Option<String>,
+    /// The step groups being read, outermost first.
+    current_groups: Vec<String>,
+    /// Typed fields of the step being read that are written as expressions.
+    step_expr_fields: Vec<ExprField>,
     /// Infrastructure of the stage being read.
     current_infra: Infrastructure,
     /// Host ports bound so far in the stage being read.
@@ -102,7 +113,7 @@ pub(crate) fn did_you_mean<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a
         .map(|(_, _, c)| c)
 }
 
-fn suggestion(word: &str, candidates: &[&str]) -> String {
+pub(crate) fn suggestion(word: &str, candidates: &[&str]) -> String {
     match did_you_mean(word, candidates) {
         Some(c) => format!("; did you mean `{c}`?"),
         None => String::new(),
@@ -220,8 +231,12 @@ impl<'e> Parser<'e> {
             sources: vec![file.to_path_buf()],
             origins: HashMap::new(),
             errors,
-            output_refs: Vec::new(),
+            expr_sites: Vec::new(),
+            source: String::new(),
             current_step: None,
+            current_stage: None,
+            current_groups: Vec::new(),
+            step_expr_fields: Vec::new(),
             current_infra: Infrastructure::Cloud,
             host_ports: HashSet::new(),
             stage_infra: Vec::new(),
@@ -238,6 +253,13 @@ impl<'e> Parser<'e> {
     ) -> Self {
         self.sources = sources;
         self.origins = origins;
+        self
+    }
+
+    /// The text the nodes come from, so that errors inside multi-line strings point
+    /// at their own line.
+    pub fn with_source(mut self, text: &str) -> Self {
+        self.source = text.to_string();
         self
     }
 
@@ -428,36 +450,41 @@ impl<'e> Parser<'e> {
         Some(s)
     }
 
-    /// Check the expressions in a string value located at `pos`.
+    /// Check the expressions in a string value located at `pos`: every bad one is
+    /// reported at its own line and column, the good ones kept for validation.
     fn check_template(&mut self, pos: Pos, text: &str) {
         if !expr::has_expressions(text) {
             return;
         }
-        match expr::expressions(text) {
-            Err(e) => self.error(pos, ErrorKind::Expression, e.message),
-            Ok(exprs) => {
-                for e in exprs {
-                    if let (
-                        Some(step_loc),
-                        expr::Expr::StepOutput {
-                            group_path,
-                            step,
-                            variable,
-                        },
-                    ) = (&self.current_step, &e)
-                    {
-                        let r = OutputRef {
-                            from_step: step_loc.clone(),
-                            at: self.loc(pos),
-                            group_path: group_path.clone(),
-                            step: step.clone(),
-                            variable: variable.clone(),
-                        };
-                        self.output_refs.push(r);
-                    }
-                }
-            }
+        let (located, errors) = expr::scan(text);
+        for e in errors {
+            let at = self.expr_pos(pos, text, e.offset);
+            self.error(at, ErrorKind::Expression, e.message);
         }
+        for (offset, e) in located {
+            self.record(pos, text, offset, e);
+        }
+    }
+
+    /// The position of the expression at byte `offset` of the scalar at `pos`. A
+    /// scalar inlined from a template file is placed at its own start in that file (the
+    /// parser holds only the pipeline's text).
+    fn expr_pos(&self, pos: Pos, text: &str, offset: usize) -> Pos {
+        if pos.src != 0 {
+            return pos;
+        }
+        super::yaml::expression_pos(&self.source, pos, text, offset)
+    }
+
+    fn record(&mut self, pos: Pos, text: &str, offset: usize, expr: expr::Expr) {
+        let at = self.loc(self.expr_pos(pos, text, offset));
+        self.expr_sites.push(ExprSite {
+            from_step: self.current_step.clone(),
+            at,
+            stage: self.current_stage.clone(),
+            groups: self.current_groups.clone(),
+            expr,
+        });
     }
 
     /// A field that must be a literal (no expression): refuses `<+...>`.
@@ -491,6 +518,41 @@ impl<'e> Parser<'e> {
                 None
             }
         }
+    }
+
+    /// A typed step field written as an expression: checked, and kept for the plan to
+    /// resolve and read as its type. False when the field is absent or a literal.
+    fn expr_field(&mut self, f: &Fields<'_>, key: &str, field: StepField) -> bool {
+        let Some(node) = f.get(key) else {
+            return false;
+        };
+        let Some(text) = node.as_str() else {
+            return false;
+        };
+        if !expr::has_expressions(text) || self.current_step.is_none() {
+            return false;
+        }
+        self.check_template(node.pos, text);
+        self.step_expr_fields.push(ExprField {
+            field,
+            text: text.to_string(),
+            loc: self.loc(node.pos),
+        });
+        true
+    }
+
+    /// A `timeout`: a duration, or an expression the plan resolves.
+    fn opt_timeout(&mut self, f: &Fields<'_>, key: &str) -> Option<Timeout> {
+        let s = self.opt_string(f, key)?;
+        let pos = f.get(key).map(|n| n.pos).unwrap_or_default();
+        if expr::has_expressions(&s) {
+            self.check_template(pos, &s);
+            return Some(Timeout::Expr {
+                text: s,
+                loc: self.loc(pos),
+            });
+        }
+        self.opt_duration(f, key).map(Timeout::Fixed)
     }
 
     fn opt_duration(&mut self, f: &Fields<'_>, key: &str) -> Option<Duration> {
@@ -615,6 +677,7 @@ impl<'e> Parser<'e> {
                     path: self.file.clone(),
                     pipeline: Some(info),
                     stages,
+                    server_inputs: Vec::new(),
                 })
             }
             (None, Some(s)) => {
@@ -624,6 +687,7 @@ impl<'e> Parser<'e> {
                     path: self.file.clone(),
                     pipeline: None,
                     stages: vec![stage],
+                    server_inputs: Vec::new(),
                 })
             }
             (None, None) => {
@@ -668,7 +732,7 @@ impl<'e> Parser<'e> {
             .opt_string(&f, "name")
             .unwrap_or_else(|| identifier.clone());
         let variables = self.variables(&f);
-        let timeout = self.opt_duration(&f, "timeout");
+        let timeout = self.opt_timeout(&f, "timeout");
         let mut stages = Vec::new();
         if f.get("stages").is_none() {
             self.missing(&f, "stages");
@@ -753,6 +817,8 @@ impl<'e> Parser<'e> {
             .opt_string(&f, "name")
             .unwrap_or_else(|| identifier.clone());
         let loc = self.loc(key_pos);
+        self.current_stage = Some(identifier.clone());
+        self.current_groups.clear();
         if stage_type != "CI" {
             // Only far enough to report it as skipped.
             return Some(Stage {
@@ -785,7 +851,7 @@ impl<'e> Parser<'e> {
             &[],
         );
         let variables = self.variables(&f);
-        let timeout = self.opt_duration(&f, "timeout");
+        let timeout = self.opt_timeout(&f, "timeout");
         let when = f
             .get("when")
             .and_then(|w| self.when(w, &f.what, "pipelineStatus"));
@@ -803,6 +869,7 @@ impl<'e> Parser<'e> {
             self.stage_infra
                 .push((identifier.clone(), spec.infrastructure.clone()));
         }
+        self.current_stage = None;
         Some(Stage {
             identifier,
             name,
@@ -1092,15 +1159,24 @@ impl<'e> Parser<'e> {
         if let Some(c) = &condition {
             let pos = f.get("condition").map(|n| n.pos).unwrap_or(f.pos);
             match expr::parse_condition(c) {
-                Ok(_) => self.check_template(pos, c),
-                Err(e) => self.error(
-                    pos,
-                    ErrorKind::Unsupported,
-                    format!(
-                        "`when.condition` of {owner} cannot be evaluated by sandrun: {}",
-                        e.message
-                    ),
-                ),
+                Ok(cond) => {
+                    let mut offsets = c.match_indices("<+").map(|(i, _)| i);
+                    for e in cond.exprs() {
+                        let offset = offsets.next().unwrap_or(0);
+                        self.record(pos, c, offset, e.clone());
+                    }
+                }
+                Err(e) => {
+                    let at = self.expr_pos(pos, c, e.offset);
+                    self.error(
+                        at,
+                        ErrorKind::Unsupported,
+                        format!(
+                            "`when.condition` of {owner} cannot be evaluated by sandrun: {}",
+                            e.message
+                        ),
+                    )
+                }
             }
         }
         Some(When {
@@ -1434,18 +1510,21 @@ impl<'e> Parser<'e> {
         let name = self
             .opt_string(&f, "name")
             .unwrap_or_else(|| identifier.clone());
-        let variables = self.variables(&f);
+        // The group's `when` is decided where the group starts, outside it.
         let when = f
             .get("when")
             .and_then(|w| self.when(w, &f.what, "stageStatus"));
+        let mut path = group_path.to_vec();
+        path.push(identifier.clone());
+        let outer_groups = std::mem::replace(&mut self.current_groups, path.clone());
+        let variables = self.variables(&f);
         let failure_strategies = self.failure_strategies(&f);
         shared_paths.extend(self.string_list(&f, "sharedPaths"));
         if f.get("steps").is_none() {
             self.missing(&f, "steps");
         }
-        let mut path = group_path.to_vec();
-        path.push(identifier.clone());
         let steps = self.step_items(&f, shared_paths, &path);
+        self.current_groups = outer_groups;
         Some(StepGroup {
             identifier,
             name,
@@ -1488,11 +1567,12 @@ impl<'e> Parser<'e> {
         );
         let loc = self.loc(key_pos);
         self.current_step = Some(loc.clone());
+        self.step_expr_fields.clear();
         let name = self
             .opt_string(&f, "name")
             .unwrap_or_else(|| identifier.clone());
         let description = self.opt_string(&f, "description");
-        let timeout = self.opt_duration(&f, "timeout");
+        let timeout = self.opt_timeout(&f, "timeout");
         let when = f
             .get("when")
             .and_then(|w| self.when(w, &f.what, "stageStatus"));
@@ -1541,6 +1621,7 @@ impl<'e> Parser<'e> {
             failure_strategies,
             kind: kind?,
             template: self.origins.get(&node.pos).cloned(),
+            expr_fields: std::mem::take(&mut self.step_expr_fields),
             loc,
         })
     }
@@ -1550,17 +1631,19 @@ impl<'e> Parser<'e> {
             .opt_template(f, "image")
             .filter(|s| !s.trim().is_empty());
         let connector_ref = self.opt_string(f, "connectorRef");
-        let pull_policy = match self
-            .opt_enum(f, "imagePullPolicy", &["Always", "IfNotPresent", "Never"])
-            .as_deref()
-        {
-            Some("Always") => Some(PullPolicy::Always),
-            Some("IfNotPresent") => Some(PullPolicy::IfNotPresent),
-            Some("Never") => Some(PullPolicy::Never),
-            _ => None,
+        let pull_policy = if self.expr_field(f, "imagePullPolicy", StepField::PullPolicy) {
+            None
+        } else {
+            self.opt_enum(f, "imagePullPolicy", PullPolicy::NAMES)
+                .and_then(|s| PullPolicy::from_name(&s))
         };
-        let privileged = self.opt_bool(f, "privileged").unwrap_or(false);
-        let run_as_user = self.literal(f, "runAsUser").map(|(s, _)| s);
+        let privileged = !self.expr_field(f, "privileged", StepField::Privileged)
+            && self.opt_bool(f, "privileged").unwrap_or(false);
+        let run_as_user = if self.expr_field(f, "runAsUser", StepField::RunAsUser) {
+            None
+        } else {
+            self.literal(f, "runAsUser").map(|(s, _)| s)
+        };
         let resources = f
             .get("resources")
             .map(|r| self.resources(r, &f.what))
@@ -1638,13 +1721,23 @@ impl<'e> Parser<'e> {
             return res;
         };
         self.check_fields(&lf, &["memory", "cpu"], &[], &[]);
-        if let Some((s, pos)) = self.literal(&lf, "memory") {
+        let memory = if self.expr_field(&lf, "memory", StepField::Memory) {
+            None
+        } else {
+            self.literal(&lf, "memory")
+        };
+        if let Some((s, pos)) = memory {
             match values::parse_memory(&s) {
                 Ok(b) => res.memory = Some(b),
                 Err(e) => self.invalid(pos, format!("invalid memory limit in {owner}: {e}")),
             }
         }
-        if let Some((s, pos)) = self.literal(&lf, "cpu") {
+        let cpu = if self.expr_field(&lf, "cpu", StepField::Cpu) {
+            None
+        } else {
+            self.literal(&lf, "cpu")
+        };
+        if let Some((s, pos)) = cpu {
             match values::parse_cpu(&s) {
                 Ok(m) => res.cpu_millis = Some(m),
                 Err(e) => self.invalid(pos, format!("invalid cpu limit in {owner}: {e}")),
@@ -1677,17 +1770,11 @@ impl<'e> Parser<'e> {
     }
 
     fn shell(&mut self, f: &Fields<'_>) -> Option<Shell> {
-        match self
-            .opt_enum(f, "shell", &["Sh", "Bash", "Powershell", "Pwsh", "Python"])
-            .as_deref()
-        {
-            Some("Sh") => Some(Shell::Sh),
-            Some("Bash") => Some(Shell::Bash),
-            Some("Powershell") => Some(Shell::Powershell),
-            Some("Pwsh") => Some(Shell::Pwsh),
-            Some("Python") => Some(Shell::Python),
-            _ => None,
+        if self.expr_field(f, "shell", StepField::Shell) {
+            return None;
         }
+        self.opt_enum(f, "shell", Shell::NAMES)
+            .and_then(|s| Shell::from_name(&s))
     }
 
     /// `entrypoint`: a list, or a string split into words (with shell-like quotes).
@@ -1970,6 +2057,7 @@ impl<'e> Parser<'e> {
             .unwrap_or_else(|| identifier.clone());
         let loc = self.loc(node.pos);
         self.current_step = Some(loc.clone());
+        self.step_expr_fields.clear();
         let spec = match f.get("spec") {
             None => {
                 self.missing(&f, "spec");
@@ -2033,6 +2121,7 @@ impl<'e> Parser<'e> {
             failure_strategies: Vec::new(),
             kind: kind?,
             template: None,
+            expr_fields: std::mem::take(&mut self.step_expr_fields),
             loc,
         })
     }

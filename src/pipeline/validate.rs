@@ -1,5 +1,7 @@
 //! Checks that need the whole stage rather than one field: identifiers unique in their
-//! scope, and parallel steps that read each other's outputs.
+//! scope, parallel steps that read each other's outputs, and expressions that name
+//! something of the file (a variable, stage, step group or step): it must exist and be
+//! known where the expression is read.
 //!
 //! Harness addresses a step by its fully qualified name
 //! (`pipeline.stages.S.spec.execution.steps.G.steps.ID`): a `parallel` block adds no
@@ -12,10 +14,49 @@
 use std::collections::HashMap;
 
 use super::error::{ErrorKind, PipelineError, PipelineErrors};
+use super::expr::{Expr, StageAttr};
 use super::model::*;
-use super::parse::OutputRef;
+use super::parse::{did_you_mean, suggestion, ExprSite};
 
-pub(crate) fn validate(file: &PipelineFile, refs: &[OutputRef], errors: &mut PipelineErrors) {
+/// A reference from a step to another step's output of the same stage.
+struct OutputRef {
+    from_step: Location,
+    at: Location,
+    group_path: Vec<String>,
+    step: String,
+    variable: String,
+}
+
+/// Check the file; returns the values only Harness's server knows that its
+/// expressions read.
+pub(crate) fn validate(
+    file: &PipelineFile,
+    sites: &[ExprSite],
+    errors: &mut PipelineErrors,
+) -> Vec<ServerInput> {
+    let server_inputs = check_references(file, sites, errors);
+    let refs: Vec<OutputRef> = sites
+        .iter()
+        .filter_map(|site| match (&site.from_step, &site.expr) {
+            (
+                Some(from),
+                Expr::StepOutput {
+                    stage,
+                    group_path,
+                    step,
+                    variable,
+                },
+            ) if stage.is_none() || stage == &site.stage => Some(OutputRef {
+                from_step: from.clone(),
+                at: site.at.clone(),
+                group_path: group_path.clone(),
+                step: step.clone(),
+                variable: variable.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    let refs = &refs[..];
     let mut stage_ids: HashMap<&str, &Location> = HashMap::new();
     for stage in &file.stages {
         if let Some(first) = stage_ids.get(stage.identifier.as_str()) {
@@ -40,6 +81,7 @@ pub(crate) fn validate(file: &PipelineFile, refs: &[OutputRef], errors: &mut Pip
         check_parallel(&spec.steps, &[], refs, errors, &mut siblings);
         check_output_refs(stage, spec, refs, &siblings, errors);
     }
+    server_inputs
 }
 
 /// Every `<+steps.ID.output.outputVariables.X>` in a stage names an earlier Run step
@@ -62,7 +104,7 @@ fn check_output_refs(
         };
         let candidates: Vec<&Member> = steps
             .iter()
-            .filter(|m| m.id == r.step && (r.group_path.is_empty() || r.group_path == m.path))
+            .filter(|m| m.id == r.step && m.path.ends_with(&r.group_path))
             .collect();
         let target = if r.group_path.is_empty() {
             format!("step `{}`", r.step)
@@ -98,7 +140,7 @@ fn check_output_refs(
                     {
                         let names: Vec<&str> =
                             run.output_variables.iter().map(String::as_str).collect();
-                        match super::parse::did_you_mean(&r.variable, &names) {
+                        match did_you_mean(&r.variable, &names) {
                             Some(n) => format!("; did you mean `{n}`?"),
                             None => String::new(),
                         }
@@ -245,10 +287,7 @@ fn check_parallel(
                                 .enumerate()
                                 .filter(|(j, _)| *j != i)
                                 .flat_map(|(_, b)| b.iter())
-                                .find(|t| {
-                                    t.id == r.step
-                                        && (r.group_path.is_empty() || r.group_path == t.path)
-                                });
+                                .find(|t| t.id == r.step && t.path.ends_with(&r.group_path));
                             if let Some(t) = target {
                                 siblings.push((from.loc.clone(), t.loc.clone()));
                                 errors.push(PipelineError {
@@ -276,4 +315,199 @@ fn parallel_line(item: &StepItem) -> usize {
         StepItem::Parallel(_, loc) | StepItem::Loop(Loop { loc, .. }) => loc.line,
         _ => 0,
     }
+}
+
+/// Variables, stages and steps of other stages named by expressions. Returns the
+/// expressions that name nothing of the file but a value Harness's server has.
+fn check_references(
+    file: &PipelineFile,
+    sites: &[ExprSite],
+    errors: &mut PipelineErrors,
+) -> Vec<ServerInput> {
+    let stage_index = |id: &str| file.stages.iter().position(|s| s.identifier == id);
+    let mut server = Vec::new();
+    let mut server_input = |key: String, site: &ExprSite| {
+        server.push(ServerInput {
+            key,
+            stage: site.stage.clone(),
+            loc: site.at.clone(),
+        })
+    };
+    for site in sites {
+        let current = site.stage.as_deref().and_then(stage_index);
+        let problem = match &site.expr {
+            Expr::PipelineVariable(v) => match &file.pipeline {
+                None => Some("the file holds a single stage, which has no pipeline variables".into()),
+                Some(p) => missing_variable(&p.variables, v, "the pipeline"),
+            },
+            Expr::StageVariable(v) => current.and_then(|i| {
+                let stage = &file.stages[i];
+                missing_variable(&stage.variables, v, &format!("stage `{}`", stage.identifier))
+            }),
+            Expr::StepGroupVariable(v) => {
+                let groups = enclosing_groups(file, current, &site.groups);
+                if groups.is_empty() {
+                    Some("it is not inside a step group".into())
+                } else if groups.iter().any(|g| g.variables.iter().any(|x| &x.name == v)) {
+                    None
+                } else {
+                    let names: Vec<&str> = groups
+                        .iter()
+                        .flat_map(|g| g.variables.iter().map(|x| x.name.as_str()))
+                        .collect();
+                    Some(format!(
+                        "step group `{}` has no variable `{v}`{}",
+                        groups.last().map_or("", |g| g.identifier.as_str()),
+                        suggestion(v, &names)
+                    ))
+                }
+            }
+            Expr::OtherStage { stage, attr } => {
+                other_stage(file, current, stage, matches!(attr, StageAttr::Variable(_)))
+                    .or_else(|| match attr {
+                        StageAttr::Variable(v) => stage_index(stage).and_then(|i| {
+                            missing_variable(
+                                &file.stages[i].variables,
+                                v,
+                                &format!("stage `{stage}`"),
+                            )
+                        }),
+                        _ => None,
+                    })
+            }
+            Expr::NodeVariable { node, variable } => {
+                if let Some(i) = stage_index(node) {
+                    other_stage(file, current, node, true).or_else(|| {
+                        missing_variable(
+                            &file.stages[i].variables,
+                            variable,
+                            &format!("stage `{node}`"),
+                        )
+                    })
+                } else if site.groups.contains(node) {
+                    let groups = enclosing_groups(file, current, &site.groups);
+                    groups
+                        .iter()
+                        .find(|g| &g.identifier == node)
+                        .and_then(|g| {
+                            missing_variable(&g.variables, variable, &format!("step group `{node}`"))
+                        })
+                } else {
+                    // Not a node of this pipeline: a value Harness's server would have,
+                    // asked for as an input.
+                    server_input(format!("{node}.variables.{variable}"), site);
+                    None
+                }
+            }
+            Expr::Server(key) => {
+                server_input(key.clone(), site);
+                None
+            }
+            Expr::StepOutput {
+                stage: Some(stage),
+                group_path,
+                step,
+                variable,
+            } if site.stage.as_ref() != Some(stage) => other_stage(file, current, stage, true)
+                .or_else(|| {
+                    let s = &file.stages[stage_index(stage)?];
+                    let mut steps = Vec::new();
+                    for item in s.spec.as_ref().map_or(&[][..], |sp| &sp.steps[..]) {
+                        members(item, &[], &mut steps);
+                    }
+                    let found: Vec<&Member> = steps
+                        .iter()
+                        .filter(|m| &m.id == step && m.path.ends_with(group_path))
+                        .collect();
+                    match found.first() {
+                        None => Some(format!(
+                            "stage `{stage}` has no step `{}`",
+                            group_path
+                                .iter()
+                                .chain(std::iter::once(step))
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(".steps.")
+                        )),
+                        Some(m) if !declares(m, variable) => Some(format!(
+                            "step `{step}` of stage `{stage}` declares no output variable `{variable}`"
+                        )),
+                        Some(_) => None,
+                    }
+                }),
+            _ => None,
+        };
+        if let Some(message) = problem {
+            errors.push(PipelineError {
+                loc: site.at.clone(),
+                kind: ErrorKind::Expression,
+                message: format!("`{}`: {message}", site.expr),
+            });
+        }
+    }
+    server
+}
+
+fn missing_variable(vars: &[Variable], name: &str, owner: &str) -> Option<String> {
+    if vars.iter().any(|v| v.name == name) {
+        return None;
+    }
+    let names: Vec<&str> = vars.iter().map(|v| v.name.as_str()).collect();
+    Some(format!(
+        "{owner} has no variable `{name}`{}",
+        suggestion(name, &names)
+    ))
+}
+
+/// Why stage `id` cannot be read from the stage at index `current`: it does not exist,
+/// or (for what is only known once it has run: `needs_run`) it runs later.
+fn other_stage(
+    file: &PipelineFile,
+    current: Option<usize>,
+    id: &str,
+    needs_run: bool,
+) -> Option<String> {
+    let Some(i) = file.stages.iter().position(|s| s.identifier == id) else {
+        let names: Vec<&str> = file.stages.iter().map(|s| s.identifier.as_str()).collect();
+        return Some(format!(
+            "the pipeline has no stage `{id}`{}",
+            suggestion(id, &names)
+        ));
+    };
+    match current {
+        Some(c) if needs_run && i > c => Some(format!(
+            "stage `{id}` runs after stage `{}`, so its values are not known here",
+            file.stages[c].identifier
+        )),
+        _ => None,
+    }
+}
+
+/// The step groups at `path` in the stage at index `stage`, outermost first.
+fn enclosing_groups<'f>(
+    file: &'f PipelineFile,
+    stage: Option<usize>,
+    path: &[String],
+) -> Vec<&'f StepGroup> {
+    let Some(spec) = stage.and_then(|i| file.stages[i].spec.as_ref()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut items = &spec.steps[..];
+    for id in path {
+        let Some(g) = find_group(items, id) else {
+            break;
+        };
+        out.push(g);
+        items = &g.steps;
+    }
+    out
+}
+
+fn find_group<'f>(items: &'f [StepItem], id: &str) -> Option<&'f StepGroup> {
+    items.iter().find_map(|item| match item {
+        StepItem::Group(g) if g.identifier == id => Some(g),
+        StepItem::Parallel(inner, _) => find_group(inner, id),
+        _ => None,
+    })
 }

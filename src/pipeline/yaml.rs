@@ -198,6 +198,59 @@ fn merge_into(merged: &mut Vec<(Node, Node)>, source: Node) -> Result<(), Syntax
     Ok(())
 }
 
+/// Where byte `offset` of a scalar's text is in the source: any offset of a plain
+/// scalar written on one line, else the start of an expression (`<+`).
+///
+/// A scalar's text is not a slice of the source: block scalars (`|`, `>`, with
+/// indentation and chomping indicators) drop their indentation and folded ones join
+/// lines, quoted ones fold and unescape, plain ones fold. None of that creates or
+/// removes a `<+` (folding only touches line breaks and the spaces around them), so the
+/// k-th `<+` of the text is the k-th `<+` of the source from where the scalar starts.
+/// saphyr places a block scalar's start at its first content line (after any leading
+/// empty lines, past the header and its comment), so counting from the node's position
+/// never sees a `<+` outside the value. Falls back to the node's position when the
+/// source does not hold that many (a double-quoted `\x3c+` escape).
+pub fn expression_pos(source: &str, node: Pos, text: &str, offset: usize) -> Pos {
+    let Some(before) = text.get(..offset) else {
+        return node;
+    };
+    let k = before.matches("<+").count();
+    let Some(start) = byte_index(source, node) else {
+        return node;
+    };
+    // A plain scalar on one line is its own source: any offset maps directly.
+    let at = if source[start..].starts_with(before) && !before.contains('\n') {
+        start + offset
+    } else if !text[offset..].starts_with("<+") {
+        return node;
+    } else {
+        match source[start..].match_indices("<+").nth(k) {
+            Some((found, _)) => start + found,
+            None => return node,
+        }
+    };
+    let line_start = source[..at].rfind('\n').map_or(0, |i| i + 1);
+    Pos {
+        line: source[..at].matches('\n').count() + 1,
+        col: source[line_start..at].chars().count() + 1,
+        src: node.src,
+    }
+}
+
+/// The byte index of a 1-based line and character column in `source`.
+fn byte_index(source: &str, pos: Pos) -> Option<usize> {
+    let mut line_start = 0;
+    for _ in 1..pos.line {
+        line_start += source[line_start..].find('\n')? + 1;
+    }
+    let line = &source[line_start..];
+    let col = line
+        .char_indices()
+        .nth(pos.col.checked_sub(1)?)
+        .map_or(line.len(), |(i, _)| i);
+    Some(line_start + col)
+}
+
 impl Node {
     /// The text of a scalar (quoted or not), `None` for null, lists and maps.
     pub fn as_str(&self) -> Option<&str> {
@@ -295,5 +348,55 @@ mod tests {
         assert_eq!(n.get("v").unwrap().as_str(), Some("1.50"));
         assert!(n.get("n").unwrap().is_null());
         assert!(n.get("e").unwrap().is_null());
+    }
+
+    /// The source position of the `<+` at `offset` of the scalar at `key` (in `doc`).
+    fn locate(doc: &str, key: &str, offset: usize) -> (usize, usize) {
+        let n = parse(doc).unwrap();
+        let v = n.get(key).unwrap();
+        let p = expression_pos(doc, v.pos, v.as_str().unwrap(), offset);
+        (p.line, p.col)
+    }
+
+    fn offset_of(doc: &str, key: &str, needle: &str) -> usize {
+        let n = parse(doc).unwrap();
+        n.get(key).unwrap().as_str().unwrap().find(needle).unwrap()
+    }
+
+    #[test]
+    fn expressions_inside_block_scalars_keep_their_line_and_column() {
+        let cases: &[(&str, &str, (usize, usize))] = &[
+            // literal, with leading empty lines
+            (
+                "c: |\n\n    echo a\n      echo <+b.x> <+c.y>\n",
+                "<+c.y>",
+                (4, 19),
+            ),
+            // literal with an explicit indentation indicator and strip chomping
+            ("c: |2-\n    echo\n   <+b.x>\n", "<+b.x>", (3, 4)),
+            // folded: the lines are joined in the text, not in the source
+            (
+                "c: >\n  one two\n  three <+b.x>\n\n  <+c.y>\n",
+                "<+c.y>",
+                (5, 3),
+            ),
+            ("c: >+\n  one\n  two <+b.x>\n", "<+b.x>", (3, 7)),
+            // a header comment holding an expression is not the value
+            ("c: | # <+not.this>\n  run <+b.x>\n", "<+b.x>", (2, 7)),
+            // plain and quoted scalars spread over lines
+            ("c: one\n  two <+b.x>\n", "<+b.x>", (2, 7)),
+            ("c: \"a \\\" <+b.x>\n   <+c.y>\"\n", "<+c.y>", (2, 4)),
+            ("k: 1\nc: '\u{e9}\u{e9} <+b.x>'\n", "<+b.x>", (2, 8)),
+        ];
+        for (doc, needle, want) in cases {
+            let off = offset_of(doc, "c", needle);
+            assert_eq!(locate(doc, "c", off), *want, "{doc:?}");
+        }
+    }
+
+    #[test]
+    fn unmatched_expression_falls_back_to_the_node() {
+        let doc = "c: \"\\x3c+b.x>\"\n";
+        assert_eq!(locate(doc, "c", 0), (1, 4));
     }
 }

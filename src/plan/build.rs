@@ -10,10 +10,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::pipeline::expr::{self, CodebaseField, Expr, Operand, TemplatePart as Part};
+use crate::pipeline::expr::{self, CodebaseField, Expr, Operand, StageAttr, TemplatePart as Part};
 use crate::pipeline::{
-    FailureAction, FailureStrategy, Infrastructure, Location, PipelineFile, PullPolicy, Shell,
-    Stage, StageStatus, Step, StepItem, StepKind, Variable, VariableType,
+    ExprField, FailureAction, FailureStrategy, Infrastructure, Location, PipelineFile, PullPolicy,
+    Shell, Stage, StageStatus, Step, StepField, StepItem, StepKind, Timeout, Variable,
+    VariableType,
 };
 
 use crate::net::StepRequest;
@@ -28,7 +29,8 @@ use super::{
 #[derive(Clone, Debug, Default)]
 pub struct PlanInputs {
     pub workspace: PathBuf,
-    /// Answers to `<+input>`: variable names, or `STEP.FIELD` for step fields.
+    /// Answers to `<+input>` (variable names, or `STEP.FIELD` for step fields) and to
+    /// what only Harness's server knows (the expression's path: `trigger.branch`).
     pub inputs: BTreeMap<String, String>,
     /// Secret values by secret identifier.
     pub secrets: BTreeMap<String, String>,
@@ -80,6 +82,7 @@ pub fn build(file: &PipelineFile, inputs: &PlanInputs) -> Result<Plan, PlanError
         secrets: Secrets::default(),
         codebase: None,
         pipeline_vars: BTreeMap::new(),
+        stages_run: BTreeMap::new(),
     };
     let plan = b.plan();
     if b.errors.is_empty() {
@@ -96,6 +99,14 @@ struct Builder<'a> {
     secrets: Secrets,
     codebase: Option<Result<Codebase, String>>,
     pipeline_vars: BTreeMap<String, String>,
+    /// Stages planned so far (they run before the one being planned): their resolved
+    /// variables and the keys of their steps.
+    stages_run: BTreeMap<String, StageFacts>,
+}
+
+struct StageFacts {
+    variables: BTreeMap<String, String>,
+    steps: HashSet<String>,
 }
 
 /// What expressions inside one step (or stage, or group) may refer to.
@@ -107,6 +118,8 @@ struct Scope {
     group_vars: BTreeMap<String, String>,
     /// Key of the enclosing group (`""` at the top of the stage).
     group_key: String,
+    /// The enclosing groups' own variables, outermost first, by group identifier.
+    groups: Vec<(String, BTreeMap<String, String>)>,
     step_id: String,
     step_name: String,
     /// Keys of the steps that have finished before this point.
@@ -132,6 +145,7 @@ impl<'a> Builder<'a> {
             identifier: p.identifier.clone(),
             name: p.name.clone(),
         });
+        self.unanswered_server_inputs();
         if let Some(p) = &self.file.pipeline {
             let scope = Scope::default();
             self.pipeline_vars = self.variables(&p.variables, &scope, "pipeline.variables");
@@ -177,6 +191,33 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// Every value only Harness's server knows that this run reads and nobody
+    /// answered, each where it is read, before anything else is said.
+    fn unanswered_server_inputs(&mut self) {
+        if self.inputs.placeholders {
+            return;
+        }
+        let wanted = |stage: &Option<String>| match (stage, &self.inputs.stage) {
+            (Some(s), Some(only)) => s == only,
+            _ => true,
+        };
+        let missing: Vec<(Location, String)> = self
+            .file
+            .server_inputs
+            .iter()
+            .filter(|i| wanted(&i.stage) && !self.inputs.inputs.contains_key(&i.key))
+            .map(|i| (i.loc.clone(), i.key.clone()))
+            .collect();
+        for (loc, key) in missing {
+            self.error(
+                &loc,
+                format!(
+                    "`<+{key}>` is known only to Harness's server: give it with --set {key}=VALUE or in a --values file"
+                ),
+            );
+        }
+    }
+
     fn stage(&mut self, stage: &Stage) -> StagePlan {
         let mut scope = Scope {
             stage_id: stage.identifier.clone(),
@@ -196,13 +237,14 @@ impl<'a> Builder<'a> {
                 net: None,
                 shared_paths: Vec::new(),
                 warnings: Vec::new(),
-                timeout: stage.timeout,
+                timeout: None,
                 nodes: Vec::new(),
                 instance: stage.instance.clone(),
                 template: stage.template.as_ref().map(ToString::to_string),
             };
         };
         scope.stage_vars = self.variables(&stage.variables, &scope, "stage.variables");
+        let timeout = self.timeout(stage.timeout.as_ref(), &scope);
         let mut nodes = Vec::new();
         // Legacy `serviceDependencies` start before the steps, as Background steps.
         for dep in &spec.service_dependencies {
@@ -218,11 +260,18 @@ impl<'a> Builder<'a> {
             net: None,
             shared_paths: spec.shared_paths.clone(),
             warnings: Vec::new(),
-            timeout: stage.timeout,
+            timeout,
             nodes,
             instance: stage.instance.clone(),
             template: stage.template.as_ref().map(ToString::to_string),
         };
+        self.stages_run.insert(
+            stage.identifier.clone(),
+            StageFacts {
+                variables: scope.stage_vars.clone(),
+                steps: plan.steps().iter().map(|s| s.key.clone()).collect(),
+            },
+        );
         plan.warnings = stage_warnings(&plan, spec.platform.as_ref(), &stage.loc);
         match address_steps(&mut plan, self.inputs.egress) {
             Ok(()) => {}
@@ -407,8 +456,10 @@ impl<'a> Builder<'a> {
         }
         let parts = match expr::parse_template(text) {
             Ok(p) => p,
-            Err(e) => {
-                self.error(loc, format!("in `{field}`: {e}"));
+            Err(errors) => {
+                for e in errors {
+                    self.error(loc, format!("in `{field}`: {e}"));
+                }
                 return Template::literal(text);
             }
         };
@@ -418,9 +469,15 @@ impl<'a> Builder<'a> {
                 Part::Literal(s) => push_text(&mut out, &s),
                 Part::Expr(e) => match self.resolve(&e, scope, loc, field) {
                     Resolved::Text(s) => push_text(&mut out, &s),
-                    Resolved::Output { step, variable } => {
-                        out.parts.push(TemplatePart::StepOutput { step, variable })
-                    }
+                    Resolved::Output {
+                        stage,
+                        step,
+                        variable,
+                    } => out.parts.push(TemplatePart::StepOutput {
+                        stage,
+                        step,
+                        variable,
+                    }),
                 },
             }
         }
@@ -429,6 +486,23 @@ impl<'a> Builder<'a> {
 
     fn resolve(&mut self, e: &Expr, scope: &Scope, loc: &Location, field: &str) -> Resolved {
         let text = |s: &str| Resolved::Text(s.to_string());
+        let other_stage = match e {
+            Expr::StepOutput {
+                stage: Some(stage), ..
+            }
+            | Expr::OtherStage {
+                stage,
+                attr: StageAttr::Variable(_),
+            }
+            | Expr::NodeVariable { node: stage, .. } => Some(stage),
+            _ => None,
+        };
+        if let Some(answer) = other_stage.and_then(|stage| self.replaced(stage, e)) {
+            return match answer {
+                Ok(v) => Resolved::Text(v),
+                Err(why) => self.unknown(loc, field, e, &why),
+            };
+        }
         match e {
             Expr::PipelineName => text(self.file.pipeline.as_ref().map_or("", |p| p.name.as_str())),
             Expr::PipelineIdentifier => text(
@@ -461,16 +535,57 @@ impl<'a> Builder<'a> {
             Expr::StepName => text(&scope.step_name),
             Expr::StepIdentifier => text(&scope.step_id),
             Expr::StepOutput {
+                stage,
                 group_path,
                 step,
                 variable,
-            } => match self.output_ref(group_path, step, scope) {
-                Ok(key) => Resolved::Output {
-                    step: key,
-                    variable: variable.clone(),
+            } => {
+                let other = stage.as_ref().filter(|s| **s != scope.stage_id);
+                let found = match other {
+                    None => self.output_ref(group_path, step, scope),
+                    Some(s) => self.earlier_output_ref(s, group_path, step),
+                };
+                match found {
+                    Ok(key) => Resolved::Output {
+                        stage: other.cloned(),
+                        step: key,
+                        variable: variable.clone(),
+                    },
+                    Err(why) => self.unknown(loc, field, e, &why),
+                }
+            }
+            Expr::OtherStage { stage, attr } => match attr {
+                StageAttr::Name | StageAttr::Identifier => {
+                    match self.file.stages.iter().find(|s| &s.identifier == stage) {
+                        Some(s) => text(if *attr == StageAttr::Name {
+                            &s.name
+                        } else {
+                            &s.identifier
+                        }),
+                        None => self.unknown(loc, field, e, "the pipeline has no such stage"),
+                    }
+                }
+                StageAttr::Variable(v) => match self.stage_variable(stage, v, scope) {
+                    Ok(x) => Resolved::Text(x),
+                    Err(why) => self.unknown(loc, field, e, &why),
                 },
-                Err(why) => self.unknown(loc, field, e, &why),
             },
+            Expr::NodeVariable { node, variable } => {
+                if self.file.stages.iter().any(|s| &s.identifier == node) {
+                    match self.stage_variable(node, variable, scope) {
+                        Ok(x) => Resolved::Text(x),
+                        Err(why) => self.unknown(loc, field, e, &why),
+                    }
+                } else if let Some((_, vars)) = scope.groups.iter().find(|(g, _)| g == node) {
+                    match vars.get(variable) {
+                        Some(x) => Resolved::Text(x.clone()),
+                        None => self.unknown(loc, field, e, "the step group has no such variable"),
+                    }
+                } else {
+                    Resolved::Text(self.server_value(&format!("{node}.variables.{variable}")))
+                }
+            }
+            Expr::Server(key) => Resolved::Text(self.server_value(key)),
             Expr::Codebase(f) => match self.codebase() {
                 Ok(c) => Resolved::Text(match f {
                     CodebaseField::Branch => c.branch.clone(),
@@ -510,6 +625,176 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// The answer to a value only Harness's server knows. Unanswered ones were all
+    /// reported up front (`unanswered_server_inputs`).
+    fn server_value(&self, key: &str) -> String {
+        match self.inputs.inputs.get(key) {
+            Some(v) => v.clone(),
+            None if self.inputs.placeholders => "<input>".to_string(),
+            None => String::new(),
+        }
+    }
+
+    /// With `--stage`, what an expression reads of a stage that does not run is asked
+    /// for, as Harness's selective stage execution asks for "replaced expressions":
+    /// keyed by the expression's path. `None` when stage `stage` runs (or is unknown).
+    fn replaced(&self, stage: &str, e: &Expr) -> Option<Result<String, String>> {
+        let only = self.inputs.stage.as_ref()?;
+        if only == stage || !self.file.stages.iter().any(|s| s.identifier == stage) {
+            return None;
+        }
+        let text = e.to_string();
+        let key = text
+            .strip_prefix("<+")
+            .and_then(|t| t.strip_suffix('>'))
+            .unwrap_or(&text);
+        Some(match self.inputs.inputs.get(key) {
+            Some(v) => Ok(v.clone()),
+            None if self.inputs.placeholders => Ok("<input>".to_string()),
+            None => Err(format!(
+                "stage `{stage}` does not run when only stage `{only}` is run (--stage): give the value with --set {key}=VALUE"
+            )),
+        })
+    }
+
+    /// Variable `name` of stage `stage`: the stage being planned or an earlier one.
+    fn stage_variable(&self, stage: &str, name: &str, scope: &Scope) -> Result<String, String> {
+        let vars = if stage == scope.stage_id {
+            &scope.stage_vars
+        } else {
+            &self.stage_facts(stage)?.variables
+        };
+        vars.get(name)
+            .cloned()
+            .ok_or_else(|| format!("stage `{stage}` has no such variable"))
+    }
+
+    /// What is known of stage `stage` once it has run, if it runs before this point.
+    fn stage_facts(&self, stage: &str) -> Result<&StageFacts, String> {
+        if let Some(f) = self.stages_run.get(stage) {
+            return Ok(f);
+        }
+        if !self.file.stages.iter().any(|s| s.identifier == stage) {
+            return Err(format!("the pipeline has no stage `{stage}`"));
+        }
+        Err(format!("stage `{stage}` runs after this point"))
+    }
+
+    /// The key of the step of an earlier stage an output expression names.
+    fn earlier_output_ref(
+        &self,
+        stage: &str,
+        group_path: &[String],
+        step: &str,
+    ) -> Result<String, String> {
+        let facts = self.stage_facts(stage)?;
+        let found: Vec<&String> = facts
+            .steps
+            .iter()
+            .filter(|k| key_matches(k, group_path, step))
+            .collect();
+        match found.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(format!("stage `{stage}` has no such step")),
+            _ => Err(format!(
+                "more than one step of stage `{stage}` matches; name its step groups"
+            )),
+        }
+    }
+
+    /// Typed step fields written as expressions: resolved, then read as their type.
+    fn expr_fields(&mut self, plan: &mut StepPlan, fields: &[ExprField], scope: &Scope) {
+        for f in fields {
+            let key = f.field.key();
+            let value = self.static_text(&f.text, scope, &f.loc, key);
+            if self.inputs.placeholders && value.contains("<input>") {
+                continue;
+            }
+            let v = value.trim();
+            let parsed: Result<(), String> = match f.field {
+                StepField::Privileged => match v {
+                    "true" | "false" => {
+                        plan.privileged = v == "true";
+                        Ok(())
+                    }
+                    _ => Err("it must be true or false".into()),
+                },
+                StepField::RunAsUser => {
+                    plan.run_as_user = Some(v.to_string());
+                    Ok(())
+                }
+                StepField::PullPolicy => match PullPolicy::from_name(v) {
+                    Some(p) => {
+                        if let Some(image) = plan.image.as_mut() {
+                            image.pull_policy = p;
+                        }
+                        Ok(())
+                    }
+                    None => Err(format!(
+                        "it must be one of {}",
+                        PullPolicy::NAMES.join(", ")
+                    )),
+                },
+                StepField::Shell => match Shell::from_name(v) {
+                    Some(sh) => {
+                        if let ProcessTemplate::Shell { shell, .. } = &mut plan.process {
+                            *shell = sh;
+                        }
+                        Ok(())
+                    }
+                    None => Err(format!("it must be one of {}", Shell::NAMES.join(", "))),
+                },
+                StepField::Memory => crate::pipeline::values::parse_memory(v).map(|b| {
+                    plan.resources.memory = Some(b);
+                }),
+                StepField::Cpu => crate::pipeline::values::parse_cpu(v).map(|m| {
+                    plan.resources.cpu_millis = Some(m);
+                }),
+            };
+            if let Err(why) = parsed {
+                self.error(
+                    &f.loc,
+                    format!(
+                        "`{key}` is `{}`, which resolves to `{value}`: {why}",
+                        f.text
+                    ),
+                );
+            }
+        }
+    }
+
+    /// The duration of a `timeout`, resolving its expressions.
+    fn timeout(&mut self, t: Option<&Timeout>, scope: &Scope) -> Option<std::time::Duration> {
+        let (text, loc) = match t? {
+            Timeout::Fixed(d) => return Some(*d),
+            Timeout::Expr { text, loc } => (text, loc),
+        };
+        let resolved = self.template(text, scope, loc, "timeout");
+        if resolved.step_refs().next().is_some() {
+            self.error(
+                loc,
+                format!(
+                    "`timeout` is `{text}`, which reads a step output: sandrun sets a timeout before the step or stage starts, when no step output is known yet; use a variable or a literal duration"
+                ),
+            );
+            return None;
+        }
+        let value = resolved.display();
+        if self.inputs.placeholders && value.contains("<input>") {
+            return None;
+        }
+        match crate::pipeline::values::parse_duration(&value) {
+            Ok(d) => Some(d),
+            Err(why) => {
+                self.error(
+                    loc,
+                    format!("`timeout` is `{text}`, which resolves to `{value}`: {why}"),
+                );
+                None
+            }
+        }
+    }
+
     fn unknown(&mut self, loc: &Location, field: &str, e: &Expr, why: &str) -> Resolved {
         self.error(loc, format!("in `{field}`: cannot resolve `{e}`: {why}"));
         Resolved::Text(String::new())
@@ -535,6 +820,17 @@ impl<'a> Builder<'a> {
         for c in &candidates {
             if scope.done.contains(c) {
                 return Ok(c.clone());
+            }
+        }
+        // `<+G.steps.ID...>` is relative: G may sit inside other groups.
+        if !group_path.is_empty() {
+            let found: Vec<&String> = scope
+                .done
+                .iter()
+                .filter(|k| key_matches(k, group_path, step))
+                .collect();
+            if found.len() == 1 {
+                return Ok(found[0].clone());
             }
         }
         // Harness lets `<+steps.ID>` find a step by identifier alone when it is unique.
@@ -625,7 +921,8 @@ impl<'a> Builder<'a> {
                 let mut s = scope.clone();
                 s.group_key = key.clone();
                 let vars = self.variables(&g.variables, &s, "stepGroup.variables");
-                s.group_vars.extend(vars);
+                s.group_vars.extend(vars.clone());
+                s.groups.push((g.identifier.clone(), vars));
                 let strategies = if g.failure_strategies.is_empty() {
                     inherited
                 } else {
@@ -762,7 +1059,7 @@ impl<'a> Builder<'a> {
         } else {
             &step.failure_strategies
         };
-        let plan = StepPlan {
+        let mut plan = StepPlan {
             key: key.clone(),
             identifier: step.identifier.clone(),
             name: step.name.clone(),
@@ -774,7 +1071,7 @@ impl<'a> Builder<'a> {
             output_variables,
             port_bindings,
             reports: container.map(|c| c.reports.clone()).unwrap_or_default(),
-            timeout: step.timeout,
+            timeout: self.timeout(step.timeout.as_ref(), &s),
             run_when: step
                 .when
                 .as_ref()
@@ -793,6 +1090,7 @@ impl<'a> Builder<'a> {
             template: step.template.as_ref().map(ToString::to_string),
             loc: loc.clone(),
         };
+        self.expr_fields(&mut plan, &step.expr_fields, &s);
         scope.done.insert(key);
         Node::Step(Box::new(plan))
     }
@@ -813,8 +1111,16 @@ impl<'a> Builder<'a> {
             Operand::Text(t) => Template::literal(t.clone()),
             Operand::Expr(e) => match self.resolve(e, scope, loc, "when.condition") {
                 Resolved::Text(t) => Template::literal(t),
-                Resolved::Output { step, variable } => Template {
-                    parts: vec![TemplatePart::StepOutput { step, variable }],
+                Resolved::Output {
+                    stage,
+                    step,
+                    variable,
+                } => Template {
+                    parts: vec![TemplatePart::StepOutput {
+                        stage,
+                        step,
+                        variable,
+                    }],
                 },
             },
         }
@@ -823,7 +1129,21 @@ impl<'a> Builder<'a> {
 
 enum Resolved {
     Text(String),
-    Output { step: String, variable: String },
+    Output {
+        stage: Option<String>,
+        step: String,
+        variable: String,
+    },
+}
+
+/// Whether step key `key` (`G.H.ID`) names step `step` inside groups ending with
+/// `group_path` (any groups when it is empty).
+fn key_matches(key: &str, group_path: &[String], step: &str) -> bool {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    if parts.pop() != Some(step) {
+        return false;
+    }
+    parts.ends_with(&group_path.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn push_text(t: &mut Template, s: &str) {
@@ -1026,4 +1346,263 @@ fn read_codebase(workspace: &Path) -> Result<Codebase, String> {
         sha,
         repo_url,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::plan::Outputs;
+
+    fn plan(yaml: &str, answers: &[(&str, &str)]) -> Result<Plan, String> {
+        let file =
+            crate::pipeline::parse_str(Path::new("p.yaml"), yaml).map_err(|e| e.to_string())?;
+        let inputs = PlanInputs {
+            inputs: answers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..PlanInputs::default()
+        };
+        build(&file, &inputs).map_err(|e| e.to_string())
+    }
+
+    fn script<'p>(plan: &'p Plan, stage: usize, key: &str) -> &'p Template {
+        let step = plan.stages[stage]
+            .steps()
+            .into_iter()
+            .find(|s| s.key == key)
+            .unwrap();
+        match &step.process {
+            ProcessTemplate::Shell { script, .. } => script,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    const TWO_STAGES: &str = r#"pipeline:
+  name: p
+  identifier: p
+  stages:
+    - stage:
+        name: a
+        identifier: a
+        type: CI
+        variables:
+          - name: v
+            type: String
+            value: from-a
+        spec:
+          execution:
+            steps:
+              - stepGroup:
+                  name: outer
+                  identifier: outer
+                  variables:
+                    - name: gv
+                      type: String
+                      value: group-value
+                  steps:
+                    - stepGroup:
+                        name: inner
+                        identifier: inner
+                        steps:
+                          - step:
+                              type: Run
+                              name: s
+                              identifier: s
+                              spec:
+                                command: X=1
+                                outputVariables:
+                                  - name: X
+                    - step:
+                        type: Run
+                        name: t
+                        identifier: t
+                        spec:
+                          command: echo <+inner.steps.s.output.outputVariables.X> <+outer.variables.gv> <+a.variables.v>
+    - stage:
+        name: b
+        identifier: b
+        type: CI
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: Run
+                  name: u
+                  identifier: u
+                  timeout: <+pipeline.stages.a.variables.v.length>
+                  spec:
+                    command: echo <+pipeline.stages.a.spec.execution.steps.inner.steps.s.output.outputVariables.X> <+pipeline.stages.a.name>
+"#;
+
+    #[test]
+    fn references_resolve_to_the_right_stage_and_step() {
+        let yaml = TWO_STAGES.replace(
+            "                  timeout: <+pipeline.stages.a.variables.v.length>\n",
+            "",
+        );
+        let p = plan(&yaml, &[]).unwrap();
+        let hole = |stage: Option<&str>| TemplatePart::StepOutput {
+            stage: stage.map(String::from),
+            step: "outer.inner.s".into(),
+            variable: "X".into(),
+        };
+        assert_eq!(
+            script(&p, 0, "outer.t").parts,
+            vec![
+                TemplatePart::Text("echo ".into()),
+                hole(None),
+                TemplatePart::Text(" group-value from-a".into()),
+            ]
+        );
+        assert_eq!(
+            script(&p, 1, "u").parts,
+            vec![
+                TemplatePart::Text("echo ".into()),
+                hole(Some("a")),
+                TemplatePart::Text(" a".into()),
+            ]
+        );
+        // The earlier stage's value is read from what it gave the run.
+        let mut outputs = Outputs::default();
+        outputs.earlier.insert(
+            "a".into(),
+            [(
+                "outer.inner.s".to_string(),
+                [("X".to_string(), "42".to_string())].into(),
+            )]
+            .into(),
+        );
+        assert_eq!(
+            script(&p, 1, "u").render(&outputs, &mut Vec::new()),
+            "echo 42 a"
+        );
+    }
+
+    #[test]
+    fn timeouts_resolve_before_the_run() {
+        let yaml = TWO_STAGES.replace(
+            "<+pipeline.stages.a.variables.v.length>",
+            "<+pipeline.variables.t>",
+        );
+        let yaml = yaml.replace(
+            "  identifier: p\n",
+            "  identifier: p\n  variables:\n    - name: t\n      type: String\n      value: <+input>\n",
+        );
+        let p = plan(&yaml, &[("t", "1m 30s")]).unwrap();
+        assert_eq!(
+            p.stages[1].steps()[0].timeout,
+            Some(Duration::from_secs(90))
+        );
+        let e = plan(&yaml, &[("t", "soon")]).unwrap_err();
+        assert!(
+            e.starts_with(
+                "p.yaml:57:28: `timeout` is `<+pipeline.variables.t>`, which resolves to `soon`"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn server_values_are_answered_or_all_listed() {
+        let yaml = r#"stage:
+  name: s
+  identifier: s
+  type: CI
+  spec:
+    execution:
+      steps:
+        - step:
+            type: Run
+            name: r
+            identifier: r
+            spec:
+              command: |
+                echo <+trigger.branch>
+                echo <+variable.org.x> <+elsewhere.variables.y>
+"#;
+        let e = plan(yaml, &[("variable.org.x", "1")]).unwrap_err();
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines.len(), 2, "{e}");
+        assert!(lines[0].starts_with("p.yaml:14:22: `<+trigger.branch>` is known only to Harness's server: give it with --set trigger.branch=VALUE"), "{e}");
+        assert!(
+            lines[1].starts_with("p.yaml:15:40: `<+elsewhere.variables.y>`"),
+            "{e}"
+        );
+        let p = plan(
+            yaml,
+            &[
+                ("variable.org.x", "1"),
+                ("trigger.branch", "main"),
+                ("elsewhere.variables.y", "2"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            script(&p, 0, "r").parts,
+            vec![TemplatePart::Text("echo main\necho 1 2\n".into())]
+        );
+    }
+
+    #[test]
+    fn typed_fields_may_be_expressions() {
+        let yaml = r#"stage:
+  name: s
+  identifier: s
+  type: CI
+  variables:
+    - name: dind
+      type: String
+      value: <+input>.default(true)
+    - name: mem
+      type: String
+      value: 1Gi
+  spec:
+    execution:
+      steps:
+        - step:
+            type: Run
+            name: r
+            identifier: r
+            spec:
+              image: docker:27
+              imagePullPolicy: <+input>.allowedValues(Always,Never)
+              shell: <+pipeline.variables.nope>
+              privileged: <+stage.variables.dind>
+              command: "true"
+              resources:
+                limits:
+                  memory: <+stage.variables.mem>
+                  cpu: <+stage.variables.dind>
+"#;
+        // The parser checks the expressions of these fields like any other.
+        let e = plan(yaml, &[]).unwrap_err();
+        assert_eq!(
+            e,
+            "p.yaml:22:22: `<+pipeline.variables.nope>`: the file holds a single stage, which has no pipeline variables"
+        );
+        let yaml = yaml.replace("              shell: <+pipeline.variables.nope>\n", "");
+        let e = plan(&yaml, &[("r.imagePullPolicy", "Never")]).unwrap_err();
+        assert_eq!(
+            e,
+            "p.yaml:27:24: `resources.limits.cpu` is `<+stage.variables.dind>`, which resolves to `true`: `true` is not a quantity"
+        );
+        let yaml = yaml.replace("                  cpu: <+stage.variables.dind>\n", "");
+        let p = plan(&yaml, &[("r.imagePullPolicy", "Never")]).unwrap();
+        let step = p.stages[0].steps()[0].clone();
+        assert!(step.privileged);
+        assert_eq!(step.resources.memory, Some(1 << 30));
+        assert_eq!(
+            step.image.as_ref().map(|i| i.pull_policy),
+            Some(PullPolicy::Never)
+        );
+        let e = plan(&yaml, &[("r.imagePullPolicy", "Never"), ("dind", "yes")]).unwrap_err();
+        assert!(
+            e.starts_with("p.yaml:22:27: `privileged` is `<+stage.variables.dind>`, which resolves to `yes`: it must be true or false"),
+            "{e}"
+        );
+    }
 }

@@ -215,6 +215,12 @@ impl Condition<Template> {
             Condition::And(a, b) => a.eval(outputs) && b.eval(outputs),
             Condition::Or(a, b) => a.eval(outputs) || b.eval(outputs),
             Condition::Compare { left, equal, right } => (r(left) == r(right)) == *equal,
+            Condition::Order { left, op, right } => op.holds(&r(left), &r(right)),
+            Condition::Test {
+                target,
+                method,
+                arg,
+            } => method.holds(&r(target), &r(arg)),
         }
     }
 
@@ -229,6 +235,22 @@ impl Condition<Template> {
                 quote_operand(left),
                 if *equal { "==" } else { "!=" },
                 quote_operand(right)
+            ),
+            Condition::Order { left, op, right } => format!(
+                "{} {} {}",
+                quote_operand(left),
+                op.symbol(),
+                quote_operand(right)
+            ),
+            Condition::Test {
+                target,
+                method,
+                arg,
+            } => format!(
+                "{}.{}({})",
+                quote_operand(target),
+                method.name(),
+                quote_operand(arg)
             ),
         }
     }
@@ -285,7 +307,8 @@ impl FailurePolicy {
     }
 }
 
-/// A string with holes for step outputs, which are only known while the stage runs.
+/// A string with holes for step outputs, which are only known while the stage runs
+/// (or, for a step of an earlier stage, once that stage has run).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Template {
     pub parts: Vec<TemplatePart>,
@@ -295,7 +318,13 @@ pub struct Template {
 #[serde(untagged)]
 pub enum TemplatePart {
     Text(String),
-    StepOutput { step: String, variable: String },
+    StepOutput {
+        /// The stage of the step when it is not the stage the template belongs to.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stage: Option<String>,
+        step: String,
+        variable: String,
+    },
 }
 
 impl Template {
@@ -313,17 +342,31 @@ impl Template {
         })
     }
 
-    /// Fill the holes from `outputs` (step key -> variable -> value). A missing value is
-    /// an empty string, as in Harness; `missing` receives what was not found.
+    /// Fill the holes from `outputs`. A missing value is an empty string, as in
+    /// Harness; `missing` receives what was not found.
     pub fn render(&self, outputs: &Outputs, missing: &mut Vec<String>) -> String {
         let mut s = String::new();
         for p in &self.parts {
             match p {
                 TemplatePart::Text(t) => s.push_str(t),
-                TemplatePart::StepOutput { step, variable } => {
-                    match outputs.get(step).and_then(|vars| vars.get(variable)) {
+                TemplatePart::StepOutput {
+                    stage,
+                    step,
+                    variable,
+                } => {
+                    let steps = match stage {
+                        None => Some(&outputs.steps),
+                        Some(stage) => outputs.earlier.get(stage),
+                    };
+                    match steps
+                        .and_then(|steps| steps.get(step))
+                        .and_then(|vars| vars.get(variable))
+                    {
                         Some(v) => s.push_str(v),
-                        None => missing.push(format!("{step}.{variable}")),
+                        None => missing.push(match stage {
+                            None => format!("{step}.{variable}"),
+                            Some(stage) => format!("{stage}: {step}.{variable}"),
+                        }),
                     }
                 }
             }
@@ -337,8 +380,29 @@ impl Template {
         for p in &self.parts {
             match p {
                 TemplatePart::Text(t) => s.push_str(t),
-                TemplatePart::StepOutput { step, variable } => s.push_str(&format!(
+                TemplatePart::StepOutput {
+                    stage: None,
+                    step,
+                    variable,
+                } if !step.contains('.') => s.push_str(&format!(
                     "<+steps.{step}.output.outputVariables.{variable}>"
+                )),
+                // A step inside groups: `G.ID` is written `G.steps.ID`.
+                TemplatePart::StepOutput {
+                    stage: None,
+                    step,
+                    variable,
+                } => s.push_str(&format!(
+                    "<+execution.steps.{}.output.outputVariables.{variable}>",
+                    step.replace('.', ".steps.")
+                )),
+                TemplatePart::StepOutput {
+                    stage: Some(stage),
+                    step,
+                    variable,
+                } => s.push_str(&format!(
+                    "<+pipeline.stages.{stage}.spec.execution.steps.{}.output.outputVariables.{variable}>",
+                    step.replace('.', ".steps.")
                 )),
             }
         }
@@ -346,8 +410,20 @@ impl Template {
     }
 }
 
-/// Output variables of finished steps: step key -> name -> value.
-pub type Outputs = BTreeMap<String, BTreeMap<String, String>>;
+/// Output variables of one stage's finished steps: step key -> name -> value.
+pub type StageOutputs = BTreeMap<String, BTreeMap<String, String>>;
+
+/// Output variables of every stage that has run, by stage identifier. A run keeps one,
+/// shared by its stages: a stage reads the earlier stages' values when it starts and
+/// adds its own when it ends ([`crate::run::executor::run_stage`]).
+pub type PipelineOutputs = BTreeMap<String, StageOutputs>;
+
+/// What a running stage's templates read: its own finished steps and earlier stages.
+#[derive(Clone, Debug, Default)]
+pub struct Outputs {
+    pub steps: StageOutputs,
+    pub earlier: PipelineOutputs,
+}
 
 /// Secret values to be masked wherever sandrun prints.
 #[derive(Clone, Debug, Default)]

@@ -27,8 +27,8 @@ use crate::junit;
 use crate::net::StageNetwork;
 use crate::pipeline::{Shell, StageStatus};
 use crate::plan::{
-    Action, CondPlan, ErrorKind, Node, Outputs, Plan, ProcessTemplate, Secrets, StagePlan,
-    StepPlan, StepType,
+    Action, CondPlan, ErrorKind, Node, Outputs, PipelineOutputs, Plan, ProcessTemplate, Secrets,
+    StagePlan, StepPlan, StepType,
 };
 
 /// How many of a step's last output lines are kept for failure reports.
@@ -74,6 +74,9 @@ pub struct StageContext<'a> {
     pub events: EventSink,
     /// Cancelled on Ctrl-C / SIGTERM.
     pub cancel: CancellationToken,
+    /// Output variables of the run's stages: read (earlier stages) when the stage
+    /// starts, and given this stage's own when it ends.
+    pub pipeline_outputs: &'a Mutex<PipelineOutputs>,
 }
 
 /// Run one stage to the end and say how it went. Every process it started is stopped
@@ -92,10 +95,15 @@ pub async fn run_stage(ctx: &StageContext<'_>) -> StageResult {
     for w in pod_ports.iter().flat_map(PodPorts::collisions) {
         ctx.events.warn(None, w);
     }
+    let earlier = ctx.pipeline_outputs.lock().unwrap().clone();
     let exec = Executor {
         ctx,
         state: Arc::new(StageState {
             pod_ports,
+            outputs: Mutex::new(Outputs {
+                steps: Default::default(),
+                earlier,
+            }),
             ..StageState::default()
         }),
         stage_cancel: ctx.cancel.child_token(),
@@ -120,6 +128,11 @@ pub async fn run_stage(ctx: &StageContext<'_>) -> StageResult {
     }
     exec.stop_backgrounds().await;
     exec.kill_leftover_groups();
+    let own = std::mem::take(&mut exec.state.outputs.lock().unwrap().steps);
+    ctx.pipeline_outputs
+        .lock()
+        .unwrap()
+        .insert(ctx.stage.identifier.clone(), own);
 
     let result = if ctx.cancel.is_cancelled() {
         StageResult::Cancelled
@@ -569,6 +582,7 @@ impl<'a> Executor<'a> {
             .outputs
             .lock()
             .unwrap()
+            .steps
             .insert(step.key.clone(), values);
     }
 
