@@ -13,6 +13,7 @@
 //!     credentials: { username: ci, password: s3cret }
 //! credentials:
 //!   ghcr.io: { token: ghp_example }
+//! layer_size_limit: 8Gi   # bytes one image layer may write (default: proportional)
 //! ```
 //!
 //! It lives at `$SANDRUN_CONFIG`, else `$XDG_CONFIG_HOME/sandrun/config.yaml`, else
@@ -37,6 +38,16 @@ pub struct Config {
     /// Credentials by registry host; they win over Docker's and podman's files.
     #[serde(default)]
     pub credentials: BTreeMap<String, Credential>,
+    /// Bytes one image layer may write when unpacked (`--layer-size-limit` wins).
+    #[serde(default, deserialize_with = "byte_size")]
+    pub layer_size_limit: Option<u64>,
+}
+
+fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let text = String::deserialize(d)?;
+    crate::pipeline::values::parse_memory(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +123,9 @@ impl Config {
         for (id, mapping) in self.connectors {
             opts.connectors.entry(id).or_insert(mapping);
         }
+        if opts.layer_size_limit.is_none() {
+            opts.layer_size_limit = self.layer_size_limit;
+        }
     }
 }
 
@@ -134,6 +148,23 @@ mod tests {
             opts.credentials["ghcr.io"],
             Credential::Token { token: "t".into() }
         );
+    }
+
+    #[test]
+    fn layer_size_limit_is_a_size_and_the_command_line_wins() {
+        let c = Config::parse(Path::new("c.yaml"), "layer_size_limit: 2Gi\n").unwrap();
+        let mut opts = PullOptions::default();
+        c.apply(&mut opts);
+        assert_eq!(opts.layer_size_limit, Some(2 << 30));
+        let c = Config::parse(Path::new("c.yaml"), "layer_size_limit: 2Gi\n").unwrap();
+        let mut opts = PullOptions {
+            layer_size_limit: Some(1),
+            ..Default::default()
+        };
+        c.apply(&mut opts);
+        assert_eq!(opts.layer_size_limit, Some(1));
+        let e = Config::parse(Path::new("c.yaml"), "layer_size_limit: lots\n").unwrap_err();
+        assert!(e.to_string().starts_with("c.yaml:1:"), "{e}");
     }
 
     #[test]

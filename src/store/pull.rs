@@ -521,10 +521,21 @@ pub(crate) async fn assemble(
         return Err(e);
     }
     // Layers with hardlinks into lower layers are finished in order, lowest first.
-    for (i, p) in pending.into_iter().enumerate() {
+    let mut pending = pending.into_iter().enumerate();
+    while let Some((i, p)) = pending.next() {
         if let Some(p) = p {
             let lowers: Vec<PathBuf> = finals.iter().rev().cloned().collect();
-            let warnings = blocking(move || p.finish(&lowers)).await?;
+            let warnings = match blocking(move || p.finish(&lowers)).await {
+                Ok(w) => w,
+                Err(e) => {
+                    for (_, p) in pending.by_ref() {
+                        if let Some(p) = p {
+                            p.discard();
+                        }
+                    }
+                    return Err(e);
+                }
+            };
             for message in warnings {
                 progress.event(&PullEvent::Warning {
                     reference: reference.clone(),
@@ -609,6 +620,9 @@ fn layer_warnings(l: &Layout, diff_ids: &[String]) -> Vec<String> {
 /// A layer unpacked into `tmp/` that still needs its cross-layer hardlinks copied from
 /// the image's lower layers before it is renamed into place. Holds the layer lock.
 pub(crate) struct PendingLayer {
+    reference: String,
+    /// The layer's limits: its copies count against the same cap as its files.
+    limits: unpack::Limits,
     tmp: PathBuf,
     dest: PathBuf,
     report: UnpackReport,
@@ -618,18 +632,27 @@ pub(crate) struct PendingLayer {
 
 impl PendingLayer {
     fn finish(mut self, lowers: &[PathBuf]) -> Result<Vec<String>, StoreError> {
-        let unresolved = unpack::resolve_cross_layer_links(
+        let links = unpack::resolve_cross_layer_links(
             &self.tmp.join("rootfs"),
             &self.report.cross_layer_links,
             lowers,
-        )
-        .map_err(|e| StoreError::BadLayer {
-            reference: self.meta.diff_id.clone(),
-            digest: self.meta.blob.clone(),
-            reason: e.to_string(),
-        })?;
+            &self.limits,
+            self.report.written,
+        );
+        let links = match links {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = unpack::remove_tree(&self.tmp);
+                return Err(StoreError::BadLayer {
+                    reference: self.reference.clone(),
+                    digest: self.meta.blob.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        self.report.written += links.copied;
         let mut warnings = Vec::new();
-        for u in unresolved {
+        for u in links.unresolved {
             warnings.push(format!("hardlink {u}"));
             self.report.warnings.push(format!("hardlink {u}"));
         }
@@ -725,8 +748,13 @@ async fn ensure_layer(
     }
     let dest = l.layer_dir(&diff_id)?;
     let unpack_opts = UnpackOptions {
-        limits: opts.limits.clone(),
+        limits: unpack::Limits {
+            max_entries: opts.limits.max_entries,
+            max_path: opts.limits.max_path,
+            ..unpack::Limits::for_layer(desc.size(), opts.layer_size_limit)
+        },
     };
+    let limits = unpack_opts.limits.clone();
 
     if have_blob {
         // Unpack from the local blob (e.g. after `gc` of layers, or a load).
@@ -757,7 +785,10 @@ async fn ensure_layer(
             digest: digest.clone(),
             cached: true,
         });
-        return Ok((0, finish_staged(staged, dest, digest, diff_id, locks)?));
+        return Ok((
+            0,
+            finish_staged(staged, dest, &reference, digest, diff_id, limits, locks)?,
+        ));
     }
 
     progress.event(&PullEvent::LayerStart {
@@ -861,15 +892,17 @@ async fn ensure_layer(
     });
     Ok((
         desc.size(),
-        finish_staged(staged, dest, digest, diff_id, locks)?,
+        finish_staged(staged, dest, &reference, digest, diff_id, limits, locks)?,
     ))
 }
 
 fn finish_staged(
     staged: Option<Staged>,
     dest: PathBuf,
+    reference: &str,
     blob: String,
     diff_id: String,
+    limits: unpack::Limits,
     locks: Vec<FileLock>,
 ) -> Result<Option<PendingLayer>, StoreError> {
     let Some(s) = staged else { return Ok(None) };
@@ -883,6 +916,8 @@ fn finish_staged(
         return Ok(None);
     }
     Ok(Some(PendingLayer {
+        reference: reference.to_string(),
+        limits,
         tmp: s.tmp,
         dest,
         report: s.report,
