@@ -52,11 +52,8 @@ fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::E
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] crate::input::InputError),
     #[error("{}{}: {message}", path.display(), location.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
     Parse {
         path: PathBuf,
@@ -87,10 +84,8 @@ impl Config {
     }
 
     pub fn read(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            crate::input::read_text(path, "config file", crate::input::MAX_SMALL_FILE_BYTES)?;
         Config::parse(path, &text)
     }
 

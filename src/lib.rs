@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod input;
 pub mod junit;
 pub mod net;
 pub mod pipeline;

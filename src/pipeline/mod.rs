@@ -21,11 +21,11 @@ use std::path::Path;
 
 pub use error::{ErrorKind, PipelineError, PipelineErrors};
 pub use model::*;
-pub use parse::valid_identifier;
+pub use parse::{check_image_reference, valid_identifier};
 
 /// Read and check a pipeline file.
 pub fn load(path: &Path) -> Result<PipelineFile, PipelineErrors> {
-    match std::fs::read_to_string(path) {
+    match crate::input::read_text(path, "pipeline file", crate::input::MAX_PIPELINE_BYTES) {
         Ok(text) => parse_str(path, &text),
         Err(e) => {
             let mut errors = PipelineErrors::default();
@@ -36,7 +36,7 @@ pub fn load(path: &Path) -> Result<PipelineFile, PipelineErrors> {
                     column: 0,
                 },
                 kind: ErrorKind::Io,
-                message: format!("cannot read the pipeline file: {e}"),
+                message: e.reason(),
             });
             Err(errors)
         }

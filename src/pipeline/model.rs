@@ -206,6 +206,9 @@ pub enum PullPolicy {
 pub struct ContainerFields {
     /// `None`: run the host's binaries (Harness's "leave Image blank").
     pub image: Option<String>,
+    /// Where `image` is written (for references checked once their expressions are
+    /// resolved).
+    pub image_at: Option<Location>,
     pub connector_ref: Option<String>,
     pub pull_policy: Option<PullPolicy>,
     pub privileged: bool,

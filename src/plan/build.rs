@@ -672,6 +672,17 @@ impl<'a> Builder<'a> {
         let image = container.and_then(|c| {
             c.image.as_ref().map(|i| {
                 let reference = self.static_text(i, &s, loc, "image");
+                // A reference made by expressions is checked once they are resolved;
+                // placeholders of unanswered inputs (`<input>`) are not references yet.
+                if expr::has_expressions(i) && !reference.contains('<') {
+                    if let Err(e) = crate::pipeline::check_image_reference(&reference) {
+                        let at = c.image_at.as_ref().unwrap_or(loc);
+                        self.error(
+                            at,
+                            format!("`image` of step `{}` (`{i}`): {e}", step.identifier),
+                        );
+                    }
+                }
                 ImagePlan {
                     source: reference.clone(),
                     reference,
