@@ -169,6 +169,26 @@ pub enum UnpackError {
     },
     #[error("reading the layer stream: {0}")]
     Read(#[from] io::Error),
+    #[error("entry `{path}`: writing: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl UnpackError {
+    /// Whether the layer failed because the store's filesystem is full (ENOSPC, EDQUOT),
+    /// not because of anything in the layer.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            UnpackError::Sys { errno, .. } => matches!(errno, Errno::ENOSPC | Errno::EDQUOT),
+            UnpackError::Write { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+            }
+            _ => false,
+        }
+    }
 }
 
 type R<T> = Result<T, UnpackError>;
@@ -263,7 +283,25 @@ const HOLE_BLOCK: usize = 4096;
 /// Copies `input` into the empty file `out`, leaving aligned zero blocks as holes (a GNU
 /// sparse entry's holes arrive as zeros from the tar reader). The file ends with the
 /// input's length even when its tail is a hole.
-fn write_sparse(mut input: impl Read, out: &mut File) -> io::Result<u64> {
+/// Which side of a copy failed: a read is the layer's fault, a write the store's.
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl CopyError {
+    fn at(self, path: &str) -> UnpackError {
+        match self {
+            CopyError::Read(e) => limit_or_read(e),
+            CopyError::Write(source) => UnpackError::Write {
+                path: path.to_string(),
+                source,
+            },
+        }
+    }
+}
+
+fn write_sparse(mut input: impl Read, out: &mut File) -> Result<u64, CopyError> {
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; 64 * HOLE_BLOCK];
     let mut offset = 0u64;
@@ -275,7 +313,7 @@ fn write_sparse(mut input: impl Read, out: &mut File) -> io::Result<u64> {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(CopyError::Read(e)),
             }
         }
         if filled == 0 {
@@ -294,12 +332,13 @@ fn write_sparse(mut input: impl Read, out: &mut File) -> io::Result<u64> {
             while end < filled && !is_zero(end) {
                 end = block_end(end);
             }
-            out.write_all_at(&buf[at..end], offset + at as u64)?;
+            out.write_all_at(&buf[at..end], offset + at as u64)
+                .map_err(CopyError::Write)?;
             at = end;
         }
         offset += filled as u64;
     }
-    out.set_len(offset)?;
+    out.set_len(offset).map_err(CopyError::Write)?;
     Ok(offset)
 }
 
@@ -533,7 +572,7 @@ impl Applier {
                 )
                 .map_err(self.sys(&comps, "create file"))?;
                 let mut file = File::from(fd);
-                write_sparse(entry, &mut file).map_err(limit_or_read)?;
+                write_sparse(entry, &mut file).map_err(|e| e.at(&path_str))?;
                 let fd = OwnedFd::from(file);
                 self.chown_fd(&fd, uid, gid, &comps)?;
                 // After chown: chown clears setuid/setgid.
@@ -1047,7 +1086,7 @@ pub fn resolve_cross_layer_links(
         if reflink(&src, &dst).is_err() {
             written = charge(written, meta.len(), limits, path)?;
             out.copied += meta.len();
-            write_sparse(&src, &mut dst)?;
+            write_sparse(&src, &mut dst).map_err(|e| e.at(path))?;
         }
         use std::os::unix::fs::MetadataExt;
         if unistd::geteuid().is_root() {
