@@ -180,3 +180,41 @@ fn a_full_disk_is_blamed_on_the_store_not_the_registry() {
         .assert_stderr("No space left on device");
     assert!(!r.stderr.contains("registry "), "{}", r.all());
 }
+
+/// A `command` far over Linux's 128 KiB limit on one argument (it used to end in exit
+/// 255 and no reason): the script runs from a file, in a host step and in a container.
+#[test]
+fn a_command_of_megabytes_runs() {
+    // 2 MiB of shell, then a line that proves the end was reached.
+    let mut script = String::new();
+    while script.len() < 2 << 20 {
+        script.push_str("            : padding padding padding padding padding padding\n");
+    }
+    script.push_str("            echo \"long script done in $0\"\n");
+    let image = if registry::tools_present() {
+        let reg = registry::Registry::start();
+        let b = registry::ImageBuilder::new();
+        b.busybox("1", "amd64");
+        let reference = format!("{}/test/long:1", reg.addr);
+        b.push("1", &reference, &[]);
+        Some((reg, b, reference))
+    } else {
+        None
+    };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let mut steps = format!(
+            "- step:\n    type: Run\n    name: host\n    identifier: host\n    spec:\n      command: |\n{script}"
+        );
+        if let Some((_, _, reference)) = &image {
+            steps.push_str(&format!(
+                "- step:\n    type: Run\n    name: box\n    identifier: box\n    spec:\n      image: {reference}\n      command: |\n{script}"
+            ));
+        }
+        sb.write("ci.yaml", &stage("", &steps));
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0);
+        let done = r.stdout.matches("long script done in").count();
+        assert_eq!(done, 1 + image.is_some() as usize, "{mode:?}: {}", &r.stdout[..r.stdout.len().min(4000)]);
+    }
+}
