@@ -359,6 +359,9 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         Some(crate::sandbox::prepare_rootless().context("cannot set up rootless mode")?)
     };
     let (_, mut plan) = load_and_plan(&args.input, false)?;
+    if let Some(dir) = &args.report_dir {
+        JunitWriter::check_dir(dir)?;
+    }
     let mut pull = global.registry.pull_options()?;
     crate::run::images::resolve_sources(&mut plan, &pull)?;
     pull.locked = args.locked;
@@ -518,12 +521,20 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     runtime.shutdown_background();
     let (outcome, shown) = result;
     let outcome = outcome?;
-    match shown {
-        Ok(Err(e)) => eprintln!("sandrun: {e:#}"),
-        Err(e) => eprintln!("sandrun: the display stopped: {e}"),
-        Ok(Ok(())) => {}
-    }
+    let reported = match shown {
+        Ok(Err(e)) => {
+            eprintln!("sandrun: {e:#}");
+            false
+        }
+        Err(e) => {
+            eprintln!("sandrun: the display stopped: {e}");
+            false
+        }
+        Ok(Ok(())) => true,
+    };
     Ok(match outcome {
+        // A report that could not be written (`--report-dir`) fails a passing run.
+        StageResult::Succeeded | StageResult::Skipped if !reported => 1,
         StageResult::Succeeded | StageResult::Skipped => 0,
         StageResult::Failed => 1,
         StageResult::Cancelled => 130,

@@ -218,3 +218,37 @@ fn a_command_of_megabytes_runs() {
         assert_eq!(done, 1 + image.is_some() as usize, "{mode:?}: {}", &r.stdout[..r.stdout.len().min(4000)]);
     }
 }
+
+#[test]
+fn an_unwritable_report_dir_fails_before_the_run() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &stage(
+                "",
+                "- step:\n    type: Run\n    name: s\n    identifier: s\n    spec:\n      command: touch ran\n",
+            ),
+        );
+        sb.run(["run", "ci.yaml", "--report-dir", "/dev/null/reports"])
+            .assert_code(2)
+            .assert_stderr("cannot create the report directory /dev/null/reports: Not a directory");
+        assert!(!sb.workspace().join("ran").exists(), "{mode:?}: the step ran");
+        if mode == support::Mode::Rootless && support::is_root() {
+            // A directory the test user may not write in (root owns it).
+            let ro = tempfile::tempdir().unwrap();
+            std::fs::set_permissions(
+                ro.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o555),
+            )
+            .unwrap();
+            sb.run(["run", "ci.yaml", "--report-dir", ro.path().to_str().unwrap()])
+                .assert_code(2)
+                .assert_stderr(&format!(
+                    "cannot write in the report directory {}: Permission denied",
+                    ro.path().display()
+                ));
+            assert!(!sb.workspace().join("ran").exists());
+        }
+    }
+}
