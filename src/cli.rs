@@ -289,8 +289,7 @@ fn load_and_plan(input: &InputArgs, placeholders: bool) -> anyhow::Result<(Pipel
 }
 
 fn read_secrets_file(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let text =
-        crate::input::read_text(path, "secrets file", crate::input::MAX_SMALL_FILE_BYTES)?;
+    let text = crate::input::read_text(path, "secrets file", crate::input::MAX_SMALL_FILE_BYTES)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();

@@ -82,13 +82,12 @@ pub fn read_text(path: &Path, what: &'static str, limit: u64) -> Result<String, 
             limit,
         });
     }
-    String::from_utf8(bytes)
-        .map_err(|e| {
-            io(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("not UTF-8 text: {}", e.utf8_error()),
-            ))
-        })
+    String::from_utf8(bytes).map_err(|e| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not UTF-8 text: {}", e.utf8_error()),
+        ))
+    })
 }
 
 #[cfg(test)]

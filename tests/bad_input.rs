@@ -50,7 +50,9 @@ fn an_empty_image_is_an_error_not_a_host_step() {
     sb.run(["validate", "ci.yaml"])
         .assert_code(2)
         .assert_stderr("ci.yaml:13:22:")
-        .assert_stderr("`image` of Run step `s` is empty: to run the step on the host, leave `image` out");
+        .assert_stderr(
+            "`image` of Run step `s` is empty: to run the step on the host, leave `image` out",
+        );
     sb.run(["run", "ci.yaml"]).assert_code(2);
 }
 
@@ -215,7 +217,12 @@ fn a_command_of_megabytes_runs() {
         let r = sb.run(["run", "ci.yaml"]);
         r.assert_code(0);
         let done = r.stdout.matches("long script done in").count();
-        assert_eq!(done, 1 + image.is_some() as usize, "{mode:?}: {}", &r.stdout[..r.stdout.len().min(4000)]);
+        assert_eq!(
+            done,
+            1 + image.is_some() as usize,
+            "{mode:?}: {}",
+            &r.stdout[..r.stdout.len().min(4000)]
+        );
     }
 }
 
@@ -233,7 +240,10 @@ fn an_unwritable_report_dir_fails_before_the_run() {
         sb.run(["run", "ci.yaml", "--report-dir", "/dev/null/reports"])
             .assert_code(2)
             .assert_stderr("cannot create the report directory /dev/null/reports: Not a directory");
-        assert!(!sb.workspace().join("ran").exists(), "{mode:?}: the step ran");
+        assert!(
+            !sb.workspace().join("ran").exists(),
+            "{mode:?}: the step ran"
+        );
         if mode == support::Mode::Rootless && support::is_root() {
             // A directory the test user may not write in (root owns it).
             let ro = tempfile::tempdir().unwrap();
@@ -242,12 +252,17 @@ fn an_unwritable_report_dir_fails_before_the_run() {
                 std::os::unix::fs::PermissionsExt::from_mode(0o555),
             )
             .unwrap();
-            sb.run(["run", "ci.yaml", "--report-dir", ro.path().to_str().unwrap()])
-                .assert_code(2)
-                .assert_stderr(&format!(
-                    "cannot write in the report directory {}: Permission denied",
-                    ro.path().display()
-                ));
+            sb.run([
+                "run",
+                "ci.yaml",
+                "--report-dir",
+                ro.path().to_str().unwrap(),
+            ])
+            .assert_code(2)
+            .assert_stderr(&format!(
+                "cannot write in the report directory {}: Permission denied",
+                ro.path().display()
+            ));
             assert!(!sb.workspace().join("ran").exists());
         }
     }

@@ -108,8 +108,14 @@ fn sparse_entry_declaring_2gib_is_refused_or_kept_sparse() {
     for mode in e2e::modes() {
         let sb = e2e::Sandbox::new(mode);
         let (ok, text) = pull(&sb, &["pull", &reference]);
-        assert!(!ok, "{mode:?}: a 2 GiB sparse file from a tiny layer was accepted");
-        assert!(text.contains(&digests[0]), "{mode:?}: no layer digest: {text}");
+        assert!(
+            !ok,
+            "{mode:?}: a 2 GiB sparse file from a tiny layer was accepted"
+        );
+        assert!(
+            text.contains(&digests[0]),
+            "{mode:?}: no layer digest: {text}"
+        );
         assert!(
             text.contains("256.00 MiB") && text.contains("--layer-size-limit"),
             "{mode:?}: no limit in: {text}"
@@ -163,7 +169,10 @@ fn gzip_bomb_is_refused_by_the_proportional_cap() {
             text.contains("64 times the layer's compressed size") && text.contains("256.00 MiB"),
             "{mode:?}: {text}"
         );
-        assert!(text.contains("`zero2`"), "{mode:?}: the third file passes the cap: {text}");
+        assert!(
+            text.contains("`zero2`"),
+            "{mode:?}: the third file passes the cap: {text}"
+        );
         no_layers_left(&sb);
     }
 }
@@ -198,7 +207,11 @@ fn hardlinks_into_a_lower_layer_share_one_copy() {
         assert!(ok, "{mode:?}: {text}");
         let dir = layer_dir(&sb, &layers[1].1);
         let first = std::fs::metadata(dir.join("l0")).unwrap();
-        assert_eq!(first.nlink(), 24, "{mode:?}: the links do not share one copy");
+        assert_eq!(
+            first.nlink(),
+            24,
+            "{mode:?}: the links do not share one copy"
+        );
         assert_eq!(first.len(), 8 << 20);
         assert_eq!(std::fs::read(dir.join("l23")).unwrap(), data);
     }

@@ -1407,7 +1407,13 @@ impl<'e> Parser<'e> {
         let image_pos = f.get("image").map(|n| n.pos).unwrap_or(f.pos);
         let image = self.opt_template(f, "image").filter(|s| {
             if s.trim().is_empty() {
-                self.invalid(image_pos, format!("`image` of {} is empty: to run the step on the host, leave `image` out", f.what));
+                self.invalid(
+                    image_pos,
+                    format!(
+                        "`image` of {} is empty: to run the step on the host, leave `image` out",
+                        f.what
+                    ),
+                );
                 return false;
             }
             if !expr::has_expressions(s) {

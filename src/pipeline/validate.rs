@@ -9,13 +9,17 @@
 //! groups may share an identifier; their hostnames (`GroupId_StepId`) and expressions
 //! (`<+execution.steps.G.steps.ID...>`) stay distinct.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::error::{ErrorKind, PipelineError, PipelineErrors};
 use super::model::*;
 use super::parse::OutputRef;
 
 pub(crate) fn validate(file: &PipelineFile, refs: &[OutputRef], errors: &mut PipelineErrors) {
+    let mut refs_by_step: HashMap<At, Vec<&OutputRef>> = HashMap::new();
+    for r in refs {
+        refs_by_step.entry(at(&r.from_step)).or_default().push(r);
+    }
     let mut stage_ids: HashMap<&str, &Location> = HashMap::new();
     for stage in &file.stages {
         if let Some(first) = stage_ids.get(stage.identifier.as_str()) {
@@ -36,10 +40,19 @@ pub(crate) fn validate(file: &PipelineFile, refs: &[OutputRef], errors: &mut Pip
             unique(&mut ids, &dep.identifier, &dep.loc, "step", &scope, errors);
         }
         check_scope(&spec.steps, &mut ids, &scope, errors);
-        let mut siblings = Vec::new();
-        check_parallel(&spec.steps, &[], refs, errors, &mut siblings);
+        let mut siblings = HashSet::new();
+        check_parallel(&spec.steps, &[], &refs_by_step, errors, &mut siblings);
         check_output_refs(stage, spec, refs, &siblings, errors);
     }
+}
+
+/// Where a step is written: the key of the indexes below (one file, so line and
+/// column are enough). Lookups go through indexes, never a scan of every step per step
+/// or per reference, so that validating stays linear in the size of the stage.
+type At = (usize, usize);
+
+fn at(loc: &Location) -> At {
+    (loc.line, loc.column)
 }
 
 /// Every `<+steps.ID.output.outputVariables.X>` in a stage names an earlier Run step
@@ -48,36 +61,50 @@ fn check_output_refs(
     stage: &Stage,
     spec: &CiStageSpec,
     refs: &[OutputRef],
-    siblings: &[(Location, Location)],
+    siblings: &HashSet<(At, At)>,
     errors: &mut PipelineErrors,
 ) {
     let mut steps = Vec::new();
     for item in &spec.steps {
         members(item, &[], &mut steps);
     }
-    let by_loc = |loc: &Location| steps.iter().find(|m| m.loc == *loc);
+    let by_loc: HashMap<At, &Member> = steps.iter().map(|m| (at(&m.loc), m)).collect();
+    // The first step (in file order) with an identifier, and the first that also
+    // declares a variable; each by identifier alone and by group path and identifier.
+    let mut first: HashMap<(Option<&[String]>, &str), &Member> = HashMap::new();
+    let mut first_declaring: HashMap<(Option<&[String]>, &str, &str), &Member> = HashMap::new();
+    for m in &steps {
+        for path in [None, Some(m.path.as_slice())] {
+            first.entry((path, m.id.as_str())).or_insert(m);
+            if let StepKind::Run(run) = &m.kind {
+                for v in &run.output_variables {
+                    first_declaring
+                        .entry((path, m.id.as_str(), v.as_str()))
+                        .or_insert(m);
+                }
+            }
+        }
+    }
     for r in refs {
-        let Some(from) = by_loc(&r.from_step) else {
+        let Some(from) = by_loc.get(&at(&r.from_step)) else {
             continue;
         };
-        let candidates: Vec<&Member> = steps
-            .iter()
-            .filter(|m| m.id == r.step && (r.group_path.is_empty() || r.group_path == m.path))
-            .collect();
+        let path = (!r.group_path.is_empty()).then_some(r.group_path.as_slice());
         let target = if r.group_path.is_empty() {
             format!("step `{}`", r.step)
         } else {
             format!("step `{}` in group `{}`", r.step, r.group_path.join("."))
         };
-        let problem = if candidates.is_empty() {
+        let reads_itself = from.id == r.step && path.is_none_or(|p| p == from.path);
+        let problem = if !first.contains_key(&(path, r.step.as_str())) {
             format!(
                 "output `{}` of {target} is read here, but stage `{}` has no such step",
                 r.variable, stage.identifier
             )
-        } else if candidates.iter().any(|m| m.loc == from.loc) {
+        } else if reads_itself {
             format!("step `{}` reads its own output `{}`", from.id, r.variable)
-        } else if let Some(t) = candidates.iter().find(|m| declares(m, &r.variable)) {
-            if siblings.contains(&(from.loc.clone(), t.loc.clone())) || t.loc.line < from.loc.line {
+        } else if let Some(t) = first_declaring.get(&(path, r.step.as_str(), r.variable.as_str())) {
+            if siblings.contains(&(at(&from.loc), at(&t.loc))) || t.loc.line < from.loc.line {
                 continue;
             }
             format!(
@@ -85,7 +112,7 @@ fn check_output_refs(
                 from.id, r.variable
             )
         } else {
-            let t = candidates[0];
+            let t = first[&(path, r.step.as_str())];
             match &t.kind {
                 StepKind::Run(run) => format!(
                     "{target} has no output variable `{}` (its outputVariables: {}){}",
@@ -116,10 +143,6 @@ fn check_output_refs(
             message: problem,
         });
     }
-}
-
-fn declares(m: &Member, variable: &str) -> bool {
-    matches!(&m.kind, StepKind::Run(run) if run.output_variables.iter().any(|v| v == variable))
 }
 
 fn dup(at: &Location, what: &str, id: &str, scope: &str, first: &Location) -> PipelineError {
@@ -198,9 +221,9 @@ fn members(item: &StepItem, path: &[String], out: &mut Vec<Member>) {
 fn check_parallel(
     items: &[StepItem],
     path: &[String],
-    refs: &[OutputRef],
+    refs: &HashMap<At, Vec<&OutputRef>>,
     errors: &mut PipelineErrors,
-    siblings: &mut Vec<(Location, Location)>,
+    siblings: &mut HashSet<(At, At)>,
 ) {
     for item in items {
         match item {
@@ -219,20 +242,26 @@ fn check_parallel(
                         m
                     })
                     .collect();
+                // The block's steps by identifier, with the branch each is in.
+                let mut by_id: HashMap<&str, Vec<(usize, &Member)>> = HashMap::new();
+                for (i, branch) in branches.iter().enumerate() {
+                    for m in branch {
+                        by_id.entry(m.id.as_str()).or_default().push((i, m));
+                    }
+                }
                 for (i, branch) in branches.iter().enumerate() {
                     for from in branch {
-                        for r in refs.iter().filter(|r| r.from_step == from.loc) {
-                            let target = branches
-                                .iter()
-                                .enumerate()
-                                .filter(|(j, _)| *j != i)
-                                .flat_map(|(_, b)| b.iter())
-                                .find(|t| {
-                                    t.id == r.step
-                                        && (r.group_path.is_empty() || r.group_path == t.path)
-                                });
+                        for r in refs.get(&at(&from.loc)).into_iter().flatten() {
+                            let target = by_id
+                                .get(r.step.as_str())
+                                .into_iter()
+                                .flatten()
+                                .find(|(j, t)| {
+                                    *j != i && (r.group_path.is_empty() || r.group_path == t.path)
+                                })
+                                .map(|(_, t)| *t);
                             if let Some(t) = target {
-                                siblings.push((from.loc.clone(), t.loc.clone()));
+                                siblings.insert((at(&from.loc), at(&t.loc)));
                                 errors.push(PipelineError {
                                     loc: r.at.clone(),
                                     kind: ErrorKind::InvalidValue,

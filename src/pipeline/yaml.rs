@@ -276,8 +276,14 @@ mod tests {
         assert_eq!(e.pos.line, 3, "{}", e.message);
         assert!(e.message.contains("second YAML document"), "{}", e.message);
         // A leading `---`, or a trailing one with nothing after it, loses nothing.
-        assert_eq!(parse("---\na: 1\n").unwrap().get("a").unwrap().as_str(), Some("1"));
-        assert_eq!(parse("a: 1\n---\n").unwrap().get("a").unwrap().as_str(), Some("1"));
+        assert_eq!(
+            parse("---\na: 1\n").unwrap().get("a").unwrap().as_str(),
+            Some("1")
+        );
+        assert_eq!(
+            parse("a: 1\n---\n").unwrap().get("a").unwrap().as_str(),
+            Some("1")
+        );
     }
 
     #[test]

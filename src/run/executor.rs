@@ -862,8 +862,9 @@ fn spill_long_script(
             let dir = launcher.control_dir_in_step(control);
             let (name, text, argv) = shell.script_file(&script, &dir.to_string_lossy());
             let host = control.join(name);
-            std::fs::write(&host, text)
-                .map_err(|e| format!("cannot write the step's script to {}: {e}", host.display()))?;
+            std::fs::write(&host, text).map_err(|e| {
+                format!("cannot write the step's script to {}: {e}", host.display())
+            })?;
             Ok(Process::Exec { argv })
         }
         p => Ok(p),

@@ -184,7 +184,10 @@ impl UnpackError {
         match self {
             UnpackError::Sys { errno, .. } => matches!(errno, Errno::ENOSPC | Errno::EDQUOT),
             UnpackError::Write { source, .. } => {
-                matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+                matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
+                )
             }
             _ => false,
         }
@@ -1511,8 +1514,14 @@ mod tests {
         let e = apply_layer(&tar[..], &dir.path().join("root"), &opts).unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, UnpackError::TooLarge { limit, .. } if limit == LAYER_FLOOR));
-        assert!(msg.contains("`huge`") && msg.contains("256.00 MiB"), "{msg}");
-        assert!(msg.contains("64 times the layer's compressed size of 98 B"), "{msg}");
+        assert!(
+            msg.contains("`huge`") && msg.contains("256.00 MiB"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("64 times the layer's compressed size of 98 B"),
+            "{msg}"
+        );
         assert!(!dir.path().join("root/huge").exists());
     }
 
@@ -1566,18 +1575,15 @@ mod tests {
             origin: "test".into(),
             ..Limits::default()
         };
-        let e = resolve_cross_layer_links(
-            &root2,
-            &r.cross_layer_links,
-            &[lower],
-            &small,
-            0,
-        );
+        let e = resolve_cross_layer_links(&root2, &r.cross_layer_links, &[lower], &small, 0);
         if reflink_supported(&root2) {
             e.unwrap();
         } else {
             let e = e.unwrap_err();
-            assert!(matches!(&e, UnpackError::TooLarge { path, .. } if path == "l0"), "{e}");
+            assert!(
+                matches!(&e, UnpackError::TooLarge { path, .. } if path == "l0"),
+                "{e}"
+            );
         }
     }
 
