@@ -133,7 +133,8 @@ pub struct RunArgs {
     /// ~/.cargo or ~/.npm). Repeatable.
     #[arg(long, value_name = "PATH")]
     pub host_writable: Vec<PathBuf>,
-    /// Merge every JUnit report the steps produce into DIR/junit.xml.
+    /// Merge every JUnit report the steps produce into DIR/junit.xml. DIR is created
+    /// and checked to be writable before any step starts.
     #[arg(long, value_name = "DIR")]
     pub report_dir: Option<PathBuf>,
     /// Print one JSON event per line instead of the terminal display.
