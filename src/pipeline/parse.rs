@@ -1405,24 +1405,24 @@ impl<'e> Parser<'e> {
 
     fn container_fields(&mut self, f: &Fields<'_>) -> ContainerFields {
         let image_pos = f.get("image").map(|n| n.pos).unwrap_or(f.pos);
-        let image = self.opt_template(f, "image").filter(|s| {
-            if s.trim().is_empty() {
-                self.invalid(
-                    image_pos,
-                    format!(
-                        "`image` of {} is empty: to run the step on the host, leave `image` out",
-                        f.what
-                    ),
-                );
-                return false;
-            }
-            if !expr::has_expressions(s) {
+        // An empty image is refused but kept, so that it is not reported a second time
+        // as missing.
+        let image = self.opt_template(f, "image");
+        match &image {
+            Some(s) if s.trim().is_empty() => self.invalid(
+                image_pos,
+                format!(
+                    "`image` of {} is empty: to run the step on the host, leave `image` out",
+                    f.what
+                ),
+            ),
+            Some(s) if !expr::has_expressions(s) => {
                 if let Err(e) = check_image_reference(s) {
                     self.invalid(image_pos, format!("`image` of {}: {e}", f.what));
                 }
             }
-            true
-        });
+            _ => {}
+        }
         let image_at = image.as_ref().map(|_| self.loc(image_pos));
         let connector_ref = self.opt_string(f, "connectorRef");
         let pull_policy = match self
