@@ -1119,9 +1119,16 @@ pub(crate) async fn fetch_blob_only(
     Ok(n)
 }
 
-/// Writing blob `digest` into the store failed: a full filesystem is said as such.
+/// Writing blob `digest` into the store failed: the blob's fault (larger than declared),
+/// or the store's (a full filesystem is said as such).
 fn store_write_error(l: &Layout, reference: &str, digest: &str, e: io::Error) -> StoreError {
-    if super::error::is_no_space(&e) {
+    if e.kind() == io::ErrorKind::InvalidData {
+        StoreError::BadBlob {
+            reference: reference.to_string(),
+            digest: digest.to_string(),
+            reason: e.to_string(),
+        }
+    } else if super::error::is_no_space(&e) {
         StoreError::NoSpace {
             store: l.root().to_path_buf(),
             what: format!("blob {digest} of {reference}"),
