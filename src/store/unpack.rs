@@ -218,6 +218,7 @@ pub fn apply_layer(input: impl Read, root: &Path, opts: &UnpackOptions) -> R<Unp
         },
         dirs: BTreeMap::new(),
         warned: Default::default(),
+        buf: Vec::new(),
     };
     let entries = archive.entries().map_err(limit_or_read)?;
     for entry in entries {
@@ -282,6 +283,8 @@ fn charge(written: u64, size: u64, limits: &Limits, path: &str) -> R<u64> {
 /// Block size of the hole detection: a run of zeros this long (aligned in the file) is
 /// left as a hole.
 const HOLE_BLOCK: usize = 4096;
+/// Bytes read at a time when writing a file (a whole number of hole blocks).
+const COPY_BUFFER: usize = 64 * HOLE_BLOCK;
 
 /// Copies `input` into the empty file `out`, leaving aligned zero blocks as holes (a GNU
 /// sparse entry's holes arrive as zeros from the tar reader). The file ends with the
@@ -304,9 +307,10 @@ impl CopyError {
     }
 }
 
-fn write_sparse(mut input: impl Read, out: &mut File) -> Result<u64, CopyError> {
+/// `buf` is the caller's, reused from file to file (layers hold many small files).
+fn write_sparse(mut input: impl Read, out: &mut File, buf: &mut Vec<u8>) -> Result<u64, CopyError> {
     use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; 64 * HOLE_BLOCK];
+    buf.resize(COPY_BUFFER, 0);
     let mut offset = 0u64;
     loop {
         // Fill the buffer so that blocks stay aligned to the file's offsets.
@@ -370,6 +374,8 @@ struct Applier {
     /// must stay writable until its children exist). Keyed by cleaned path.
     dirs: BTreeMap<Vec<u8>, DirMeta>,
     warned: std::collections::HashSet<&'static str>,
+    /// The copy buffer of [`write_sparse`], allocated once per layer.
+    buf: Vec<u8>,
 }
 
 /// Lexically cleaned path components; `..` cannot climb above the root.
@@ -575,7 +581,7 @@ impl Applier {
                 )
                 .map_err(self.sys(&comps, "create file"))?;
                 let mut file = File::from(fd);
-                write_sparse(entry, &mut file).map_err(|e| e.at(&path_str))?;
+                write_sparse(entry, &mut file, &mut self.buf).map_err(|e| e.at(&path_str))?;
                 let fd = OwnedFd::from(file);
                 self.chown_fd(&fd, uid, gid, &comps)?;
                 // After chown: chown clears setuid/setgid.
@@ -978,6 +984,7 @@ pub fn resolve_cross_layer_links(
 ) -> Result<CrossLayerLinks, UnpackError> {
     let mut out = CrossLayerLinks::default();
     let mut written = written;
+    let mut buf = Vec::new();
     let root_fd = OwnedFd::from(File::open(root)?);
     let lower_fds = lowers
         .iter()
@@ -1089,7 +1096,7 @@ pub fn resolve_cross_layer_links(
         if reflink(&src, &dst).is_err() {
             written = charge(written, meta.len(), limits, path)?;
             out.copied += meta.len();
-            write_sparse(&src, &mut dst).map_err(|e| e.at(path))?;
+            write_sparse(&src, &mut dst, &mut buf).map_err(|e| e.at(path))?;
         }
         use std::os::unix::fs::MetadataExt;
         if unistd::geteuid().is_root() {
