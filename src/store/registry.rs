@@ -210,16 +210,10 @@ impl Registry {
             .auth(r.oci(), &auth, RegistryOperation::Pull)
             .await
             .map_err(|e| {
-                let reached = match &e {
-                    oci_client::errors::OciDistributionError::RequestError(re) => {
-                        !is_connection_error(re)
-                    }
-                    other => !is_connection_error(other),
-                };
-                if reached {
-                    Self::err(r, format!("authentication failed: {}", error_chain(&e)))
-                } else {
+                if oci_connection_error(&e) {
                     Self::err(r, format!("cannot connect: {}", error_chain(&e)))
+                } else {
+                    Self::err(r, format!("authentication failed: {}", error_chain(&e)))
                 }
             })?;
         let header = match (token, &auth) {
@@ -346,7 +340,14 @@ impl Registry {
             .client
             .pull_blob_stream(r.oci(), &desc)
             .await
-            .map_err(|e| Self::err(r, format!("blob {digest}: {}", error_chain(&e))))?;
+            .map_err(|e| {
+                let what = if oci_connection_error(&e) {
+                    "cannot connect: "
+                } else {
+                    ""
+                };
+                Self::err(r, format!("{what}blob {digest}: {}", error_chain(&e)))
+            })?;
         if let Some(len) = s.content_length {
             if len != size {
                 return Err(StoreError::BadBlob {
@@ -405,6 +406,15 @@ pub fn is_connection_error(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = c.source();
     }
     false
+}
+
+/// [`is_connection_error`] for oci-client's errors, whose request variant is
+/// transparent (its `source()` skips the reqwest error itself).
+fn oci_connection_error(e: &oci_client::errors::OciDistributionError) -> bool {
+    match e {
+        oci_client::errors::OciDistributionError::RequestError(re) => is_connection_error(re),
+        other => is_connection_error(other),
+    }
 }
 
 /// An error and its causes on one line (reqwest hides the useful part in `source()`).
