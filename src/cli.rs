@@ -150,7 +150,8 @@ pub struct RunArgs {
     /// ~/.cargo or ~/.npm). Repeatable.
     #[arg(long, value_name = "PATH")]
     pub host_writable: Vec<PathBuf>,
-    /// Merge every JUnit report the steps produce into DIR/junit.xml.
+    /// Merge every JUnit report the steps produce into DIR/junit.xml. DIR is created
+    /// and checked to be writable before any step starts.
     #[arg(long, value_name = "DIR")]
     pub report_dir: Option<PathBuf>,
     /// Print one JSON event per line instead of the terminal display.
@@ -313,8 +314,7 @@ fn load_and_plan(input: &InputArgs, placeholders: bool) -> anyhow::Result<(Pipel
 }
 
 fn read_secrets_file(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read secrets file {}", path.display()))?;
+    let text = crate::input::read_text(path, "secrets file", crate::input::MAX_SMALL_FILE_BYTES)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -433,6 +433,9 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         Some(crate::sandbox::prepare_rootless().context("cannot set up rootless mode")?)
     };
     let (_, mut plan) = load_and_plan(&args.input, false)?;
+    if let Some(dir) = &args.report_dir {
+        JunitWriter::check_dir(dir)?;
+    }
     let mut pull = global.registry.pull_options()?;
     crate::run::images::resolve_sources(&mut plan, &pull)?;
     pull.locked = args.locked;
@@ -592,12 +595,20 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     runtime.shutdown_background();
     let (outcome, shown) = result;
     let outcome = outcome?;
-    match shown {
-        Ok(Err(e)) => eprintln!("sandrun: {e:#}"),
-        Err(e) => eprintln!("sandrun: the display stopped: {e}"),
-        Ok(Ok(())) => {}
-    }
+    let reported = match shown {
+        Ok(Err(e)) => {
+            eprintln!("sandrun: {e:#}");
+            false
+        }
+        Err(e) => {
+            eprintln!("sandrun: the display stopped: {e}");
+            false
+        }
+        Ok(Ok(())) => true,
+    };
     Ok(match outcome {
+        // A report that could not be written (`--report-dir`) fails a passing run.
+        StageResult::Succeeded | StageResult::Skipped if !reported => 1,
         StageResult::Succeeded | StageResult::Skipped => 0,
         StageResult::Failed => 1,
         StageResult::Cancelled => 130,

@@ -16,6 +16,7 @@
 //! kubernetes:
 //!   pull_secrets:                        # connector -> imagePullSecrets entry
 //!     account.harnessImage: regcred      # (for `sandrun export kubernetes`)
+//! layer_size_limit: 8Gi   # bytes one image layer may write (default: proportional)
 //! ```
 //!
 //! It lives at `$SANDRUN_CONFIG`, else `$XDG_CONFIG_HOME/sandrun/config.yaml`, else
@@ -40,6 +41,9 @@ pub struct Config {
     /// Credentials by registry host; they win over Docker's and podman's files.
     #[serde(default)]
     pub credentials: BTreeMap<String, Credential>,
+    /// Bytes one image layer may write when unpacked (`--layer-size-limit` wins).
+    #[serde(default, deserialize_with = "byte_size")]
+    pub layer_size_limit: Option<u64>,
     /// What `sandrun export kubernetes` needs to know about the cluster.
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
@@ -53,13 +57,17 @@ pub struct KubernetesConfig {
     pub pull_secrets: BTreeMap<String, String>,
 }
 
+fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let text = String::deserialize(d)?;
+    crate::pipeline::values::parse_memory(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] crate::input::InputError),
     #[error("{}{}: {message}", path.display(), location.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
     Parse {
         path: PathBuf,
@@ -90,10 +98,8 @@ impl Config {
     }
 
     pub fn read(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            crate::input::read_text(path, "config file", crate::input::MAX_SMALL_FILE_BYTES)?;
         Config::parse(path, &text)
     }
 
@@ -119,6 +125,7 @@ impl Config {
             insecure_registries,
             connectors,
             credentials,
+            layer_size_limit,
             kubernetes: _,
         } = self;
         for r in insecure_registries {
@@ -131,6 +138,9 @@ impl Config {
         }
         for (id, mapping) in connectors {
             opts.connectors.entry(id).or_insert(mapping);
+        }
+        if opts.layer_size_limit.is_none() {
+            opts.layer_size_limit = layer_size_limit;
         }
     }
 }
@@ -166,6 +176,23 @@ mod tests {
         assert_eq!(c.kubernetes.pull_secrets["account.img"], "regcred");
         let e = Config::parse(Path::new("c.yaml"), "kubernetes: {pullSecrets: {}}\n").unwrap_err();
         assert!(e.to_string().contains("unknown field `pullSecrets`"), "{e}");
+    }
+
+    #[test]
+    fn layer_size_limit_is_a_size_and_the_command_line_wins() {
+        let c = Config::parse(Path::new("c.yaml"), "layer_size_limit: 2Gi\n").unwrap();
+        let mut opts = PullOptions::default();
+        c.apply(&mut opts);
+        assert_eq!(opts.layer_size_limit, Some(2 << 30));
+        let c = Config::parse(Path::new("c.yaml"), "layer_size_limit: 2Gi\n").unwrap();
+        let mut opts = PullOptions {
+            layer_size_limit: Some(1),
+            ..Default::default()
+        };
+        c.apply(&mut opts);
+        assert_eq!(opts.layer_size_limit, Some(1));
+        let e = Config::parse(Path::new("c.yaml"), "layer_size_limit: lots\n").unwrap_err();
+        assert!(e.to_string().starts_with("c.yaml:1:"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod config;
 pub mod export;
+pub mod input;
 pub mod junit;
 pub mod net;
 pub mod pipeline;

@@ -41,7 +41,11 @@ fn host_steps_run_the_invoking_shells_tools() {
             "#!/bin/sh\necho \"devshell tool says $1\"\n",
         );
         let bin = tool.parent().unwrap().to_path_buf();
-        Command::new("chmod").arg("755").arg(&tool).status().unwrap();
+        Command::new("chmod")
+            .arg("755")
+            .arg(&tool)
+            .status()
+            .unwrap();
         sb.write(
             "ci.yaml",
             &support::stage(

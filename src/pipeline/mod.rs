@@ -29,7 +29,7 @@ use std::path::Path;
 pub use answers::{load_values, MAX_VALUES_FILE};
 pub use error::{ErrorKind, PipelineError, PipelineErrors};
 pub use model::*;
-pub use parse::valid_identifier;
+pub use parse::{check_image_reference, valid_identifier};
 pub use template::{is_template_file, TemplateSearch};
 
 /// Read and check a pipeline file; templates are looked for beside it and under
@@ -41,12 +41,9 @@ pub fn load(path: &Path) -> Result<PipelineFile, PipelineErrors> {
 
 /// Read and check a pipeline file, with templates from `search`.
 pub fn load_with(path: &Path, search: &TemplateSearch) -> Result<PipelineFile, PipelineErrors> {
-    match std::fs::read_to_string(path) {
+    match crate::input::read_text(path, "pipeline file", crate::input::MAX_PIPELINE_BYTES) {
         Ok(text) => parse_with(path, &text, search),
-        Err(e) => Err(PipelineErrors::about_file(
-            path,
-            format!("cannot read the pipeline file: {e}"),
-        )),
+        Err(e) => Err(PipelineErrors::about_file(path, e.reason())),
     }
 }
 

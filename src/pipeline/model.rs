@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// A position in a source file (1-based line and column).
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Location {
     pub file: PathBuf,
     pub line: usize,
@@ -286,13 +286,36 @@ impl Shell {
     /// Bash fail on the first error (`set -e`); there is no `powershell` on Linux, so
     /// PowerShell 7 (`pwsh`) runs both PowerShell shells.
     pub fn argv(self, script: &str) -> Vec<String> {
-        let (program, flag, prefix) = match self {
+        let (program, flag, prefix) = self.parts();
+        vec![program.into(), flag.into(), format!("{prefix}{script}")]
+    }
+
+    /// Program, inline-script flag and the lines that go before the script.
+    fn parts(self) -> (&'static str, &'static str, &'static str) {
+        match self {
             Shell::Sh => ("sh", "-c", "set -e\n"),
             Shell::Bash => ("bash", "-c", "set -e\n"),
             Shell::Python => ("python3", "-c", ""),
             Shell::Powershell | Shell::Pwsh => ("pwsh", "-Command", ""),
+        }
+    }
+
+    /// A script too long for one argument (Linux caps each at 128 KiB) runs from a
+    /// file instead: its name (the extension matters to `pwsh -File`), its contents and
+    /// the command line that runs it from `dir`.
+    pub fn script_file(self, script: &str, dir: &str) -> (&'static str, String, Vec<String>) {
+        let (program, _, prefix) = self.parts();
+        let name = match self {
+            Shell::Sh | Shell::Bash => "script.sh",
+            Shell::Python => "script.py",
+            Shell::Powershell | Shell::Pwsh => "script.ps1",
         };
-        vec![program.into(), flag.into(), format!("{prefix}{script}")]
+        let path = format!("{}/{name}", dir.trim_end_matches('/'));
+        let argv = match self {
+            Shell::Powershell | Shell::Pwsh => vec![program.into(), "-File".into(), path],
+            _ => vec![program.into(), path],
+        };
+        (name, format!("{prefix}{script}"), argv)
     }
 }
 
@@ -356,6 +379,9 @@ impl StepField {
 pub struct ContainerFields {
     /// `None`: run the host's binaries (Harness's "leave Image blank").
     pub image: Option<String>,
+    /// Where `image` is written (for references checked once their expressions are
+    /// resolved).
+    pub image_at: Option<Location>,
     pub connector_ref: Option<String>,
     pub pull_policy: Option<PullPolicy>,
     pub privileged: bool,

@@ -1627,9 +1627,26 @@ impl<'e> Parser<'e> {
     }
 
     fn container_fields(&mut self, f: &Fields<'_>) -> ContainerFields {
-        let image = self
-            .opt_template(f, "image")
-            .filter(|s| !s.trim().is_empty());
+        let image_pos = f.get("image").map(|n| n.pos).unwrap_or(f.pos);
+        // An empty image is refused but kept, so that it is not reported a second time
+        // as missing.
+        let image = self.opt_template(f, "image");
+        match &image {
+            Some(s) if s.trim().is_empty() => self.invalid(
+                image_pos,
+                format!(
+                    "`image` of {} is empty: to run the step on the host, leave `image` out",
+                    f.what
+                ),
+            ),
+            Some(s) if !expr::has_expressions(s) => {
+                if let Err(e) = check_image_reference(s) {
+                    self.invalid(image_pos, format!("`image` of {}: {e}", f.what));
+                }
+            }
+            _ => {}
+        }
+        let image_at = image.as_ref().map(|_| self.loc(image_pos));
         let connector_ref = self.opt_string(f, "connectorRef");
         let pull_policy = if self.expr_field(f, "imagePullPolicy", StepField::PullPolicy) {
             None
@@ -1655,6 +1672,7 @@ impl<'e> Parser<'e> {
             .unwrap_or_default();
         ContainerFields {
             image,
+            image_at,
             connector_ref,
             pull_policy,
             privileged,
@@ -2242,6 +2260,20 @@ fn is_env_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Checks an image reference as the store will parse it; a path (`./images/x.yaml`,
+/// an image recipe) is not a reference and is left to whoever builds it.
+pub fn check_image_reference(image: &str) -> Result<(), crate::store::StoreError> {
+    let path_like = image.starts_with("./")
+        || image.starts_with("../")
+        || image.starts_with('/')
+        || image.ends_with(".yaml")
+        || image.ends_with(".yml");
+    if path_like {
+        return Ok(());
+    }
+    crate::store::ImageRef::parse(image).map(drop)
 }
 
 #[cfg(test)]

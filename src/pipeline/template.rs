@@ -126,8 +126,20 @@ impl Library {
                 continue;
             }
             seen.push(canonical);
-            let Ok(text) = std::fs::read_to_string(&path) else {
-                continue;
+            let text = match crate::input::read_text(
+                &path,
+                "template file",
+                crate::input::MAX_PIPELINE_BYTES,
+            ) {
+                Ok(text) => text,
+                // A YAML file that cannot be read may be a template: say so if one is
+                // then missing, rather than leave it out without a word.
+                Err(e @ crate::input::InputError::TooLarge { .. }) => {
+                    lib.unreadable
+                        .push(format!("{}: {}", path.display(), e.reason()));
+                    continue;
+                }
+                Err(_) => continue,
             };
             if !text.contains("template:") {
                 continue;
@@ -220,7 +232,7 @@ pub(crate) struct Inlined {
 /// Whether the file at `path` is a Harness template file rather than a pipeline (so
 /// that `.harness/` may hold templates beside the one pipeline).
 pub fn is_template_file(path: &Path) -> bool {
-    std::fs::read_to_string(path).is_ok_and(|text| {
+    crate::input::read_text(path, "file", crate::input::MAX_PIPELINE_BYTES).is_ok_and(|text| {
         text.lines().any(|l| l.starts_with("template:"))
             && !text
                 .lines()

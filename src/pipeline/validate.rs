@@ -11,7 +11,7 @@
 //! groups may share an identifier; their hostnames (`GroupId_StepId`) and expressions
 //! (`<+execution.steps.G.steps.ID...>`) stay distinct.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::error::{ErrorKind, PipelineError, PipelineErrors};
 use super::expr::{Expr, StageAttr};
@@ -57,6 +57,10 @@ pub(crate) fn validate(
         })
         .collect();
     let refs = &refs[..];
+    let mut refs_by_step: HashMap<At, Vec<&OutputRef>> = HashMap::new();
+    for r in refs {
+        refs_by_step.entry(at(&r.from_step)).or_default().push(r);
+    }
     let mut stage_ids: HashMap<&str, &Location> = HashMap::new();
     for stage in &file.stages {
         if let Some(first) = stage_ids.get(stage.identifier.as_str()) {
@@ -77,11 +81,21 @@ pub(crate) fn validate(
             unique(&mut ids, &dep.identifier, &dep.loc, "step", &scope, errors);
         }
         check_scope(&spec.steps, &mut ids, &scope, errors);
-        let mut siblings = Vec::new();
-        check_parallel(&spec.steps, &[], refs, errors, &mut siblings);
+        let mut siblings = HashSet::new();
+        check_parallel(&spec.steps, &[], &refs_by_step, errors, &mut siblings);
         check_output_refs(stage, spec, refs, &siblings, errors);
     }
     server_inputs
+}
+
+/// Where a step is written: the key of the indexes below. Lookups go through
+/// indexes, never a scan of every step per step or per reference, so that validating
+/// stays linear in the size of the stage. (Instances of a looping strategy share their
+/// step's location; as before, the first one answers for all.)
+type At = Location;
+
+fn at(loc: &Location) -> At {
+    loc.clone()
 }
 
 /// Every `<+steps.ID.output.outputVariables.X>` in a stage names an earlier Run step
@@ -90,21 +104,29 @@ fn check_output_refs(
     stage: &Stage,
     spec: &CiStageSpec,
     refs: &[OutputRef],
-    siblings: &[(Location, Location)],
+    siblings: &HashSet<(At, At)>,
     errors: &mut PipelineErrors,
 ) {
     let mut steps = Vec::new();
     for item in &spec.steps {
         members(item, &[], &mut steps);
     }
-    let by_loc = |loc: &Location| steps.iter().find(|m| m.loc == *loc);
+    let mut by_loc: HashMap<&Location, &Member> = HashMap::new();
+    let mut by_id: HashMap<&str, Vec<&Member>> = HashMap::new();
+    for m in &steps {
+        by_loc.entry(&m.loc).or_insert(m);
+        by_id.entry(m.id.as_str()).or_default().push(m);
+    }
     for r in refs {
-        let Some(from) = by_loc(&r.from_step) else {
+        let Some(from) = by_loc.get(&r.from_step) else {
             continue;
         };
-        let candidates: Vec<&Member> = steps
-            .iter()
-            .filter(|m| m.id == r.step && m.path.ends_with(&r.group_path))
+        let candidates: Vec<&Member> = by_id
+            .get(r.step.as_str())
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|m| m.path.ends_with(&r.group_path))
             .collect();
         let target = if r.group_path.is_empty() {
             format!("step `{}`", r.step)
@@ -119,7 +141,7 @@ fn check_output_refs(
         } else if candidates.iter().any(|m| m.loc == from.loc) {
             format!("step `{}` reads its own output `{}`", from.id, r.variable)
         } else if let Some(t) = candidates.iter().find(|m| declares(m, &r.variable)) {
-            if siblings.contains(&(from.loc.clone(), t.loc.clone())) || t.loc.line < from.loc.line {
+            if siblings.contains(&(at(&from.loc), at(&t.loc))) || t.loc.line < from.loc.line {
                 continue;
             }
             format!(
@@ -246,9 +268,9 @@ fn members(item: &StepItem, path: &[String], out: &mut Vec<Member>) {
 fn check_parallel(
     items: &[StepItem],
     path: &[String],
-    refs: &[OutputRef],
+    refs: &HashMap<At, Vec<&OutputRef>>,
     errors: &mut PipelineErrors,
-    siblings: &mut Vec<(Location, Location)>,
+    siblings: &mut HashSet<(At, At)>,
 ) {
     for item in items {
         match item {
@@ -270,26 +292,32 @@ fn check_parallel(
                         m
                     })
                     .collect();
+                // The block's steps by identifier, with the branch each is in.
+                let mut by_id: HashMap<&str, Vec<(usize, &Member)>> = HashMap::new();
+                for (i, branch) in branches.iter().enumerate() {
+                    for m in branch {
+                        by_id.entry(m.id.as_str()).or_default().push((i, m));
+                    }
+                }
                 for (i, branch) in branches.iter().enumerate() {
                     for from in branch {
-                        for r in refs.iter().filter(|r| r.from_step == from.loc) {
+                        for r in refs.get(&at(&from.loc)).into_iter().flatten() {
+                            let same_id = by_id.get(r.step.as_str()).into_iter().flatten();
                             // A step of its own branch (its own group) answers first,
                             // as in the plan: e.g. a sibling in a looped group instance.
                             let local = r.group_path.is_empty()
-                                && branch.iter().any(|m| {
-                                    m.id == r.step && m.path == from.path && m.loc != from.loc
+                                && same_id.clone().any(|(j, m)| {
+                                    *j == i && m.path == from.path && m.loc != from.loc
                                 });
                             if local {
                                 continue;
                             }
-                            let target = branches
-                                .iter()
-                                .enumerate()
-                                .filter(|(j, _)| *j != i)
-                                .flat_map(|(_, b)| b.iter())
-                                .find(|t| t.id == r.step && t.path.ends_with(&r.group_path));
+                            let target = same_id
+                                .clone()
+                                .find(|(j, t)| *j != i && t.path.ends_with(&r.group_path))
+                                .map(|(_, t)| *t);
                             if let Some(t) = target {
-                                siblings.push((from.loc.clone(), t.loc.clone()));
+                                siblings.insert((at(&from.loc), at(&t.loc)));
                                 errors.push(PipelineError {
                                     loc: r.at.clone(),
                                     kind: ErrorKind::InvalidValue,

@@ -58,7 +58,8 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut loader: YamlLoader<'_, MarkedYaml<'_>> = YamlLoader::default();
     loader.early_parse(false);
     loader.alias_limit(ALIAS_NODE_LIMIT);
-    let scan = parser.load(&mut loader, false);
+    // Every document is read, so that a second one is refused rather than ignored.
+    let scan = parser.load(&mut loader, true);
     let failure = match scan {
         Err(e) => Some(e),
         Ok(()) => loader.error().cloned(),
@@ -75,6 +76,14 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
         return Err(SyntaxError { pos, message });
     }
     let docs = loader.into_documents();
+    // A `---` followed by nothing is an empty document; one with content would be lost.
+    let empty = |d: &MarkedYaml<'_>| d.span.start.index() == d.span.end.index();
+    if let Some(second) = docs.iter().skip(1).find(|d| !empty(d)) {
+        return Err(SyntaxError {
+            pos: pos_of(&second.span.start),
+            message: "a second YAML document (after `---`): a pipeline file holds one document; put each pipeline in its own file".into(),
+        });
+    }
     match docs.into_iter().next() {
         None => Ok(Node {
             pos: Pos {
@@ -340,6 +349,22 @@ mod tests {
         let e = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
         assert_eq!(e.pos.line, 3);
         assert!(e.message.contains("duplicate"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_second_document_is_refused_where_it_starts() {
+        let e = parse("a: 1\n---\nb: 2\n").unwrap_err();
+        assert_eq!(e.pos.line, 3, "{}", e.message);
+        assert!(e.message.contains("second YAML document"), "{}", e.message);
+        // A leading `---`, or a trailing one with nothing after it, loses nothing.
+        assert_eq!(
+            parse("---\na: 1\n").unwrap().get("a").unwrap().as_str(),
+            Some("1")
+        );
+        assert_eq!(
+            parse("a: 1\n---\n").unwrap().get("a").unwrap().as_str(),
+            Some("1")
+        );
     }
 
     #[test]

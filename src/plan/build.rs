@@ -5,7 +5,7 @@
 //! will have finished, and decides hostnames and the network mode. All problems are
 //! collected and reported together, each with the location it comes from.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,12 +17,12 @@ use crate::pipeline::{
     VariableType,
 };
 
-use crate::net::StepRequest;
+use crate::net::{StepEndpoint, StepRequest};
 
 use super::{
     Action, CondPlan, ErrorKind, FailurePolicy, FailureRule, GroupPlan, ImagePlan, LoopPlan,
-    NetworkChoice, NetworkMode, NetworkPlan, Node, PipelineName, Plan, ProcessTemplate, Secrets,
-    StagePlan, StepPlan, StepType, Template, TemplatePart,
+    NetworkChoice, NetworkMode, Node, PipelineName, Plan, ProcessTemplate, Secrets, StagePlan,
+    StepPlan, StepType, Template, TemplatePart,
 };
 
 /// What the user tells sandrun besides the pipeline file.
@@ -123,7 +123,67 @@ struct Scope {
     step_id: String,
     step_name: String,
     /// Keys of the steps that have finished before this point.
-    done: HashSet<String>,
+    done: DoneSteps,
+}
+
+/// The steps finished before a point of the stage, as one set updated in place while
+/// the plan walks the stage: nothing copies it per step, group or parallel branch, so
+/// planning stays linear in the number of steps (a copy per step made a stage of 16,000
+/// steps take seconds). A parallel branch is rolled back before the next branch is
+/// walked, since branches do not see each other.
+#[derive(Clone, Debug, Default)]
+struct DoneSteps {
+    keys: HashSet<String>,
+    /// The same keys in the order they finished (what a rollback undoes).
+    order: Vec<String>,
+    /// Keys by their last part, the step identifier (`<+steps.ID>` finds a step by
+    /// identifier alone when only one has it).
+    by_id: HashMap<String, Vec<String>>,
+}
+
+fn identifier_of(key: &str) -> &str {
+    key.rsplit('.').next().unwrap_or(key)
+}
+
+impl DoneSteps {
+    fn insert(&mut self, key: String) {
+        if self.keys.insert(key.clone()) {
+            self.by_id
+                .entry(identifier_of(&key).to_string())
+                .or_default()
+                .push(key.clone());
+            self.order.push(key);
+        }
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.keys.contains(key)
+    }
+
+    /// The keys of finished steps whose identifier is `id`.
+    fn with_identifier(&self, id: &str) -> &[String] {
+        self.by_id.get(id).map_or(&[], Vec::as_slice)
+    }
+
+    /// A point to [`DoneSteps::rollback`] to.
+    fn mark(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Forgets the steps finished since `mark` and returns them.
+    fn rollback(&mut self, mark: usize) -> Vec<String> {
+        let since = self.order.split_off(mark);
+        // Latest first: each key is then the last of its identifier's list.
+        for k in since.iter().rev() {
+            self.keys.remove(k);
+            if let Some(keys) = self.by_id.get_mut(identifier_of(k)) {
+                if keys.last() == Some(k) {
+                    keys.pop();
+                }
+            }
+        }
+        since
+    }
 }
 
 struct Codebase {
@@ -826,6 +886,7 @@ impl<'a> Builder<'a> {
         if !group_path.is_empty() {
             let found: Vec<&String> = scope
                 .done
+                .with_identifier(step)
                 .iter()
                 .filter(|k| key_matches(k, group_path, step))
                 .collect();
@@ -835,13 +896,8 @@ impl<'a> Builder<'a> {
         }
         // Harness lets `<+steps.ID>` find a step by identifier alone when it is unique.
         if group_path.is_empty() {
-            let found: Vec<&String> = scope
-                .done
-                .iter()
-                .filter(|k| k.rsplit('.').next() == Some(step))
-                .collect();
-            if found.len() == 1 {
-                return Ok(found[0].clone());
+            if let [only] = scope.done.with_identifier(step) {
+                return Ok(only.clone());
             }
         }
         Err(format!(
@@ -883,16 +939,16 @@ impl<'a> Builder<'a> {
         groups: &[&str],
         inherited: &[FailureStrategy],
     ) -> Vec<Node> {
-        let before = scope.done.clone();
+        let before = scope.done.mark();
         let mut nodes = Vec::new();
-        let mut finished = before.clone();
+        let mut finished = Vec::new();
         for i in items {
-            let mut s = scope.clone();
-            s.done = before.clone();
-            nodes.push(self.item(i, &mut s, groups, inherited));
-            finished.extend(s.done);
+            nodes.push(self.item(i, scope, groups, inherited));
+            finished.extend(scope.done.rollback(before));
         }
-        scope.done = finished;
+        for k in finished {
+            scope.done.insert(k);
+        }
         nodes
     }
 
@@ -918,18 +974,22 @@ impl<'a> Builder<'a> {
                 let mut path: Vec<&str> = groups.to_vec();
                 path.push(&g.identifier);
                 let key = path.join(".");
-                let mut s = scope.clone();
-                s.group_key = key.clone();
-                let vars = self.variables(&g.variables, &s, "stepGroup.variables");
-                s.group_vars.extend(vars.clone());
-                s.groups.push((g.identifier.clone(), vars));
+                // The group's scope is this one with its key and variables, restored
+                // afterwards (the finished steps stay finished).
+                let outer_key = std::mem::replace(&mut scope.group_key, key.clone());
+                let outer_vars = scope.group_vars.clone();
+                let vars = self.variables(&g.variables, scope, "stepGroup.variables");
+                scope.group_vars.extend(vars.clone());
+                scope.groups.push((g.identifier.clone(), vars));
                 let strategies = if g.failure_strategies.is_empty() {
                     inherited
                 } else {
                     &g.failure_strategies
                 };
-                let nodes = self.items(&g.steps, &mut s, &path, strategies);
-                scope.done = s.done;
+                let nodes = self.items(&g.steps, scope, &path, strategies);
+                scope.group_key = outer_key;
+                scope.group_vars = outer_vars;
+                scope.groups.pop();
                 Node::Group(GroupPlan {
                     identifier: g.identifier.clone(),
                     name: g.name.clone(),
@@ -962,9 +1022,10 @@ impl<'a> Builder<'a> {
         } else {
             format!("{}.{}", groups.join("."), step.identifier)
         };
-        let mut s = scope.clone();
-        s.step_id = step.identifier.clone();
-        s.step_name = step.name.clone();
+        // The step's own scope: this one with its identifier and name, restored below.
+        let outer_id = std::mem::replace(&mut scope.step_id, step.identifier.clone());
+        let outer_name = std::mem::replace(&mut scope.step_name, step.name.clone());
+        let s: &Scope = scope;
         let loc = &step.loc;
 
         let mut env: Vec<(String, Template)> = Vec::new();
@@ -984,14 +1045,25 @@ impl<'a> Builder<'a> {
         };
         if let Some(c) = container {
             for (k, v) in &c.env {
-                let t = self.template(v, &s, loc, &format!("envVariables.{k}"));
+                let t = self.template(v, s, loc, &format!("envVariables.{k}"));
                 env.retain(|(name, _)| name != k);
                 env.push((k.clone(), t));
             }
         }
         let image = container.and_then(|c| {
             c.image.as_ref().map(|i| {
-                let reference = self.static_text(i, &s, loc, "image");
+                let reference = self.static_text(i, s, loc, "image");
+                // A reference made by expressions is checked once they are resolved;
+                // placeholders of unanswered inputs (`<input>`) are not references yet.
+                if expr::has_expressions(i) && !reference.contains('<') {
+                    if let Err(e) = crate::pipeline::check_image_reference(&reference) {
+                        let at = c.image_at.as_ref().unwrap_or(loc);
+                        self.error(
+                            at,
+                            format!("`image` of step `{}` (`{i}`): {e}", step.identifier),
+                        );
+                    }
+                }
                 ImagePlan {
                     source: reference.clone(),
                     reference,
@@ -1008,7 +1080,7 @@ impl<'a> Builder<'a> {
                 output_variables = r.output_variables.clone();
                 ProcessTemplate::Shell {
                     shell: r.shell.unwrap_or(Shell::Sh),
-                    script: self.template(&r.command, &s, loc, "command"),
+                    script: self.template(&r.command, s, loc, "command"),
                 }
             }
             StepKind::Background(b) => {
@@ -1017,13 +1089,13 @@ impl<'a> Builder<'a> {
                     ProcessTemplate::Exec {
                         argv: ep
                             .iter()
-                            .map(|a| self.template(a, &s, loc, "entrypoint"))
+                            .map(|a| self.template(a, s, loc, "entrypoint"))
                             .collect(),
                     }
                 } else if let Some(cmd) = &b.command {
                     ProcessTemplate::Shell {
                         shell: b.shell.unwrap_or(Shell::Sh),
-                        script: self.template(cmd, &s, loc, "command"),
+                        script: self.template(cmd, s, loc, "command"),
                     }
                 } else {
                     if image.is_none() {
@@ -1037,7 +1109,7 @@ impl<'a> Builder<'a> {
                     self.error(loc, format!("Plugin step `{}` needs an `image` (sandrun runs plugins as images, as Drone does)", step.identifier));
                 }
                 for (k, v) in &p.settings {
-                    let t = self.template(v, &s, loc, &format!("settings ({k})"));
+                    let t = self.template(v, s, loc, &format!("settings ({k})"));
                     env.retain(|(name, _)| name != k);
                     env.push((k.clone(), t));
                 }
@@ -1045,7 +1117,7 @@ impl<'a> Builder<'a> {
                     Some(ep) => ProcessTemplate::Exec {
                         argv: ep
                             .iter()
-                            .map(|a| self.template(a, &s, loc, "entrypoint"))
+                            .map(|a| self.template(a, s, loc, "entrypoint"))
                             .collect(),
                     },
                     None => ProcessTemplate::ImageDefault,
@@ -1080,7 +1152,7 @@ impl<'a> Builder<'a> {
                 .when
                 .as_ref()
                 .and_then(|w| w.condition.as_deref())
-                .and_then(|c| self.condition(c, &s, loc)),
+                .and_then(|c| self.condition(c, s, loc)),
             on_failure: failure_policy(strategies),
             privileged: container.is_some_and(|c| c.privileged),
             run_as_user: container.and_then(|c| c.run_as_user.clone()),
@@ -1092,6 +1164,8 @@ impl<'a> Builder<'a> {
         };
         self.expr_fields(&mut plan, &step.expr_fields, &s);
         scope.done.insert(key);
+        scope.step_id = outer_id;
+        scope.step_name = outer_name;
         Node::Step(Box::new(plan))
     }
 
@@ -1301,11 +1375,14 @@ fn address_steps(stage: &mut StagePlan, egress: bool) -> Result<(), crate::net::
         .collect();
     let mut net = crate::net::allocate(stage.network.mode, &requests)?;
     net.egress = egress;
-    fn walk(nodes: &mut [Node], net: &NetworkPlan) {
+    // Indexed once: a search of the step list per step made large stages quadratic.
+    let by_key: HashMap<&str, &StepEndpoint> =
+        net.steps.iter().map(|e| (e.key.as_str(), e)).collect();
+    fn walk(nodes: &mut [Node], net: &HashMap<&str, &StepEndpoint>) {
         for n in nodes {
             match n {
                 Node::Step(s) => {
-                    if let Some(e) = net.step(&s.key) {
+                    if let Some(e) = net.get(s.key.as_str()) {
                         s.hostnames = e.hostnames.clone();
                         s.address = Some(e.address);
                     }
@@ -1316,7 +1393,8 @@ fn address_steps(stage: &mut StagePlan, egress: bool) -> Result<(), crate::net::
             }
         }
     }
-    walk(&mut stage.nodes, &net);
+    walk(&mut stage.nodes, &by_key);
+    drop(by_key);
     stage.net = Some(net);
     Ok(())
 }
@@ -1603,6 +1681,57 @@ mod tests {
         assert!(
             e.starts_with("p.yaml:22:27: `privileged` is `<+stage.variables.dind>`, which resolves to `yes`: it must be true or false"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn done_steps_roll_back_a_parallel_branch() {
+        let mut d = DoneSteps::default();
+        d.insert("a".into());
+        let mark = d.mark();
+        d.insert("g.b".into());
+        assert_eq!(d.with_identifier("b"), ["g.b"]);
+        assert_eq!(d.rollback(mark), ["g.b"]);
+        assert!(d.contains("a") && !d.contains("g.b"));
+        assert!(d.with_identifier("b").is_empty());
+    }
+
+    /// A stage of 21,000 steps (7,000 groups of a parallel pair and a step reading both
+    /// outputs) plans in one pass: the finished-steps set is updated in place, never
+    /// copied per step, group or branch, and every lookup goes through an index.
+    #[test]
+    fn a_stage_of_twenty_thousand_steps_plans() {
+        let groups = 7000;
+        let mut text = String::from(
+            "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n",
+        );
+        let out = "{ command: echo, outputVariables: [{ name: V }] }";
+        for i in 0..groups {
+            text.push_str(&format!(
+                "        - stepGroup:\n            name: g{i}\n            identifier: g{i}\n            steps:\n              - parallel:\n                  - step: {{ type: Run, name: a, identifier: a, spec: {out} }}\n                  - step: {{ type: Run, name: b, identifier: b, spec: {out} }}\n              - step: {{ type: Run, name: c, identifier: c, spec: {{ command: \"echo <+steps.a.output.outputVariables.V> <+steps.b.output.outputVariables.V>\" }} }}\n"
+            ));
+        }
+        let file = crate::pipeline::parse_str(Path::new("big.yaml"), &text).unwrap();
+        let workspace = tempfile::tempdir().unwrap();
+        let plan = build(
+            &file,
+            &PlanInputs {
+                workspace: workspace.path().to_path_buf(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let steps = plan.stages[0].steps();
+        assert_eq!(steps.len(), 3 * groups);
+        let last = steps.last().unwrap();
+        assert_eq!(last.key, format!("g{}.c", groups - 1));
+        let ProcessTemplate::Shell { script, .. } = &last.process else {
+            panic!("{:?}", last.process)
+        };
+        let refs: Vec<&str> = script.step_refs().collect();
+        assert_eq!(
+            refs,
+            [format!("g{}.a", groups - 1), format!("g{}.b", groups - 1)]
         );
     }
 }

@@ -353,6 +353,7 @@ impl<'a> Executor<'a> {
         std::fs::create_dir_all(control.join("outputs"))
             .map_err(|e| format!("cannot create {}: {e}", control.display()))?;
         let (process, env) = self.resolve(step, launcher, &control);
+        let process = spill_long_script(process, &control, launcher)?;
         let spec = LaunchSpec {
             step,
             process,
@@ -870,6 +871,30 @@ fn mask_line(secrets: &Secrets, bytes: &[u8]) -> String {
 
 /// Script text appended to a Run step's command that records its output variables
 /// (one file per variable, so values may hold any byte) when the script reaches its end.
+/// Scripts longer than this run from a file in the step's control directory: the
+/// kernel refuses (E2BIG) any single argument over 128 KiB and an argv and environment
+/// over its ARG_MAX together, and `sh -c SCRIPT` passes the script as one argument.
+const MAX_INLINE_SCRIPT: usize = 64 << 10;
+
+fn spill_long_script(
+    process: Process,
+    control: &Path,
+    launcher: &dyn Launcher,
+) -> Result<Process, String> {
+    match process {
+        Process::Shell { shell, script } if script.len() > MAX_INLINE_SCRIPT => {
+            let dir = launcher.control_dir_in_step(control);
+            let (name, text, argv) = shell.script_file(&script, &dir.to_string_lossy());
+            let host = control.join(name);
+            std::fs::write(&host, text).map_err(|e| {
+                format!("cannot write the step's script to {}: {e}", host.display())
+            })?;
+            Ok(Process::Exec { argv })
+        }
+        p => Ok(p),
+    }
+}
+
 pub(crate) fn output_trailer(shell: Shell, names: &[String], dir: &Path) -> String {
     let dir = dir.to_string_lossy();
     let mut s = String::from("\n");

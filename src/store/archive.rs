@@ -258,7 +258,10 @@ fn import_blobs(l: &super::layout::Layout, path: &Path) -> Result<ImageIndex, St
                     .read_to_end(&mut buf)
                     .map_err(|e| archive_err(path, e.to_string()))?;
                 if buf.len() as u64 > MAX_INDEX_BYTES {
-                    return Err(archive_err(path, "index.json is too large"));
+                    return Err(archive_err(
+                        path,
+                        format!("index.json is larger than {MAX_INDEX_BYTES} bytes"),
+                    ));
                 }
                 index = Some(
                     serde_json::from_slice(&buf)

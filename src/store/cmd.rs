@@ -21,6 +21,19 @@ pub struct RegistryArgs {
     /// always are.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT", global = true)]
     pub insecure_registry: Vec<String>,
+    /// Bytes one image layer may write when it is unpacked (`2Gi`, `500Mi`): file
+    /// lengths (holes included) plus copies of hardlinks into lower layers. By default
+    /// 64 times the layer's compressed size, at least 256 MiB, which refuses gzip bombs
+    /// and sparse-file tricks while real layers (2-10 times) pass. Also the config
+    /// file's `layer_size_limit`.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        env = "SANDRUN_LAYER_SIZE_LIMIT",
+        global = true,
+        value_parser = crate::pipeline::values::parse_memory
+    )]
+    pub layer_size_limit: Option<u64>,
 }
 
 impl RegistryArgs {
@@ -29,6 +42,7 @@ impl RegistryArgs {
         let mut opts = PullOptions {
             offline: self.offline,
             insecure_registries: self.insecure_registry.clone(),
+            layer_size_limit: self.layer_size_limit,
             ..Default::default()
         };
         crate::config::Config::load()?.apply(&mut opts);

@@ -70,6 +70,15 @@ pub enum StoreError {
         found: String,
     },
 
+    /// The store's filesystem ran out of space (or quota): the local disk, not the
+    /// registry, is to blame.
+    #[error("no space left in the store {}: writing {what} failed: {reason}; free space (`sandrun gc`) or set SANDRUN_HOME to a larger filesystem", store.display())]
+    NoSpace {
+        store: PathBuf,
+        what: String,
+        reason: String,
+    },
+
     #[error("credentials for {registry}: {reason}")]
     Credentials { registry: String, reason: String },
 
@@ -84,6 +93,11 @@ impl StoreError {
             source,
         }
     }
+}
+
+/// ENOSPC or EDQUOT: the filesystem (or the user's quota on it) is full.
+pub(crate) fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 /// `io::Result` -> `StoreError::Io` naming the path.

@@ -33,6 +33,8 @@ pub struct LockFile {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
+    #[error(transparent)]
+    Input(#[from] crate::input::InputError),
     #[error("{path}: {reason}")]
     Read { path: PathBuf, reason: String },
     #[error("--locked: {} not pinned in {lock}; run `sandrun lock`", .unpinned.join(", "))]
@@ -65,10 +67,7 @@ impl LockFile {
     }
 
     pub fn read(path: &Path) -> Result<LockFile, LockError> {
-        let text = std::fs::read_to_string(path).map_err(|e| LockError::Read {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let text = crate::input::read_text(path, "lock file", crate::input::MAX_SMALL_FILE_BYTES)?;
         let lock: LockFile = serde_yaml::from_str(&text).map_err(|e| LockError::Read {
             path: path.to_path_buf(),
             reason: e.to_string(),

@@ -85,8 +85,11 @@ pub struct PullOptions {
     pub locked: bool,
     /// The platform to choose from an index; `None`: this machine's.
     pub platform: Option<Platform>,
-    /// Caps for the layer applier.
+    /// Caps for the layer applier other than its size (entries, path length).
     pub limits: unpack::Limits,
+    /// Bytes one layer may write when unpacked; `None`: proportional to its compressed
+    /// size ([`unpack::Limits::for_layer`]).
+    pub layer_size_limit: Option<u64>,
 }
 
 impl PullOptions {

@@ -472,7 +472,7 @@ pub(crate) async fn assemble(
     if !l.has_blob(&cd) {
         let reg = reg.ok_or_else(|| missing_blob(&reference, &cd))?;
         let stream = reg.blob_stream(r, &cd, config_desc.size()).await?;
-        pulled += fetch_blob_only(&l, &reference, &cd, config_desc.size(), stream).await?;
+        pulled += fetch_blob_only(&l, r, &cd, config_desc.size(), stream).await?;
     }
     let config = parse_config(&reference, &l.read_blob(&cd, MAX_CONFIG_BYTES)?, &manifest)?;
     let diff_ids: Vec<String> = config.rootfs().diff_ids().to_vec();
@@ -521,10 +521,21 @@ pub(crate) async fn assemble(
         return Err(e);
     }
     // Layers with hardlinks into lower layers are finished in order, lowest first.
-    for (i, p) in pending.into_iter().enumerate() {
+    let mut pending = pending.into_iter().enumerate();
+    while let Some((i, p)) = pending.next() {
         if let Some(p) = p {
             let lowers: Vec<PathBuf> = finals.iter().rev().cloned().collect();
-            let warnings = blocking(move || p.finish(&lowers)).await?;
+            let warnings = match blocking(move || p.finish(&lowers)).await {
+                Ok(w) => w,
+                Err(e) => {
+                    for (_, p) in pending.by_ref() {
+                        if let Some(p) = p {
+                            p.discard();
+                        }
+                    }
+                    return Err(e);
+                }
+            };
             for message in warnings {
                 progress.event(&PullEvent::Warning {
                     reference: reference.clone(),
@@ -609,6 +620,9 @@ fn layer_warnings(l: &Layout, diff_ids: &[String]) -> Vec<String> {
 /// A layer unpacked into `tmp/` that still needs its cross-layer hardlinks copied from
 /// the image's lower layers before it is renamed into place. Holds the layer lock.
 pub(crate) struct PendingLayer {
+    reference: String,
+    /// The layer's limits: its copies count against the same cap as its files.
+    limits: unpack::Limits,
     tmp: PathBuf,
     dest: PathBuf,
     report: UnpackReport,
@@ -618,18 +632,27 @@ pub(crate) struct PendingLayer {
 
 impl PendingLayer {
     fn finish(mut self, lowers: &[PathBuf]) -> Result<Vec<String>, StoreError> {
-        let unresolved = unpack::resolve_cross_layer_links(
+        let links = unpack::resolve_cross_layer_links(
             &self.tmp.join("rootfs"),
             &self.report.cross_layer_links,
             lowers,
-        )
-        .map_err(|e| StoreError::BadLayer {
-            reference: self.meta.diff_id.clone(),
-            digest: self.meta.blob.clone(),
-            reason: e.to_string(),
-        })?;
+            &self.limits,
+            self.report.written,
+        );
+        let links = match links {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = unpack::remove_tree(&self.tmp);
+                return Err(StoreError::BadLayer {
+                    reference: self.reference.clone(),
+                    digest: self.meta.blob.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        self.report.written += links.copied;
         let mut warnings = Vec::new();
-        for u in unresolved {
+        for u in links.unresolved {
             warnings.push(format!("hardlink {u}"));
             self.report.warnings.push(format!("hardlink {u}"));
         }
@@ -725,8 +748,13 @@ async fn ensure_layer(
     }
     let dest = l.layer_dir(&diff_id)?;
     let unpack_opts = UnpackOptions {
-        limits: opts.limits.clone(),
+        limits: unpack::Limits {
+            max_entries: opts.limits.max_entries,
+            max_path: opts.limits.max_path,
+            ..unpack::Limits::for_layer(desc.size(), opts.layer_size_limit)
+        },
     };
+    let limits = unpack_opts.limits.clone();
 
     if have_blob {
         // Unpack from the local blob (e.g. after `gc` of layers, or a load).
@@ -757,7 +785,10 @@ async fn ensure_layer(
             digest: digest.clone(),
             cached: true,
         });
-        return Ok((0, finish_staged(staged, dest, digest, diff_id, locks)?));
+        return Ok((
+            0,
+            finish_staged(staged, dest, &reference, digest, diff_id, limits, locks)?,
+        ));
     }
 
     progress.event(&PullEvent::LayerStart {
@@ -776,11 +807,13 @@ async fn ensure_layer(
         reference.clone(),
     );
     let want_layer = !have_layer;
+    let registry2 = r.registry_host().to_string();
     let worker = tokio::task::spawn_blocking(move || -> Result<Option<Staged>, StoreError> {
         let mut src = ChannelReader {
             rx,
             cur: Bytes::new(),
             blob: Some(writer),
+            write_failed: None,
         };
         let result = if want_layer {
             unpack_stream(
@@ -801,18 +834,23 @@ async fn ensure_layer(
         // truncated blob is reported as such, not as the unpack error it caused.
         let drained = io::copy(&mut src, &mut io::sink());
         let writer = src.blob.take().expect("writer");
+        let drained = match (src.write_failed.take(), drained) {
+            (Some(e), _) => Err(store_write_error(&l2, &reference2, &digest2, e)),
+            (None, Err(e)) => Err(StoreError::Registry {
+                reference: reference2.clone(),
+                registry: registry2,
+                message: format!("blob {digest2}: {e}"),
+            }),
+            (None, Ok(_)) => Ok(()),
+        };
         let commit = match drained {
-            Ok(_) => writer.commit(),
+            Ok(()) => writer.commit(),
             Err(e) => {
                 drop(writer);
                 if let Ok(Some(s)) = result {
                     let _ = unpack::remove_tree(&s.tmp);
                 }
-                return Err(StoreError::Registry {
-                    reference: reference2,
-                    registry: String::new(),
-                    message: format!("blob {digest2}: {e}"),
-                });
+                return Err(e);
             }
         };
         match commit {
@@ -845,6 +883,7 @@ async fn ensure_layer(
                 message: msg,
             });
         }
+        (_, Err(e @ StoreError::NoSpace { .. })) => return Err(e),
         (Err(msg), Err(StoreError::Registry { .. })) => {
             return Err(StoreError::Registry {
                 reference: reference.clone(),
@@ -861,15 +900,17 @@ async fn ensure_layer(
     });
     Ok((
         desc.size(),
-        finish_staged(staged, dest, digest, diff_id, locks)?,
+        finish_staged(staged, dest, &reference, digest, diff_id, limits, locks)?,
     ))
 }
 
 fn finish_staged(
     staged: Option<Staged>,
     dest: PathBuf,
+    reference: &str,
     blob: String,
     diff_id: String,
+    limits: unpack::Limits,
     locks: Vec<FileLock>,
 ) -> Result<Option<PendingLayer>, StoreError> {
     let Some(s) = staged else { return Ok(None) };
@@ -883,6 +924,8 @@ fn finish_staged(
         return Ok(None);
     }
     Ok(Some(PendingLayer {
+        reference: reference.to_string(),
+        limits,
         tmp: s.tmp,
         dest,
         report: s.report,
@@ -941,17 +984,26 @@ struct ChannelReader {
     rx: mpsc::Receiver<Result<Bytes, String>>,
     cur: Bytes,
     blob: Option<BlobWriter>,
+    /// Writing the blob into the store failed (a full disk): the store's fault, kept
+    /// apart from the network's so that the message blames the right one.
+    write_failed: Option<io::Error>,
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.write_failed.is_some() {
+            return Err(io::Error::other("writing the blob into the store failed"));
+        }
         while self.cur.is_empty() {
             match self.rx.blocking_recv() {
                 None => return Ok(0),
                 Some(Err(msg)) => return Err(io::Error::other(msg)),
                 Some(Ok(b)) => {
                     if let Some(w) = self.blob.as_mut() {
-                        w.write_all(&b)?;
+                        if let Err(e) = w.write_all(&b) {
+                            self.write_failed = Some(e);
+                            return Err(io::Error::other("writing the blob into the store failed"));
+                        }
                     }
                     self.cur = b;
                 }
@@ -998,7 +1050,17 @@ pub(crate) fn unpack_stream(
             inner: dec,
             hasher: Sha256::new(),
         };
-        let report = unpack::apply_layer(&mut hr, &rootfs, opts).map_err(|e| bad(e.to_string()))?;
+        let report = unpack::apply_layer(&mut hr, &rootfs, opts).map_err(|e| {
+            if e.is_no_space() {
+                StoreError::NoSpace {
+                    store: l.root().to_path_buf(),
+                    what: format!("layer {digest} of {reference}"),
+                    reason: e.to_string(),
+                }
+            } else {
+                bad(e.to_string())
+            }
+        })?;
         // The tar may end before the stream does (padding): the diffID covers it all.
         let rest =
             io::copy(&mut hr, &mut io::sink()).map_err(|e| bad(format!("decompressing: {e}")))?;
@@ -1029,32 +1091,53 @@ pub(crate) fn unpack_stream(
 /// Downloads a blob into the store without unpacking it (configs, manifests' blobs).
 pub(crate) async fn fetch_blob_only(
     l: &Layout,
-    reference: &str,
+    r: &ImageRef,
     digest: &str,
     size: u64,
     mut stream: futures_util::stream::BoxStream<'static, io::Result<Bytes>>,
 ) -> Result<u64, StoreError> {
+    let reference = r.canonical();
     let mut w = l.blob_writer(digest, Some(size))?;
     while let Some(chunk) = stream.next().await {
         let b = chunk.map_err(|e| StoreError::Registry {
-            reference: reference.to_string(),
-            registry: String::new(),
-            message: format!("blob {digest}: {e}"),
+            reference: reference.clone(),
+            registry: r.registry_host().to_string(),
+            message: format!("blob {digest}: {}", registry::error_chain(&e)),
         })?;
-        w.write_all(&b).map_err(|e| StoreError::BadBlob {
-            reference: reference.to_string(),
-            digest: digest.to_string(),
-            reason: e.to_string(),
-        })?;
+        w.write_all(&b)
+            .map_err(|e| store_write_error(l, &reference, digest, e))?;
     }
     let n = w.written();
     w.commit().map_err(|e| match e {
         BlobCommitError::Io(e) => e,
         other => StoreError::BadBlob {
-            reference: reference.to_string(),
+            reference: reference.clone(),
             digest: digest.to_string(),
             reason: other.to_string(),
         },
     })?;
     Ok(n)
+}
+
+/// Writing blob `digest` into the store failed: the blob's fault (larger than declared),
+/// or the store's (a full filesystem is said as such).
+fn store_write_error(l: &Layout, reference: &str, digest: &str, e: io::Error) -> StoreError {
+    if e.kind() == io::ErrorKind::InvalidData {
+        StoreError::BadBlob {
+            reference: reference.to_string(),
+            digest: digest.to_string(),
+            reason: e.to_string(),
+        }
+    } else if super::error::is_no_space(&e) {
+        StoreError::NoSpace {
+            store: l.root().to_path_buf(),
+            what: format!("blob {digest} of {reference}"),
+            reason: e.to_string(),
+        }
+    } else {
+        StoreError::Io {
+            path: l.root().join("tmp"),
+            source: e,
+        }
+    }
 }

@@ -209,7 +209,13 @@ impl Registry {
             .client
             .auth(r.oci(), &auth, RegistryOperation::Pull)
             .await
-            .map_err(|e| Self::err(r, format!("authentication failed: {e}")))?;
+            .map_err(|e| {
+                if oci_connection_error(&e) {
+                    Self::err(r, format!("cannot connect: {}", error_chain(&e)))
+                } else {
+                    Self::err(r, format!("authentication failed: {}", error_chain(&e)))
+                }
+            })?;
         let header = match (token, &auth) {
             (Some(t), _) => Some(format!("Bearer {t}")),
             (None, RegistryAuth::Basic(u, p)) => {
@@ -255,10 +261,14 @@ impl Registry {
         if let Some(a) = &auth {
             req = req.header(reqwest::header::AUTHORIZATION, a);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| Self::err(r, format!("GET {url}: {}", error_chain(&e))))?;
+        let resp = req.send().await.map_err(|e| {
+            let what = if is_connection_error(&e) {
+                "cannot connect: "
+            } else {
+                ""
+            };
+            Self::err(r, format!("{what}GET {url}: {}", error_chain(&e)))
+        })?;
         let status = resp.status();
         if !status.is_success() {
             let what = match status.as_u16() {
@@ -330,7 +340,14 @@ impl Registry {
             .client
             .pull_blob_stream(r.oci(), &desc)
             .await
-            .map_err(|e| Self::err(r, format!("blob {digest}: {}", error_chain(&e))))?;
+            .map_err(|e| {
+                let what = if oci_connection_error(&e) {
+                    "cannot connect: "
+                } else {
+                    ""
+                };
+                Self::err(r, format!("{what}blob {digest}: {}", error_chain(&e)))
+            })?;
         if let Some(len) = s.content_length {
             if len != size {
                 return Err(StoreError::BadBlob {
@@ -357,6 +374,47 @@ pub fn insecure_hosts<'a>(
         }
     }
     out
+}
+
+/// Whether `e` (or a cause) says that no connection to the registry could be made or
+/// kept: refused, unreachable, timed out, reset. Such failures are not the registry's
+/// answer (a refused login, a missing manifest) and are said as such.
+pub fn is_connection_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(re) = c.downcast_ref::<reqwest::Error>() {
+            if re.is_connect() || re.is_timeout() {
+                return true;
+            }
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | NotConnected
+                    | TimedOut
+                    | HostUnreachable
+                    | NetworkUnreachable
+                    | AddrNotAvailable
+            ) {
+                return true;
+            }
+        }
+        cur = c.source();
+    }
+    false
+}
+
+/// [`is_connection_error`] for oci-client's errors, whose request variant is
+/// transparent (its `source()` skips the reqwest error itself).
+fn oci_connection_error(e: &oci_client::errors::OciDistributionError) -> bool {
+    match e {
+        oci_client::errors::OciDistributionError::RequestError(re) => is_connection_error(re),
+        other => is_connection_error(other),
+    }
 }
 
 /// An error and its causes on one line (reqwest hides the useful part in `source()`).

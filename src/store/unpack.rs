@@ -11,8 +11,16 @@
 //! - hardlink targets are resolved the same way (a link "to /etc/shadow" links the
 //!   layer's own `etc/shadow`, or nothing);
 //! - names are cleaned lexically first (`..` cannot climb above the root), whiteouts
-//!   naming `.`, `..` or nothing are refused, and there are caps on the decompressed size,
-//!   the number of entries and the path length ([`Limits`]).
+//!   naming `.`, `..` or nothing are refused, and there are caps on the bytes the layer
+//!   writes, the number of entries and the path length ([`Limits`]).
+//!
+//! What it costs the disk: a layer is charged for what it makes the store hold, not for
+//! the length of its (decompressed) tar stream, since a 98-byte GNU sparse entry can
+//! declare gigabytes and a gzip bomb expands a thousandfold. Every regular file is
+//! charged its full length before a byte is written, so a file over the cap is refused
+//! up front; runs of zero blocks are written as holes (a sparse entry stays sparse, and
+//! so does a file of zeros); a copied cross-layer hardlink is charged its length unless
+//! the filesystem shares the blocks (reflink).
 //!
 //! What it writes:
 //! - OCI whiteouts become overlayfs whiteouts (a 0/0 character device, which the kernel
@@ -52,17 +60,68 @@ use nix::unistd::{self, Gid, Uid};
 /// Caps that keep a hostile layer from exhausting disk, inodes or memory.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Bytes of decompressed tar stream.
-    pub max_bytes: u64,
+    /// Bytes of file contents the layer may write: the length of every regular file
+    /// (holes included, so a sparse entry cannot declare what it likes) plus the copies
+    /// made for cross-layer hardlinks.
+    pub max_written: u64,
+    /// Where `max_written` comes from, for the message that refuses a layer
+    /// ("64 times the layer's compressed size", "--layer-size-limit").
+    pub origin: String,
     pub max_entries: u64,
     /// Bytes in one entry's path (and link target).
     pub max_path: usize,
 }
 
+/// Slack of the tar stream over [`Limits::max_written`]: headers, long names and PAX
+/// records, which the tar reader holds in memory.
+const STREAM_SLACK: u64 = 256 << 20;
+
+impl Limits {
+    /// The cap on the decompressed tar stream: what the layer may write plus the slack
+    /// its headers need. It bounds memory (PAX records are read whole) and CPU.
+    pub fn max_stream(&self) -> u64 {
+        self.max_written.saturating_add(STREAM_SLACK)
+    }
+}
+
+/// The default cap on a layer's writes is this many times its compressed size...
+pub const LAYER_RATIO: u64 = 64;
+/// ...but never less than this: small layers may hold a few highly compressible files.
+pub const LAYER_FLOOR: u64 = 256 << 20;
+
+impl Limits {
+    /// The limits for a layer whose blob is `compressed` bytes: `fixed` when the user set
+    /// one, else [`LAYER_RATIO`] times the blob, at least [`LAYER_FLOOR`]. Real layers
+    /// expand 2-10 times (text compresses best); a gzip bomb a thousand times.
+    pub fn for_layer(compressed: u64, fixed: Option<u64>) -> Limits {
+        let (max_written, origin) = match fixed {
+            Some(n) => (
+                n,
+                "set by --layer-size-limit, SANDRUN_LAYER_SIZE_LIMIT or the config file's `layer_size_limit`".to_string(),
+            ),
+            None => (
+                compressed.saturating_mul(LAYER_RATIO).max(LAYER_FLOOR),
+                format!(
+                    "{LAYER_RATIO} times the layer's compressed size of {}, at least {}; \
+                     --layer-size-limit raises it",
+                    human_bytes(compressed),
+                    human_bytes(LAYER_FLOOR)
+                ),
+            ),
+        };
+        Limits {
+            max_written,
+            origin,
+            ..Limits::default()
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            max_bytes: 64 << 30,
+            max_written: 64 << 30,
+            origin: "the default".into(),
             max_entries: 4_000_000,
             max_path: 4096,
         }
@@ -84,6 +143,9 @@ pub struct UnpackReport {
     pub cross_layer_links: Vec<(String, String)>,
     /// Whether owners were applied (uid 0) or left to the invoking user.
     pub owners_applied: bool,
+    /// Bytes charged against [`Limits::max_written`] (file lengths, copies).
+    #[serde(default)]
+    pub written: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,8 +160,38 @@ pub enum UnpackError {
     },
     #[error("layer exceeds the limit on {0}")]
     Limit(String),
+    /// The layer would write more than [`Limits::max_written`].
+    #[error("entry `{path}` would take the layer's writes past {} ({limit} bytes, {origin})", human_bytes(*limit))]
+    TooLarge {
+        path: String,
+        limit: u64,
+        origin: String,
+    },
     #[error("reading the layer stream: {0}")]
     Read(#[from] io::Error),
+    #[error("entry `{path}`: writing: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl UnpackError {
+    /// Whether the layer failed because the store's filesystem is full (ENOSPC, EDQUOT),
+    /// not because of anything in the layer.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            UnpackError::Sys { errno, .. } => matches!(errno, Errno::ENOSPC | Errno::EDQUOT),
+            UnpackError::Write { source, .. } => {
+                matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
+                )
+            }
+            _ => false,
+        }
+    }
 }
 
 type R<T> = Result<T, UnpackError>;
@@ -109,7 +201,7 @@ pub fn apply_layer(input: impl Read, root: &Path, opts: &UnpackOptions) -> R<Unp
     let root_fd = File::open(root).map_err(UnpackError::Read)?;
     let counted = Counted {
         inner: input,
-        left: opts.limits.max_bytes,
+        left: opts.limits.max_stream(),
     };
     let mut archive = tar::Archive::new(counted);
     archive.set_ignore_zeros(false);
@@ -126,6 +218,7 @@ pub fn apply_layer(input: impl Read, root: &Path, opts: &UnpackOptions) -> R<Unp
         },
         dirs: BTreeMap::new(),
         warned: Default::default(),
+        buf: Vec::new(),
     };
     let entries = archive.entries().map_err(limit_or_read)?;
     for entry in entries {
@@ -163,12 +256,97 @@ impl<I: Read> Read for Counted<I> {
         if n as u64 > self.left {
             return Err(io::Error::new(
                 io::ErrorKind::FileTooLarge,
-                "decompressed size cap",
+                "decompressed tar stream size (its files' cap plus 256 MiB for headers)",
             ));
         }
         self.left -= n as u64;
         Ok(n)
     }
+}
+
+fn human_bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}
+
+/// Adds `size` to `written`, refusing to go past the layer's cap.
+fn charge(written: u64, size: u64, limits: &Limits, path: &str) -> R<u64> {
+    match written.checked_add(size) {
+        Some(total) if total <= limits.max_written => Ok(total),
+        _ => Err(UnpackError::TooLarge {
+            path: path.to_string(),
+            limit: limits.max_written,
+            origin: limits.origin.clone(),
+        }),
+    }
+}
+
+/// Block size of the hole detection: a run of zeros this long (aligned in the file) is
+/// left as a hole.
+const HOLE_BLOCK: usize = 4096;
+/// Bytes read at a time when writing a file (a whole number of hole blocks).
+const COPY_BUFFER: usize = 64 * HOLE_BLOCK;
+
+/// Copies `input` into the empty file `out`, leaving aligned zero blocks as holes (a GNU
+/// sparse entry's holes arrive as zeros from the tar reader). The file ends with the
+/// input's length even when its tail is a hole.
+/// Which side of a copy failed: a read is the layer's fault, a write the store's.
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl CopyError {
+    fn at(self, path: &str) -> UnpackError {
+        match self {
+            CopyError::Read(e) => limit_or_read(e),
+            CopyError::Write(source) => UnpackError::Write {
+                path: path.to_string(),
+                source,
+            },
+        }
+    }
+}
+
+/// `buf` is the caller's, reused from file to file (layers hold many small files).
+fn write_sparse(mut input: impl Read, out: &mut File, buf: &mut Vec<u8>) -> Result<u64, CopyError> {
+    use std::os::unix::fs::FileExt;
+    buf.resize(COPY_BUFFER, 0);
+    let mut offset = 0u64;
+    loop {
+        // Fill the buffer so that blocks stay aligned to the file's offsets.
+        let mut filled = 0;
+        while filled < buf.len() {
+            match input.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(CopyError::Read(e)),
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        let block_end = |i: usize| (i + HOLE_BLOCK).min(filled);
+        let is_zero = |i: usize| buf[i..block_end(i)].iter().all(|b| *b == 0);
+        let mut at = 0;
+        while at < filled {
+            if is_zero(at) {
+                at = block_end(at);
+                continue;
+            }
+            // One write per run of data blocks.
+            let mut end = block_end(at);
+            while end < filled && !is_zero(end) {
+                end = block_end(end);
+            }
+            out.write_all_at(&buf[at..end], offset + at as u64)
+                .map_err(CopyError::Write)?;
+            at = end;
+        }
+        offset += filled as u64;
+    }
+    out.set_len(offset).map_err(CopyError::Write)?;
+    Ok(offset)
 }
 
 fn in_initial_userns() -> bool {
@@ -196,6 +374,8 @@ struct Applier {
     /// must stay writable until its children exist). Keyed by cleaned path.
     dirs: BTreeMap<Vec<u8>, DirMeta>,
     warned: std::collections::HashSet<&'static str>,
+    /// The copy buffer of [`write_sparse`], allocated once per layer.
+    buf: Vec<u8>,
 }
 
 /// Lexically cleaned path components; `..` cannot climb above the root.
@@ -390,6 +570,9 @@ impl Applier {
 
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                // The entry's full length (a sparse entry's real size), before writing.
+                let size = entry.size();
+                self.report.written = charge(self.report.written, size, &self.limits, &path_str)?;
                 self.replace(pfd, name, &comps)?;
                 let fd = openat(
                     pfd,
@@ -398,7 +581,7 @@ impl Applier {
                 )
                 .map_err(self.sys(&comps, "create file"))?;
                 let mut file = File::from(fd);
-                io::copy(entry, &mut file).map_err(limit_or_read)?;
+                write_sparse(entry, &mut file, &mut self.buf).map_err(|e| e.at(&path_str))?;
                 let fd = OwnedFd::from(file);
                 self.chown_fd(&fd, uid, gid, &comps)?;
                 // After chown: chown clears setuid/setgid.
@@ -775,95 +958,172 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Copies the cross-layer hardlink targets of a freshly unpacked layer from the image's
-/// lower layers (`lowers`: rootfs directories, topmost first). The copy is a regular
-/// file with the target's content, mode, owner and mtime.
+/// What [`resolve_cross_layer_links`] did.
+#[derive(Debug, Default)]
+pub struct CrossLayerLinks {
+    /// "path -> target: reason" of links that could not be made.
+    pub unresolved: Vec<String>,
+    /// Bytes copied (charged against the layer's cap); reflinked copies cost nothing.
+    pub copied: u64,
+}
+
+/// Gives the cross-layer hardlinks of a freshly unpacked layer their content from the
+/// image's lower layers (`lowers`: rootfs directories, topmost first). A layer directory
+/// cannot hardlink into another one, so the first link to a target gets a copy (a
+/// reflink where the filesystem can share blocks, else a byte copy charged against
+/// `limits` on top of the `written` bytes the layer has already written) and every
+/// further link to that target becomes a hardlink to the copy: 24 links to one 64 MiB
+/// file cost 64 MiB, not 1.5 GiB. The copy has the target's content, mode, owner and
+/// mtime.
 pub fn resolve_cross_layer_links(
     root: &Path,
     links: &[(String, String)],
     lowers: &[PathBuf],
-) -> Result<Vec<String>, UnpackError> {
-    let mut unresolved = Vec::new();
+    limits: &Limits,
+    written: u64,
+) -> Result<CrossLayerLinks, UnpackError> {
+    let mut out = CrossLayerLinks::default();
+    let mut written = written;
+    let mut buf = Vec::new();
     let root_fd = OwnedFd::from(File::open(root)?);
+    let lower_fds = lowers
+        .iter()
+        .map(|l| File::open(l).map(OwnedFd::from))
+        .collect::<io::Result<Vec<_>>>()?;
     let how = |flags: OFlag| {
         OpenHow::new()
             .flags(flags | OFlag::O_CLOEXEC)
             .resolve(RESOLVE)
     };
-    'links: for (path, target) in links {
-        for lower in lowers {
-            let lower_fd = OwnedFd::from(File::open(lower)?);
-            let src = match openat2(
-                lower_fd.as_raw_fd(),
+    // Target -> the path of its copy in this layer.
+    let mut copies: BTreeMap<String, &str> = BTreeMap::new();
+    for (path, target) in links {
+        let comps = clean(path.as_bytes(), usize::MAX).unwrap_or_default();
+        let Some((name, parent)) = comps.split_last() else {
+            continue;
+        };
+        let pfd = match openat2(
+            root_fd.as_raw_fd(),
+            if parent.is_empty() {
+                b".".to_vec()
+            } else {
+                join(parent)
+            }
+            .as_slice(),
+            how(OFlag::O_PATH | OFlag::O_DIRECTORY),
+        ) {
+            Ok(fd) => owned(fd),
+            Err(e) => {
+                out.unresolved.push(format!("{path} -> {target}: {e}"));
+                continue;
+            }
+        };
+        let key = show(&clean(target.as_bytes(), usize::MAX).unwrap_or_default());
+        if let Some(first) = copies.get(&key) {
+            // Another link to a target already copied: link to that copy.
+            let first_comps = clean(first.as_bytes(), usize::MAX).unwrap_or_default();
+            let linked = match first_comps.split_last() {
+                Some((fname, fparent)) => openat2(
+                    root_fd.as_raw_fd(),
+                    if fparent.is_empty() {
+                        b".".to_vec()
+                    } else {
+                        join(fparent)
+                    }
+                    .as_slice(),
+                    how(OFlag::O_PATH | OFlag::O_DIRECTORY),
+                )
+                .and_then(|fdir| {
+                    let fdir = owned(fdir);
+                    let _ = remove_all_at(pfd.as_raw_fd(), name);
+                    unistd::linkat(
+                        Some(fdir.as_raw_fd()),
+                        *fname,
+                        Some(pfd.as_raw_fd()),
+                        *name,
+                        nix::fcntl::AtFlags::empty(),
+                    )
+                }),
+                None => Err(Errno::EINVAL),
+            };
+            if let Err(e) = linked {
+                out.unresolved.push(format!("{path} -> {target}: {e}"));
+            }
+            continue;
+        }
+        let found = lower_fds.iter().find_map(|lower| {
+            match openat2(
+                lower.as_raw_fd(),
                 target.as_str(),
                 how(OFlag::O_RDONLY | OFlag::O_NOFOLLOW),
             ) {
-                Ok(fd) => File::from(owned(fd)),
-                Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => continue,
-                Err(e) => {
-                    unresolved.push(format!("{path} -> {target}: {e}"));
-                    continue 'links;
-                }
-            };
-            let meta = src.metadata()?;
-            if !meta.is_file() {
-                unresolved.push(format!("{path} -> {target}: not a regular file"));
-                continue 'links;
+                Ok(fd) => Some(Ok(File::from(owned(fd)))),
+                Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => None,
+                Err(e) => Some(Err(e)),
             }
-            let comps = clean(path.as_bytes(), usize::MAX).unwrap_or_default();
-            let Some((name, parent)) = comps.split_last() else {
-                continue 'links;
-            };
-            let pfd = match openat2(
-                root_fd.as_raw_fd(),
-                if parent.is_empty() {
-                    b".".to_vec()
-                } else {
-                    join(parent)
-                }
-                .as_slice(),
-                how(OFlag::O_PATH | OFlag::O_DIRECTORY),
-            ) {
-                Ok(fd) => owned(fd),
-                Err(e) => {
-                    unresolved.push(format!("{path} -> {target}: {e}"));
-                    continue 'links;
-                }
-            };
-            let _ = remove_all_at(pfd.as_raw_fd(), name);
-            let dst = openat(
-                pfd.as_raw_fd(),
-                name,
-                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
-            )
-            .map_err(|e| UnpackError::Sys {
-                path: path.clone(),
-                op: "create copy of cross-layer hardlink",
-                errno: e,
-            })?;
-            let mut dst = File::from(dst);
-            io::copy(&mut &src, &mut dst)?;
-            use std::os::unix::fs::MetadataExt;
-            if unistd::geteuid().is_root() {
-                let _ = unistd::fchown(
-                    dst.as_raw_fd(),
-                    Some(Uid::from_raw(meta.uid())),
-                    Some(Gid::from_raw(meta.gid())),
-                );
+        });
+        let src = match found {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
+                out.unresolved.push(format!("{path} -> {target}: {e}"));
+                continue;
             }
-            let _ = stat::fchmod(
-                dst.as_raw_fd(),
-                Mode::from_bits_truncate(meta.mode() & 0o7777),
-            );
-            let t = TimeSpec::new(meta.mtime(), 0);
-            let _ = stat::futimens(dst.as_raw_fd(), &t, &t);
-            continue 'links;
+            None => {
+                out.unresolved.push(format!(
+                    "{path} -> {target}: target not found in any lower layer"
+                ));
+                continue;
+            }
+        };
+        let meta = src.metadata()?;
+        if !meta.is_file() {
+            out.unresolved
+                .push(format!("{path} -> {target}: not a regular file"));
+            continue;
         }
-        unresolved.push(format!(
-            "{path} -> {target}: target not found in any lower layer"
-        ));
+        let _ = remove_all_at(pfd.as_raw_fd(), name);
+        let dst = openat(
+            pfd.as_raw_fd(),
+            name,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
+        )
+        .map_err(|e| UnpackError::Sys {
+            path: path.clone(),
+            op: "create copy of cross-layer hardlink",
+            errno: e,
+        })?;
+        let mut dst = File::from(dst);
+        if reflink(&src, &dst).is_err() {
+            written = charge(written, meta.len(), limits, path)?;
+            out.copied += meta.len();
+            write_sparse(&src, &mut dst, &mut buf).map_err(|e| e.at(path))?;
+        }
+        use std::os::unix::fs::MetadataExt;
+        if unistd::geteuid().is_root() {
+            let _ = unistd::fchown(
+                dst.as_raw_fd(),
+                Some(Uid::from_raw(meta.uid())),
+                Some(Gid::from_raw(meta.gid())),
+            );
+        }
+        let _ = stat::fchmod(
+            dst.as_raw_fd(),
+            Mode::from_bits_truncate(meta.mode() & 0o7777),
+        );
+        let t = TimeSpec::new(meta.mtime(), 0);
+        let _ = stat::futimens(dst.as_raw_fd(), &t, &t);
+        copies.insert(key, path);
     }
-    Ok(unresolved)
+    Ok(out)
+}
+
+/// Makes `dst` share `src`'s blocks (`FICLONE`: btrfs, XFS, bcachefs...). Fails with
+/// `EOPNOTSUPP`/`EXDEV`/`EINVAL` where the filesystem cannot.
+fn reflink(src: &File, dst: &File) -> Result<(), Errno> {
+    // SAFETY: both descriptors are open files owned by the caller for this call;
+    // FICLONE takes the source descriptor as its integer argument and writes no memory.
+    let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+    Errno::result(r).map(drop)
 }
 
 /// Name of a path for messages.
@@ -1152,15 +1412,18 @@ mod tests {
         };
         let opts = |b, e, p| UnpackOptions {
             limits: Limits {
-                max_bytes: b,
+                max_written: b,
                 max_entries: e,
                 max_path: p,
+                origin: "test".into(),
             },
         };
-        assert!(matches!(
-            apply_layer(&tar[..], &mk("1"), &opts(5000, 10, 100)),
-            Err(UnpackError::Limit(_))
-        ));
+        let r = apply_layer(&tar[..], &mk("1"), &opts(5000, 10, 100));
+        assert!(
+            matches!(&r, Err(UnpackError::TooLarge { path, limit: 5000, .. }) if path == "a"),
+            "{r:?}"
+        );
+        assert!(!dir.path().join("1/a").exists(), "refused before writing");
         assert!(matches!(
             apply_layer(&tar[..], &mk("2"), &opts(1 << 20, 2, 100)),
             Err(UnpackError::Limit(_))
@@ -1195,6 +1458,154 @@ mod tests {
         }
     }
 
+    /// A GNU sparse entry `name` of `real_size` bytes whose only data is `data` at
+    /// `offset` (a multiple of 512).
+    fn sparse_tar(name: &str, real_size: u64, offset: u64, data: &[u8; 512]) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_mode(0o644);
+        h.set_mtime(1_000_000);
+        h.set_size(512);
+        raw_name(&mut h, name.as_bytes(), false);
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.set_real_size(real_size);
+        gnu.sparse[0].set_offset(offset);
+        gnu.sparse[0].set_length(512);
+        // The map ends with an empty block at the end of the file, as GNU tar writes it.
+        gnu.sparse[1].set_offset(real_size);
+        gnu.sparse[1].set_length(0);
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(data);
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    }
+
+    #[test]
+    fn sparse_entries_stay_sparse() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("root")).unwrap();
+        let tar = sparse_tar("big", 64 << 20, 32 << 20, &[7u8; 512]);
+        let r = apply_layer(
+            &tar[..],
+            &dir.path().join("root"),
+            &UnpackOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(r.written, 64 << 20, "charged its full length");
+        let meta = std::fs::metadata(dir.path().join("root/big")).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        assert!(
+            meta.blocks() * 512 <= 64 << 10,
+            "{} bytes allocated",
+            meta.blocks() * 512
+        );
+        use std::os::unix::fs::FileExt;
+        let mut at = [0u8; 4];
+        File::open(dir.path().join("root/big"))
+            .unwrap()
+            .read_exact_at(&mut at, (32 << 20) - 2)
+            .unwrap();
+        assert_eq!(at, [0, 0, 7, 7]);
+    }
+
+    #[test]
+    fn sparse_entry_past_the_cap_is_refused_before_writing() {
+        // 2 GiB declared by a layer of 98 compressed bytes.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("root")).unwrap();
+        let tar = sparse_tar("huge", 2 << 30, 0, &[1u8; 512]);
+        let opts = UnpackOptions {
+            limits: Limits::for_layer(98, None),
+        };
+        let e = apply_layer(&tar[..], &dir.path().join("root"), &opts).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, UnpackError::TooLarge { limit, .. } if limit == LAYER_FLOOR));
+        assert!(
+            msg.contains("`huge`") && msg.contains("256.00 MiB"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("64 times the layer's compressed size of 98 B"),
+            "{msg}"
+        );
+        assert!(!dir.path().join("root/huge").exists());
+    }
+
+    #[test]
+    fn zero_runs_of_plain_files_become_holes() {
+        let mut data = vec![0u8; 1 << 20];
+        data[0] = 1;
+        data[(1 << 20) - 1] = 2;
+        let (d, r) = apply(&[E::File("z", &data)]);
+        assert_eq!(r.unwrap().written, 1 << 20);
+        let path = d.path().join("root/z");
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        assert!(std::fs::metadata(&path).unwrap().blocks() * 512 <= 64 << 10);
+    }
+
+    #[test]
+    fn many_links_to_one_lower_file_share_one_copy_within_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let lower = dir.path().join("lower");
+        std::fs::create_dir_all(&lower).unwrap();
+        std::fs::write(lower.join("blob"), vec![5u8; 1 << 20]).unwrap();
+        let names: Vec<String> = (0..24).map(|i| format!("l{i}")).collect();
+        let entries: Vec<E> = names.iter().map(|n| E::Hard(n, "blob")).collect();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let r = apply_layer(&tar_of(&entries)[..], &root, &UnpackOptions::default()).unwrap();
+        assert_eq!(r.cross_layer_links.len(), 24);
+        // 24 copies would be 24 MiB: a 2 MiB cap holds only if they share one.
+        let limits = Limits {
+            max_written: 2 << 20,
+            ..Limits::default()
+        };
+        let done = resolve_cross_layer_links(
+            &root,
+            &r.cross_layer_links,
+            std::slice::from_ref(&lower),
+            &limits,
+            r.written,
+        )
+        .unwrap();
+        assert!(done.unresolved.is_empty(), "{:?}", done.unresolved);
+        assert!(done.copied <= 1 << 20);
+        let first = std::fs::metadata(root.join("l0")).unwrap();
+        assert_eq!(first.nlink(), 24);
+        assert_eq!(std::fs::read(root.join("l23")).unwrap(), vec![5u8; 1 << 20]);
+        // A copy that does not fit is refused, naming the link.
+        let root2 = dir.path().join("root2");
+        std::fs::create_dir(&root2).unwrap();
+        let small = Limits {
+            max_written: 1000,
+            origin: "test".into(),
+            ..Limits::default()
+        };
+        let e = resolve_cross_layer_links(&root2, &r.cross_layer_links, &[lower], &small, 0);
+        if reflink_supported(&root2) {
+            e.unwrap();
+        } else {
+            let e = e.unwrap_err();
+            assert!(
+                matches!(&e, UnpackError::TooLarge { path, .. } if path == "l0"),
+                "{e}"
+            );
+        }
+    }
+
+    /// Whether the filesystem of `dir` shares blocks (then copies cost nothing).
+    fn reflink_supported(dir: &Path) -> bool {
+        let a = dir.join(".reflink-probe-a");
+        std::fs::write(&a, b"x").unwrap();
+        let src = File::open(&a).unwrap();
+        let dst = File::create(dir.join(".reflink-probe-b")).unwrap();
+        let ok = reflink(&src, &dst).is_ok();
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(dir.join(".reflink-probe-b"));
+        ok
+    }
+
     #[test]
     fn cross_layer_links_are_copied_from_lowers() {
         let dir = tempfile::tempdir().unwrap();
@@ -1213,10 +1624,15 @@ mod tests {
             r.cross_layer_links,
             vec![("bin/alias".to_string(), "bin/tool".to_string())]
         );
-        let left =
-            resolve_cross_layer_links(&dir.path().join("root"), &r.cross_layer_links, &[lower])
-                .unwrap();
-        assert!(left.is_empty());
+        let done = resolve_cross_layer_links(
+            &dir.path().join("root"),
+            &r.cross_layer_links,
+            &[lower],
+            &Limits::default(),
+            r.written,
+        )
+        .unwrap();
+        assert!(done.unresolved.is_empty());
         assert_eq!(
             std::fs::read(dir.path().join("root/bin/alias")).unwrap(),
             b"tool"

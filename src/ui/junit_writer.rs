@@ -1,6 +1,6 @@
 //! `--report-dir`: every JUnit file the steps produced, merged into one.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -23,6 +23,23 @@ impl JunitWriter {
 
     pub fn output_path(&self) -> PathBuf {
         self.dir.join("junit.xml")
+    }
+
+    /// Checks, before anything runs, that `dir` exists or can be created and that a
+    /// file can be written in it: a report that cannot be written must stop the run
+    /// before it starts, not vanish after it.
+    pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the report directory {}", dir.display()))?;
+        let probe = dir.join(format!(".sandrun-write-test-{}", std::process::id()));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .with_context(|| format!("cannot write in the report directory {}", dir.display()))?;
+        std::fs::remove_file(&probe)
+            .with_context(|| format!("cannot remove {}", probe.display()))?;
+        Ok(())
     }
 }
 

@@ -277,9 +277,82 @@ impl ImageBuilder {
         .unwrap()
     }
 
+    /// Writes `bytes` as a blob of the layout; returns its digest.
+    pub fn put_blob(&self, bytes: &[u8]) -> String {
+        use sha2::Digest;
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
+        std::fs::write(self.layout.join("blobs/sha256").join(&digest[7..]), bytes).unwrap();
+        digest
+    }
+
+    /// Names the blob `digest` `tag` in the layout's index.json.
+    fn name(&self, tag: &str, media: &str, digest: &str, size: usize) {
+        let path = self.layout.join("index.json");
+        let mut index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        if !index["manifests"].is_array() {
+            index["manifests"] = serde_json::json!([]);
+        }
+        index["manifests"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "mediaType": media,
+                "digest": digest,
+                "size": size,
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }));
+        std::fs::write(&path, serde_json::to_vec(&index).unwrap()).unwrap();
+    }
+
+    /// An image `tag` for this machine's architecture made of hand-built layers, each
+    /// (gzip blob, diffID): for layers no tool would write (GNU sparse entries, bombs).
+    pub fn raw_image(&self, tag: &str, layers: &[(Vec<u8>, String)]) {
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": arch,
+            "os": "linux",
+            "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|(_, d)| d).collect::<Vec<_>>()},
+        }))
+        .unwrap();
+        let config_digest = self.put_blob(&config);
+        let layer_descs: Vec<serde_json::Value> = layers
+            .iter()
+            .map(|(blob, _)| {
+                serde_json::json!({
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": self.put_blob(blob),
+                    "size": blob.len(),
+                })
+            })
+            .collect();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": config.len(),
+            },
+            "layers": layer_descs,
+        }))
+        .unwrap();
+        let digest = self.put_blob(&manifest);
+        self.name(
+            tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            &digest,
+            manifest.len(),
+        );
+    }
+
     /// Writes an index `tag` listing the given (tag, arch, variant) images.
     pub fn index(&self, tag: &str, members: &[(&str, &str, Option<&str>)]) -> String {
-        use sha2::Digest;
         let manifests: Vec<serde_json::Value> = members
             .iter()
             .map(|(t, arch, variant)| {
@@ -297,21 +370,13 @@ impl ImageBuilder {
             "manifests": manifests,
         }))
         .unwrap();
-        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&idx)));
-        std::fs::write(self.layout.join("blobs/sha256").join(&digest[7..]), &idx).unwrap();
-        let path = self.layout.join("index.json");
-        let mut index: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        index["manifests"]
-            .as_array_mut()
-            .unwrap()
-            .push(serde_json::json!({
-                "mediaType": "application/vnd.oci.image.index.v1+json",
-                "digest": digest,
-                "size": idx.len(),
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }));
-        std::fs::write(&path, serde_json::to_vec(&index).unwrap()).unwrap();
+        let digest = self.put_blob(&idx);
+        self.name(
+            tag,
+            "application/vnd.oci.image.index.v1+json",
+            &digest,
+            idx.len(),
+        );
         digest
     }
 }
