@@ -10,6 +10,7 @@ pub mod config;
 pub mod junit;
 pub mod net;
 pub mod pipeline;
+pub mod recipe;
 pub mod plan;
 pub mod run;
 pub mod sandbox;

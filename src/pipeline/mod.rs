@@ -15,7 +15,7 @@ pub mod model;
 mod parse;
 mod validate;
 pub mod values;
-mod yaml;
+pub(crate) mod yaml;
 
 use std::path::Path;
 
