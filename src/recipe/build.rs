@@ -341,9 +341,16 @@ fn prepare(
     }
     let key = hex::encode(h.finalize());
     let reference = recipe.reference();
-    if let Some(digest) = remembered(store, &key) {
-        let current = store.get(&reference, &PullOptions::default())?;
-        if let Some(image) = current.filter(|i| i.manifest_digest == digest) {
+    // Built before: remembered in this store, or carried here by `save`/`load` (the
+    // manifest names the recipe digest it was built from).
+    if let Some(image) = store.get(&reference, &PullOptions::default())? {
+        let built_from = || -> Option<String> {
+            let m = store.manifest(&image.manifest_digest).ok()?;
+            m.annotations().as_ref()?.get(RECIPE_ANNOTATION).cloned()
+        };
+        if remembered(store, &key).as_deref() == Some(image.manifest_digest.as_str())
+            || built_from().as_deref() == Some(format!("sha256:{key}").as_str())
+        {
             notes.extend(archives.take_notes());
             return Ok(Prepared {
                 key,
@@ -665,4 +672,23 @@ pub fn lock(store: &Store, path: &Path, offline: bool) -> Result<(RecipeLock, Ve
     let lock = resolve_lock(&recipe, &archives)?;
     lock.write(&lock_path(path))?;
     Ok((lock, archives.take_notes()))
+}
+
+/// The lock of the recipe at `path`, written only when it is missing or no longer fits
+/// the recipe (what `sandrun lock PIPELINE` does for the recipes a pipeline names).
+/// Returns whether it was written.
+pub fn lock_if_needed(
+    store: &Store,
+    path: &Path,
+    offline: bool,
+) -> Result<(bool, Vec<String>), RecipeError> {
+    let recipe = model::load(path)?;
+    let lp = lock_path(path);
+    if lp.is_file() && stale(&recipe, &RecipeLock::read(&lp)?).is_none() {
+        return Ok((false, Vec::new()));
+    }
+    let archives = Archives::new(store, offline)?;
+    let lock = resolve_lock(&recipe, &archives)?;
+    lock.write(&lp)?;
+    Ok((true, archives.take_notes()))
 }

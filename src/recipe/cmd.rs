@@ -90,3 +90,26 @@ pub fn lock(path: &Path, reg: &RegistryArgs) -> Result<i32> {
     );
     Ok(0)
 }
+
+/// A pipeline's recipe image, built (or found) for `pull -f` and `save`; returns the
+/// name it has in the store.
+pub fn build_for_pipeline(
+    store: &crate::store::Store,
+    rt: &tokio::runtime::Runtime,
+    recipe: &Path,
+    opts: &crate::store::PullOptions,
+) -> Result<String> {
+    let build = super::BuildOptions {
+        offline: opts.offline,
+        locked: opts.locked,
+        pull: opts.clone(),
+    };
+    let progress = TerminalProgress::new();
+    let built = rt
+        .block_on(super::build(store, recipe, &build, &progress))
+        .with_context(|| format!("image recipe {}", recipe.display()))?;
+    for n in &built.notes {
+        eprintln!("note: {n}");
+    }
+    Ok(built.image.reference)
+}

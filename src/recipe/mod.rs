@@ -27,7 +27,7 @@ mod version;
 
 use std::path::Path;
 
-pub use build::{build, lock, BuildOptions, Built, SBOM_ANNOTATION};
+pub use build::{build, lock, lock_if_needed, BuildOptions, Built, SBOM_ANNOTATION};
 pub use error::{Loc, RecipeError};
 pub use lockfile::{lock_path, RecipeLock};
 
@@ -52,4 +52,20 @@ pub fn is_recipe_file(path: &Path) -> bool {
     };
     let keys: Vec<&str> = entries.iter().filter_map(|(k, _)| k.as_str()).collect();
     keys.contains(&"name") && !keys.iter().any(|k| matches!(*k, "pipeline" | "stage" | "template"))
+}
+
+/// The SBOM of the image `reference` (one built from a recipe), as stored.
+pub fn sbom_of(store: &crate::store::Store, reference: &str) -> anyhow::Result<Vec<u8>> {
+    let image = store
+        .get(reference, &crate::store::PullOptions::default())?
+        .ok_or_else(|| anyhow::anyhow!("{reference} is not in the store"))?;
+    let manifest = store.manifest(&image.manifest_digest)?;
+    let digest = manifest
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(SBOM_ANNOTATION))
+        .ok_or_else(|| {
+            anyhow::anyhow!("{reference} has no SBOM (only images built from recipes have one)")
+        })?;
+    Ok(store.read_blob(digest, 64 << 20)?)
 }
