@@ -133,7 +133,7 @@ fn load_chain(path: &Path) -> Result<Vec<Recipe>, RecipeError> {
         }
         let base = match &recipe.base {
             Base::Recipe(rel) => {
-                let p = recipe.dir().join(rel);
+                let p: std::path::PathBuf = recipe.dir().join(rel).components().collect();
                 if !p.is_file() {
                     return Err(RecipeError::Invalid {
                         loc: recipe.base_loc.clone(),
@@ -313,8 +313,8 @@ fn prepare(
 ) -> Result<Prepared, RecipeError> {
     let archives = Archives::new(store, opts.offline)?;
     let mut notes = Vec::new();
-    let lock = ensure_lock(&recipe, &archives, opts.locked, &mut notes)?;
     let host_files = read_host_files(&recipe)?;
+    let lock = ensure_lock(&recipe, &archives, opts.locked, &mut notes)?;
     let clamp = source_date_epoch();
     let epoch = clamp.unwrap_or(lock.source_date_epoch.max(0) as u64);
 

@@ -130,7 +130,7 @@ pub fn closure(index: &PackageIndex, requests: &[Dep]) -> Result<Vec<usize>, Res
     for (name, (p, request, _)) in &chosen {
         let pkg = &index.packages[*p];
         for c in pkg.conflicts.iter().chain(&pkg.breaks) {
-            for (other, (q, _, _)) in &chosen {
+            for (other, (q, other_request, _)) in &chosen {
                 let o = &index.packages[*q];
                 if other == name {
                     continue;
@@ -138,8 +138,9 @@ pub fn closure(index: &PackageIndex, requests: &[Dep]) -> Result<Vec<usize>, Res
                 let hit = (o.name == c.name && version_ok(&o.version, c))
                     || (c.relation.is_none() && o.provides.iter().any(|v| v.name == c.name));
                 if hit {
+                    // Blame the later of the two requests: it brought the conflict in.
                     return Err(ResolveError::Conflict {
-                        request: *request,
+                        request: (*request).max(*other_request),
                         chain: chain(&chosen, name),
                         reason: format!(
                             "{} {} conflicts with {c}, and {} {} was chosen",
