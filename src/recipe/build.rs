@@ -1,12 +1,14 @@
 //! From recipe and lock to an image in the store.
 //!
-//! Layers, lowest first: the base image's (if any), one per Debian package in name
-//! order (so images that share a package share its layer, and a rebuild after one
-//! package changed rebuilds one layer), and one for what the recipe itself adds
-//! (`/etc/passwd`, `/etc/group`, files, directories, symlinks). A package's layer is
-//! made once per `.deb` hash and remembered in `$SANDRUN_HOME/debian/layers/`; an image
-//! is remembered by the digest of everything it is made from (recipe, lock, host files,
-//! base, SOURCE_DATE_EPOCH) in `$SANDRUN_HOME/recipes/`, so an unchanged recipe is not
+//! Layers, lowest first: the base image's (if any), the packages' (one per package for
+//! up to 16 packages, so images that share a package share its layer and a rebuild
+//! after one package changed rebuilds one layer; past that the 15 largest packages
+//! have a layer each and the rest share one), and one for what the recipe itself adds
+//! (`/etc/passwd`, `/etc/group`, files, directories, symlinks). A package layer is
+//! made once per set of `.deb` hashes and remembered in `$SANDRUN_HOME/debian/layers/`;
+//! an image is remembered by the digest of everything it is made from (recipe, lock,
+//! host files, base, SOURCE_DATE_EPOCH) in `$SANDRUN_HOME/recipes/`, so an unchanged
+//! recipe is not
 //! rebuilt at all.
 
 use std::collections::BTreeMap;
@@ -298,7 +300,36 @@ struct PackageLayer {
     blob: String,
     size: u64,
     diff_id: String,
-    license: Option<String>,
+    /// Licence expression per package of the layer (for the SBOM).
+    licenses: BTreeMap<String, Option<String>>,
+}
+
+/// At most this many layers come from packages: overlayfs takes its lower directories
+/// in one page of mount options, so a 100-package closure cannot be 100 layers.
+const MAX_PACKAGE_LAYERS: usize = 16;
+
+/// How the lock's packages are split into layers: one per package when they are few;
+/// else the largest `.deb`s get a layer each (they are what images most gain from
+/// sharing: libc6, libllvm, perl, python) and the rest share one. Deterministic: a
+/// function of the lock alone.
+fn layer_groups(lock: &RecipeLock) -> Vec<Vec<&LockedPackage>> {
+    let all: Vec<&LockedPackage> = lock.packages.iter().collect();
+    if all.len() <= MAX_PACKAGE_LAYERS {
+        return all.into_iter().map(|p| vec![p]).collect();
+    }
+    let mut by_size = all.clone();
+    by_size.sort_by(|a, b| b.size.cmp(&a.size).then(a.name.cmp(&b.name)));
+    let big: std::collections::BTreeSet<&str> = by_size[..MAX_PACKAGE_LAYERS - 1]
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    let mut groups: Vec<Vec<&LockedPackage>> = vec![all
+        .iter()
+        .filter(|p| !big.contains(p.name.as_str()))
+        .copied()
+        .collect()];
+    groups.extend(all.iter().filter(|p| big.contains(p.name.as_str())).map(|p| vec![*p]));
+    groups
 }
 
 fn source_date_epoch() -> Option<u64> {
@@ -396,13 +427,16 @@ fn prepare(
     diff_ids.push(own.diff_id.clone());
 
     let created = super::index::rfc3339(epoch as i64);
+    let licenses: BTreeMap<&str, Option<String>> = layers
+        .iter()
+        .flat_map(|l| l.licenses.iter().map(|(k, v)| (k.as_str(), v.clone())))
+        .collect();
     let sbom_packages: Vec<sbom::SbomPackage<'_>> = lock
         .packages
         .iter()
-        .zip(&layers)
-        .map(|(p, l)| sbom::SbomPackage {
+        .map(|p| sbom::SbomPackage {
             package: p,
-            license: l.license.clone(),
+            license: licenses.get(p.name.as_str()).cloned().flatten(),
         })
         .collect();
     let sbom_blob = store.put_blob(&sbom::document(&reference, &key, &created, &sbom_packages))?;
@@ -443,15 +477,23 @@ fn package_layers(
 ) -> Result<Vec<PackageLayer>, RecipeError> {
     let dir = store.root().join("debian/layers");
     std::fs::create_dir_all(&dir).map_err(|e| RecipeError::read(&dir, e))?;
+    let groups = layer_groups(lock);
+    // Largest first, so that two workers finish together.
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(groups[i].iter().map(|p| p.size).sum::<u64>()));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: std::sync::Mutex<BTreeMap<usize, Result<PackageLayer, RecipeError>>> = Default::default();
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(lock.packages.len().max(1));
+    let results: std::sync::Mutex<BTreeMap<usize, Result<PackageLayer, RecipeError>>> =
+        Default::default();
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(groups.len().max(1));
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(p) = lock.packages.get(i) else { break };
-                let r = package_layer(store, archives, &dir, p, clamp);
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&i) = order.get(n) else { break };
+                let r = group_layer(store, archives, &dir, &groups[i], clamp);
                 let failed = r.is_err();
                 results.lock().expect("results lock").insert(i, r);
                 if failed {
@@ -462,24 +504,27 @@ fn package_layers(
         }
     });
     let results = results.into_inner().expect("results lock");
-    let mut out = Vec::with_capacity(lock.packages.len());
+    let mut out = Vec::with_capacity(groups.len());
     for (_, r) in results {
         out.push(r?);
     }
     Ok(out)
 }
 
-fn package_layer(
+/// The layer of one group of packages: remembered, else made from their `.deb` files.
+fn group_layer(
     store: &Store,
     archives: &Archives,
     dir: &Path,
-    p: &LockedPackage,
+    group: &[&LockedPackage],
     clamp: Option<u64>,
 ) -> Result<PackageLayer, RecipeError> {
     let key = {
         let mut h = Sha256::new();
         h.update(LAYER_FORMAT);
-        h.update(&p.sha256);
+        for p in group {
+            h.update(&p.sha256);
+        }
         h.update(clamp.map(|c| c.to_string()).unwrap_or_default());
         hex::encode(h.finalize())
     };
@@ -491,17 +536,26 @@ fn package_layer(
             }
         }
     }
-    let file = archives.fetch(&p.url, &p.sha256, Some(p.size).filter(|&s| s > 0))?;
-    let bytes = std::fs::read(&file).map_err(|e| RecipeError::read(&file, e))?;
-    let contents = deb::contents(&bytes, &p.name, clamp).map_err(|e| RecipeError::BadContent {
-        what: format!("{} {} ({})", p.name, p.version, p.url),
-        reason: e.to_string(),
-    })?;
-    let license = contents.copyright.as_deref().and_then(sbom::license_of);
-    let layer = layer::write(&layer::canonical(contents.entries, clamp.unwrap_or(0))).map_err(|e| {
+    let mut entries = Vec::new();
+    let mut licenses = BTreeMap::new();
+    for p in group {
+        let file = archives.fetch(&p.url, &p.sha256, Some(p.size).filter(|&s| s > 0))?;
+        let bytes = std::fs::read(&file).map_err(|e| RecipeError::read(&file, e))?;
+        let contents =
+            deb::contents(&bytes, &p.name, clamp).map_err(|e| RecipeError::BadContent {
+                what: format!("{} {} ({})", p.name, p.version, p.url),
+                reason: e.to_string(),
+            })?;
+        licenses.insert(
+            p.name.clone(),
+            contents.copyright.as_deref().and_then(sbom::license_of),
+        );
+        entries.extend(contents.entries);
+    }
+    let layer = layer::write(&layer::canonical(entries, clamp.unwrap_or(0))).map_err(|e| {
         RecipeError::BadContent {
-            what: format!("{} {}", p.name, p.version),
-            reason: format!("writing its layer: {e}"),
+            what: group.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+            reason: format!("writing their layer: {e}"),
         }
     })?;
     let blob = store.put_blob(&layer.blob)?;
@@ -509,11 +563,12 @@ fn package_layer(
         blob,
         size: layer.blob.len() as u64,
         diff_id: layer.diff_id,
-        license,
+        licenses,
     };
-    store
-        .layout()
-        .write_atomic(&meta_path, &serde_json::to_vec(&l).expect("layer meta serialises"))?;
+    store.layout().write_atomic(
+        &meta_path,
+        &serde_json::to_vec(&l).expect("layer meta serialises"),
+    )?;
     Ok(l)
 }
 
