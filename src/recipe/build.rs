@@ -8,8 +8,7 @@
 //! made once per set of `.deb` hashes and remembered in `$SANDRUN_HOME/debian/layers/`;
 //! an image is remembered by the digest of everything it is made from (recipe, lock,
 //! host files, base, SOURCE_DATE_EPOCH) in `$SANDRUN_HOME/recipes/`, so an unchanged
-//! recipe is not
-//! rebuilt at all.
+//! recipe is not rebuilt at all.
 
 use std::collections::BTreeMap;
 use std::path::Path;
