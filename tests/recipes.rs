@@ -32,11 +32,16 @@ fn sandrun(sb: &Sandbox, args: &[&str]) -> Run {
 
 /// The repository's busybox recipe and lock, copied into the sandbox's `images/`.
 fn with_busybox(sb: &Sandbox) {
+    with_recipe(sb, "busybox");
+}
+
+/// The repository's recipe NAME and its lock, copied into the sandbox's `images/`.
+fn with_recipe(sb: &Sandbox, name: &str) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("images");
-    for f in ["busybox.yaml", "busybox.lock"] {
+    for f in [format!("{name}.yaml"), format!("{name}.lock")] {
         sb.write(
             &format!("images/{f}"),
-            &std::fs::read_to_string(src.join(f)).unwrap(),
+            &std::fs::read_to_string(src.join(&f)).unwrap(),
         );
     }
 }
@@ -276,4 +281,93 @@ fn bad_recipes_are_refused_with_file_and_line() {
     sandrun(&sb, &["lock", "images/unknown.yaml"])
         .assert_code(2)
         .assert_stderr("unknown.yaml:4:5: unknown package");
+}
+
+/// The shipped postgres recipe as a Background service, configured the way pipelines
+/// written for the official `postgres` image configure it, queried with psql by its
+/// step identifier from a Run step using the same recipe.
+#[test]
+fn postgres_recipe_serves_a_pipeline_written_for_the_official_image() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        with_recipe(&sb, "postgres");
+        sb.write(
+            "ci.yaml",
+            &support::stage(
+                "",
+                r#"- step:
+    type: Background
+    name: db
+    identifier: db
+    spec:
+      image: ./images/postgres.yaml
+      envVariables:
+        POSTGRES_USER: app
+        POSTGRES_PASSWORD: secret
+        POSTGRES_DB: appdb
+- step:
+    type: Run
+    name: query
+    identifier: query
+    spec:
+      image: ./images/postgres.yaml
+      shell: Sh
+      envVariables:
+        PGPASSWORD: secret
+      command: |
+        i=0; until pg_isready -q -h db -U app -d appdb; do i=$((i+1)); [ $i -lt 120 ] || exit 1; sleep 0.5; done
+        echo "answer=$(psql -h db -U app -d appdb -tAc 'select 40+2')"
+        PGPASSWORD=wrong psql -h db -U app -d appdb -tAc 'select 1' || echo refused-wrong-password
+"#,
+            ),
+        );
+        let run = sandrun(&sb, &["run", "ci.yaml"]);
+        run.assert_code(0)
+            .assert_stdout("answer=42")
+            .assert_stdout("refused-wrong-password")
+            .assert_stdout("listening on IPv4 address \"0.0.0.0\", port 5432");
+    }
+}
+
+/// The shipped redis recipe as a service, reached with its own redis-cli.
+#[test]
+fn redis_recipe_serves_redis_cli_by_step_identifier() {
+    let sb = Sandbox::new(modes()[0]);
+    with_recipe(&sb, "redis");
+    with_recipe(&sb, "python");
+    sb.write(
+        "ci.yaml",
+        &support::stage(
+            "",
+            r#"- step:
+    type: Background
+    name: cache
+    identifier: cache
+    spec:
+      image: ./images/redis.yaml
+- step:
+    type: Run
+    name: ping
+    identifier: ping
+    spec:
+      image: ./images/redis.yaml
+      shell: Sh
+      command: |
+        redis-cli -h cache set greeting hello >/dev/null
+        echo "got=$(redis-cli -h cache get greeting)"
+- step:
+    type: Run
+    name: py
+    identifier: py
+    spec:
+      image: ./images/python.yaml
+      shell: Sh
+      command: python3 -c 'import json, sqlite3, ssl; print("python", json.dumps([1]))'
+"#,
+        ),
+    );
+    sandrun(&sb, &["run", "ci.yaml"])
+        .assert_code(0)
+        .assert_stdout("got=hello")
+        .assert_stdout("python [1]");
 }
