@@ -371,3 +371,34 @@ fn redis_recipe_serves_redis_cli_by_step_identifier() {
         .assert_stdout("got=hello")
         .assert_stdout("python [1]");
 }
+
+/// A build killed half-way leaves no image, and the store checks clean.
+#[test]
+fn an_interrupted_build_leaves_the_store_as_it_was() {
+    let sb = Sandbox::new(modes()[0]);
+    with_recipe(&sb, "python");
+    let mut child = sb
+        .command(["build", "images/python.yaml"])
+        .env("SANDRUN_DOWNLOAD_CACHE", download_cache())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once it has started writing layers (bounded wait).
+    let layers = sb.home().join("store/debian/layers");
+    for _ in 0..600 {
+        if std::fs::read_dir(&layers).is_ok_and(|mut d| d.next().is_some()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let images = sandrun(&sb, &["images"]);
+    assert!(!images.stdout.contains("localhost/python"), "{}", images.all());
+    sandrun(&sb, &["fsck"]).assert_code(0).assert_stdout(": 0 problems");
+    // And the next build completes from what was kept.
+    sandrun(&sb, &["build", "images/python.yaml"])
+        .assert_code(0)
+        .assert_stdout("built localhost/python:3.11");
+}
