@@ -69,3 +69,25 @@ pub fn sbom_of(store: &crate::store::Store, reference: &str) -> anyhow::Result<V
         })?;
     Ok(store.read_blob(digest, 64 << 20)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recipe_references_and_files() {
+        assert!(is_recipe_reference("./images/pg.yaml"));
+        assert!(is_recipe_reference("/abs/x.yml"));
+        assert!(!is_recipe_reference("postgres:15"));
+        assert!(!is_recipe_reference("images/pg.yaml"));
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path().join("r.yaml");
+        std::fs::write(&r, "name: x\npackages: [a]\n").unwrap();
+        assert!(is_recipe_file(&r));
+        let p = dir.path().join("p.yaml");
+        std::fs::write(&p, "pipeline:\n  name: x\n").unwrap();
+        assert!(!is_recipe_file(&p));
+        std::fs::write(&p, "stage:\n  name: x\n").unwrap();
+        assert!(!is_recipe_file(&p));
+    }
+}
