@@ -70,11 +70,14 @@ fn same_recipe_gives_the_same_digest_in_fresh_stores_with_its_sbom() {
         let sb = Sandbox::new(mode);
         with_busybox(&sb);
         let run = sandrun(&sb, &["build", "images/busybox.yaml"]);
-        run.assert_code(0).assert_stdout("built localhost/busybox:1.35");
+        run.assert_code(0)
+            .assert_stdout("built localhost/busybox:1.35");
         digests.push(built_digest(&run));
         // Unchanged: found by the digest of recipe and lock, nothing rebuilt.
         let again = sandrun(&sb, &["build", "images/busybox.yaml"]);
-        again.assert_code(0).assert_stdout("unchanged localhost/busybox:1.35");
+        again
+            .assert_code(0)
+            .assert_stdout("unchanged localhost/busybox:1.35");
         assert_eq!(built_digest(&again), digests[0]);
         sandrun(&sb, &["images"])
             .assert_code(0)
@@ -94,7 +97,10 @@ fn same_recipe_gives_the_same_digest_in_fresh_stores_with_its_sbom() {
             .expect("busybox-static in the SBOM");
         assert_eq!(pkg["versionInfo"], lock_field(&lock, "version"));
         assert_eq!(pkg["checksums"][0]["algorithm"], "SHA256");
-        assert_eq!(pkg["checksums"][0]["checksumValue"], lock_field(&lock, "sha256"));
+        assert_eq!(
+            pkg["checksums"][0]["checksumValue"],
+            lock_field(&lock, "sha256")
+        );
         assert_eq!(pkg["downloadLocation"], lock_field(&lock, "url"));
         assert!(pkg["externalRefs"][0]["referenceLocator"]
             .as_str()
@@ -104,7 +110,9 @@ fn same_recipe_gives_the_same_digest_in_fresh_stores_with_its_sbom() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|r| r["relationshipType"] == "CONTAINS" && r["relatedSpdxElement"] == pkg["SPDXID"]));
+            .any(
+                |r| r["relationshipType"] == "CONTAINS" && r["relatedSpdxElement"] == pkg["SPDXID"]
+            ));
     }
     assert!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
 }
@@ -145,7 +153,10 @@ fn an_offline_rebuild_uses_the_packages_in_the_store() {
     let recipe = std::fs::read_to_string(sb.workspace().join("images/busybox.yaml")).unwrap();
     sb.write(
         "images/busybox.yaml",
-        &recipe.replace("files:\n", "files:\n  - {path: /etc/motd, content: offline}\n"),
+        &recipe.replace(
+            "files:\n",
+            "files:\n  - {path: /etc/motd, content: offline}\n",
+        ),
     );
     let store = sb.home().join("store");
     std::fs::remove_dir_all(store.join("debian/layers")).unwrap();
@@ -155,14 +166,18 @@ fn an_offline_rebuild_uses_the_packages_in_the_store() {
             .output()
             .unwrap(),
     );
-    run.assert_code(0).assert_stdout("built localhost/busybox:1.35");
+    run.assert_code(0)
+        .assert_stdout("built localhost/busybox:1.35");
 
     // A package that is not in the store cannot be had offline: said plainly.
     std::fs::remove_dir_all(store.join("debian")).unwrap();
     std::fs::remove_dir_all(store.join("recipes")).unwrap();
     sb.write(
         "images/busybox.yaml",
-        &recipe.replace("files:\n", "files:\n  - {path: /etc/motd, content: again}\n"),
+        &recipe.replace(
+            "files:\n",
+            "files:\n  - {path: /etc/motd, content: again}\n",
+        ),
     );
     let run = Run::from(
         sb.command(["--offline", "build", "images/busybox.yaml"])
@@ -170,7 +185,8 @@ fn an_offline_rebuild_uses_the_packages_in_the_store() {
             .output()
             .unwrap(),
     );
-    run.assert_code(1).assert_stderr("--offline forbids downloading");
+    run.assert_code(1)
+        .assert_stderr("--offline forbids downloading");
 }
 
 #[test]
@@ -206,13 +222,16 @@ fn a_recipe_is_a_step_image_as_root_and_rootless() {
         .assert_code(0)
         .assert_stdout("from-recipe 0");
         let archive = sb.dir.path().join("images.tar");
-        sandrun(&sb, &["save", "-o", archive.to_str().unwrap(), "ci.yaml"])
-            .assert_code(0);
+        sandrun(&sb, &["save", "-o", archive.to_str().unwrap(), "ci.yaml"]).assert_code(0);
         // A fresh store loads the archive and runs the recipe's image offline: the
         // built image is recognised by the recipe digest it carries.
         let other = Sandbox::new(mode);
         with_busybox(&other);
-        std::fs::copy(sb.workspace().join("ci.yaml"), other.workspace().join("ci.yaml")).unwrap();
+        std::fs::copy(
+            sb.workspace().join("ci.yaml"),
+            other.workspace().join("ci.yaml"),
+        )
+        .unwrap();
         let copied = other.dir.path().join("images.tar");
         std::fs::copy(&archive, &copied).unwrap();
         if mode == Mode::Rootless && support::is_root() {
@@ -267,12 +286,17 @@ fn bad_recipes_are_refused_with_file_and_line() {
             "cycle-b.yaml:2:7: recipe cycle",
         ),
     ];
-    sb.write("images/cycle-b.yaml", "name: cycle-b\nbase: ./cycle-a.yaml\n");
+    sb.write(
+        "images/cycle-b.yaml",
+        "name: cycle-b\nbase: ./cycle-a.yaml\n",
+    );
     for (file, text, expected) in cases {
         sb.write(&format!("images/{file}"), text);
         let run = sandrun(&sb, &["build", &format!("images/{file}")]);
         run.assert_code(1).assert_stderr(expected);
-        let lock = sb.workspace().join(format!("images/{}", file.replace(".yaml", ".lock")));
+        let lock = sb
+            .workspace()
+            .join(format!("images/{}", file.replace(".yaml", ".lock")));
         assert!(!lock.exists(), "{file}: a lock was written");
     }
     let images = sandrun(&sb, &["images"]);
@@ -395,8 +419,14 @@ fn an_interrupted_build_leaves_the_store_as_it_was() {
     let _ = child.kill();
     let _ = child.wait();
     let images = sandrun(&sb, &["images"]);
-    assert!(!images.stdout.contains("localhost/python"), "{}", images.all());
-    sandrun(&sb, &["fsck"]).assert_code(0).assert_stdout(": 0 problems");
+    assert!(
+        !images.stdout.contains("localhost/python"),
+        "{}",
+        images.all()
+    );
+    sandrun(&sb, &["fsck"])
+        .assert_code(0)
+        .assert_stdout(": 0 problems");
     // And the next build completes from what was kept.
     sandrun(&sb, &["build", "images/python.yaml"])
         .assert_code(0)

@@ -674,8 +674,12 @@ impl<'a> Builder<'a> {
                 let reference = self.static_text(i, &s, loc, "image");
                 // A recipe (`./images/pg.yaml`) is built from the workspace's file.
                 let source = if crate::recipe::is_recipe_reference(&reference) {
-                    let path: std::path::PathBuf =
-                        self.inputs.workspace.join(&reference).components().collect();
+                    let path: std::path::PathBuf = self
+                        .inputs
+                        .workspace
+                        .join(&reference)
+                        .components()
+                        .collect();
                     if !path.is_file() {
                         self.error(
                             loc,

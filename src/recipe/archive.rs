@@ -105,7 +105,9 @@ impl Archives {
             if let Some(shared) = self.shared.as_ref().map(|s| s.join(sha256)) {
                 if shared.is_file() {
                     let mut src = File::open(&shared).map_err(|e| RecipeError::read(&shared, e))?;
-                    if let Ok(()) = copy_verified(&mut src, &tmp, sha256, size, &shared.display().to_string()) {
+                    if copy_verified(&mut src, &tmp, sha256, size, &shared.display().to_string())
+                        .is_ok()
+                    {
                         return Ok(());
                     }
                 }
@@ -116,7 +118,7 @@ impl Archives {
                     url: url.to_string(),
                 });
             }
-            let resp = self
+            let mut resp = self
                 .client()?
                 .get(url)
                 .send()
@@ -125,7 +127,6 @@ impl Archives {
                     url: url.to_string(),
                     reason: crate::store::registry::error_chain(&e),
                 })?;
-            let mut resp = resp;
             copy_verified(&mut resp, &tmp, sha256, size, url)
         })();
         if let Err(e) = result {
@@ -209,7 +210,9 @@ impl Archives {
                         .find(|(p, _)| release.sha256.contains_key(p))
                         .ok_or_else(|| RecipeError::BadContent {
                             what: format!("{} {suite}", source.uri),
-                            reason: format!("its Release lists no {component}/binary-{arch}/Packages.xz or .gz"),
+                            reason: format!(
+                                "its Release lists no {component}/binary-{arch}/Packages.xz or .gz"
+                            ),
                         })?;
                     let (sha, size) = release.sha256[&path].clone();
                     let url = if release.by_hash {
@@ -263,7 +266,8 @@ fn copy_verified(
             });
         }
         hasher.update(&buf[..n]);
-        f.write_all(&buf[..n]).map_err(|e| RecipeError::read(tmp, e))?;
+        f.write_all(&buf[..n])
+            .map_err(|e| RecipeError::read(tmp, e))?;
     }
     let actual = hex::encode(hasher.finalize());
     if actual != sha256 {
@@ -289,10 +293,11 @@ fn decompress_to_string(path: &Path, compression: &str) -> Result<String, Recipe
         _ => Box::new(flate2::read::MultiGzDecoder::new(f)),
     };
     let mut s = String::new();
-    r.read_to_string(&mut s).map_err(|e| RecipeError::BadContent {
-        what: path.display().to_string(),
-        reason: format!("decompressing: {e}"),
-    })?;
+    r.read_to_string(&mut s)
+        .map_err(|e| RecipeError::BadContent {
+            what: path.display().to_string(),
+            reason: format!("decompressing: {e}"),
+        })?;
     Ok(s)
 }
 
@@ -303,7 +308,12 @@ enum Verified {
 
 /// Checks the clearsigned `InRelease` with `gpgv` and returns exactly the signed text.
 /// Without the keyring or `gpgv` the text is taken unverified (the caller says so).
-fn verify(signed: &[u8], keyring: &Path, store: &Store, url: &str) -> Result<Verified, RecipeError> {
+fn verify(
+    signed: &[u8],
+    keyring: &Path,
+    store: &Store,
+    url: &str,
+) -> Result<Verified, RecipeError> {
     if !keyring.is_file() {
         return Ok(Verified::Unchecked {
             text: strip_clearsign(signed),
@@ -329,7 +339,9 @@ fn verify(signed: &[u8], keyring: &Path, store: &Store, url: &str) -> Result<Ver
             what: url.to_string(),
             reason: format!("running gpgv: {e}"),
         }),
-        Ok(o) if o.status.success() => Ok(Verified::Yes(String::from_utf8_lossy(&o.stdout).into_owned())),
+        Ok(o) if o.status.success() => Ok(Verified::Yes(
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )),
         Ok(o) => Err(RecipeError::BadContent {
             what: url.to_string(),
             reason: format!(
@@ -373,7 +385,9 @@ fn host_sources_in(apt: &Path) -> Vec<Source> {
     files.sort();
     files.insert(0, apt.join("sources.list"));
     for f in files {
-        let Ok(text) = fs::read_to_string(&f) else { continue };
+        let Ok(text) = fs::read_to_string(&f) else {
+            continue;
+        };
         let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if name.ends_with(".sources") {
             for para in text.split("\n\n") {
@@ -389,7 +403,9 @@ fn host_sources_in(apt: &Path) -> Vec<Source> {
                         .map(|v| v.split_whitespace().map(str::to_string).collect())
                         .unwrap_or_default()
                 };
-                if !words("types").iter().any(|t| t == "deb") || fields.get("enabled").is_some_and(|e| e == "no") {
+                if !words("types").iter().any(|t| t == "deb")
+                    || fields.get("enabled").is_some_and(|e| e == "no")
+                {
                     continue;
                 }
                 for uri in words("uris") {
@@ -397,7 +413,10 @@ fn host_sources_in(apt: &Path) -> Vec<Source> {
                         uri: uri.trim_end_matches('/').to_string(),
                         suites: words("suites"),
                         components: words("components"),
-                        keyring: fields.get("signed-by").filter(|k| k.starts_with('/')).map(PathBuf::from),
+                        keyring: fields
+                            .get("signed-by")
+                            .filter(|k| k.starts_with('/'))
+                            .map(PathBuf::from),
                     });
                 }
             }
@@ -410,7 +429,11 @@ fn host_sources_in(apt: &Path) -> Vec<Source> {
                 w.remove(0);
                 let mut keyring = None;
                 if w.first().is_some_and(|o| o.starts_with('[')) {
-                    let opts: Vec<&str> = w.iter().take_while(|o| !o.starts_with("http")).copied().collect();
+                    let opts: Vec<&str> = w
+                        .iter()
+                        .take_while(|o| !o.starts_with("http"))
+                        .copied()
+                        .collect();
                     for o in &opts {
                         if let Some(k) = o.trim_matches(['[', ']']).strip_prefix("signed-by=") {
                             keyring = Some(PathBuf::from(k));

@@ -122,9 +122,14 @@ fn load_chain(path: &Path) -> Result<Vec<Recipe>, RecipeError> {
     let mut next = path.to_path_buf();
     loop {
         let recipe = model::load(&next)?;
-        let canon = next.canonicalize().map_err(|e| RecipeError::read(&next, e))?;
+        let canon = next
+            .canonicalize()
+            .map_err(|e| RecipeError::read(&next, e))?;
         if let Some(i) = chain.iter().position(|(p, _)| *p == canon) {
-            let mut names: Vec<String> = chain[i..].iter().map(|(p, _)| p.display().to_string()).collect();
+            let mut names: Vec<String> = chain[i..]
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect();
             names.push(canon.display().to_string());
             let (_, closing) = chain.last().expect("a recipe before");
             return Err(RecipeError::Cycle {
@@ -202,19 +207,29 @@ fn ensure_lock(
     } else if locked {
         return Err(RecipeError::Lock {
             path: path.clone(),
-            reason: format!("does not exist (--locked); run `sandrun lock {}`", recipe.path.display()),
+            reason: format!(
+                "does not exist (--locked); run `sandrun lock {}`",
+                recipe.path.display()
+            ),
         });
     }
     let lock = resolve_lock(recipe, archives)?;
     lock.write(&path)?;
-    notes.push(format!("wrote {} ({} packages)", path.display(), lock.packages.len()));
+    notes.push(format!(
+        "wrote {} ({} packages)",
+        path.display(),
+        lock.packages.len()
+    ));
     Ok(lock)
 }
 
 /// Why `lock` no longer fits `recipe`, if it does not.
 fn stale(recipe: &Recipe, lock: &RecipeLock) -> Option<String> {
     if lock.architecture != recipe.architecture {
-        return Some(format!("it is for {}, the recipe for {}", lock.architecture, recipe.architecture));
+        return Some(format!(
+            "it is for {}, the recipe for {}",
+            lock.architecture, recipe.architecture
+        ));
     }
     if lock.requested != requested(recipe) {
         return Some("the recipe's packages changed since it was written".into());
@@ -243,18 +258,30 @@ pub fn resolve_lock(recipe: &Recipe, archives: &Archives) -> Result<RecipeLock, 
         let (index, newest) = archives.load_index(&sources, &recipe.architecture)?;
         let requests: Vec<_> = recipe.packages.iter().map(|p| p.dep.clone()).collect();
         let chosen = resolve::closure(&index, &requests).map_err(|e| match e {
-            ResolveError::Unknown { request, suggestion } => RecipeError::UnknownPackage {
+            ResolveError::Unknown {
+                request,
+                suggestion,
+            } => RecipeError::UnknownPackage {
                 loc: recipe.packages[request].loc.clone(),
                 name: recipe.packages[request].dep.name.clone(),
                 suggestion,
             },
-            ResolveError::Unsatisfiable { request, chain, dep, reason } => RecipeError::Unsatisfiable {
+            ResolveError::Unsatisfiable {
+                request,
+                chain,
+                dep,
+                reason,
+            } => RecipeError::Unsatisfiable {
                 loc: recipe.packages[request].loc.clone(),
                 chain,
                 dep,
                 reason,
             },
-            ResolveError::Conflict { request, chain, reason } => RecipeError::Conflict {
+            ResolveError::Conflict {
+                request,
+                chain,
+                reason,
+            } => RecipeError::Conflict {
                 loc: recipe.packages[request].loc.clone(),
                 chain,
                 reason,
@@ -277,7 +304,11 @@ pub fn resolve_lock(recipe: &Recipe, archives: &Archives) -> Result<RecipeLock, 
                 architecture: pkg.architecture.clone(),
                 sha256: pkg.sha256.clone(),
                 size: pkg.size,
-                url: format!("{}/{}", uris.get(pkg.archive).copied().unwrap_or_default(), pkg.filename),
+                url: format!(
+                    "{}/{}",
+                    uris.get(pkg.archive).copied().unwrap_or_default(),
+                    pkg.filename
+                ),
                 source: pkg.source.clone(),
             });
         }
@@ -327,7 +358,11 @@ fn layer_groups(lock: &RecipeLock) -> Vec<Vec<&LockedPackage>> {
         .filter(|p| !big.contains(p.name.as_str()))
         .copied()
         .collect()];
-    groups.extend(all.iter().filter(|p| big.contains(p.name.as_str())).map(|p| vec![*p]));
+    groups.extend(
+        all.iter()
+            .filter(|p| big.contains(p.name.as_str()))
+            .map(|p| vec![*p]),
+    );
     groups
 }
 
@@ -354,7 +389,9 @@ fn prepare(
         LAYER_FORMAT.as_bytes(),
         recipe.text.as_bytes(),
         lock.to_yaml().as_bytes(),
-        base.map(|b| b.manifest_digest.as_str()).unwrap_or("").as_bytes(),
+        base.map(|b| b.manifest_digest.as_str())
+            .unwrap_or("")
+            .as_bytes(),
         clamp.map(|c| c.to_string()).unwrap_or_default().as_bytes(),
     ] {
         h.update((part.len() as u64).to_le_bytes());
@@ -481,8 +518,8 @@ fn package_layers(
     let mut order: Vec<usize> = (0..groups.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(groups[i].iter().map(|p| p.size).sum::<u64>()));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: std::sync::Mutex<BTreeMap<usize, Result<PackageLayer, RecipeError>>> =
-        Default::default();
+    type Results = BTreeMap<usize, Result<PackageLayer, RecipeError>>;
+    let results: std::sync::Mutex<Results> = Default::default();
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -553,7 +590,11 @@ fn group_layer(
     }
     let layer = layer::write(&layer::canonical(entries, clamp.unwrap_or(0))).map_err(|e| {
         RecipeError::BadContent {
-            what: group.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+            what: group
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
             reason: format!("writing their layer: {e}"),
         }
     })?;
@@ -577,7 +618,9 @@ fn group_layer(
 fn read_host_files(recipe: &Recipe) -> Result<Vec<(String, Vec<Entry>)>, RecipeError> {
     let mut out = Vec::new();
     for f in &recipe.files {
-        let FileKind::Host { from, libraries } = &f.kind else { continue };
+        let FileKind::Host { from, libraries } = &f.kind else {
+            continue;
+        };
         let src = recipe.dir().join(from);
         let bad = |reason: String| RecipeError::HostFile {
             loc: f.loc.clone(),
@@ -589,16 +632,23 @@ fn read_host_files(recipe: &Recipe) -> Result<Vec<(String, Vec<Entry>)>, RecipeE
         let mut entries = vec![Entry {
             path: f.path.trim_start_matches('/').to_string(),
             kind: Kind::File(data.clone()),
-            mode: f.mode.unwrap_or(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777),
+            mode: f
+                .mode
+                .unwrap_or(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777),
             uid: f.uid,
             gid: f.gid,
             mtime: 0,
         }];
         if *libraries {
             for lib in super::elf::closure(&src, &data).map_err(bad)? {
-                let bytes = std::fs::read(&lib).map_err(|e| bad(format!("{}: {e}", lib.display())))?;
+                let bytes =
+                    std::fs::read(&lib).map_err(|e| bad(format!("{}: {e}", lib.display())))?;
                 entries.push(Entry {
-                    path: lib.display().to_string().trim_start_matches('/').to_string(),
+                    path: lib
+                        .display()
+                        .to_string()
+                        .trim_start_matches('/')
+                        .to_string(),
                     kind: Kind::File(bytes),
                     mode: 0o755,
                     uid: 0,
@@ -627,10 +677,19 @@ fn own_entries(recipe: &Recipe, host: Vec<(String, Vec<Entry>)>, epoch: u64) -> 
     if !declared("/etc/passwd") {
         let mut passwd = String::from("root:x:0:0:root:/root:/bin/sh\n");
         for u in &recipe.users {
-            passwd.push_str(&format!("{}:x:{}:{}:{}:{}:{}\n", u.name, u.uid, u.gid, u.name, u.home, u.shell));
+            passwd.push_str(&format!(
+                "{}:x:{}:{}:{}:{}:{}\n",
+                u.name, u.uid, u.gid, u.name, u.home, u.shell
+            ));
         }
         passwd.push_str("nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n");
-        out.push(entry("/etc/passwd", Kind::File(passwd.into_bytes()), 0o644, 0, 0));
+        out.push(entry(
+            "/etc/passwd",
+            Kind::File(passwd.into_bytes()),
+            0o644,
+            0,
+            0,
+        ));
     }
     if !declared("/etc/group") {
         let mut group = String::from("root:x:0:\n");
@@ -638,13 +697,37 @@ fn own_entries(recipe: &Recipe, host: Vec<(String, Vec<Entry>)>, epoch: u64) -> 
             group.push_str(&format!("{}:x:{}:{}\n", g.name, g.gid, g.members.join(",")));
         }
         group.push_str("nogroup:x:65534:\n");
-        out.push(entry("/etc/group", Kind::File(group.into_bytes()), 0o644, 0, 0));
+        out.push(entry(
+            "/etc/group",
+            Kind::File(group.into_bytes()),
+            0o644,
+            0,
+            0,
+        ));
     }
     for f in &recipe.files {
         match &f.kind {
-            FileKind::Content(text) => out.push(entry(&f.path, Kind::File(text.clone().into_bytes()), f.mode.unwrap_or(0o644), f.uid, f.gid)),
-            FileKind::Directory => out.push(entry(&f.path, Kind::Dir, f.mode.unwrap_or(0o755), f.uid, f.gid)),
-            FileKind::Symlink(t) => out.push(entry(&f.path, Kind::Symlink(t.clone()), 0o777, f.uid, f.gid)),
+            FileKind::Content(text) => out.push(entry(
+                &f.path,
+                Kind::File(text.clone().into_bytes()),
+                f.mode.unwrap_or(0o644),
+                f.uid,
+                f.gid,
+            )),
+            FileKind::Directory => out.push(entry(
+                &f.path,
+                Kind::Dir,
+                f.mode.unwrap_or(0o755),
+                f.uid,
+                f.gid,
+            )),
+            FileKind::Symlink(t) => out.push(entry(
+                &f.path,
+                Kind::Symlink(t.clone()),
+                0o777,
+                f.uid,
+                f.gid,
+            )),
             FileKind::Host { .. } => {}
         }
     }
@@ -654,7 +737,12 @@ fn own_entries(recipe: &Recipe, host: Vec<(String, Vec<Entry>)>, epoch: u64) -> 
     out
 }
 
-fn image_config(recipe: &Recipe, mut config: Map<String, Value>, diff_ids: &[String], created: &str) -> Value {
+fn image_config(
+    recipe: &Recipe,
+    mut config: Map<String, Value>,
+    diff_ids: &[String],
+    created: &str,
+) -> Value {
     let s = &recipe.config;
     let mut env: Vec<String> = config
         .get("Env")
@@ -686,14 +774,22 @@ fn image_config(recipe: &Recipe, mut config: Map<String, Value>, diff_ids: &[Str
         config.insert("StopSignal".into(), json!(sig));
     }
     if !s.ports.is_empty() {
-        let mut ports = config.get("ExposedPorts").and_then(Value::as_object).cloned().unwrap_or_default();
+        let mut ports = config
+            .get("ExposedPorts")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
         for p in &s.ports {
             ports.insert(p.clone(), json!({}));
         }
         config.insert("ExposedPorts".into(), Value::Object(ports));
     }
     if !s.labels.is_empty() {
-        let mut labels = config.get("Labels").and_then(Value::as_object).cloned().unwrap_or_default();
+        let mut labels = config
+            .get("Labels")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
         for (k, v) in &s.labels {
             labels.insert(k.clone(), json!(v));
         }
@@ -720,7 +816,11 @@ fn oci_architecture(debian: &str) -> &str {
 }
 
 /// `sandrun lock images/NAME.yaml`: resolves the recipe afresh and writes its lock.
-pub fn lock(store: &Store, path: &Path, offline: bool) -> Result<(RecipeLock, Vec<String>), RecipeError> {
+pub fn lock(
+    store: &Store,
+    path: &Path,
+    offline: bool,
+) -> Result<(RecipeLock, Vec<String>), RecipeError> {
     let recipe = model::load(path)?;
     let archives = Archives::new(store, offline)?;
     let lock = resolve_lock(&recipe, &archives)?;

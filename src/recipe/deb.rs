@@ -28,7 +28,10 @@ fn members(bytes: &[u8]) -> Result<Vec<(String, &[u8])>, DebError> {
     let mut off = 0usize;
     while off < rest.len() {
         let h = rest.get(off..off + 60).ok_or(DebError::Truncated)?;
-        let name = String::from_utf8_lossy(&h[..16]).trim().trim_end_matches('/').to_string();
+        let name = String::from_utf8_lossy(&h[..16])
+            .trim()
+            .trim_end_matches('/')
+            .to_string();
         let size: usize = String::from_utf8_lossy(&h[48..58])
             .trim()
             .parse()
@@ -69,7 +72,9 @@ pub fn contents(bytes: &[u8], package: &str, clamp: Option<u64>) -> Result<Conte
     for e in ar.entries()? {
         let mut e = e?;
         let raw = String::from_utf8_lossy(&e.path_bytes()).into_owned();
-        let Some(path) = normalise(&raw) else { continue };
+        let Some(path) = normalise(&raw) else {
+            continue;
+        };
         let h = e.header();
         let mode = h.mode()? & 0o7777;
         let (uid, gid) = (h.uid()? as u32, h.gid()? as u32);
@@ -125,7 +130,9 @@ mod tests {
         h.set_gid(0);
         h.set_size(3);
         h.set_mtime(2_000_000_000);
-        tarball.append_data(&mut h, "./usr/bin/x", &b"abc"[..]).unwrap();
+        tarball
+            .append_data(&mut h, "./usr/bin/x", &b"abc"[..])
+            .unwrap();
         let mut l = tar::Header::new_gnu();
         l.set_entry_type(tar::EntryType::Symlink);
         l.set_mtime(7);
@@ -133,14 +140,26 @@ mod tests {
         l.set_gid(0);
         l.set_mode(0o777);
         l.set_size(0);
-        tarball.append_link(&mut l, "./bin/y", "../usr/bin/x").unwrap();
+        tarball
+            .append_link(&mut l, "./bin/y", "../usr/bin/x")
+            .unwrap();
         let data = tarball.into_inner().unwrap();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         io::Write::write_all(&mut gz, &data).unwrap();
         let data = gz.finish().unwrap();
         let mut out = b"!<arch>\n".to_vec();
         for (name, body) in [("debian-binary", &b"2.0\n"[..]), ("data.tar.gz", &data[..])] {
-            out.extend(format!("{name:<16}{:<12}{:<6}{:<6}{:<8}{:<10}`\n", 0, 0, 0, 100644, body.len()).as_bytes());
+            out.extend(
+                format!(
+                    "{name:<16}{:<12}{:<6}{:<6}{:<8}{:<10}`\n",
+                    0,
+                    0,
+                    0,
+                    100644,
+                    body.len()
+                )
+                .as_bytes(),
+            );
             out.extend(body);
             if body.len() % 2 == 1 {
                 out.push(b'\n');

@@ -21,13 +21,19 @@ struct Elf<'a> {
 
 impl Elf<'_> {
     fn u16(&self, off: usize) -> Option<u16> {
-        Some(u16::from_le_bytes(self.data.get(off..off + 2)?.try_into().ok()?))
+        Some(u16::from_le_bytes(
+            self.data.get(off..off + 2)?.try_into().ok()?,
+        ))
     }
     fn u32(&self, off: usize) -> Option<u32> {
-        Some(u32::from_le_bytes(self.data.get(off..off + 4)?.try_into().ok()?))
+        Some(u32::from_le_bytes(
+            self.data.get(off..off + 4)?.try_into().ok()?,
+        ))
     }
     fn u64(&self, off: usize) -> Option<u64> {
-        Some(u64::from_le_bytes(self.data.get(off..off + 8)?.try_into().ok()?))
+        Some(u64::from_le_bytes(
+            self.data.get(off..off + 8)?.try_into().ok()?,
+        ))
     }
     fn cstr(&self, off: usize) -> Option<String> {
         let rest = self.data.get(off..)?;
@@ -122,11 +128,17 @@ pub fn closure(program: &Path, data: &[u8]) -> Result<Vec<PathBuf>, String> {
     let mut found: BTreeSet<PathBuf> = BTreeSet::new();
     let mut todo: Vec<(PathBuf, Vec<u8>)> = vec![(program.to_path_buf(), data.to_vec())];
     while let Some((path, bytes)) = todo.pop() {
-        let (interp, needed, runpaths) = dynamic(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (interp, needed, runpaths) =
+            dynamic(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         let origin = path.parent().unwrap_or(Path::new("/")).to_path_buf();
         let mut dirs: Vec<PathBuf> = runpaths
             .iter()
-            .map(|r| PathBuf::from(r.replace("$ORIGIN", &origin.display().to_string()).replace("${ORIGIN}", &origin.display().to_string())))
+            .map(|r| {
+                PathBuf::from(
+                    r.replace("$ORIGIN", &origin.display().to_string())
+                        .replace("${ORIGIN}", &origin.display().to_string()),
+                )
+            })
             .collect();
         dirs.extend(standard_dirs());
         let mut wanted: Vec<PathBuf> = interp.into_iter().map(PathBuf::from).collect();
@@ -136,7 +148,9 @@ pub fn closure(program: &Path, data: &[u8]) -> Result<Vec<PathBuf>, String> {
             } else {
                 dirs.iter().map(|d| d.join(&name)).find(|p| p.is_file())
             };
-            wanted.push(hit.ok_or_else(|| format!("{}: library {name} not found on this host", path.display()))?);
+            wanted.push(hit.ok_or_else(|| {
+                format!("{}: library {name} not found on this host", path.display())
+            })?);
         }
         for lib in wanted {
             if found.insert(lib.clone()) {
@@ -157,8 +171,16 @@ mod tests {
         let p = Path::new("/bin/ls");
         let data = std::fs::read(p).unwrap();
         let libs = closure(p, &data).unwrap();
-        assert!(libs.iter().any(|l| l.to_string_lossy().contains("libc.so.6")), "{libs:?}");
-        assert!(libs.iter().any(|l| l.to_string_lossy().contains("ld-linux")), "{libs:?}");
+        assert!(
+            libs.iter()
+                .any(|l| l.to_string_lossy().contains("libc.so.6")),
+            "{libs:?}"
+        );
+        assert!(
+            libs.iter()
+                .any(|l| l.to_string_lossy().contains("ld-linux")),
+            "{libs:?}"
+        );
         assert!(closure(Path::new("x.sh"), b"#!/bin/sh\n").is_err());
     }
 }

@@ -247,8 +247,10 @@ impl Release {
                             let f: Vec<&str> = line.split_whitespace().collect();
                             if let [hash, size, path] = f[..] {
                                 if let Ok(size) = size.parse() {
-                                    r.sha256
-                                        .insert(path.to_string(), (hash.to_ascii_lowercase(), size));
+                                    r.sha256.insert(
+                                        path.to_string(),
+                                        (hash.to_ascii_lowercase(), size),
+                                    );
                                 }
                             }
                         }
@@ -315,7 +317,8 @@ mod tests {
 
     #[test]
     fn dependency_fields() {
-        let d = parse_deps("libc6 (>= 2.34), python3:any | python3-minimal (<< 3.12), foo").unwrap();
+        let d =
+            parse_deps("libc6 (>= 2.34), python3:any | python3-minimal (<< 3.12), foo").unwrap();
         assert_eq!(d.len(), 3);
         assert_eq!(d[0][0].relation, Some((Relation::GreaterEq, "2.34".into())));
         assert_eq!(d[1][0].name, "python3");

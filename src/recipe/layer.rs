@@ -103,7 +103,12 @@ pub fn canonical(entries: Vec<Entry>, mtime: u64) -> Vec<Entry> {
             }
             continue;
         }
-        let first = links.iter().chain(std::iter::once(&target)).min().cloned().expect("set");
+        let first = links
+            .iter()
+            .chain(std::iter::once(&target))
+            .min()
+            .cloned()
+            .expect("set");
         for p in links.iter().chain(std::iter::once(&target)) {
             let e = by_path.get_mut(p).expect("in map");
             if *p == first {

@@ -51,15 +51,28 @@ impl RecipeLock {
         };
         let lock: RecipeLock = serde_yaml::from_str(&text).map_err(|e| bad(e.to_string()))?;
         if lock.version != RECIPE_LOCK_VERSION {
-            return Err(bad(format!("version {} is not supported (expected {RECIPE_LOCK_VERSION})", lock.version)));
+            return Err(bad(format!(
+                "version {} is not supported (expected {RECIPE_LOCK_VERSION})",
+                lock.version
+            )));
         }
         for p in &lock.packages {
-            if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
-                return Err(bad(format!("package {}: sha256 `{}` is not 64 lowercase hex digits", p.name, p.sha256)));
+            if p.sha256.len() != 64
+                || !p
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            {
+                return Err(bad(format!(
+                    "package {}: sha256 `{}` is not 64 lowercase hex digits",
+                    p.name, p.sha256
+                )));
             }
         }
         if !lock.packages.windows(2).all(|w| w[0].name < w[1].name) {
-            return Err(bad("packages are not sorted by name, or one is listed twice".into()));
+            return Err(bad(
+                "packages are not sorted by name, or one is listed twice".into(),
+            ));
         }
         Ok(lock)
     }

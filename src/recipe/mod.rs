@@ -51,7 +51,10 @@ pub fn is_recipe_file(path: &Path) -> bool {
         return false;
     };
     let keys: Vec<&str> = entries.iter().filter_map(|(k, _)| k.as_str()).collect();
-    keys.contains(&"name") && !keys.iter().any(|k| matches!(*k, "pipeline" | "stage" | "template"))
+    keys.contains(&"name")
+        && !keys
+            .iter()
+            .any(|k| matches!(*k, "pipeline" | "stage" | "template"))
 }
 
 /// The SBOM of the image `reference` (one built from a recipe), as stored.

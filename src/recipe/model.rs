@@ -37,7 +37,10 @@ pub enum FileKind {
     Content(String),
     /// A host file (absolute, or relative to the recipe); with `libraries`, the shared
     /// libraries it loads come along at their host paths.
-    Host { from: PathBuf, libraries: bool },
+    Host {
+        from: PathBuf,
+        libraries: bool,
+    },
     Directory,
     Symlink(String),
 }
@@ -172,7 +175,10 @@ impl P<'_> {
         allowed: &[&str],
     ) -> Result<Vec<(&'n str, &'n Node, &'n Node)>, RecipeError> {
         let Value::Map(entries) = &n.value else {
-            return Err(self.err(n, format!("{what} must be a mapping, not {}", n.kind_name())));
+            return Err(self.err(
+                n,
+                format!("{what} must be a mapping, not {}", n.kind_name()),
+            ));
         };
         let mut out = Vec::new();
         for (k, v) in entries {
@@ -201,7 +207,10 @@ impl P<'_> {
     fn string(&self, n: &Node, field: &str) -> Result<String, RecipeError> {
         match &n.value {
             Value::Scalar { text, .. } => Ok(text.clone()),
-            _ => Err(self.err(n, format!("`{field}` must be a string, not {}", n.kind_name()))),
+            _ => Err(self.err(
+                n,
+                format!("`{field}` must be a string, not {}", n.kind_name()),
+            )),
         }
     }
 
@@ -209,7 +218,10 @@ impl P<'_> {
         match &n.value {
             Value::Seq(items) => Ok(items),
             Value::Null => Ok(&[]),
-            _ => Err(self.err(n, format!("`{field}` must be a list, not {}", n.kind_name()))),
+            _ => Err(self.err(
+                n,
+                format!("`{field}` must be a list, not {}", n.kind_name()),
+            )),
         }
     }
 
@@ -229,7 +241,10 @@ impl P<'_> {
             if n.is_null() {
                 return Ok(BTreeMap::new());
             }
-            return Err(self.err(n, format!("`{field}` must be a mapping, not {}", n.kind_name())));
+            return Err(self.err(
+                n,
+                format!("`{field}` must be a mapping, not {}", n.kind_name()),
+            ));
         };
         let mut out = BTreeMap::new();
         for (k, v) in entries {
@@ -253,7 +268,10 @@ impl P<'_> {
         let digits = s.strip_prefix("0o").unwrap_or(&s);
         match u32::from_str_radix(digits, 8) {
             Ok(m) if m <= 0o7777 => Ok(m),
-            _ => Err(self.err(n, format!("`mode` must be octal permissions such as 0755, not `{s}`"))),
+            _ => Err(self.err(
+                n,
+                format!("`mode` must be octal permissions such as 0755, not `{s}`"),
+            )),
         }
     }
 
@@ -275,7 +293,10 @@ impl P<'_> {
     fn image_path(&self, n: &Node, field: &str) -> Result<String, RecipeError> {
         let s = self.string(n, field)?;
         if !s.starts_with('/') {
-            return Err(self.err(n, format!("`{field}` must be an absolute path in the image, not `{s}`")));
+            return Err(self.err(
+                n,
+                format!("`{field}` must be an absolute path in the image, not `{s}`"),
+            ));
         }
         let mut parts: Vec<&str> = Vec::new();
         for c in s.split('/') {
@@ -312,8 +333,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeError> {
         &root,
         "the recipe",
         &[
-            "name", "tag", "base", "architecture", "sources", "packages", "files", "users",
-            "groups", "config",
+            "name",
+            "tag",
+            "base",
+            "architecture",
+            "sources",
+            "packages",
+            "files",
+            "users",
+            "groups",
+            "config",
         ],
     )?;
     let start = Loc {
@@ -354,7 +383,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeError> {
                 let tag = p.string(v, "tag")?;
                 let ok = !tag.is_empty()
                     && tag.len() <= 128
-                    && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                    && tag
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
                     && !tag.starts_with(['.', '-']);
                 if !ok {
                     return Err(p.err(v, format!("`tag` is not a valid image tag: `{tag}`")));
@@ -385,20 +416,26 @@ pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeError> {
                         components: vec!["main".into()],
                         keyring: None,
                     };
-                    for (k, kn, sv) in p.map(s, "a source", &["uri", "suites", "components", "keyring"])? {
+                    for (k, _, sv) in
+                        p.map(s, "a source", &["uri", "suites", "components", "keyring"])?
+                    {
                         match k {
-                            "uri" => src.uri = p.string(sv, "uri")?.trim_end_matches('/').to_string(),
+                            "uri" => {
+                                src.uri = p.string(sv, "uri")?.trim_end_matches('/').to_string()
+                            }
                             "suites" => src.suites = p.strings(sv, "suites")?,
                             "components" => src.components = p.strings(sv, "components")?,
                             _ => src.keyring = Some(PathBuf::from(p.string(sv, "keyring")?)),
                         }
-                        let _ = kn;
                     }
                     if !(src.uri.starts_with("http://") || src.uri.starts_with("https://")) {
                         return Err(p.err(s, "a source needs `uri: http://...` (or https)"));
                     }
                     if src.suites.is_empty() {
-                        return Err(p.err(s, "a source needs at least one suite (`suites: [bookworm]`)"));
+                        return Err(p.err(
+                            s,
+                            "a source needs at least one suite (`suites: [bookworm]`)",
+                        ));
                     }
                     sources.push(src);
                 }
@@ -409,14 +446,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeError> {
                     let s = p.string(item, "packages")?;
                     // `name=version` is accepted as a shorthand for `name (= version)`.
                     let spelled = match s.split_once('=') {
-                        Some((n, ver)) if !n.contains('(') => format!("{} (= {})", n.trim(), ver.trim()),
+                        Some((n, ver)) if !n.contains('(') => {
+                            format!("{} (= {})", n.trim(), ver.trim())
+                        }
                         _ => s.clone(),
                     };
                     let dep = super::index::parse_dep(&spelled).map_err(|e| p.err(item, e))?;
                     if r.packages.iter().any(|q| q.dep.name == dep.name) {
                         return Err(p.err(item, format!("package `{}` is listed twice", dep.name)));
                     }
-                    r.packages.push(PackageRequest { loc: p.loc(item), dep });
+                    r.packages.push(PackageRequest {
+                        loc: p.loc(item),
+                        dep,
+                    });
                 }
             }
             "files" => {
@@ -433,7 +475,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeError> {
                         home: "/nonexistent".into(),
                         shell: "/usr/sbin/nologin".into(),
                     };
-                    for (k, _, uv) in p.map(item, "a user", &["name", "uid", "gid", "home", "shell"])? {
+                    for (k, _, uv) in
+                        p.map(item, "a user", &["name", "uid", "gid", "home", "shell"])?
+                    {
                         match k {
                             "name" => u.name = p.string(uv, "name")?,
                             "uid" => u.uid = p.number(uv, "uid")?,
@@ -491,7 +535,10 @@ fn file_entry(p: &P<'_>, item: &Node) -> Result<FileEntry, RecipeError> {
     let mut libraries = None;
     let mut set_kind = |k: FileKind, n: &Node| {
         if kind.is_some() {
-            return Err(p.err(n, "a file takes exactly one of `content`, `from`, `directory` and `symlink`"));
+            return Err(p.err(
+                n,
+                "a file takes exactly one of `content`, `from`, `directory` and `symlink`",
+            ));
         }
         kind = Some(k);
         Ok(())
@@ -499,7 +546,16 @@ fn file_entry(p: &P<'_>, item: &Node) -> Result<FileEntry, RecipeError> {
     for (k, kn, v) in p.map(
         item,
         "a file",
-        &["path", "content", "from", "libraries", "directory", "symlink", "mode", "owner"],
+        &[
+            "path",
+            "content",
+            "from",
+            "libraries",
+            "directory",
+            "symlink",
+            "mode",
+            "owner",
+        ],
     )? {
         match k {
             "path" => path = Some(p.image_path(v, "path")?),
@@ -525,7 +581,10 @@ fn file_entry(p: &P<'_>, item: &Node) -> Result<FileEntry, RecipeError> {
     }
     let path = path.ok_or_else(|| p.err(item, "a file needs a `path`"))?;
     let mut kind = kind.ok_or_else(|| {
-        p.err(item, "a file needs one of `content`, `from`, `directory` and `symlink`")
+        p.err(
+            item,
+            "a file needs one of `content`, `from`, `directory` and `symlink`",
+        )
     })?;
     if let Some((wanted, at)) = libraries {
         match &mut kind {
@@ -548,7 +607,16 @@ fn settings(p: &P<'_>, n: &Node) -> Result<ImageSettings, RecipeError> {
     for (k, _, v) in p.map(
         n,
         "`config`",
-        &["entrypoint", "cmd", "env", "workdir", "user", "ports", "labels", "stopSignal"],
+        &[
+            "entrypoint",
+            "cmd",
+            "env",
+            "workdir",
+            "user",
+            "ports",
+            "labels",
+            "stopSignal",
+        ],
     )? {
         match k {
             "entrypoint" => s.entrypoint = Some(p.strings(v, "entrypoint")?),
@@ -565,7 +633,10 @@ fn settings(p: &P<'_>, n: &Node) -> Result<ImageSettings, RecipeError> {
                             s.ports.push(format!("{n}/{proto}"))
                         }
                         _ => {
-                            return Err(p.err(port, format!("`ports`: expected PORT or PORT/tcp|udp, not `{text}`")))
+                            return Err(p.err(
+                                port,
+                                format!("`ports`: expected PORT or PORT/tcp|udp, not `{text}`"),
+                            ))
                         }
                     }
                 }
@@ -582,7 +653,9 @@ mod tests {
     use super::*;
 
     fn parse_err(text: &str) -> String {
-        parse(Path::new("images/x.yaml"), text).unwrap_err().to_string()
+        parse(Path::new("images/x.yaml"), text)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -604,10 +677,20 @@ mod tests {
 
     #[test]
     fn malformed_recipes_name_the_line() {
-        assert!(parse_err("name: x\npackges: [a]\n").starts_with("images/x.yaml:2:1: unknown field `packges`"));
-        assert!(parse_err("name: x\nfiles:\n  - path: etc/x\n    content: y\n").contains(":3:11: `path` must be an absolute path"));
-        assert!(parse_err("name: x\nfiles:\n  - path: /x\n    content: y\n    symlink: z\n").contains(":5:5:"));
-        assert!(parse_err("name: x\nfiles:\n  - path: /x\n    content: y\n    mode: 999\n").contains("octal"));
+        assert!(parse_err("name: x\npackges: [a]\n")
+            .starts_with("images/x.yaml:2:1: unknown field `packges`"));
+        assert!(
+            parse_err("name: x\nfiles:\n  - path: etc/x\n    content: y\n")
+                .contains(":3:11: `path` must be an absolute path")
+        );
+        assert!(
+            parse_err("name: x\nfiles:\n  - path: /x\n    content: y\n    symlink: z\n")
+                .contains(":5:5:")
+        );
+        assert!(
+            parse_err("name: x\nfiles:\n  - path: /x\n    content: y\n    mode: 999\n")
+                .contains("octal")
+        );
         assert!(parse_err("packages: [a]\n").contains("needs a `name`"));
         assert!(parse_err("name: x\nbase: debian:12\n").contains(":2:7: `base` must be"));
         assert!(parse_err("name: x\npackages: [a, a]\n").contains("listed twice"));

@@ -18,7 +18,10 @@ use super::index::{Dep, PackageIndex};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResolveError {
     /// A requested name that no package has or provides (index of the request).
-    Unknown { request: usize, suggestion: Option<String> },
+    Unknown {
+        request: usize,
+        suggestion: Option<String>,
+    },
     /// Nothing satisfies `dep`, needed along `chain` (request first).
     Unsatisfiable {
         request: usize,
@@ -34,12 +37,14 @@ pub enum ResolveError {
     },
 }
 
+/// Chosen package name -> (package, request number, the package that needed it).
+type Chosen = BTreeMap<String, (usize, usize, Option<String>)>;
+
 /// The chosen packages (indices into the index), sorted by name.
 pub fn closure(index: &PackageIndex, requests: &[Dep]) -> Result<Vec<usize>, ResolveError> {
-    // Chosen package name -> (package, request number, parent name).
-    let mut chosen: BTreeMap<String, (usize, usize, Option<String>)> = BTreeMap::new();
+    let mut chosen: Chosen = BTreeMap::new();
     let mut queue: VecDeque<usize> = VecDeque::new();
-    let chain = |chosen: &BTreeMap<String, (usize, usize, Option<String>)>, from: &str| {
+    let chain = |chosen: &Chosen, from: &str| {
         let mut c = vec![from.to_string()];
         let mut cur = chosen.get(from).and_then(|e| e.2.clone());
         while let Some(p) = cur {
@@ -74,7 +79,10 @@ pub fn closure(index: &PackageIndex, requests: &[Dep]) -> Result<Vec<usize>, Res
                     return Err(ResolveError::Conflict {
                         request: ri,
                         chain: vec![name.clone()],
-                        reason: format!("{dep} is wanted, but {} {} was chosen already", o.name, o.version),
+                        reason: format!(
+                            "{dep} is wanted, but {} {} was chosen already",
+                            o.name, o.version
+                        ),
                     });
                 }
                 chosen.insert(name, (p, ri, None));
@@ -175,11 +183,7 @@ enum Pick {
 }
 
 /// How the alternatives `group` are met given what is chosen.
-fn pick(
-    index: &PackageIndex,
-    chosen: &BTreeMap<String, (usize, usize, Option<String>)>,
-    group: &[Dep],
-) -> Pick {
+fn pick(index: &PackageIndex, chosen: &Chosen, group: &[Dep]) -> Pick {
     let provides_ok = |p: usize, dep: &Dep| {
         index.packages[p].provides.iter().any(|v| {
             v.name == dep.name
@@ -214,7 +218,11 @@ fn pick(
     let mut reasons = Vec::new();
     for dep in group {
         let versions = index.versions(&dep.name);
-        if let Some(&p) = index.providers(&dep.name).iter().find(|&&p| provides_ok(p, dep)) {
+        if let Some(&p) = index
+            .providers(&dep.name)
+            .iter()
+            .find(|&&p| provides_ok(p, dep))
+        {
             return Pick::Choose(p);
         }
         reasons.push(if versions.is_empty() {
@@ -310,7 +318,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match closure(&idx, &req(&["app", "old"])) {
-            Err(ResolveError::Conflict { request: 1, reason, .. }) => {
+            Err(ResolveError::Conflict {
+                request: 1, reason, ..
+            }) => {
                 assert!(reason.contains("libc6 2.36-9"), "{reason}")
             }
             other => panic!("{other:?}"),

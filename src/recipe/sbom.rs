@@ -74,7 +74,13 @@ pub fn document(image: &str, key: &str, created: &str, packages: &[SbomPackage<'
 
 fn spdx_id_part(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect()
 }
 
@@ -100,7 +106,9 @@ pub fn license_of(copyright: &str) -> Option<String> {
     }
     let mut found: Vec<String> = Vec::new();
     for line in copyright.lines() {
-        let Some(v) = line.strip_prefix("License:") else { continue };
+        let Some(v) = line.strip_prefix("License:") else {
+            continue;
+        };
         let v = v.trim();
         if v.is_empty() {
             continue;

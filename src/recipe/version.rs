@@ -153,7 +153,9 @@ mod tests {
     fn relations() {
         assert!(Relation::parse(">=").unwrap().holds("2.36-9", "2.34"));
         assert!(!Relation::parse("<<").unwrap().holds("2.36", "2.36"));
-        assert!(Relation::parse("=").unwrap().holds("1:1.35.0-4", "1:1.35.0-4"));
+        assert!(Relation::parse("=")
+            .unwrap()
+            .holds("1:1.35.0-4", "1:1.35.0-4"));
         assert!(Relation::parse(">>").unwrap().holds("1.1", "1.0"));
         assert!(Relation::parse("!").is_none());
     }

@@ -89,7 +89,12 @@ pub fn pull(args: &PullArgs, reg: &RegistryArgs) -> Result<i32> {
         for i in pipeline_images(p, &opts)? {
             if crate::recipe::is_recipe_reference(&i.image) {
                 let rt = runtime()?;
-                let name = crate::recipe::cmd::build_for_pipeline(&store, &rt, Path::new(&i.image), &opts)?;
+                let name = crate::recipe::cmd::build_for_pipeline(
+                    &store,
+                    &rt,
+                    Path::new(&i.image),
+                    &opts,
+                )?;
                 println!("{}: {name}", i.image);
                 continue;
             }
@@ -359,7 +364,12 @@ pub fn save(args: &SaveArgs, reg: &RegistryArgs) -> Result<i32> {
             for i in pipeline_images(p, &opts)? {
                 if crate::recipe::is_recipe_reference(&i.image) {
                     let rt = runtime()?;
-                    let name = crate::recipe::cmd::build_for_pipeline(&store, &rt, Path::new(&i.image), &opts)?;
+                    let name = crate::recipe::cmd::build_for_pipeline(
+                        &store,
+                        &rt,
+                        Path::new(&i.image),
+                        &opts,
+                    )?;
                     images.push((name, PullPolicy::IfNotPresent));
                 } else {
                     images.push((i.image, i.policy));
