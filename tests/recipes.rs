@@ -432,3 +432,29 @@ fn an_interrupted_build_leaves_the_store_as_it_was() {
         .assert_code(0)
         .assert_stdout("built localhost/python:3.11");
 }
+
+/// A recipe on top of another recipe, adding a host program with its shared libraries.
+#[test]
+fn a_recipe_based_on_a_recipe_carries_a_host_program_and_its_libraries() {
+    let sb = Sandbox::new(modes()[0]);
+    with_busybox(&sb);
+    sb.write(
+        "images/tools.yaml",
+        "name: tools\nbase: ./busybox.yaml\nfiles:\n  - {path: /opt/bin/ls, from: /bin/ls, libraries: true}\n",
+    );
+    sb.write(
+        "ci.yaml",
+        &support::stage(
+            "",
+            "- step:\n    type: Run\n    name: ls\n    identifier: ls\n    spec:\n      image: ./images/tools.yaml\n      shell: Sh\n      command: /opt/bin/ls -d /etc && busybox echo from-base\n",
+        ),
+    );
+    sandrun(&sb, &["run", "ci.yaml"])
+        .assert_code(0)
+        .assert_stdout("/etc")
+        .assert_stdout("from-base");
+    let images = sandrun(&sb, &["images"]);
+    images
+        .assert_stdout("localhost/tools:latest")
+        .assert_stdout("localhost/busybox:1.35");
+}
