@@ -13,6 +13,7 @@ pub mod junit;
 pub mod net;
 pub mod pipeline;
 pub mod plan;
+pub mod recipe;
 pub mod run;
 pub mod sandbox;
 pub mod store;

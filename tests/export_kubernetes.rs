@@ -319,7 +319,11 @@ fn plan_stage(infra: &str, steps: &str) -> sandrun::plan::Plan {
 }
 
 fn plan_text(text: &str) -> sandrun::plan::Plan {
-    let dir = tempfile::tempdir().unwrap();
+    plan_in(&tempfile::tempdir().unwrap(), text)
+}
+
+/// The plan of `text` written in `dir` (the workspace, which may hold recipes).
+fn plan_in(dir: &tempfile::TempDir, text: &str) -> sandrun::plan::Plan {
     let path = dir.path().join("stage.yaml");
     std::fs::write(&path, text).unwrap();
     let file = sandrun::pipeline::load(&path).unwrap();
@@ -469,10 +473,6 @@ fn other_refusals_say_why() {
         (
             run_step("named_user", "alpine:3", "      runAsUser: postgres\n"),
             &["step `named_user`: runAsUser `postgres` is not a number"],
-        ),
-        (
-            run_step("recipe", "./images/tools.yaml", ""),
-            &["step `recipe`: image `./images/tools.yaml` is a recipe, built on this machine", "push it to a registry the cluster can reach"],
         ),
         (
             run_step(
@@ -831,5 +831,35 @@ fn images_the_lock_file_pins_are_named_by_digest() {
     assert!(
         text.contains("ci.yaml.lock") && text.contains("named by digest"),
         "{text}"
+    );
+}
+
+/// A recipe is built on this machine: the cluster cannot pull it from here.
+#[test]
+fn a_recipe_image_is_refused_with_how_to_publish_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("images")).unwrap();
+    std::fs::write(
+        dir.path().join("images/tools.yaml"),
+        "name: tools\npackages: [busybox-static]\n",
+    )
+    .unwrap();
+    let plan = plan_in(
+        &dir,
+        &support::stage(
+            support::KUBERNETES,
+            &run_step("recipe", "./images/tools.yaml", ""),
+        ),
+    );
+    let e = match export::kubernetes(&plan, &KubeOptions::default(), &known_images()) {
+        Ok(text) => panic!("exported:\n{text}"),
+        Err(e) => e.to_string(),
+    };
+    assert_refused(
+        &e,
+        &[
+            "step `recipe`: image `./images/tools.yaml` is a recipe, built on this machine",
+            "push it to a registry the cluster can reach",
+        ],
     );
 }

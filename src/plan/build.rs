@@ -1053,19 +1053,40 @@ impl<'a> Builder<'a> {
         let image = container.and_then(|c| {
             c.image.as_ref().map(|i| {
                 let reference = self.static_text(i, s, loc, "image");
+                let at = c.image_at.as_ref().unwrap_or(loc);
                 // A reference made by expressions is checked once they are resolved;
                 // placeholders of unanswered inputs (`<input>`) are not references yet.
-                if expr::has_expressions(i) && !reference.contains('<') {
+                if expr::has_expressions(i)
+                    && !reference.contains('<')
+                    && !crate::recipe::is_recipe_reference(&reference)
+                {
                     if let Err(e) = crate::pipeline::check_image_reference(&reference) {
-                        let at = c.image_at.as_ref().unwrap_or(loc);
                         self.error(
                             at,
                             format!("`image` of step `{}` (`{i}`): {e}", step.identifier),
                         );
                     }
                 }
+                // A recipe (`./images/pg.yaml`) is built from the workspace's file.
+                let source = if crate::recipe::is_recipe_reference(&reference) {
+                    let path: std::path::PathBuf = self
+                        .inputs
+                        .workspace
+                        .join(&reference)
+                        .components()
+                        .collect();
+                    if !path.is_file() {
+                        self.error(
+                            at,
+                            format!("image recipe {} does not exist", path.display()),
+                        );
+                    }
+                    path.display().to_string()
+                } else {
+                    reference.clone()
+                };
                 ImagePlan {
-                    source: reference.clone(),
+                    source,
                     reference,
                     pull_policy: c.pull_policy.unwrap_or(PullPolicy::IfNotPresent),
                     connector_ref: c.connector_ref.clone(),
