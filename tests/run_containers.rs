@@ -46,6 +46,20 @@ fn fixture() -> Option<Fixture> {
     })
 }
 
+/// A container step that links its output-variable file and its reports to a host
+/// file gets nothing of it: the runner reads them as the step would see them.
+#[test]
+fn output_and_report_symlinks_are_not_followed_out() {
+    let Some(fx) = fixture() else { return };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let secret = support::plant_secret(&sb);
+        let steps = support::symlink_leak_steps(Some(&fx.busybox), &secret);
+        sb.write("ci.yaml", &support::stage(support::DOCKER, &steps));
+        support::assert_symlinks_do_not_leak(&sb);
+    }
+}
+
 #[test]
 fn container_service_is_reached_by_name_from_containers_and_host_steps() {
     let Some(fx) = fixture() else { return };

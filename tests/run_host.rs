@@ -394,6 +394,19 @@ fn junit_reports_are_counted_and_merged() {
     }
 }
 
+/// A host step that links its output-variable file and its reports to a file outside
+/// the workspace gets nothing of it through sandrun (the runner reads them inside the
+/// control directory and the workspace, never following a link out).
+#[test]
+fn output_and_report_symlinks_are_not_followed_out() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let secret = support::plant_secret(&sb);
+        sb.write("ci.yaml", &stage(&support::symlink_leak_steps(None, &secret)));
+        support::assert_symlinks_do_not_leak(&sb);
+    }
+}
+
 #[test]
 fn secrets_never_appear_in_output() {
     for mode in modes() {

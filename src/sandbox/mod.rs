@@ -10,6 +10,7 @@ pub mod error;
 pub mod helper;
 pub mod host;
 pub mod host_init;
+pub mod in_root;
 pub mod launch;
 pub mod launcher;
 pub mod mounts;
