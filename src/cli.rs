@@ -185,6 +185,9 @@ pub fn main() -> i32 {
     }
     let cli = Cli::parse();
     crate::sandbox::helper::debug_logging();
+    if !matches!(cli.command, Command::Run(_)) {
+        crate::sandbox::state::sweep_before_command();
+    }
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {

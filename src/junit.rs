@@ -116,7 +116,9 @@ pub fn find_reports(workspace: &RootDir, workspace_in_step: &Path, patterns: &[S
         };
         match workspace.glob(&relative) {
             Ok(files) => found.files.extend(files),
-            Err(e) => found.refused.push((p.clone(), format!("not a valid glob: {e}"))),
+            Err(e) => found
+                .refused
+                .push((p.clone(), format!("not a valid glob: {e}"))),
         }
     }
     found.files.sort();
@@ -436,7 +438,9 @@ mod tests {
         assert_eq!(found.files, [Path::new("a.xml"), Path::new("out/b.xml")]);
         let refused: Vec<&str> = found.refused.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(refused, ["/etc/*.xml", "["]);
-        assert!(found.refused[0].1.contains("outside the workspace (/harness)"));
+        assert!(found.refused[0]
+            .1
+            .contains("outside the workspace (/harness)"));
         let report = read_report(&root, Path::new("out/b.xml")).unwrap();
         assert_eq!(report.counts().tests, 4);
     }

@@ -25,12 +25,12 @@ use super::launch::{LaunchSpec, Launcher, Process, StepChild};
 use super::ports::{exposed_ports, PodPorts};
 use crate::junit;
 use crate::net::StageNetwork;
-use crate::sandbox::in_root::{LastLink, ReadError, RootDir};
 use crate::pipeline::{Shell, StageStatus};
 use crate::plan::{
     Action, CondPlan, ErrorKind, Node, Outputs, Plan, ProcessTemplate, Secrets, StagePlan,
     StepPlan, StepType,
 };
+use crate::sandbox::in_root::{LastLink, ReadError, RootDir};
 
 /// How many of a step's last output lines are kept for failure reports.
 const TAIL_LINES: usize = 20;
@@ -678,7 +678,8 @@ impl<'a> Executor<'a> {
                         (StepResult::Stopped, exit)
                     }
                 };
-                let tests = collect_reports(&workspace, &workspace_in_step, &patterns, &key, &events);
+                let tests =
+                    collect_reports(&workspace, &workspace_in_step, &patterns, &key, &events);
                 events.emit(RunEvent::StepFinished {
                     step: key,
                     name,
@@ -795,7 +796,10 @@ fn collect_reports(
     let root = match RootDir::open(workspace) {
         Ok(root) => root,
         Err(e) => {
-            refused(workspace.to_path_buf(), format!("cannot open the workspace: {e}"));
+            refused(
+                workspace.to_path_buf(),
+                format!("cannot open the workspace: {e}"),
+            );
             return Some(total);
         }
     };

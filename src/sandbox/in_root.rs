@@ -315,14 +315,21 @@ mod tests {
             b"0123456789"
         );
         let err = r.read(Path::new("big"), 9, LastLink::Refuse).unwrap_err();
-        assert!(err.to_string().ends_with("big is larger than the limit of 9 bytes"), "{err}");
+        assert!(
+            err.to_string()
+                .ends_with("big is larger than the limit of 9 bytes"),
+            "{err}"
+        );
         assert!(matches!(
             r.read(Path::new("fifo"), 10, LastLink::Refuse),
             Err(ReadError::NotRegular { kind: "a FIFO", .. })
         ));
         assert!(matches!(
             r.read(Path::new("reports"), 10, LastLink::Refuse),
-            Err(ReadError::NotRegular { kind: "a directory", .. })
+            Err(ReadError::NotRegular {
+                kind: "a directory",
+                ..
+            })
         ));
     }
 

@@ -270,7 +270,8 @@ fn make_dir(root: &RootDir, path: &Path) -> io::Result<OwnedFd> {
         return owned(fd.into());
     }
     // Something is there already: a link, resolved inside the root, or an error.
-    root.resolve(path, flags).map_err(|e| dangling(&dir, name, e))
+    root.resolve(path, flags)
+        .map_err(|e| dangling(&dir, name, e))
 }
 
 /// The file `path` inside `root`, created empty (0644) where missing.
@@ -295,9 +296,9 @@ fn make_file(root: &RootDir, path: &Path) -> io::Result<OwnedFd> {
         )
     };
     match owned(fd.into()) {
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            root.resolve(path, libc::O_PATH).map_err(|e| dangling(&dir, name, e))
-        }
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => root
+            .resolve(path, libc::O_PATH)
+            .map_err(|e| dangling(&dir, name, e)),
         made => made,
     }
 }

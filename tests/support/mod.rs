@@ -61,6 +61,17 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// The first subordinate uid of `user` (/etc/subuid).
+pub fn subordinate_id(user: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/subuid").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == user)
+            .then(|| f.next()?.parse().ok())
+            .flatten()
+    })
+}
+
 /// uid and gid of the rootless test user, when running as root.
 pub fn test_user() -> Option<(u32, u32)> {
     static USER: OnceLock<Option<(u32, u32)>> = OnceLock::new();
@@ -499,7 +510,9 @@ pub fn plant_secret(sb: &Sandbox) -> PathBuf {
 /// exits before the trailer that records outputs runs; `show` prints the output.
 /// The step finds its output file's path in its own command line (the trailer).
 pub fn symlink_leak_steps(image: Option<&str>, secret_dir: &Path) -> String {
-    let image = image.map(|i| format!("\n      image: {i}")).unwrap_or_default();
+    let image = image
+        .map(|i| format!("\n      image: {i}"))
+        .unwrap_or_default();
     let s = secret_dir.display();
     format!(
         r#"- step:
