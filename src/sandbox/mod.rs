@@ -16,6 +16,7 @@ pub mod launcher;
 pub mod mounts;
 pub mod oci;
 pub mod rootfs;
+pub mod seccomp;
 pub mod spec;
 pub mod state;
 pub mod userns;
