@@ -42,6 +42,26 @@ Typical use:
   sandrun run .harness/ci.yaml         run it; exit code 0 only if every step passed
   sandrun run --set tag=v1 --secret db_password=hunter2 --report-dir out/";
 
+/// What `sandrun run --help` says about confinement (docs/security.md says more).
+const CONFINEMENT: &str = "\
+What a step may do (docs/security.md):
+  A container step that is not `privileged: true` runs as podman and docker run one:
+  the default capability set, no_new_privs (setuid binaries gain nothing), the
+  container engines' default seccomp profile (no mount, no new namespaces, no kernel
+  modules, keyrings, BPF or perf; other calls fail with EPERM), /proc and /sys
+  read-only or masked where they reach the host, and, as root, the default device
+  allow-list (null, zero, full, random, urandom, tty, console, ptmx, pts, tun: it may
+  make other device nodes but not open them). Rootless, it also runs in your user
+  namespace: its root is you, and the kernel refuses device nodes outright.
+  `privileged: true` lifts all of it: every capability the runner has, no seccomp
+  filter, no no_new_privs, the host's devices (as root, every device).
+  A step without an image runs your own binaries on the host, as you (or as root
+  when sandrun runs as root), without a seccomp profile; it sees the host read-only
+  but for the workspace, /tmp, /var/tmp, /dev/shm and --host-writable paths.
+  sandrun reads a step's output variables and JUnit reports inside its control
+  directory and the workspace, never following a symlink out of them, and bounded
+  (128 KiB per output variable, 64 MiB per report).";
+
 #[derive(Parser, Debug)]
 #[command(name = "sandrun", version, about = "Run a Harness CI stage locally: rootless, no daemon", long_about = LONG_ABOUT)]
 pub struct Cli {
@@ -64,6 +84,7 @@ pub struct GlobalOptions {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a pipeline's CI stages (or one with --stage).
+    #[command(after_long_help = CONFINEMENT)]
     Run(RunArgs),
     /// Print the resolved plan: order, groups, parallel blocks, hostnames, images, env.
     Plan(PlanArgs),
@@ -209,6 +230,9 @@ pub fn main() -> i32 {
     }
     let cli = Cli::parse();
     crate::sandbox::helper::debug_logging();
+    if !matches!(cli.command, Command::Run(_)) {
+        crate::sandbox::state::sweep_before_command();
+    }
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {

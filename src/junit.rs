@@ -11,6 +11,7 @@ use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 
 use crate::run::events::TestCounts;
+use crate::sandbox::in_root::{LastLink, ReadError, RootDir};
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Report {
@@ -51,8 +52,8 @@ pub enum Outcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum JunitError {
-    #[error("cannot read: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("cannot read {0}")]
+    Read(#[from] ReadError),
     #[error("not well-formed XML at byte {position}: {message}")]
     Xml { position: u64, message: String },
     #[error("not a JUnit report: the root element is <{0}>, not <testsuites> or <testsuite>")]
@@ -75,28 +76,61 @@ impl Report {
     }
 }
 
-/// Files under `workspace` matching any of `patterns` (globs, relative to the
-/// workspace unless absolute), sorted and without duplicates.
-pub fn find_reports(workspace: &Path, patterns: &[String]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
+/// The largest report file read (a test tool's output, even for tens of thousands of
+/// cases, is far smaller; a step must not make the runner read without end).
+pub const MAX_REPORT_BYTES: u64 = 64 << 20;
+
+/// What a step's `reports` paths gave.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// Matching regular files, relative to the workspace, sorted, without duplicates.
+    pub files: Vec<PathBuf>,
+    /// Patterns that cannot be looked at, each with the reason.
+    pub refused: Vec<(String, String)>,
+}
+
+/// The files of `workspace` matching any of `patterns`: globs relative to the
+/// workspace, or absolute paths inside it as the step sees it (`workspace_in_step`).
+/// Expansion never follows a link out of the workspace ([`RootDir::glob`]): the files
+/// of a container's own root filesystem are gone when it ends, and the host's are not
+/// the step's to read.
+pub fn find_reports(workspace: &RootDir, workspace_in_step: &Path, patterns: &[String]) -> Found {
+    let mut found = Found::default();
     for p in patterns {
-        let full = if Path::new(p).is_absolute() {
-            PathBuf::from(p)
+        let relative = if Path::new(p).is_absolute() {
+            match Path::new(p).strip_prefix(workspace_in_step) {
+                Ok(rest) => rest.to_string_lossy().into_owned(),
+                Err(_) => {
+                    found.refused.push((
+                        p.clone(),
+                        format!(
+                            "it is outside the workspace ({}); sandrun reads reports only from there",
+                            workspace_in_step.display()
+                        ),
+                    ));
+                    continue;
+                }
+            }
         } else {
-            workspace.join(p)
+            p.clone()
         };
-        if let Ok(paths) = glob::glob(&full.to_string_lossy()) {
-            found.extend(paths.flatten().filter(|p| p.is_file()));
+        match workspace.glob(&relative) {
+            Ok(files) => found.files.extend(files),
+            Err(e) => found
+                .refused
+                .push((p.clone(), format!("not a valid glob: {e}"))),
         }
     }
-    found.sort();
-    found.dedup();
+    found.files.sort();
+    found.files.dedup();
     found
 }
 
-pub fn parse_file(path: &Path) -> Result<Report, JunitError> {
-    let text = std::fs::read_to_string(path)?;
-    parse_str(&text)
+/// Reads and parses the report `relative` of `workspace`, resolved inside it and at
+/// most [`MAX_REPORT_BYTES`] long.
+pub fn read_report(workspace: &RootDir, relative: &Path) -> Result<Report, JunitError> {
+    let bytes = workspace.read(relative, MAX_REPORT_BYTES, LastLink::Follow)?;
+    parse_str(&String::from_utf8_lossy(&bytes))
 }
 
 pub fn parse_str(text: &str) -> Result<Report, JunitError> {
@@ -385,5 +419,29 @@ mod tests {
         assert_eq!(back.counts(), r.counts());
         assert!(merged.contains("name=\"sandrun.step\" value=\"tests\""));
         assert_eq!(back.suites[0].cases, r.suites[0].cases);
+    }
+
+    #[test]
+    fn report_paths_are_found_only_inside_the_workspace() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("out")).unwrap();
+        std::fs::write(dir.path().join("a.xml"), PYTEST).unwrap();
+        std::fs::write(dir.path().join("out/b.xml"), PYTEST).unwrap();
+        let root = RootDir::open(dir.path()).unwrap();
+        let patterns = [
+            "*.xml".to_string(),
+            "/harness/out/*.xml".to_string(),
+            "/etc/*.xml".to_string(),
+            "[".to_string(),
+        ];
+        let found = find_reports(&root, Path::new("/harness"), &patterns);
+        assert_eq!(found.files, [Path::new("a.xml"), Path::new("out/b.xml")]);
+        let refused: Vec<&str> = found.refused.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(refused, ["/etc/*.xml", "["]);
+        assert!(found.refused[0]
+            .1
+            .contains("outside the workspace (/harness)"));
+        let report = read_report(&root, Path::new("out/b.xml")).unwrap();
+        assert_eq!(report.counts().tests, 4);
     }
 }

@@ -46,6 +46,103 @@ fn fixture() -> Option<Fixture> {
     })
 }
 
+/// A container step that links its output-variable file and its reports to a host
+/// file gets nothing of it: the runner reads them as the step would see them.
+#[test]
+fn output_and_report_symlinks_are_not_followed_out() {
+    let Some(fx) = fixture() else { return };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let secret = support::plant_secret(&sb);
+        let steps = support::symlink_leak_steps(Some(&fx.busybox), &secret);
+        sb.write("ci.yaml", &support::stage(support::DOCKER, &steps));
+        support::assert_symlinks_do_not_leak(&sb);
+    }
+}
+
+/// A device of this host outside the OCI default allow-list (`c`/`b`, major, minor).
+fn restricted_device() -> Option<(char, u64, u64)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    [
+        "/dev/hwrng",
+        "/dev/kvm",
+        "/dev/vda",
+        "/dev/sda",
+        "/dev/nvme0n1",
+    ]
+    .iter()
+    .find_map(|p| {
+        let m = std::fs::metadata(p).ok()?;
+        let kind = if m.file_type().is_char_device() {
+            'c'
+        } else {
+            'b'
+        };
+        let dev = m.rdev();
+        Some((kind, nix::sys::stat::major(dev), nix::sys::stat::minor(dev)))
+    })
+}
+
+/// A non-privileged container step is confined as podman and docker confine one: it
+/// has no_new_privs and a seccomp filter, cannot make a user namespace and mount in
+/// it, and as root cannot open a device node it made outside the default allow-list.
+/// `privileged: true` lifts all of it.
+#[test]
+fn non_privileged_steps_are_confined_and_privileged_ones_are_not() {
+    let Some(fx) = fixture() else { return };
+    let (kind, major, minor) = restricted_device().expect("a block or character device to try");
+    let probe = |id: &str, privileged: bool| {
+        format!(
+            r#"- step:
+    type: Run
+    name: {id}
+    identifier: {id}
+    spec:
+      image: {image}
+      privileged: {privileged}
+      shell: Sh
+      command: |
+        mkdir -p /tmp
+        grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status | tr -d ' \t'
+        if unshare -U -r -m mount -t tmpfs none /tmp; then echo userns=yes; else echo userns=no; fi
+        if mknod /tmp/dev {kind} {major} {minor} && (: < /tmp/dev); then echo device=yes; else echo device=no; fi
+"#,
+            image = fx.busybox
+        )
+    };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let steps = probe("plain", false) + &probe("privileged", true);
+        sb.write("ci.yaml", &support::stage(support::DOCKER, &steps));
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0);
+        let said = |step: &str, line: &str| {
+            let found = r.stdout.lines().any(|l| {
+                l.split_once(" | ")
+                    .is_some_and(|(s, rest)| s.trim() == step && rest == line)
+            });
+            assert!(found, "{step} did not print {line}\n{}", r.all());
+        };
+        for line in ["NoNewPrivs:1", "Seccomp:2", "userns=no", "device=no"] {
+            said("plain", line);
+        }
+        // Rootless, the kernel refuses device nodes in a user namespace, privileged or not.
+        let device = if mode == support::Mode::Root {
+            "yes"
+        } else {
+            "no"
+        };
+        for line in [
+            "NoNewPrivs:0",
+            "Seccomp:0",
+            "userns=yes",
+            &format!("device={device}"),
+        ] {
+            said("privileged", line);
+        }
+    }
+}
+
 #[test]
 fn container_service_is_reached_by_name_from_containers_and_host_steps() {
     let Some(fx) = fixture() else { return };

@@ -394,6 +394,22 @@ fn junit_reports_are_counted_and_merged() {
     }
 }
 
+/// A host step that links its output-variable file and its reports to a file outside
+/// the workspace gets nothing of it through sandrun (the runner reads them inside the
+/// control directory and the workspace, never following a link out).
+#[test]
+fn output_and_report_symlinks_are_not_followed_out() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let secret = support::plant_secret(&sb);
+        sb.write(
+            "ci.yaml",
+            &stage(&support::symlink_leak_steps(None, &secret)),
+        );
+        support::assert_symlinks_do_not_leak(&sb);
+    }
+}
+
 #[test]
 fn secrets_never_appear_in_output() {
     for mode in modes() {
@@ -1075,5 +1091,59 @@ fn a_host_connection_the_service_is_slow_to_accept_is_proxied_after_a_second() {
             r.all()
         );
         assert!(took < Duration::from_secs(8), "took {took:?}");
+    }
+}
+
+/// What a SIGKILLed run left in the state base (its overlay upper directories, in
+/// /dev/shm: RAM) is removed by the next sandrun command of any kind, not only by the
+/// next run; rootless too, where it holds files of other ids of the user namespace.
+#[test]
+fn any_command_sweeps_a_killed_runs_state() {
+    use std::os::unix::fs::PermissionsExt;
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write("ci.yaml", &stage("- step:\n    type: Run\n    name: hi\n    identifier: hi\n    spec:\n      command: echo hi\n"));
+        // A first run makes the state base as sandrun makes it.
+        sb.run(["run", "ci.yaml"]).assert_code(0);
+        let base = sandrun::sandbox::state::default_base_for(sb.uid());
+        // A killed run's directory: a lock nobody holds, and an upper directory with a
+        // directory of the image's user 999 (a subordinate id rootless), private to it.
+        let stale = base.join(format!("run-killed{}", free_port()));
+        let data = stale.join("containers/x/upper/var/lib/data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(stale.join("lock"), "").unwrap();
+        std::fs::write(data.join("file"), "x".repeat(4096)).unwrap();
+        let (owner, image_user) = match support::test_user() {
+            Some((uid, gid)) if mode == support::Mode::Rootless => {
+                let sub = support::subordinate_id(support::TEST_USER)
+                    .expect("a subuid range for the test user");
+                ((uid, gid), sub + 998)
+            }
+            _ => ((0, 0), 999),
+        };
+        let chown = |p: &std::path::Path, id: (u32, u32)| {
+            std::os::unix::fs::lchown(p, Some(id.0), Some(id.1)).unwrap()
+        };
+        for p in [
+            &stale,
+            &stale.join("lock"),
+            &stale.join("containers"),
+            &stale.join("containers/x"),
+            &stale.join("containers/x/upper"),
+            &stale.join("containers/x/upper/var"),
+            &stale.join("containers/x/upper/var/lib"),
+        ] {
+            chown(p, owner);
+        }
+        chown(&data.join("file"), (image_user, image_user));
+        chown(&data, (image_user, image_user));
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+        sb.run(["validate", "ci.yaml"]).assert_code(0);
+        assert!(
+            !stale.exists(),
+            "`sandrun validate` left {}",
+            stale.display()
+        );
     }
 }

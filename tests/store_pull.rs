@@ -94,6 +94,9 @@ fn pull_busybox_store_is_an_oci_layout() {
     let home = Home::new();
     let out = home.ok(&["pull", &reference]);
     assert!(out.contains("pulled"), "{out}");
+    // Private: other users reach no setuid binary or device node of an image.
+    let mode = std::fs::metadata(home.path()).unwrap().mode();
+    assert_eq!(mode & 0o777, 0o700, "store mode {mode:o}");
     let layers = home.layers(&reference);
     assert_eq!(layers.len(), 1);
     let bb = layers[0].join("bin/busybox");
@@ -567,16 +570,13 @@ fn registry_killed_mid_pull_then_resume() {
     );
 }
 
-#[test]
-fn sigkill_mid_pull_then_fsck_and_pull() {
-    if !tools_present() {
-        return;
-    }
-    let reg = Registry::start();
-    let (_b, reference) = big_image(&reg, "sigkill");
+/// Starts `sandrun pull` of a big image through a slow proxy and SIGKILLs it once
+/// bytes flow; returns the proxied reference and the killed pull's pid (its temp files
+/// are in `tmp/`).
+fn killed_pull(reg: &Registry, home: &Home, name: &str) -> (registry::Proxy, String, u32) {
+    let (_b, reference) = big_image(reg, name);
     let proxy = registry::Proxy::start(&reg.addr, Some(std::time::Duration::from_millis(20)));
     let via_proxy = reference.replacen(&reg.addr, &proxy.addr, 1);
-    let home = Home::new();
     let mut child = home
         .sandrun()
         .args(["pull", &via_proxy])
@@ -599,6 +599,17 @@ fn sigkill_mid_pull_then_fsck_and_pull() {
             .is_some(),
         "expected an interrupted write in tmp/"
     );
+    (proxy, via_proxy, child.id())
+}
+
+#[test]
+fn sigkill_mid_pull_then_fsck_and_pull() {
+    if !tools_present() {
+        return;
+    }
+    let reg = Registry::start();
+    let home = Home::new();
+    let (_proxy, via_proxy, _) = killed_pull(&reg, &home, "sigkill");
     let out = home.ok(&["fsck"]);
     assert!(
         out.contains("0 problems") && out.contains("removed"),
@@ -610,6 +621,25 @@ fn sigkill_mid_pull_then_fsck_and_pull() {
         .is_none());
     home.ok(&["pull", &via_proxy]);
     home.ok(&["fsck"]);
+}
+
+/// The next pull removes what a killed one left in `tmp/`, without `fsck` or `gc`.
+#[test]
+fn the_next_pull_sweeps_a_killed_pulls_temp_files() {
+    if !tools_present() {
+        return;
+    }
+    let reg = Registry::start();
+    let home = Home::new();
+    let (_proxy, _, killed) = killed_pull(&reg, &home, "swept");
+    let (_b, other) = pushed_busybox(&reg, "other");
+    home.ok(&["pull", &other]);
+    let left: Vec<String> = std::fs::read_dir(home.path().join("tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("{killed}-")))
+        .collect();
+    assert!(left.is_empty(), "temp files of the killed pull: {left:?}");
 }
 
 #[test]
@@ -700,7 +730,7 @@ fn rootless_pull_keeps_owners_through_subuids() {
     assert_eq!(layers.len(), 1);
     let (uid, _) = e2e::test_user().unwrap();
     let data = std::fs::metadata(layers[0].join("home/app/data")).unwrap();
-    let mapped = uidmap_of(e2e::TEST_USER);
+    let mapped = e2e::subordinate_id(e2e::TEST_USER);
     match mapped {
         Some(start) => assert_eq!(
             data.uid(),
@@ -735,14 +765,4 @@ fn rootless_pull_keeps_owners_through_subuids() {
         .unwrap()
         .next()
         .is_none());
-}
-
-fn uidmap_of(user: &str) -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/subuid").ok()?;
-    text.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next()? == user)
-            .then(|| f.next()?.parse().ok())
-            .flatten()
-    })
 }

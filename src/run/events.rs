@@ -204,6 +204,10 @@ pub enum RunEvent {
         step: String,
         path: PathBuf,
         counts: TestCounts,
+        /// The parsed file: consumers never read the step's file again (it may have
+        /// been replaced since).
+        #[serde(skip)]
+        report: std::sync::Arc<crate::junit::Report>,
     },
     ReportError {
         step: String,

@@ -30,9 +30,15 @@ use crate::plan::{
     Action, CondPlan, ErrorKind, Node, Outputs, PipelineOutputs, Plan, ProcessTemplate, Secrets,
     StagePlan, StepPlan, StepType,
 };
+use crate::sandbox::in_root::{LastLink, ReadError, RootDir};
 
 /// How many of a step's last output lines are kept for failure reports.
 const TAIL_LINES: usize = 20;
+
+/// The largest output variable: it becomes an environment variable of later steps,
+/// and Linux refuses a single `NAME=value` string longer than 128 KiB
+/// (`MAX_ARG_STRLEN`) at execve.
+const MAX_OUTPUT_BYTES: u64 = 128 << 10;
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -513,6 +519,7 @@ impl<'a> Executor<'a> {
         }
         let tests = collect_reports(
             &self.ctx.plan.workspace,
+            &self.workspace_in_step(step),
             &step.reports,
             &step.key,
             &self.ctx.events,
@@ -562,20 +569,48 @@ impl<'a> Executor<'a> {
         ending
     }
 
+    /// Where the step sees the stage workspace.
+    fn workspace_in_step(&self, step: &StepPlan) -> PathBuf {
+        let workspace = &self.ctx.plan.workspace;
+        match self.launcher_for(step) {
+            Ok(launcher) => launcher.workspace_in_step(workspace),
+            Err(_) => workspace.clone(),
+        }
+    }
+
+    /// Reads the output variables the step's trailer recorded, inside its control
+    /// directory as the step sees it: a file the step replaced with a symlink (to
+    /// `/etc/shadow`, say) is refused, never followed on the host.
     fn collect_outputs(&self, step: &StepPlan) {
         if step.output_variables.is_empty() {
             return;
         }
-        let dir = self.control_dir(step).join("outputs");
+        let control = self.control_dir(step);
+        let root = match RootDir::open(&control) {
+            Ok(root) => root,
+            Err(e) => {
+                let msg = format!("output variables not read: {}: {e}", control.display());
+                return self.ctx.events.warn(Some(&step.key), msg);
+            }
+        };
         let mut values = std::collections::BTreeMap::new();
         for name in &step.output_variables {
-            match std::fs::read(dir.join(name)) {
+            let path = Path::new("outputs").join(name);
+            match root.read(&path, MAX_OUTPUT_BYTES, LastLink::Refuse) {
                 Ok(bytes) => {
                     values.insert(name.clone(), String::from_utf8_lossy(&bytes).into_owned());
                 }
-                Err(_) => self.ctx.events.warn(
+                Err(ReadError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    self.ctx.events.warn(
+                        Some(&step.key),
+                        format!("output variable `{name}` was not recorded"),
+                    )
+                }
+                Err(e) => self.ctx.events.warn(
                     Some(&step.key),
-                    format!("output variable `{name}` was not recorded"),
+                    format!("output variable `{name}` was not read: {e}"),
                 ),
             }
         }
@@ -625,7 +660,11 @@ impl<'a> Executor<'a> {
             let timeout = step.timeout;
             let (key, name) = (step.key.clone(), step.name.clone());
             // Collected when the service ends: the watcher outlives this borrow.
-            let (workspace, patterns) = (self.ctx.plan.workspace.clone(), step.reports.clone());
+            let (workspace, workspace_in_step, patterns) = (
+                self.ctx.plan.workspace.clone(),
+                self.workspace_in_step(step),
+                step.reports.clone(),
+            );
             tokio::spawn(async move {
                 let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
                 let (result, exit) = tokio::select! {
@@ -664,7 +703,8 @@ impl<'a> Executor<'a> {
                         (StepResult::Stopped, exit)
                     }
                 };
-                let tests = collect_reports(&workspace, &patterns, &key, &events);
+                let tests =
+                    collect_reports(&workspace, &workspace_in_step, &patterns, &key, &events);
                 events.emit(RunEvent::StepFinished {
                     step: key,
                     name,
@@ -757,8 +797,12 @@ impl<'a> Executor<'a> {
 
 /// Parse the JUnit files a step's `reports` globs match, announce each (or why it was
 /// ignored), and total their counts; `None` when the step declares no reports.
+/// `workspace_in_step`: where the step sees the workspace (absolute report paths are
+/// read only below it). Files are read inside the workspace, as the step would see
+/// them ([`junit::find_reports`]).
 fn collect_reports(
     workspace: &Path,
+    workspace_in_step: &Path,
     patterns: &[String],
     key: &str,
     events: &EventSink,
@@ -767,8 +811,30 @@ fn collect_reports(
         return None;
     }
     let mut total = TestCounts::default();
-    for path in junit::find_reports(workspace, patterns) {
-        match junit::parse_file(&path) {
+    let refused = |path: PathBuf, message: String| {
+        events.emit(RunEvent::ReportError {
+            step: key.to_string(),
+            path,
+            message,
+        })
+    };
+    let root = match RootDir::open(workspace) {
+        Ok(root) => root,
+        Err(e) => {
+            refused(
+                workspace.to_path_buf(),
+                format!("cannot open the workspace: {e}"),
+            );
+            return Some(total);
+        }
+    };
+    let found = junit::find_reports(&root, workspace_in_step, patterns);
+    for (pattern, reason) in found.refused {
+        refused(pattern.into(), reason);
+    }
+    for relative in found.files {
+        let path = workspace.join(&relative);
+        match junit::read_report(&root, &relative) {
             Ok(report) => {
                 let counts = report.counts();
                 total.add(&counts);
@@ -776,13 +842,10 @@ fn collect_reports(
                     step: key.to_string(),
                     path,
                     counts,
+                    report: Arc::new(report),
                 });
             }
-            Err(e) => events.emit(RunEvent::ReportError {
-                step: key.to_string(),
-                path,
-                message: e.to_string(),
-            }),
+            Err(e) => refused(path, e.to_string()),
         }
     }
     Some(total)

@@ -92,6 +92,9 @@ pub trait Launcher: Send + Sync {
 
     /// Where `LaunchSpec::control_dir` appears to the step's process.
     fn control_dir_in_step(&self, host_path: &Path) -> PathBuf;
+
+    /// Where `LaunchSpec::workspace` appears to the step's process.
+    fn workspace_in_step(&self, host_path: &Path) -> PathBuf;
 }
 
 /// Runs host binaries in the workspace, with the host's environment plus the step's,
@@ -189,6 +192,10 @@ impl Launcher for HostLauncher {
     }
 
     fn control_dir_in_step(&self, host_path: &Path) -> PathBuf {
+        host_path.to_path_buf()
+    }
+
+    fn workspace_in_step(&self, host_path: &Path) -> PathBuf {
         host_path.to_path_buf()
     }
 }

@@ -256,7 +256,7 @@ fn send_accept_calls(path: &std::path::Path) -> Result<(), (String, bool)> {
         (message, false)
     })?;
     // The same filter as a container's, loaded the way libcontainer loads it there.
-    let filter = super::oci::accept_notify(path)
+    let filter = super::seccomp::accept_notify(path)
         .map_err(|e| (format!("cannot describe the accept filter: {e}"), false))?;
     let notify = match libcontainer::seccomp::initialize_seccomp(&filter) {
         Ok(Some(fd)) => fd,

@@ -186,6 +186,10 @@ impl Launcher for ContainerLauncher {
     fn control_dir_in_step(&self, _host_path: &Path) -> PathBuf {
         PathBuf::from(CONTROL_DIR)
     }
+
+    fn workspace_in_step(&self, _host_path: &Path) -> PathBuf {
+        PathBuf::from(WORKSPACE)
+    }
 }
 
 /// Container ids and cgroup names: `[A-Za-z0-9_.-]` only.

@@ -7,7 +7,7 @@
 //! target resolved once inside the root, they cost a few calls each, which measured
 //! 0.7 ms less per step (docs/ARCHITECTURE.md, "Process model").
 //!
-//! Targets are resolved with openat2(2) `RESOLVE_IN_ROOT`: a symlink in the image
+//! Targets are resolved with openat2(2) `RESOLVE_IN_ROOT` ([`RootDir`]): a symlink in the image
 //! (`/etc/resolv.conf -> ../run/resolv.conf`) is followed as the container would see
 //! it, never out to the host. Missing targets are created the same way (directories
 //! 0755, files 0644, as runc does). All of it happens in the helper's private mount
@@ -15,17 +15,19 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
 use oci_spec::runtime::Mount;
 
+use super::in_root::{owned, RootDir};
+
 /// Makes `mounts` (OCI mount entries: binds and fresh filesystems) inside `root`, in
 /// order. The error names the mount's destination.
 pub fn mount_in_root(root: &Path, mounts: &[Mount]) -> Result<(), (PathBuf, io::Error)> {
-    let root_fd = open_dir(root).map_err(|e| (root.to_path_buf(), e))?;
+    let root_fd = RootDir::open(root).map_err(|e| (root.to_path_buf(), e))?;
     for m in mounts {
         mount_one(&root_fd, m).map_err(|e| (m.destination().clone(), e))?;
     }
@@ -71,7 +73,7 @@ fn parse_options(options: &[String]) -> Options {
     out
 }
 
-fn mount_one(root: &OwnedFd, m: &Mount) -> io::Result<()> {
+fn mount_one(root: &RootDir, m: &Mount) -> io::Result<()> {
     let options = parse_options(m.options().as_deref().unwrap_or_default());
     let source = m
         .source()
@@ -243,63 +245,10 @@ fn bind(source: &Path, target: &OwnedFd, options: &Options) -> io::Result<()> {
     move_mount(&tree, target)
 }
 
-fn owned(r: libc::c_long) -> io::Result<OwnedFd> {
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the call returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
-}
-
-fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes())?;
-    // SAFETY: open(2) with a valid C string.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    owned(fd.into())
-}
-
-/// openat2(2) of `path` below `root` as if `root` were `/` (symlinks, `..` and absolute
-/// links stay inside it; magic links of /proc are refused).
-fn open_in_root(root: &OwnedFd, path: &Path, flags: i32) -> io::Result<OwnedFd> {
-    let relative = path.strip_prefix("/").unwrap_or(path);
-    let c = CString::new(if relative.as_os_str().is_empty() {
-        b".".to_vec()
-    } else {
-        relative.as_os_str().as_bytes().to_vec()
-    })?;
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // The kernel answers EAGAIN when a `..` was resolved while any mount or rename
-    // happened on the system (it cannot then prove the walk stayed inside): retry.
-    let mut attempts = 0;
-    loop {
-        // SAFETY: openat2(2) with a valid path and a filled `open_how`.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                root.as_raw_fd(),
-                c.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        match owned(fd) {
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && attempts < 1000 => attempts += 1,
-            result => return result,
-        }
-    }
-}
-
 /// The directory `path` inside `root`, created (with its parents) where missing.
-fn make_dir(root: &OwnedFd, path: &Path) -> io::Result<OwnedFd> {
+fn make_dir(root: &RootDir, path: &Path) -> io::Result<OwnedFd> {
     let flags = libc::O_PATH | libc::O_DIRECTORY;
-    match open_in_root(root, path, flags) {
+    match root.resolve(path, flags) {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
         found => return found,
     }
@@ -321,12 +270,13 @@ fn make_dir(root: &OwnedFd, path: &Path) -> io::Result<OwnedFd> {
         return owned(fd.into());
     }
     // Something is there already: a link, resolved inside the root, or an error.
-    open_in_root(root, path, flags).map_err(|e| dangling(&dir, name, e))
+    root.resolve(path, flags)
+        .map_err(|e| dangling(&dir, name, e))
 }
 
 /// The file `path` inside `root`, created empty (0644) where missing.
-fn make_file(root: &OwnedFd, path: &Path) -> io::Result<OwnedFd> {
-    match open_in_root(root, path, libc::O_PATH) {
+fn make_file(root: &RootDir, path: &Path) -> io::Result<OwnedFd> {
+    match root.resolve(path, libc::O_PATH) {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
         found => return found,
     }
@@ -346,9 +296,9 @@ fn make_file(root: &OwnedFd, path: &Path) -> io::Result<OwnedFd> {
         )
     };
     match owned(fd.into()) {
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            open_in_root(root, path, libc::O_PATH).map_err(|e| dangling(&dir, name, e))
-        }
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => root
+            .resolve(path, libc::O_PATH)
+            .map_err(|e| dangling(&dir, name, e)),
         made => made,
     }
 }
@@ -397,7 +347,7 @@ mod tests {
         // Absolute and `..` links that would leave the root if followed on the host.
         std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
         std::os::unix::fs::symlink("../../../../run/resolv", root.join("etc/resolv.conf")).unwrap();
-        let root_fd = open_dir(&root).unwrap();
+        let root_fd = RootDir::open(&root).unwrap();
 
         make_dir(&root_fd, Path::new("/escape/deeper")).unwrap();
         assert!(root

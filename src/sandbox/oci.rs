@@ -8,10 +8,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDevice,
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDevice,
     LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder, LinuxNamespaceBuilder,
-    LinuxNamespaceType, LinuxResourcesBuilder, LinuxSeccomp, LinuxSeccompAction,
-    LinuxSeccompBuilder, LinuxSyscallBuilder, Mount, MountBuilder, PosixRlimitBuilder,
+    LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder,
     PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
@@ -154,11 +153,14 @@ pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFa
             .hard(host.nofile.1)
             .build()?])
         .build()?;
-    // Unset rather than false (which it means too): libcontainer then installs a
-    // seccomp filter before it drops capabilities, which it must when no_new_privs is
-    // off (a setuid `sudo` in the image keeps working).
+    // A non-privileged step runs with no_new_privs (setuid binaries of the image do
+    // not raise privileges), and libcontainer then loads its seccomp filter last,
+    // after dropping capabilities, which no_new_privs permits. A privileged step keeps
+    // it unset rather than false (which it means too): libcontainer then loads a filter
+    // (only the accept hand-off's) before it drops capabilities, as it must without
+    // no_new_privs; Some(false) would load it after, and fail.
     let mut process = process;
-    process.set_no_new_privileges(None);
+    process.set_no_new_privileges((!c.privileged).then_some(true));
 
     let mut namespaces = vec![
         LinuxNamespaceType::Mount,
@@ -187,9 +189,14 @@ pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFa
                 .build()?,
         );
     }
-    if c.privileged && !host.rootless {
+    // As root, the device cgroup: everything for a privileged step; for the others
+    // nothing but what libcgroups adds after these rules (the OCI defaults: null, zero,
+    // full, random, urandom, tty, console, ptmx, pts, tun, and mknod of any node, which
+    // then cannot be opened). Rootless, the kernel already refuses device nodes in a
+    // user namespace (mknod fails, its mounts are nodev).
+    if !host.rootless {
         resources = resources.devices(vec![LinuxDeviceCgroupBuilder::default()
-            .allow(true)
+            .allow(c.privileged)
             .typ(LinuxDeviceType::A)
             .access("rwm")
             .build()?]);
@@ -211,8 +218,8 @@ pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFa
             .readonly_paths(oci_spec::runtime::get_default_readonly_paths());
     }
 
-    if let Some(listener) = &c.accept_listener {
-        linux = linux.seccomp(accept_notify(listener)?);
+    if let Some(filter) = super::seccomp::filter(c.privileged, c.accept_listener.as_deref())? {
+        linux = linux.seccomp(filter);
     }
 
     SpecBuilder::default()
@@ -227,30 +234,6 @@ pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFa
         .process(process)
         .mounts(split_mounts(mounts(c, host)?).1)
         .linux(linux.build()?)
-        .build()
-}
-
-/// A seccomp filter that lets every system call through but `accept` and `accept4`,
-/// which wait for the runner's answer on the listener libcontainer sends to
-/// `listener` (see `net::handoff`). The other ABIs of the machine are listed so that
-/// their programs run (unlisted, libseccomp would kill them); their calls are answered
-/// "go on".
-pub(crate) fn accept_notify(listener: &Path) -> Result<LinuxSeccomp, oci_spec::OciSpecError> {
-    let architectures = if cfg!(target_arch = "x86_64") {
-        vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32]
-    } else if cfg!(target_arch = "aarch64") {
-        vec![Arch::ScmpArchAarch64, Arch::ScmpArchArm]
-    } else {
-        vec![Arch::ScmpArchNative]
-    };
-    LinuxSeccompBuilder::default()
-        .default_action(LinuxSeccompAction::ScmpActAllow)
-        .architectures(architectures)
-        .listener_path(listener)
-        .syscalls(vec![LinuxSyscallBuilder::default()
-            .names(vec!["accept".to_string(), "accept4".to_string()])
-            .action(LinuxSeccompAction::ScmpActNotify)
-            .build()?])
         .build()
 }
 
@@ -394,37 +377,44 @@ mod tests {
     }
 
     #[test]
-    fn accept_calls_go_to_the_runner_only_when_it_asks() {
-        let user = ImageUser {
-            uid: 0,
-            gid: 0,
-            home: "/".into(),
-            additional_gids: vec![],
-        };
-        let p = Process {
-            argv: vec!["sh".into()],
-            env: vec![],
-            cwd: "/",
-            user: &user,
-        };
-        let facts = host(true);
-        let plain = runtime_spec(&container(false), Path::new("/r"), &p, &facts).unwrap();
-        assert!(plain.linux().as_ref().unwrap().seccomp().is_none());
-        let mut c = container(false);
-        c.accept_listener = Some("/run/x/accept-web.sock".into());
-        let spec = runtime_spec(&c, Path::new("/r"), &p, &facts).unwrap();
-        let seccomp = spec.linux().as_ref().unwrap().seccomp().clone().unwrap();
-        assert_eq!(seccomp.default_action(), LinuxSeccompAction::ScmpActAllow);
-        assert_eq!(
-            seccomp.listener_path().as_deref(),
-            Some(Path::new("/run/x/accept-web.sock"))
-        );
-        let rules = seccomp.syscalls().clone().unwrap();
+    fn non_privileged_steps_are_confined_and_privileged_ones_are_not() {
+        use oci_spec::runtime::{LinuxDeviceType, LinuxSeccompAction};
+        let linux = |s: &Spec| s.linux().clone().unwrap();
+        let nnp = |s: &Spec| s.process().as_ref().unwrap().no_new_privileges();
+        let devices = |s: &Spec| linux(s).resources().clone().unwrap().devices().clone();
+
+        let plain = build(false, false);
+        assert_eq!(nnp(&plain), Some(true));
+        let seccomp = linux(&plain).seccomp().clone().unwrap();
+        assert_eq!(seccomp.default_action(), LinuxSeccompAction::ScmpActErrno);
+        let rules = devices(&plain).unwrap();
         assert_eq!(rules.len(), 1);
-        assert_eq!(rules[0].names(), &["accept", "accept4"]);
-        assert_eq!(rules[0].action(), LinuxSeccompAction::ScmpActNotify);
-        // Unset, so that libcontainer loads the filter while it still may.
-        assert_eq!(spec.process().as_ref().unwrap().no_new_privileges(), None);
+        assert!(!rules[0].allow() && rules[0].typ() == Some(LinuxDeviceType::A));
+        // Rootless, the kernel refuses device nodes; the filter and no_new_privs stay.
+        let rootless = build(false, true);
+        assert!(devices(&rootless).is_none());
+        assert_eq!(nnp(&rootless), Some(true));
+        assert!(linux(&rootless).seccomp().is_some());
+
+        let privileged = build(true, false);
+        // Unset, so that libcontainer would load a filter while it still may.
+        assert_eq!(nnp(&privileged), None);
+        assert!(linux(&privileged).seccomp().is_none());
+        assert!(devices(&privileged).unwrap()[0].allow());
+
+        // The accept hand-off joins the default filter, or is the only one.
+        for privileged in [false, true] {
+            let mut c = container(privileged);
+            c.accept_listener = Some("/run/x/accept-web.sock".into());
+            let spec = runtime_spec(&c, Path::new("/r"), &process(), &host(false)).unwrap();
+            let seccomp = linux(&spec).seccomp().clone().unwrap();
+            assert_eq!(
+                seccomp.listener_path().as_deref(),
+                Some(Path::new("/run/x/accept-web.sock"))
+            );
+            let allow_all = seccomp.default_action() == LinuxSeccompAction::ScmpActAllow;
+            assert_eq!(allow_all, privileged);
+        }
     }
 
     fn host(rootless: bool) -> HostFacts {
@@ -449,20 +439,23 @@ mod tests {
         build_on(privileged, &host(rootless))
     }
 
-    fn build_on(privileged: bool, host: &HostFacts) -> Spec {
-        let user = ImageUser {
+    fn process() -> Process<'static> {
+        static USER: std::sync::LazyLock<ImageUser> = std::sync::LazyLock::new(|| ImageUser {
             uid: 999,
             gid: 999,
             home: "/".into(),
             additional_gids: vec![5],
-        };
-        let p = Process {
+        });
+        Process {
             argv: vec!["true".into()],
             env: vec!["PATH=/bin".into()],
             cwd: "/harness",
-            user: &user,
-        };
-        runtime_spec(&container(privileged), Path::new("/r"), &p, host).unwrap()
+            user: &USER,
+        }
+    }
+
+    fn build_on(privileged: bool, host: &HostFacts) -> Spec {
+        runtime_spec(&container(privileged), Path::new("/r"), &process(), host).unwrap()
     }
 
     #[test]

@@ -121,29 +121,65 @@ pub fn hold_run(dir: &Path) -> Result<Flock<File>, SandboxError> {
 /// Removes the directories (and cgroups) of runs that are no longer alive. Returns
 /// what it removed.
 pub fn sweep_stale(base: &Path) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
+    let removed = stale_runs(base);
+    for dir in &removed {
+        remove_tree(dir);
+        remove_run_cgroups(dir);
+    }
+    removed
+}
+
+/// The run directories under `base` that killed runs left (nobody holds their lock),
+/// found without removing anything: a directory listing and a non-blocking lock
+/// attempt per run, cheap enough for every command.
+pub fn stale_runs(base: &Path) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(base) else {
-        return removed;
+        return Vec::new();
     };
-    for entry in entries.flatten() {
-        let dir = entry.path();
-        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let stale = match File::open(dir.join("lock")) {
+    entries
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|entry| match File::open(entry.path().join("lock")) {
             Ok(file) => Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok(),
             // A directory being created has no lock yet for a moment.
             Err(_) => entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| {
                 SystemTime::now().duration_since(t).unwrap_or_default() > Duration::from_secs(60)
             }),
-        };
-        if stale {
-            remove_tree(&dir);
-            remove_run_cgroups(&dir);
-            removed.push(dir);
-        }
+        })
+        .map(|entry| entry.path())
+        .collect()
+}
+
+/// Run at the start of every command but `run` (which sweeps from inside its own
+/// namespace when it creates its state): a SIGKILLed run's overlay upper directories
+/// live in the state base, often a tmpfs (RAM), and must not wait for the next run.
+/// As root they are removed here; rootless, they hold files of the image's other users
+/// (subordinate ids) that only the user namespace can remove, so `sandrun __sweep`
+/// does it there, started only when something is stale.
+pub fn sweep_before_command() {
+    let base = default_base();
+    if stale_runs(&base).is_empty() {
+        return;
     }
-    removed
+    if nix::unistd::geteuid().is_root() {
+        sweep_stale(&base);
+        return;
+    }
+    let swept = std::env::current_exe().and_then(|exe| {
+        std::process::Command::new(exe)
+            .arg("__sweep")
+            .arg(&base)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status()
+    });
+    match swept {
+        Ok(status) if status.success() => {}
+        Ok(_) | Err(_) => eprintln!(
+            "sandrun: warning: killed runs left state under {} (removed by the next `sandrun run`)",
+            base.display()
+        ),
+    }
 }
 
 /// Best-effort `rm -rf`, also through directories left without write permission

@@ -12,6 +12,9 @@
 //!   tmp/<pid>-<n>...                               writes in progress (renamed when verified)
 //! ```
 //!
+//! The root is mode 0700: what is unpacked below it (setuid binaries, device nodes of
+//! images) is reachable by its owner only.
+//!
 //! Content is named by its digest and is verified before it is renamed into place; a
 //! file under `blobs/` or `layers/` is therefore complete. Every writer holds
 //! `store.lock` shared and a per-object lock exclusive; `gc` holds `store.lock`
@@ -52,6 +55,24 @@ pub fn digest_hex(digest: &str) -> Result<&str, StoreError> {
     }
 }
 
+/// Creates `dir` mode 0700 (its parents as usual), or takes the group's and others'
+/// access away from an existing one of ours.
+fn make_private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).at(parent)?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        other => other.at(dir)?,
+    }
+    let meta = fs::metadata(dir).at(dir)?;
+    if meta.mode() & 0o077 != 0 && meta.uid() == nix::unistd::geteuid().as_raw() {
+        fs::set_permissions(dir, fs::Permissions::from_mode(meta.mode() & 0o7700)).at(dir)?;
+    }
+    Ok(())
+}
+
 pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
@@ -70,8 +91,11 @@ pub struct FileLock {
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Layout {
-    /// Opens (creating if needed) the layout at `root`.
+    /// Opens (creating if needed) the layout at `root`. The root is private (0700):
+    /// unpacked layers keep their setuid bits and device nodes, which no other user
+    /// may reach; a store made by an older sandrun (0755) is made private too.
     pub fn open(root: &Path) -> Result<Layout, StoreError> {
+        make_private_dir(root)?;
         for sub in ["blobs/sha256", "layers/sha256", "used", "locks", "tmp"] {
             let p = root.join(sub);
             fs::create_dir_all(&p).at(&p)?;
@@ -397,6 +421,22 @@ impl Drop for BlobWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_is_private_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("data/sandrun");
+        Layout::open(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        // One made by an older sandrun, open to all, is closed.
+        let old = dir.path().join("old");
+        fs::create_dir(&old).unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o755)).unwrap();
+        Layout::open(&old).unwrap();
+        assert_eq!(mode(&old), 0o700);
+    }
 
     #[test]
     fn blob_writer_checks_digest_and_size() {

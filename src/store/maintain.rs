@@ -292,8 +292,9 @@ fn list_layers(l: &Layout) -> Result<Vec<(String, PathBuf)>, StoreError> {
 }
 
 /// Removes `tmp/` entries whose writer is gone (all of them with `all`, under the
-/// exclusive lock).
-fn clean_tmp(l: &Layout, all: bool) -> Result<usize, StoreError> {
+/// exclusive lock). Every pull runs it too (under the shared lock), so a killed pull's
+/// temp files last only until the next one.
+pub(crate) fn clean_tmp(l: &Layout, all: bool) -> Result<usize, StoreError> {
     let dir = l.root().join("tmp");
     let mut n = 0;
     for e in fs::read_dir(&dir).at(&dir)? {

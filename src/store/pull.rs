@@ -129,6 +129,12 @@ pub(crate) async fn ensure(
             what: local_missing(store, &r, opts),
         });
     }
+    // What a killed pull left in tmp/ (its pid is gone) goes before this one adds more.
+    let lay = store.layout().clone();
+    let swept = blocking(move || super::maintain::clean_tmp(&lay, false)).await;
+    if let Err(e) = swept {
+        tracing::debug!("temp files of earlier pulls not removed: {e}");
+    }
     pull(store, &r, pin.as_ref(), opts, progress).await
 }
 

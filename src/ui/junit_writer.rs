@@ -1,6 +1,7 @@
 //! `--report-dir`: every JUnit file the steps produced, merged into one.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 
@@ -10,7 +11,7 @@ use crate::run::events::RunEvent;
 
 pub struct JunitWriter {
     dir: PathBuf,
-    found: Vec<(String, PathBuf)>,
+    found: Vec<(String, Arc<junit::Report>)>,
 }
 
 impl JunitWriter {
@@ -45,17 +46,16 @@ impl JunitWriter {
 
 impl Reporter for JunitWriter {
     fn event(&mut self, event: &RunEvent) {
-        if let RunEvent::Report { step, path, .. } = event {
-            self.found.push((step.clone(), path.clone()));
+        if let RunEvent::Report { step, report, .. } = event {
+            self.found.push((step.clone(), report.clone()));
         }
     }
 
     fn finish(&mut self) -> anyhow::Result<()> {
-        // Files that failed to parse were already reported by the executor.
         let reports: Vec<(String, junit::Report)> = self
             .found
             .iter()
-            .filter_map(|(step, path)| junit::parse_file(path).ok().map(|r| (step.clone(), r)))
+            .map(|(step, report)| (step.clone(), (**report).clone()))
             .collect();
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("cannot create report directory {}", self.dir.display()))?;

@@ -61,6 +61,17 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// The first subordinate uid of `user` (/etc/subuid).
+pub fn subordinate_id(user: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/subuid").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == user)
+            .then(|| f.next()?.parse().ok())
+            .flatten()
+    })
+}
+
 /// uid and gid of the rootless test user, when running as root.
 pub fn test_user() -> Option<(u32, u32)> {
     static USER: OnceLock<Option<(u32, u32)>> = OnceLock::new();
@@ -471,4 +482,79 @@ pub fn handoff_unsupported() -> bool {
         eprintln!("skipped: the hand-off is not supported here (kernel, seccomp, architecture)");
     }
     no
+}
+
+/// What a hostile step tries to read through sandrun: a JUnit report outside the
+/// workspace (in `<sandbox>/secret/`) that the runner itself could read in `sb`'s mode
+/// (root-only as root; the test user's own file rootless), but the step must not get
+/// through sandrun. Returns the directory holding it.
+pub fn plant_secret(sb: &Sandbox) -> PathBuf {
+    let dir = sb.dir.path().join("secret");
+    sb.write(
+        "../secret/secret.xml",
+        r#"<testsuite name="TOPSECRET"><testcase name="x"/></testsuite>"#,
+    );
+    if sb.mode == Mode::Root {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(
+            dir.join("secret.xml"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+/// Step list: `leak` (on `image`, or on the host) replaces its output-variable file
+/// and its JUnit reports with symlinks to [`plant_secret`]'s file and directory, and
+/// exits before the trailer that records outputs runs; `show` prints the output.
+/// The step finds its output file's path in its own command line (the trailer).
+pub fn symlink_leak_steps(image: Option<&str>, secret_dir: &Path) -> String {
+    let image = image
+        .map(|i| format!("\n      image: {i}"))
+        .unwrap_or_default();
+    let s = secret_dir.display();
+    format!(
+        r#"- step:
+    type: Run
+    name: leak
+    identifier: leak
+    spec:{image}
+      shell: Sh
+      command: |
+        ln -sf {s}/secret.xml rep1.xml
+        ln -sfn {s} reps
+        out=$(tr '\0' '\n' < /proc/$$/cmdline | grep -o "'/[^']*/outputs/LEAK'" | head -n1 | tr -d "'")
+        ln -sf {s}/secret.xml "$out"
+        exit 0
+      outputVariables:
+        - name: LEAK
+      reports:
+        type: JUnit
+        spec:
+          paths:
+            - rep*.xml
+            - reps/*.xml
+- step:
+    type: Run
+    name: show
+    identifier: show
+    spec:
+      shell: Sh
+      command: echo "got=<+steps.leak.output.outputVariables.LEAK>"
+"#
+    )
+}
+
+/// Runs [`symlink_leak_steps`]'s stage (written to `ci.yaml`) and checks that nothing
+/// of the secret came through: not as an output variable, not in `--report-dir`.
+pub fn assert_symlinks_do_not_leak(sb: &Sandbox) {
+    let out = sb.dir.path().join("out");
+    let r = sb.run(["run", "ci.yaml", "--report-dir", out.to_str().unwrap()]);
+    r.assert_code(0)
+        .assert_stdout("got=\n")
+        .assert_stdout("is a symbolic link");
+    assert!(!r.stdout.contains("TOPSECRET"), "{}", r.all());
+    let merged = std::fs::read_to_string(out.join("junit.xml")).unwrap();
+    assert!(!merged.contains("TOPSECRET"), "{merged}");
 }
