@@ -38,6 +38,8 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then
+  # Under CI, the `ci` profile of .config/nextest.toml (JUnit report, all failures).
+  if [ "${CI:-}" = true ]; then export NEXTEST_PROFILE="${NEXTEST_PROFILE:-ci}"; fi
   cargo nextest run --no-fail-fast "$@"
 else
   cargo test --no-fail-fast "$@"

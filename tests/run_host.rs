@@ -1,6 +1,7 @@
 //! End-to-end runs of the real binary with host steps (no image): the executor's
 //! semantics with real processes, as root and rootless.
 
+mod prereq;
 mod support;
 
 use std::time::{Duration, Instant};
