@@ -234,6 +234,52 @@ fn a_step_past_its_timeout_is_killed_and_fails_the_stage() {
     }
 }
 
+/// A stage past its own `timeout` stops its steps as Ctrl-C would: SIGTERM (a trap
+/// runs), the grace period, SIGKILL; each stopped step has its row, timed out, and
+/// the steps after it are skipped.
+#[test]
+fn a_stage_past_its_timeout_stops_its_steps_with_sigterm_and_reports_them() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let marker = format!("sleep 2{}", free_port());
+        let stage = stage(&format!(
+                r#"- parallel:
+  - step:
+      type: Run
+      name: trapping
+      identifier: trapping
+      spec:
+        command: |
+          trap 'echo trap ran; exit 3' TERM
+          {marker} &
+          wait
+  - step:
+      type: Run
+      name: stubborn
+      identifier: stubborn
+      spec:
+        command: trap '' TERM; {marker}
+- step:
+    type: Run
+    name: after
+    identifier: after
+    spec:
+      command: echo never
+"#
+        ))
+        .replacen("  spec:\n", "  timeout: 2s\n  spec:\n", 1);
+        sb.write("ci.yaml", &stage);
+        let r = sb.run(["run", "ci.yaml", "--grace", "1s"]);
+        r.assert_code(1).assert_stdout("trap ran");
+        assert!(r.all().contains("ran past its timeout"), "{}", r.all());
+        for step in ["trapping", "stubborn"] {
+            assert!(r.summary_row(step).contains("TIMED OUT"), "{}", r.all());
+        }
+        assert!(r.summary_row("after").contains("skipped"), "{}", r.all());
+        assert_no_process(&marker);
+    }
+}
+
 #[test]
 fn failure_strategies_retry_ignore_and_abort() {
     for mode in modes() {

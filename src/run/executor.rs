@@ -100,24 +100,7 @@ pub async fn run_stage(ctx: &StageContext<'_>) -> StageResult {
         }),
         stage_cancel: ctx.cancel.child_token(),
     };
-    let body = exec.run_nodes(&ctx.stage.nodes);
-    match ctx.stage.timeout {
-        Some(limit) => {
-            if tokio::time::timeout(limit, body).await.is_err() {
-                ctx.events.warn(
-                    None,
-                    format!(
-                        "stage `{}` ran past its timeout of {}; stopping it",
-                        ctx.stage.identifier,
-                        crate::ui::format_duration(limit)
-                    ),
-                );
-                exec.state.failed.store(true, Ordering::SeqCst);
-                exec.stage_cancel.cancel();
-            }
-        }
-        None => body.await,
-    }
+    exec.run_within_stage_timeout().await;
     exec.stop_backgrounds().await;
     exec.kill_leftover_groups();
 
@@ -146,6 +129,9 @@ struct StageState {
     groups: Mutex<Vec<i32>>,
     /// Ports of the services when the stage runs in pod mode.
     pod_ports: Option<PodPorts>,
+    /// Set when the stage's own `timeout` stopped it: the steps it stopped then end
+    /// as timed out, not cancelled.
+    timed_out: AtomicBool,
 }
 
 struct Background {
@@ -184,6 +170,49 @@ enum Ending {
 }
 
 impl<'a> Executor<'a> {
+    /// Runs the stage's steps; past the stage's `timeout`, stops it the way Ctrl-C
+    /// does: the steps in flight get SIGTERM, the grace period and SIGKILL, each ends
+    /// with its own result (timed out), and the steps not started are skipped.
+    async fn run_within_stage_timeout(&self) {
+        let body = self.run_nodes(&self.ctx.stage.nodes);
+        let Some(limit) = self.ctx.stage.timeout else {
+            return body.await;
+        };
+        let watchdog = async {
+            tokio::time::sleep(limit).await;
+            self.ctx.events.warn(
+                None,
+                format!(
+                    "stage `{}` ran past its timeout of {}; stopping it",
+                    self.ctx.stage.identifier,
+                    crate::ui::format_duration(limit)
+                ),
+            );
+            self.state.timed_out.store(true, Ordering::SeqCst);
+            self.state.failed.store(true, Ordering::SeqCst);
+            self.stage_cancel.cancel();
+            // The steps stop on their own now; the body ends the select.
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            () = body => {}
+            () = watchdog => {}
+        }
+    }
+
+    /// The result of a step stopped by the stage's cancellation: timed out when the
+    /// stage's own timeout stopped it, else cancelled (Ctrl-C, an Abort).
+    fn stopped_result(&self) -> StepResult {
+        match self.ctx.stage.timeout {
+            Some(limit)
+                if self.state.timed_out.load(Ordering::SeqCst) && !self.ctx.cancel.is_cancelled() =>
+            {
+                StepResult::TimedOut { limit }
+            }
+            _ => StepResult::Cancelled,
+        }
+    }
+
     async fn run_nodes(&self, nodes: &[Node]) {
         for node in nodes {
             self.run_node(node).await;
@@ -217,6 +246,8 @@ impl<'a> Executor<'a> {
         if self.stage_cancel.is_cancelled() {
             return Some(if self.ctx.cancel.is_cancelled() {
                 "run cancelled".into()
+            } else if self.state.timed_out.load(Ordering::SeqCst) {
+                "the stage ran past its timeout".into()
             } else {
                 "stage stopped".into()
             });
@@ -423,7 +454,7 @@ impl<'a> Executor<'a> {
                     ),
                     exit,
                 ),
-                Ending::Cancelled(exit) => break (StepResult::Cancelled, exit),
+                Ending::Cancelled(exit) => break (self.stopped_result(), exit),
                 Ending::StartFailed(msg) => (ErrorKind::Failure, msg, None),
             };
             let failed = if kind == ErrorKind::Timeout {
@@ -457,7 +488,7 @@ impl<'a> Executor<'a> {
                     });
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
-                        _ = self.stage_cancel.cancelled() => break (StepResult::Cancelled, exit),
+                        _ = self.stage_cancel.cancelled() => break (self.stopped_result(), exit),
                     }
                 }
                 action = Some((**then).clone());
@@ -481,7 +512,7 @@ impl<'a> Executor<'a> {
                 }
             };
         };
-        if result == StepResult::Cancelled {
+        if matches!(result, StepResult::Cancelled | StepResult::TimedOut { .. }) {
             self.state.failed.store(true, Ordering::SeqCst);
         }
         if matches!(result, StepResult::Succeeded) {
