@@ -14,4 +14,5 @@ pub mod plan;
 pub mod run;
 pub mod sandbox;
 pub mod store;
+pub mod sys;
 pub mod ui;

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{EventSink, ExitInfo, RunEvent, StageResult, StepResult, Stream, TestCounts};
-use super::launch::{LaunchSpec, Launcher, Process, StepChild};
+use super::launch::{LaunchSpec, Launcher, Process, ProcessGroup, StepChild};
 use super::ports::{exposed_ports, PodPorts};
 use crate::junit;
 use crate::net::StageNetwork;
@@ -124,9 +124,10 @@ struct StageState {
     failed: AtomicBool,
     outputs: Mutex<Outputs>,
     backgrounds: Mutex<Vec<Background>>,
-    /// Process groups started by this stage, killed at its end so that nothing a step
-    /// left running survives the stage.
-    groups: Mutex<Vec<i32>>,
+    /// Process groups of this stage's ended steps (their leaders unreaped, so the
+    /// ids are still theirs), killed at its end so that nothing a step left running
+    /// survives the stage.
+    groups: Mutex<Vec<ProcessGroup>>,
     /// Ports of the services when the stage runs in pod mode.
     pod_ports: Option<PodPorts>,
     /// Set when the stage's own `timeout` stopped it: the steps it stopped then end
@@ -142,6 +143,13 @@ struct Background {
 }
 
 impl StageState {
+    /// Keeps an ended step's process group for the stage's end.
+    fn keep_group(&self, child: StepChild) {
+        if let Some(group) = child.into_group() {
+            self.groups.lock().unwrap().push(group);
+        }
+    }
+
     /// In pod mode, why a service that just died may have failed to bind its port.
     fn bind_conflict(&self, dead: &str, last_lines: &[String]) -> Option<String> {
         let pods = self.pod_ports.as_ref()?;
@@ -381,9 +389,6 @@ impl<'a> Executor<'a> {
             attempt,
         });
         let mut child = launcher.launch(&spec).map_err(|e| e.to_string())?;
-        if let Some(pid) = child.id() {
-            self.state.groups.lock().unwrap().push(pid as i32);
-        }
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
@@ -557,6 +562,7 @@ impl<'a> Executor<'a> {
             }
         };
         running.drain().await;
+        self.state.keep_group(running.child);
         match &ending {
             Ending::Exited(exit) | Ending::TimedOut(Some(exit)) | Ending::Cancelled(Some(exit)) => {
                 self.ctx.events.emit(RunEvent::StepExited {
@@ -670,6 +676,7 @@ impl<'a> Executor<'a> {
                         (StepResult::Stopped, exit)
                     }
                 };
+                state.keep_group(child);
                 let tests = collect_reports(&workspace, &patterns, &key, &events);
                 events.emit(RunEvent::StepFinished {
                     step: key,
@@ -754,9 +761,8 @@ impl<'a> Executor<'a> {
     }
 
     fn kill_leftover_groups(&self) {
-        for pgid in self.state.groups.lock().unwrap().drain(..) {
-            // ESRCH (the group is gone) is the usual, good case.
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        for group in self.state.groups.lock().unwrap().drain(..) {
+            group.kill();
         }
     }
 }
