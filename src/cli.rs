@@ -188,9 +188,21 @@ pub fn main() -> i32 {
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("sandrun: {e:#}");
+            eprintln!("sandrun: {}", masked(&format!("{e:#}")));
             2
         }
+    }
+}
+
+/// The secrets of the plan being run, once it is known: an error message may quote
+/// a value (a command line, a reference) that holds one.
+static SECRETS: std::sync::OnceLock<crate::plan::Secrets> = std::sync::OnceLock::new();
+
+/// `text` with the run's secrets masked, for what is printed outside the event stream.
+fn masked(text: &str) -> String {
+    match SECRETS.get() {
+        Some(secrets) => secrets.mask(text),
+        None => text.to_string(),
     }
 }
 
@@ -359,6 +371,7 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         Some(crate::sandbox::prepare_rootless().context("cannot set up rootless mode")?)
     };
     let (_, mut plan) = load_and_plan(&args.input, false)?;
+    let _ = SECRETS.set(plan.secrets.clone());
     let mut pull = global.registry.pull_options()?;
     crate::run::images::resolve_sources(&mut plan, &pull)?;
     pull.locked = args.locked;
@@ -446,6 +459,7 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     };
     let result = runtime.block_on(async {
         let (sink, rx) = EventSink::channel();
+        let sink = sink.masking(plan.secrets.clone());
         let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();
         if args.json {
             reporters.push(Box::new(JsonReporter::new(std::io::stdout())));
@@ -519,7 +533,7 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     let (outcome, shown) = result;
     let outcome = outcome?;
     match shown {
-        Ok(Err(e)) => eprintln!("sandrun: {e:#}"),
+        Ok(Err(e)) => eprintln!("sandrun: {}", masked(&format!("{e:#}"))),
         Err(e) => eprintln!("sandrun: the display stopped: {e}"),
         Ok(Ok(())) => {}
     }

@@ -60,6 +60,25 @@ pub enum JunitError {
 }
 
 impl Report {
+    /// Every free text of the report (names, messages, failure output), to be masked.
+    pub fn texts_mut(&mut self) -> impl Iterator<Item = &mut String> {
+        self.suites.iter_mut().flat_map(|suite| {
+            let cases = suite.cases.iter_mut().flat_map(|case| {
+                let outcome: Vec<&mut String> = match &mut case.outcome {
+                    Outcome::Passed => vec![],
+                    Outcome::Failed { message, text } | Outcome::Error { message, text } => {
+                        message.iter_mut().chain(std::iter::once(text)).collect()
+                    }
+                    Outcome::Skipped { message } => message.iter_mut().collect(),
+                };
+                std::iter::once(&mut case.name)
+                    .chain(case.classname.iter_mut())
+                    .chain(outcome)
+            });
+            std::iter::once(&mut suite.name).chain(cases)
+        })
+    }
+
     pub fn counts(&self) -> TestCounts {
         let mut c = TestCounts::default();
         for case in self.suites.iter().flat_map(|s| &s.cases) {

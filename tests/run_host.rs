@@ -441,6 +441,64 @@ fn junit_reports_are_counted_and_merged() {
     }
 }
 
+/// A multi-line secret (a PEM key) is masked line by line wherever sandrun writes: its
+/// lines printed one by one, `--json`, and the merged JUnit file (read when the step
+/// ended, never again), in which a file two steps report appears once.
+#[test]
+fn every_line_of_a_multi_line_secret_is_masked_in_output_json_and_junit() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &stage(
+                r#"- step:
+    type: Run
+    name: leak
+    identifier: leak
+    spec:
+      command: |
+        key="<+secrets.getValue("pem")>"
+        printf '%s\n' "$key" | sed -n 2p
+        printf '%s\n' "$key" | sed -n 3p >&2
+        printf '<testsuite name="a"><testcase name="x"><failure message="m">%s</failure></testcase></testsuite>' "$key" > r.xml
+      reports:
+        type: JUnit
+        spec:
+          paths:
+            - r.xml
+- step:
+    type: Run
+    name: again
+    identifier: again
+    spec:
+      command: "true"
+      reports:
+        type: JUnit
+        spec:
+          paths:
+            - "*.xml"
+"#,
+            ),
+        );
+        let pem = "pem=-----BEGIN TEST KEY-----\nAAAAsecretline1\nBBBBsecretline2\n-----END TEST KEY-----";
+        for json in [false, true] {
+            let out = sb.dir.path().join(format!("out-{json}"));
+            let mut args = vec!["run", "ci.yaml", "--secret", pem, "--report-dir"];
+            args.push(out.to_str().unwrap());
+            if json {
+                args.push("--json");
+            }
+            let r = sb.run(&args);
+            r.assert_code(0);
+            assert!(!r.all().contains("secretline"), "{}", r.all());
+            assert!(r.all().contains("**************"), "{}", r.all());
+            let merged = std::fs::read_to_string(out.join("junit.xml")).unwrap();
+            assert!(!merged.contains("secretline"), "{merged}");
+            assert_eq!(merged.matches("<testcase ").count(), 1, "{merged}");
+        }
+    }
+}
+
 #[test]
 fn secrets_never_appear_in_output() {
     for mode in modes() {

@@ -788,6 +788,7 @@ fn collect_reports(
                     step: key.to_string(),
                     path,
                     counts,
+                    report: Arc::new(report),
                 });
             }
             Err(e) => events.emit(RunEvent::ReportError {

@@ -311,7 +311,9 @@ impl Reporter for TerminalReporter {
                 ));
                 self.prefixed(step, &t);
             }
-            RunEvent::Report { step, path, counts } => {
+            RunEvent::Report {
+                step, path, counts, ..
+            } => {
                 let t = format!(
                     "report {}: {} tests, {} passed, {} failed",
                     path.display(),
