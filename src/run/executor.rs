@@ -14,14 +14,13 @@ use std::time::{Duration, Instant};
 
 use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{EventSink, ExitInfo, RunEvent, StageResult, StepResult, Stream, TestCounts};
-use super::launch::{LaunchSpec, Launcher, Process, ProcessGroup, StepChild};
+use super::launch::{LaunchError, LaunchSpec, Launcher, Process, ProcessGroup, StepChild};
 use super::ports::{exposed_ports, PodPorts};
 use crate::junit;
 use crate::net::StageNetwork;
@@ -174,7 +173,24 @@ enum Ending {
     Exited(ExitInfo),
     TimedOut(Option<ExitInfo>),
     Cancelled(Option<ExitInfo>),
-    StartFailed(String),
+    StartFailed(StepError),
+}
+
+/// Why a step's process could not be started or followed; kept typed (with its
+/// source) until it becomes a step's reason in an event.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("needs image `{image}`, but containers are not available in this run")]
+    NoContainers { image: String },
+    #[error("cannot create the step's control directory {}: {source}", path.display())]
+    ControlDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error("cannot wait for the step's process: {0}")]
+    Wait(#[source] std::io::Error),
 }
 
 impl<'a> Executor<'a> {
@@ -302,14 +318,13 @@ impl<'a> Executor<'a> {
         }
     }
 
-    fn launcher_for(&self, step: &StepPlan) -> Result<&'a dyn Launcher, String> {
+    fn launcher_for(&self, step: &StepPlan) -> Result<&'a dyn Launcher, StepError> {
         match (&step.image, self.ctx.containers) {
             (None, _) => Ok(self.ctx.host),
             (Some(_), Some(c)) => Ok(c),
-            (Some(img), None) => Err(format!(
-                "needs image `{}`, but containers are not available in this run",
-                img.reference
-            )),
+            (Some(img), None) => Err(StepError::NoContainers {
+                image: img.reference.clone(),
+            }),
         }
     }
 
@@ -362,12 +377,15 @@ impl<'a> Executor<'a> {
 
     /// Start one process for `step` and pump its output into events. Returns the child
     /// and the tasks reading its output (done once the process closes its pipes).
-    fn spawn(&self, step: &StepPlan, attempt: u32) -> Result<Running, String> {
+    fn spawn(&self, step: &StepPlan, attempt: u32) -> Result<Running, StepError> {
         let launcher = self.launcher_for(step)?;
         let control = self.control_dir(step);
         let _ = std::fs::remove_dir_all(&control);
         std::fs::create_dir_all(control.join("outputs"))
-            .map_err(|e| format!("cannot create {}: {e}", control.display()))?;
+            .map_err(|source| StepError::ControlDir {
+                path: control.clone(),
+                source,
+            })?;
         let (process, env) = self.resolve(step, launcher, &control);
         let spec = LaunchSpec {
             step,
@@ -388,7 +406,7 @@ impl<'a> Executor<'a> {
             step_type: step.step_type,
             attempt,
         });
-        let mut child = launcher.launch(&spec).map_err(|e| e.to_string())?;
+        let mut child = launcher.launch(&spec)?;
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
@@ -460,7 +478,7 @@ impl<'a> Executor<'a> {
                     exit,
                 ),
                 Ending::Cancelled(exit) => break (self.stopped_result(), exit),
-                Ending::StartFailed(msg) => (ErrorKind::Failure, msg, None),
+                Ending::StartFailed(e) => (ErrorKind::Failure, e.to_string(), None),
             };
             let failed = if kind == ErrorKind::Timeout {
                 StepResult::TimedOut {
@@ -543,16 +561,16 @@ impl<'a> Executor<'a> {
     async fn attempt(&self, step: &StepPlan, attempt: u32) -> Ending {
         let mut running = match self.spawn(step, attempt) {
             Ok(r) => r,
-            Err(msg) => {
-                self.ctx.events.warn(Some(&step.key), msg.clone());
-                return Ending::StartFailed(msg);
+            Err(e) => {
+                self.ctx.events.warn(Some(&step.key), e.to_string());
+                return Ending::StartFailed(e);
             }
         };
         let deadline = step.timeout.map(|t| tokio::time::Instant::now() + t);
         let ending = tokio::select! {
             status = running.child.wait() => match status {
                 Ok(s) => Ending::Exited(ExitInfo::from_status(s)),
-                Err(e) => Ending::StartFailed(format!("cannot wait for the step's process: {e}")),
+                Err(e) => Ending::StartFailed(StepError::Wait(e)),
             },
             _ = sleep_until(deadline) => {
                 Ending::TimedOut(stop_process(&mut running.child, self.ctx.options.grace).await)
@@ -605,13 +623,13 @@ impl<'a> Executor<'a> {
         let started = Instant::now();
         let running = match self.spawn(step, 1) {
             Ok(r) => r,
-            Err(msg) => {
+            Err(e) => {
                 self.state.failed.store(true, Ordering::SeqCst);
                 self.ctx.events.emit(RunEvent::StepFinished {
                     step: step.key.clone(),
                     name: step.name.clone(),
                     step_type: step.step_type,
-                    result: StepResult::Failed { reason: msg },
+                    result: StepResult::Failed { reason: e.to_string() },
                     exit: None,
                     duration: started.elapsed(),
                     tests: None,
@@ -842,11 +860,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 /// SIGTERM the child's process group, wait `grace`, then SIGKILL it. Returns how the
 /// child ended, when it could be reaped.
 pub async fn stop_process(child: &mut StepChild, grace: Duration) -> Option<ExitInfo> {
-    let Some(pid) = child.id() else {
-        return child.wait().await.ok().map(ExitInfo::from_status);
-    };
-    let pgid = Pid::from_raw(pid as i32);
-    let _ = killpg(pgid, Signal::SIGTERM);
+    child.signal_group(Signal::SIGTERM);
     let hurry = hurry_token();
     let status = tokio::select! {
         s = child.wait() => s.ok(),
@@ -856,7 +870,7 @@ pub async fn stop_process(child: &mut StepChild, grace: Duration) -> Option<Exit
     let status = match status {
         Some(s) => Some(s),
         None => {
-            let _ = killpg(pgid, Signal::SIGKILL);
+            child.signal_group(Signal::SIGKILL);
             child.wait().await.ok()
         }
     };
@@ -921,6 +935,10 @@ fn output_trailer(shell: Shell, names: &[String], dir: &Path) -> String {
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
+
+#[cfg(test)]
+#[path = "executor_tests.rs"]
+mod scripted;
 
 #[cfg(test)]
 mod tests {

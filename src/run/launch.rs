@@ -16,6 +16,7 @@ use std::process::{Command, ExitStatus};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use futures::future::BoxFuture;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, Interest};
 
@@ -199,23 +200,111 @@ impl Launcher for HostLauncher {
 /// Output of a step's process as the executor reads it.
 pub type StepOutput = Box<dyn AsyncRead + Send + Unpin>;
 
-/// A started step process: a child of the runner leading a process group of its own,
-/// with its stdout and stderr piped to the runner; spawned (host steps, an executed
-/// helper) or cloned by the zygote as the runner's child.
-///
-/// It is waited for through a pidfd without being reaped: the leader stays a zombie,
-/// so its pid, which is also its group's id, cannot be given to another process while
-/// the runner may still signal the group. [`StepChild::into_group`] hands the group
-/// over for the stage's end, which kills it and only then reaps the leader.
+/// A started step: its piped stdout and stderr, and the process behind them.
 pub struct StepChild {
     pub stdout: Option<StepOutput>,
     pub stderr: Option<StepOutput>,
+    process: Box<dyn StepProcess>,
+}
+
+/// What the executor needs of a step's running process: the seam between the
+/// executor and the system, where its tests put a scripted process.
+pub trait StepProcess: Send {
+    /// The pid, while the process runs.
+    fn id(&self) -> Option<u32>;
+    /// Waits for the process to end. Cancel-safe; once it has ended, returns the same
+    /// status again.
+    fn wait(&mut self) -> BoxFuture<'_, io::Result<ExitStatus>>;
+    /// Sends `signal` to the step's process group, while the process runs.
+    fn signal_group(&self, signal: Signal);
+    /// The step's process group, for the stage's end to kill.
+    fn into_group(self: Box<Self>) -> Option<ProcessGroup>;
+}
+
+impl StepChild {
+    pub fn new(stdout: StepOutput, stderr: StepOutput, process: Box<dyn StepProcess>) -> Self {
+        StepChild {
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            process,
+        }
+    }
+
+    /// Wraps a child spawned by `std` with piped stdout and stderr. (A `std` child is
+    /// never reaped behind our back, unlike a tokio one.)
+    pub fn from_std(mut child: std::process::Child) -> io::Result<StepChild> {
+        let pipes = child.stdout.take().zip(child.stderr.take());
+        let wrapped = match pipes {
+            Some((out, err)) => StepChild::from_pid(child.id(), out.into(), err.into(), None),
+            None => Err(io::Error::other("the step's stdout and stderr are not piped")),
+        };
+        if wrapped.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        wrapped
+    }
+
+    /// A child of this process known by pid (it must not have been waited for yet, so
+    /// the pid cannot have been reused), with the read ends of its output pipes and,
+    /// for a container helper, the pipe it reports its step's exit status to before
+    /// it cleans up (see `sandbox::container::report_status_to`).
+    pub fn from_pid(
+        pid: u32,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+        report: Option<OwnedFd>,
+    ) -> io::Result<StepChild> {
+        let pipe = |fd: OwnedFd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd);
+        let pidfd = crate::sys::pidfd_open(pid, true)?;
+        // SAFETY: the OwnedFd moves into the AsyncFd, which keeps this same open
+        // descriptor until it is dropped or taken back with `into_inner`.
+        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        let process = ChildProcess {
+            pid,
+            pidfd: Some(pidfd),
+            status: None,
+            report: report.map(pipe).transpose()?,
+        };
+        Ok(StepChild::new(
+            Box::new(pipe(stdout)?),
+            Box::new(pipe(stderr)?),
+            Box::new(process),
+        ))
+    }
+
+    /// The pid, while the process runs.
+    pub fn id(&self) -> Option<u32> {
+        self.process.id()
+    }
+
+    /// Waits for the process to end (see [`StepProcess::wait`]).
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        self.process.wait().await
+    }
+
+    /// Sends `signal` to the step's process group, while the process runs.
+    pub fn signal_group(&self, signal: Signal) {
+        self.process.signal_group(signal)
+    }
+
+    /// The step's process group, for the stage's end to kill.
+    pub fn into_group(self) -> Option<ProcessGroup> {
+        self.process.into_group()
+    }
+}
+
+/// A step process that is the runner's own child, waited for through a pidfd
+/// without being reaped: the leader stays a zombie, so its pid, which is also its
+/// group's id, cannot be given to another process while the runner may still signal
+/// the group. [`StepProcess::into_group`] hands the group over for the stage's end,
+/// which kills it and only then reaps the leader.
+struct ChildProcess {
     pid: u32,
     /// The leader's pidfd, until the group is handed over (or reaped on drop).
     pidfd: Option<AsyncFd<OwnedFd>>,
     status: Option<ExitStatus>,
-    /// Where a container helper reports its step's exit status before it cleans up
-    /// (see `sandbox::container::report_status_to`).
     report: Option<tokio::net::unix::pipe::Receiver>,
 }
 
@@ -257,7 +346,7 @@ impl ProcessGroup {
     }
 }
 
-impl Drop for StepChild {
+impl Drop for ChildProcess {
     fn drop(&mut self) {
         // Dropped without its group handed over: a step abandoned while running is
         // killed (its leader is unreaped, so the group is still its own).
@@ -271,62 +360,7 @@ impl Drop for StepChild {
     }
 }
 
-impl StepChild {
-    /// Wraps a child spawned by `std` with piped stdout and stderr. (A `std` child is
-    /// never reaped behind our back, unlike a tokio one.)
-    pub fn from_std(mut child: std::process::Child) -> io::Result<StepChild> {
-        let pipes = child.stdout.take().zip(child.stderr.take());
-        let wrapped = match pipes {
-            Some((out, err)) => StepChild::from_pid(child.id(), out.into(), err.into()),
-            None => Err(io::Error::other("the step's stdout and stderr are not piped")),
-        };
-        if wrapped.is_err() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        wrapped
-    }
-
-    /// A child of this process known by pid (it must not have been waited for yet, so
-    /// the pid cannot have been reused), with the read ends of its output pipes.
-    pub fn from_pid(pid: u32, stdout: OwnedFd, stderr: OwnedFd) -> io::Result<StepChild> {
-        let pidfd = crate::sys::pidfd_open(pid, true)?;
-        let pipe = |fd: OwnedFd| -> io::Result<StepOutput> {
-            Ok(Box::new(tokio::net::unix::pipe::Receiver::from_owned_fd(
-                fd,
-            )?))
-        };
-        // SAFETY: the OwnedFd moves into the AsyncFd, which keeps this same open
-        // descriptor until it is dropped or taken back with `into_inner`.
-        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
-            .map_err(io::Error::from)?;
-        Ok(StepChild {
-            stdout: Some(pipe(stdout)?),
-            stderr: Some(pipe(stderr)?),
-            pid,
-            pidfd: Some(pidfd),
-            status: None,
-            report: None,
-        })
-    }
-
-    /// Takes the step's exit status from `status` (a pipe the helper writes it to
-    /// before cleaning up) when it comes before the helper's own exit.
-    pub fn with_status_pipe(mut self, status: OwnedFd) -> io::Result<StepChild> {
-        self.report = Some(tokio::net::unix::pipe::Receiver::from_owned_fd(status)?);
-        Ok(self)
-    }
-
-    /// The pid, while the process runs.
-    pub fn id(&self) -> Option<u32> {
-        self.status.is_none().then_some(self.pid)
-    }
-
-    /// The step's process group, for the stage's end to kill.
-    pub fn into_group(mut self) -> Option<ProcessGroup> {
-        self.take_group()
-    }
-
+impl ChildProcess {
     fn take_group(&mut self) -> Option<ProcessGroup> {
         self.pidfd.take().map(|fd| ProcessGroup {
             leader: fd.into_inner(),
@@ -334,9 +368,7 @@ impl StepChild {
         })
     }
 
-    /// Waits for the process to end, leaving it unreaped (see [`StepChild`]).
-    /// Cancel-safe; once it has ended, returns the same status again.
-    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+    async fn wait_unreaped(&mut self) -> io::Result<ExitStatus> {
         loop {
             if let Some(s) = self.status {
                 return Ok(s);
@@ -382,6 +414,28 @@ impl StepChild {
     }
 }
 
+impl StepProcess for ChildProcess {
+    fn id(&self) -> Option<u32> {
+        self.status.is_none().then_some(self.pid)
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, io::Result<ExitStatus>> {
+        Box::pin(self.wait_unreaped())
+    }
+
+    fn signal_group(&self, signal: Signal) {
+        // Only while the leader runs: after, the group may be gone, and its id is
+        // kept for the stage's end (see ProcessGroup). ESRCH is harmless.
+        if self.status.is_none() && self.pidfd.is_some() {
+            let _ = killpg(Pid::from_raw(self.pid as i32), signal);
+        }
+    }
+
+    fn into_group(mut self: Box<Self>) -> Option<ProcessGroup> {
+        self.take_group()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,7 +465,7 @@ mod tests {
             .await
             .unwrap();
         let left: u32 = line.trim().parse().unwrap();
-        let leader = child.pid;
+        let leader = child.id().unwrap();
         assert!(child.wait().await.unwrap().success());
         assert_eq!(child.id(), None);
         assert_eq!(state_of(leader), Some('Z'), "the leader must stay unreaped");

@@ -176,8 +176,7 @@ impl Launcher for ContainerLauncher {
                     )
                     .map_err(failed)?;
                 drop((out_write, err_write, status_write));
-                StepChild::from_pid(pid.as_raw() as u32, out_read, err_read)
-                    .and_then(|child| child.with_status_pipe(status_read))
+                StepChild::from_pid(pid.as_raw() as u32, out_read, err_read, Some(status_read))
                     .map_err(failed)
             }
             None => spawn_container(&self.binary, &container, netns)
