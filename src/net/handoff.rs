@@ -597,9 +597,9 @@ async fn receive_listener(listener: &UnixListener) -> io::Result<OwnedFd> {
         });
         match got {
             Ok((_, fds)) if !fds.is_empty() => {
-                // SAFETY: SCM_RIGHTS installed these descriptors for us.
                 let mut owned: Vec<OwnedFd> = fds
                     .into_iter()
+                    // SAFETY: SCM_RIGHTS installed these descriptors for us alone.
                     .map(|f| unsafe { OwnedFd::from_raw_fd(f) })
                     .collect();
                 return Ok(owned.swap_remove(0));

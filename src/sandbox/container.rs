@@ -1,7 +1,9 @@
 //! `sandrun __container <spec.json>`: the single-threaded helper that runs one
 //! container. libcontainer clones the calling process and runs Rust code in the child,
-//! which is unsafe from a multi-threaded tokio runner, so the runner re-executes
-//! itself as this helper for every container step.
+//! which is unsafe from a multi-threaded tokio runner, so every container step gets a
+//! helper of its own: cloned by the zygote (`sandbox::zygote`, the usual way, no exec)
+//! or, when no zygote could be started, the runner's binary executed as
+//! `sandrun __container` (`sandbox::launch`).
 //!
 //! The helper takes a private mount namespace (so the overlay root filesystem goes
 //! away with it, whatever happens), mounts the image layers, resolves the process,
