@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh test
 
 if cargo nextest --version >/dev/null 2>&1; then
+  # Under CI, the `ci` profile of .config/nextest.toml (JUnit report, all failures).
+  if [ "${CI:-}" = true ]; then export NEXTEST_PROFILE="${NEXTEST_PROFILE:-ci}"; fi
   cargo nextest run --no-fail-fast "$@"
 else
   cargo test --no-fail-fast "$@"

@@ -236,9 +236,21 @@ pub fn main() -> i32 {
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("sandrun: {e:#}");
+            eprintln!("sandrun: {}", masked(&format!("{e:#}")));
             2
         }
+    }
+}
+
+/// The secrets of the plan being run, once it is known: an error message may quote
+/// a value (a command line, a reference) that holds one.
+static SECRETS: std::sync::OnceLock<crate::plan::Secrets> = std::sync::OnceLock::new();
+
+/// `text` with the run's secrets masked, for what is printed outside the event stream.
+fn masked(text: &str) -> String {
+    match SECRETS.get() {
+        Some(secrets) => secrets.mask(text),
+        None => text.to_string(),
     }
 }
 
@@ -467,6 +479,7 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     if let Some(dir) = &args.report_dir {
         JunitWriter::check_dir(dir)?;
     }
+    let _ = SECRETS.set(plan.secrets.clone());
     let mut pull = global.registry.pull_options()?;
     crate::run::images::resolve_sources(&mut plan, &pull)?;
     pull.locked = args.locked;
@@ -554,6 +567,7 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     };
     let result = runtime.block_on(async {
         let (sink, rx) = EventSink::channel();
+        let sink = sink.masking(plan.secrets.clone());
         let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();
         if args.json {
             reporters.push(Box::new(JsonReporter::new(std::io::stdout())));
@@ -628,7 +642,7 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     let outcome = outcome?;
     let reported = match shown {
         Ok(Err(e)) => {
-            eprintln!("sandrun: {e:#}");
+            eprintln!("sandrun: {}", masked(&format!("{e:#}")));
             false
         }
         Err(e) => {

@@ -2,9 +2,10 @@
 //!
 //! Test tools disagree on the details of JUnit XML (a `<testsuites>` root or a bare
 //! `<testsuite>`, nested suites, counts in attributes that do not match the cases), so
-//! counts come from the `<testcase>` elements themselves, never from attributes.
+//! counts come from the `<testcase>` elements themselves, never from attributes. The
+//! merged file is written with quick-junit, so its escaping and shape are a maintained
+//! writer's, not format strings.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use quick_xml::events::{BytesStart, Event};
@@ -61,6 +62,25 @@ pub enum JunitError {
 }
 
 impl Report {
+    /// Every free text of the report (names, messages, failure output), to be masked.
+    pub fn texts_mut(&mut self) -> impl Iterator<Item = &mut String> {
+        self.suites.iter_mut().flat_map(|suite| {
+            let cases = suite.cases.iter_mut().flat_map(|case| {
+                let outcome: Vec<&mut String> = match &mut case.outcome {
+                    Outcome::Passed => vec![],
+                    Outcome::Failed { message, text } | Outcome::Error { message, text } => {
+                        message.iter_mut().chain(std::iter::once(text)).collect()
+                    }
+                    Outcome::Skipped { message } => message.iter_mut().collect(),
+                };
+                std::iter::once(&mut case.name)
+                    .chain(case.classname.iter_mut())
+                    .chain(outcome)
+            });
+            std::iter::once(&mut suite.name).chain(cases)
+        })
+    }
+
     pub fn counts(&self) -> TestCounts {
         let mut c = TestCounts::default();
         for case in self.suites.iter().flat_map(|s| &s.cases) {
@@ -280,87 +300,68 @@ fn attr(e: &BytesStart<'_>, name: &str) -> Option<String> {
 
 /// Write `reports` (each tagged with the step it came from) as one `<testsuites>` file.
 pub fn merge(reports: &[(String, Report)]) -> String {
-    let mut total = TestCounts::default();
-    for (_, r) in reports {
-        total.add(&r.counts());
-    }
-    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-    let _ = writeln!(
-        out,
-        "<testsuites name=\"sandrun\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\">",
-        total.tests, total.failures, total.errors, total.skipped
-    );
+    use quick_junit::{NonSuccessKind, Property, TestCase, TestCaseStatus, TestSuite};
+    let mut merged = quick_junit::Report::new("sandrun");
     for (step, report) in reports {
         for suite in &report.suites {
-            let c = Report {
-                suites: vec![suite.clone()],
-            }
-            .counts();
             let name = if suite.name.is_empty() {
-                step.clone()
+                step
             } else {
-                suite.name.clone()
+                &suite.name
             };
-            let _ = write!(
-                out,
-                "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\"",
-                esc(&name),
-                c.tests,
-                c.failures,
-                c.errors,
-                c.skipped
-            );
-            if let Some(t) = &suite.time {
-                let _ = write!(out, " time=\"{}\"", esc(t));
+            let mut out = TestSuite::new(name.as_str());
+            out.add_property(Property::new("sandrun.step", step.as_str()));
+            if let Some(t) = suite.time.as_deref().and_then(seconds) {
+                out.set_time(t);
             }
-            out.push_str(">\n");
-            let _ = writeln!(
-                out,
-                "    <properties><property name=\"sandrun.step\" value=\"{}\"/></properties>",
-                esc(step)
-            );
             for case in &suite.cases {
-                let _ = write!(out, "    <testcase name=\"{}\"", esc(&case.name));
+                let status = match &case.outcome {
+                    Outcome::Passed => TestCaseStatus::success(),
+                    Outcome::Failed { message, text } | Outcome::Error { message, text } => {
+                        let kind = match case.outcome {
+                            Outcome::Failed { .. } => NonSuccessKind::Failure,
+                            _ => NonSuccessKind::Error,
+                        };
+                        let mut status = TestCaseStatus::non_success(kind);
+                        if let Some(m) = message {
+                            status.set_message(m.as_str());
+                        }
+                        if !text.is_empty() {
+                            status.set_description(text.as_str());
+                        }
+                        status
+                    }
+                    Outcome::Skipped { message } => {
+                        let mut status = TestCaseStatus::skipped();
+                        if let Some(m) = message {
+                            status.set_message(m.as_str());
+                        }
+                        status
+                    }
+                };
+                let mut c = TestCase::new(case.name.as_str(), status);
                 if let Some(cn) = &case.classname {
-                    let _ = write!(out, " classname=\"{}\"", esc(cn));
+                    c.set_classname(cn.as_str());
                 }
-                if let Some(t) = &case.time {
-                    let _ = write!(out, " time=\"{}\"", esc(t));
+                if let Some(t) = case.time.as_deref().and_then(seconds) {
+                    c.set_time(t);
                 }
-                match &case.outcome {
-                    Outcome::Passed => out.push_str("/>\n"),
-                    Outcome::Failed { message, text } => {
-                        write_outcome(&mut out, "failure", message, text)
-                    }
-                    Outcome::Error { message, text } => {
-                        write_outcome(&mut out, "error", message, text)
-                    }
-                    Outcome::Skipped { message } => write_outcome(&mut out, "skipped", message, ""),
-                }
+                out.add_test_case(c);
             }
-            out.push_str("  </testsuite>\n");
+            merged.add_test_suite(out);
         }
     }
-    out.push_str("</testsuites>\n");
-    out
+    // Serialising into memory fails only on a writer error, which a String never has.
+    merged
+        .to_string()
+        .expect("a JUnit report serialises to a String")
 }
 
-fn write_outcome(out: &mut String, tag: &str, message: &Option<String>, text: &str) {
-    out.push_str(">\n      <");
-    out.push_str(tag);
-    if let Some(m) = message {
-        let _ = write!(out, " message=\"{}\"", esc(m));
-    }
-    if text.is_empty() {
-        out.push_str("/>\n");
-    } else {
-        let _ = writeln!(out, ">{}</{tag}>", esc(text));
-    }
-    out.push_str("    </testcase>\n");
-}
-
-fn esc(s: &str) -> String {
-    quick_xml::escape::escape(s).into_owned()
+/// A JUnit `time` attribute (seconds, fractional) as a duration; `None` when it is not
+/// one (tools write odd things there, and the merged file must stay valid).
+fn seconds(text: &str) -> Option<std::time::Duration> {
+    let s: f64 = text.trim().parse().ok()?;
+    (s.is_finite() && s >= 0.0).then(|| std::time::Duration::from_secs_f64(s))
 }
 
 #[cfg(test)]
@@ -418,7 +419,12 @@ mod tests {
         let back = parse_str(&merged).unwrap();
         assert_eq!(back.counts(), r.counts());
         assert!(merged.contains("name=\"sandrun.step\" value=\"tests\""));
-        assert_eq!(back.suites[0].cases, r.suites[0].cases);
+        let outcomes = |r: &Report| -> Vec<(String, Outcome)> {
+            (r.suites[0].cases.iter())
+                .map(|c| (c.name.clone(), c.outcome.clone()))
+                .collect()
+        };
+        assert_eq!(outcomes(&back), outcomes(&r));
     }
 
     #[test]

@@ -3,7 +3,14 @@
 //! The crate follows the data flow in `docs/ARCHITECTURE.md`: `pipeline` (YAML in,
 //! typed steps out) -> `plan` (everything decided up front) -> `run` (the executor,
 //! which emits events) -> `ui` (consumers of those events). `store`, `sandbox` and
-//! `net` are asked for images, containers and networks by `run`; they never call back.
+//! `net` are asked for images, containers and networks by `run`. One edge still points
+//! back: `sandbox::ContainerLauncher` implements `run::launch::Launcher` and uses its
+//! `LaunchSpec` and `StepChild` (the launch contract both sides share). `sys` holds the
+//! process-lifetime system calls (pidfds, waiting without reaping, the parent-death
+//! signal) that every layer starting processes uses.
+
+// Every `unsafe` block says why it is sound (checked by clippy).
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
 pub mod config;
@@ -17,4 +24,5 @@ pub mod recipe;
 pub mod run;
 pub mod sandbox;
 pub mod store;
+pub mod sys;
 pub mod ui;

@@ -5,6 +5,7 @@
 #[path = "support/registry.rs"]
 mod registry;
 
+mod prereq;
 #[path = "support/mod.rs"]
 mod support;
 

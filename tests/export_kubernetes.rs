@@ -5,6 +5,7 @@
 //! `NAME.err` for one that is refused. `UPDATE_GOLDEN=1 cargo test --test
 //! export_kubernetes` rewrites them; review the diff by eye before committing.
 
+mod prereq;
 mod support;
 
 use std::collections::BTreeMap;

@@ -10,6 +10,7 @@ mod registry;
 
 #[path = "support/mod.rs"]
 mod e2e;
+mod prereq;
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;

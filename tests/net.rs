@@ -6,6 +6,7 @@
 //!
 //! All traffic stays on loopback or inside namespaces the test made.
 
+mod prereq;
 mod rootless;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
@@ -467,11 +468,15 @@ async fn run_scenario(name: &str, state: &Path) {
 
 fn as_root(name: &str) {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: network namespaces need root here (the rootless variant runs via sandrun-test)");
+        prereq::missing(
+            "network namespaces need root here (the rootless variant runs via sandrun-test)",
+        );
         return;
     }
     // One at a time: the teardown scenario checks that no namespace of this process
-    // is left, which other scenarios running alongside would contradict.
+    // is left, which other scenarios running alongside would contradict. That only
+    // happens under `cargo test` (threads of one process); nextest runs each test in a
+    // process of its own and serialises this file through its `network` test group.
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let state = tempfile::tempdir().unwrap();
     tokio::runtime::Runtime::new()

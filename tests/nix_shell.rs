@@ -2,6 +2,7 @@
 //! `image`) run the invoking shell's own tools and see its environment, which is what a
 //! development shell is for.
 
+mod prereq;
 mod support;
 
 use std::path::Path;

@@ -3,6 +3,7 @@
 //! files are kept between tests and test runs in a shared download cache), and a recipe
 //! used as a step's image, as root and rootless.
 
+mod prereq;
 mod support;
 
 use std::path::{Path, PathBuf};

@@ -3,6 +3,7 @@
 //! with `--set` or a values file, and timeouts from expressions. The pipelines are in
 //! `testdata/pipelines/expressions/`.
 
+mod prereq;
 mod support;
 
 use std::path::Path;

@@ -1,6 +1,7 @@
 //! End-to-end runs of the real binary with host steps (no image): the executor's
 //! semantics with real processes, as root and rootless.
 
+mod prereq;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -233,6 +234,52 @@ fn a_step_past_its_timeout_is_killed_and_fails_the_stage() {
     }
 }
 
+/// A stage past its own `timeout` stops its steps as Ctrl-C would: SIGTERM (a trap
+/// runs), the grace period, SIGKILL; each stopped step has its row, timed out, and
+/// the steps after it are skipped.
+#[test]
+fn a_stage_past_its_timeout_stops_its_steps_with_sigterm_and_reports_them() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let marker = format!("sleep 2{}", free_port());
+        let stage = stage(&format!(
+            r#"- parallel:
+  - step:
+      type: Run
+      name: trapping
+      identifier: trapping
+      spec:
+        command: |
+          trap 'echo trap ran; exit 3' TERM
+          {marker} &
+          wait
+  - step:
+      type: Run
+      name: stubborn
+      identifier: stubborn
+      spec:
+        command: trap '' TERM; {marker}
+- step:
+    type: Run
+    name: after
+    identifier: after
+    spec:
+      command: echo never
+"#
+        ))
+        .replacen("  spec:\n", "  timeout: 2s\n  spec:\n", 1);
+        sb.write("ci.yaml", &stage);
+        let r = sb.run(["run", "ci.yaml", "--grace", "1s"]);
+        r.assert_code(1).assert_stdout("trap ran");
+        assert!(r.all().contains("ran past its timeout"), "{}", r.all());
+        for step in ["trapping", "stubborn"] {
+            assert!(r.summary_row(step).contains("TIMED OUT"), "{}", r.all());
+        }
+        assert!(r.summary_row("after").contains("skipped"), "{}", r.all());
+        assert_no_process(&marker);
+    }
+}
+
 #[test]
 fn failure_strategies_retry_ignore_and_abort() {
     for mode in modes() {
@@ -407,6 +454,64 @@ fn output_and_report_symlinks_are_not_followed_out() {
             &stage(&support::symlink_leak_steps(None, &secret)),
         );
         support::assert_symlinks_do_not_leak(&sb);
+    }
+}
+
+/// A multi-line secret (a PEM key) is masked line by line wherever sandrun writes: its
+/// lines printed one by one, `--json`, and the merged JUnit file (read when the step
+/// ended, never again), in which a file two steps report appears once.
+#[test]
+fn every_line_of_a_multi_line_secret_is_masked_in_output_json_and_junit() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &stage(
+                r#"- step:
+    type: Run
+    name: leak
+    identifier: leak
+    spec:
+      command: |
+        key="<+secrets.getValue("pem")>"
+        printf '%s\n' "$key" | sed -n 2p
+        printf '%s\n' "$key" | sed -n 3p >&2
+        printf '<testsuite name="a"><testcase name="x"><failure message="m">%s</failure></testcase></testsuite>' "$key" > r.xml
+      reports:
+        type: JUnit
+        spec:
+          paths:
+            - r.xml
+- step:
+    type: Run
+    name: again
+    identifier: again
+    spec:
+      command: "true"
+      reports:
+        type: JUnit
+        spec:
+          paths:
+            - "*.xml"
+"#,
+            ),
+        );
+        let pem = "pem=-----BEGIN TEST KEY-----\nAAAAsecretline1\nBBBBsecretline2\n-----END TEST KEY-----";
+        for json in [false, true] {
+            let out = sb.dir.path().join(format!("out-{json}"));
+            let mut args = vec!["run", "ci.yaml", "--secret", pem, "--report-dir"];
+            args.push(out.to_str().unwrap());
+            if json {
+                args.push("--json");
+            }
+            let r = sb.run(&args);
+            r.assert_code(0);
+            assert!(!r.all().contains("secretline"), "{}", r.all());
+            assert!(r.all().contains("**************"), "{}", r.all());
+            let merged = std::fs::read_to_string(out.join("junit.xml")).unwrap();
+            assert!(!merged.contains("secretline"), "{merged}");
+            assert_eq!(merged.matches("<testcase ").count(), 1, "{merged}");
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The stage network seen from real pipelines with host steps: names, isolation, port
 //! bindings, pod mode. All traffic stays on loopback or inside the run's namespaces.
 
+mod prereq;
 mod support;
 
 use std::io::{Read, Write};

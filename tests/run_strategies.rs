@@ -2,6 +2,7 @@
 //! `parallelism` or `repeat` as a step (or group, or stage) of its own, with host steps.
 //! Concurrency is asserted through files the steps write, never through timing.
 
+mod prereq;
 mod support;
 
 use support::{modes, Sandbox};

@@ -1,6 +1,7 @@
 //! End-to-end: the real `sandrun` binary pulling test images (built offline from
 //! busybox-static with umoci, pushed with skopeo) from a real loopback registry.
 
+mod prereq;
 #[path = "support/registry.rs"]
 mod registry;
 
@@ -198,7 +199,7 @@ fn multi_arch_index_resolves_this_platform() {
         return;
     }
     if std::env::consts::ARCH != "x86_64" {
-        eprintln!("skipped: the test index is built for an amd64 host");
+        prereq::missing("the test index is built for an amd64 host");
         return;
     }
     let reg = Registry::start();
@@ -273,7 +274,12 @@ fn zstd_layers() {
 
 #[test]
 fn basic_auth_from_docker_config() {
-    if !tools_present() || !registry::have("htpasswd") {
+    if !tools_present()
+        || !prereq::require(
+            registry::have("htpasswd"),
+            "`htpasswd` is not installed (Debian package: apache2-utils)",
+        )
+    {
         return;
     }
     let reg = Registry::start_with_auth("tester", "s3cret-pw");
@@ -694,8 +700,8 @@ fn rootless_pull_keeps_owners_through_subuids() {
         return;
     }
     if !e2e::is_root() || e2e::test_user().is_none() {
-        eprintln!(
-            "skipped: needs root to build an image with owned files and the `sandrun-test` user"
+        prereq::missing(
+            "needs root to build an image with owned files and the `sandrun-test` user",
         );
         return;
     }

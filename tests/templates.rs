@@ -3,6 +3,7 @@
 //! inlined with their `templateInputs`; mistakes named with the file and line they are
 //! in.
 
+mod prereq;
 mod support;
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! Rootless namespace entry (`sandbox::userns`), exercised for real: the suite runs as
 //! root and spawns `sandrun __unshare` as the unprivileged user `sandrun-test`.
 
+mod prereq;
 mod rootless;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -175,7 +176,7 @@ fn invoking_user_is_mapped_back_for_host_processes() {
 #[test]
 fn unshare_as_root_runs_the_command_without_a_user_namespace() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: checks the root path");
+        prereq::missing("checks the root path");
         return;
     }
     let out = std::process::Command::new(SANDRUN)

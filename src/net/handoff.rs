@@ -451,19 +451,7 @@ fn remote_io(pid: u32, addr: u64, buf: &mut [u8], write: bool) -> io::Result<()>
 
 /// A duplicate of descriptor `fd` of process `pid`.
 fn take_fd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open(2) and pidfd_getfd(2); both descriptors are owned at once.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
-        if pidfd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
-        let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
-        if got < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(got as RawFd))
-    }
+    crate::sys::pidfd_getfd(crate::sys::pidfd_open(pid, false)?, fd)
 }
 
 /// Accepts a connection if one is queued (EAGAIN if not), without touching the
@@ -609,9 +597,9 @@ async fn receive_listener(listener: &UnixListener) -> io::Result<OwnedFd> {
         });
         match got {
             Ok((_, fds)) if !fds.is_empty() => {
-                // SAFETY: SCM_RIGHTS installed these descriptors for us.
                 let mut owned: Vec<OwnedFd> = fds
                     .into_iter()
+                    // SAFETY: SCM_RIGHTS installed these descriptors for us alone.
                     .map(|f| unsafe { OwnedFd::from_raw_fd(f) })
                     .collect();
                 return Ok(owned.swap_remove(0));

@@ -10,8 +10,9 @@
 //!
 //! How the executor uses it: `allocate` at plan time; before the first step
 //! `HostPortProxy::bind` (fails early on a busy port), `StageNetwork::create`, then
-//! `HostPortProxy::serve`; each step's child calls `StepJoin::enter` in `pre_exec`
-//! (`container_join` / `host_join`); at the end `ProxyServer::shutdown` and
+//! `HostPortProxy::serve`; a host step's child calls `StepJoin::enter` (`host_join`)
+//! in `pre_exec`, a container helper is handed the step's namespace (`step_netns`) and
+//! enters it itself; at the end `ProxyServer::shutdown` and
 //! `StageNetwork::teardown`.
 
 mod connect;

@@ -426,15 +426,33 @@ pub struct Outputs {
 }
 
 /// Secret values to be masked wherever sandrun prints.
+///
+/// Output is read and masked line by line, so a secret that spans lines (a PEM key, a
+/// JSON credential) is also masked by each of its lines on its own: a line of it must
+/// never appear, whatever surrounds it.
 #[derive(Clone, Debug, Default)]
 pub struct Secrets {
     values: Vec<String>,
 }
 
+/// What replaces a secret.
+const MASK: &str = "**************";
+
 impl Secrets {
     pub fn add(&mut self, value: &str) {
         // Masking one-character values would shred every log line; Harness does not either.
-        if value.len() >= 2 && !self.values.iter().any(|v| v == value) {
+        self.insert(value, 2);
+        if value.contains('\n') {
+            // Lines of a few characters ("-----", "}", "==") are not secret on their
+            // own and would shred unrelated output: the line masks start at 4.
+            for line in value.lines() {
+                self.insert(line.trim(), 4);
+            }
+        }
+    }
+
+    fn insert(&mut self, value: &str, min_len: usize) {
+        if value.len() >= min_len && !self.values.iter().any(|v| v == value) {
             self.values.push(value.to_string());
             // Longest first, so that a secret containing another is masked whole.
             self.values.sort_by_key(|v| std::cmp::Reverse(v.len()));
@@ -447,15 +465,41 @@ impl Secrets {
 
     pub fn mask(&self, text: &str) -> String {
         let mut out = text.to_string();
+        self.mask_in_place(&mut out);
+        out
+    }
+
+    /// Masks `text` where it stands (no copy when nothing is secret).
+    pub fn mask_in_place(&self, text: &mut String) {
         for v in &self.values {
-            if out.contains(v.as_str()) {
-                out = out.replace(v.as_str(), "**************");
+            if text.contains(v.as_str()) {
+                *text = text.replace(v.as_str(), MASK);
             }
         }
-        out
     }
 
     pub fn contains(&self, text: &str) -> bool {
         self.values.iter().any(|v| text.contains(v.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::Secrets;
+
+    #[test]
+    fn every_line_of_a_multi_line_secret_is_masked_on_its_own() {
+        let mut s = Secrets::default();
+        s.add("-----BEGIN KEY-----\nMIIEvQIBADANBgkq\nhkiG9w0BAQEFAASC\n==\n-----END KEY-----\n");
+        for line in [
+            "MIIEvQIBADANBgkq",
+            "hkiG9w0BAQEFAASC",
+            "-----BEGIN KEY-----",
+        ] {
+            assert_eq!(s.mask(&format!("> {line} <")), "> ************** <");
+        }
+        // Short lines alone are no secret.
+        assert_eq!(s.mask("a == b"), "a == b");
+        assert!(!s.contains("x\ny"));
     }
 }

@@ -3,15 +3,17 @@
 //! The executor only emits [`RunEvent`]s; the terminal display, the `--json` stream, the
 //! JUnit writer and the summary are consumers of the same events, so adding an output
 //! never touches the executor (the shape nextest's reporters have). Secret values are
-//! masked before an event is emitted.
+//! masked in every text an event carries as it is emitted ([`EventSink::masking`]), so
+//! no reporter can print one.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::plan::StepType;
+use crate::plan::{Secrets, StepType};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -200,6 +202,8 @@ pub enum RunEvent {
         #[serde(with = "duration_ms")]
         after: Duration,
     },
+    /// A JUnit report a step left, as read when the step ended (the `--report-dir`
+    /// writer merges these, and never reads the step's files again).
     Report {
         step: String,
         path: PathBuf,
@@ -236,6 +240,38 @@ pub enum RunEvent {
     },
 }
 
+impl RunEvent {
+    /// Masks `secrets` in every text the event carries.
+    fn mask(&mut self, secrets: &Secrets) {
+        let texts: Vec<&mut String> = match self {
+            RunEvent::ImageReady { reference, .. } => vec![reference],
+            RunEvent::StageSkipped { reason, .. } => vec![reason],
+            RunEvent::Output { line, .. } => vec![line],
+            RunEvent::BackgroundDied { last_lines, .. } => last_lines.iter_mut().collect(),
+            RunEvent::ReportError { message, .. } | RunEvent::Warning { message, .. } => {
+                vec![message]
+            }
+            RunEvent::Report { report, .. } => Arc::make_mut(report).texts_mut().collect(),
+            RunEvent::StepFinished { result, .. } => match result {
+                StepResult::Failed { reason }
+                | StepResult::FailureIgnored { reason }
+                | StepResult::Skipped { reason } => vec![reason],
+                _ => vec![],
+            },
+            RunEvent::StageStarted { .. }
+            | RunEvent::StepStarted { .. }
+            | RunEvent::StepReady { .. }
+            | RunEvent::ReadyTimeout { .. }
+            | RunEvent::StepExited { .. }
+            | RunEvent::Retrying { .. }
+            | RunEvent::StageFinished { .. } => vec![],
+        };
+        for text in texts {
+            secrets.mask_in_place(text);
+        }
+    }
+}
+
 mod duration_ms {
     use serde::Serializer;
     use std::time::Duration;
@@ -249,15 +285,28 @@ mod duration_ms {
 #[derive(Clone)]
 pub struct EventSink {
     tx: mpsc::UnboundedSender<RunEvent>,
+    secrets: Arc<Secrets>,
 }
 
 impl EventSink {
     pub fn channel() -> (EventSink, mpsc::UnboundedReceiver<RunEvent>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (EventSink { tx }, rx)
+        let secrets = Arc::default();
+        (EventSink { tx, secrets }, rx)
     }
 
-    pub fn emit(&self, event: RunEvent) {
+    /// This sink, masking `secrets` in every event it carries from now on.
+    pub fn masking(self, secrets: Secrets) -> EventSink {
+        EventSink {
+            secrets: Arc::new(secrets),
+            ..self
+        }
+    }
+
+    pub fn emit(&self, mut event: RunEvent) {
+        if !self.secrets.is_empty() {
+            event.mask(&self.secrets);
+        }
         // The receiver only goes away when the process is exiting.
         let _ = self.tx.send(event);
     }
@@ -267,5 +316,43 @@ impl EventSink {
             step: step.map(str::to_string),
             message: message.into(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_text_an_event_carries_is_masked() {
+        let mut secrets = Secrets::default();
+        secrets.add("line-one-of-it\nline-two-of-it");
+        let (sink, mut rx) = EventSink::channel();
+        let sink = sink.masking(secrets);
+        sink.warn(Some("s"), "cannot start: line-two-of-it");
+        sink.emit(RunEvent::StepFinished {
+            step: "s".into(),
+            name: "s".into(),
+            step_type: StepType::Run,
+            result: StepResult::Failed {
+                reason: "bad line-one-of-it".into(),
+            },
+            exit: None,
+            duration: Duration::ZERO,
+            tests: None,
+        });
+        sink.emit(RunEvent::ReportError {
+            step: "s".into(),
+            path: "r.xml".into(),
+            message: "at line-one-of-it".into(),
+        });
+        drop(sink);
+        let mut seen = 0;
+        while let Ok(event) = rx.try_recv() {
+            let json = serde_json::to_string(&event).unwrap();
+            assert!(!json.contains("-of-it"), "{json}");
+            seen += 1;
+        }
+        assert_eq!(seen, 3);
     }
 }

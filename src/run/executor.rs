@@ -14,14 +14,13 @@ use std::time::{Duration, Instant};
 
 use futures::future::{join_all, BoxFuture};
 use futures::{stream, FutureExt, StreamExt};
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{EventSink, ExitInfo, RunEvent, StageResult, StepResult, Stream, TestCounts};
-use super::launch::{LaunchSpec, Launcher, Process, StepChild};
+use super::launch::{LaunchError, LaunchSpec, Launcher, Process, ProcessGroup, StepChild};
 use super::ports::{exposed_ports, PodPorts};
 use crate::junit;
 use crate::net::StageNetwork;
@@ -114,24 +113,7 @@ pub async fn run_stage(ctx: &StageContext<'_>) -> StageResult {
         }),
         stage_cancel: ctx.cancel.child_token(),
     };
-    let body = exec.run_nodes(&ctx.stage.nodes);
-    match ctx.stage.timeout {
-        Some(limit) => {
-            if tokio::time::timeout(limit, body).await.is_err() {
-                ctx.events.warn(
-                    None,
-                    format!(
-                        "stage `{}` ran past its timeout of {}; stopping it",
-                        ctx.stage.identifier,
-                        crate::ui::format_duration(limit)
-                    ),
-                );
-                exec.state.failed.store(true, Ordering::SeqCst);
-                exec.stage_cancel.cancel();
-            }
-        }
-        None => body.await,
-    }
+    exec.run_within_stage_timeout().await;
     exec.stop_backgrounds().await;
     exec.kill_leftover_groups();
     let own = std::mem::take(&mut exec.state.outputs.lock().unwrap().steps);
@@ -160,11 +142,15 @@ struct StageState {
     failed: AtomicBool,
     outputs: Mutex<Outputs>,
     backgrounds: Mutex<Vec<Background>>,
-    /// Process groups started by this stage, killed at its end so that nothing a step
-    /// left running survives the stage.
-    groups: Mutex<Vec<i32>>,
+    /// Process groups of this stage's ended steps (their leaders unreaped, so the
+    /// ids are still theirs), killed at its end so that nothing a step left running
+    /// survives the stage.
+    groups: Mutex<Vec<ProcessGroup>>,
     /// Ports of the services when the stage runs in pod mode.
     pod_ports: Option<PodPorts>,
+    /// Set when the stage's own `timeout` stopped it: the steps it stopped then end
+    /// as timed out, not cancelled.
+    timed_out: AtomicBool,
 }
 
 struct Background {
@@ -175,6 +161,13 @@ struct Background {
 }
 
 impl StageState {
+    /// Keeps an ended step's process group for the stage's end.
+    fn keep_group(&self, child: StepChild) {
+        if let Some(group) = child.into_group() {
+            self.groups.lock().unwrap().push(group);
+        }
+    }
+
     /// In pod mode, why a service that just died may have failed to bind its port.
     fn bind_conflict(&self, dead: &str, last_lines: &[String]) -> Option<String> {
         let pods = self.pod_ports.as_ref()?;
@@ -199,10 +192,71 @@ enum Ending {
     Exited(ExitInfo),
     TimedOut(Option<ExitInfo>),
     Cancelled(Option<ExitInfo>),
-    StartFailed(String),
+    StartFailed(StepError),
+}
+
+/// Why a step's process could not be started or followed; kept typed (with its
+/// source) until it becomes a step's reason in an event.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("needs image `{image}`, but containers are not available in this run")]
+    NoContainers { image: String },
+    #[error("cannot write the step's control file {}: {source}", path.display())]
+    ControlDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error("cannot wait for the step's process: {0}")]
+    Wait(#[source] std::io::Error),
 }
 
 impl<'a> Executor<'a> {
+    /// Runs the stage's steps; past the stage's `timeout`, stops it the way Ctrl-C
+    /// does: the steps in flight get SIGTERM, the grace period and SIGKILL, each ends
+    /// with its own result (timed out), and the steps not started are skipped.
+    async fn run_within_stage_timeout(&self) {
+        let body = self.run_nodes(&self.ctx.stage.nodes);
+        let Some(limit) = self.ctx.stage.timeout else {
+            return body.await;
+        };
+        let watchdog = async {
+            tokio::time::sleep(limit).await;
+            self.ctx.events.warn(
+                None,
+                format!(
+                    "stage `{}` ran past its timeout of {}; stopping it",
+                    self.ctx.stage.identifier,
+                    crate::ui::format_duration(limit)
+                ),
+            );
+            self.state.timed_out.store(true, Ordering::SeqCst);
+            self.state.failed.store(true, Ordering::SeqCst);
+            self.stage_cancel.cancel();
+            // The steps stop on their own now; the body ends the select.
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            () = body => {}
+            () = watchdog => {}
+        }
+    }
+
+    /// The result of a step stopped by the stage's cancellation: timed out when the
+    /// stage's own timeout stopped it, else cancelled (Ctrl-C, an Abort).
+    fn stopped_result(&self) -> StepResult {
+        match self.ctx.stage.timeout {
+            Some(limit)
+                if self.state.timed_out.load(Ordering::SeqCst)
+                    && !self.ctx.cancel.is_cancelled() =>
+            {
+                StepResult::TimedOut { limit }
+            }
+            _ => StepResult::Cancelled,
+        }
+    }
+
     async fn run_nodes(&self, nodes: &[Node]) {
         for node in nodes {
             self.run_node(node).await;
@@ -246,6 +300,8 @@ impl<'a> Executor<'a> {
         if self.stage_cancel.is_cancelled() {
             return Some(if self.ctx.cancel.is_cancelled() {
                 "run cancelled".into()
+            } else if self.state.timed_out.load(Ordering::SeqCst) {
+                "the stage ran past its timeout".into()
             } else {
                 "stage stopped".into()
             });
@@ -292,14 +348,13 @@ impl<'a> Executor<'a> {
         }
     }
 
-    fn launcher_for(&self, step: &StepPlan) -> Result<&'a dyn Launcher, String> {
+    fn launcher_for(&self, step: &StepPlan) -> Result<&'a dyn Launcher, StepError> {
         match (&step.image, self.ctx.containers) {
             (None, _) => Ok(self.ctx.host),
             (Some(_), Some(c)) => Ok(c),
-            (Some(img), None) => Err(format!(
-                "needs image `{}`, but containers are not available in this run",
-                img.reference
-            )),
+            (Some(img), None) => Err(StepError::NoContainers {
+                image: img.reference.clone(),
+            }),
         }
     }
 
@@ -352,12 +407,16 @@ impl<'a> Executor<'a> {
 
     /// Start one process for `step` and pump its output into events. Returns the child
     /// and the tasks reading its output (done once the process closes its pipes).
-    fn spawn(&self, step: &StepPlan, attempt: u32) -> Result<Running, String> {
+    fn spawn(&self, step: &StepPlan, attempt: u32) -> Result<Running, StepError> {
         let launcher = self.launcher_for(step)?;
         let control = self.control_dir(step);
         let _ = std::fs::remove_dir_all(&control);
-        std::fs::create_dir_all(control.join("outputs"))
-            .map_err(|e| format!("cannot create {}: {e}", control.display()))?;
+        std::fs::create_dir_all(control.join("outputs")).map_err(|source| {
+            StepError::ControlDir {
+                path: control.clone(),
+                source,
+            }
+        })?;
         let (process, env) = self.resolve(step, launcher, &control);
         let process = spill_long_script(process, &control, launcher)?;
         let spec = LaunchSpec {
@@ -379,10 +438,7 @@ impl<'a> Executor<'a> {
             step_type: step.step_type,
             attempt,
         });
-        let mut child = launcher.launch(&spec).map_err(|e| e.to_string())?;
-        if let Some(pid) = child.id() {
-            self.state.groups.lock().unwrap().push(pid as i32);
-        }
+        let mut child = launcher.launch(&spec)?;
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
@@ -453,8 +509,8 @@ impl<'a> Executor<'a> {
                     ),
                     exit,
                 ),
-                Ending::Cancelled(exit) => break (StepResult::Cancelled, exit),
-                Ending::StartFailed(msg) => (ErrorKind::Failure, msg, None),
+                Ending::Cancelled(exit) => break (self.stopped_result(), exit),
+                Ending::StartFailed(e) => (ErrorKind::Failure, e.to_string(), None),
             };
             let failed = if kind == ErrorKind::Timeout {
                 StepResult::TimedOut {
@@ -487,7 +543,7 @@ impl<'a> Executor<'a> {
                     });
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
-                        _ = self.stage_cancel.cancelled() => break (StepResult::Cancelled, exit),
+                        _ = self.stage_cancel.cancelled() => break (self.stopped_result(), exit),
                     }
                 }
                 action = Some((**then).clone());
@@ -511,7 +567,7 @@ impl<'a> Executor<'a> {
                 }
             };
         };
-        if result == StepResult::Cancelled {
+        if matches!(result, StepResult::Cancelled | StepResult::TimedOut { .. }) {
             self.state.failed.store(true, Ordering::SeqCst);
         }
         if matches!(result, StepResult::Succeeded) {
@@ -538,16 +594,16 @@ impl<'a> Executor<'a> {
     async fn attempt(&self, step: &StepPlan, attempt: u32) -> Ending {
         let mut running = match self.spawn(step, attempt) {
             Ok(r) => r,
-            Err(msg) => {
-                self.ctx.events.warn(Some(&step.key), msg.clone());
-                return Ending::StartFailed(msg);
+            Err(e) => {
+                self.ctx.events.warn(Some(&step.key), e.to_string());
+                return Ending::StartFailed(e);
             }
         };
         let deadline = step.timeout.map(|t| tokio::time::Instant::now() + t);
         let ending = tokio::select! {
             status = running.child.wait() => match status {
                 Ok(s) => Ending::Exited(ExitInfo::from_status(s)),
-                Err(e) => Ending::StartFailed(format!("cannot wait for the step's process: {e}")),
+                Err(e) => Ending::StartFailed(StepError::Wait(e)),
             },
             _ = sleep_until(deadline) => {
                 Ending::TimedOut(stop_process(&mut running.child, self.ctx.options.grace).await)
@@ -557,6 +613,7 @@ impl<'a> Executor<'a> {
             }
         };
         running.drain().await;
+        self.state.keep_group(running.child);
         match &ending {
             Ending::Exited(exit) | Ending::TimedOut(Some(exit)) | Ending::Cancelled(Some(exit)) => {
                 self.ctx.events.emit(RunEvent::StepExited {
@@ -628,13 +685,15 @@ impl<'a> Executor<'a> {
         let started = Instant::now();
         let running = match self.spawn(step, 1) {
             Ok(r) => r,
-            Err(msg) => {
+            Err(e) => {
                 self.state.failed.store(true, Ordering::SeqCst);
                 self.ctx.events.emit(RunEvent::StepFinished {
                     step: step.key.clone(),
                     name: step.name.clone(),
                     step_type: step.step_type,
-                    result: StepResult::Failed { reason: msg },
+                    result: StepResult::Failed {
+                        reason: e.to_string(),
+                    },
                     exit: None,
                     duration: started.elapsed(),
                     tests: None,
@@ -703,6 +762,7 @@ impl<'a> Executor<'a> {
                         (StepResult::Stopped, exit)
                     }
                 };
+                state.keep_group(child);
                 let tests =
                     collect_reports(&workspace, &workspace_in_step, &patterns, &key, &events);
                 events.emit(RunEvent::StepFinished {
@@ -788,9 +848,8 @@ impl<'a> Executor<'a> {
     }
 
     fn kill_leftover_groups(&self) {
-        for pgid in self.state.groups.lock().unwrap().drain(..) {
-            // ESRCH (the group is gone) is the usual, good case.
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        for group in self.state.groups.lock().unwrap().drain(..) {
+            group.kill();
         }
     }
 }
@@ -892,11 +951,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 /// SIGTERM the child's process group, wait `grace`, then SIGKILL it. Returns how the
 /// child ended, when it could be reaped.
 pub async fn stop_process(child: &mut StepChild, grace: Duration) -> Option<ExitInfo> {
-    let Some(pid) = child.id() else {
-        return child.wait().await.ok().map(ExitInfo::from_status);
-    };
-    let pgid = Pid::from_raw(pid as i32);
-    let _ = killpg(pgid, Signal::SIGTERM);
+    child.signal_group(Signal::SIGTERM);
     let hurry = hurry_token();
     let status = tokio::select! {
         s = child.wait() => s.ok(),
@@ -906,7 +961,7 @@ pub async fn stop_process(child: &mut StepChild, grace: Duration) -> Option<Exit
     let status = match status {
         Some(s) => Some(s),
         None => {
-            let _ = killpg(pgid, Signal::SIGKILL);
+            child.signal_group(Signal::SIGKILL);
             child.wait().await.ok()
         }
     };
@@ -943,14 +998,15 @@ fn spill_long_script(
     process: Process,
     control: &Path,
     launcher: &dyn Launcher,
-) -> Result<Process, String> {
+) -> Result<Process, StepError> {
     match process {
         Process::Shell { shell, script } if script.len() > MAX_INLINE_SCRIPT => {
             let dir = launcher.control_dir_in_step(control);
             let (name, text, argv) = shell.script_file(&script, &dir.to_string_lossy());
             let host = control.join(name);
-            std::fs::write(&host, text).map_err(|e| {
-                format!("cannot write the step's script to {}: {e}", host.display())
+            std::fs::write(&host, text).map_err(|source| StepError::ControlDir {
+                path: host.clone(),
+                source,
             })?;
             Ok(Process::Exec { argv })
         }
@@ -995,6 +1051,10 @@ pub(crate) fn output_trailer(shell: Shell, names: &[String], dir: &Path) -> Stri
 pub(crate) fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
+
+#[cfg(test)]
+#[path = "executor_tests.rs"]
+mod scripted;
 
 #[cfg(test)]
 mod tests {

@@ -10,13 +10,15 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
-use std::process::ExitStatus;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, ExitStatus};
 
+use futures::future::BoxFuture;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, Interest};
-use tokio::process::{Child, Command};
 
 use crate::net::StageNetwork;
 use crate::pipeline::Shell;
@@ -82,6 +84,11 @@ pub enum LaunchError {
     Network {
         step: String,
         source: crate::net::NetError,
+    },
+    #[error("cannot start the container of step `{step}`: {source}")]
+    Container {
+        step: String,
+        source: crate::sandbox::SandboxError,
     },
 }
 
@@ -153,17 +160,14 @@ impl Launcher for HostLauncher {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .process_group(0);
-        // SAFETY: prctl is async-signal-safe. A SIGKILLed sandrun then takes the step
-        // down with it (only the direct child; stage teardown kills whole groups).
+        let parent = std::process::id();
+        // SAFETY: die_with_parent makes two async-signal-safe system calls (prctl,
+        // getppid) on a pid copied before the fork. A SIGKILLed sandrun then takes the
+        // step down with it (only the direct child; stage teardown kills whole
+        // groups), and a runner that died before the prctl is noticed.
         unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || crate::sys::die_with_parent(Some(parent)));
         }
         let join = spec.network_part(StageNetwork::host_join)?;
         if join.is_some() || user.is_some() {
@@ -183,7 +187,7 @@ impl Launcher for HostLauncher {
             }
         }
         cmd.spawn()
-            .map(StepChild::from)
+            .and_then(StepChild::from_std)
             .map_err(|e| LaunchError::Spawn {
                 step: spec.step.key.clone(),
                 program: argv[0].to_string_lossy().into_owned(),
@@ -203,215 +207,288 @@ impl Launcher for HostLauncher {
 /// Output of a step's process as the executor reads it.
 pub type StepOutput = Box<dyn AsyncRead + Send + Unpin>;
 
-/// A started step process: a child of the runner in a process group of its own, with
-/// its stdout and stderr piped to the runner. Either spawned by tokio (host steps, an
-/// executed helper) or cloned by the zygote as the runner's child and waited for
-/// through a pidfd.
+/// A started step: its piped stdout and stderr, and the process behind them.
 pub struct StepChild {
     pub stdout: Option<StepOutput>,
     pub stderr: Option<StepOutput>,
-    kind: ChildKind,
+    process: Box<dyn StepProcess>,
 }
 
-enum ChildKind {
-    Tokio(Child),
-    Pidfd {
-        pid: u32,
-        pidfd: Option<AsyncFd<OwnedFd>>,
-        status: Option<ExitStatus>,
-        /// Where a container helper reports its step's exit status before it cleans
-        /// up (see `sandbox::container::report_status_to`).
-        report: Option<tokio::net::unix::pipe::Receiver>,
-    },
-}
-
-/// Helpers that reported their step's exit status and were not reaped yet (they are
-/// still cleaning up): [`reap_reported`] waits for them.
-static REPORTED: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
-
-/// Waits for every helper that reported its step's exit status early to end (it
-/// cleans up after its container meanwhile). Call before removing the run's state.
-pub fn reap_reported() {
-    let pending = std::mem::take(&mut *REPORTED.lock().unwrap_or_else(|e| e.into_inner()));
-    for pidfd in pending {
-        // SAFETY: waitid(2) on a pidfd of our child.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        loop {
-            let r = unsafe {
-                libc::waitid(
-                    libc::P_PIDFD,
-                    pidfd.as_raw_fd() as libc::id_t,
-                    &mut info,
-                    libc::WEXITED,
-                )
-            };
-            if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                break;
-            }
-        }
-    }
-}
-
-impl Drop for StepChild {
-    fn drop(&mut self) {
-        // Reported but not reaped: the helper is still cleaning up; keep its pidfd so
-        // that the run waits for it (reap_reported).
-        if let ChildKind::Pidfd { pidfd, status, .. } = &mut self.kind {
-            if status.is_some() {
-                if let Some(fd) = pidfd.take() {
-                    let fd = fd.into_inner();
-                    REPORTED.lock().unwrap_or_else(|e| e.into_inner()).push(fd);
-                }
-            }
-        }
-    }
-}
-
-impl From<Child> for StepChild {
-    fn from(mut child: Child) -> StepChild {
-        StepChild {
-            stdout: child.stdout.take().map(|o| Box::new(o) as StepOutput),
-            stderr: child.stderr.take().map(|e| Box::new(e) as StepOutput),
-            kind: ChildKind::Tokio(child),
-        }
-    }
+/// What the executor needs of a step's running process: the seam between the
+/// executor and the system, where its tests put a scripted process.
+pub trait StepProcess: Send {
+    /// The pid, while the process runs.
+    fn id(&self) -> Option<u32>;
+    /// Waits for the process to end. Cancel-safe; once it has ended, returns the same
+    /// status again.
+    fn wait(&mut self) -> BoxFuture<'_, io::Result<ExitStatus>>;
+    /// Sends `signal` to the step's process group, while the process runs.
+    fn signal_group(&self, signal: Signal);
+    /// The step's process group, for the stage's end to kill.
+    fn into_group(self: Box<Self>) -> Option<ProcessGroup>;
 }
 
 impl StepChild {
-    /// A child of this process known by pid (it must not have been waited for yet, so
-    /// the pid cannot have been reused), with the read ends of its output pipes.
-    pub fn from_pid(pid: u32, stdout: OwnedFd, stderr: OwnedFd) -> io::Result<StepChild> {
-        // SAFETY: pidfd_open(2) returns a new descriptor or -1.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_open,
-                pid as libc::pid_t,
-                libc::PIDFD_NONBLOCK,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
+    pub fn new(stdout: StepOutput, stderr: StepOutput, process: Box<dyn StepProcess>) -> Self {
+        StepChild {
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            process,
         }
-        // SAFETY: the descriptor was just returned to us.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let pipe = |fd: OwnedFd| -> io::Result<StepOutput> {
-            Ok(Box::new(tokio::net::unix::pipe::Receiver::from_owned_fd(
-                fd,
-            )?))
+    }
+
+    /// Wraps a child spawned by `std` with piped stdout and stderr. (A `std` child is
+    /// never reaped behind our back, unlike a tokio one.)
+    pub fn from_std(mut child: std::process::Child) -> io::Result<StepChild> {
+        let pipes = child.stdout.take().zip(child.stderr.take());
+        let wrapped = match pipes {
+            Some((out, err)) => StepChild::from_pid(child.id(), out.into(), err.into(), None),
+            None => Err(io::Error::other(
+                "the step's stdout and stderr are not piped",
+            )),
         };
-        // SAFETY: an OwnedFd keeps the same open descriptor for its whole life.
+        if wrapped.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        wrapped
+    }
+
+    /// A child of this process known by pid (it must not have been waited for yet, so
+    /// the pid cannot have been reused), with the read ends of its output pipes and,
+    /// for a container helper, the pipe it reports its step's exit status to before
+    /// it cleans up (see `sandbox::container::report_status_to`).
+    pub fn from_pid(
+        pid: u32,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+        report: Option<OwnedFd>,
+    ) -> io::Result<StepChild> {
+        let pipe = |fd: OwnedFd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd);
+        let pidfd = crate::sys::pidfd_open(pid, true)?;
+        // SAFETY: the OwnedFd moves into the AsyncFd, which keeps this same open
+        // descriptor until it is dropped or taken back with `into_inner`.
         let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
             .map_err(io::Error::from)?;
-        Ok(StepChild {
-            stdout: Some(pipe(stdout)?),
-            stderr: Some(pipe(stderr)?),
-            kind: ChildKind::Pidfd {
-                pid,
-                pidfd: Some(pidfd),
-                status: None,
-                report: None,
-            },
+        let process = ChildProcess {
+            pid,
+            pidfd: Some(pidfd),
+            status: None,
+            report: report.map(pipe).transpose()?,
+        };
+        Ok(StepChild::new(
+            Box::new(pipe(stdout)?),
+            Box::new(pipe(stderr)?),
+            Box::new(process),
+        ))
+    }
+
+    /// The pid, while the process runs.
+    pub fn id(&self) -> Option<u32> {
+        self.process.id()
+    }
+
+    /// Waits for the process to end (see [`StepProcess::wait`]).
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        self.process.wait().await
+    }
+
+    /// Sends `signal` to the step's process group, while the process runs.
+    pub fn signal_group(&self, signal: Signal) {
+        self.process.signal_group(signal)
+    }
+
+    /// The step's process group, for the stage's end to kill.
+    pub fn into_group(self) -> Option<ProcessGroup> {
+        self.process.into_group()
+    }
+}
+
+/// A step process that is the runner's own child, waited for through a pidfd
+/// without being reaped: the leader stays a zombie, so its pid, which is also its
+/// group's id, cannot be given to another process while the runner may still signal
+/// the group. [`StepProcess::into_group`] hands the group over for the stage's end,
+/// which kills it and only then reaps the leader.
+struct ChildProcess {
+    pid: u32,
+    /// The leader's pidfd, until the group is handed over (or reaped on drop).
+    pidfd: Option<AsyncFd<OwnedFd>>,
+    status: Option<ExitStatus>,
+    report: Option<tokio::net::unix::pipe::Receiver>,
+}
+
+/// Leaders whose groups were killed but that had not ended yet (a helper still
+/// cleaning up, a process just SIGKILLed): [`reap_reported`] waits for them.
+static UNREAPED: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
+
+fn reap_later(pidfd: OwnedFd) {
+    UNREAPED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(pidfd);
+}
+
+/// Waits for every step leader not reaped yet (helpers that reported their step's
+/// exit status early clean up meanwhile). Call before removing the run's state.
+pub fn reap_reported() {
+    let pending = std::mem::take(&mut *UNREAPED.lock().unwrap_or_else(|e| e.into_inner()));
+    for pidfd in pending {
+        // ECHILD: already reaped; nothing else can fail for our own child.
+        let _ = crate::sys::reap(&pidfd);
+    }
+}
+
+/// A step's process group whose leader is known to be the runner's unreaped child, so
+/// that the group's id is still the step's: what the stage's end may kill.
+pub struct ProcessGroup {
+    leader: OwnedFd,
+    pgid: u32,
+}
+
+impl ProcessGroup {
+    /// SIGKILLs whatever is left in the group, then reaps the leader (now, or at the
+    /// end of the run when it has not ended yet).
+    pub fn kill(self) {
+        // ESRCH (the group is empty but for the zombie leader) is the usual, good case.
+        let _ = killpg(Pid::from_raw(self.pgid as i32), Signal::SIGKILL);
+        match crate::sys::wait_pidfd(&self.leader, true, false) {
+            Ok(Some(_)) => {}
+            _ => reap_later(self.leader),
+        }
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        // Dropped without its group handed over: a step abandoned while running is
+        // killed (its leader is unreaped, so the group is still its own).
+        if let Some(group) = self.take_group() {
+            if self.status.is_none() {
+                group.kill();
+            } else {
+                reap_later(group.leader);
+            }
+        }
+    }
+}
+
+impl ChildProcess {
+    fn take_group(&mut self) -> Option<ProcessGroup> {
+        self.pidfd.take().map(|fd| ProcessGroup {
+            leader: fd.into_inner(),
+            pgid: self.pid,
         })
     }
 
-    /// Takes the step's exit status from `status` (a pipe the helper writes it to
-    /// before cleaning up) when it comes before the helper's own exit.
-    pub fn with_status_pipe(mut self, status: OwnedFd) -> io::Result<StepChild> {
-        if let ChildKind::Pidfd { report, .. } = &mut self.kind {
-            *report = Some(tokio::net::unix::pipe::Receiver::from_owned_fd(status)?);
+    async fn wait_unreaped(&mut self) -> io::Result<ExitStatus> {
+        loop {
+            if let Some(s) = self.status {
+                return Ok(s);
+            }
+            let Some(pidfd) = self.pidfd.as_ref() else {
+                return Err(io::Error::other("the step's process group was handed over"));
+            };
+            let report = &mut self.report;
+            let early = async {
+                match report.as_mut() {
+                    Some(pipe) => {
+                        use tokio::io::AsyncReadExt;
+                        let mut code = [0u8; 4];
+                        pipe.read_exact(&mut code).await.ok().map(|_| code)
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                code = early => match code {
+                    // The exit code, as the helper would have exited with it; the
+                    // helper itself ends (and is reaped) later.
+                    Some(code) => {
+                        let code = i32::from_ne_bytes(code);
+                        self.status = Some(ExitStatus::from_raw((code & 0xff) << 8));
+                    }
+                    // The helper ended (or failed) before reporting: its exit status
+                    // says.
+                    None => self.report = None,
+                },
+                ready = pidfd.readable() => {
+                    let mut ready = ready?;
+                    match crate::sys::wait_pidfd(pidfd.get_ref(), false, false)? {
+                        Some(status) => {
+                            self.status = Some(status);
+                            self.report = None;
+                        }
+                        None => ready.clear_ready(),
+                    }
+                }
+            }
         }
-        Ok(self)
+    }
+}
+
+impl StepProcess for ChildProcess {
+    fn id(&self) -> Option<u32> {
+        self.status.is_none().then_some(self.pid)
     }
 
-    /// The pid, until the process has been waited for.
-    pub fn id(&self) -> Option<u32> {
-        match &self.kind {
-            ChildKind::Tokio(c) => c.id(),
-            ChildKind::Pidfd { pid, status, .. } => status.is_none().then_some(*pid),
+    fn wait(&mut self) -> BoxFuture<'_, io::Result<ExitStatus>> {
+        Box::pin(self.wait_unreaped())
+    }
+
+    fn signal_group(&self, signal: Signal) {
+        // Only while the leader runs: after, the group may be gone, and its id is
+        // kept for the stage's end (see ProcessGroup). ESRCH is harmless.
+        if self.status.is_none() && self.pidfd.is_some() {
+            let _ = killpg(Pid::from_raw(self.pid as i32), signal);
         }
     }
 
-    /// Waits for the process to end and reaps it. Cancel-safe; once it has ended,
-    /// returns the same status again.
-    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
-        match &mut self.kind {
-            ChildKind::Tokio(c) => c.wait().await,
-            ChildKind::Pidfd {
-                pidfd: slot,
-                status,
-                report,
-                ..
-            } => loop {
-                if let Some(s) = status {
-                    return Ok(*s);
-                }
-                let Some(pidfd) = slot.as_ref() else {
-                    return Err(io::Error::other("the helper was already waited for"));
-                };
-                let early = async {
-                    match report.as_mut() {
-                        Some(pipe) => {
-                            use tokio::io::AsyncReadExt;
-                            let mut code = [0u8; 4];
-                            pipe.read_exact(&mut code).await.ok().map(|_| code)
-                        }
-                        None => std::future::pending().await,
-                    }
-                };
-                let reaped = tokio::select! {
-                    code = early => {
-                        match code {
-                            // The exit code, as the helper would have exited with it;
-                            // the helper is reaped later (see `reap_reported`).
-                            Some(code) => {
-                                let code = i32::from_ne_bytes(code);
-                                *status = Some(ExitStatus::from_raw((code & 0xff) << 8));
-                            }
-                            // The helper ended (or failed) before reporting: its exit
-                            // status says.
-                            None => *report = None,
-                        }
-                        None
-                    }
-                    ready = pidfd.readable() => {
-                        let mut ready = ready?;
-                        // SAFETY: waitid(2) on a pidfd of our child fills `info`.
-                        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-                        let r = unsafe {
-                            libc::waitid(
-                                libc::P_PIDFD,
-                                pidfd.as_raw_fd() as libc::id_t,
-                                &mut info,
-                                libc::WEXITED | libc::WNOHANG,
-                            )
-                        };
-                        if r < 0 {
-                            return Err(io::Error::last_os_error());
-                        }
-                        // SAFETY: waitid filled the child fields (si_pid 0: not yet ended).
-                        let (pid, code, value) =
-                            unsafe { (info.si_pid(), info.si_code, info.si_status()) };
-                        if pid == 0 {
-                            ready.clear_ready();
-                            None
-                        } else {
-                            // The raw wait(2) status: exit code in the second byte, or
-                            // the signal (with 0x80 for a core dump).
-                            Some(match code {
-                                libc::CLD_EXITED => (value & 0xff) << 8,
-                                libc::CLD_DUMPED => value | 0x80,
-                                _ => value,
-                            })
-                        }
-                    }
-                };
-                if let Some(raw) = reaped {
-                    *status = Some(ExitStatus::from_raw(raw));
-                    // Reaped: nothing to wait for later.
-                    *slot = None;
-                    *report = None;
-                }
-            },
+    fn into_group(mut self: Box<Self>) -> Option<ProcessGroup> {
+        self.take_group()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncBufReadExt;
+
+    fn state_of(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(") ").next()?.chars().next()
+    }
+
+    /// A step that ended long ago keeps its group id (its leader is an unreaped
+    /// zombie) until the stage's end kills what it left, so that kill can never reach
+    /// a process that was given the same id since.
+    #[tokio::test]
+    async fn an_ended_step_keeps_its_group_id_until_its_group_is_killed() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 1000 >/dev/null 2>&1 & echo $!"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = StepChild::from_std(cmd.spawn().unwrap()).unwrap();
+        let mut line = String::new();
+        tokio::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .await
+            .unwrap();
+        let left: u32 = line.trim().parse().unwrap();
+        let leader = child.id().unwrap();
+        assert!(child.wait().await.unwrap().success());
+        assert_eq!(child.id(), None);
+        assert_eq!(state_of(leader), Some('Z'), "the leader must stay unreaped");
+
+        child.into_group().unwrap().kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(state_of(left), None | Some('Z')) {
+            assert!(Instant::now() < deadline, "the step's leftover survived");
+            std::thread::sleep(Duration::from_millis(10));
         }
+        reap_reported();
+        assert_eq!(state_of(leader), None, "the leader is reaped at the end");
     }
 }

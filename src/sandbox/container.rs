@@ -1,7 +1,9 @@
 //! `sandrun __container <spec.json>`: the single-threaded helper that runs one
 //! container. libcontainer clones the calling process and runs Rust code in the child,
-//! which is unsafe from a multi-threaded tokio runner, so the runner re-executes
-//! itself as this helper for every container step.
+//! which is unsafe from a multi-threaded tokio runner, so every container step gets a
+//! helper of its own: cloned by the zygote (`sandbox::zygote`, the usual way, no exec)
+//! or, when no zygote could be started, the runner's binary executed as
+//! `sandrun __container` (`sandbox::launch`).
 //!
 //! The helper takes a private mount namespace (so the overlay root filesystem goes
 //! away with it, whatever happens), mounts the image layers, resolves the process,
@@ -13,7 +15,7 @@
 //! image); things it cannot do but runs on without start with [`WARNING_PREFIX`].
 
 use std::fs;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -99,9 +101,7 @@ pub fn main(spec_path: &Path) -> i32 {
 fn run(spec_path: &Path) -> Result<i32, SandboxError> {
     // Whoever started us (the runner, normally) takes us down when it dies; the
     // container's init gets the same from us (see `DeathSignalExecutor`).
-    // SAFETY: plain prctl on the calling process.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    if nix::unistd::getppid().as_raw() == 1 {
+    if crate::sys::die_with_parent(None).is_err() || nix::unistd::getppid().as_raw() == 1 {
         return Err(SandboxError::sys(
             "start",
             std::io::Error::other("the parent process is gone"),
@@ -408,8 +408,8 @@ struct DeathSignalExecutor;
 
 impl Executor for DeathSignalExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
-        // SAFETY: plain prctl on the calling process.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        // The helper is alive here (it waits for this init), so no check is needed.
+        let _ = crate::sys::die_with_parent(None);
         // Start with default signal dispositions and an empty mask.
         reset_signal_handlers();
         DefaultExecutor {}.exec(spec)
@@ -497,16 +497,8 @@ fn read_signals() -> Vec<i32> {
 /// that no signal is lost between checking and waiting. Also returns the signal the
 /// init was killed in place of (see `host::signal_container`).
 fn wait_forwarding_signals(pid: Pid) -> Result<(WaitStatus, Option<Signal>), SandboxError> {
-    // SAFETY: pidfd_open has no memory arguments.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if raw < 0 {
-        return Err(SandboxError::sys(
-            "open a pidfd for the container",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: a fresh fd returned by the kernel.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    let pidfd = crate::sys::pidfd_open(pid.as_raw() as u32, false)
+        .map_err(|e| SandboxError::sys("open a pidfd for the container", e))?;
     let signal_fd = SIGNAL_READ.load(Ordering::Relaxed);
     let mut emulated = None;
     loop {

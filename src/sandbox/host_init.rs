@@ -153,10 +153,9 @@ fn init(
         eprintln!("sandrun: host step: cannot {what}: {e}");
         std::process::exit(125)
     };
-    // SAFETY: prctl with constant arguments. (The parent is outside this PID
-    // namespace, so getppid() cannot tell whether it already died: that window is
-    // the few instructions since fork.)
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // The parent is outside this PID namespace, so getppid() cannot tell whether it
+    // already died: that window is the few instructions since fork.
+    let _ = crate::sys::die_with_parent(None);
     if let Err(e) = sethostname(hostname) {
         die("set its hostname", e);
     }

@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -22,6 +23,8 @@ pub fn spec_path(spec: &ContainerSpec) -> PathBuf {
 
 /// Writes `spec` under its run's state directory and spawns `binary __container` for
 /// it, with stdin from /dev/null and stdout/stderr piped, inside `netns` when given.
+/// The child is not reaped behind the caller's back (a `std` child is never waited
+/// for on drop): [`crate::run::launch::StepChild`] waits for it through a pidfd.
 ///
 /// Call it from a runtime worker thread, not from `spawn_blocking`: the helper's
 /// parent-death signal fires when the spawning *thread* exits.
@@ -29,19 +32,19 @@ pub fn spawn_container(
     binary: &Path,
     spec: &ContainerSpec,
     netns: Option<BorrowedFd<'_>>,
-) -> Result<tokio::process::Child, SandboxError> {
+) -> Result<std::process::Child, SandboxError> {
     let path = write_spec(spec)?;
-    let mut cmd = tokio::process::Command::new(binary);
+    let mut cmd = std::process::Command::new(binary);
     cmd.arg("__container")
         .arg(&path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(false);
+        .process_group(0);
     let netns = netns.map(|fd| fd.as_raw_fd());
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: only async-signal-safe calls (setns, prctl, getppid).
+    let parent = std::process::id();
+    // SAFETY: between fork and exec only async-signal-safe system calls run (setns,
+    // prctl, getppid), on a descriptor number and a pid copied before the fork.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(fd) = netns {
@@ -49,13 +52,7 @@ pub fn spawn_container(
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(std::io::Error::other("the runner exited"));
-            }
-            Ok(())
+            crate::sys::die_with_parent(Some(parent))
         });
     }
     cmd.spawn()

@@ -153,10 +153,13 @@ impl Launcher for ContainerLauncher {
             program: format!("{} __container", self.binary.display()),
             source: e,
         };
+        let container_failed = |source| LaunchError::Container {
+            step: spec.step.key.clone(),
+            source,
+        };
         match &self.zygote {
             Some(zygote) => {
-                let path = write_spec(&container)
-                    .map_err(|e| failed(std::io::Error::other(e.to_string())))?;
+                let path = write_spec(&container).map_err(container_failed)?;
                 let pipe = || {
                     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| failed(e.into()))
                 };
@@ -173,13 +176,12 @@ impl Launcher for ContainerLauncher {
                     )
                     .map_err(failed)?;
                 drop((out_write, err_write, status_write));
-                StepChild::from_pid(pid.as_raw() as u32, out_read, err_read)
-                    .and_then(|child| child.with_status_pipe(status_read))
+                StepChild::from_pid(pid.as_raw() as u32, out_read, err_read, Some(status_read))
                     .map_err(failed)
             }
             None => spawn_container(&self.binary, &container, netns)
-                .map(StepChild::from)
-                .map_err(|e| failed(std::io::Error::other(e.to_string()))),
+                .map_err(container_failed)
+                .and_then(|child| StepChild::from_std(child).map_err(failed)),
         }
     }
 

@@ -2,8 +2,9 @@
 //! `userns` puts a rootless runner into its own user + mount namespace; `container`
 //! is the single-threaded `sandrun __container` helper that starts one OCI container
 //! per step with libcontainer, from a plain-data [`ContainerSpec`]; `launch` spawns that
-//! helper from the (multi-threaded) runner. Raw syscalls live here (and in `net/`),
-//! nowhere else.
+//! helper from the (multi-threaded) runner. Namespace and mount system calls live
+//! here and in `net/` (network namespaces); the process-lifetime ones (pidfds,
+//! waiting, the parent-death signal) in `crate::sys`.
 
 pub mod container;
 pub mod error;

@@ -27,7 +27,7 @@ use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
     SockFlag, SockType,
 };
-use nix::unistd::{getpid, getppid, Pid};
+use nix::unistd::{getpid, Pid};
 
 use super::error::SandboxError;
 
@@ -127,9 +127,7 @@ impl Drop for Zygote {
 
 /// The zygote's loop; never returns.
 fn serve(socket: OwnedFd, runner: Pid, rootless: bool) -> ! {
-    // SAFETY: plain prctl on the calling process.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    if getppid() != runner {
+    if crate::sys::die_with_parent(Some(runner.as_raw() as u32)).is_err() {
         // SAFETY: leave without running the runner's exit handlers.
         unsafe { libc::_exit(0) }
     }
@@ -244,12 +242,13 @@ fn helper_setup(
         // SAFETY: restoring the default action installs no handler.
         let _ = unsafe { signal(sig, SigHandler::SigDfl) };
     }
-    // SAFETY: plain syscalls on the calling process and descriptors it holds.
+    // SAFETY: the zygote's socket is not this helper's to use; closing the number
+    // leaves the OwnedFd, which the helper never drops (it execs or exits), dangling
+    // but unused.
     unsafe {
         libc::close(socket.as_raw_fd());
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
     }
-    if getppid() != runner {
+    if crate::sys::die_with_parent(Some(runner.as_raw() as u32)).is_err() {
         return Err(SandboxError::sys(
             "start",
             std::io::Error::other("the runner exited"),

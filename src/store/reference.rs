@@ -2,9 +2,11 @@
 //! `ghcr.io/o/r:tag`, `host:5000/x@sha256:...`), normalised to one canonical spelling so
 //! that the store, the lock file and the UI agree on what an image is called.
 //!
-//! Parsing and the Docker Hub defaults (`docker.io`, `library/`, `:latest`) come from
-//! `oci_spec::distribution::Reference`; this module adds the canonical name, the
-//! sha256-only rule of the store and the registry host that credentials belong to.
+//! Parsing (with the Docker Hub defaults `docker.io`, `library/`, `:latest`) is written
+//! here rather than with oci-spec's regex, whose compilation costs more than a whole
+//! warm look-up; the parsed parts are kept as an `oci_client::Reference`. This module
+//! also adds the canonical name, the sha256-only rule of the store and the registry
+//! host that credentials belong to.
 
 use std::fmt;
 
@@ -20,8 +22,7 @@ pub struct ImageRef {
 
 impl ImageRef {
     /// Parses a reference as Docker does (`docker.io` and `library/` and `:latest`
-    /// defaults). Hand-written rather than oci-spec's regex: compiling that regex costs
-    /// ~50 ms, more than a whole warm `ensure`.
+    /// defaults), without oci-spec's regex (see the module docs).
     pub fn parse(s: &str) -> Result<ImageRef, StoreError> {
         let bad = |reason: &str| StoreError::BadReference {
             reference: s.to_string(),

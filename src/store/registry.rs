@@ -1,6 +1,6 @@
 //! Talking to registries: resolving a reference to a platform manifest and streaming
 //! blobs. `oci-client` does the protocol (token negotiation, blob requests); sandrun adds
-//! what it lacks (see DESIGN.md): manifests are fetched with a size cap and kept as the
+//! what it lacks: manifests are fetched with a size cap and kept as the
 //! exact bytes received, digests and sizes are checked by the store while blobs stream
 //! (never buffered whole), and the platform choice in an index honours the variant.
 //!

@@ -11,7 +11,9 @@ use crate::run::events::RunEvent;
 
 pub struct JunitWriter {
     dir: PathBuf,
-    found: Vec<(String, Arc<junit::Report>)>,
+    /// Reports in the order first seen, one per file: a file that two steps' `reports`
+    /// globs both match is merged once, as the later step left it.
+    found: Vec<(PathBuf, String, Arc<junit::Report>)>,
 }
 
 impl JunitWriter {
@@ -46,16 +48,23 @@ impl JunitWriter {
 
 impl Reporter for JunitWriter {
     fn event(&mut self, event: &RunEvent) {
-        if let RunEvent::Report { step, report, .. } = event {
-            self.found.push((step.clone(), report.clone()));
+        if let RunEvent::Report {
+            step, path, report, ..
+        } = event
+        {
+            let entry = (path.clone(), step.clone(), report.clone());
+            match self.found.iter_mut().find(|(p, ..)| p == path) {
+                Some(seen) => *seen = entry,
+                None => self.found.push(entry),
+            }
         }
     }
 
     fn finish(&mut self) -> anyhow::Result<()> {
-        let reports: Vec<(String, junit::Report)> = self
-            .found
-            .iter()
-            .map(|(step, report)| (step.clone(), (**report).clone()))
+        // The reports as the steps left them, read (and masked) when each step ended;
+        // files that failed to parse were reported then.
+        let reports: Vec<(String, junit::Report)> = (self.found.iter())
+            .map(|(_, step, report)| (step.clone(), (**report).clone()))
             .collect();
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("cannot create report directory {}", self.dir.display()))?;
@@ -63,5 +72,40 @@ impl Reporter for JunitWriter {
         std::fs::write(&out, junit::merge(&reports))
             .with_context(|| format!("cannot write {}", out.display()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::events::TestCounts;
+
+    fn report_event(step: &str, path: &str, case: &str) -> RunEvent {
+        let report = junit::parse_str(&format!(
+            r#"<testsuite name="s"><testcase name="{case}"/></testsuite>"#
+        ))
+        .unwrap();
+        RunEvent::Report {
+            step: step.into(),
+            path: path.into(),
+            counts: TestCounts::default(),
+            report: Arc::new(report),
+        }
+    }
+
+    #[test]
+    fn a_file_reported_by_two_steps_is_merged_once_as_last_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = JunitWriter::new(dir.path().to_path_buf());
+        w.event(&report_event("a", "/w/r.xml", "first"));
+        w.event(&report_event("b", "/w/other.xml", "other"));
+        w.event(&report_event("c", "/w/r.xml", "second"));
+        w.finish().unwrap();
+        let xml = std::fs::read_to_string(w.output_path()).unwrap();
+        let merged = junit::parse_str(&xml).unwrap();
+        let cases: Vec<&str> = (merged.suites.iter())
+            .flat_map(|s| s.cases.iter().map(|c| c.name.as_str()))
+            .collect();
+        assert_eq!(cases, ["second", "other"], "{xml}");
     }
 }

@@ -23,7 +23,7 @@ pub struct TestUser {
 /// do not run as root.
 pub fn test_user() -> Option<TestUser> {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: creating and switching to `{USER}` needs root");
+        crate::prereq::missing(format!("creating and switching to `{USER}` needs root"));
         return None;
     }
     let lock = File::create("/tmp/sandrun-test-user.lock").expect("create lock file");

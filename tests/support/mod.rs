@@ -477,11 +477,10 @@ pub fn spawn_with_until(
 /// Says so when the port hand-off cannot work here (kernel, seccomp, architecture):
 /// tests of it then skip that half.
 pub fn handoff_unsupported() -> bool {
-    let no = !sandrun::net::port_handoff_supported();
-    if no {
-        eprintln!("skipped: the hand-off is not supported here (kernel, seccomp, architecture)");
-    }
-    no
+    !crate::prereq::require(
+        sandrun::net::port_handoff_supported(),
+        "the hand-off is not supported here (kernel, seccomp, architecture)",
+    )
 }
 
 /// What a hostile step tries to read through sandrun: a JUnit report outside the

@@ -26,16 +26,17 @@ pub fn have(tool: &str) -> bool {
 /// True when docker-registry, umoci and skopeo are installed; prints why not otherwise.
 pub fn tools_present() -> bool {
     for t in ["docker-registry", "umoci", "skopeo"] {
-        if !have(t) {
-            eprintln!("skipped: `{t}` is not installed (Debian package: {t})");
+        if !crate::prereq::require(
+            have(t),
+            format!("`{t}` is not installed (Debian package: {t})"),
+        ) {
             return false;
         }
     }
-    if !Path::new("/bin/busybox").exists() {
-        eprintln!("skipped: /bin/busybox missing (Debian package: busybox-static)");
-        return false;
-    }
-    true
+    crate::prereq::require(
+        Path::new("/bin/busybox").exists(),
+        "/bin/busybox missing (Debian package: busybox-static)",
+    )
 }
 
 fn free_port() -> u16 {
