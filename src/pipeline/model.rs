@@ -54,6 +54,9 @@ pub struct Stage {
     pub when: Option<When>,
     /// Apply to steps (and groups) that have none of their own.
     pub failure_strategies: Vec<FailureStrategy>,
+    /// The `parallel` block of `stages` this stage belongs to (the index of the block's
+    /// first stage); the stages of one block run at the same time.
+    pub parallel: Option<usize>,
     pub loc: Location,
 }
 

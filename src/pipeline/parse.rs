@@ -595,7 +595,7 @@ impl<'e> Parser<'e> {
             self.missing(&f, "stages");
         }
         for item in self.list(&f, "stages") {
-            self.stage_item(item, &mut stages);
+            self.stage_item(item, &mut stages, None);
         }
         let info = PipelineInfo {
             identifier,
@@ -607,22 +607,24 @@ impl<'e> Parser<'e> {
         Some((info, stages))
     }
 
-    /// `- stage:` or `- parallel: [- stage: ...]`. Parallel stages are run one after
-    /// the other: a single machine gains nothing from overlapping whole stages, and
-    /// Harness does not promise an order between them either.
-    fn stage_item(&mut self, item: &Node, out: &mut Vec<Stage>) {
+    /// `- stage:` or `- parallel: [- stage: ...]`. The stages of one `parallel` block
+    /// share its `parallel` number (the position of its first stage), which tells the
+    /// runner to start them together.
+    fn stage_item(&mut self, item: &Node, out: &mut Vec<Stage>, block: Option<usize>) {
         let Some(f) = self.map(item, "an item of `stages`") else {
             return;
         };
         self.check_fields(&f, &["stage", "parallel"], &[], &[]);
         if let Some(s) = f.get("stage") {
             let key = f.key_pos("stage").unwrap_or(item.pos);
-            if let Some(stage) = self.stage(s, key) {
+            if let Some(mut stage) = self.stage(s, key) {
+                stage.parallel = block;
                 out.push(stage);
             }
         }
+        let block = block.unwrap_or(out.len());
         for p in self.list(&f, "parallel") {
-            self.stage_item(p, out);
+            self.stage_item(p, out, Some(block));
         }
         if f.get("stage").is_none() && f.get("parallel").is_none() && !f.entries.is_empty() {
             // Already reported as unknown fields.
@@ -655,6 +657,7 @@ impl<'e> Parser<'e> {
                 timeout: None,
                 when: None,
                 failure_strategies: Vec::new(),
+                parallel: None,
                 loc,
             });
         }
@@ -710,6 +713,7 @@ impl<'e> Parser<'e> {
             timeout,
             when,
             failure_strategies,
+            parallel: None,
             loc,
         })
     }

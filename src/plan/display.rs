@@ -25,6 +25,27 @@ pub fn render(plan: &Plan) -> String {
     for stage in &plan.stages {
         let _ = writeln!(out);
         let _ = writeln!(out, "Stage `{}` ({})", stage.identifier, stage.name);
+        if let Some(block) = stage.parallel {
+            let siblings: Vec<String> = plan
+                .stages
+                .iter()
+                .filter(|s| s.parallel == Some(block) && s.identifier != stage.identifier)
+                .map(|s| format!("`{}`", s.identifier))
+                .collect();
+            let _ = writeln!(out, "  in parallel with: {}", siblings.join(", "));
+        }
+        match stage.run_when {
+            StageStatus::Success => {}
+            StageStatus::Failure => {
+                let _ = writeln!(out, "  runs only after a stage has failed (pipelineStatus: Failure)");
+            }
+            StageStatus::All => {
+                let _ = writeln!(out, "  runs whatever the earlier stages did (pipelineStatus: All)");
+            }
+        }
+        if let Some(c) = &stage.condition {
+            let _ = writeln!(out, "  runs if {}", c.display());
+        }
         if let Some(why) = &stage.skipped {
             let _ = writeln!(out, "  skipped: {why}");
             continue;

@@ -46,6 +46,13 @@ pub struct StagePlan {
     pub name: String,
     /// Why the stage will not run (`None` when it runs).
     pub skipped: Option<String>,
+    /// Stage `when.pipelineStatus`: whether the stage runs after an earlier stage failed.
+    pub run_when: StageStatus,
+    /// Stage `when.condition`, evaluated when the stage would start.
+    pub condition: Option<CondPlan>,
+    /// The `parallel` block of `stages` the stage belongs to: the stages of one block
+    /// start together, each on its own network ([`crate::pipeline::Stage::parallel`]).
+    pub parallel: Option<usize>,
     pub network: NetworkChoice,
     /// Addresses and names of every step (`None` for a skipped stage).
     pub net: Option<NetworkPlan>,
@@ -321,6 +328,9 @@ impl Template {
 
 /// Output variables of finished steps: step key -> name -> value.
 pub type Outputs = BTreeMap<String, BTreeMap<String, String>>;
+
+/// Output variables of the stages that finished before: stage identifier -> outputs.
+pub type PipelineOutputs = BTreeMap<String, Outputs>;
 
 /// Secret values to be masked wherever sandrun prints.
 #[derive(Clone, Debug, Default)]

@@ -27,8 +27,8 @@ use crate::junit;
 use crate::net::StageNetwork;
 use crate::pipeline::{Shell, StageStatus};
 use crate::plan::{
-    Action, CondPlan, ErrorKind, Node, Outputs, Plan, ProcessTemplate, Secrets, StagePlan,
-    StepPlan, StepType,
+    Action, CondPlan, ErrorKind, Node, Outputs, PipelineOutputs, Plan, ProcessTemplate, Secrets,
+    StagePlan, StepPlan, StepType,
 };
 
 /// How many of a step's last output lines are kept for failure reports.
@@ -68,6 +68,8 @@ pub struct StageContext<'a> {
     /// Step key -> the socket its `accept` calls are answered through
     /// ([`crate::net::ProxyServer::accept_listeners`]).
     pub accept_listeners: HashMap<String, PathBuf>,
+    /// Output variables of the stages that finished before this one, by stage.
+    pub earlier_stages: &'a PipelineOutputs,
     /// A private directory for this run's control files; removed by the caller.
     pub state_dir: &'a Path,
     pub options: &'a RunOptions,
@@ -76,9 +78,17 @@ pub struct StageContext<'a> {
     pub cancel: CancellationToken,
 }
 
+/// How a stage ended, and what its steps left for later stages.
+#[derive(Debug)]
+pub struct StageOutcome {
+    pub result: StageResult,
+    /// Output variables of the stage's steps, by step key.
+    pub outputs: Outputs,
+}
+
 /// Run one stage to the end and say how it went. Every process it started is stopped
 /// and reaped before this returns.
-pub async fn run_stage(ctx: &StageContext<'_>) -> StageResult {
+pub async fn run_stage(ctx: &StageContext<'_>) -> StageOutcome {
     let started = Instant::now();
     ctx.events.emit(RunEvent::StageStarted {
         stage: ctx.stage.identifier.clone(),
@@ -133,7 +143,8 @@ pub async fn run_stage(ctx: &StageContext<'_>) -> StageResult {
         result,
         duration: started.elapsed(),
     });
-    result
+    let outputs = std::mem::take(&mut *exec.state.outputs.lock().unwrap());
+    StageOutcome { result, outputs }
 }
 
 #[derive(Default)]
