@@ -11,13 +11,14 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::net::{HostPortProxy, ProxyServer, StageNetwork};
+use crate::net::StageNetwork;
 use crate::pipeline::{self, PipelineFile};
 use crate::plan::{self, NetworkMode, Plan, PlanInputs};
 use crate::run::events::{EventSink, RunEvent, StageResult};
-use crate::run::executor::{run_stage, RunOptions, StageContext};
+use crate::run::executor::RunOptions;
 use crate::run::launch::HostLauncher;
-use crate::sandbox::{ContainerLauncher, InvokingUser};
+use crate::run::pipeline::{run_pipeline, PipelineContext};
+use crate::sandbox::InvokingUser;
 use crate::store::cmd as store_cmd;
 use crate::ui::{self, ColorChoice, JsonReporter, JunitWriter, Reporter, TerminalReporter};
 
@@ -613,20 +614,19 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         } else {
             Default::default()
         };
-        let outcome = run_plan(
-            &plan,
-            &options,
-            &host,
-            RunParts {
-                images: &images,
-                zygote: zygote.clone(),
-                prebuilt,
-            },
-            run_dir.dir(),
-            sink,
+        let pipeline = PipelineContext {
+            plan: &plan,
+            options: &options,
+            host: &host,
+            images: &images,
+            zygote: zygote.clone(),
+            state_dir: run_dir.dir(),
+            events: sink,
             cancel,
-        )
-        .await;
+        };
+        let outcome = run_pipeline(&pipeline, prebuilt).await;
+        // The display ends once every sender of events is gone.
+        drop(pipeline);
         signals.abort();
         let shown = ui.await;
         (Ok(outcome), shown)
@@ -658,111 +658,6 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
         StageResult::Failed => 1,
         StageResult::Cancelled => 130,
     })
-}
-
-/// What `run` prepared for the stages before they start.
-struct RunParts<'a> {
-    /// Every image of the plan, in the store.
-    images: &'a crate::run::images::Images,
-    /// Starts container helpers (see `sandbox::zygote`).
-    zygote: Option<std::sync::Arc<crate::sandbox::zygote::Zygote>>,
-    /// The network of the first stage to run, built while entering the namespace.
-    prebuilt: Option<(usize, Result<StageNetwork, crate::net::NetError>)>,
-}
-
-async fn run_plan(
-    plan: &Plan,
-    options: &RunOptions,
-    host: &HostLauncher,
-    parts: RunParts<'_>,
-    state_dir: &Path,
-    sink: EventSink,
-    cancel: CancellationToken,
-) -> StageResult {
-    let RunParts {
-        images,
-        zygote,
-        mut prebuilt,
-    } = parts;
-    let mut overall = StageResult::Succeeded;
-    let outputs = std::sync::Mutex::new(crate::plan::PipelineOutputs::new());
-    for stage in &plan.stages {
-        if let Some(reason) = &stage.skipped {
-            sink.emit(RunEvent::StageSkipped {
-                stage: stage.identifier.clone(),
-                reason: reason.clone(),
-            });
-            continue;
-        }
-        if overall != StageResult::Succeeded {
-            sink.emit(RunEvent::StageSkipped {
-                stage: stage.identifier.clone(),
-                reason: "an earlier stage did not succeed".into(),
-            });
-            continue;
-        }
-        let stage_dir = state_dir.join(&stage.identifier);
-        let prebuilt = match prebuilt.take() {
-            Some((i, net)) if std::ptr::eq(&plan.stages[i], stage) => Some(net),
-            other => {
-                prebuilt = other;
-                None
-            }
-        };
-        let network = match start_network(stage, &stage_dir, prebuilt).await {
-            Ok(n) => n,
-            Err(e) => {
-                sink.emit(RunEvent::StageSkipped {
-                    stage: stage.identifier.clone(),
-                    reason: format!("{e:#}; no step was started"),
-                });
-                overall = StageResult::Failed;
-                continue;
-            }
-        };
-        let containers = if images.is_empty() {
-            None
-        } else {
-            match std::env::current_exe() {
-                Ok(exe) => Some(
-                    ContainerLauncher::new(exe, stage_dir.clone(), images.clone())
-                        .with_zygote(zygote.clone()),
-                ),
-                Err(e) => {
-                    sink.warn(
-                        None,
-                        format!("cannot find the sandrun executable to start containers: {e}"),
-                    );
-                    None
-                }
-            }
-        };
-        let ctx = StageContext {
-            plan,
-            stage,
-            host,
-            containers: containers
-                .as_ref()
-                .map(|c| c as &dyn crate::run::launch::Launcher),
-            images,
-            network: network.as_ref().map(|(n, _)| n),
-            accept_listeners: network
-                .as_ref()
-                .map(|(_, proxy)| proxy.accept_listeners())
-                .unwrap_or_default(),
-            state_dir: &stage_dir,
-            options,
-            events: sink.clone(),
-            cancel: cancel.clone(),
-            pipeline_outputs: &outputs,
-        };
-        overall = run_stage(&ctx).await;
-        if let Some((network, proxy)) = network {
-            proxy.shutdown().await;
-            network.teardown().await;
-        }
-    }
-    overall
 }
 
 /// Every image of the plan, present and verified, before any stage starts.
@@ -811,38 +706,6 @@ async fn prepare_images(
         });
     }
     Ok(images)
-}
-
-/// The stage's network and its host port bindings. Ports are bound first, so that a
-/// busy host port stops the stage before anything starts.
-async fn start_network(
-    stage: &plan::StagePlan,
-    stage_dir: &Path,
-    prebuilt: Option<Result<StageNetwork, crate::net::NetError>>,
-) -> anyhow::Result<Option<(StageNetwork, ProxyServer)>> {
-    let Some(net) = &stage.net else {
-        return Ok(None);
-    };
-    let proxy = HostPortProxy::bind(std::net::Ipv4Addr::LOCALHOST.into(), net)?;
-    std::fs::create_dir_all(stage_dir)
-        .with_context(|| format!("cannot create {}", stage_dir.display()))?;
-    let network = match prebuilt {
-        Some(built) => {
-            let mut network = built.context("cannot create the stage network")?;
-            network
-                .write_files(stage_dir)
-                .context("cannot create the stage network")?;
-            network
-        }
-        None => StageNetwork::create(net, stage_dir)
-            .await
-            .context("cannot create the stage network")?,
-    };
-    // Host connections are handed to container services directly unless turned off
-    // (the benchmark compares both ways).
-    let handoff = std::env::var_os("SANDRUN_PORT_HANDOFF").is_none_or(|v| v != "off");
-    let server = proxy.serve(&network, handoff.then_some(stage_dir))?;
-    Ok(Some((network, server)))
 }
 
 /// One place decides what signals mean: the first Ctrl-C or SIGTERM stops every step

@@ -83,6 +83,9 @@ pub struct Stage {
     pub instance: Option<StageInstance>,
     /// Set when the stage comes from a stage template.
     pub template: Option<TemplateOrigin>,
+    /// The `parallel` block of `stages` this stage belongs to (the index of the block's
+    /// first stage); the stages of one block run at the same time.
+    pub parallel: Option<usize>,
     pub loc: Location,
 }
 

@@ -738,7 +738,7 @@ impl<'e> Parser<'e> {
             self.missing(&f, "stages");
         }
         for item in self.list(&f, "stages") {
-            self.stage_item(item, &mut stages);
+            self.stage_item(item, &mut stages, None);
         }
         let info = PipelineInfo {
             identifier,
@@ -750,10 +750,10 @@ impl<'e> Parser<'e> {
         Some((info, stages))
     }
 
-    /// `- stage:` or `- parallel: [- stage: ...]`. Parallel stages are run one after
-    /// the other: a single machine gains nothing from overlapping whole stages, and
-    /// Harness does not promise an order between them either.
-    fn stage_item(&mut self, item: &Node, out: &mut Vec<Stage>) {
+    /// `- stage:` or `- parallel: [- stage: ...]`. The stages of one `parallel` block
+    /// share its `parallel` number (the position of its first stage), which tells the
+    /// runner to start them together.
+    fn stage_item(&mut self, item: &Node, out: &mut Vec<Stage>, block: Option<usize>) {
         let Some(f) = self.map(item, "an item of `stages`") else {
             return;
         };
@@ -763,13 +763,15 @@ impl<'e> Parser<'e> {
             if s.get("template").is_some() {
                 // A template reference left in place: why was reported when inlining.
             } else if s.get("strategy").is_some() {
-                self.looped_stages(s, key, out);
-            } else if let Some(stage) = self.stage(s, key) {
+                self.looped_stages(s, key, out, block);
+            } else if let Some(mut stage) = self.stage(s, key) {
+                stage.parallel = block;
                 out.push(stage);
             }
         }
+        let block = block.unwrap_or(out.len());
         for p in self.list(&f, "parallel") {
-            self.stage_item(p, out);
+            self.stage_item(p, out, Some(block));
         }
         if f.get("stage").is_none() && f.get("parallel").is_none() && !f.entries.is_empty() {
             // Already reported as unknown fields.
@@ -781,8 +783,10 @@ impl<'e> Parser<'e> {
         }
     }
 
-    /// The instances of a stage with a `strategy`, one after the other in `out`.
-    fn looped_stages(&mut self, node: &Node, key: Pos, out: &mut Vec<Stage>) {
+    /// The instances of a stage with a `strategy`, in `out`. As on Harness they run at
+    /// the same time (a `parallel` block of their own, or the block they sit in); with
+    /// a `maxConcurrency` below their number they run one after the other.
+    fn looped_stages(&mut self, node: &Node, key: Pos, out: &mut Vec<Stage>, block: Option<usize>) {
         let Some(st) = self.read_strategy(node) else {
             // Still check the rest of the stage.
             self.stage(&strategy::without_strategy(node), key);
@@ -794,8 +798,11 @@ impl<'e> Parser<'e> {
             .unwrap_or_default()
             .to_string();
         let count = st.instances.len();
+        let together = st.max_concurrency.is_none_or(|m| m >= count);
+        let own_block = together.then_some(out.len());
         let stages = self.instances(node, &st, Level::Stage, |p, copy| p.stage(copy, key));
         for (index, mut stage) in stages.into_iter().enumerate() {
+            stage.parallel = block.or(own_block);
             stage.instance = Some(StageInstance {
                 of: of.clone(),
                 kind: st.kind,
@@ -832,6 +839,7 @@ impl<'e> Parser<'e> {
                 failure_strategies: Vec::new(),
                 instance: None,
                 template: self.origins.get(&node.pos).cloned(),
+                parallel: None,
                 loc,
             });
         }
@@ -881,6 +889,7 @@ impl<'e> Parser<'e> {
             failure_strategies,
             instance: None,
             template: self.origins.get(&node.pos).cloned(),
+            parallel: None,
             loc,
         })
     }

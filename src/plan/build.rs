@@ -289,6 +289,9 @@ impl<'a> Builder<'a> {
             return StagePlan {
                 identifier: stage.identifier.clone(),
                 name: stage.name.clone(),
+                run_when: StageStatus::Success,
+                condition: None,
+                parallel: stage.parallel,
                 skipped: Some(format!(
                     "`{}` stages do not run locally; only CI stages do",
                     stage.stage_type
@@ -305,6 +308,11 @@ impl<'a> Builder<'a> {
         };
         scope.stage_vars = self.variables(&stage.variables, &scope, "stage.variables");
         let timeout = self.timeout(stage.timeout.as_ref(), &scope);
+        let condition = stage
+            .when
+            .as_ref()
+            .and_then(|w| w.condition.as_deref())
+            .and_then(|c| self.condition(c, &scope, &stage.loc));
         let mut nodes = Vec::new();
         // Legacy `serviceDependencies` start before the steps, as Background steps.
         for dep in &spec.service_dependencies {
@@ -316,6 +324,12 @@ impl<'a> Builder<'a> {
             identifier: stage.identifier.clone(),
             name: stage.name.clone(),
             skipped: None,
+            run_when: stage
+                .when
+                .as_ref()
+                .map_or(StageStatus::Success, |w| w.stage_status),
+            condition,
+            parallel: stage.parallel,
             network,
             net: None,
             shared_paths: spec.shared_paths.clone(),

@@ -34,20 +34,47 @@ pub fn render(plan: &Plan) -> String {
                 i.kind,
                 i.of
             );
-            match i.max_concurrency {
-                Some(n) => {
+            match (i.max_concurrency, stage.parallel) {
+                (Some(n), None) => {
                     let _ = writeln!(
                         out,
-                        " (at most {n} at once; instances run one after the other here)"
+                        " (maxConcurrency {n}: the instances run one after the other here)"
                     );
                 }
-                None => {
-                    let _ = writeln!(out, " (instances run one after the other here)");
+                _ => {
+                    let _ = writeln!(out);
                 }
             }
         }
         if let Some(t) = &stage.template {
             let _ = writeln!(out, "  from {t}");
+        }
+        if let Some(block) = stage.parallel {
+            let siblings: Vec<String> = plan
+                .stages
+                .iter()
+                .filter(|s| s.parallel == Some(block) && s.identifier != stage.identifier)
+                .map(|s| format!("`{}`", s.identifier))
+                .collect();
+            let _ = writeln!(out, "  in parallel with: {}", siblings.join(", "));
+        }
+        match stage.run_when {
+            StageStatus::Success => {}
+            StageStatus::Failure => {
+                let _ = writeln!(
+                    out,
+                    "  runs only after a stage has failed (pipelineStatus: Failure)"
+                );
+            }
+            StageStatus::All => {
+                let _ = writeln!(
+                    out,
+                    "  runs whatever the earlier stages did (pipelineStatus: All)"
+                );
+            }
+        }
+        if let Some(c) = &stage.condition {
+            let _ = writeln!(out, "  runs if {}", c.display());
         }
         if let Some(why) = &stage.skipped {
             let _ = writeln!(out, "  skipped: {why}");

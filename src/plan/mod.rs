@@ -48,6 +48,13 @@ pub struct StagePlan {
     pub name: String,
     /// Why the stage will not run (`None` when it runs).
     pub skipped: Option<String>,
+    /// Stage `when.pipelineStatus`: whether the stage runs after an earlier stage failed.
+    pub run_when: StageStatus,
+    /// Stage `when.condition`, evaluated when the stage would start.
+    pub condition: Option<CondPlan>,
+    /// The `parallel` block of `stages` the stage belongs to: the stages of one block
+    /// start together, each on its own network ([`crate::pipeline::Stage::parallel`]).
+    pub parallel: Option<usize>,
     pub network: NetworkChoice,
     /// Addresses and names of every step (`None` for a skipped stage).
     pub net: Option<NetworkPlan>,

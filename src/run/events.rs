@@ -281,18 +281,50 @@ mod duration_ms {
     }
 }
 
+impl RunEvent {
+    /// The step key this event names, if any, to be rewritten in place.
+    fn step_mut(&mut self) -> Option<&mut String> {
+        match self {
+            RunEvent::StepStarted { step, .. }
+            | RunEvent::Output { step, .. }
+            | RunEvent::StepReady { step, .. }
+            | RunEvent::ReadyTimeout { step, .. }
+            | RunEvent::StepExited { step, .. }
+            | RunEvent::BackgroundDied { step, .. }
+            | RunEvent::Retrying { step, .. }
+            | RunEvent::Report { step, .. }
+            | RunEvent::ReportError { step, .. }
+            | RunEvent::StepFinished { step, .. } => Some(step),
+            RunEvent::Warning { step, .. } => step.as_mut(),
+            RunEvent::ImageReady { .. }
+            | RunEvent::StageStarted { .. }
+            | RunEvent::StageSkipped { .. }
+            | RunEvent::StageFinished { .. } => None,
+        }
+    }
+}
+
 /// Where the executor sends its events; cheap to clone.
 #[derive(Clone)]
 pub struct EventSink {
     tx: mpsc::UnboundedSender<RunEvent>,
     secrets: Arc<Secrets>,
+    /// Put before every step key (`STAGE/`), for stages that run beside others.
+    step_prefix: Option<Arc<str>>,
 }
 
 impl EventSink {
     pub fn channel() -> (EventSink, mpsc::UnboundedReceiver<RunEvent>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let secrets = Arc::default();
-        (EventSink { tx, secrets }, rx)
+        (
+            EventSink {
+                tx,
+                secrets,
+                step_prefix: None,
+            },
+            rx,
+        )
     }
 
     /// This sink, masking `secrets` in every event it carries from now on.
@@ -303,9 +335,30 @@ impl EventSink {
         }
     }
 
+    /// A sink for a stage that runs at the same time as other stages: its step keys
+    /// become `STAGE/KEY`, so that the output, the summary and the reports of two
+    /// stages with a step of the same name stay apart.
+    pub fn for_parallel_stage(&self, stage: &str) -> EventSink {
+        EventSink {
+            tx: self.tx.clone(),
+            secrets: self.secrets.clone(),
+            step_prefix: Some(format!("{stage}/").into()),
+        }
+    }
+
     pub fn emit(&self, mut event: RunEvent) {
         if !self.secrets.is_empty() {
             event.mask(&self.secrets);
+        }
+        if let Some(prefix) = &self.step_prefix {
+            if let Some(step) = event.step_mut() {
+                step.insert_str(0, prefix);
+            }
+            if let RunEvent::StageStarted { steps, .. } = &mut event {
+                for step in steps {
+                    step.insert_str(0, prefix);
+                }
+            }
         }
         // The receiver only goes away when the process is exiting.
         let _ = self.tx.send(event);

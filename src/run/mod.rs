@@ -1,7 +1,9 @@
-//! The executor and what it needs: launching processes, run state, events.
+//! Running a plan: the pipeline's stages in order, the executor of each stage, and
+//! what they need: launching processes, images, events.
 
 pub mod events;
 pub mod executor;
 pub mod images;
 pub mod launch;
+pub mod pipeline;
 pub mod ports;

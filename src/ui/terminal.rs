@@ -39,6 +39,9 @@ pub struct TerminalReporter {
     rows: Vec<Row>,
     /// Steps in the order they were first seen, so the summary follows the plan.
     order: Vec<String>,
+    /// The step keys of each stage that started: stages in a `parallel` block finish
+    /// in any order, and each summary shows only its own steps.
+    stage_steps: HashMap<String, Vec<String>>,
     palette_next: usize,
 }
 
@@ -64,6 +67,7 @@ impl TerminalReporter {
             width: 8,
             rows: Vec::new(),
             order: Vec::new(),
+            stage_steps: HashMap::new(),
             palette_next: 0,
         }
     }
@@ -148,8 +152,15 @@ impl TerminalReporter {
             StageResult::Cancelled => self.yellow("cancelled"),
             StageResult::Skipped => "skipped".to_string(),
         };
-        let mut rows = std::mem::take(&mut self.rows);
-        let order = std::mem::take(&mut self.order);
+        let own = self.stage_steps.remove(stage).unwrap_or_default();
+        let (mut rows, others) = std::mem::take(&mut self.rows)
+            .into_iter()
+            .partition(|r| own.contains(&r.step));
+        self.rows = others;
+        let (order, others): (Vec<String>, Vec<String>) = std::mem::take(&mut self.order)
+            .into_iter()
+            .partition(|k| own.contains(k));
+        self.order = others;
         rows.sort_by_key(|r| order.iter().position(|k| k == &r.step));
         self.line("");
         self.line(&format!(
@@ -207,6 +218,7 @@ impl Reporter for TerminalReporter {
     fn event(&mut self, event: &RunEvent) {
         match event {
             RunEvent::StageStarted { stage, name, steps } => {
+                self.stage_steps.insert(stage.clone(), steps.clone());
                 let title = if name.is_empty() || name == stage {
                     format!("`{stage}`")
                 } else {
@@ -223,8 +235,14 @@ impl Reporter for TerminalReporter {
                     .map(|k| k.len().min(24))
                     .max()
                     .unwrap_or(8)
-                    .max(4);
-                self.order = steps.clone();
+                    .max(4)
+                    // Beside a stage still running, keep its prefixes aligned too.
+                    .max(if self.stage_steps.len() > 1 {
+                        self.width
+                    } else {
+                        0
+                    });
+                self.order.extend(steps.iter().cloned());
             }
             // The store's own progress display already said where each image came from.
             RunEvent::ImageReady { .. } => {}
@@ -380,8 +398,9 @@ impl Reporter for TerminalReporter {
                 result,
                 duration,
             } => {
-                for (_, pb) in self.spinners.drain() {
-                    pb.finish_and_clear();
+                let own = self.stage_steps.get(stage).cloned().unwrap_or_default();
+                for key in &own {
+                    self.stop_spinner(key);
                 }
                 self.summary(stage, *result, *duration);
             }
