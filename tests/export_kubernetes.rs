@@ -864,3 +864,39 @@ fn a_recipe_image_is_refused_with_how_to_publish_it() {
         ],
     );
 }
+
+/// Stage flow belongs to the pipeline: the export says which Pods to apply together and
+/// when a stage's `when` decides whether to apply it at all.
+#[test]
+fn stage_when_and_parallel_stages_are_noted() {
+    let step = |id: &str| {
+        format!(
+            "            - step:\n                type: Run\n                name: {id}\n                identifier: {id}\n                spec:\n                  image: alpine:3\n                  shell: Sh\n                  command: echo {id}\n"
+        )
+    };
+    let stage = |id: &str, extra: &str| {
+        format!(
+            "    - stage:\n        name: {id}\n        identifier: {id}\n        type: CI\n{extra}        spec:\n          infrastructure:\n            type: KubernetesDirect\n            spec:\n              connectorRef: k8s\n              namespace: ci\n          execution:\n            steps:\n{}",
+            step(&format!("{id}_step"))
+        )
+    };
+    let parallel = |s: String| {
+        s.lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>()
+            .replacen("        - stage:", "      - stage:", 1)
+    };
+    let text = format!(
+        "pipeline:\n  name: p\n  identifier: p\n  stages:\n    - parallel:\n{}{}{}",
+        parallel(stage("a", "")),
+        parallel(stage("b", "")),
+        stage("report", "        when:\n          pipelineStatus: Failure\n")
+    );
+    let plan = plan_text(&text);
+    let out = export::kubernetes(&plan, &KubeOptions::default(), &known_images()).unwrap();
+    assert!(
+        out.contains("Runs at the same time as stage(s) `b`: apply their Pods together."),
+        "{out}"
+    );
+    assert!(out.contains("Harness runs this stage only after an earlier stage failed"), "{out}");
+}

@@ -310,6 +310,34 @@ impl StageBuilder<'_, '_> {
         let before = self.refusals.len();
         let mut placed = Vec::new();
         place(&stage.nodes, Vec::new(), &[], &mut placed);
+        // Stage flow belongs to the pipeline, which Kubernetes does not have: say what
+        // decides whether and when this Pod is applied.
+        let mut when = Vec::new();
+        match stage.run_when {
+            StageStatus::Success => {}
+            StageStatus::Failure => when.push("only after an earlier stage failed".to_string()),
+            StageStatus::All => when.push("whatever the earlier stages did".to_string()),
+        }
+        if let Some(c) = &stage.condition {
+            when.push(format!("only if {}", c.display()));
+        }
+        if !when.is_empty() {
+            self.notes.push(format!(
+                "Stage `when`: Harness runs this stage {}. Kubernetes has no pipeline to \
+                 decide it: apply this Pod only when that holds.",
+                when.join(", and ")
+            ));
+        }
+        if let Some(block) = stage.parallel {
+            let siblings: Vec<String> = (self.plan.stages.iter())
+                .filter(|s| s.parallel == Some(block) && s.identifier != stage.identifier)
+                .map(|s| format!("`{}`", s.identifier))
+                .collect();
+            self.notes.push(format!(
+                "Runs at the same time as stage(s) {}: apply their Pods together.",
+                siblings.join(", ")
+            ));
+        }
         self.notes.push(format!(
             "Stage `{}` ({}) as one Pod, as Harness's Kubernetes build infrastructure runs \
              it: every step is a container of the Pod; they share its network (services \

@@ -48,7 +48,7 @@ pub(crate) struct Parser<'e> {
     pub errors: &'e mut PipelineErrors,
     pub expr_sites: Vec<ExprSite>,
     /// The source text, to place expressions inside multi-line scalars.
-    source: String,
+    source: super::yaml::Source,
     /// The step whose fields are being read (for `ExprSite::from_step`).
     current_step: Option<Location>,
     /// The stage being read.
@@ -232,7 +232,7 @@ impl<'e> Parser<'e> {
             origins: HashMap::new(),
             errors,
             expr_sites: Vec::new(),
-            source: String::new(),
+            source: Default::default(),
             current_step: None,
             current_stage: None,
             current_groups: Vec::new(),
@@ -259,7 +259,7 @@ impl<'e> Parser<'e> {
     /// The text the nodes come from, so that errors inside multi-line strings point
     /// at their own line.
     pub fn with_source(mut self, text: &str) -> Self {
-        self.source = text.to_string();
+        self.source = super::yaml::Source::new(text);
         self
     }
 

@@ -219,12 +219,13 @@ fn merge_into(merged: &mut Vec<(Node, Node)>, source: Node) -> Result<(), Syntax
 /// empty lines, past the header and its comment), so counting from the node's position
 /// never sees a `<+` outside the value. Falls back to the node's position when the
 /// source does not hold that many (a double-quoted `\x3c+` escape).
-pub fn expression_pos(source: &str, node: Pos, text: &str, offset: usize) -> Pos {
+pub fn expression_pos(source: &Source, node: Pos, text: &str, offset: usize) -> Pos {
+    let (index, source) = (source, source.text.as_str());
     let Some(before) = text.get(..offset) else {
         return node;
     };
     let k = before.matches("<+").count();
-    let Some(start) = byte_index(source, node) else {
+    let Some(start) = index.byte_index(node) else {
         return node;
     };
     // A plain scalar on one line is its own source: any offset maps directly.
@@ -238,26 +239,47 @@ pub fn expression_pos(source: &str, node: Pos, text: &str, offset: usize) -> Pos
             None => return node,
         }
     };
-    let line_start = source[..at].rfind('\n').map_or(0, |i| i + 1);
+    // The last line that starts at or before `at`.
+    let line = index.line_starts.partition_point(|&s| s <= at);
+    let line_start = index.line_starts[line - 1];
     Pos {
-        line: source[..at].matches('\n').count() + 1,
+        line,
         col: source[line_start..at].chars().count() + 1,
         src: node.src,
     }
 }
 
-/// The byte index of a 1-based line and character column in `source`.
-fn byte_index(source: &str, pos: Pos) -> Option<usize> {
-    let mut line_start = 0;
-    for _ in 1..pos.line {
-        line_start += source[line_start..].find('\n')? + 1;
+/// A source text with where each of its lines starts, so that a position is found
+/// without scanning the text from its start (once per expression, that made parsing
+/// quadratic in the file's size).
+#[derive(Debug, Default)]
+pub struct Source {
+    text: String,
+    /// Byte offset of the start of each line; the first is 0.
+    line_starts: Vec<usize>,
+}
+
+impl Source {
+    pub fn new(text: &str) -> Source {
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Source {
+            text: text.to_string(),
+            line_starts,
+        }
     }
-    let line = &source[line_start..];
-    let col = line
-        .char_indices()
-        .nth(pos.col.checked_sub(1)?)
-        .map_or(line.len(), |(i, _)| i);
-    Some(line_start + col)
+
+    /// The byte index of a 1-based line and character column.
+    fn byte_index(&self, pos: Pos) -> Option<usize> {
+        let line_start = *self.line_starts.get(pos.line.checked_sub(1)?)?;
+        let line = &self.text[line_start..];
+        let col = line
+            .char_indices()
+            .nth(pos.col.checked_sub(1)?)
+            .map_or(line.len(), |(i, _)| i);
+        Some(line_start + col)
+    }
 }
 
 impl Node {
@@ -379,7 +401,7 @@ mod tests {
     fn locate(doc: &str, key: &str, offset: usize) -> (usize, usize) {
         let n = parse(doc).unwrap();
         let v = n.get(key).unwrap();
-        let p = expression_pos(doc, v.pos, v.as_str().unwrap(), offset);
+        let p = expression_pos(&Source::new(doc), v.pos, v.as_str().unwrap(), offset);
         (p.line, p.col)
     }
 
