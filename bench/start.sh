@@ -31,22 +31,116 @@
 #             same way); `--network=none` is a network namespace with loopback only.
 #
 # As root it re-runs itself as the rootless test user `sandrun-test` (created by
-# scripts/test.sh).
+# scripts/test.sh) for the figures above, then measures the root path (issue 18) on the
+# same image and stage, alternating in one loop:
+# - root:     `sandrun run` as root (its own store, loaded from the same archive).
+# - rootless: the same `sandrun run` as `sandrun-test` on the rootless store.
+#             Both are started through `setpriv` (root keeps uid 0), so that each pays
+#             the same exec; root must be no slower than rootless.
+# - runc:     `runc run` as root of `runc spec`'s bundle (its network namespace has
+#             loopback only, as a one-step sandrun stage's): target sandrun <= 0.6x.
+# - crun:     `crun run` as root of the same bundle, when crun accepts this host.
 set -eu
 ROUNDS="${ROUNDS:-20}"
 
-if [ "${1:-}" != "--inner" ]; then
+if [ "${1:-}" != "--inner" ] && [ "${1:-}" != "--root" ]; then
     cd "$(dirname "$0")/.."
     . bench/lib.sh
     prepare_workdir start "$0"
     if [ "$(id -u)" -eq 0 ]; then
         chown sandrun-test: "$W" 2>/dev/null
         as_test_user ROUNDS="$ROUNDS" sh "$W/start.sh" --inner "$W" || status=$?
+        [ -n "${status:-}" ] || ROUNDS="$ROUNDS" sh "$W/start.sh" --root "$W" || status=$?
     else
         sh "$W/start.sh" --inner "$W" || status=$?
     fi
     remove_workdir
     exit "${status:-0}"
+fi
+
+now() { date +%s%N; }
+# measure TOOL ROUND: times `run_TOOL ROUND` into times.TOOL (microseconds).
+measure() {
+    t0=$(now)
+    "run_$1" "$2" || { echo "$1 failed" >&2; exit 1; }
+    t1=$(now)
+    echo $(( (t1 - t0) / 1000 )) >> "times.$1"
+}
+# rounds TOOLS...: ROUNDS rounds, each running every tool once in a new order (seeded
+# by the round, so runs repeat). Rotating one fixed order would put the same tool after
+# the slowest every time, while the kernel still tears down its namespaces.
+rounds() {
+    i=1
+    while [ "$i" -le "$ROUNDS" ]; do
+        order=$(echo "$*" | awk -v r="$i" 'BEGIN { srand(r) } {
+            n = split($0, t, " ")
+            for (k = n; k > 1; k--) { j = int(rand() * k) + 1; x = t[k]; t[k] = t[j]; t[j] = x }
+            for (k = 1; k <= n; k++) printf "%s ", t[k]
+        }')
+        for t in $order; do measure "$t" "$i"; done
+        i=$((i + 1))
+    done
+}
+median() { sort -n "times.$1" | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print int((a[NR/2]+a[NR/2+1])/2)}'; }
+# report BASE TOOLS...: each tool's median and BASE's ratio to it.
+report() {
+    B=$(median "$1")
+    awk -v s="$B" -v b="$1" 'BEGIN {printf "%-8s median %7.1f ms\n", b, s / 1000}'
+    for t in "$@"; do
+        [ "$t" = "$1" ] && continue
+        M=$(median "$t")
+        awk -v s="$B" -v m="$M" -v t="$t" -v b="$1" 'BEGIN {printf "%-8s median %7.1f ms   %s/%s = %.2f\n", t, m / 1000, b, t, s / m}'
+    done
+}
+
+if [ "$1" = "--root" ]; then
+    W="$2"
+    cd "$W"
+    T=$(mktemp -d /dev/shm/sandrun-bench-root.XXXXXX)
+    trap 'rm -rf "$T"' EXIT
+    echo
+    echo "== root path: user root, $ROUNDS rounds, $(nproc) cpus, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    rm -f times.*
+    # The rootless part left rootfs/, image.tar, stage.yaml and its store behind.
+    SANDRUN_HOME="$W/store-root" ./sandrun load --color never image.tar >load-root.log 2>&1 ||
+        { cat load-root.log; exit 1; }
+    mkdir -p ws-root bundle-root
+    (cd bundle-root && runc spec)
+    python3 - "$W" <<'PY'
+import json, sys
+w = sys.argv[1]
+p = f"{w}/bundle-root/config.json"
+c = json.load(open(p))
+c["root"] = {"path": f"{w}/rootfs", "readonly": True}
+c["process"]["args"] = ["true"]
+c["process"]["terminal"] = False
+json.dump(c, open(p, "w"))
+PY
+    run_root() {
+        setpriv --reuid=root --regid=root --clear-groups env -i PATH="$PATH" HOME=/root \
+            SANDRUN_HOME="$W/store-root" \
+            ./sandrun run --color never --workspace ws-root stage.yaml >/dev/null 2>&1
+    }
+    run_rootless() {
+        setpriv --reuid=sandrun-test --regid=sandrun-test --clear-groups env -i PATH="$PATH" \
+            HOME="$(getent passwd sandrun-test | cut -d: -f6)" SANDRUN_HOME="$W/store" \
+            ./sandrun run --color never --workspace ws stage.yaml >/dev/null 2>&1
+    }
+    run_runc() { runc --root "$T/runc" run -b bundle-root "r$1" >/dev/null; }
+    run_crun() { crun --root "$T/crun" run -b bundle-root "c$1" >/dev/null; }
+    TOOLS="root rootless runc crun"
+    for t in $TOOLS; do
+        "run_$t" 0 >/dev/null 2>&1 && continue
+        case "$t" in
+            crun) echo "crun does not run here as root (skipped): $(run_crun 0 2>&1 | tail -1)"
+                  TOOLS="root rootless runc" ;;
+            *) echo "$t does not work here:"; "run_$t" 0; exit 1 ;;
+        esac
+    done
+    rounds $TOOLS
+    report root $TOOLS
+    echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+    exit 0
 fi
 
 W="$2"
@@ -137,14 +231,6 @@ run_crun() { ./sandrun __unshare crun --root $T/crun --cgroup-manager=disabled r
 run_runc() { runc --root $T/runc run -b bundle-runc "r$1" >/dev/null; }
 run_podman() { podman run --rm --network=none --runtime runc localhost/sandrun-bench-busybox:latest true >/dev/null; }
 
-now() { date +%s%N; }
-measure() { # name round
-    t0=$(now)
-    "run_$1" "$2" || { echo "$1 failed" >&2; exit 1; }
-    t1=$(now)
-    echo $(( (t1 - t0) / 1000 )) >> "times.$1"
-}
-
 TOOLS="sandrun pod helper crun runc unshare"
 [ -n "$PODMAN" ] && TOOLS="$TOOLS podman"
 # One warm-up each (page cache, podman's storage); show why a tool does not work.
@@ -156,27 +242,7 @@ for t in $TOOLS; do
         exit 1
     }
 done
-i=1
-while [ "$i" -le "$ROUNDS" ]; do
-    # A new order every round (seeded by the round, so runs repeat). Rotating one fixed
-    # order would put the same tool after podman every time, and podman's namespaces
-    # and processes are still being torn down by the kernel when the next tool starts.
-    order=$(echo "$TOOLS" | awk -v r="$i" 'BEGIN { srand(r) } {
-        n = split($0, t, " ")
-        for (k = n; k > 1; k--) { j = int(rand() * k) + 1; x = t[k]; t[k] = t[j]; t[j] = x }
-        for (k = 1; k <= n; k++) printf "%s ", t[k]
-    }')
-    for t in $order; do measure "$t" "$i"; done
-    i=$((i + 1))
-done
-
-median() { sort -n "times.$1" | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print int((a[NR/2]+a[NR/2+1])/2)}'; }
-S=$(median sandrun)
-awk -v s="$S" 'BEGIN {printf "%-8s median %7.1f ms\n", "sandrun", s / 1000}'
-for t in $TOOLS; do
-    [ "$t" = sandrun ] && continue
-    M=$(median "$t")
-    awk -v s="$S" -v m="$M" -v t="$t" 'BEGIN {printf "%-8s median %7.1f ms   sandrun/%s = %.2f\n", t, m / 1000, t, s / m}'
-done
+rounds $TOOLS
+report sandrun $TOOLS
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 [ -n "$PODMAN" ] && podman rmi -f localhost/sandrun-bench-busybox:latest >/dev/null 2>&1 || true
