@@ -31,6 +31,11 @@ pub struct Plan {
     pub pipeline: Option<PipelineName>,
     pub workspace: PathBuf,
     pub stages: Vec<StagePlan>,
+    /// Harness's built-in variables that every step gets under its own
+    /// (`HARNESS_BUILD_ID`, `CI`, the `DRONE_*` commit facts…). The executor adds the two
+    /// that depend on the stage and the step's kind: `HARNESS_STAGE_ID` and
+    /// `HARNESS_WORKSPACE`.
+    pub builtin_env: Vec<(String, String)>,
     /// Every secret value the plan knows: consumers mask them in anything they print.
     #[serde(skip)]
     pub secrets: Secrets,

@@ -371,11 +371,30 @@ impl<'a> Executor<'a> {
     ) -> (Process, Vec<(String, String)>) {
         let outputs = self.state.outputs.lock().unwrap().clone();
         let mut missing = Vec::new();
-        let env = step
+        let own: Vec<(String, String)> = step
             .env
             .iter()
             .map(|(k, t)| (k.clone(), t.render(&outputs, &mut missing)))
             .collect();
+        let workspace = launcher.workspace_in_step(&self.ctx.plan.workspace);
+        let stage_builtins = [
+            ("HARNESS_STAGE_ID".to_string(), self.ctx.stage.identifier.clone()),
+            (
+                "HARNESS_WORKSPACE".to_string(),
+                workspace.display().to_string(),
+            ),
+        ];
+        // Harness's built-in variables first; the step's own of the same name win.
+        let mut env: Vec<(String, String)> = self
+            .ctx
+            .plan
+            .builtin_env
+            .iter()
+            .cloned()
+            .chain(stage_builtins)
+            .filter(|(k, _)| !own.iter().any(|(name, _)| name == k))
+            .collect();
+        env.extend(own);
         let process = match &step.process {
             ProcessTemplate::Shell { shell, script } => {
                 let mut script = script.render(&outputs, &mut missing);
