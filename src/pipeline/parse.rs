@@ -97,6 +97,40 @@ const HARMLESS: &[&str] = &["description", "tags", "delegateSelectors"];
 
 /// The closest candidate to `word`, if it is close enough to be a likely typo: a few
 /// edits (transpositions count as one) or a long shared prefix.
+/// Where a file shows the shape of Harness's v1 YAML, whether or not it says
+/// `version: 1`: a top-level `version`, `kind` or `spec` (`kind: pipeline`,
+/// `spec: {stages}`), or a `pipeline:` whose stages are not v0's `stage:`/`parallel:`
+/// wrappers or that lists `steps` itself.
+fn v1_shape(f: &Fields<'_>) -> Option<Pos> {
+    let has = |node: &Node, key: &str| match &node.value {
+        Value::Map(entries) => entries
+            .iter()
+            .any(|(k, _)| matches!(&k.value, Value::Scalar { text, .. } if text == key)),
+        _ => false,
+    };
+    for key in ["version", "kind", "spec"] {
+        if let Some(p) = f.key_pos(key) {
+            return Some(p);
+        }
+    }
+    let pipeline = f.get("pipeline")?;
+    let Value::Map(entries) = &pipeline.value else {
+        return None;
+    };
+    entries.iter().find_map(|(k, v)| match &k.value {
+        Value::Scalar { text, .. } if text == "steps" => Some(k.pos),
+        Value::Scalar { text, .. } if text == "stages" => match &v.value {
+            Value::Seq(items) => items
+                .iter()
+                .find(|i| !has(i, "stage") && !has(i, "parallel") && !has(i, "template"))
+                .filter(|i| has(i, "steps") || has(i, "spec") || has(i, "type"))
+                .map(|i| i.pos),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
 pub(crate) fn did_you_mean<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     let max_edits = (word.chars().count() / 3).max(1);
     candidates
@@ -656,11 +690,11 @@ impl<'e> Parser<'e> {
             what: "the file".into(),
             pos: root.pos,
         };
-        if let Some(p) = f.key_pos("version") {
+        if let Some(p) = v1_shape(&f) {
             self.error(
                 p,
                 ErrorKind::Unsupported,
-                "Harness v1 YAML (`version: 1`) is not supported; sandrun reads v0 pipelines (`pipeline:` or `stage:`)",
+                "this is a Harness v1 pipeline, which sandrun does not read; it reads v0 pipelines (`pipeline:` or `stage:` with `identifier`s and `stage:`/`step:` wrappers)",
             );
             return None;
         }
