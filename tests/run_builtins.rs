@@ -76,7 +76,12 @@ fn host_steps_get_harness_builtin_variables() {
         git(&sb, &["init", "-q", "-b", "feature/env"]);
         git(
             &sb,
-            &["remote", "add", "origin", "https://git.example.com/acme/widgets.git"],
+            &[
+                "remote",
+                "add",
+                "origin",
+                "https://git.example.com/acme/widgets.git",
+            ],
         );
         sb.write("ci.yaml", PIPELINE);
         git(&sb, &["add", "ci.yaml"]);
@@ -127,6 +132,67 @@ fn host_steps_get_harness_builtin_variables() {
             own.get("HARNESS_STAGE_ID").map(String::as_str),
             Some("also-mine")
         );
-        assert_eq!(own.get("HARNESS_EXECUTION_ID"), env.get("HARNESS_EXECUTION_ID"));
+        assert_eq!(
+            own.get("HARNESS_EXECUTION_ID"),
+            env.get("HARNESS_EXECUTION_ID")
+        );
+    }
+}
+
+/// `<+pipeline.sequenceId>` grows with each run of the pipeline and `HARNESS_BUILD_ID`
+/// says the same; `plan` shows the next number without taking it; every run has an
+/// execution id of its own.
+#[test]
+fn build_numbers_grow_with_each_run() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            r#"pipeline:
+  name: numbered
+  identifier: numbered
+  stages:
+    - stage:
+        name: build
+        identifier: build
+        type: CI
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: Run
+                  name: show
+                  identifier: show
+                  spec:
+                    shell: Sh
+                    command: echo "seq=<+pipeline.sequenceId> env=$HARNESS_BUILD_ID exec=<+pipeline.executionId>"
+"#,
+        );
+        let said = |r: &support::Run| -> (String, String) {
+            let line = r
+                .stdout
+                .lines()
+                .find_map(|l| l.split_once("seq=").map(|(_, rest)| rest.to_string()))
+                .unwrap_or_else(|| panic!("no seq= line\n{}", r.all()));
+            let (seq, rest) = line.split_once(' ').unwrap();
+            let exec = rest.split_once("exec=").unwrap().1.to_string();
+            assert_eq!(rest.split_once(' ').unwrap().0, format!("env={seq}"));
+            (seq.to_string(), exec)
+        };
+        let first = sb.run(["run", "ci.yaml"]);
+        first.assert_code(0);
+        let second = sb.run(["run", "ci.yaml"]);
+        second.assert_code(0);
+        let (seq1, exec1) = said(&first);
+        let (seq2, exec2) = said(&second);
+        assert_eq!((seq1.as_str(), seq2.as_str()), ("1", "2"), "{mode:?}");
+        assert_ne!(exec1, exec2);
+        for _ in 0..2 {
+            sb.run(["plan", "ci.yaml"])
+                .assert_code(0)
+                .assert_stdout("seq=3 ");
+        }
+        let (seq3, _) = said(&sb.run(["run", "ci.yaml"]));
+        assert_eq!(seq3, "3");
     }
 }

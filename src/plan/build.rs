@@ -43,6 +43,33 @@ pub struct PlanInputs {
     /// Resolve unanswered inputs and secrets to placeholders instead of failing
     /// (`sandrun validate` checks the file, not the answers).
     pub placeholders: bool,
+    /// This run's numbers.
+    pub run: RunIds,
+}
+
+/// What tells one run of a pipeline from another.
+#[derive(Clone, Debug)]
+pub struct RunIds {
+    /// `<+pipeline.sequenceId>`: the pipeline's build number (`crate::run::sequence`).
+    pub sequence_id: u64,
+    /// `<+pipeline.executionId>`: unique to this run.
+    pub execution_id: String,
+}
+
+impl RunIds {
+    /// Run number `sequence_id`, with an execution id of its own.
+    pub fn new(sequence_id: u64) -> RunIds {
+        RunIds {
+            sequence_id,
+            execution_id: execution_id(),
+        }
+    }
+}
+
+impl Default for RunIds {
+    fn default() -> RunIds {
+        RunIds::new(1)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -81,7 +108,6 @@ pub fn build(file: &PipelineFile, inputs: &PlanInputs) -> Result<Plan, PlanError
         errors: Vec::new(),
         secrets: Secrets::default(),
         codebase: None,
-        execution_id: execution_id(),
         pipeline_vars: BTreeMap::new(),
         stages_run: BTreeMap::new(),
     };
@@ -99,8 +125,6 @@ struct Builder<'a> {
     errors: Vec<PlanError>,
     secrets: Secrets,
     codebase: Option<Result<Codebase, String>>,
-    /// `<+pipeline.executionId>`: one value for the whole run.
-    execution_id: String,
     pipeline_vars: BTreeMap<String, String>,
     /// Stages planned so far (they run before the one being planned): their resolved
     /// variables and the keys of their steps.
@@ -260,7 +284,7 @@ impl<'a> Builder<'a> {
 
     /// `<+pipeline.sequenceId>`, Harness's build number.
     fn sequence_id(&self) -> String {
-        "1".to_string()
+        self.inputs.run.sequence_id.to_string()
     }
 
     /// The variables Harness's runners give every step of a run (its page "CI
@@ -291,7 +315,10 @@ impl<'a> Builder<'a> {
             ("HARNESS_PIPELINE_ID".into(), pipeline),
             ("HARNESS_BUILD_ID".into(), sequence.clone()),
             ("DRONE_BUILD_NUMBER".into(), sequence),
-            ("HARNESS_EXECUTION_ID".into(), self.execution_id.clone()),
+            (
+                "HARNESS_EXECUTION_ID".into(),
+                self.inputs.run.execution_id.clone(),
+            ),
         ];
         if let Ok(c) = self.codebase() {
             env.extend(drone_commit_env(c));
@@ -634,7 +661,7 @@ impl<'a> Builder<'a> {
                     .map_or("", |p| p.identifier.as_str()),
             ),
             Expr::PipelineSequenceId => Resolved::Text(self.sequence_id()),
-            Expr::PipelineExecutionId => Resolved::Text(self.execution_id.clone()),
+            Expr::PipelineExecutionId => Resolved::Text(self.inputs.run.execution_id.clone()),
             Expr::PipelineVariable(v) => match self.pipeline_vars.get(v) {
                 Some(x) => Resolved::Text(x.clone()),
                 None => self.unknown(loc, field, e, "the pipeline has no such variable"),

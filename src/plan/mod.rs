@@ -9,7 +9,7 @@
 mod build;
 mod display;
 
-pub use build::{build, PlanInputs};
+pub use build::{build, PlanInputs, RunIds};
 pub use display::render;
 
 use std::collections::BTreeMap;

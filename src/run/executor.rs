@@ -378,7 +378,10 @@ impl<'a> Executor<'a> {
             .collect();
         let workspace = launcher.workspace_in_step(&self.ctx.plan.workspace);
         let stage_builtins = [
-            ("HARNESS_STAGE_ID".to_string(), self.ctx.stage.identifier.clone()),
+            (
+                "HARNESS_STAGE_ID".to_string(),
+                self.ctx.stage.identifier.clone(),
+            ),
             (
                 "HARNESS_WORKSPACE".to_string(),
                 workspace.display().to_string(),
