@@ -496,31 +496,41 @@ impl<'a> Builder<'a> {
                 _ => {
                     let answer_key = format!("{prefix}.{}", v.name);
                     let text = if is_bare_input(&v.value) {
+                        let (default, allowed) =
+                            match expr::parse_template(v.value.trim()).ok().as_deref() {
+                                Some([Part::Expr(Expr::Input { default, allowed })]) => {
+                                    (default.clone(), allowed.clone())
+                                }
+                                _ => (None, None),
+                            };
                         match self.answer(&v.name, &answer_key) {
-                            Some(a) => a,
-                            None => {
-                                let parsed = expr::parse_template(&v.value).ok();
-                                let default = parsed.and_then(|p| match p.first() {
-                                    Some(Part::Expr(Expr::Input { default, .. })) => {
-                                        default.clone()
-                                    }
-                                    _ => None,
-                                });
-                                match default.or_else(|| v.default.clone()) {
-                                    Some(d) => d,
-                                    None if self.inputs.placeholders => "<input>".to_string(),
-                                    None => {
-                                        self.error(
+                            Some(a) => {
+                                if let Some(allowed) = allowed.filter(|al| !al.contains(&a)) {
+                                    self.error(
+                                        &v.loc,
+                                        format!(
+                                            "`{a}` is not an allowed value for variable `{}` (allowed: {})",
+                                            v.name,
+                                            allowed.join(", ")
+                                        ),
+                                    );
+                                }
+                                a
+                            }
+                            None => match default.or_else(|| v.default.clone()) {
+                                Some(d) => d,
+                                None if self.inputs.placeholders => "<input>".to_string(),
+                                None => {
+                                    self.error(
                                             &v.loc,
                                             format!(
                                                 "variable `{}` is a runtime input: answer it with --set {}=VALUE",
                                                 v.name, v.name
                                             ),
                                         );
-                                        String::new()
-                                    }
+                                    String::new()
                                 }
-                            }
+                            },
                         }
                     } else {
                         let mut s = scope.clone();
@@ -1673,6 +1683,21 @@ mod tests {
                   spec:
                     command: echo <+pipeline.stages.a.spec.execution.steps.inner.steps.s.output.outputVariables.X> <+pipeline.stages.a.name>
 "#;
+
+    #[test]
+    fn an_answer_outside_allowed_values_is_refused() {
+        let yaml = "pipeline:\n  identifier: p\n  variables:\n    - name: env\n      type: String\n      value: <+input>.allowedValues(dev,prod)\n  stages:\n    - stage:\n        identifier: s\n        type: CI\n        spec:\n          execution:\n            steps:\n              - step:\n                  identifier: t\n                  type: Run\n                  spec:\n                    command: echo <+pipeline.variables.env>\n";
+        let e = plan(yaml, &[("env", "qa")]).unwrap_err();
+        assert!(
+            e.contains("`qa` is not an allowed value for variable `env` (allowed: dev, prod)"),
+            "{e}"
+        );
+        let ok = plan(yaml, &[("env", "prod")]).unwrap();
+        assert_eq!(
+            script(&ok, 0, "t").render(&Outputs::default(), &mut Vec::new()),
+            "echo prod"
+        );
+    }
 
     #[test]
     fn drone_repository_variables_come_from_the_origin_url() {
