@@ -1137,7 +1137,7 @@ impl<'a> Builder<'a> {
             StepKind::Background(b) => (StepType::Background, Some(&b.container), None),
             StepKind::Plugin(p) => (StepType::Plugin, Some(&p.container), None),
             StepKind::Unsupported { step_type, reason } => (
-                StepType::Run,
+                StepType::Other(step_type.clone()),
                 None,
                 Some(format!("`{step_type}` steps cannot run locally: {reason}")),
             ),

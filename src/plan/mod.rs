@@ -148,11 +148,25 @@ pub struct GroupPlan {
     pub template: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum StepType {
     Run,
     Background,
     Plugin,
+    /// A step type sandrun does not run (`GitClone`, `BuildAndPushDockerRegistry`…),
+    /// by its own name.
+    Other(String),
+}
+
+impl std::fmt::Display for StepType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StepType::Run => "Run",
+            StepType::Background => "Background",
+            StepType::Plugin => "Plugin",
+            StepType::Other(name) => name,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]

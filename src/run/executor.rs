@@ -325,7 +325,7 @@ impl<'a> Executor<'a> {
         self.ctx.events.emit(RunEvent::StepFinished {
             step: step.key.clone(),
             name: step.name.clone(),
-            step_type: step.step_type,
+            step_type: step.step_type.clone(),
             result: StepResult::Skipped { reason },
             exit: None,
             duration: Duration::ZERO,
@@ -344,7 +344,8 @@ impl<'a> Executor<'a> {
         }
         match step.step_type {
             StepType::Background => self.start_background(step).await,
-            StepType::Run | StepType::Plugin => self.run_to_end(step).await,
+            // Unsupported types (`Other`) were skipped above.
+            StepType::Run | StepType::Plugin | StepType::Other(_) => self.run_to_end(step).await,
         }
     }
 
@@ -457,7 +458,7 @@ impl<'a> Executor<'a> {
         self.ctx.events.emit(RunEvent::StepStarted {
             step: step.key.clone(),
             name: step.name.clone(),
-            step_type: step.step_type,
+            step_type: step.step_type.clone(),
             attempt,
         });
         let mut child = launcher.launch(&spec)?;
@@ -605,7 +606,7 @@ impl<'a> Executor<'a> {
         self.ctx.events.emit(RunEvent::StepFinished {
             step: step.key.clone(),
             name: step.name.clone(),
-            step_type: step.step_type,
+            step_type: step.step_type.clone(),
             result,
             exit,
             duration: started.elapsed(),
@@ -712,7 +713,7 @@ impl<'a> Executor<'a> {
                 self.ctx.events.emit(RunEvent::StepFinished {
                     step: step.key.clone(),
                     name: step.name.clone(),
-                    step_type: step.step_type,
+                    step_type: step.step_type.clone(),
                     result: StepResult::Failed {
                         reason: e.to_string(),
                     },
