@@ -196,3 +196,49 @@ fn build_numbers_grow_with_each_run() {
         assert_eq!(seq3, "3");
     }
 }
+
+/// Fields Harness's editor writes that mean nothing on one machine are accepted, the
+/// run goes on, and `plan` names each with its place.
+#[test]
+fn plan_names_the_editor_fields_it_ignores() {
+    let sb = Sandbox::new(modes()[0]);
+    sb.write(
+        "ci.yaml",
+        r#"pipeline:
+  name: edited
+  identifier: edited
+  tags:
+    team: ci
+  notificationRules: []
+  delegateSelectors:
+    - big-delegate
+  stages:
+    - stage:
+        name: build
+        identifier: build
+        type: CI
+        delegateSelectors:
+          - big-delegate
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: Run
+                  name: hi
+                  identifier: hi
+                  timeout: ""
+                  spec:
+                    shell: Sh
+                    command: echo hi
+"#,
+    );
+    let plan = sb.run(["plan", "ci.yaml"]);
+    plan.assert_code(0)
+        .assert_stdout("Ignored (Harness-only fields that mean nothing on one machine):")
+        .assert_stdout("ci.yaml:4:3: `tags` in pipeline `edited`")
+        .assert_stdout("ci.yaml:6:3: `notificationRules` in pipeline `edited`")
+        .assert_stdout("ci.yaml:7:3: `delegateSelectors` in pipeline `edited`")
+        .assert_stdout("ci.yaml:14:9: `delegateSelectors` in stage `build`")
+        .assert_stdout("ci.yaml:23:28: `timeout: \"\"` in Run step `hi`");
+    sb.run(["run", "ci.yaml"]).assert_code(0);
+}

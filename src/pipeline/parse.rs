@@ -47,6 +47,8 @@ pub(crate) struct Parser<'e> {
     origins: HashMap<Pos, TemplateOrigin>,
     pub errors: &'e mut PipelineErrors,
     pub expr_sites: Vec<ExprSite>,
+    /// Editor-only fields accepted and left unused (`PipelineFile::ignored`).
+    pub ignored: Vec<IgnoredField>,
     /// The source text, to place expressions inside multi-line scalars.
     source: String,
     /// The step whose fields are being read (for `ExprSite::from_step`).
@@ -266,6 +268,7 @@ impl<'e> Parser<'e> {
             origins: HashMap::new(),
             errors,
             expr_sites: Vec::new(),
+            ignored: Vec::new(),
             source: String::new(),
             current_step: None,
             current_stage: None,
@@ -403,6 +406,13 @@ impl<'e> Parser<'e> {
     ) {
         for (k, _) in f.entries {
             let Some(key) = k.as_str() else { continue };
+            if ignored.contains(&key) && key != "description" {
+                self.ignored.push(IgnoredField {
+                    loc: self.loc(k.pos),
+                    field: key.to_string(),
+                    within: f.what.clone(),
+                });
+            }
             if known.contains(&key) || ignored.contains(&key) {
                 continue;
             }
@@ -525,6 +535,15 @@ impl<'e> Parser<'e> {
     fn literal(&mut self, f: &Fields<'_>, key: &str) -> Option<(String, Pos)> {
         let s = self.opt_string(f, key)?;
         let pos = f.get(key).map(|n| n.pos).unwrap_or_default();
+        // Harness's editor writes `timeout: ""` for a timeout left blank: no timeout.
+        if s.trim().is_empty() {
+            self.ignored.push(IgnoredField {
+                loc: self.loc(pos),
+                field: format!("{key}: \"\""),
+                within: f.what.clone(),
+            });
+            return None;
+        }
         if expr::has_expressions(&s) {
             self.error(
                 pos,
@@ -712,6 +731,7 @@ impl<'e> Parser<'e> {
                     pipeline: Some(info),
                     stages,
                     server_inputs: Vec::new(),
+                    ignored: Vec::new(),
                 })
             }
             (None, Some(s)) => {
@@ -722,6 +742,7 @@ impl<'e> Parser<'e> {
                     pipeline: None,
                     stages: vec![stage],
                     server_inputs: Vec::new(),
+                    ignored: Vec::new(),
                 })
             }
             (None, None) => {

@@ -278,6 +278,12 @@ impl<'a> Builder<'a> {
             workspace: self.inputs.workspace.clone(),
             stages,
             builtin_env: self.builtin_env(),
+            ignored: self
+                .file
+                .ignored
+                .iter()
+                .map(|i| format!("{}: `{}` in {}", i.loc, i.field, i.within))
+                .collect(),
             secrets: self.secrets.clone(),
         }
     }

@@ -22,6 +22,15 @@ pub fn render(plan: &Plan) -> String {
         }
     }
     let _ = writeln!(out, "Workspace: {}", plan.workspace.display());
+    if !plan.ignored.is_empty() {
+        let _ = writeln!(
+            out,
+            "Ignored (Harness-only fields that mean nothing on one machine):"
+        );
+        for i in &plan.ignored {
+            let _ = writeln!(out, "  {i}");
+        }
+    }
     for stage in &plan.stages {
         let _ = writeln!(out);
         let _ = writeln!(out, "Stage `{}` ({})", stage.identifier, stage.name);

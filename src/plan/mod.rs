@@ -36,6 +36,9 @@ pub struct Plan {
     /// that depend on the stage and the step's kind: `HARNESS_STAGE_ID` and
     /// `HARNESS_WORKSPACE`.
     pub builtin_env: Vec<(String, String)>,
+    /// Fields Harness's editor writes that mean nothing on one machine, accepted and
+    /// left unused, each as `file:line:col: `field` in WHAT`.
+    pub ignored: Vec<String>,
     /// Every secret value the plan knows: consumers mask them in anything they print.
     #[serde(skip)]
     pub secrets: Secrets,
