@@ -270,7 +270,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Save(a) => store_cmd::save(&a, &cli.global.registry),
         Command::Load(a) => store_cmd::load(&a),
         Command::Plan(args) => {
-            let (_, mut plan) = load_and_plan(&args.input, false)?;
+            let (_, mut plan) = load_and_plan(&args.input, false, Numbering::Peek)?;
             crate::run::images::resolve_sources(&mut plan, &cli.global.registry.pull_options()?)?;
             if args.json {
                 let text = serde_json::to_string_pretty(&plan)?;
@@ -319,7 +319,44 @@ fn pipeline_path(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn load_and_plan(input: &InputArgs, placeholders: bool) -> anyhow::Result<(PipelineFile, Plan)> {
+/// Whether planning takes the pipeline's next build number (`run`) or only reads it
+/// (`plan`, `validate`, `export`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Numbering {
+    Peek,
+    Take,
+}
+
+/// The build number of this run of `file`'s pipeline (a stage file is numbered by its
+/// file name). Without a home directory nothing can be kept: reading says 1, taking
+/// fails.
+fn build_number(file: &PipelineFile, numbering: Numbering) -> anyhow::Result<u64> {
+    let key = match &file.pipeline {
+        Some(p) => p.identifier.clone(),
+        None => file
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    let Some(home) = crate::store::default_home() else {
+        if numbering == Numbering::Take {
+            bail!("no directory to keep build numbers in: set SANDRUN_HOME (or HOME)");
+        }
+        return Ok(1);
+    };
+    let path = crate::run::sequence::file_for(&home, &key);
+    Ok(match numbering {
+        Numbering::Peek => crate::run::sequence::peek(&path)?,
+        Numbering::Take => crate::run::sequence::take(&path)?,
+    })
+}
+
+fn load_and_plan(
+    input: &InputArgs,
+    placeholders: bool,
+    numbering: Numbering,
+) -> anyhow::Result<(PipelineFile, Plan)> {
     let path = pipeline_path(input.file.as_deref())?;
     let workspace = match &input.workspace {
         Some(w) => w.clone(),
@@ -352,6 +389,7 @@ fn load_and_plan(input: &InputArgs, placeholders: bool) -> anyhow::Result<(Pipel
         }),
         egress: input.network.contains(&NetworkArg::Egress),
         placeholders,
+        run: plan::RunIds::new(build_number(&file, numbering)?),
     };
     let plan = plan::build(&file, &inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok((file, plan))
@@ -391,7 +429,7 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<i32> {
         secrets_file: None,
         network: Vec::new(),
     };
-    let (file, plan) = load_and_plan(&input, true)?;
+    let (file, plan) = load_and_plan(&input, true, Numbering::Peek)?;
     let unsupported = unsupported_steps(&plan);
     if unsupported.is_empty() {
         println!("{}: valid", plan.source.display());
@@ -457,7 +495,7 @@ fn export(
         network: Vec::new(),
         templates: k.templates.clone(),
     };
-    let (_, mut plan) = load_and_plan(&input, true)?;
+    let (_, mut plan) = load_and_plan(&input, true, Numbering::Peek)?;
     let pull = global.registry.pull_options()?;
     crate::run::images::resolve_sources(&mut plan, &pull)?;
     let images = crate::export::command::known_images(&plan, &pull);
@@ -476,7 +514,7 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     } else {
         Some(crate::sandbox::prepare_rootless().context("cannot set up rootless mode")?)
     };
-    let (_, mut plan) = load_and_plan(&args.input, false)?;
+    let (_, mut plan) = load_and_plan(&args.input, false, Numbering::Take)?;
     if let Some(dir) = &args.report_dir {
         JunitWriter::check_dir(dir)?;
     }

@@ -777,3 +777,29 @@ fn host_connections_to_a_bound_port_are_handed_to_the_container_service() {
         }
     }
 }
+
+/// Container steps get Harness's built-in variables too, with the workspace where they
+/// see it (`/harness`).
+#[test]
+fn container_steps_get_harness_builtin_variables() {
+    let Some(fx) = fixture() else { return };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let steps = format!(
+            r#"- step:
+    type: Run
+    name: show
+    identifier: show
+    spec:
+      image: {image}
+      shell: Sh
+      command: echo "ws=$HARNESS_WORKSPACE stage=$HARNESS_STAGE_ID ci=$CI account=$HARNESS_ACCOUNT_ID"
+"#,
+            image = fx.busybox
+        );
+        sb.write("ci.yaml", &support::stage(support::DOCKER, &steps));
+        sb.run(["run", "ci.yaml"])
+            .assert_code(0)
+            .assert_stdout("ws=/harness stage=test ci=true account=local");
+    }
+}

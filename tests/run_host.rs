@@ -691,7 +691,15 @@ fn unsupported_steps_are_refused_or_skipped_by_choice() {
         );
         let r = sb.run(["run", "ci.yaml", "--skip-unsupported"]);
         r.assert_code(0);
-        assert!(r.summary_row("push").contains("skipped"), "{}", r.all());
+        let row = r.summary_row("push");
+        // The step keeps its own type name, in the summary as in the plan.
+        assert!(
+            row.contains("skipped") && row.contains("BuildAndPushDockerRegistry"),
+            "{}",
+            r.all()
+        );
+        sb.run(["plan", "ci.yaml"])
+            .assert_stdout("BuildAndPushDockerRegistry `push`");
     }
 }
 

@@ -439,13 +439,13 @@ impl StageBuilder<'_, '_> {
                     }
                     sidecars.push(c);
                 }
-                StepType::Run | StepType::Plugin => {
+                StepType::Run | StepType::Plugin | StepType::Other(_) => {
                     seen_step = true;
                     let Some(c) = self.wrapped(step, p, container) else {
                         continue;
                     };
                     order_lines.push(format!(
-                        "container `{}`: {:?} step `{}`{}",
+                        "container `{}`: {} step `{}`{}",
                         c.name,
                         step.step_type,
                         step.key,

@@ -87,8 +87,10 @@ pub fn parse_with(
     }
     let mut file = parser.file(&root);
     let sites = std::mem::take(&mut parser.expr_sites);
+    let ignored = std::mem::take(&mut parser.ignored);
     if let Some(file) = &mut file {
         file.server_inputs = validate::validate(file, &sites, &mut errors);
+        file.ignored = ignored;
     }
     errors.sort();
     match file {

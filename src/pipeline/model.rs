@@ -42,6 +42,20 @@ pub struct PipelineFile {
     pub stages: Vec<Stage>,
     /// Every expression only Harness's server can answer, where it is read.
     pub server_inputs: Vec<ServerInput>,
+    /// Fields Harness's editor writes that mean nothing on one machine
+    /// (`delegateSelectors`, `tags`, `notificationRules`, an empty `timeout`…),
+    /// accepted and left unused: `plan` lists them.
+    pub ignored: Vec<IgnoredField>,
+}
+
+/// A field accepted and left unused, where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IgnoredField {
+    pub loc: Location,
+    /// The field's key.
+    pub field: String,
+    /// What holds it (`pipeline `p``, `step `build``).
+    pub within: String,
 }
 
 /// A value only Harness's server knows (`<+trigger.branch>`, `<+variable.org.x>`...),

@@ -47,6 +47,8 @@ pub(crate) struct Parser<'e> {
     origins: HashMap<Pos, TemplateOrigin>,
     pub errors: &'e mut PipelineErrors,
     pub expr_sites: Vec<ExprSite>,
+    /// Editor-only fields accepted and left unused (`PipelineFile::ignored`).
+    pub ignored: Vec<IgnoredField>,
     /// The source text, to place expressions inside multi-line scalars.
     source: super::yaml::Source,
     /// The step whose fields are being read (for `ExprSite::from_step`).
@@ -97,6 +99,40 @@ const HARMLESS: &[&str] = &["description", "tags", "delegateSelectors"];
 
 /// The closest candidate to `word`, if it is close enough to be a likely typo: a few
 /// edits (transpositions count as one) or a long shared prefix.
+/// Where a file shows the shape of Harness's v1 YAML, whether or not it says
+/// `version: 1`: a top-level `version`, `kind` or `spec` (`kind: pipeline`,
+/// `spec: {stages}`), or a `pipeline:` whose stages are not v0's `stage:`/`parallel:`
+/// wrappers or that lists `steps` itself.
+fn v1_shape(f: &Fields<'_>) -> Option<Pos> {
+    let has = |node: &Node, key: &str| match &node.value {
+        Value::Map(entries) => entries
+            .iter()
+            .any(|(k, _)| matches!(&k.value, Value::Scalar { text, .. } if text == key)),
+        _ => false,
+    };
+    for key in ["version", "kind", "spec"] {
+        if let Some(p) = f.key_pos(key) {
+            return Some(p);
+        }
+    }
+    let pipeline = f.get("pipeline")?;
+    let Value::Map(entries) = &pipeline.value else {
+        return None;
+    };
+    entries.iter().find_map(|(k, v)| match &k.value {
+        Value::Scalar { text, .. } if text == "steps" => Some(k.pos),
+        Value::Scalar { text, .. } if text == "stages" => match &v.value {
+            Value::Seq(items) => items
+                .iter()
+                .find(|i| !has(i, "stage") && !has(i, "parallel") && !has(i, "template"))
+                .filter(|i| has(i, "steps") || has(i, "spec") || has(i, "type"))
+                .map(|i| i.pos),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
 pub(crate) fn did_you_mean<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     let max_edits = (word.chars().count() / 3).max(1);
     candidates
@@ -232,6 +268,7 @@ impl<'e> Parser<'e> {
             origins: HashMap::new(),
             errors,
             expr_sites: Vec::new(),
+            ignored: Vec::new(),
             source: Default::default(),
             current_step: None,
             current_stage: None,
@@ -369,6 +406,13 @@ impl<'e> Parser<'e> {
     ) {
         for (k, _) in f.entries {
             let Some(key) = k.as_str() else { continue };
+            if ignored.contains(&key) && key != "description" {
+                self.ignored.push(IgnoredField {
+                    loc: self.loc(k.pos),
+                    field: key.to_string(),
+                    within: f.what.clone(),
+                });
+            }
             if known.contains(&key) || ignored.contains(&key) {
                 continue;
             }
@@ -491,6 +535,15 @@ impl<'e> Parser<'e> {
     fn literal(&mut self, f: &Fields<'_>, key: &str) -> Option<(String, Pos)> {
         let s = self.opt_string(f, key)?;
         let pos = f.get(key).map(|n| n.pos).unwrap_or_default();
+        // Harness's editor writes `timeout: ""` for a timeout left blank: no timeout.
+        if s.trim().is_empty() {
+            self.ignored.push(IgnoredField {
+                loc: self.loc(pos),
+                field: format!("{key}: \"\""),
+                within: f.what.clone(),
+            });
+            return None;
+        }
         if expr::has_expressions(&s) {
             self.error(
                 pos,
@@ -656,11 +709,11 @@ impl<'e> Parser<'e> {
             what: "the file".into(),
             pos: root.pos,
         };
-        if let Some(p) = f.key_pos("version") {
+        if let Some(p) = v1_shape(&f) {
             self.error(
                 p,
                 ErrorKind::Unsupported,
-                "Harness v1 YAML (`version: 1`) is not supported; sandrun reads v0 pipelines (`pipeline:` or `stage:`)",
+                "this is a Harness v1 pipeline, which sandrun does not read; it reads v0 pipelines (`pipeline:` or `stage:` with `identifier`s and `stage:`/`step:` wrappers)",
             );
             return None;
         }
@@ -678,6 +731,7 @@ impl<'e> Parser<'e> {
                     pipeline: Some(info),
                     stages,
                     server_inputs: Vec::new(),
+                    ignored: Vec::new(),
                 })
             }
             (None, Some(s)) => {
@@ -688,6 +742,7 @@ impl<'e> Parser<'e> {
                     pipeline: None,
                     stages: vec![stage],
                     server_inputs: Vec::new(),
+                    ignored: Vec::new(),
                 })
             }
             (None, None) => {

@@ -43,6 +43,33 @@ pub struct PlanInputs {
     /// Resolve unanswered inputs and secrets to placeholders instead of failing
     /// (`sandrun validate` checks the file, not the answers).
     pub placeholders: bool,
+    /// This run's numbers.
+    pub run: RunIds,
+}
+
+/// What tells one run of a pipeline from another.
+#[derive(Clone, Debug)]
+pub struct RunIds {
+    /// `<+pipeline.sequenceId>`: the pipeline's build number (`crate::run::sequence`).
+    pub sequence_id: u64,
+    /// `<+pipeline.executionId>`: unique to this run.
+    pub execution_id: String,
+}
+
+impl RunIds {
+    /// Run number `sequence_id`, with an execution id of its own.
+    pub fn new(sequence_id: u64) -> RunIds {
+        RunIds {
+            sequence_id,
+            execution_id: execution_id(),
+        }
+    }
+}
+
+impl Default for RunIds {
+    fn default() -> RunIds {
+        RunIds::new(1)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -190,6 +217,9 @@ struct Codebase {
     branch: String,
     sha: String,
     repo_url: String,
+    message: String,
+    author_name: String,
+    author_email: String,
 }
 
 impl<'a> Builder<'a> {
@@ -247,8 +277,59 @@ impl<'a> Builder<'a> {
             pipeline,
             workspace: self.inputs.workspace.clone(),
             stages,
+            builtin_env: self.builtin_env(),
+            ignored: self
+                .file
+                .ignored
+                .iter()
+                .map(|i| format!("{}: `{}` in {}", i.loc, i.field, i.within))
+                .collect(),
             secrets: self.secrets.clone(),
         }
+    }
+
+    /// `<+pipeline.sequenceId>`, Harness's build number.
+    fn sequence_id(&self) -> String {
+        self.inputs.run.sequence_id.to_string()
+    }
+
+    /// The variables Harness's runners give every step of a run (its page "CI
+    /// environment variables reference"), but for the stage's and the workspace's,
+    /// which the executor adds. Account, organization and project identifiers are
+    /// answered like `<+account.identifier>` (`--set account.identifier=…`), else they
+    /// read `local`. Commit facts come from the workspace's git and are left out when
+    /// it has none, as Harness leaves out what a build does not know.
+    fn builtin_env(&mut self) -> Vec<(String, String)> {
+        let pipeline = self
+            .file
+            .pipeline
+            .as_ref()
+            .map_or(String::new(), |p| p.identifier.clone());
+        let scope_id = |key: &str| {
+            self.inputs
+                .inputs
+                .get(key)
+                .cloned()
+                .unwrap_or_else(|| "local".to_string())
+        };
+        let sequence = self.sequence_id();
+        let mut env = vec![
+            ("CI".to_string(), "true".to_string()),
+            ("HARNESS_ACCOUNT_ID".into(), scope_id("account.identifier")),
+            ("HARNESS_ORG_ID".into(), scope_id("org.identifier")),
+            ("HARNESS_PROJECT_ID".into(), scope_id("project.identifier")),
+            ("HARNESS_PIPELINE_ID".into(), pipeline),
+            ("HARNESS_BUILD_ID".into(), sequence.clone()),
+            ("DRONE_BUILD_NUMBER".into(), sequence),
+            (
+                "HARNESS_EXECUTION_ID".into(),
+                self.inputs.run.execution_id.clone(),
+            ),
+        ];
+        if let Ok(c) = self.codebase() {
+            env.extend(drone_commit_env(c));
+        }
+        env
     }
 
     /// Every value only Harness's server knows that this run reads and nobody
@@ -421,31 +502,41 @@ impl<'a> Builder<'a> {
                 _ => {
                     let answer_key = format!("{prefix}.{}", v.name);
                     let text = if is_bare_input(&v.value) {
+                        let (default, allowed) =
+                            match expr::parse_template(v.value.trim()).ok().as_deref() {
+                                Some([Part::Expr(Expr::Input { default, allowed })]) => {
+                                    (default.clone(), allowed.clone())
+                                }
+                                _ => (None, None),
+                            };
                         match self.answer(&v.name, &answer_key) {
-                            Some(a) => a,
-                            None => {
-                                let parsed = expr::parse_template(&v.value).ok();
-                                let default = parsed.and_then(|p| match p.first() {
-                                    Some(Part::Expr(Expr::Input { default, .. })) => {
-                                        default.clone()
-                                    }
-                                    _ => None,
-                                });
-                                match default.or_else(|| v.default.clone()) {
-                                    Some(d) => d,
-                                    None if self.inputs.placeholders => "<input>".to_string(),
-                                    None => {
-                                        self.error(
+                            Some(a) => {
+                                if let Some(allowed) = allowed.filter(|al| !al.contains(&a)) {
+                                    self.error(
+                                        &v.loc,
+                                        format!(
+                                            "`{a}` is not an allowed value for variable `{}` (allowed: {})",
+                                            v.name,
+                                            allowed.join(", ")
+                                        ),
+                                    );
+                                }
+                                a
+                            }
+                            None => match default.or_else(|| v.default.clone()) {
+                                Some(d) => d,
+                                None if self.inputs.placeholders => "<input>".to_string(),
+                                None => {
+                                    self.error(
                                             &v.loc,
                                             format!(
                                                 "variable `{}` is a runtime input: answer it with --set {}=VALUE",
                                                 v.name, v.name
                                             ),
                                         );
-                                        String::new()
-                                    }
+                                    String::new()
                                 }
-                            }
+                            },
                         }
                     } else {
                         let mut s = scope.clone();
@@ -585,8 +676,8 @@ impl<'a> Builder<'a> {
                     .as_ref()
                     .map_or("", |p| p.identifier.as_str()),
             ),
-            Expr::PipelineSequenceId => text("1"),
-            Expr::PipelineExecutionId => Resolved::Text(execution_id()),
+            Expr::PipelineSequenceId => Resolved::Text(self.sequence_id()),
+            Expr::PipelineExecutionId => Resolved::Text(self.inputs.run.execution_id.clone()),
             Expr::PipelineVariable(v) => match self.pipeline_vars.get(v) {
                 Some(x) => Resolved::Text(x.clone()),
                 None => self.unknown(loc, field, e, "the pipeline has no such variable"),
@@ -1052,7 +1143,7 @@ impl<'a> Builder<'a> {
             StepKind::Background(b) => (StepType::Background, Some(&b.container), None),
             StepKind::Plugin(p) => (StepType::Plugin, Some(&p.container), None),
             StepKind::Unsupported { step_type, reason } => (
-                StepType::Run,
+                StepType::Other(step_type.clone()),
                 None,
                 Some(format!("`{step_type}` steps cannot run locally: {reason}")),
             ),
@@ -1434,6 +1525,47 @@ fn address_steps(stage: &mut StagePlan, egress: bool) -> Result<(), crate::net::
     Ok(())
 }
 
+/// The `DRONE_*` commit, branch and repository variables that the workspace's git
+/// answers. The repository's owner and name come from the `origin` remote's URL
+/// (`https://host/OWNER/NAME.git`, `git@host:OWNER/NAME.git`).
+fn drone_commit_env(c: &Codebase) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("DRONE_COMMIT_SHA", &c.sha),
+        ("DRONE_COMMIT", &c.sha),
+        ("DRONE_COMMIT_BRANCH", &c.branch),
+        ("DRONE_BRANCH", &c.branch),
+        ("DRONE_SOURCE_BRANCH", &c.branch),
+        ("DRONE_TARGET_BRANCH", &c.branch),
+        ("DRONE_COMMIT_MESSAGE", &c.message),
+        ("DRONE_COMMIT_AUTHOR_NAME", &c.author_name),
+        ("DRONE_COMMIT_AUTHOR_EMAIL", &c.author_email),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.clone()))
+    .collect();
+    if c.repo_url.is_empty() {
+        return env;
+    }
+    env.push(("DRONE_REMOTE_URL".into(), c.repo_url.clone()));
+    let url_kind = if c.repo_url.starts_with("http://") || c.repo_url.starts_with("https://") {
+        "DRONE_GIT_HTTP_URL"
+    } else {
+        "DRONE_GIT_SSH_URL"
+    };
+    env.push((url_kind.into(), c.repo_url.clone()));
+    let path = c.repo_url.trim_end_matches('/').trim_end_matches(".git");
+    let mut parts = path.rsplit(['/', ':']);
+    if let Some(name) = parts.next().filter(|n| !n.is_empty()) {
+        env.push(("DRONE_REPO_NAME".into(), name.to_string()));
+        if let Some(owner) = parts.next().filter(|o| !o.is_empty() && !o.contains('@')) {
+            env.push(("DRONE_REPO_OWNER".into(), owner.to_string()));
+            env.push(("DRONE_REPO_NAMESPACE".into(), owner.to_string()));
+            env.push(("DRONE_REPO".into(), format!("{owner}/{name}")));
+        }
+    }
+    env
+}
+
 fn read_codebase(workspace: &Path) -> Result<Codebase, String> {
     let git = |args: &[&str]| -> Result<String, String> {
         let out = Command::new("git")
@@ -1454,10 +1586,17 @@ fn read_codebase(workspace: &Path) -> Result<Codebase, String> {
     let sha = git(&["rev-parse", "HEAD"])?;
     let branch = git(&["rev-parse", "--abbrev-ref", "HEAD"])?;
     let repo_url = git(&["config", "--get", "remote.origin.url"]).unwrap_or_default();
+    let head = git(&["log", "-1", "--format=%an%x00%ae%x00%B"])?;
+    let mut head = head.splitn(3, '\0');
+    let mut field = || head.next().unwrap_or_default().trim().to_string();
+    let (author_name, author_email, message) = (field(), field(), field());
     Ok(Codebase {
         branch,
         sha,
         repo_url,
+        message,
+        author_name,
+        author_email,
     })
 }
 
@@ -1550,6 +1689,47 @@ mod tests {
                   spec:
                     command: echo <+pipeline.stages.a.spec.execution.steps.inner.steps.s.output.outputVariables.X> <+pipeline.stages.a.name>
 "#;
+
+    #[test]
+    fn an_answer_outside_allowed_values_is_refused() {
+        let yaml = "pipeline:\n  identifier: p\n  variables:\n    - name: env\n      type: String\n      value: <+input>.allowedValues(dev,prod)\n  stages:\n    - stage:\n        identifier: s\n        type: CI\n        spec:\n          execution:\n            steps:\n              - step:\n                  identifier: t\n                  type: Run\n                  spec:\n                    command: echo <+pipeline.variables.env>\n";
+        let e = plan(yaml, &[("env", "qa")]).unwrap_err();
+        assert!(
+            e.contains("`qa` is not an allowed value for variable `env` (allowed: dev, prod)"),
+            "{e}"
+        );
+        let ok = plan(yaml, &[("env", "prod")]).unwrap();
+        assert_eq!(
+            script(&ok, 0, "t").render(&Outputs::default(), &mut Vec::new()),
+            "echo prod"
+        );
+    }
+
+    #[test]
+    fn drone_repository_variables_come_from_the_origin_url() {
+        let env = |url: &str| -> BTreeMap<String, String> {
+            drone_commit_env(&Codebase {
+                branch: "main".into(),
+                sha: "abc".into(),
+                repo_url: url.into(),
+                message: "m".into(),
+                author_name: "a".into(),
+                author_email: "a@e".into(),
+            })
+            .into_iter()
+            .collect()
+        };
+        let ssh = env("git@github.com:acme/widgets.git");
+        assert_eq!(ssh["DRONE_REPO"], "acme/widgets");
+        assert_eq!(ssh["DRONE_REPO_NAME"], "widgets");
+        assert_eq!(ssh["DRONE_GIT_SSH_URL"], "git@github.com:acme/widgets.git");
+        let http = env("https://git.example.com/acme/widgets/");
+        assert_eq!(http["DRONE_REPO_OWNER"], "acme");
+        assert!(http.contains_key("DRONE_GIT_HTTP_URL"));
+        let none = env("");
+        assert_eq!(none["DRONE_COMMIT_SHA"], "abc");
+        assert!(!none.contains_key("DRONE_REPO_NAME"));
+    }
 
     #[test]
     fn references_resolve_to_the_right_stage_and_step() {

@@ -22,6 +22,15 @@ pub fn render(plan: &Plan) -> String {
         }
     }
     let _ = writeln!(out, "Workspace: {}", plan.workspace.display());
+    if !plan.ignored.is_empty() {
+        let _ = writeln!(
+            out,
+            "Ignored (Harness-only fields that mean nothing on one machine):"
+        );
+        for i in &plan.ignored {
+            let _ = writeln!(out, "  {i}");
+        }
+    }
     for stage in &plan.stages {
         let _ = writeln!(out);
         let _ = writeln!(out, "Stage `{}` ({})", stage.identifier, stage.name);
@@ -184,7 +193,7 @@ fn node_lines(out: &mut String, node: &Node, label: &str, indent: usize) {
 fn step_lines(out: &mut String, s: &StepPlan, label: &str, indent: usize) {
     let pad = " ".repeat(indent);
     let more = " ".repeat(indent + label.len() + 1);
-    let _ = writeln!(out, "{pad}{label} {} `{}` ({})", kind(s), s.key, s.name);
+    let _ = writeln!(out, "{pad}{label} {} `{}` ({})", s.step_type, s.key, s.name);
     if let Some(t) = &s.template {
         let _ = writeln!(out, "{more}from {t}");
     }
@@ -289,13 +298,5 @@ fn step_lines(out: &mut String, s: &StepPlan, label: &str, indent: usize) {
                 .cpu_millis
                 .map_or("-".into(), |c| format!("{c}m"))
         );
-    }
-}
-
-fn kind(s: &StepPlan) -> &'static str {
-    match s.step_type {
-        super::StepType::Run => "Run",
-        super::StepType::Background => "Background",
-        super::StepType::Plugin => "Plugin",
     }
 }

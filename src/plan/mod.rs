@@ -9,7 +9,7 @@
 mod build;
 mod display;
 
-pub use build::{build, PlanInputs};
+pub use build::{build, PlanInputs, RunIds};
 pub use display::render;
 
 use std::collections::BTreeMap;
@@ -31,6 +31,14 @@ pub struct Plan {
     pub pipeline: Option<PipelineName>,
     pub workspace: PathBuf,
     pub stages: Vec<StagePlan>,
+    /// Harness's built-in variables that every step gets under its own
+    /// (`HARNESS_BUILD_ID`, `CI`, the `DRONE_*` commit facts…). The executor adds the two
+    /// that depend on the stage and the step's kind: `HARNESS_STAGE_ID` and
+    /// `HARNESS_WORKSPACE`.
+    pub builtin_env: Vec<(String, String)>,
+    /// Fields Harness's editor writes that mean nothing on one machine, accepted and
+    /// left unused, each as `file:line:col: `field` in WHAT`.
+    pub ignored: Vec<String>,
     /// Every secret value the plan knows: consumers mask them in anything they print.
     #[serde(skip)]
     pub secrets: Secrets,
@@ -143,11 +151,25 @@ pub struct GroupPlan {
     pub template: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum StepType {
     Run,
     Background,
     Plugin,
+    /// A step type sandrun does not run (`GitClone`, `BuildAndPushDockerRegistry`…),
+    /// by its own name.
+    Other(String),
+}
+
+impl std::fmt::Display for StepType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StepType::Run => "Run",
+            StepType::Background => "Background",
+            StepType::Plugin => "Plugin",
+            StepType::Other(name) => name,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]

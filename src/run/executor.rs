@@ -325,7 +325,7 @@ impl<'a> Executor<'a> {
         self.ctx.events.emit(RunEvent::StepFinished {
             step: step.key.clone(),
             name: step.name.clone(),
-            step_type: step.step_type,
+            step_type: step.step_type.clone(),
             result: StepResult::Skipped { reason },
             exit: None,
             duration: Duration::ZERO,
@@ -344,7 +344,8 @@ impl<'a> Executor<'a> {
         }
         match step.step_type {
             StepType::Background => self.start_background(step).await,
-            StepType::Run | StepType::Plugin => self.run_to_end(step).await,
+            // Unsupported types (`Other`) were skipped above.
+            StepType::Run | StepType::Plugin | StepType::Other(_) => self.run_to_end(step).await,
         }
     }
 
@@ -371,11 +372,33 @@ impl<'a> Executor<'a> {
     ) -> (Process, Vec<(String, String)>) {
         let outputs = self.state.outputs.lock().unwrap().clone();
         let mut missing = Vec::new();
-        let env = step
+        let own: Vec<(String, String)> = step
             .env
             .iter()
             .map(|(k, t)| (k.clone(), t.render(&outputs, &mut missing)))
             .collect();
+        let workspace = launcher.workspace_in_step(&self.ctx.plan.workspace);
+        let stage_builtins = [
+            (
+                "HARNESS_STAGE_ID".to_string(),
+                self.ctx.stage.identifier.clone(),
+            ),
+            (
+                "HARNESS_WORKSPACE".to_string(),
+                workspace.display().to_string(),
+            ),
+        ];
+        // Harness's built-in variables first; the step's own of the same name win.
+        let mut env: Vec<(String, String)> = self
+            .ctx
+            .plan
+            .builtin_env
+            .iter()
+            .cloned()
+            .chain(stage_builtins)
+            .filter(|(k, _)| !own.iter().any(|(name, _)| name == k))
+            .collect();
+        env.extend(own);
         let process = match &step.process {
             ProcessTemplate::Shell { shell, script } => {
                 let mut script = script.render(&outputs, &mut missing);
@@ -435,7 +458,7 @@ impl<'a> Executor<'a> {
         self.ctx.events.emit(RunEvent::StepStarted {
             step: step.key.clone(),
             name: step.name.clone(),
-            step_type: step.step_type,
+            step_type: step.step_type.clone(),
             attempt,
         });
         let mut child = launcher.launch(&spec)?;
@@ -583,7 +606,7 @@ impl<'a> Executor<'a> {
         self.ctx.events.emit(RunEvent::StepFinished {
             step: step.key.clone(),
             name: step.name.clone(),
-            step_type: step.step_type,
+            step_type: step.step_type.clone(),
             result,
             exit,
             duration: started.elapsed(),
@@ -690,7 +713,7 @@ impl<'a> Executor<'a> {
                 self.ctx.events.emit(RunEvent::StepFinished {
                     step: step.key.clone(),
                     name: step.name.clone(),
-                    step_type: step.step_type,
+                    step_type: step.step_type.clone(),
                     result: StepResult::Failed {
                         reason: e.to_string(),
                     },

@@ -7,3 +7,4 @@ pub mod images;
 pub mod launch;
 pub mod pipeline;
 pub mod ports;
+pub mod sequence;

@@ -121,7 +121,7 @@ impl TerminalReporter {
         Style::new().yellow().apply_to(s).to_string()
     }
 
-    fn start_spinner(&mut self, step: &str, step_type: StepType) {
+    fn start_spinner(&mut self, step: &str, step_type: &StepType) {
         let Some(mp) = &self.progress else { return };
         let pb = mp.add(ProgressBar::new_spinner());
         pb.set_style(
@@ -196,7 +196,7 @@ impl TerminalReporter {
             self.line(&format!(
                 "  {:<w$}  {:<10}  {label}  {:>8}  {:>4}  {tests}",
                 r.step,
-                format!("{:?}", r.step_type),
+                r.step_type.to_string(),
                 format_duration(r.duration),
                 exit
             ));
@@ -265,7 +265,7 @@ impl Reporter for TerminalReporter {
                 };
                 let text = Style::new().dim().apply_to(format!("▶ {what}")).to_string();
                 self.prefixed(step, &text);
-                self.start_spinner(step, *step_type);
+                self.start_spinner(step, step_type);
             }
             RunEvent::Output { step, stream, line } => {
                 let text = match stream {
@@ -379,7 +379,7 @@ impl Reporter for TerminalReporter {
                 self.prefixed(step, &text);
                 self.rows.push(Row {
                     step: step.clone(),
-                    step_type: *step_type,
+                    step_type: step_type.clone(),
                     result: result.clone(),
                     exit: exit.map(|e| e.code),
                     duration: *duration,
