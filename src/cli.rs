@@ -77,8 +77,11 @@ pub enum Command {
     Gc(store_cmd::GcArgs),
     /// Verify every blob and layer in the store.
     Fsck(store_cmd::FsckArgs),
-    /// Pin every image a pipeline names in a lock file beside it (`FILE.lock`).
+    /// Pin every image a pipeline names in a lock file beside it (`FILE.lock`), or every
+    /// package of an image recipe (`images/NAME.yaml` -> `images/NAME.lock`).
     Lock(store_cmd::LockArgs),
+    /// Build image recipes (`images/NAME.yaml`) into the store, reproducibly.
+    Build(crate::recipe::cmd::BuildArgs),
     /// Write images (of a pipeline, or by reference) to an OCI archive.
     Save(store_cmd::SaveArgs),
     /// Import images from an OCI archive.
@@ -221,7 +224,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Images(a) => store_cmd::images(&a),
         Command::Gc(a) => store_cmd::gc(&a),
         Command::Fsck(a) => store_cmd::fsck(&a),
+        Command::Lock(a) if crate::recipe::is_recipe_file(&a.pipeline) => {
+            crate::recipe::cmd::lock(&a.pipeline, &cli.global.registry)
+        }
         Command::Lock(a) => store_cmd::lock(&a, &cli.global.registry),
+        Command::Build(a) => crate::recipe::cmd::build(&a, &cli.global.registry),
         Command::Save(a) => store_cmd::save(&a, &cli.global.registry),
         Command::Load(a) => store_cmd::load(&a),
         Command::Plan(args) => {

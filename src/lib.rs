@@ -11,6 +11,7 @@ pub mod export;
 pub mod junit;
 pub mod net;
 pub mod pipeline;
+pub mod recipe;
 pub mod plan;
 pub mod run;
 pub mod sandbox;

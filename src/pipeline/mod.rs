@@ -22,7 +22,7 @@ mod strategy;
 mod template;
 mod validate;
 pub mod values;
-mod yaml;
+pub(crate) mod yaml;
 
 use std::path::Path;
 

@@ -992,8 +992,22 @@ impl<'a> Builder<'a> {
         let image = container.and_then(|c| {
             c.image.as_ref().map(|i| {
                 let reference = self.static_text(i, &s, loc, "image");
+                // A recipe (`./images/pg.yaml`) is built from the workspace's file.
+                let source = if crate::recipe::is_recipe_reference(&reference) {
+                    let path: std::path::PathBuf =
+                        self.inputs.workspace.join(&reference).components().collect();
+                    if !path.is_file() {
+                        self.error(
+                            loc,
+                            format!("image recipe {} does not exist", path.display()),
+                        );
+                    }
+                    path.display().to_string()
+                } else {
+                    reference.clone()
+                };
                 ImagePlan {
-                    source: reference.clone(),
+                    source,
                     reference,
                     pull_policy: c.pull_policy.unwrap_or(PullPolicy::IfNotPresent),
                     connector_ref: c.connector_ref.clone(),

@@ -172,6 +172,13 @@ fn step_lines(out: &mut String, s: &StepPlan, label: &str, indent: usize) {
                 "{more}image: {} (pull {:?})",
                 img.reference, img.pull_policy
             );
+            if crate::recipe::is_recipe_reference(&img.reference) {
+                let _ = writeln!(
+                    out,
+                    "{more}  built from the recipe {} (and its lock), cached by their digest",
+                    img.source
+                );
+            }
             if let Some(note) = &img.connector_note {
                 let _ = writeln!(out, "{more}  {note}");
             }

@@ -26,6 +26,8 @@ struct Wanted {
     source: String,
     policy: PullPolicy,
     steps: Vec<String>,
+    /// `source` is the path of an image recipe, built rather than pulled.
+    recipe: bool,
 }
 
 /// Apply each step's `connectorRef` (mapped by sandrun's config file) to its image:
@@ -39,6 +41,9 @@ pub fn resolve_sources(plan: &mut Plan, opts: &PullOptions) -> anyhow::Result<()
                     let Some(img) = s.image.as_mut() else {
                         continue;
                     };
+                    if crate::recipe::is_recipe_reference(&img.reference) {
+                        continue;
+                    }
                     let resolution =
                         resolve_connector(&img.reference, img.connector_ref.as_deref(), opts)?;
                     match resolution {
@@ -84,6 +89,10 @@ pub fn resolve_sources(plan: &mut Plan, opts: &PullOptions) -> anyhow::Result<()
 pub fn prepare_local(plan: &Plan, store: &Store, opts: &PullOptions) -> Option<Images> {
     let mut images = Images::new();
     for w in wanted(plan) {
+        if w.recipe {
+            // Built (or found by its digest) in `prepare`.
+            return None;
+        }
         let image = store.ensure_local(&w.source, w.policy, opts).ok()??;
         images.insert(w.source, image);
     }
@@ -107,6 +116,7 @@ fn wanted(plan: &Plan) -> Vec<Wanted> {
                     }
                 }
                 None => out.push(Wanted {
+                    recipe: crate::recipe::is_recipe_reference(&img.reference),
                     source,
                     policy: img.pull_policy,
                     steps: vec![step.key.clone()],
@@ -136,7 +146,12 @@ pub fn apply_lock(pipeline: &Path, plan: &Plan, opts: &mut PullOptions) -> anyho
             pipeline.display()
         ),
         (Some(lock), true) => {
-            let images: Vec<String> = wanted(plan).into_iter().map(|w| w.source).collect();
+            // Recipes are pinned by their own lock files (checked when they are built).
+            let images: Vec<String> = wanted(plan)
+                .into_iter()
+                .filter(|w| !w.recipe)
+                .map(|w| w.source)
+                .collect();
             check_locked(
                 lock,
                 &lock_path(pipeline),
@@ -160,11 +175,16 @@ pub async fn prepare(
     progress: &dyn PullProgress,
 ) -> anyhow::Result<Images> {
     let wanted = wanted(plan);
-    let results = join_all(
-        wanted
-            .iter()
-            .map(|w| store.ensure(&w.source, w.policy, opts, progress)),
-    )
+    let results = join_all(wanted.iter().map(|w| async move {
+        if w.recipe {
+            build_recipe(store, &w.source, opts, progress).await
+        } else {
+            store
+                .ensure(&w.source, w.policy, opts, progress)
+                .await
+                .map_err(anyhow::Error::from)
+        }
+    }))
     .await;
     let mut images = Images::new();
     let mut errors = Vec::new();
@@ -174,7 +194,7 @@ pub async fn prepare(
                 images.insert(w.source, image);
             }
             Err(e) => errors.push(format!(
-                "image `{}` (step {}): {e}",
+                "image `{}` (step {}): {e:#}",
                 w.source,
                 w.steps.join(", ")
             )),
@@ -185,4 +205,31 @@ pub async fn prepare(
     } else {
         anyhow::bail!("{}\nno step was started", errors.join("\n"))
     }
+}
+
+/// A step's image recipe, built into the store (or found there by the digest of recipe
+/// and lock). `--locked` refuses a missing or stale recipe lock; `--offline` builds from
+/// the `.deb` files in the store.
+async fn build_recipe(
+    store: &Store,
+    path: &str,
+    opts: &PullOptions,
+    progress: &dyn PullProgress,
+) -> anyhow::Result<Image> {
+    let build = crate::recipe::BuildOptions {
+        offline: opts.offline,
+        locked: opts.locked,
+        pull: PullOptions {
+            locked: false,
+            ..opts.clone()
+        },
+    };
+    let built = crate::recipe::build(store, Path::new(path), &build, progress).await?;
+    for n in &built.notes {
+        progress.event(&crate::store::PullEvent::Warning {
+            reference: path.to_string(),
+            message: n.clone(),
+        });
+    }
+    Ok(built.image)
 }

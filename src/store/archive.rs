@@ -77,6 +77,13 @@ impl Store {
             };
             blobs.insert(img.manifest_digest.clone());
             blobs.insert(m.config().digest().to_string());
+            if let Some(sbom) = m
+                .annotations()
+                .as_ref()
+                .and_then(|a| a.get(crate::recipe::SBOM_ANNOTATION))
+            {
+                blobs.insert(sbom.clone());
+            }
             for layer in m.layers() {
                 blobs.insert(layer.digest().to_string());
             }

@@ -87,13 +87,19 @@ pub fn pull(args: &PullArgs, reg: &RegistryArgs) -> Result<i32> {
     }
     if let Some(p) = &args.pipeline {
         for i in pipeline_images(p, &opts)? {
+            if crate::recipe::is_recipe_reference(&i.image) {
+                let rt = runtime()?;
+                let name = crate::recipe::cmd::build_for_pipeline(&store, &rt, Path::new(&i.image), &opts)?;
+                println!("{}: {name}", i.image);
+                continue;
+            }
             wanted.push((i.image, always(i.policy)));
         }
         if let Some(lock) = LockFile::for_pipeline(p)? {
             opts.pins = lock.images;
         }
     }
-    if wanted.is_empty() {
+    if wanted.is_empty() && args.pipeline.is_none() {
         anyhow::bail!("nothing to pull: name images or a pipeline (-f)");
     }
     let progress = TerminalProgress::new();
@@ -175,10 +181,21 @@ fn collect(items: &[StepItem], opts: &PullOptions, out: &mut Vec<PipelineImage>)
 
 /// `sandrun images`: what the store holds.
 #[derive(clap::Args, Debug, Clone)]
-pub struct ImagesArgs {}
+pub struct ImagesArgs {
+    /// Print the SPDX 2.3 SBOM of this image (built from a recipe) instead of the list.
+    #[arg(long, value_name = "REF")]
+    pub sbom: Option<String>,
+}
 
-pub fn images(_args: &ImagesArgs) -> Result<i32> {
+pub fn images(args: &ImagesArgs) -> Result<i32> {
     let store = open_store()?;
+    if let Some(r) = &args.sbom {
+        let mut sbom = crate::recipe::sbom_of(&store, r)?;
+        sbom.push(b'\n');
+        // A closed pipe (`| head`) is not an error.
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), &sbom);
+        return Ok(0);
+    }
     let rows = store.images()?;
     println!(
         "{:<60} {:<19} {:>10}  LAST USED",
@@ -285,7 +302,24 @@ pub struct LockArgs {
 pub fn lock(args: &LockArgs, reg: &RegistryArgs) -> Result<i32> {
     let store = open_store()?;
     let opts = reg.pull_options()?;
-    let images = pipeline_images(&args.pipeline, &opts)?;
+    let (recipes, images): (Vec<PipelineImage>, Vec<PipelineImage>) =
+        pipeline_images(&args.pipeline, &opts)?
+            .into_iter()
+            .partition(|i| crate::recipe::is_recipe_reference(&i.image));
+    // Recipes are pinned by their own lock files, written here when missing or stale.
+    for r in &recipes {
+        let path = Path::new(&r.image);
+        let (written, notes) = crate::recipe::lock_if_needed(&store, path, opts.offline)?;
+        for n in notes {
+            eprintln!("note: {n}");
+        }
+        let lock = crate::recipe::lock_path(path);
+        if written {
+            println!("wrote {}", lock.display());
+        } else {
+            println!("{} is up to date", lock.display());
+        }
+    }
     let progress = TerminalProgress::new();
     let lock = runtime()?.block_on(async {
         let mut lock = LockFile::new(super::Platform::host().to_string());
@@ -325,11 +359,15 @@ pub fn save(args: &SaveArgs, reg: &RegistryArgs) -> Result<i32> {
             if let Some(lock) = LockFile::for_pipeline(p)? {
                 opts.pins.extend(lock.images);
             }
-            images.extend(
-                pipeline_images(p, &opts)?
-                    .into_iter()
-                    .map(|i| (i.image, i.policy)),
-            );
+            for i in pipeline_images(p, &opts)? {
+                if crate::recipe::is_recipe_reference(&i.image) {
+                    let rt = runtime()?;
+                    let name = crate::recipe::cmd::build_for_pipeline(&store, &rt, Path::new(&i.image), &opts)?;
+                    images.push((name, PullPolicy::IfNotPresent));
+                } else {
+                    images.push((i.image, i.policy));
+                }
+            }
         } else {
             images.push((w.clone(), PullPolicy::IfNotPresent));
         }

@@ -238,6 +238,14 @@ fn reach_manifest(l: &Layout, digest: &str, reach: &mut Reach) -> Result<bool, S
     };
     let cd = manifest.config().digest().to_string();
     reach.blobs.insert(cd.clone());
+    // The SBOM of an image built from a recipe lives and dies with the image.
+    if let Some(sbom) = manifest
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(crate::recipe::SBOM_ANNOTATION))
+    {
+        reach.blobs.insert(sbom.clone());
+    }
     let mut complete = true;
     for layer in manifest.layers() {
         let d = layer.digest().to_string();

@@ -16,10 +16,11 @@
 //! `registry` (network), `auth` (credentials), `unpack` (layer applier), `pull` (the
 //! orchestration behind `ensure`), `lock` (lock files), `archive` (save/load),
 //! `maintain` (images, gc, fsck), `progress` (events and the terminal reporter),
-//! `cmd` (the CLI subcommands).
+//! `cmd` (the CLI subcommands), `built` (images built here, from recipes).
 
 pub mod archive;
 pub mod auth;
+mod built;
 pub mod cmd;
 mod error;
 pub mod layout;
