@@ -3,9 +3,12 @@
 # One CI stage: three Background services (two PostgreSQL servers on port 5432 and a
 # Redis, from the recipes in images/) and five Run steps that wait for and use them.
 # sandrun (`sandrun run stage.yaml`) against podman doing the same work rootless: a
-# podman network (netavark + aardvark-dns, so containers resolve each other by name),
-# the services as `podman run -d`, the five steps as `podman run --rm`, then the
-# services stopped and removed. Both use the same images: sandrun builds them from the
+# pod, the services as `podman run -d --pod`, the five steps as `podman run --rm --pod`,
+# then the pod stopped and removed. Rootless podman networks need slirp4netns, which
+# needs /dev/net/tun (not open to users here), so the pod has `--network none`: one
+# namespace with loopback only, cheaper than sandrun's bridge with a namespace per
+# step. In it the second PostgreSQL listens on 5433 (PG2_PORT; sandrun's steps use 5432
+# on their own address) and the identifiers are --add-host names for 127.0.0.1. Both use the same images: sandrun builds them from the
 # recipes and `sandrun save` writes them into an archive that `podman load` reads.
 # Alternating order, ROUNDS rounds (default 10), medians.
 #
@@ -57,10 +60,10 @@ step() { # NAME IMAGE BODY
     STEPS="$STEPS $1:$2"
 }
 step pg1 postgres 'until pg_isready -q -h pg1 -U postgres; do sleep 0.05; done; psql -h pg1 -U postgres -tAc "select 1"'
-step pg2 postgres 'until pg_isready -q -h pg2 -U postgres; do sleep 0.05; done; psql -h pg2 -U postgres -tAc "select 2"'
+step pg2 postgres 'until pg_isready -q -h pg2 -p ${PG2_PORT:-5432} -U postgres; do sleep 0.05; done; psql -h pg2 -p ${PG2_PORT:-5432} -U postgres -tAc "select 2"'
 step cache redis 'until redis-cli -h cache ping >/dev/null 2>&1; do sleep 0.05; done; redis-cli -h cache set k v >/dev/null; redis-cli -h cache get k'
-step write postgres 'psql -h pg1 -U postgres -qc "create table t (n int); insert into t select generate_series(1, 1000)"; psql -h pg2 -U postgres -qc "create table u (n int)"'
-step read postgres 'psql -h pg1 -U postgres -tAc "select sum(n) from t"; psql -h pg2 -U postgres -tAc "select count(*) from u"'
+step write postgres 'psql -h pg1 -U postgres -qc "create table t (n int); insert into t select generate_series(1, 1000)"; psql -h pg2 -p ${PG2_PORT:-5432} -U postgres -qc "create table u (n int)"'
+step read postgres 'psql -h pg1 -U postgres -tAc "select sum(n) from t"; psql -h pg2 -p ${PG2_PORT:-5432} -U postgres -tAc "select count(*) from u"'
 
 {
     printf 'stage:\n  identifier: bench\n  name: bench\n  type: CI\n  spec:\n    execution:\n      steps:\n'
@@ -76,26 +79,31 @@ step read postgres 'psql -h pg1 -U postgres -tAc "select sum(n) from t"; psql -h
 # The images: built from the recipes, saved, and loaded into podman's storage.
 cd ws
 for r in postgres redis; do ../sandrun build --color never "images/$r.yaml"; done
-../sandrun save --color never -o ../images.tar stage.yaml >/dev/null
 cd ..
-podman load -q -i images.tar >podman-load.log
-PG=localhost/postgres:15
-RD=localhost/redis:7
-rm -f images.tar
+# One archive per image: `podman load` refuses an OCI archive holding several images.
+PG=localhost/sandrun-bench-postgres:15
+RD=localhost/sandrun-bench-redis:7
+load_in_podman() { # REF PODMAN_NAME
+    ./sandrun save --color never -o image.tar "$1" >/dev/null
+    loaded=$(podman load -q -i image.tar | sed -n 's/^Loaded image[^:]*: *//p' | head -n 1)
+    podman tag "$loaded" "$2"
+    rm -f image.tar
+}
+load_in_podman localhost/postgres:15 "$PG"
+load_in_podman localhost/redis:7 "$RD"
 
 run_podman() {
-    podman network create sandrun-bench >/dev/null
-    for s in pg1 pg2; do
-        podman run -d --network sandrun-bench --name "$s" -e POSTGRES_HOST_AUTH_METHOD=trust "$PG" >/dev/null
-    done
-    podman run -d --network sandrun-bench --name cache "$RD" >/dev/null
+    podman pod create -q --name sandrun-bench --network none \
+        --add-host pg1:127.0.0.1 --add-host pg2:127.0.0.1 --add-host cache:127.0.0.1 >/dev/null
+    podman run -d --pod sandrun-bench --name pg1 -e POSTGRES_HOST_AUTH_METHOD=trust "$PG" >/dev/null
+    podman run -d --pod sandrun-bench --name pg2 -e POSTGRES_HOST_AUTH_METHOD=trust "$PG" postgres -c port=5433 >/dev/null
+    podman run -d --pod sandrun-bench --name cache "$RD" >/dev/null
     for s in $STEPS; do
         img=$PG; [ "${s#*:}" = redis ] && img=$RD
-        podman run --rm --network sandrun-bench -v "$W/ws:/harness" -w /harness "$img" \
+        podman run --rm --pod sandrun-bench -e PG2_PORT=5433 -v "$W/ws:/harness" -w /harness "$img" \
             sh "/harness/steps/${s%%:*}.sh" >/dev/null
     done
-    podman rm -f -t 10 pg1 pg2 cache >/dev/null
-    podman network rm sandrun-bench >/dev/null
+    podman pod rm -f -t 10 sandrun-bench >/dev/null
 }
 
 now() { date +%s%N; }
@@ -156,4 +164,4 @@ awk -v s="$SW" -v p="$PW" 'BEGIN {printf "sandrun/podman wall = %.2f (target <= 
 echo "sandrun overhead = $SO ms (target < 300 ms)"
 echo "sandrun peak RSS: run process $((RM / 1024)) MB (median), any sandrun process $((RA / 1024)) MB (max) (target < 40 MB)"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
-podman rmi -f "$PG" "$RD" >/dev/null 2>&1 || true
+podman rmi -f "$PG" "$RD" localhost/postgres:15 localhost/redis:7 >/dev/null 2>&1 || true
