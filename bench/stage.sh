@@ -59,9 +59,9 @@ step() { # NAME IMAGE BODY
     printf 'read up _ < /proc/uptime; echo "$up" >> /harness/stamps\n%s\nread up _ < /proc/uptime; echo "$up" >> /harness/stamps\n' "$3" > "ws/steps/$1.sh"
     STEPS="$STEPS $1:$2"
 }
-step pg1 postgres 'until pg_isready -q -h pg1 -U postgres; do sleep 0.05; done; psql -h pg1 -U postgres -tAc "select 1"'
-step pg2 postgres 'until pg_isready -q -h pg2 -p ${PG2_PORT:-5432} -U postgres; do sleep 0.05; done; psql -h pg2 -p ${PG2_PORT:-5432} -U postgres -tAc "select 2"'
-step cache redis 'until redis-cli -h cache ping >/dev/null 2>&1; do sleep 0.05; done; redis-cli -h cache set k v >/dev/null; redis-cli -h cache get k'
+step ask_pg1 postgres 'until pg_isready -q -h pg1 -U postgres; do sleep 0.05; done; psql -h pg1 -U postgres -tAc "select 1"'
+step ask_pg2 postgres 'until pg_isready -q -h pg2 -p ${PG2_PORT:-5432} -U postgres; do sleep 0.05; done; psql -h pg2 -p ${PG2_PORT:-5432} -U postgres -tAc "select 2"'
+step ask_cache redis 'until redis-cli -h cache ping >/dev/null 2>&1; do sleep 0.05; done; redis-cli -h cache set k v >/dev/null; redis-cli -h cache get k'
 step write postgres 'psql -h pg1 -U postgres -qc "create table t (n int); insert into t select generate_series(1, 1000)"; psql -h pg2 -p ${PG2_PORT:-5432} -U postgres -qc "create table u (n int)"'
 step read postgres 'psql -h pg1 -U postgres -tAc "select sum(n) from t"; psql -h pg2 -p ${PG2_PORT:-5432} -U postgres -tAc "select count(*) from u"'
 
@@ -92,18 +92,19 @@ load_in_podman() { # REF PODMAN_NAME
 load_in_podman localhost/postgres:15 "$PG"
 load_in_podman localhost/redis:7 "$RD"
 
+# runc: crun refuses this hybrid cgroup host rootless (as in bench/start.sh).
 run_podman() {
-    podman pod create -q --name sandrun-bench --network none \
-        --add-host pg1:127.0.0.1 --add-host pg2:127.0.0.1 --add-host cache:127.0.0.1 >/dev/null
-    podman run -d --pod sandrun-bench --name pg1 -e POSTGRES_HOST_AUTH_METHOD=trust "$PG" >/dev/null
-    podman run -d --pod sandrun-bench --name pg2 -e POSTGRES_HOST_AUTH_METHOD=trust "$PG" postgres -c port=5433 >/dev/null
-    podman run -d --pod sandrun-bench --name cache "$RD" >/dev/null
+    podman --runtime runc pod create --name sandrun-bench --network none \
+        --add-host pg1:127.0.0.1 --add-host pg2:127.0.0.1 --add-host cache:127.0.0.1 >/dev/null || return 1
+    podman --runtime runc run -d --pod sandrun-bench --name pg1 -e POSTGRES_HOST_AUTH_METHOD=trust "$PG" >/dev/null || return 1
+    podman --runtime runc run -d --pod sandrun-bench --name pg2 -e POSTGRES_HOST_AUTH_METHOD=trust "$PG" postgres -c port=5433 >/dev/null || return 1
+    podman --runtime runc run -d --pod sandrun-bench --name cache "$RD" >/dev/null || return 1
     for s in $STEPS; do
         img=$PG; [ "${s#*:}" = redis ] && img=$RD
-        podman run --rm --pod sandrun-bench -e PG2_PORT=5433 -v "$W/ws:/harness" -w /harness "$img" \
-            sh "/harness/steps/${s%%:*}.sh" >/dev/null
+        podman --runtime runc run --rm --pod sandrun-bench -e PG2_PORT=5433 -v "$W/ws:/harness" -w /harness "$img" \
+            sh "/harness/steps/${s%%:*}.sh" >/dev/null || return 1
     done
-    podman pod rm -f -t 10 sandrun-bench >/dev/null
+    podman --runtime runc pod rm -f -t 10 sandrun-bench >/dev/null
 }
 
 now() { date +%s%N; }
@@ -122,7 +123,7 @@ watch_rss() { # PID
     echo "$main $any" >> rss
 }
 measure() { # TOOL
-    rm -f ws/stamps
+    : > ws/stamps; chmod 666 ws/stamps  # the redis image runs as user redis
     t0=$(now)
     if [ "$1" = sandrun ]; then
         (cd ws && exec ../sandrun run --color never stage.yaml >../sandrun.out 2>&1) & pid=$!
