@@ -890,7 +890,10 @@ fn stage_when_and_parallel_stages_are_noted() {
         "pipeline:\n  name: p\n  identifier: p\n  stages:\n    - parallel:\n{}{}{}",
         parallel(stage("a", "")),
         parallel(stage("b", "")),
-        stage("report", "        when:\n          pipelineStatus: Failure\n")
+        stage(
+            "report",
+            "        when:\n          pipelineStatus: Failure\n"
+        )
     );
     let plan = plan_text(&text);
     let out = export::kubernetes(&plan, &KubeOptions::default(), &known_images()).unwrap();
@@ -898,5 +901,8 @@ fn stage_when_and_parallel_stages_are_noted() {
         out.contains("Runs at the same time as stage(s) `b`: apply their Pods together."),
         "{out}"
     );
-    assert!(out.contains("Harness runs this stage only after an earlier stage failed"), "{out}");
+    assert!(
+        out.contains("Harness runs this stage only after an earlier stage failed"),
+        "{out}"
+    );
 }

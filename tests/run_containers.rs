@@ -803,3 +803,49 @@ fn container_steps_get_harness_builtin_variables() {
             .assert_stdout("ws=/harness stage=test ci=true account=local");
     }
 }
+
+/// `sharedPaths`: every container step of the stage sees the same directory at each
+/// shared path, empty when the stage starts and writable by any user of the step.
+#[test]
+fn shared_paths_are_shared_by_every_container_step() {
+    let Some(fx) = fixture() else { return };
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write(
+            "ci.yaml",
+            &format!(
+                r#"stage:
+  name: s
+  identifier: s
+  type: CI
+  spec:
+    sharedPaths:
+      - /shared/cache
+    execution:
+      steps:
+        - step:
+            type: Run
+            name: write
+            identifier: write
+            spec:
+              image: {bb}
+              shell: Sh
+              runAsUser: "1000"
+              command: echo from-write > /shared/cache/note
+        - step:
+            type: Run
+            name: read
+            identifier: read
+            spec:
+              image: {bb}
+              shell: Sh
+              command: echo "read $(cat /shared/cache/note)"
+"#,
+                bb = fx.busybox
+            ),
+        );
+        sb.run(["run", "ci.yaml"])
+            .assert_code(0)
+            .assert_stdout("read from-write");
+    }
+}

@@ -1260,3 +1260,17 @@ fn any_command_sweeps_a_killed_runs_state() {
         );
     }
 }
+
+/// `sharedPaths` are volumes of the container steps: a host step sees the host's own
+/// path there, and `plan` says so instead of leaving it to be found out.
+#[test]
+fn plan_says_host_steps_do_not_get_shared_paths() {
+    let sb = Sandbox::new(modes()[0]);
+    sb.write(
+        "ci.yaml",
+        "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    sharedPaths:\n      - /shared/cache\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: on host\n            identifier: on_host\n            spec:\n              command: ls /shared/cache\n",
+    );
+    sb.run(["plan", "ci.yaml"]).assert_code(0).assert_stdout(
+        "`sharedPaths` (/shared/cache) are mounted in its container steps; its host steps (on_host) see the host's own paths",
+    );
+}

@@ -76,7 +76,8 @@ fn prebuilt_archive() -> PathBuf {
         repo_file(&format!("images/{name}.yaml")).hash(&mut h);
         repo_file(&format!("images/{name}.lock")).hash(&mut h);
     }
-    let archive = std::env::temp_dir().join(format!("sandrun-test-services-{:016x}.tar", h.finish()));
+    let archive =
+        std::env::temp_dir().join(format!("sandrun-test-services-{:016x}.tar", h.finish()));
     let lock = File::create(std::env::temp_dir().join("sandrun-test-services.lock")).unwrap();
     let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
@@ -114,7 +115,10 @@ fn seeded(mode: Mode) -> Sandbox {
 fn the_example_stage_reaches_two_postgres_and_a_redis_by_step_identifier() {
     for mode in modes() {
         let sb = seeded(mode);
-        sb.write("examples/services.yaml", &repo_file("examples/services.yaml"));
+        sb.write(
+            "examples/services.yaml",
+            &repo_file("examples/services.yaml"),
+        );
         let run = sandrun(&sb, &["run", "examples/services.yaml"]);
         run.assert_code(0)
             .assert_stdout("orders_db answers: 2 orders")
@@ -125,8 +129,19 @@ fn the_example_stage_reaches_two_postgres_and_a_redis_by_step_identifier() {
             let l = run.stdout.lines().find(|l| l.contains(line)).unwrap();
             l.rsplit(' ').next().unwrap().to_string()
         };
-        assert_ne!(addr("orders_db answers:"), addr("users_db answers:"), "{}", run.all());
-        for step in ["orders_db", "users_db", "cache", "query_databases", "use_cache"] {
+        assert_ne!(
+            addr("orders_db answers:"),
+            addr("users_db answers:"),
+            "{}",
+            run.all()
+        );
+        for step in [
+            "orders_db",
+            "users_db",
+            "cache",
+            "query_databases",
+            "use_cache",
+        ] {
             assert!(!run.summary_row(step).contains("FAILED"), "{}", run.all());
         }
     }
@@ -243,9 +258,19 @@ fn a_crashing_service_fails_the_stage_with_its_last_lines() {
         let run = sandrun(&sb, &["run", "ci.yaml"]);
         run.assert_code(1)
             .assert_stdout("service died while the stage was running: exit code 1")
-            .assert_stdout("│ error: the database is uninitialised and POSTGRES_PASSWORD is not set;");
-        assert!(run.summary_row("broken_db").contains("FAILED"), "{}", run.all());
-        assert!(run.summary_row("after").contains("skipped"), "{}", run.all());
+            .assert_stdout(
+                "│ error: the database is uninitialised and POSTGRES_PASSWORD is not set;",
+            );
+        assert!(
+            run.summary_row("broken_db").contains("FAILED"),
+            "{}",
+            run.all()
+        );
+        assert!(
+            run.summary_row("after").contains("skipped"),
+            "{}",
+            run.all()
+        );
         assert!(!run.stdout.contains("should not run\n"), "{}", run.all());
     }
 }
@@ -289,17 +314,34 @@ fn a_locked_rerun_from_a_saved_archive_runs_without_any_network() {
     }
     for mode in modes() {
         let sb = seeded(mode);
-        sb.write("examples/services.yaml", &repo_file("examples/services.yaml"));
+        sb.write(
+            "examples/services.yaml",
+            &repo_file("examples/services.yaml"),
+        );
         sandrun(&sb, &["lock", "examples/services.yaml"]).assert_code(0);
         let archive = sb.dir.path().join("carried.tar");
-        sandrun(&sb, &["save", "-o", archive.to_str().unwrap(), "examples/services.yaml"])
-            .assert_code(0);
+        sandrun(
+            &sb,
+            &[
+                "save",
+                "-o",
+                archive.to_str().unwrap(),
+                "examples/services.yaml",
+            ],
+        )
+        .assert_code(0);
 
         let airgapped = Sandbox::new(mode);
         with_recipes(&airgapped);
-        airgapped.write("examples/services.yaml", &repo_file("examples/services.yaml"));
+        airgapped.write(
+            "examples/services.yaml",
+            &repo_file("examples/services.yaml"),
+        );
         // The lock written beside the pipeline goes along with it.
-        for e in std::fs::read_dir(sb.workspace().join("examples")).unwrap().flatten() {
+        for e in std::fs::read_dir(sb.workspace().join("examples"))
+            .unwrap()
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             if name != "services.yaml" {
                 let text = std::fs::read_to_string(e.path()).unwrap();
@@ -313,15 +355,21 @@ fn a_locked_rerun_from_a_saved_archive_runs_without_any_network() {
             nix::unistd::chown(&copied, Some(uid.into()), Some(gid.into())).unwrap();
         }
         without_network(&airgapped, &["load", copied.to_str().unwrap()]).assert_code(0);
-        without_network(&airgapped, &["run", "--locked", "--offline", "examples/services.yaml"])
-            .assert_code(0)
-            .assert_stdout("orders_db answers: 2 orders")
-            .assert_stdout("cache answers: hello from the cache");
+        without_network(
+            &airgapped,
+            &["run", "--locked", "--offline", "examples/services.yaml"],
+        )
+        .assert_code(0)
+        .assert_stdout("orders_db answers: 2 orders")
+        .assert_stdout("cache answers: hello from the cache");
         // And the namespace really had no way out: a connection to a public address fails.
         let probe = Command::new("unshare")
             .args(["--net", "--", "sh", "-c", "ip route get 1.1.1.1"])
             .output()
             .unwrap();
-        assert!(!probe.status.success(), "a fresh network namespace has a route");
+        assert!(
+            !probe.status.success(),
+            "a fresh network namespace has a route"
+        );
     }
 }

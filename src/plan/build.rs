@@ -1446,6 +1446,18 @@ fn stage_warnings(
             ));
         }
     }
+    let host_steps: Vec<&str> = (stage.steps().into_iter())
+        .filter(|s| s.image.is_none() && s.unsupported.is_none())
+        .map(|s| s.key.as_str())
+        .collect();
+    if !stage.shared_paths.is_empty() && !host_steps.is_empty() {
+        out.push(format!(
+            "{loc}: stage `{}`: `sharedPaths` ({}) are mounted in its container steps; its host steps ({}) see the host's own paths there (writable only under the workspace, /tmp, /var/tmp, /dev/shm and --host-writable)",
+            stage.identifier,
+            stage.shared_paths.join(", "),
+            host_steps.join(", ")
+        ));
+    }
     for s in stage.steps() {
         if s.image.is_some() || s.unsupported.is_some() {
             continue;

@@ -179,10 +179,26 @@ async fn run_one(
         None
     } else {
         match std::env::current_exe() {
-            Ok(exe) => Some(
-                ContainerLauncher::new(exe, stage_dir.clone(), ctx.images.clone())
-                    .with_zygote(ctx.zygote.clone()),
-            ),
+            Ok(exe) => match ContainerLauncher::new(exe, stage_dir.clone(), ctx.images.clone())
+                .with_zygote(ctx.zygote.clone())
+                .with_shared_paths(&stage.shared_paths)
+            {
+                Ok(launcher) => Some(launcher),
+                Err(e) => {
+                    events.emit(RunEvent::StageSkipped {
+                        stage: stage.identifier.clone(),
+                        reason: format!(
+                            "cannot make the stage's sharedPaths under {}: {e}; no step was started",
+                            stage_dir.display()
+                        ),
+                    });
+                    if let Some((network, proxy)) = network {
+                        proxy.shutdown().await;
+                        network.teardown().await;
+                    }
+                    return StageResult::Failed;
+                }
+            },
             Err(e) => {
                 events.warn(
                     None,
