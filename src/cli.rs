@@ -16,7 +16,7 @@ use crate::pipeline::{self, PipelineFile};
 use crate::plan::{self, NetworkMode, Plan, PlanInputs};
 use crate::run::events::{EventSink, RunEvent, StageResult};
 use crate::run::executor::RunOptions;
-use crate::run::launch::HostLauncher;
+use crate::run::host::HostLauncher;
 use crate::run::pipeline::{run_pipeline, PipelineContext};
 use crate::sandbox::InvokingUser;
 use crate::store::cmd as store_cmd;
@@ -671,7 +671,7 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     });
     // Helpers that reported their step's exit status early may still be cleaning up
     // inside the run's state directory.
-    crate::run::launch::reap_reported();
+    crate::launch::reap_reported();
     drop(run_dir);
     // Everything the run started has ended and been awaited: do not wait for idle
     // worker threads to be joined.

@@ -3,9 +3,10 @@
 //! The crate follows the data flow in `docs/ARCHITECTURE.md`: `pipeline` (YAML in,
 //! typed steps out) -> `plan` (everything decided up front) -> `run` (the executor,
 //! which emits events) -> `ui` (consumers of those events). `store`, `sandbox` and
-//! `net` are asked for images, containers and networks by `run`. One edge still points
-//! back: `sandbox::ContainerLauncher` implements `run::launch::Launcher` and uses its
-//! `LaunchSpec` and `StepChild` (the launch contract both sides share). `sys` holds the
+//! `net` are asked for images, containers and networks by `run`, and never import it:
+//! the launch contract they share (`launch`: `LaunchSpec`, `Launcher`, `StepChild`)
+//! is a module of its own, implemented by `run::host::HostLauncher` and
+//! `sandbox::ContainerLauncher`. `sys` holds the
 //! process-lifetime system calls (pidfds, waiting without reaping, the parent-death
 //! signal) that every layer starting processes uses.
 
@@ -17,6 +18,7 @@ pub mod config;
 pub mod export;
 pub mod input;
 pub mod junit;
+pub mod launch;
 pub mod net;
 pub mod pipeline;
 pub mod plan;

@@ -20,9 +20,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{EventSink, ExitInfo, RunEvent, StageResult, StepResult, Stream, TestCounts};
-use super::launch::{LaunchError, LaunchSpec, Launcher, Process, ProcessGroup, StepChild};
 use super::ports::{exposed_ports, PodPorts};
 use crate::junit;
+use crate::launch::{LaunchError, LaunchSpec, Launcher, Process, ProcessGroup, StepChild};
 use crate::net::StageNetwork;
 use crate::pipeline::{Shell, StageStatus};
 use crate::plan::{

@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::launch::{LaunchError, LaunchSpec, Launcher, ProcessGroup, StepChild, StepProcess};
 use crate::run::events::{EventSink, RunEvent, StageResult, StepResult};
-use crate::run::launch::{LaunchError, LaunchSpec, Launcher, ProcessGroup, StepChild, StepProcess};
 
 /// What a scripted step does.
 #[derive(Clone, Copy, Debug)]

@@ -3,8 +3,8 @@
 
 pub mod events;
 pub mod executor;
+pub mod host;
 pub mod images;
-pub mod launch;
 pub mod pipeline;
 pub mod ports;
 pub mod sequence;

@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::events::{EventSink, RunEvent, StageResult};
 use super::executor::{run_stage, RunOptions, StageContext};
+use super::host::HostLauncher;
 use super::images::Images;
-use super::launch::{HostLauncher, Launcher};
+use crate::launch::Launcher;
 use crate::net::{HostPortProxy, NetError, ProxyServer, StageNetwork};
 use crate::pipeline::StageStatus;
 use crate::plan::{Outputs, PipelineOutputs, Plan, StagePlan};

@@ -24,7 +24,7 @@ pub fn spec_path(spec: &ContainerSpec) -> PathBuf {
 /// Writes `spec` under its run's state directory and spawns `binary __container` for
 /// it, with stdin from /dev/null and stdout/stderr piped, inside `netns` when given.
 /// The child is not reaped behind the caller's back (a `std` child is never waited
-/// for on drop): [`crate::run::launch::StepChild`] waits for it through a pidfd.
+/// for on drop): [`crate::launch::StepChild`] waits for it through a pidfd.
 ///
 /// Call it from a runtime worker thread, not from `spawn_blocking`: the helper's
 /// parent-death signal fires when the spawning *thread* exits.

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use super::launch::{spawn_container, write_spec};
 use super::spec::{BindMount, ContainerSpec, ImageConfig, ImageSpec, Limits};
 use super::zygote::Zygote;
+use crate::launch::StepChild;
+use crate::launch::{LaunchError, LaunchSpec, Launcher};
 use crate::net::StageNetwork;
-use crate::run::launch::StepChild;
-use crate::run::launch::{LaunchError, LaunchSpec, Launcher};
 
 /// Where the step's control directory (output variables) appears in its container.
 pub const CONTROL_DIR: &str = "/run/sandrun";

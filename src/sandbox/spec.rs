@@ -76,7 +76,7 @@ impl From<&oci_spec::image::Config> for ImageConfig {
 
 /// What the container runs: the executor's process, with Harness's rules for turning
 /// it into an argv over the image config ([`argv`]).
-pub type ContainerProcess = crate::run::launch::Process;
+pub type ContainerProcess = crate::launch::Process;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BindMount {

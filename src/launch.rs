@@ -1,18 +1,18 @@
-//! How the executor starts a step's process, whatever it runs in.
+//! The launch contract: how the executor starts a step's process, whatever it runs in.
 //!
 //! The executor does not know about containers or namespaces: it hands a [`LaunchSpec`]
 //! to a [`Launcher`] and gets back a child process with piped stdout and stderr, in a
 //! process group of its own so that stopping it (SIGTERM to the group, then SIGKILL)
-//! reaches everything it started. [`HostLauncher`] runs host binaries (Harness's
-//! "leave Image blank"); the sandbox layer provides the container launcher.
+//! reaches everything it started. Both sides use this module and neither reaches into
+//! the other: `run::host::HostLauncher` runs host binaries (Harness's "leave Image
+//! blank"), `sandbox::ContainerLauncher` runs containers.
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use std::os::fd::OwnedFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, ExitStatus};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
 
 use futures::future::BoxFuture;
 use nix::sys::signal::{killpg, Signal};
@@ -23,7 +23,6 @@ use tokio::io::{AsyncRead, Interest};
 use crate::net::StageNetwork;
 use crate::pipeline::Shell;
 use crate::plan::StepPlan;
-use crate::sandbox::InvokingUser;
 
 /// A step's process, with step outputs already substituted.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -102,106 +101,6 @@ pub trait Launcher: Send + Sync {
 
     /// Where `LaunchSpec::workspace` appears to the step's process.
     fn workspace_in_step(&self, host_path: &Path) -> PathBuf;
-}
-
-/// Runs host binaries in the workspace, with the host's environment plus the step's,
-/// inside the step's network namespace (seeing the step's `/etc/hosts` and
-/// `/etc/resolv.conf`). Rootless, the process is moved back to the invoking user's own
-/// uid, so that host tools see the user they expect and files they create are the
-/// user's.
-pub struct HostLauncher {
-    pub invoking_user: Option<InvokingUser>,
-    /// The sandrun executable: with a stage network, host steps run through its
-    /// `__host-init` (own PID, UTS and IPC namespaces; nothing outlives the step;
-    /// the host read-only but for the workspace, scratch dirs and `writable`).
-    pub init_binary: Option<PathBuf>,
-    /// Host paths host steps may write besides the workspace and scratch dirs
-    /// (`--host-writable`).
-    pub writable: Vec<PathBuf>,
-}
-impl Launcher for HostLauncher {
-    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<StepChild, LaunchError> {
-        let argv = match &spec.process {
-            Process::Shell { shell, script } => shell.argv(script),
-            Process::Exec { argv } => argv.clone(),
-            Process::ImageDefault => {
-                return Err(LaunchError::Refused {
-                    step: spec.step.key.clone(),
-                    message: "has neither an image nor a command to run on the host".into(),
-                })
-            }
-        };
-        // Through sandrun's host init, the step gets its own PID, UTS and IPC
-        // namespaces and the init moves the command back to the invoking user; without
-        // it (no stage network: executor tests), the user switch happens here.
-        let (argv, user): (Vec<std::ffi::OsString>, _) = match (&self.init_binary, spec.network) {
-            (Some(binary), Some(_)) => (
-                crate::sandbox::host_init::wrap(
-                    binary,
-                    &spec.step.identifier,
-                    self.invoking_user.as_ref(),
-                    &std::iter::once(spec.workspace)
-                        .chain(self.writable.iter().map(PathBuf::as_path))
-                        .collect::<Vec<_>>(),
-                    spec.accept_listener,
-                    &argv,
-                ),
-                None,
-            ),
-            _ => (
-                argv.iter().map(Into::into).collect(),
-                self.invoking_user.clone(),
-            ),
-        };
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .current_dir(spec.workspace)
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let parent = std::process::id();
-        // SAFETY: die_with_parent makes two async-signal-safe system calls (prctl,
-        // getppid) on a pid copied before the fork. A SIGKILLed sandrun then takes the
-        // step down with it (only the direct child; stage teardown kills whole
-        // groups), and a runner that died before the prctl is noticed.
-        unsafe {
-            cmd.pre_exec(move || crate::sys::die_with_parent(Some(parent)));
-        }
-        let join = spec.network_part(StageNetwork::host_join)?;
-        if join.is_some() || user.is_some() {
-            // SAFETY: both only make async-signal-safe system calls on data prepared
-            // before the fork. The network is joined first: that needs the runner's
-            // capabilities, which the nested user namespace gives up.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if let Some(j) = &join {
-                        j.enter()?;
-                    }
-                    if let Some(u) = &user {
-                        u.enter()?;
-                    }
-                    Ok(())
-                });
-            }
-        }
-        cmd.spawn()
-            .and_then(StepChild::from_std)
-            .map_err(|e| LaunchError::Spawn {
-                step: spec.step.key.clone(),
-                program: argv[0].to_string_lossy().into_owned(),
-                source: e,
-            })
-    }
-
-    fn control_dir_in_step(&self, host_path: &Path) -> PathBuf {
-        host_path.to_path_buf()
-    }
-
-    fn workspace_in_step(&self, host_path: &Path) -> PathBuf {
-        host_path.to_path_buf()
-    }
 }
 
 /// Output of a step's process as the executor reads it.
@@ -451,6 +350,8 @@ impl StepProcess for ChildProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
     use tokio::io::AsyncBufReadExt;
 
