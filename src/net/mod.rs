@@ -27,11 +27,12 @@ pub mod plan;
 mod proxy;
 mod stage;
 
-pub use error::{NetError, NetPlanError};
+pub use error::NetError;
 pub use files::{render_hosts, render_resolv_conf};
 pub use handoff::supported as port_handoff_supported;
 pub use listeners::listening_ports;
 pub use netns::StepJoin;
+pub use plan::NetPlanError;
 pub use plan::{
     allocate, step_hostnames, NetworkMode, NetworkPlan, PortBinding, SkipReason, SkippedName,
     StepEndpoint, StepRequest, Subnet,
