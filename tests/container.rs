@@ -497,6 +497,9 @@ fn sigterm_stops_the_container_and_cleans_up() {
             .spawn()
             .unwrap();
         wait_for_file(&w.workspace.join("started"));
+        // The shell is PID 1 and ignores SIGTERM: a signal that came between `touch` and
+        // the start of `sleep` would reach no process that ends. Wait for the sleep.
+        wait_for(|| (!processes_with(&marker).is_empty()).then_some(()));
         let started = Instant::now();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
