@@ -1138,6 +1138,37 @@ fn quoted_list(items: &[String]) -> String {
         .join(", ")
 }
 
+/// Every template of a step's command and environment.
+fn step_templates(step: &StepPlan) -> Vec<&Template> {
+    let mut out: Vec<&Template> = step.env.iter().map(|(_, t)| t).collect();
+    match &step.process {
+        ProcessTemplate::Shell { script, .. } => out.push(script),
+        ProcessTemplate::Exec { argv } => out.extend(argv),
+        ProcessTemplate::ImageDefault => {}
+    }
+    out
+}
+
+/// The first earlier stage whose step outputs one of `templates` reads.
+fn earlier_stage_read<'a>(templates: impl IntoIterator<Item = &'a Template>) -> Option<&'a str> {
+    templates
+        .into_iter()
+        .flat_map(|t| &t.parts)
+        .find_map(|p| match p {
+            TemplatePart::StepOutput {
+                stage: Some(stage), ..
+            } => Some(stage.as_str()),
+            _ => None,
+        })
+}
+
+fn cross_stage_reason(stage: &str) -> String {
+    format!(
+        "reads output variables of stage `{stage}`: every stage is a Pod of its own, and \
+         outputs do not cross Pods (pass the value as a stage variable with `--set`)"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1175,35 +1206,4 @@ mod tests {
         assert!(lines.iter().all(|l| l.len() <= 22), "{lines:?}");
         assert!(lines[1].starts_with("  word"));
     }
-}
-
-/// Every template of a step's command and environment.
-fn step_templates(step: &StepPlan) -> Vec<&Template> {
-    let mut out: Vec<&Template> = step.env.iter().map(|(_, t)| t).collect();
-    match &step.process {
-        ProcessTemplate::Shell { script, .. } => out.push(script),
-        ProcessTemplate::Exec { argv } => out.extend(argv),
-        ProcessTemplate::ImageDefault => {}
-    }
-    out
-}
-
-/// The first earlier stage whose step outputs one of `templates` reads.
-fn earlier_stage_read<'a>(templates: impl IntoIterator<Item = &'a Template>) -> Option<&'a str> {
-    templates
-        .into_iter()
-        .flat_map(|t| &t.parts)
-        .find_map(|p| match p {
-            TemplatePart::StepOutput {
-                stage: Some(stage), ..
-            } => Some(stage.as_str()),
-            _ => None,
-        })
-}
-
-fn cross_stage_reason(stage: &str) -> String {
-    format!(
-        "reads output variables of stage `{stage}`: every stage is a Pod of its own, and \
-         outputs do not cross Pods (pass the value as a stage variable with `--set`)"
-    )
 }

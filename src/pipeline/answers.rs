@@ -122,10 +122,14 @@ impl Reader<'_> {
     }
 
     fn answer(&mut self, key: String, value: String, pos: Pos) {
-        if self.out.contains_key(&key) {
-            self.error(pos, format!("`{key}` is answered twice"));
-        } else {
-            self.out.insert(key, value);
+        match self.out.entry(key) {
+            std::collections::btree_map::Entry::Occupied(e) => {
+                let message = format!("`{}` is answered twice", e.key());
+                self.error(pos, message);
+            }
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(value);
+            }
         }
     }
 

@@ -1269,7 +1269,7 @@ impl<'a> Builder<'a> {
             output_variables,
             port_bindings,
             reports: container.map(|c| c.reports.clone()).unwrap_or_default(),
-            timeout: self.timeout(step.timeout.as_ref(), &s),
+            timeout: self.timeout(step.timeout.as_ref(), s),
             run_when: step
                 .when
                 .as_ref()
@@ -1288,7 +1288,7 @@ impl<'a> Builder<'a> {
             template: step.template.as_ref().map(ToString::to_string),
             loc: loc.clone(),
         };
-        self.expr_fields(&mut plan, &step.expr_fields, &s);
+        self.expr_fields(&mut plan, &step.expr_fields, s);
         scope.done.insert(key);
         scope.step_id = outer_id;
         scope.step_name = outer_name;
