@@ -20,26 +20,7 @@ use support::{modes, Mode, Run, Sandbox};
 
 const RECIPES: [&str; 3] = ["postgres", "redis", "python"];
 
-/// Downloads shared with tests/recipes.rs (verified by hash whenever they are read).
-fn download_cache() -> PathBuf {
-    let dir = std::env::temp_dir().join("sandrun-test-downloads");
-    if !dir.exists() {
-        std::fs::create_dir_all(&dir).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        // The rootless test user fills it too.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    }
-    dir
-}
-
-fn sandrun(sb: &Sandbox, args: &[&str]) -> Run {
-    Run::from(
-        sb.command(args)
-            .env("SANDRUN_DOWNLOAD_CACHE", download_cache())
-            .output()
-            .expect("cannot run sandrun"),
-    )
-}
+use support::{download_cache, sandrun_with_downloads as sandrun};
 
 fn repo_file(rel: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()

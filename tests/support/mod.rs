@@ -557,3 +557,25 @@ pub fn assert_symlinks_do_not_leak(sb: &Sandbox) {
     let merged = std::fs::read_to_string(out.join("junit.xml")).unwrap();
     assert!(!merged.contains("TOPSECRET"), "{merged}");
 }
+
+/// Debian downloads shared by every test that builds an image recipe (sandrun verifies
+/// them by hash whenever they are read), so the suite fetches each `.deb` once.
+pub fn download_cache() -> PathBuf {
+    let dir = std::env::temp_dir().join("sandrun-test-downloads");
+    if !dir.exists() {
+        std::fs::create_dir_all(&dir).unwrap();
+        // The rootless test user fills it too.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    }
+    dir
+}
+
+/// `sandrun ARGS` in `sb`, with the shared download cache.
+pub fn sandrun_with_downloads(sb: &Sandbox, args: &[&str]) -> Run {
+    Run::from(
+        sb.command(args)
+            .env("SANDRUN_DOWNLOAD_CACHE", download_cache())
+            .output()
+            .expect("cannot run sandrun"),
+    )
+}
