@@ -30,6 +30,7 @@ fn steps(n: usize, bind: Option<(u16, u16)>) -> Vec<StepRequest> {
             } else {
                 vec![]
             },
+            on_machine: false,
         })
         .collect()
 }

@@ -50,6 +50,9 @@ pub struct LaunchSpec<'a> {
     /// The runner's socket for the seccomp listener of the step's `accept` calls, when
     /// host connections to its bound ports are to be handed to it (`net::handoff`).
     pub accept_listener: Option<&'a Path>,
+    /// The stage's `sharedPaths`: a directory of the stage (host side) for each path
+    /// every step of the stage sees there.
+    pub shared_paths: &'a [(PathBuf, String)],
 }
 
 impl<'a> LaunchSpec<'a> {
@@ -125,6 +128,10 @@ pub trait StepProcess: Send {
     fn signal_group(&self, signal: Signal);
     /// The step's process group, for the stage's end to kill.
     fn into_group(self: Box<Self>) -> Option<ProcessGroup>;
+    /// See [`StepChild::lingers`].
+    fn lingers(&self) -> bool {
+        false
+    }
 }
 
 impl StepChild {
@@ -138,10 +145,24 @@ impl StepChild {
 
     /// Wraps a child spawned by `std` with piped stdout and stderr. (A `std` child is
     /// never reaped behind our back, unlike a tokio one.)
-    pub fn from_std(mut child: std::process::Child) -> io::Result<StepChild> {
+    pub fn from_std(child: std::process::Child) -> io::Result<StepChild> {
+        StepChild::from_std_lingering(child, None)
+    }
+
+    /// [`StepChild::from_std`] for a host step's init (`sandbox::host_init`), which
+    /// reports the command's exit status on `report` and then keeps what the command
+    /// left running (a daemon, `cmd &`) until the stage's end stops it gracefully
+    /// ([`ProcessGroup::stop`]).
+    pub fn from_std_lingering(
+        mut child: std::process::Child,
+        report: Option<OwnedFd>,
+    ) -> io::Result<StepChild> {
+        let lingers = report.is_some();
         let pipes = child.stdout.take().zip(child.stderr.take());
         let wrapped = match pipes {
-            Some((out, err)) => StepChild::from_pid(child.id(), out.into(), err.into(), None),
+            Some((out, err)) => {
+                StepChild::build(child.id(), out.into(), err.into(), report, lingers)
+            }
             None => Err(io::Error::other(
                 "the step's stdout and stderr are not piped",
             )),
@@ -163,6 +184,16 @@ impl StepChild {
         stderr: OwnedFd,
         report: Option<OwnedFd>,
     ) -> io::Result<StepChild> {
+        StepChild::build(pid, stdout, stderr, report, false)
+    }
+
+    fn build(
+        pid: u32,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+        report: Option<OwnedFd>,
+        lingers: bool,
+    ) -> io::Result<StepChild> {
         let pipe = |fd: OwnedFd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd);
         let pidfd = crate::sys::pidfd_open(pid, true)?;
         // SAFETY: the OwnedFd moves into the AsyncFd, which keeps this same open
@@ -174,6 +205,8 @@ impl StepChild {
             pidfd: Some(pidfd),
             status: None,
             report: report.map(pipe).transpose()?,
+            lingers,
+            reported: false,
         };
         Ok(StepChild::new(
             Box::new(pipe(stdout)?),
@@ -201,6 +234,12 @@ impl StepChild {
     pub fn into_group(self) -> Option<ProcessGroup> {
         self.process.into_group()
     }
+
+    /// Whether the step has ended but left processes running that live on until the
+    /// stage ends (a host step's daemon).
+    pub fn lingers(&self) -> bool {
+        self.process.lingers()
+    }
 }
 
 /// A step process that is the runner's own child, waited for through a pidfd
@@ -214,6 +253,10 @@ struct ChildProcess {
     pidfd: Option<AsyncFd<OwnedFd>>,
     status: Option<ExitStatus>,
     report: Option<tokio::net::unix::pipe::Receiver>,
+    /// A host step's init: it outlives the command while what the command left runs.
+    lingers: bool,
+    /// The status came from the report pipe, not from the leader's end.
+    reported: bool,
 }
 
 /// Leaders whose groups were killed but that had not ended yet (a helper still
@@ -242,9 +285,30 @@ pub fn reap_reported() {
 pub struct ProcessGroup {
     leader: OwnedFd,
     pgid: u32,
+    /// The leader lingers by design (a host step's init keeping what the command left
+    /// running): it is stopped as a service is, SIGTERM first.
+    graceful: bool,
 }
 
 impl ProcessGroup {
+    /// Stops what is left in the group. A lingering host step's init gets SIGTERM (it
+    /// passes it to every process of its step, see `sandbox::host_init`) and `grace`
+    /// to end, as a Background step does; then, as every group, SIGKILL.
+    pub async fn stop(self, grace: std::time::Duration) {
+        let running = || matches!(crate::sys::wait_pidfd(&self.leader, false, false), Ok(None));
+        if self.graceful && running() {
+            let _ = killpg(Pid::from_raw(self.pgid as i32), Signal::SIGTERM);
+            if let Ok(fd) = self.leader.try_clone() {
+                // SAFETY: the AsyncFd owns this duplicate until it is dropped below.
+                let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) };
+                if let Ok(fd) = fd {
+                    let _ = tokio::time::timeout(grace, fd.readable()).await;
+                }
+            }
+        }
+        self.kill();
+    }
+
     /// SIGKILLs whatever is left in the group, then reaps the leader (now, or at the
     /// end of the run when it has not ended yet).
     pub fn kill(self) {
@@ -276,6 +340,7 @@ impl ChildProcess {
         self.pidfd.take().map(|fd| ProcessGroup {
             leader: fd.into_inner(),
             pgid: self.pid,
+            graceful: self.lingers,
         })
     }
 
@@ -305,6 +370,7 @@ impl ChildProcess {
                     Some(code) => {
                         let code = i32::from_ne_bytes(code);
                         self.status = Some(ExitStatus::from_raw((code & 0xff) << 8));
+                        self.reported = true;
                     }
                     // The helper ended (or failed) before reporting: its exit status
                     // says.
@@ -344,6 +410,11 @@ impl StepProcess for ChildProcess {
 
     fn into_group(mut self: Box<Self>) -> Option<ProcessGroup> {
         self.take_group()
+    }
+
+    fn lingers(&self) -> bool {
+        // A host step's init reports only when the command left processes running.
+        self.lingers && self.reported
     }
 }
 

@@ -8,7 +8,7 @@
 //! callers hold no `unsafe` and their pitfalls are handled in one place.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
@@ -26,6 +26,21 @@ pub fn die_with_parent(parent: Option<u32>) -> io::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// A pipe whose two ends are closed on exec: (read, write).
+pub fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
+}
+
+/// Lets `fd` survive the coming exec (clears its close-on-exec flag). Async-signal-safe:
+/// meant for `pre_exec`.
+pub fn keep_across_exec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: the caller keeps `fd` open across this call (it is the child's copy of
+    // a descriptor the parent holds).
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+    Ok(())
 }
 
 /// A pidfd of process `pid`, non-blocking when `nonblock` (to be polled).

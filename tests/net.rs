@@ -33,6 +33,7 @@ fn req(key: &str, names: Vec<String>, ports: &[(u16, u16)]) -> StepRequest {
         key: key.into(),
         hostnames: names,
         port_bindings: ports.iter().map(|&p| p.into()).collect(),
+        on_machine: false,
     }
 }
 

@@ -200,6 +200,7 @@ fn container_service_is_reached_by_name_from_containers_and_host_steps() {
                     shell: Sh
                     command: |
                       curl -sf http://web:8080/index.html
+                      echo "via localhost: $(curl -sf http://localhost:{host_port}/index.html)"
                       echo "answer=<+steps.client.output.outputVariables.ANSWER> file=$(cat from-container.txt)"
 "#
             ),
@@ -208,6 +209,8 @@ fn container_service_is_reached_by_name_from_containers_and_host_steps() {
         r.assert_code(0)
             .assert_stdout("hello from web")
             .assert_stdout("pid1=sh in /harness")
+            // Harness's VM runner: a host step reaches a port binding on localhost.
+            .assert_stdout("via localhost: hello from web")
             .assert_stdout("answer=42 file=shared");
         assert!(r.summary_row("web").contains("stopped"), "{}", r.all());
         let service = format!("httpd -f -p 8080 -h /www{host_port}");

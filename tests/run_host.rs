@@ -1261,16 +1261,111 @@ fn any_command_sweeps_a_killed_runs_state() {
     }
 }
 
-/// `sharedPaths` are volumes of the container steps: a host step sees the host's own
-/// path there, and `plan` says so instead of leaving it to be found out.
+/// Host steps see the host's filesystem, where sandrun creates nothing: a shared path
+/// that is not a directory on this machine is not shared with them, and `plan` says so
+/// instead of leaving it to be found out.
 #[test]
-fn plan_says_host_steps_do_not_get_shared_paths() {
+fn plan_says_host_steps_do_not_get_missing_shared_paths() {
     let sb = Sandbox::new(modes()[0]);
     sb.write(
         "ci.yaml",
-        "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    sharedPaths:\n      - /shared/cache\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: on host\n            identifier: on_host\n            spec:\n              command: ls /shared/cache\n",
+        "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    sharedPaths:\n      - /shared/sandrun-nowhere\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: on host\n            identifier: on_host\n            spec:\n              command: ls /shared/sandrun-nowhere\n",
     );
     sb.run(["plan", "ci.yaml"]).assert_code(0).assert_stdout(
-        "`sharedPaths` (/shared/cache) are mounted in its container steps; its host steps (on_host) see the host's own paths",
+        "`sharedPaths` /shared/sandrun-nowhere are not directories on this machine, so its host steps (on_host) do not share them",
     );
+}
+
+/// `sharedPaths` that are directories on the machine are shared by host steps too: the
+/// stage's own directory is bound over the host's for each step, so what one step
+/// writes there the next reads, and the host's directory is left as it was.
+#[test]
+fn host_steps_share_shared_paths() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let host_dir = sb.dir.path().join("host-shared");
+        std::fs::create_dir(&host_dir).unwrap();
+        std::fs::write(host_dir.join("host-file"), "the host's own\n").unwrap();
+        let dir = host_dir.display();
+        sb.write(
+            "ci.yaml",
+            &format!(
+                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    sharedPaths:\n      - {dir}\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: write\n            identifier: write\n            spec:\n              shell: Sh\n              command: echo from-write > {dir}/note; ls {dir}\n        - step:\n            type: Run\n            name: read\n            identifier: read\n            spec:\n              shell: Sh\n              command: |\n                echo \"read: $(cat {dir}/note)\"\n"
+            ),
+        );
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0).assert_stdout("read: from-write");
+        assert!(!r.all().contains("host-file"), "the step saw the host's directory: {}", r.all());
+        let left: Vec<_> = std::fs::read_dir(&host_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("host-file")], "the host's directory changed");
+    }
+}
+
+/// Harness's VM runner: host steps run side by side on the build machine. A Background
+/// host step answers later host steps at `localhost:PORT` and by its identifier; what a
+/// step leaves running (`cmd &`, even holding the step's output) serves later steps and
+/// lives until the stage ends, when it gets SIGTERM, and nothing is left behind.
+#[test]
+fn host_steps_share_the_machine_and_their_daemons_live_until_the_stage_ends() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let (svc, daemon) = (free_port(), free_port());
+        sb.write("index.html", "hello from the machine\n");
+        let linger = format!("linger{daemon}");
+        sb.write(
+            "ci.yaml",
+            &stage(&format!(
+                r#"- step:
+    type: Background
+    name: svc
+    identifier: svc
+    spec:
+      shell: Sh
+      command: exec python3 -m http.server {svc}
+- step:
+    type: Run
+    name: start
+    identifier: start
+    spec:
+      shell: Sh
+      command: |
+        python3 -m http.server {daemon} >/dev/null 2>&1 &
+        sh -c 'trap "echo term > stopped-by-term; exit 0" TERM; while :; do sleep 0.1; done # {linger}' &
+        echo started
+- step:
+    type: Run
+    name: use
+    identifier: use
+    spec:
+      shell: Sh
+      command: |
+        get() {{ for i in $(seq 100); do curl -sf "$1" && return 0; sleep 0.1; done; return 1; }}
+        echo "daemon: $(get http://localhost:{daemon}/index.html)"
+        echo "service: $(get http://localhost:{svc}/index.html)"
+        echo "by name: $(get http://svc:{svc}/index.html)"
+"#
+            )),
+        );
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0)
+            .assert_stdout("daemon: hello from the machine")
+            .assert_stdout("service: hello from the machine")
+            .assert_stdout("by name: hello from the machine")
+            .assert_stdout("left processes running");
+        assert!(r.summary_row("start").contains("passed"), "{}", r.all());
+        assert!(
+            !r.all().contains("use   | warning: left processes running"),
+            "a step that left nothing running was said to: {}",
+            r.all()
+        );
+        assert_eq!(
+            std::fs::read_to_string(sb.workspace().join("stopped-by-term")).ok().as_deref(),
+            Some("term\n"),
+            "the daemon was not stopped with SIGTERM: {}",
+            r.all()
+        );
+        assert_no_process(&format!("http.server {daemon}"));
+        assert_no_process(&linger);
+        assert_no_process(&format!("http.server {svc}"));
+    }
 }

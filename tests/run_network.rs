@@ -23,13 +23,15 @@ fn steps_resolve_each_other_by_identifier_and_group_name() {
         let sb = Sandbox::new(mode);
         sb.write("a/who.txt", "I am alpha\n");
         sb.write("b/who.txt", "I am beta\n");
-        // Two services on the same port, each under its own name.
-        let binding = |port: u16| format!("      portBindings:\n        \"{port}\": \"8000\"\n");
-        let beta: String = server("beta", "b", 8000, &binding(free_port()))
+        // Host steps share the build machine (as on Harness's VM runner), so the two
+        // services listen on two ports; each is called by its own name.
+        let binding =
+            |host: u16, port: u16| format!("      portBindings:\n        \"{host}\": \"{port}\"\n");
+        let beta: String = server("beta", "b", 8001, &binding(free_port(), 8001))
             .lines()
             .map(|l| format!("      {l}\n"))
             .collect();
-        let steps = server("alpha", "a", 8000, &binding(free_port()))
+        let steps = server("alpha", "a", 8000, &binding(free_port(), 8000))
             + "\n- stepGroup:\n    name: grp\n    identifier: grp\n    steps:\n"
             + &beta
             + r#"- step:
@@ -40,8 +42,8 @@ fn steps_resolve_each_other_by_identifier_and_group_name() {
       shell: Bash
       command: |
         curl -sf http://alpha:8000/who.txt
-        curl -sf http://grp_beta:8000/who.txt
-        curl -sf http://GRP_Beta:8000/who.txt
+        curl -sf http://grp_beta:8001/who.txt
+        curl -sf http://GRP_Beta:8001/who.txt
         getent hosts client alpha | awk '{print "resolves", $2}'
 "#;
         sb.write("ci.yaml", &stage(DOCKER, &steps));
@@ -55,6 +57,20 @@ fn steps_resolve_each_other_by_identifier_and_group_name() {
             .assert_stdout("hostnames: beta, grp_beta")
             .assert_stdout("address: 10.");
     }
+}
+
+/// Two host steps cannot both serve one port: they run side by side on the build
+/// machine, as on Harness's VM runner, and the run is refused before anything starts.
+#[test]
+fn two_host_services_on_one_port_are_refused() {
+    let sb = Sandbox::new(modes()[0]);
+    let binding = |host: u16| format!("      portBindings:\n        \"{host}\": \"8000\"\n");
+    let steps = server("alpha", "a", 8000, &binding(free_port()))
+        + &server("beta", "b", 8000, &binding(free_port()));
+    sb.write("ci.yaml", &stage(DOCKER, &steps));
+    sb.run(["run", "ci.yaml"])
+        .assert_code(2)
+        .assert_stderr("host steps `alpha` and `beta` both use port 8000");
 }
 
 #[test]

@@ -96,6 +96,7 @@ mod tests {
             key: key.into(),
             hostnames: names,
             port_bindings: vec![],
+            on_machine: false,
         }
     }
 

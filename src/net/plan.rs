@@ -38,6 +38,16 @@ pub enum NetPlanError {
         first: String,
         second: String,
     },
+    #[error(
+        "host steps `{first}` and `{second}` both use port {port}: steps without an image run \
+         side by side on the build machine, as on Harness's VM runner, so they would collide \
+         (give one another port, or an image to run in a container of its own)"
+    )]
+    MachinePortCollision {
+        port: u16,
+        first: String,
+        second: String,
+    },
 }
 
 /// How the steps of a stage share the network, as Harness infrastructures do.
@@ -145,6 +155,10 @@ pub struct StepRequest {
     /// Names other steps use for it, usually from [`step_hostnames`].
     pub hostnames: Vec<String>,
     pub port_bindings: Vec<PortBinding>,
+    /// A host step (no image). On Harness's VM and local runners those run on the build
+    /// machine itself, so they share one namespace and address ("the machine"):
+    /// `localhost:PORT` from one reaches a service another started.
+    pub on_machine: bool,
 }
 
 /// One step's place on the stage network.
@@ -157,6 +171,9 @@ pub struct StepEndpoint {
     pub hostnames: Vec<String>,
     pub address: Ipv4Addr,
     pub port_bindings: Vec<PortBinding>,
+    /// A host step, in the machine's namespace shared by every host step of the stage.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub on_machine: bool,
 }
 
 /// Why a requested name does not resolve.
@@ -195,6 +212,34 @@ impl NetworkPlan {
     pub fn step(&self, key: &str) -> Option<&StepEndpoint> {
         self.steps.iter().find(|s| s.key == key)
     }
+
+    /// The stage's network namespaces: for each, the index of the first step that runs
+    /// in it, for every step in order (`slots()[i]` is step `i`'s namespace). One per
+    /// address: in pod mode all steps share one, in bridge mode host steps share the
+    /// machine's.
+    pub fn slots(&self) -> Vec<usize> {
+        let mut first: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+        let mut count = 0;
+        self.steps
+            .iter()
+            .map(|s| {
+                *first.entry(s.address).or_insert_with(|| {
+                    count += 1;
+                    count - 1
+                })
+            })
+            .collect()
+    }
+
+    /// How many namespaces the steps use (see [`NetworkPlan::slots`]).
+    pub fn namespace_count(&self) -> usize {
+        self.slots().into_iter().max().map_or(0, |m| m + 1)
+    }
+
+    /// The machine's endpoint: the first host step's, when the stage has host steps.
+    pub fn machine(&self) -> Option<&StepEndpoint> {
+        self.steps.iter().find(|s| s.on_machine)
+    }
 }
 
 /// The names a step answers to, by Harness's rules: its identifier, and inside a step
@@ -221,10 +266,11 @@ fn valid_hostname(name: &str) -> bool {
 
 /// Give every step its address and decide which names resolve to it.
 ///
-/// Bridge mode: step `i` gets the subnet's host `i + 2` (host 1 is the gateway).
-/// Pod mode: every step gets the one shared address (host 2). Names requested by more
-/// than one step are left out in bridge mode (resolving them would silently pick one)
-/// and listed in `skipped_names`; in pod mode they all mean the same address anyway.
+/// Bridge mode: each step gets the next host address of the subnet from host 2 on (host
+/// 1 is the gateway), except host steps, which all share the machine's: the address of
+/// the first one. Pod mode: every step gets the one shared address (host 2). Names that
+/// would mean two addresses are left out (resolving them would silently pick one) and
+/// listed in `skipped_names`; names that mean one address (pod mode, host steps) stay.
 pub fn allocate(mode: NetworkMode, steps: &[StepRequest]) -> Result<NetworkPlan, NetPlanError> {
     let subnet = Subnet::DEFAULT;
     let gateway = subnet.host(1).expect("default subnet has a first host");
@@ -237,10 +283,38 @@ pub fn allocate(mode: NetworkMode, steps: &[StepRequest]) -> Result<NetworkPlan,
     }
     check_ports(mode, steps)?;
 
-    // Who asked for each name, compared case-insensitively as DNS does.
-    let mut claims: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-    let mut skipped_names = Vec::new();
+    // Addresses first: bridge mode gives each step the next host address, except that
+    // every host step shares the machine's (the first host step's).
+    let mut addresses = Vec::with_capacity(steps.len());
+    let mut next = 2u32;
+    let mut machine: Option<Ipv4Addr> = None;
     for step in steps {
+        let shared = match mode {
+            NetworkMode::Pod => Some(subnet.host(2)),
+            NetworkMode::Bridge if step.on_machine => machine.map(Some),
+            NetworkMode::Bridge => None,
+        };
+        let address = match shared {
+            Some(a) => a,
+            None => {
+                next += 1;
+                subnet.host(next - 1)
+            }
+        }
+        .ok_or(NetPlanError::TooManySteps {
+            steps: steps.len(),
+            subnet,
+        })?;
+        if step.on_machine && machine.is_none() {
+            machine = Some(address);
+        }
+        addresses.push(address);
+    }
+
+    // Who asked for each name (by address), compared case-insensitively as DNS does.
+    let mut claims: BTreeMap<String, Vec<(&str, Ipv4Addr)>> = BTreeMap::new();
+    let mut skipped_names = Vec::new();
+    for (step, &address) in steps.iter().zip(&addresses) {
         let mut own: Vec<String> = Vec::new();
         for name in &step.hostnames {
             if !valid_hostname(name) {
@@ -258,38 +332,35 @@ pub fn allocate(mode: NetworkMode, steps: &[StepRequest]) -> Result<NetworkPlan,
             }
         }
         for folded in own {
-            claims.entry(folded).or_default().push(&step.key);
+            claims
+                .entry(folded)
+                .or_default()
+                .push((&step.key, address));
         }
     }
-    if mode == NetworkMode::Bridge {
-        for (name, keys) in &claims {
-            if keys.len() > 1 {
-                skipped_names.push(SkippedName {
-                    name: name.clone(),
-                    reason: SkipReason::Ambiguous {
-                        keys: keys.iter().map(|k| k.to_string()).collect(),
-                    },
-                });
-            }
+    // A name is ambiguous when it would mean two addresses (two host steps asking for
+    // one name both mean the machine).
+    let ambiguous = |claimants: &[(&str, Ipv4Addr)]| {
+        claimants.iter().any(|(_, a)| *a != claimants[0].1)
+    };
+    for (name, claimants) in &claims {
+        if ambiguous(claimants) {
+            skipped_names.push(SkippedName {
+                name: name.clone(),
+                reason: SkipReason::Ambiguous {
+                    keys: claimants.iter().map(|(k, _)| k.to_string()).collect(),
+                },
+            });
         }
     }
     let resolvable = |name: &str| {
-        mode == NetworkMode::Pod
-            || claims
-                .get(&name.to_ascii_lowercase())
-                .is_some_and(|keys| keys.len() == 1)
+        claims
+            .get(&name.to_ascii_lowercase())
+            .is_some_and(|claimants| !ambiguous(claimants))
     };
 
     let mut endpoints = Vec::with_capacity(steps.len());
-    for (i, step) in steps.iter().enumerate() {
-        let n = match mode {
-            NetworkMode::Bridge => i as u32 + 2,
-            NetworkMode::Pod => 2,
-        };
-        let address = subnet.host(n).ok_or(NetPlanError::TooManySteps {
-            steps: steps.len(),
-            subnet,
-        })?;
+    for (step, address) in steps.iter().zip(addresses) {
         let mut hostnames: Vec<String> = Vec::new();
         for name in &step.hostnames {
             if !valid_hostname(name) || !resolvable(name) {
@@ -306,6 +377,7 @@ pub fn allocate(mode: NetworkMode, steps: &[StepRequest]) -> Result<NetworkPlan,
             hostnames,
             address,
             port_bindings: step.port_bindings.clone(),
+            on_machine: step.on_machine,
         });
     }
 
@@ -320,10 +392,12 @@ pub fn allocate(mode: NetworkMode, steps: &[StepRequest]) -> Result<NetworkPlan,
 }
 
 /// Host ports must be unique across the stage; in pod mode container ports too, because
-/// two services binding one port in a shared namespace collide as they do in a Pod.
+/// two services binding one port in a shared namespace collide as they do in a Pod; and
+/// so do host steps' ports, which share the build machine's namespace.
 fn check_ports(mode: NetworkMode, steps: &[StepRequest]) -> Result<(), NetPlanError> {
     let mut host_ports: BTreeMap<u16, &str> = BTreeMap::new();
     let mut pod_ports: BTreeMap<u16, &str> = BTreeMap::new();
+    let mut machine_ports: BTreeMap<u16, &str> = BTreeMap::new();
     for step in steps {
         for binding in &step.port_bindings {
             if binding.host_port == 0 || binding.container_port == 0 {
@@ -338,17 +412,25 @@ fn check_ports(mode: NetworkMode, steps: &[StepRequest]) -> Result<(), NetPlanEr
                     second: step.key.clone(),
                 });
             }
-            if mode == NetworkMode::Pod {
-                match pod_ports.get(&binding.container_port) {
+            let shared = match mode {
+                NetworkMode::Pod => Some(&mut pod_ports),
+                NetworkMode::Bridge if step.on_machine => Some(&mut machine_ports),
+                NetworkMode::Bridge => None,
+            };
+            if let Some(taken) = shared {
+                match taken.get(&binding.container_port) {
                     Some(first) if *first != step.key => {
-                        return Err(NetPlanError::PodPortCollision {
-                            port: binding.container_port,
-                            first: first.to_string(),
-                            second: step.key.clone(),
-                        })
+                        let (port, first, second) =
+                            (binding.container_port, first.to_string(), step.key.clone());
+                        return Err(match mode {
+                            NetworkMode::Pod => NetPlanError::PodPortCollision { port, first, second },
+                            NetworkMode::Bridge => {
+                                NetPlanError::MachinePortCollision { port, first, second }
+                            }
+                        });
                     }
                     _ => {
-                        pod_ports.insert(binding.container_port, &step.key);
+                        taken.insert(binding.container_port, &step.key);
                     }
                 }
             }
@@ -366,6 +448,7 @@ mod tests {
             key: key.to_string(),
             hostnames: names.iter().map(|n| n.to_string()).collect(),
             port_bindings: ports.iter().map(|&p| p.into()).collect(),
+            on_machine: false,
         }
     }
 
@@ -376,6 +459,69 @@ mod tests {
             step_hostnames("cache", Some("Services")),
             vec!["cache", "Services_cache"]
         );
+    }
+
+    fn host(key: &str, ports: &[(u16, u16)]) -> StepRequest {
+        StepRequest {
+            on_machine: true,
+            ..req(key, &[key], ports)
+        }
+    }
+
+    #[test]
+    fn host_steps_share_the_machine_address_and_namespace() {
+        let plan = allocate(
+            NetworkMode::Bridge,
+            &[
+                host("svc", &[(9000, 8000)]),
+                req("db", &["db"], &[]),
+                host("build", &[]),
+                req("web", &["web"], &[]),
+            ],
+        )
+        .unwrap();
+        let addresses: Vec<Ipv4Addr> = plan.steps.iter().map(|s| s.address).collect();
+        assert_eq!(
+            addresses,
+            [2, 3, 2, 4].map(|n| Ipv4Addr::new(10, 213, 0, n)).to_vec()
+        );
+        assert_eq!(plan.slots(), vec![0, 1, 0, 2]);
+        assert_eq!(plan.namespace_count(), 3);
+        assert_eq!(plan.machine().map(|m| m.key.as_str()), Some("svc"));
+        // Both names mean the machine: neither is ambiguous.
+        assert_eq!(plan.steps[2].hostnames, vec!["build"]);
+        assert!(plan.skipped_names.is_empty());
+        // A name two host steps ask for means the machine too.
+        let both = allocate(
+            NetworkMode::Bridge,
+            &[host("a", &[]), StepRequest { hostnames: vec!["a".into()], ..host("b", &[]) }],
+        )
+        .unwrap();
+        assert!(both.skipped_names.is_empty());
+        assert_eq!(both.steps[1].hostnames, vec!["a"]);
+    }
+
+    #[test]
+    fn host_steps_cannot_share_a_port() {
+        let err = allocate(
+            NetworkMode::Bridge,
+            &[host("a", &[(9000, 8000)]), host("b", &[(9001, 8000)])],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            NetPlanError::MachinePortCollision {
+                port: 8000,
+                first: "a".into(),
+                second: "b".into()
+            }
+        );
+        // Container steps each have their own namespace.
+        allocate(
+            NetworkMode::Bridge,
+            &[req("a", &[], &[(9000, 8000)]), req("b", &[], &[(9001, 8000)])],
+        )
+        .unwrap();
     }
 
     #[test]

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +25,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use super::error::NetError;
 use super::handoff::{self, Handoff};
 use super::netns::SocketFactory;
-use super::plan::{NetworkPlan, PortBinding};
+use super::plan::{NetworkMode, NetworkPlan, PortBinding};
 use super::stage::StageNetwork;
 
 /// Pipe size for splice(2) (1 MiB is the unprivileged maximum by default).
@@ -77,6 +77,47 @@ impl HostPortProxy {
             }
         }
         Ok(HostPortProxy { ports })
+    }
+
+    /// Binds every binding of a container step at `127.0.0.1:HOST_PORT` inside the
+    /// machine's namespace too (bridge mode, a stage with host steps): on Harness's VM
+    /// and local runners host steps reach a service through `localhost:HOST_PORT`, the
+    /// host port Docker publishes. In pod mode the machine is the pod itself, where the
+    /// service's own port already answers on localhost.
+    pub async fn bind_for_machine(&mut self, network: &StageNetwork) -> Result<(), NetError> {
+        let plan = network.plan();
+        let Some(netns) = network.machine_netns().filter(|_| plan.mode == NetworkMode::Bridge)
+        else {
+            return Ok(());
+        };
+        let sockets = network.socket_factory();
+        let mut bound = Vec::new();
+        for port in &self.ports {
+            if plan.step(&port.key).is_none_or(|s| s.on_machine) {
+                continue;
+            }
+            let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port.binding.host_port);
+            let bind_error = |source: io::Error| NetError::HostPortBind {
+                key: port.key.clone(),
+                addr: addr.ip(),
+                port: port.binding.host_port,
+                source,
+            };
+            let socket = sockets.socket(netns, addr).await.map_err(bind_error)?;
+            socket.set_reuseaddr(true).map_err(bind_error)?;
+            socket.bind(addr).map_err(bind_error)?;
+            let listener = socket
+                .listen(1024)
+                .and_then(TcpListener::into_std)
+                .map_err(bind_error)?;
+            bound.push(BoundPort {
+                key: port.key.clone(),
+                binding: port.binding,
+                listener,
+            });
+        }
+        self.ports.extend(bound);
+        Ok(())
     }
 
     /// The host addresses actually bound, with the step each belongs to.

@@ -1,8 +1,9 @@
 //! The live network of one stage run, built from its [`NetworkPlan`].
 //!
 //! Bridge mode: a hub namespace holds the bridge `br0` (with the gateway address) and
-//! one `vethN` per step; each step has its own namespace with `lo` and `eth0` (the veth
-//! peer) at its planned address. There is no route out, so steps reach each other and
+//! one `vethN` per step namespace; each container step has its own namespace with `lo`
+//! and `eth0` (the veth peer) at its planned address, and host steps share one, the
+//! machine's, as on a build machine where they all run side by side. There is no route out, so steps reach each other and
 //! nothing else. Pod mode: one namespace shared by all steps, with the pod address on
 //! `lo`, as containers of a Pod share one.
 //!
@@ -92,11 +93,15 @@ impl StartedNetwork {
             network.build_bridge(&hub_link).await?;
         }
         if plan.egress {
+            let slots = plan.slots();
             let targets: Vec<BorrowedFd<'_>> = match shared {
+                // One per namespace (host steps share the machine's).
                 false => network
                     .steps
                     .iter()
-                    .filter_map(|s| s.netns.as_ref().map(|f| f.as_fd()))
+                    .zip(slots.iter().enumerate())
+                    .filter(|(_, (i, slot))| slots.iter().position(|s| s == *slot) == Some(*i))
+                    .filter_map(|(s, _)| s.netns.as_ref().map(|f| f.as_fd()))
                     .collect(),
                 true => vec![network.hub.as_fd()],
             };
@@ -107,10 +112,10 @@ impl StartedNetwork {
     }
 }
 
-/// One namespace for all steps: pod mode, or a stage of a single step (a bridge only
-/// pays when there are steps to connect).
+/// One namespace for all steps: pod mode, or a stage of a single step or of host steps
+/// only (a bridge only pays when there are namespaces to connect).
 fn shared(plan: &NetworkPlan) -> bool {
-    plan.mode == NetworkMode::Pod || plan.steps.len() <= 1
+    plan.mode == NetworkMode::Pod || plan.namespace_count() <= 1
 }
 
 impl StageNetwork {
@@ -157,8 +162,15 @@ impl StageNetwork {
 
     async fn build_bridge(&mut self, hub: &Netlink) -> Result<(), NetError> {
         let started = Instant::now();
-        let fresh = step_namespaces(self.steps.len()).await?;
-        tracing::debug!(steps = self.steps.len(), elapsed = ?started.elapsed(), "step namespaces created");
+        // One namespace per address: host steps share the machine's.
+        let slots = self.plan.slots();
+        let count = self.plan.namespace_count();
+        // The first step of each namespace, which names it in messages.
+        let firsts: Vec<&crate::net::StepEndpoint> = (0..count)
+            .map(|n| &self.plan.steps[slots.iter().position(|&s| s == n).unwrap_or(0)])
+            .collect();
+        let fresh = step_namespaces(count).await?;
+        tracing::debug!(namespaces = count, elapsed = ?started.elapsed(), "step namespaces created");
         let bridge = hub
             .add_bridge(BRIDGE)
             .await
@@ -167,8 +179,8 @@ impl StageNetwork {
             .await
             .map_err(NetError::netlink("add the gateway address to the bridge"))?;
 
-        let veths: Vec<String> = (0..self.steps.len()).map(|i| format!("veth{i}")).collect();
-        try_join_all(self.steps.iter().zip(&fresh).zip(&veths).map(
+        let veths: Vec<String> = (0..count).map(|i| format!("veth{i}")).collect();
+        try_join_all(firsts.iter().zip(&fresh).zip(&veths).map(
             |((step, ns), veth)| async move {
                 hub.add_veth_to(veth, bridge, STEP_LINK, &ns.ns)
                     .await
@@ -181,39 +193,37 @@ impl StageNetwork {
         .await?;
 
         let prefix_len = self.plan.subnet.prefix_len;
-        let configs = self
-            .plan
-            .steps
-            .iter()
-            .zip(fresh)
-            .map(|(endpoint, ns)| async move {
-                let key = &endpoint.key;
-                let link = Netlink::new(ns.netlink).map_err(NetError::os("open netlink"))?;
-                link.loopback_up()
-                    .await
-                    .map_err(NetError::netlink(format!("set lo up for step `{key}`")))?;
-                let eth = link
-                    .index_of(STEP_LINK)
-                    .await
-                    .map_err(NetError::netlink(format!("find eth0 of step `{key}`")))?
-                    .ok_or_else(|| NetError::Os {
-                        what: format!("find eth0 of step `{key}`"),
-                        source: std::io::Error::from(std::io::ErrorKind::NotFound),
-                    })?;
-                link.add_address(eth, endpoint.address, prefix_len)
-                    .await
-                    .map_err(NetError::netlink(format!(
-                        "add address {} for step `{key}`",
-                        endpoint.address
-                    )))?;
-                link.set_up(eth)
-                    .await
-                    .map_err(NetError::netlink(format!("set eth0 up for step `{key}`")))?;
-                Ok::<OwnedFd, NetError>(ns.ns)
-            });
+        let configs = firsts.iter().zip(fresh).map(|(endpoint, ns)| async move {
+            let key = &endpoint.key;
+            let link = Netlink::new(ns.netlink).map_err(NetError::os("open netlink"))?;
+            link.loopback_up()
+                .await
+                .map_err(NetError::netlink(format!("set lo up for step `{key}`")))?;
+            let eth = link
+                .index_of(STEP_LINK)
+                .await
+                .map_err(NetError::netlink(format!("find eth0 of step `{key}`")))?
+                .ok_or_else(|| NetError::Os {
+                    what: format!("find eth0 of step `{key}`"),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                })?;
+            link.add_address(eth, endpoint.address, prefix_len)
+                .await
+                .map_err(NetError::netlink(format!(
+                    "add address {} for step `{key}`",
+                    endpoint.address
+                )))?;
+            link.set_up(eth)
+                .await
+                .map_err(NetError::netlink(format!("set eth0 up for step `{key}`")))?;
+            Ok::<OwnedFd, NetError>(ns.ns)
+        });
         let namespaces = try_join_all(configs).await?;
         tracing::debug!(elapsed = ?started.elapsed(), "links and addresses configured");
-        for (step, ns) in self.steps.iter_mut().zip(namespaces) {
+        for (step, slot) in self.steps.iter_mut().zip(&slots) {
+            let ns = namespaces[*slot]
+                .try_clone()
+                .map_err(NetError::os("duplicate a namespace descriptor"))?;
             step.netns = Some(ns);
         }
 
@@ -226,7 +236,7 @@ impl StageNetwork {
             let keys = down
                 .iter()
                 .filter_map(|name| veths.iter().position(|v| v == name))
-                .map(|i| self.steps[i].key.clone())
+                .map(|i| firsts[i].key.clone())
                 .collect();
             return Err(NetError::LinksDown {
                 keys,
@@ -235,6 +245,13 @@ impl StageNetwork {
         }
         tracing::debug!(elapsed = ?started.elapsed(), waited_for_links = ?waiting.elapsed(), "stage network up");
         Ok(())
+    }
+
+    /// The namespace host steps share (the build machine's, as Harness's VM runner
+    /// sees it), when the stage has host steps.
+    pub fn machine_netns(&self) -> Option<BorrowedFd<'_>> {
+        let key = &self.plan.machine()?.key;
+        self.step_netns(key).ok()
     }
 
     pub fn plan(&self) -> &NetworkPlan {

@@ -1450,11 +1450,17 @@ fn stage_warnings(
         .filter(|s| s.image.is_none() && s.unsupported.is_none())
         .map(|s| s.key.as_str())
         .collect();
-    if !stage.shared_paths.is_empty() && !host_steps.is_empty() {
+    // Host steps see the host's filesystem: the stage's directory is bound over a
+    // shared path only where that directory exists on this machine.
+    let missing: Vec<&str> = (stage.shared_paths.iter())
+        .filter(|p| p.starts_with('/') && !Path::new(p).is_dir())
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() && !host_steps.is_empty() {
         out.push(format!(
-            "{loc}: stage `{}`: `sharedPaths` ({}) are mounted in its container steps; its host steps ({}) see the host's own paths there (writable only under the workspace, /tmp, /var/tmp, /dev/shm and --host-writable)",
+            "{loc}: stage `{}`: `sharedPaths` {} are not directories on this machine, so its host steps ({}) do not share them (container steps do); sandrun does not create paths on the host",
             stage.identifier,
-            stage.shared_paths.join(", "),
+            missing.join(", "),
             host_steps.join(", ")
         ));
     }
@@ -1508,6 +1514,7 @@ fn address_steps(stage: &mut StagePlan, egress: bool) -> Result<(), crate::net::
                 key: s.key.clone(),
                 hostnames,
                 port_bindings: s.port_bindings.iter().map(|&b| b.into()).collect(),
+                on_machine: s.image.is_none(),
             }
         })
         .collect();

@@ -82,6 +82,8 @@ pub struct StageContext<'a> {
     /// Output variables of the run's stages: read (earlier stages) when the stage
     /// starts, and given this stage's own when it ends.
     pub pipeline_outputs: &'a Mutex<PipelineOutputs>,
+    /// The stage's `sharedPaths` directories ([`crate::run::pipeline::shared_dirs`]).
+    pub shared_paths: Vec<(PathBuf, String)>,
 }
 
 /// Run one stage to the end and say how it went. Every process it started is stopped
@@ -115,7 +117,7 @@ pub async fn run_stage(ctx: &StageContext<'_>) -> StageResult {
     };
     exec.run_within_stage_timeout().await;
     exec.stop_backgrounds().await;
-    exec.kill_leftover_groups();
+    exec.stop_leftover_groups().await;
     let own = std::mem::take(&mut exec.state.outputs.lock().unwrap().steps);
     ctx.pipeline_outputs
         .lock()
@@ -454,6 +456,7 @@ impl<'a> Executor<'a> {
                 .accept_listeners
                 .get(&step.key)
                 .map(PathBuf::as_path),
+            shared_paths: &self.ctx.shared_paths,
         };
         self.ctx.events.emit(RunEvent::StepStarted {
             step: step.key.clone(),
@@ -635,7 +638,17 @@ impl<'a> Executor<'a> {
                 Ending::Cancelled(stop_process(&mut running.child, self.ctx.options.grace).await)
             }
         };
-        running.drain().await;
+        if matches!(ending, Ending::Exited(_)) && running.child.lingers() {
+            // Its output is what is already in the pipes: a daemon holding them open
+            // must not hold the step.
+            drain_within(std::mem::take(&mut running.pumps), LINGER_DRAIN).await;
+            self.ctx.events.warn(
+                Some(&step.key),
+                "left processes running; they keep running until the stage ends and are then stopped like Background steps".to_string(),
+            );
+        } else {
+            running.drain().await;
+        }
         self.state.keep_group(running.child);
         match &ending {
             Ending::Exited(exit) | Ending::TimedOut(Some(exit)) | Ending::Cancelled(Some(exit)) => {
@@ -870,10 +883,12 @@ impl<'a> Executor<'a> {
         }
     }
 
-    fn kill_leftover_groups(&self) {
-        for group in self.state.groups.lock().unwrap().drain(..) {
-            group.kill();
-        }
+    /// Stops what ended steps left running: a host step's daemons get SIGTERM and the
+    /// grace period, as services do; everything else is SIGKILLed.
+    async fn stop_leftover_groups(&self) {
+        let groups: Vec<ProcessGroup> = self.state.groups.lock().unwrap().drain(..).collect();
+        let grace = self.ctx.options.grace;
+        join_all(groups.into_iter().map(|g| g.stop(grace))).await;
     }
 }
 
@@ -960,8 +975,14 @@ impl Running {
 /// Wait for the output readers, but not forever: a grandchild that inherited the pipe
 /// and outlives the step must not hold the stage hostage.
 async fn drain(pumps: Vec<JoinHandle<()>>) {
-    let all = join_all(pumps);
-    let _ = tokio::time::timeout(Duration::from_secs(2), all).await;
+    drain_within(pumps, Duration::from_secs(2)).await
+}
+
+/// How long a step that left a daemon running is read after it ended.
+const LINGER_DRAIN: Duration = Duration::from_millis(100);
+
+async fn drain_within(pumps: Vec<JoinHandle<()>>, limit: Duration) {
+    let _ = tokio::time::timeout(limit, join_all(pumps)).await;
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -201,6 +201,7 @@ async fn run(yaml: &str, launcher: &ScriptedLauncher) -> (StageResult, Vec<RunEv
         images: &images,
         network: None,
         accept_listeners: HashMap::new(),
+        shared_paths: Vec::new(),
         state_dir: dir.path(),
         options: &options,
         events,

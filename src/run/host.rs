@@ -1,6 +1,7 @@
 //! Steps without an image: the host's own binaries (Harness's "leave Image blank"),
 //! started through the [launch contract](crate::launch).
 
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -37,11 +38,21 @@ impl Launcher for HostLauncher {
             }
         };
         // Through sandrun's host init, the step gets its own PID, UTS and IPC
-        // namespaces and the init moves the command back to the invoking user; without
-        // it (no stage network: executor tests), the user switch happens here.
+        // namespaces, the init moves the command back to the invoking user and keeps
+        // what the command leaves running until the stage ends, reporting the
+        // command's exit status on a pipe; without it (no stage network: executor
+        // tests), the user switch happens here.
+        let mut report = None;
         let (argv, user): (Vec<std::ffi::OsString>, _) = match (&self.init_binary, spec.network) {
-            (Some(binary), Some(_)) => (
-                crate::sandbox::host_init::wrap(
+            (Some(binary), Some(_)) => {
+                let (read, write) = crate::sys::cloexec_pipe().map_err(|source| {
+                    LaunchError::Spawn {
+                        step: spec.step.key.clone(),
+                        program: binary.display().to_string(),
+                        source,
+                    }
+                })?;
+                let argv = crate::sandbox::host_init::wrap(
                     binary,
                     &spec.step.identifier,
                     self.invoking_user.as_ref(),
@@ -49,10 +60,13 @@ impl Launcher for HostLauncher {
                         .chain(self.writable.iter().map(PathBuf::as_path))
                         .collect::<Vec<_>>(),
                     spec.accept_listener,
+                    Some(write.as_raw_fd()),
+                    spec.shared_paths,
                     &argv,
-                ),
-                None,
-            ),
+                );
+                report = Some((read, write));
+                (argv, None)
+            }
             _ => (
                 argv.iter().map(Into::into).collect(),
                 self.invoking_user.clone(),
@@ -74,6 +88,13 @@ impl Launcher for HostLauncher {
         unsafe {
             cmd.pre_exec(move || crate::sys::die_with_parent(Some(parent)));
         }
+        if let Some(fd) = report.as_ref().map(|(_, write)| write.as_raw_fd()) {
+            // SAFETY: one fcntl on a descriptor that stays open until after the spawn.
+            // The init alone gets the pipe's write end.
+            unsafe {
+                cmd.pre_exec(move || crate::sys::keep_across_exec(fd));
+            }
+        }
         let join = spec.network_part(StageNetwork::host_join)?;
         if join.is_some() || user.is_some() {
             // SAFETY: both only make async-signal-safe system calls on data prepared
@@ -91,8 +112,11 @@ impl Launcher for HostLauncher {
                 });
             }
         }
-        cmd.spawn()
-            .and_then(StepChild::from_std)
+        let (read, write) = report.unzip();
+        let spawned = cmd.spawn();
+        drop(write);
+        spawned
+            .and_then(|child| StepChild::from_std_lingering(child, read))
             .map_err(|e| LaunchError::Spawn {
                 step: spec.step.key.clone(),
                 program: argv[0].to_string_lossy().into_owned(),

@@ -10,7 +10,7 @@
 //! Output variables of every finished stage are kept by stage identifier
 //! ([`PipelineOutputs`]) and handed to each later stage.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -176,30 +176,31 @@ async fn run_one(
             return StageResult::Failed;
         }
     };
+    let shared_paths = match shared_dirs(&stage_dir, &stage.shared_paths) {
+        Ok(dirs) => dirs,
+        Err(e) => {
+            events.emit(RunEvent::StageSkipped {
+                stage: stage.identifier.clone(),
+                reason: format!(
+                    "cannot make the stage's sharedPaths under {}: {e}; no step was started",
+                    stage_dir.display()
+                ),
+            });
+            if let Some((network, proxy)) = network {
+                proxy.shutdown().await;
+                network.teardown().await;
+            }
+            return StageResult::Failed;
+        }
+    };
     let containers = if ctx.images.is_empty() {
         None
     } else {
         match std::env::current_exe() {
-            Ok(exe) => match ContainerLauncher::new(exe, stage_dir.clone(), ctx.images.clone())
-                .with_zygote(ctx.zygote.clone())
-                .with_shared_paths(&stage.shared_paths)
-            {
-                Ok(launcher) => Some(launcher),
-                Err(e) => {
-                    events.emit(RunEvent::StageSkipped {
-                        stage: stage.identifier.clone(),
-                        reason: format!(
-                            "cannot make the stage's sharedPaths under {}: {e}; no step was started",
-                            stage_dir.display()
-                        ),
-                    });
-                    if let Some((network, proxy)) = network {
-                        proxy.shutdown().await;
-                        network.teardown().await;
-                    }
-                    return StageResult::Failed;
-                }
-            },
+            Ok(exe) => Some(
+                ContainerLauncher::new(exe, stage_dir.clone(), ctx.images.clone())
+                    .with_zygote(ctx.zygote.clone()),
+            ),
             Err(e) => {
                 events.warn(
                     None,
@@ -225,6 +226,7 @@ async fn run_one(
         events,
         cancel: ctx.cancel.clone(),
         pipeline_outputs: outputs,
+        shared_paths,
     };
     let result = run_stage(&stage_ctx).await;
     if let Some((network, proxy)) = network {
@@ -232,6 +234,26 @@ async fn run_one(
         network.teardown().await;
     }
     result
+}
+
+/// A directory of the stage's own for each of `paths`, which every step sees at that
+/// path (Harness's `sharedPaths`: empty when the stage starts, written by any step, seen
+/// by every later one). Paths that are not absolute lie in the workspace, which every
+/// step shares already.
+pub fn shared_dirs(stage_dir: &Path, paths: &[String]) -> std::io::Result<Vec<(PathBuf, String)>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut dirs = Vec::new();
+    for (i, path) in paths.iter().enumerate() {
+        if !path.starts_with('/') || path == "/" {
+            continue;
+        }
+        let dir = stage_dir.join("shared").join(i.to_string());
+        std::fs::create_dir_all(&dir)?;
+        // Any user of any step may write there, as in Harness's emptyDir volumes.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+        dirs.push((dir, path.clone()));
+    }
+    Ok(dirs)
 }
 
 /// The stage's network and its host port bindings. Ports are bound first, so that a
@@ -262,6 +284,11 @@ async fn start_network(
     // Host connections are handed to container services directly unless turned off
     // (the benchmark compares both ways).
     let handoff = std::env::var_os("SANDRUN_PORT_HANDOFF").is_none_or(|v| v != "off");
+    let mut proxy = proxy;
+    proxy
+        .bind_for_machine(&network)
+        .await
+        .context("cannot bind the port bindings for host steps")?;
     let server = proxy.serve(&network, handoff.then_some(stage_dir))?;
     Ok(Some((network, server)))
 }

@@ -4,23 +4,34 @@
 //! The runner starts host steps through this small init instead of running the
 //! command directly. It unshares the namespaces, and a forked child becomes PID 1 of
 //! the new PID namespace: it names the host, mounts a /proc that shows only the step's
-//! processes, starts the command as PID 2 and reaps whatever the command leaves. When
-//! the command ends, PID 1 exits with its status and the kernel kills every process
-//! left in the namespace, so nothing a host step started outlives it, not even when
-//! sandrun itself is SIGKILLed (PID 1 has a parent-death signal).
+//! processes, starts the command as PID 2 and reaps whatever the command leaves.
+//!
+//! When the command ends and has left processes running, PID 1 reports its exit status
+//! to the runner (`--report-fd`; otherwise it just exits with it). Then, as on
+//! Harness's VM runner, where a step's `cmd &` or daemon keeps running on
+//! the build machine, whatever the command left running lives on: PID 1 stays and
+//! reaps until the last of it ends, or until the runner stops it at the stage's end
+//! with SIGTERM, which PID 1 passes to every process of the namespace (a second stop
+//! signal: SIGKILL). When PID 1 ends, the kernel kills whatever is left in the
+//! namespace, so nothing a host step started outlives the stage, not even when sandrun
+//! itself is SIGKILLed (PID 1 has a parent-death signal).
 //!
 //! Stopping: the runner signals the step's whole process group. This wrapper ignores
-//! those signals (it waits for PID 1), PID 1 ignores them (the kernel drops signals
-//! from outside to a namespace's init that has no handler), and the command receives
-//! them directly, with their default meaning.
+//! those signals (it waits for PID 1); PID 1 blocks them while the command runs and
+//! takes them once it has ended (a step stopped while running has its leftovers
+//! stopped too); the command receives them directly, with their default meaning.
+//!
+//! `--share SOURCE TARGET` binds the stage's `sharedPaths` directories over the host's
+//! own directories of those paths, for this step only.
 
 use std::ffi::{CString, OsString};
+use std::os::fd::FromRawFd;
 use std::os::unix::ffi::OsStrExt;
 
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
-use nix::sys::signal::{signal, SigHandler, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::signal::{signal, SigHandler, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{execvp, fork, sethostname, ForkResult, Pid};
 
 use super::userns::InvokingUser;
@@ -40,6 +51,8 @@ pub fn wrap(
     user: Option<&InvokingUser>,
     writable: &[&std::path::Path],
     accept_listener: Option<&std::path::Path>,
+    report_fd: Option<std::os::fd::RawFd>,
+    shared: &[(std::path::PathBuf, String)],
     command: &[String],
 ) -> Vec<OsString> {
     let mut argv: Vec<OsString> = vec![
@@ -60,6 +73,15 @@ pub fn wrap(
         argv.push("--accept-listener".into());
         argv.push(path.as_os_str().to_owned());
     }
+    if let Some(fd) = report_fd {
+        argv.push("--report-fd".into());
+        argv.push(fd.to_string().into());
+    }
+    for (source, target) in shared {
+        argv.push("--share".into());
+        argv.push(source.as_os_str().to_owned());
+        argv.push(target.into());
+    }
     argv.push("--".into());
     argv.extend(command.iter().map(OsString::from));
     argv
@@ -69,7 +91,7 @@ pub fn wrap(
 pub fn main(args: &[OsString]) -> i32 {
     let usage = || {
         eprintln!(
-            "usage: sandrun __host-init HOSTNAME [--as UID:GID] [--writable PATH]... [--accept-listener SOCKET] -- PROGRAM [ARGS...]"
+            "usage: sandrun __host-init HOSTNAME [--as UID:GID] [--writable PATH]... [--accept-listener SOCKET] [--report-fd FD] [--share SOURCE TARGET]... -- PROGRAM [ARGS...]"
         );
         125
     };
@@ -79,6 +101,8 @@ pub fn main(args: &[OsString]) -> i32 {
     let mut user = None;
     let mut writable: Vec<CString> = Vec::new();
     let mut accept_listener = None;
+    let mut report = None;
+    let mut shared: Vec<(CString, CString)> = Vec::new();
     loop {
         match rest {
             [sep, command @ ..] if sep == "--" && !command.is_empty() => {
@@ -98,6 +122,24 @@ pub fn main(args: &[OsString]) -> i32 {
             }
             [flag, path, more @ ..] if flag == "--accept-listener" => {
                 accept_listener = Some(std::path::PathBuf::from(path));
+                rest = more;
+            }
+            [flag, fd, more @ ..] if flag == "--report-fd" => {
+                let Some(fd) = fd.to_str().and_then(|f| f.parse::<i32>().ok()) else {
+                    return usage();
+                };
+                // SAFETY: the runner passed this descriptor for this process alone.
+                report = Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+                rest = more;
+            }
+            [flag, source, target, more @ ..] if flag == "--share" => {
+                let (Ok(source), Ok(target)) = (
+                    CString::new(source.as_bytes()),
+                    CString::new(target.as_bytes()),
+                ) else {
+                    return usage();
+                };
+                shared.push((source, target));
                 rest = more;
             }
             [flag, path, more @ ..] if flag == "--writable" => {
@@ -134,10 +176,16 @@ pub fn main(args: &[OsString]) -> i32 {
             hostname,
             user.as_ref(),
             &writable,
+            &shared,
             accept_listener.as_deref(),
+            report,
             command,
         ),
-        Ok(ForkResult::Parent { child }) => exit_code(wait_for(child)),
+        Ok(ForkResult::Parent { child }) => {
+            // Only PID 1 reports: the runner sees the pipe's end when PID 1 ends.
+            drop(report);
+            exit_code(wait_for(child))
+        }
     }
 }
 
@@ -146,7 +194,9 @@ fn init(
     hostname: &OsString,
     user: Option<&InvokingUser>,
     writable: &[CString],
+    shared: &[(CString, CString)],
     accept_listener: Option<&std::path::Path>,
+    report: Option<std::os::fd::OwnedFd>,
     command: &[OsString],
 ) -> ! {
     let die = |what: &str, e: nix::Error| -> ! {
@@ -173,7 +223,31 @@ fn init(
     if let Err(e) = mount(Some("proc"), "/proc", Some("proc"), flags, None::<&str>) {
         die("mount /proc for its PID namespace", e);
     }
-    if let Err(e) = read_only_host(writable) {
+    // Stop signals wait until the command has ended (see the module's docs); SIGCHLD
+    // too, for the wait on leftovers.
+    let mut held = SigSet::empty();
+    for sig in STOP_SIGNALS.iter().chain([&Signal::SIGCHLD]) {
+        held.add(*sig);
+    }
+    if let Err(e) = held.thread_block() {
+        die("block its stop signals", e);
+    }
+    for sig in STOP_SIGNALS {
+        // SAFETY: setting a disposition, no handler code. Blocked signals are queued
+        // whatever the disposition; the default one lets `sigwait` take them.
+        let _ = unsafe { signal(sig, SigHandler::SigDfl) };
+    }
+    let mut open: Vec<CString> = writable.to_vec();
+    for (source, target) in shared {
+        match share(source, target) {
+            Ok(()) => open.push(target.clone()),
+            Err(e) => eprintln!(
+                "sandrun: warning: host step: sharedPaths `{}` is not shared: {e}",
+                target.to_string_lossy()
+            ),
+        }
+    }
+    if let Err(e) = read_only_host(&open) {
         die("make the host's filesystems read-only", e);
     }
     // The working directory still points into the mounts as they were before: enter
@@ -191,10 +265,8 @@ fn init(
     let child = match unsafe { fork() } {
         Err(e) => die("start its command", e),
         Ok(ForkResult::Child) => {
-            for sig in STOP_SIGNALS {
-                // SAFETY: restoring the default disposition before exec.
-                let _ = unsafe { signal(sig, SigHandler::SigDfl) };
-            }
+            // The command starts with nothing blocked (the mask survives exec).
+            let _ = held.thread_unblock();
             // Before the switch to the user: loading a filter without no_new_privs
             // takes CAP_SYS_ADMIN.
             if let Some(path) = accept_listener {
@@ -231,15 +303,83 @@ fn init(
         }
         Ok(ForkResult::Parent { child }) => child,
     };
+    if let Some(fd) = &report {
+        // The command must not hold the runner's pipe open.
+        use std::os::fd::AsRawFd;
+        let cloexec = nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC);
+        let _ = nix::fcntl::fcntl(fd.as_raw_fd(), cloexec);
+    }
     // Reap every orphan of the namespace until the command itself ends.
-    loop {
+    let code = loop {
         match waitpid(None, None) {
-            Ok(status) if status.pid() == Some(child) => std::process::exit(exit_code(status)),
+            Ok(status) if status.pid() == Some(child) => break exit_code(status),
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => {}
             Err(_) => std::process::exit(125),
         }
+    };
+    if !reap_ended() {
+        // Nothing is left: the runner learns the status from this process's end.
+        std::process::exit(code);
     }
+    // The command left processes running: the step has ended all the same.
+    if let Some(fd) = report {
+        let _ = nix::unistd::write(&fd, &code.to_ne_bytes());
+    }
+    linger(&held, code)
+}
+
+/// Reaps whatever has ended; whether processes are left in the namespace.
+fn reap_ended() -> bool {
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => return true,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            // ECHILD: every process of the namespace has ended.
+            Err(_) => return false,
+        }
+    }
+}
+
+/// After the command: reap what it left until nothing is left (then exit with the
+/// command's code), passing a stop signal on to every process of the namespace.
+fn linger(held: &SigSet, code: i32) -> ! {
+    let mut stops = 0;
+    loop {
+        if !reap_ended() {
+            std::process::exit(code);
+        }
+        match held.wait() {
+            Ok(Signal::SIGCHLD) | Err(_) => {}
+            Ok(_) => {
+                let signal = if stops == 0 {
+                    Signal::SIGTERM
+                } else {
+                    Signal::SIGKILL
+                };
+                stops += 1;
+                // -1: every process of the namespace but this one.
+                let _ = nix::sys::signal::kill(Pid::from_raw(-1), signal);
+            }
+        }
+    }
+}
+
+/// Binds the stage's directory `source` over the host's `target` (which must be a
+/// directory there: a host step sees the host's filesystem, and sandrun does not
+/// create paths on it).
+fn share(source: &CString, target: &CString) -> nix::Result<()> {
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(target.to_bytes()));
+    if !path.is_dir() {
+        return Err(nix::errno::Errno::ENOENT);
+    }
+    mount(
+        Some(source.as_c_str()),
+        target.as_c_str(),
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
 }
 
 /// Sends the command's `accept` and `accept4` calls to the runner (`net::handoff`): a

@@ -27,10 +27,6 @@ pub struct ContainerLauncher {
     id_prefix: String,
     images: HashMap<String, ImageSpec>,
     zygote: Option<Arc<Zygote>>,
-    /// The stage's `sharedPaths`: a directory of the stage's state (host side) mounted
-    /// at each path (container side) in every container step, as Harness mounts one
-    /// volume per shared path into every step of the stage.
-    shared_paths: Vec<(PathBuf, String)>,
 }
 
 impl ContainerLauncher {
@@ -74,27 +70,7 @@ impl ContainerLauncher {
             id_prefix,
             images,
             zygote: None,
-            shared_paths: Vec::new(),
         }
-    }
-
-    /// Mount a directory of the stage's own at each of `paths` in every container step
-    /// (Harness's `sharedPaths`: empty when the stage starts, written by any step, seen
-    /// by every later one). Paths that are not absolute lie in the workspace, which every
-    /// step shares already.
-    pub fn with_shared_paths(mut self, paths: &[String]) -> std::io::Result<ContainerLauncher> {
-        use std::os::unix::fs::PermissionsExt;
-        for (i, path) in paths.iter().enumerate() {
-            if !path.starts_with('/') || path == "/" {
-                continue;
-            }
-            let dir = self.state_dir.join("shared").join(i.to_string());
-            std::fs::create_dir_all(&dir)?;
-            // Any user of any step may write there, as in Harness's emptyDir volumes.
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
-            self.shared_paths.push((dir, path.clone()));
-        }
-        Ok(self)
     }
 
     /// Starts helpers through `zygote` (no new exec of the binary per step) instead of
@@ -134,7 +110,8 @@ impl ContainerLauncher {
                 readonly: false,
             },
         ];
-        for (source, destination) in &self.shared_paths {
+        // Harness mounts one volume per shared path into every step of the stage.
+        for (source, destination) in spec.shared_paths {
             mounts.push(BindMount {
                 source: source.clone(),
                 destination: destination.clone(),
