@@ -293,8 +293,9 @@ pub struct ProcessGroup {
 impl ProcessGroup {
     /// Stops what is left in the group. A lingering host step's init gets SIGTERM (it
     /// passes it to every process of its step, see `sandbox::host_init`) and `grace`
-    /// to end, as a Background step does; then, as every group, SIGKILL.
-    pub async fn stop(self, grace: std::time::Duration) {
+    /// to end, as a Background step does, or until `hurry` (a second Ctrl-C); then, as
+    /// every group, SIGKILL.
+    pub async fn stop(self, grace: std::time::Duration, hurry: impl std::future::Future<Output = ()>) {
         let running = || matches!(crate::sys::wait_pidfd(&self.leader, false, false), Ok(None));
         if self.graceful && running() {
             let _ = killpg(Pid::from_raw(self.pgid as i32), Signal::SIGTERM);
@@ -302,7 +303,10 @@ impl ProcessGroup {
                 // SAFETY: the AsyncFd owns this duplicate until it is dropped below.
                 let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) };
                 if let Ok(fd) = fd {
-                    let _ = tokio::time::timeout(grace, fd.readable()).await;
+                    tokio::select! {
+                        _ = tokio::time::timeout(grace, fd.readable()) => {}
+                        _ = hurry => {}
+                    }
                 }
             }
         }

@@ -361,8 +361,9 @@ fn strategy_mistakes_are_named_with_their_line() {
         .assert_stderr("ci.yaml:28:24: `repeat.times` is `<+input>`");
 }
 
-/// Each instance of a looped Background step is a service of its own, on the same port
-/// in its own network namespace, reached by its instance identifier.
+/// Each instance of a looped Background step is a service of its own, reached by its
+/// instance identifier (host steps share the build machine, as on Harness's VM runner,
+/// so each instance listens on a port of its own).
 #[test]
 fn looped_services_are_reached_by_their_instance_names() {
     for mode in modes() {
@@ -379,7 +380,7 @@ fn looped_services_are_reached_by_their_instance_names() {
     strategy:
       parallelism: 2
     spec:
-      command: exec python3 -m http.server 8000 --directory srv<+strategy.iteration>
+      command: exec python3 -m http.server 800<+strategy.iteration> --directory srv<+strategy.iteration>
 - step:
     type: Run
     name: client
@@ -387,9 +388,9 @@ fn looped_services_are_reached_by_their_instance_names() {
     spec:
       shell: Bash
       command: |
-        for host in svc_0 svc_1; do
+        for i in 0 1; do
           n=0
-          until curl -sf http://$host:8000/who.txt; do
+          until curl -sf http://svc_$i:800$i/who.txt; do
             n=$((n + 1)); [ $n -lt 100 ] || exit 1; sleep 0.1
           done
         done

@@ -220,7 +220,10 @@ fn step_lines(out: &mut String, s: &StepPlan, label: &str, indent: usize) {
             }
         }
         None => {
-            let _ = writeln!(out, "{more}runs on the host (no image)");
+            let _ = writeln!(
+                out,
+                "{more}runs on the host (no image), on the stage's machine network shared by its host steps"
+            );
         }
     }
     match &s.process {

@@ -888,7 +888,7 @@ impl<'a> Executor<'a> {
     async fn stop_leftover_groups(&self) {
         let groups: Vec<ProcessGroup> = self.state.groups.lock().unwrap().drain(..).collect();
         let grace = self.ctx.options.grace;
-        join_all(groups.into_iter().map(|g| g.stop(grace))).await;
+        join_all(groups.into_iter().map(|g| g.stop(grace, hurry_token().cancelled()))).await;
     }
 }
 
