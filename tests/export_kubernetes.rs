@@ -1309,3 +1309,41 @@ fn a_stage_that_clones_its_codebase_says_the_workspace_starts_empty() {
     let text = export::kubernetes(&plan, &KubeOptions::default(), &KnownImages::new()).unwrap();
     assert!(!text.contains("cloneCodebase"), "{text}");
 }
+
+/// Every stage is a Pod of its own: a step that reads an earlier stage's outputs cannot
+/// have them.
+#[test]
+fn reading_another_stages_outputs_is_refused() {
+    let stage = |id: &str, steps: &str| {
+        format!(
+            "    - stage:\n        name: {id}\n        identifier: {id}\n        type: CI\n        spec:\n          infrastructure:\n            type: KubernetesDirect\n            spec:\n              connectorRef: k8s\n              namespace: ci\n          execution:\n            steps:\n{}",
+            steps
+                .lines()
+                .map(|l| format!("              {l}\n"))
+                .collect::<String>()
+        )
+    };
+    let text = format!(
+        "pipeline:\n  name: p\n  identifier: p\n  stages:\n{}{}",
+        stage(
+            "a",
+            &run_step("make", "alpine:3", "      outputVariables:\n        - name: V\n")
+        ),
+        stage(
+            "b",
+            &run_step(
+                "use",
+                "alpine:3",
+                "      envVariables:\n        V: <+pipeline.stages.a.spec.execution.steps.make.output.outputVariables.V>\n"
+            )
+        )
+    );
+    let plan = plan_text(&text);
+    let m = export::kubernetes(&plan, &KubeOptions::default(), &KnownImages::new())
+        .unwrap_err()
+        .to_string();
+    assert_refused(
+        &m,
+        &["stage `b`: step `use`: reads output variables of stage `a`: every stage is a Pod of its own, and outputs do not cross Pods"],
+    );
+}

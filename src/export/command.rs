@@ -28,7 +28,11 @@ pub enum ExportTarget {
     /// port) is refused with the reason; what it runs differently is said in comments
     /// at the top of the output. Secret values are never written: an env variable that
     /// is exactly `<+secrets.getValue("ID")>` is taken from a Kubernetes Secret, any
-    /// other use of a secret is refused. See docs/kubernetes.md.
+    /// other use of a secret is refused. An image built from a recipe
+    /// (`./images/NAME.yaml`) is named by the digest of the image `sandrun build` made
+    /// from it with its current lock (in the repository `--recipe-repository` maps it
+    /// to), with a comment saying to push it first and how; the export never builds.
+    /// See docs/kubernetes.md.
     #[command(name = "kubernetes", visible_alias = "k8s")]
     Kubernetes(KubernetesArgs),
 }
