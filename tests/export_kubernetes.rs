@@ -705,17 +705,23 @@ impl StandInApiServer {
             "/api" => json!({"kind": "APIVersions", "versions": ["v1"],
                 "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": addr.to_string()}]}),
             "/api/v1" => resources("v1", "pods", "Pod"),
-            "/apis" => json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [{"name": "batch",
+            "/apis" => {
+                json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [{"name": "batch",
                 "versions": [{"groupVersion": "batch/v1", "version": "v1"}],
-                "preferredVersion": {"groupVersion": "batch/v1", "version": "v1"}}]}),
+                "preferredVersion": {"groupVersion": "batch/v1", "version": "v1"}}]})
+            }
             "/apis/batch/v1" => resources("batch/v1", "jobs", "Job"),
             "/openapi/v3" => json!({"paths": {
                 "api/v1": {"serverRelativeURL": "/openapi/v3/api/v1?hash=1"},
                 "apis/batch/v1": {"serverRelativeURL": "/openapi/v3/apis/batch/v1?hash=1"}}}),
-            "/openapi/v3/api/v1" => patchable("/api/v1/namespaces/{namespace}/pods/{name}", "", "Pod"),
-            "/openapi/v3/apis/batch/v1" => {
-                patchable("/apis/batch/v1/namespaces/{namespace}/jobs/{name}", "batch", "Job")
+            "/openapi/v3/api/v1" => {
+                patchable("/api/v1/namespaces/{namespace}/pods/{name}", "", "Pod")
             }
+            "/openapi/v3/apis/batch/v1" => patchable(
+                "/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
+                "batch",
+                "Job",
+            ),
             _ => return None,
         })
     }
@@ -792,7 +798,9 @@ fn kubectl_create_client_dry_run_accepts_every_manifest() {
         "kubectl sent more than reads: {requests:?}"
     );
     assert!(
-        requests.iter().any(|r| r.starts_with("GET /openapi/v3/api")),
+        requests
+            .iter()
+            .any(|r| r.starts_with("GET /openapi/v3/api")),
         "kubectl did not ask whether the server validates fields: {requests:?}"
     );
 }
@@ -1345,5 +1353,48 @@ fn reading_another_stages_outputs_is_refused() {
     assert_refused(
         &m,
         &["stage `b`: step `use`: reads output variables of stage `a`: every stage is a Pod of its own, and outputs do not cross Pods"],
+    );
+}
+
+/// A recipe based on another recipe is found through its base, as `sandrun build` finds
+/// it: a change to the base is a change to the image.
+#[test]
+fn a_recipe_on_a_recipe_is_found_through_its_base() {
+    let ws = RecipeWorkspace::new();
+    std::fs::write(
+        ws.path("images/top.yaml"),
+        "name: top\ntag: \"2\"\nbase: ./echo.yaml\narchitecture: amd64\nfiles:\n  - {path: /etc/top, content: on top}\n",
+    )
+    .unwrap();
+    let pipeline = std::fs::read_to_string(ws.path("ci.yaml")).unwrap();
+    std::fs::write(
+        ws.path("ci.yaml"),
+        pipeline.replace("./images/echo.yaml", "./images/top.yaml"),
+    )
+    .unwrap();
+    let out = ws.run(&["build", "images/top.yaml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let built = String::from_utf8_lossy(&out.stdout);
+    let digest = built
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .unwrap();
+    let text = ws.export(&[]).unwrap();
+    assert_eq!(
+        images_of(&pod_of(&text))[0],
+        format!("localhost/top:2@{digest}")
+    );
+    let base = ws.path("images/echo.yaml");
+    let echo = std::fs::read_to_string(&base).unwrap();
+    std::fs::write(&base, echo.replace("built from a recipe", "changed")).unwrap();
+    let e = ws.export(&[]).unwrap_err();
+    assert!(
+        e.contains("localhost/echo:1 is not built from")
+            && e.contains("sandrun build ./images/top.yaml"),
+        "{e}"
     );
 }
