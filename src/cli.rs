@@ -498,10 +498,10 @@ fn export(
     let (_, mut plan) = load_and_plan(&input, true, Numbering::Peek)?;
     let pull = global.registry.pull_options()?;
     crate::run::images::resolve_sources(&mut plan, &pull)?;
-    let images = crate::export::command::known_images(&plan, &pull);
+    let (images, recipes) = crate::export::command::from_store(&plan, &pull);
     print!(
         "{}",
-        crate::export::kubernetes(&plan, &k.options(&plan)?, &images)?
+        crate::export::kubernetes(&plan, &k.options(&plan, recipes)?, &images)?
     );
     Ok(0)
 }

@@ -16,6 +16,8 @@
 //! kubernetes:
 //!   pull_secrets:                        # connector -> imagePullSecrets entry
 //!     account.harnessImage: regcred      # (for `sandrun export kubernetes`)
+//!   recipe_repositories:                 # image recipe name -> where it was pushed
+//!     postgres: registry.example.com/ci/postgres
 //! layer_size_limit: 8Gi   # bytes one image layer may write (default: proportional)
 //! ```
 //!
@@ -55,6 +57,10 @@ pub struct KubernetesConfig {
     /// Harness connector identifier -> name of the cluster's image pull Secret.
     #[serde(default)]
     pub pull_secrets: BTreeMap<String, String>,
+    /// Image recipe name (its `name:`) -> the registry repository its images are pushed
+    /// to, where the cluster pulls them by digest.
+    #[serde(default)]
+    pub recipe_repositories: BTreeMap<String, String>,
 }
 
 fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -170,10 +176,14 @@ mod tests {
     fn maps_connectors_to_pull_secrets() {
         let c = Config::parse(
             Path::new("c.yaml"),
-            "kubernetes:\n  pull_secrets:\n    account.img: regcred\n",
+            "kubernetes:\n  pull_secrets:\n    account.img: regcred\n  recipe_repositories:\n    pg: registry.example.com/ci/pg\n",
         )
         .unwrap();
         assert_eq!(c.kubernetes.pull_secrets["account.img"], "regcred");
+        assert_eq!(
+            c.kubernetes.recipe_repositories["pg"],
+            "registry.example.com/ci/pg"
+        );
         let e = Config::parse(Path::new("c.yaml"), "kubernetes: {pullSecrets: {}}\n").unwrap_err();
         assert!(e.to_string().contains("unknown field `pullSecrets`"), "{e}");
     }

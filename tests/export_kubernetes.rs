@@ -6,6 +6,8 @@
 //! export_kubernetes` rewrites them; review the diff by eye before committing.
 
 mod prereq;
+#[path = "support/registry.rs"]
+mod registry;
 mod support;
 
 use std::collections::BTreeMap;
@@ -553,50 +555,277 @@ fn the_command_refuses_with_exit_code_2_and_prints_nothing() {
     assert_eq!(job.metadata.namespace.as_deref(), Some("ci"));
 }
 
-/// kubectl's own Go types read every golden manifest and write it back field for field.
+/// kubectl 1.29 or later (the first whose Go types know native sidecars), when
+/// installed; a missing or older one fails the test under CI (tests/prereq).
+fn have_kubectl() -> bool {
+    let out = Command::new("kubectl")
+        .args(["version", "--client", "-o", "json"])
+        .output();
+    let minor = out.ok().filter(|o| o.status.success()).and_then(|o| {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        let minor = v["clientVersion"]["minor"].as_str()?;
+        let digits: String = minor.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u32>().ok()
+    });
+    prereq::require(
+        minor.is_some_and(|m| m >= 29),
+        format!(
+            "kubectl 1.29 or later (found: {}); Debian's kubernetes-client is 1.20, too old for native sidecars",
+            minor.map_or("none".to_string(), |m| format!("1.{m}"))
+        ),
+    )
+}
+
+/// What kubectl printed for `manifest`; its error names the manifest.
+fn kubectl(cmd: &mut Command, manifest: &Path) -> String {
+    let out = cmd.output().expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        manifest.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every golden manifest of `testdata/export/` (path, text).
+fn golden_manifests() -> Vec<(PathBuf, String)> {
+    let mut out: Vec<(PathBuf, String)> = std::fs::read_dir(root().join("testdata/export"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("yaml"))
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            (p, text)
+        })
+        .collect();
+    out.sort();
+    assert!(out.len() >= 5, "only {} golden manifests", out.len());
+    out
+}
+
+/// A stand-in for a Kubernetes API server on loopback, for `kubectl create
+/// --dry-run=client`, which cannot start without one: it serves what kubectl reads
+/// before a client dry run and nothing else, as static documents written here:
+/// - discovery (`/api`, `/api/v1`, `/apis`, `/apis/batch/v1`), listing Pods and Jobs,
+///   which kubectl needs to map each document's kind to a resource;
+/// - OpenAPI v3 (`/openapi/v3` and one document per group version) holding only the
+///   PATCH operations of Pods and Jobs with their `fieldValidation` parameter: every API
+///   server since 1.27 publishes it, and it is how kubectl learns that the server checks
+///   fields itself, so that (as against a real cluster) it runs no schema of its own.
 ///
-/// `kubectl create --dry-run=client` cannot run without a cluster: it asks the API
-/// server for its resource list first (and for its OpenAPI schema to validate).
-/// `kubectl set serviceaccount --local` decodes the file into kubectl's typed objects
-/// and encodes them again with no server at all; a field kubectl does not know, or of
-/// the wrong type, would be dropped or refused, so the round trip must give back the
-/// same object (plus the service account it set).
-///
-/// kubectl is optional for this suite: CI machines have no package source for a
-/// current kubectl (Debian's is 1.20), so without it this test says so and passes.
+/// Every other path is 404; every request is recorded, so the test can show that kubectl
+/// only read.
+struct StandInApiServer {
+    addr: std::net::SocketAddr,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StandInApiServer {
+    fn start() -> StandInApiServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (log, stopped) = (requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { continue };
+                Self::answer(&mut conn, addr, &log);
+            }
+        });
+        StandInApiServer {
+            addr,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn answer(
+        conn: &mut std::net::TcpStream,
+        addr: std::net::SocketAddr,
+        log: &std::sync::Mutex<Vec<String>>,
+    ) {
+        use std::io::{Read, Write};
+        let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+            match conn.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => return,
+            }
+        }
+        let head = String::from_utf8_lossy(&head);
+        let mut words = head.split_whitespace();
+        let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        log.lock().unwrap().push(format!("{method} {target}"));
+        let path = target.split('?').next().unwrap_or("");
+        let (status, body) = match (method, Self::document(path, addr)) {
+            ("GET", Some(doc)) => ("200 OK", doc.to_string()),
+            _ => (
+                "404 Not Found",
+                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})
+                    .to_string(),
+            ),
+        };
+        let _ = write!(
+            conn,
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+
+    fn document(path: &str, addr: std::net::SocketAddr) -> Option<serde_json::Value> {
+        use serde_json::json;
+        let verbs = json!(["create", "delete", "get", "list", "patch", "update", "watch"]);
+        let resources = |gv: &str, name: &str, kind: &str| {
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv,
+                "resources": [{"name": name, "singularName": kind.to_lowercase(),
+                    "namespaced": true, "kind": kind, "verbs": verbs}]})
+        };
+        // The PATCH of one object, as an API server's OpenAPI v3 describes it.
+        let patchable = |object_path: &str, group: &str, kind: &str| {
+            json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.33.0"},
+                "paths": {object_path: {"patch": {
+                    "x-kubernetes-group-version-kind": {"group": group, "version": "v1", "kind": kind},
+                    "parameters": [
+                        {"name": "dryRun", "in": "query", "schema": {"type": "string"}},
+                        {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "OK"}}}}}})
+        };
+        Some(match path {
+            "/api" => json!({"kind": "APIVersions", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": addr.to_string()}]}),
+            "/api/v1" => resources("v1", "pods", "Pod"),
+            "/apis" => {
+                json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [{"name": "batch",
+                "versions": [{"groupVersion": "batch/v1", "version": "v1"}],
+                "preferredVersion": {"groupVersion": "batch/v1", "version": "v1"}}]})
+            }
+            "/apis/batch/v1" => resources("batch/v1", "jobs", "Job"),
+            "/openapi/v3" => json!({"paths": {
+                "api/v1": {"serverRelativeURL": "/openapi/v3/api/v1?hash=1"},
+                "apis/batch/v1": {"serverRelativeURL": "/openapi/v3/apis/batch/v1?hash=1"}}}),
+            "/openapi/v3/api/v1" => {
+                patchable("/api/v1/namespaces/{namespace}/pods/{name}", "", "Pod")
+            }
+            "/openapi/v3/apis/batch/v1" => patchable(
+                "/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
+                "batch",
+                "Job",
+            ),
+            _ => return None,
+        })
+    }
+
+    /// A kubeconfig whose current context is this server (plain HTTP, no credentials).
+    fn kubeconfig(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: http://{}\ncontexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    namespace: sandrun-check\ncurrent-context: stand-in\nusers: []\n",
+                self.addr
+            ),
+        )
+        .unwrap();
+        path
+    }
+}
+
+impl Drop for StandInApiServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept loop so that it sees the flag.
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The check, `kubectl create --dry-run=client -o yaml -f FILE`, on every golden
+/// manifest, against the stand-in API server above: kubectl parses each document,
+/// checks it has an apiVersion and kind it can map (and no duplicate keys), resolves the
+/// kind through discovery, learns from OpenAPI v3 that the server would check fields
+/// itself, and prints the object without sending it. That is what the same command does
+/// against a real cluster. It does not check field names or types (a client dry run
+/// never does once the server validates fields): the next test does, through kubectl's
+/// Go types.
 #[test]
-fn kubectl_reads_every_manifest_back_unchanged() {
-    let have_kubectl = Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_kubectl {
-        eprintln!("skipped: kubectl is not installed (optional: see docs/kubernetes.md)");
+fn kubectl_create_client_dry_run_accepts_every_manifest() {
+    if !have_kubectl() {
+        return;
+    }
+    let server = StandInApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.kubeconfig(dir.path());
+    for (path, ours) in golden_manifests() {
+        let theirs = kubectl(
+            Command::new("kubectl")
+                .args(["create", "--dry-run=client", "-o", "yaml", "-f"])
+                .arg(&path)
+                .env("KUBECONFIG", &kubeconfig)
+                .env("HOME", dir.path()), // no discovery cache from an earlier run
+            &path,
+        );
+        let ours_docs = documents(&ours);
+        let theirs_docs: Vec<&str> = theirs.split("\n---\n").collect();
+        assert_eq!(ours_docs.len(), theirs_docs.len(), "{}", path.display());
+        for (o, t) in ours_docs.iter().zip(theirs_docs) {
+            let mut t: serde_yaml::Value = serde_yaml::from_str(t).unwrap();
+            // kubectl puts an object without a namespace in the context's namespace.
+            if let Some(meta) = t.get_mut("metadata").and_then(|m| m.as_mapping_mut()) {
+                if meta.get("namespace").and_then(|n| n.as_str()) == Some("sandrun-check") {
+                    meta.remove("namespace");
+                }
+            }
+            let o: serde_yaml::Value = serde_yaml::from_str(o).unwrap();
+            assert_eq!(normalize(o), normalize(t), "{}", path.display());
+        }
+    }
+    let requests = server.requests.lock().unwrap().clone();
+    assert!(
+        requests.iter().all(|r| r.starts_with("GET ")),
+        "kubectl sent more than reads: {requests:?}"
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.starts_with("GET /openapi/v3/api")),
+        "kubectl did not ask whether the server validates fields: {requests:?}"
+    );
+}
+
+/// kubectl's own Go types read every golden manifest and write it back field for field:
+/// `kubectl set serviceaccount --local` needs no server, decodes the file into kubectl's
+/// typed objects and encodes them again; a field kubectl does not know, or of the wrong
+/// type, would be dropped or refused, so the round trip must give back the same object
+/// (plus the service account it set).
+#[test]
+fn kubectl_go_types_read_every_manifest_back_unchanged() {
+    if !have_kubectl() {
         return;
     }
     let kubeconfig = tempfile::NamedTempFile::new().unwrap();
-    let dir = root().join("testdata/export");
     let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
-            continue;
-        }
-        let out = Command::new("kubectl")
-            .args(["set", "serviceaccount", "--local", "-o", "yaml", "-f"])
-            .arg(&path)
-            .arg("default")
-            .env("KUBECONFIG", kubeconfig.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
+    for (path, ours) in golden_manifests() {
+        let theirs = kubectl(
+            Command::new("kubectl")
+                .args(["set", "serviceaccount", "--local", "-o", "yaml", "-f"])
+                .arg(&path)
+                .arg("default")
+                .env("KUBECONFIG", kubeconfig.path()),
+            &path,
         );
-        let ours = std::fs::read_to_string(&path).unwrap();
-        let theirs = String::from_utf8(out.stdout).unwrap();
         let ours_docs = documents(&ours);
         // kubectl prints several objects as a v1 List.
         let theirs_docs: Vec<serde_yaml::Value> = if ours_docs.len() == 1 {
@@ -616,7 +845,7 @@ fn kubectl_reads_every_manifest_back_unchanged() {
             checked += 1;
         }
     }
-    assert!(checked >= 3, "only {checked} manifests checked");
+    assert!(checked >= 5, "only {checked} manifests checked");
 }
 
 /// Drop what kubectl adds or leaves out by itself: the service account it was asked to
@@ -835,33 +1064,198 @@ fn images_the_lock_file_pins_are_named_by_digest() {
     );
 }
 
-/// A recipe is built on this machine: the cluster cannot pull it from here.
+/// `testdata/pipelines/recipes/` (a pipeline whose steps use `./images/echo.yaml`, and
+/// that recipe with its lock) copied to a fresh workspace, with an empty store: `run`
+/// runs sandrun there, relative paths as a user types them.
+struct RecipeWorkspace {
+    dir: tempfile::TempDir,
+}
+
+impl RecipeWorkspace {
+    fn new() -> RecipeWorkspace {
+        let dir = tempfile::tempdir().unwrap();
+        let src = root().join("testdata/pipelines/recipes");
+        std::fs::create_dir_all(dir.path().join("ws/images")).unwrap();
+        for f in ["ci.yaml", "images/echo.yaml", "images/echo.lock"] {
+            std::fs::copy(src.join(f), dir.path().join("ws").join(f)).unwrap();
+        }
+        RecipeWorkspace { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join("ws").join(rel)
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(support::binary())
+            .args(args)
+            .current_dir(self.path(""))
+            .env("SANDRUN_CONFIG", "/dev/null")
+            .env("SANDRUN_HOME", self.dir.path().join("store"))
+            .env("NO_COLOR", "1")
+            .env_remove("SOURCE_DATE_EPOCH")
+            .output()
+            .unwrap()
+    }
+
+    /// `sandrun build images/echo.yaml`: the digest it prints.
+    fn build(&self) -> String {
+        let out = self.run(&["build", "images/echo.yaml"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.split_whitespace()
+            .find(|w| w.starts_with("sha256:"))
+            .unwrap_or_else(|| panic!("no digest in {text}"))
+            .to_string()
+    }
+
+    /// `sandrun export kubernetes ci.yaml ARGS`: its output, or its error.
+    fn export(&self, args: &[&str]) -> Result<String, String> {
+        let mut all = vec!["export", "kubernetes", "ci.yaml"];
+        all.extend(args);
+        let out = self.run(&all);
+        match out.status.code() {
+            Some(0) => Ok(String::from_utf8(out.stdout).unwrap()),
+            Some(2) if out.stdout.is_empty() => {
+                Err(String::from_utf8_lossy(&out.stderr).into_owned())
+            }
+            code => panic!(
+                "exit {code:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    }
+}
+
+/// The images of a Pod's sidecars and containers.
+fn images_of(spec: &PodSpec) -> Vec<String> {
+    (spec.init_containers.iter().flatten().skip(1))
+        .chain(&spec.containers)
+        .filter_map(|c| c.image.clone())
+        .collect()
+}
+
+/// A recipe's image is named by the digest of the image `sandrun build` made from the
+/// recipe and its lock (a reproducible build: the golden files hold that digest), in the
+/// repository the recipe's name is mapped to, else under the store's own name, with a
+/// comment saying to push it first and how.
 #[test]
-fn a_recipe_image_is_refused_with_how_to_publish_it() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("images")).unwrap();
-    std::fs::write(
-        dir.path().join("images/tools.yaml"),
-        "name: tools\npackages: [busybox-static]\n",
-    )
-    .unwrap();
-    let plan = plan_in(
-        &dir,
-        &support::stage(
-            support::KUBERNETES,
-            &run_step("recipe", "./images/tools.yaml", ""),
-        ),
+fn a_recipe_image_is_named_by_the_digest_of_its_build() {
+    let ws = RecipeWorkspace::new();
+    let digest = ws.build();
+    let text = ws.export(&[]).unwrap();
+    check_golden("recipes.yaml", &text);
+    let spec = pod_of(&text);
+    let local = format!("localhost/echo:1@{digest}");
+    assert_eq!(images_of(&spec), [local.clone(), local]);
+    assert!(
+        text.replace("\n#   ", " ").contains("no registry has it"),
+        "{text}"
     );
-    let e = match export::kubernetes(&plan, &KubeOptions::default(), &known_images()) {
-        Ok(text) => panic!("exported:\n{text}"),
-        Err(e) => e.to_string(),
-    };
+    // The image's own facts reach the export as a pulled image's do: its exposed port
+    // becomes the sidecar's startup probe.
+    let probe = spec.init_containers.as_ref().unwrap()[1]
+        .startup_probe
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        probe.tcp_socket.as_ref().unwrap().port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(7000)
+    );
+
+    let mapped = ws
+        .export(&["--recipe-repository", "echo=registry.example.com/ci/echo"])
+        .unwrap();
+    check_golden("recipes.mapped.yaml", &mapped);
+    let pushed = format!("registry.example.com/ci/echo:1@{digest}");
+    assert_eq!(images_of(&pod_of(&mapped)), [pushed.clone(), pushed]);
+    // A repository only: the export adds the recipe's tag and the digest.
+    let tagged = ws.run(&[
+        "export",
+        "kubernetes",
+        "ci.yaml",
+        "--recipe-repository",
+        "echo=registry.example.com/ci/echo:1",
+    ]);
+    assert!(!tagged.status.success());
+    let e = String::from_utf8_lossy(&tagged.stderr);
+    assert!(e.contains("echo=registry.example.com/ci/echo:1: give the repository only (registry.example.com/ci/echo), without a tag or digest"), "{e}");
+}
+
+/// The digest in the manifest is the one the registry has after the push the comment
+/// describes (`sandrun save`, `skopeo copy --preserve-digests`): the cluster pulls
+/// exactly what was built.
+#[test]
+fn a_pushed_recipe_image_has_the_digest_the_export_names() {
+    if !registry::tools_present() {
+        return;
+    }
+    let server = registry::Registry::start();
+    let ws = RecipeWorkspace::new();
+    ws.build();
+    let repository = format!("{}/ci/echo", server.addr);
+    let text = ws
+        .export(&["--recipe-repository", &format!("echo={repository}")])
+        .unwrap();
+    let image = images_of(&pod_of(&text)).remove(0);
+    let archive = ws.path("echo.tar");
+    let saved = ws.run(&["save", "-o", archive.to_str().unwrap(), "localhost/echo:1"]);
+    assert!(
+        saved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&saved.stderr)
+    );
+    registry::run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        &format!("oci-archive:{}:localhost/echo:1", archive.display()),
+        &format!("docker://{repository}:1"),
+    ]));
+    let inspected = registry::run(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        "--format",
+        "{{.Digest}}",
+        &format!("docker://{repository}:1"),
+    ]));
+    assert_eq!(image, format!("{repository}:1@{}", inspected.trim()));
+}
+
+/// The export never builds: a recipe whose image is not in the store as the recipe and
+/// lock now say is refused, naming the command that builds it.
+#[test]
+fn a_recipe_not_built_as_it_now_is_is_refused_naming_the_build_command() {
+    let ws = RecipeWorkspace::new();
+    let e = ws.export(&[]).unwrap_err();
+    assert!(e.contains("sandrun's store is empty"), "{e}");
+    ws.build();
+    // Changed since it was built: the image in the store is not the recipe's any more.
+    let recipe = ws.path("images/echo.yaml");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    std::fs::write(&recipe, text.replace("built from a recipe", "changed")).unwrap();
+    let e = ws.export(&[]).unwrap_err();
     assert_refused(
-        &e,
+        e.trim_end(),
         &[
-            "step `recipe`: image `./images/tools.yaml` is a recipe, built on this machine",
-            "push it to a registry the cluster can reach",
+            "ci.yaml:22:17: step `echo`: image `./images/echo.yaml` is a recipe whose image is not in sandrun's store (localhost/echo:1 is not built from ",
+            "and its lock as they are now)",
+            "build it with `sandrun build ./images/echo.yaml`",
+            "step `check`:",
         ],
+    );
+    // A lock that no longer fits the recipe.
+    std::fs::write(&recipe, format!("{text}packages: [busybox-static]\n")).unwrap();
+    let e = ws.export(&[]).unwrap_err();
+    assert!(
+        e.contains("images/echo.lock is stale: the recipe's packages changed"),
+        "{e}"
     );
 }
 
@@ -904,5 +1298,103 @@ fn stage_when_and_parallel_stages_are_noted() {
     assert!(
         out.contains("Harness runs this stage only after an earlier stage failed"),
         "{out}"
+    );
+}
+
+/// Harness clones the codebase into the workspace; the export cannot (it has no
+/// connector credentials) and says so rather than exporting an empty workspace silently.
+#[test]
+fn a_stage_that_clones_its_codebase_says_the_workspace_starts_empty() {
+    let infra = format!("    cloneCodebase: true\n{}", support::KUBERNETES);
+    let plan = plan_stage(&infra, &run_step("build", "alpine:3", ""));
+    let text = export::kubernetes(&plan, &KubeOptions::default(), &KnownImages::new()).unwrap();
+    assert!(
+        text.replace("\n#   ", " ")
+            .contains("cloneCodebase: true): Harness clones the repository into /harness"),
+        "{text}"
+    );
+    let plan = plan_stage(support::KUBERNETES, &run_step("build", "alpine:3", ""));
+    let text = export::kubernetes(&plan, &KubeOptions::default(), &KnownImages::new()).unwrap();
+    assert!(!text.contains("cloneCodebase"), "{text}");
+}
+
+/// Every stage is a Pod of its own: a step that reads an earlier stage's outputs cannot
+/// have them.
+#[test]
+fn reading_another_stages_outputs_is_refused() {
+    let stage = |id: &str, steps: &str| {
+        format!(
+            "    - stage:\n        name: {id}\n        identifier: {id}\n        type: CI\n        spec:\n          infrastructure:\n            type: KubernetesDirect\n            spec:\n              connectorRef: k8s\n              namespace: ci\n          execution:\n            steps:\n{}",
+            steps
+                .lines()
+                .map(|l| format!("              {l}\n"))
+                .collect::<String>()
+        )
+    };
+    let text = format!(
+        "pipeline:\n  name: p\n  identifier: p\n  stages:\n{}{}",
+        stage(
+            "a",
+            &run_step("make", "alpine:3", "      outputVariables:\n        - name: V\n")
+        ),
+        stage(
+            "b",
+            &run_step(
+                "use",
+                "alpine:3",
+                "      envVariables:\n        V: <+pipeline.stages.a.spec.execution.steps.make.output.outputVariables.V>\n"
+            )
+        )
+    );
+    let plan = plan_text(&text);
+    let m = export::kubernetes(&plan, &KubeOptions::default(), &KnownImages::new())
+        .unwrap_err()
+        .to_string();
+    assert_refused(
+        &m,
+        &["stage `b`: step `use`: reads output variables of stage `a`: every stage is a Pod of its own, and outputs do not cross Pods"],
+    );
+}
+
+/// A recipe based on another recipe is found through its base, as `sandrun build` finds
+/// it: a change to the base is a change to the image.
+#[test]
+fn a_recipe_on_a_recipe_is_found_through_its_base() {
+    let ws = RecipeWorkspace::new();
+    std::fs::write(
+        ws.path("images/top.yaml"),
+        "name: top\ntag: \"2\"\nbase: ./echo.yaml\narchitecture: amd64\nfiles:\n  - {path: /etc/top, content: on top}\n",
+    )
+    .unwrap();
+    let pipeline = std::fs::read_to_string(ws.path("ci.yaml")).unwrap();
+    std::fs::write(
+        ws.path("ci.yaml"),
+        pipeline.replace("./images/echo.yaml", "./images/top.yaml"),
+    )
+    .unwrap();
+    let out = ws.run(&["build", "images/top.yaml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let built = String::from_utf8_lossy(&out.stdout);
+    let digest = built
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .unwrap();
+    let text = ws.export(&[]).unwrap();
+    assert_eq!(
+        images_of(&pod_of(&text))[0],
+        format!("localhost/top:2@{digest}")
+    );
+    let base = ws.path("images/echo.yaml");
+    let echo = std::fs::read_to_string(&base).unwrap();
+    std::fs::write(&base, echo.replace("built from a recipe", "changed")).unwrap();
+    let e = ws.export(&[]).unwrap_err();
+    assert!(
+        e.contains("localhost/echo:1 is not built from")
+            && e.contains("sandrun build ./images/top.yaml"),
+        "{e}"
     );
 }

@@ -58,6 +58,26 @@ pub struct KubeOptions {
     pub pins: BTreeMap<String, String>,
     /// The lock file they come from, for the comment that says so.
     pub lock_file: Option<std::path::PathBuf>,
+    /// Image recipe name -> the registry repository its image was pushed to.
+    pub recipe_repositories: BTreeMap<String, String>,
+    /// What sandrun's store holds for each image recipe, by `ImagePlan::source`.
+    pub recipes: BTreeMap<String, RecipeImage>,
+}
+
+/// The image built from a recipe (`image: ./images/NAME.yaml`), as sandrun's store has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecipeImage {
+    /// Built from the recipe and its lock as they are now.
+    Built {
+        /// The recipe's `name` and `tag`: the store names the image `localhost/NAME:TAG`.
+        name: String,
+        tag: String,
+        /// Its manifest digest: what `sandrun save` writes and a push that keeps digests
+        /// (`skopeo copy --preserve-digests`) gives the registry.
+        digest: String,
+    },
+    /// Not in the store as the recipe and its lock now say: why.
+    NotBuilt(String),
 }
 
 impl Default for KubeOptions {
@@ -69,6 +89,8 @@ impl Default for KubeOptions {
             helper_image: DEFAULT_HELPER_IMAGE.into(),
             pins: BTreeMap::new(),
             lock_file: None,
+            recipe_repositories: BTreeMap::new(),
+            recipes: BTreeMap::new(),
         }
     }
 }
@@ -300,6 +322,7 @@ impl StageBuilder<'_, '_> {
     fn refuse(&mut self, step: &StepPlan, message: impl Into<String>) {
         self.refusals.push(Refusal {
             loc: step.loc.to_string(),
+            stage: (self.plan.stages.len() > 1).then(|| self.stage.identifier.clone()),
             step: Some(step.key.clone()),
             message: message.into(),
         });
@@ -357,6 +380,14 @@ impl StageBuilder<'_, '_> {
             sequence::STATE_DIR
         ));
 
+        if stage.clone_codebase {
+            self.notes.push(format!(
+                "The stage clones its codebase (cloneCodebase: true): Harness clones the \
+                 repository into {WORKSPACE} before the first step, with the codebase \
+                 connector's credentials, which the export does not have; here {WORKSPACE} \
+                 starts empty: clone it in the first step."
+            ));
+        }
         let mut names = Names::default();
         let mut sidecars = Vec::new();
         let mut containers = Vec::new();
@@ -469,6 +500,7 @@ impl StageBuilder<'_, '_> {
                     .first()
                     .map(|s| s.loc.to_string())
                     .unwrap_or_else(|| self.plan.source.display().to_string()),
+                stage: None,
                 step: None,
                 message: format!(
                     "stage `{}` has no Run or Plugin step: a Pod needs at least one container besides its sidecars",
@@ -537,16 +569,11 @@ impl StageBuilder<'_, '_> {
             self.refuse(step, format!("its image {problem}"));
             return None;
         }
-        if is_recipe(&image.reference) {
-            self.refuse(
-                step,
-                format!(
-                    "image `{}` is a recipe, built on this machine: the cluster cannot pull it from here; build it, push it to a registry the cluster can reach, and name it there by digest",
-                    image.reference
-                ),
-            );
-            return None;
-        }
+        let image_name = if crate::recipe::is_recipe_reference(&image.reference) {
+            self.recipe_image(step, &image.reference, &image.source)?
+        } else {
+            self.image_name(&image.source)
+        };
         let run_as_user = match &step.run_as_user {
             None => None,
             Some(u) => {
@@ -601,7 +628,7 @@ impl StageBuilder<'_, '_> {
         }
         let mut c = Container {
             name: names.claim(&step.key),
-            image: Some(self.image_name(&image.source)),
+            image: Some(image_name),
             image_pull_policy: Some(
                 match image.pull_policy {
                     PullPolicy::Always => "Always",
@@ -645,6 +672,62 @@ impl StageBuilder<'_, '_> {
             }
             _ => source.to_string(),
         }
+    }
+
+    /// The image of a recipe step, by the digest of the image sandrun built from the
+    /// recipe with its current lock: in the repository mapped to the recipe's name, else
+    /// under the store's own name, with a note saying to push it first and how.
+    ///
+    /// An image not built yet is refused rather than built: the export only reads the
+    /// plan and the store (as it does for a Plugin step's entrypoint, it never pulls or
+    /// builds), its output goes straight to `kubectl apply`, and a build may download
+    /// packages for minutes. The image has to be built and pushed before the cluster can
+    /// pull it anyway, so the refusal names the command that comes first.
+    fn recipe_image(&mut self, step: &StepPlan, reference: &str, source: &str) -> Option<String> {
+        let opts = self.opts;
+        let (name, tag, digest) = match opts.recipes.get(source) {
+            Some(RecipeImage::Built { name, tag, digest }) => (name, tag, digest),
+            other => {
+                let why = match other {
+                    Some(RecipeImage::NotBuilt(why)) => why.as_str(),
+                    _ => "sandrun's store was not searched",
+                };
+                self.refuse(
+                    step,
+                    format!(
+                        "image `{reference}` is a recipe whose image is not in sandrun's store ({why}); the export names it by that image's digest and never builds it: build it with `sandrun build {reference}`, export again and push the image as the comments of the output say"
+                    ),
+                );
+                return None;
+            }
+        };
+        let local = format!("localhost/{name}:{tag}");
+        let archive = format!("{name}.tar");
+        let push = |dest: &str| {
+            format!(
+                "sandrun save -o {archive} {local} && skopeo copy --preserve-digests oci-archive:{archive}:{local} docker://{dest}:{tag}"
+            )
+        };
+        let (repository, note) = match opts.recipe_repositories.get(name) {
+            Some(repository) => (
+                repository.clone(),
+                format!(
+                    "Image recipe `{name}` ({reference}) is named {repository}:{tag} by the digest of the image sandrun built from it with its current lock ({local}). Push it there first, keeping that digest: {}",
+                    push(repository)
+                ),
+            ),
+            None => (
+                format!("localhost/{name}"),
+                format!(
+                    "Image recipe `{name}` ({reference}) is named as sandrun's store names it, {local}, by the digest of the image built from it with its current lock: no registry has it, so the cluster cannot pull it yet. Push it first, keeping that digest: {}; then name the repository with --recipe-repository {name}=REGISTRY/REPOSITORY (or `kubernetes: recipe_repositories:` in sandrun's config file) and export again.",
+                    push("REGISTRY/REPOSITORY")
+                ),
+            ),
+        };
+        if !self.notes.contains(&note) {
+            self.notes.push(note);
+        }
+        Some(format!("{repository}:{tag}@{digest}"))
     }
 
     /// An environment variable from the Kubernetes Secret that stands for a Harness
@@ -1031,15 +1114,6 @@ fn mount(volume: &str, path: &str) -> VolumeMount {
         mount_path: path.into(),
         ..Default::default()
     }
-}
-
-/// `image: ./images/NAME.yaml` and the like: a recipe, not a registry reference.
-fn is_recipe(reference: &str) -> bool {
-    reference.starts_with("./")
-        || reference.starts_with("../")
-        || reference.starts_with('/')
-        || reference.ends_with(".yaml")
-        || reference.ends_with(".yml")
 }
 
 /// Why a value cannot go into a manifest: the plan holds a placeholder (the export

@@ -15,7 +15,7 @@ mod kubernetes;
 mod sequence;
 
 pub use kubernetes::{
-    kubernetes, manifests, ImageFacts, KnownImages, KubeOptions, Manifest, Workload,
+    kubernetes, manifests, ImageFacts, KnownImages, KubeOptions, Manifest, RecipeImage, Workload,
     DEFAULT_HELPER_IMAGE,
 };
 
@@ -68,6 +68,9 @@ fn holds_secret(value: &str) -> bool {
 pub struct Refusal {
     /// `file:line:col` of the step (or stage).
     pub loc: String,
+    /// The stage's identifier, when the plan has several (a looped stage's instances
+    /// share their steps' lines).
+    pub stage: Option<String>,
     /// The step's key, when a step is refused.
     pub step: Option<String>,
     pub message: String,
@@ -75,9 +78,13 @@ pub struct Refusal {
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: ", self.loc)?;
+        if let Some(stage) = &self.stage {
+            write!(f, "stage `{stage}`: ")?;
+        }
         match &self.step {
-            Some(s) => write!(f, "{}: step `{s}`: {}", self.loc, self.message),
-            None => write!(f, "{}: {}", self.loc, self.message),
+            Some(s) => write!(f, "step `{s}`: {}", self.message),
+            None => write!(f, "{}", self.message),
         }
     }
 }

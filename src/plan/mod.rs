@@ -68,6 +68,9 @@ pub struct StagePlan {
     pub net: Option<NetworkPlan>,
     /// `sharedPaths`: directories every container step of the stage shares.
     pub shared_paths: Vec<String>,
+    /// `cloneCodebase`: Harness clones the repository into the workspace before the
+    /// first step; locally the workspace already is the codebase.
+    pub clone_codebase: bool,
     /// Things the pipeline asks for that this run cannot honour in full, said before
     /// anything starts (`file:line:col: what`).
     pub warnings: Vec<String>,

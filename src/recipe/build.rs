@@ -383,48 +383,15 @@ fn prepare(
     let clamp = source_date_epoch();
     let epoch = clamp.unwrap_or(lock.source_date_epoch.max(0) as u64);
 
-    // The cache key: everything the image is made from.
-    let mut h = Sha256::new();
-    for part in [
-        LAYER_FORMAT.as_bytes(),
-        recipe.text.as_bytes(),
-        lock.to_yaml().as_bytes(),
-        base.map(|b| b.manifest_digest.as_str())
-            .unwrap_or("")
-            .as_bytes(),
-        clamp.map(|c| c.to_string()).unwrap_or_default().as_bytes(),
-    ] {
-        h.update((part.len() as u64).to_le_bytes());
-        h.update(part);
-    }
-    for (path, entries) in &host_files {
-        h.update(path.as_bytes());
-        for e in entries {
-            h.update(e.path.as_bytes());
-            if let Kind::File(d) = &e.kind {
-                h.update(Sha256::digest(d));
-            }
-        }
-    }
-    let key = hex::encode(h.finalize());
+    let key = cache_key(&recipe, &lock, base, &host_files, clamp);
     let reference = recipe.reference();
-    // Built before: remembered in this store, or carried here by `save`/`load` (the
-    // manifest names the recipe digest it was built from).
-    if let Some(image) = store.get(&reference, &PullOptions::default())? {
-        let built_from = || -> Option<String> {
-            let m = store.manifest(&image.manifest_digest).ok()?;
-            m.annotations().as_ref()?.get(RECIPE_ANNOTATION).cloned()
-        };
-        if remembered(store, &key).as_deref() == Some(image.manifest_digest.as_str())
-            || built_from().as_deref() == Some(format!("sha256:{key}").as_str())
-        {
-            notes.extend(archives.take_notes());
-            return Ok(Prepared {
-                key,
-                outcome: Outcome::Cached(image),
-                notes,
-            });
-        }
+    if let Some(image) = cached(store, &reference, &key)? {
+        notes.extend(archives.take_notes());
+        return Ok(Prepared {
+            key,
+            outcome: Outcome::Cached(image),
+            notes,
+        });
     }
 
     // Package layers, built by as many workers as there are CPUs.
@@ -503,6 +470,132 @@ fn prepare(
         },
         notes,
     })
+}
+
+/// The cache key of an image: the digest of everything it is made from.
+fn cache_key(
+    recipe: &Recipe,
+    lock: &RecipeLock,
+    base: Option<&Image>,
+    host_files: &[(String, Vec<Entry>)],
+    clamp: Option<u64>,
+) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        LAYER_FORMAT.as_bytes(),
+        recipe.text.as_bytes(),
+        lock.to_yaml().as_bytes(),
+        base.map(|b| b.manifest_digest.as_str())
+            .unwrap_or("")
+            .as_bytes(),
+        clamp.map(|c| c.to_string()).unwrap_or_default().as_bytes(),
+    ] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    for (path, entries) in host_files {
+        h.update(path.as_bytes());
+        for e in entries {
+            h.update(e.path.as_bytes());
+            if let Kind::File(d) = &e.kind {
+                h.update(Sha256::digest(d));
+            }
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+/// The image named `reference` when it was built from `key`: remembered in this store,
+/// or carried here by `save`/`load` (its manifest names the recipe digest it was built
+/// from).
+fn cached(store: &Store, reference: &str, key: &str) -> Result<Option<Image>, RecipeError> {
+    let Some(image) = store.get(reference, &PullOptions::default())? else {
+        return Ok(None);
+    };
+    let built_from = || -> Option<String> {
+        let m = store.manifest(&image.manifest_digest).ok()?;
+        m.annotations().as_ref()?.get(RECIPE_ANNOTATION).cloned()
+    };
+    let hit = remembered(store, key).as_deref() == Some(image.manifest_digest.as_str())
+        || built_from().as_deref() == Some(format!("sha256:{key}").as_str());
+    Ok(hit.then_some(image))
+}
+
+/// What the store holds for a recipe, looked up without building anything.
+#[derive(Clone, Debug)]
+pub enum Lookup {
+    /// Built from the recipe, its lock and its base as they are now; the store names it
+    /// `localhost/NAME:TAG` after the recipe's `name` and `tag`.
+    Built {
+        name: String,
+        tag: String,
+        image: Image,
+    },
+    /// Not in the store as the files now say: why, as a clause ("its lock ... is stale").
+    Missing(String),
+}
+
+/// The image that `build` would give for the recipe at `path` (and the recipes it is
+/// based on), if the store already has it: found exactly as `build` finds it, by the
+/// digest of recipe, lock, host files and base, but with no lock written, no index
+/// read, nothing built and no network. For those who must name an image without
+/// making it (`sandrun export`).
+pub fn find_built(store: &Store, path: &Path) -> Result<Lookup, RecipeError> {
+    let offline = PullOptions {
+        offline: true,
+        ..Default::default()
+    };
+    let clamp = source_date_epoch();
+    let mut base: Option<Image> = None;
+    let mut found = None;
+    for recipe in load_chain(path)?.into_iter().rev() {
+        if let Base::Image(reference) = &recipe.base {
+            match store.get(reference, &offline)? {
+                Some(image) => base = Some(image),
+                None => {
+                    return Ok(Lookup::Missing(format!(
+                        "the base image {reference} of {} is not in the store",
+                        recipe.path.display()
+                    )))
+                }
+            }
+        }
+        let lock_file = lock_path(&recipe.path);
+        if !lock_file.is_file() {
+            return Ok(Lookup::Missing(format!(
+                "{} has no lock file ({})",
+                recipe.path.display(),
+                lock_file.display()
+            )));
+        }
+        let lock = RecipeLock::read(&lock_file)?;
+        if let Some(why) = stale(&recipe, &lock) {
+            return Ok(Lookup::Missing(format!(
+                "its lock {} is stale: {why}",
+                lock_file.display()
+            )));
+        }
+        let host_files = read_host_files(&recipe)?;
+        let key = cache_key(&recipe, &lock, base.as_ref(), &host_files, clamp);
+        let reference = recipe.reference();
+        match cached(store, &reference, &key)? {
+            Some(image) => {
+                base = Some(image.clone());
+                found = Some(Lookup::Built {
+                    name: recipe.name.clone(),
+                    tag: recipe.tag.clone(),
+                    image,
+                });
+            }
+            None => {
+                return Ok(Lookup::Missing(format!(
+                    "{reference} is not built from {} and its lock as they are now",
+                    recipe.path.display()
+                )))
+            }
+        }
+    }
+    Ok(found.expect("a chain has at least one recipe"))
 }
 
 fn package_layers(

@@ -27,7 +27,9 @@ mod version;
 
 use std::path::Path;
 
-pub use build::{build, lock, lock_if_needed, BuildOptions, Built, SBOM_ANNOTATION};
+pub use build::{
+    build, find_built, lock, lock_if_needed, BuildOptions, Built, Lookup, SBOM_ANNOTATION,
+};
 pub use error::{Loc, RecipeError};
 pub use lockfile::{lock_path, RecipeLock};
 

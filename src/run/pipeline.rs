@@ -312,6 +312,7 @@ mod tests {
             },
             net: None,
             shared_paths: Vec::new(),
+            clone_codebase: false,
             warnings: Vec::new(),
             timeout: None,
             nodes: Vec::new(),
