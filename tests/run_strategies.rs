@@ -303,6 +303,39 @@ fn a_stage_strategy_makes_stages_of_their_own() {
     }
 }
 
+fn testdata(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/pipelines")
+        .join(name);
+    std::fs::read_to_string(path).unwrap()
+}
+
+/// Three stage instances, at most two at once: the first two overlap, the third
+/// starts only once one of them has ended (the pipeline's steps check both).
+#[test]
+fn stage_matrix_max_concurrency_caps_the_stages_running_at_once() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write("ci.yaml", &testdata("stage-matrix-max-concurrency.yaml"));
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0)
+            .assert_stdout("built amd64 as build_0")
+            .assert_stdout("built riscv64 as build_2");
+        let seen = |i: usize| -> usize {
+            let path = sb.workspace().join(format!("marks/seen/{i}"));
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), r.all()));
+            text.trim().parse().unwrap()
+        };
+        for i in 0..3 {
+            assert!((1..=2).contains(&seen(i)), "instance {i}\n{}", r.all());
+        }
+        sb.run(["plan", "ci.yaml"])
+            .assert_code(0)
+            .assert_stdout("instance 3 of 3 of matrix `build` (at most 2 at once)");
+    }
+}
+
 #[test]
 fn plan_shows_the_instances_of_the_corpus_examples() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/pipelines");

@@ -839,8 +839,8 @@ impl<'e> Parser<'e> {
     }
 
     /// The instances of a stage with a `strategy`, in `out`. As on Harness they run at
-    /// the same time (a `parallel` block of their own, or the block they sit in); with
-    /// a `maxConcurrency` below their number they run one after the other.
+    /// the same time (a `parallel` block of their own, or the block they sit in), at
+    /// most `maxConcurrency` at once (the runner keeps that cap).
     fn looped_stages(&mut self, node: &Node, key: Pos, out: &mut Vec<Stage>, block: Option<usize>) {
         let Some(st) = self.read_strategy(node) else {
             // Still check the rest of the stage.
@@ -853,11 +853,10 @@ impl<'e> Parser<'e> {
             .unwrap_or_default()
             .to_string();
         let count = st.instances.len();
-        let together = st.max_concurrency.is_none_or(|m| m >= count);
-        let own_block = together.then_some(out.len());
+        let own_block = out.len();
         let stages = self.instances(node, &st, Level::Stage, |p, copy| p.stage(copy, key));
         for (index, mut stage) in stages.into_iter().enumerate() {
-            stage.parallel = block.or(own_block);
+            stage.parallel = block.or(Some(own_block));
             stage.instance = Some(StageInstance {
                 of: of.clone(),
                 kind: st.kind,

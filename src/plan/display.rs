@@ -43,17 +43,10 @@ pub fn render(plan: &Plan) -> String {
                 i.kind,
                 i.of
             );
-            match (i.max_concurrency, stage.parallel) {
-                (Some(n), None) => {
-                    let _ = writeln!(
-                        out,
-                        " (maxConcurrency {n}: the instances run one after the other here)"
-                    );
-                }
-                _ => {
-                    let _ = writeln!(out);
-                }
-            }
+            let _ = match i.max_concurrency.filter(|&n| n < i.count) {
+                Some(n) => writeln!(out, " (at most {n} at once)"),
+                None => writeln!(out),
+            };
         }
         if let Some(t) = &stage.template {
             let _ = writeln!(out, "  from {t}");
