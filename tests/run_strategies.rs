@@ -5,7 +5,7 @@
 mod prereq;
 mod support;
 
-use support::{modes, Sandbox};
+use support::{modes, testdata, Sandbox};
 
 fn stage(steps: &str) -> String {
     support::stage(support::DOCKER, steps)
@@ -301,13 +301,6 @@ fn a_stage_strategy_makes_stages_of_their_own() {
             .assert_stdout("instance 2 of 2 of matrix `build`");
         assert!(!r.stdout.contains("Stage `after`"), "{}", r.all());
     }
-}
-
-fn testdata(name: &str) -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata/pipelines")
-        .join(name);
-    std::fs::read_to_string(path).unwrap()
 }
 
 /// Three stage instances, at most two at once: the first two overlap, the third
