@@ -93,7 +93,10 @@ pub async fn run_pipeline(
             } else {
                 ctx.events.clone()
             };
-            let cap = stage.instance.as_ref().and_then(|i| caps.get(i.of.as_str()));
+            let cap = stage
+                .instance
+                .as_ref()
+                .and_then(|i| caps.get(i.of.as_str()));
             async move {
                 // The semaphore is fair: waiting instances start in their order.
                 let _permit = match cap {
