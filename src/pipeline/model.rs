@@ -76,6 +76,8 @@ pub struct PipelineInfo {
     pub variables: Vec<Variable>,
     /// Pipeline-level `timeout`.
     pub timeout: Option<Timeout>,
+    /// Set when the pipeline comes from a pipeline template.
+    pub template: Option<TemplateOrigin>,
     pub loc: Location,
 }
 
@@ -125,7 +127,7 @@ pub enum LoopKind {
     Repeat,
 }
 
-/// The template a stage, step group or step was inlined from.
+/// The template a pipeline, stage, step group or step was inlined from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TemplateOrigin {
     /// `templateRef` as written (`account.build`, `org.build`, `build`).

@@ -5,7 +5,7 @@
 //! that place: unknown ones are errors (with a did-you-mean), fields that cannot change
 //! a local run (tags, org/project ids, notification rules, delegate selectors, caching
 //! switches...) are accepted and dropped, and fields that would change the run but that
-//! sandrun cannot honour (rollback actions, pipeline templates...) are "unsupported"
+//! sandrun cannot honour (rollback actions, template variables...) are "unsupported"
 //! errors. Nothing is silently ignored. Parsing continues after an error so that one
 //! pass reports as many mistakes as possible.
 //!
@@ -764,7 +764,7 @@ impl<'e> Parser<'e> {
         let f = Fields { what, ..f };
         self.check_fields(
             &f,
-            &["identifier", "name", "stages", "variables", "timeout"],
+            &["identifier", "name", "stages", "variables", "timeout", "template"],
             &[
                 "description",
                 "tags",
@@ -778,11 +778,12 @@ impl<'e> Parser<'e> {
                 "flowControl",
                 "labels",
             ],
-            &[(
-                "template",
-                "pipeline templates live on Harness; inline the pipeline",
-            )],
+            &[],
         );
+        if f.get("template").is_some() {
+            // A template reference left in place: why was reported when inlining.
+            return None;
+        }
         let name = self
             .opt_string(&f, "name")
             .unwrap_or_else(|| identifier.clone());
@@ -800,6 +801,7 @@ impl<'e> Parser<'e> {
             name,
             variables,
             timeout,
+            template: self.origins.get(&node.pos).cloned(),
             loc: self.loc(node.pos),
         };
         Some((info, stages))

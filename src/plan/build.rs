@@ -234,6 +234,7 @@ impl<'a> Builder<'a> {
         let pipeline = self.file.pipeline.as_ref().map(|p| PipelineName {
             identifier: p.identifier.clone(),
             name: p.name.clone(),
+            template: p.template.as_ref().map(ToString::to_string),
         });
         self.unanswered_server_inputs();
         if let Some(p) = &self.file.pipeline {

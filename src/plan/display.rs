@@ -16,6 +16,9 @@ pub fn render(plan: &Plan) -> String {
                 p.name,
                 plan.source.display()
             );
+            if let Some(t) = &p.template {
+                let _ = writeln!(out, "  from {t}");
+            }
         }
         None => {
             let _ = writeln!(out, "Stage file {}", plan.source.display());
