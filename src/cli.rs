@@ -366,17 +366,23 @@ fn load_and_plan(
         .canonicalize()
         .with_context(|| format!("workspace {}", workspace.display()))?;
     let templates = pipeline::TemplateSearch::for_pipeline(&path, &workspace, &input.templates);
-    let file = pipeline::load_with(&path, &templates).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut secrets: BTreeMap<String, String> = BTreeMap::new();
-    if let Some(f) = &input.secrets_file {
-        secrets.extend(read_secrets_file(f)?);
-    }
-    secrets.extend(input.secret.iter().cloned());
     let mut answers = match &input.values {
         Some(f) => pipeline::load_values(f).map_err(|e| anyhow::anyhow!("{e}"))?,
         None => BTreeMap::new(),
     };
     answers.extend(input.set.iter().cloned());
+    // Looping strategies written as expressions are expanded while the file is read.
+    let known = pipeline::Answers {
+        values: answers.clone(),
+        placeholders,
+    };
+    let file =
+        pipeline::load_with(&path, &templates, &known).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut secrets: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(f) = &input.secrets_file {
+        secrets.extend(read_secrets_file(f)?);
+    }
+    secrets.extend(input.secret.iter().cloned());
     let inputs = PlanInputs {
         workspace,
         inputs: answers,

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use super::error::{ErrorKind, PipelineError, PipelineErrors};
 use super::expr;
+use super::known::{Answers, Known};
 use super::model::*;
 use super::strategy::{self, Level, Problem};
 use super::values;
@@ -68,6 +69,13 @@ pub(crate) struct Parser<'e> {
     /// (mapping position, field) for unknown keys that look like a typo of that field:
     /// the field is then not also reported as missing.
     typo_targets: Vec<(Pos, String)>,
+    /// Answers given before reading, for strategies written as expressions.
+    answers: Answers,
+    /// The pipeline's identifier, name and variables, once read.
+    pipeline_head: Option<(String, String)>,
+    pipeline_vars: Vec<Variable>,
+    /// The stage whose steps are being read, and its variables.
+    stage_vars: Option<(String, Vec<Variable>)>,
 }
 
 /// The fields of one mapping, with the description used in messages about it
@@ -278,7 +286,17 @@ impl<'e> Parser<'e> {
             host_ports: HashSet::new(),
             stage_infra: Vec::new(),
             typo_targets: Vec::new(),
+            answers: Answers::default(),
+            pipeline_head: None,
+            pipeline_vars: Vec::new(),
+            stage_vars: None,
         }
+    }
+
+    /// Answers to inputs that strategies written as expressions may need.
+    pub fn with_answers(mut self, answers: &Answers) -> Self {
+        self.answers = answers.clone();
+        self
     }
 
     /// Positions may also come from these template files (`sources[0]` is the
@@ -317,7 +335,24 @@ impl<'e> Parser<'e> {
 
     fn read_strategy(&mut self, item: &Node) -> Option<strategy::Strategy> {
         let node = item.get("strategy")?;
-        match strategy::read(node) {
+        let id = item
+            .get("identifier")
+            .and_then(Node::as_str)
+            .unwrap_or_default();
+        let known = Known {
+            answers: &self.answers,
+            pipeline_identifier: self.pipeline_head.as_ref().map(|(i, _)| i.as_str()),
+            pipeline_name: self.pipeline_head.as_ref().map(|(_, n)| n.as_str()),
+            pipeline_vars: &self.pipeline_vars,
+            stage: self
+                .stage_vars
+                .as_ref()
+                .map(|(s, vars)| (s.as_str(), vars.as_slice())),
+        };
+        let read = strategy::read(node, &|text, field| {
+            known.resolve(text, &format!("{id}.strategy.{field}"))
+        });
+        match read {
             Ok(s) => Some(s),
             Err(problems) => {
                 problems.into_iter().for_each(|p| self.report(p));
@@ -764,7 +799,14 @@ impl<'e> Parser<'e> {
         let f = Fields { what, ..f };
         self.check_fields(
             &f,
-            &["identifier", "name", "stages", "variables", "timeout", "template"],
+            &[
+                "identifier",
+                "name",
+                "stages",
+                "variables",
+                "timeout",
+                "template",
+            ],
             &[
                 "description",
                 "tags",
@@ -788,6 +830,8 @@ impl<'e> Parser<'e> {
             .opt_string(&f, "name")
             .unwrap_or_else(|| identifier.clone());
         let variables = self.variables(&f);
+        self.pipeline_head = Some((identifier.clone(), name.clone()));
+        self.pipeline_vars = variables.clone();
         let timeout = self.opt_timeout(&f, "timeout");
         let mut stages = Vec::new();
         if f.get("stages").is_none() {
@@ -915,6 +959,7 @@ impl<'e> Parser<'e> {
             &[],
         );
         let variables = self.variables(&f);
+        self.stage_vars = Some((identifier.clone(), variables.clone()));
         let timeout = self.opt_timeout(&f, "timeout");
         let when = f
             .get("when")
@@ -934,6 +979,7 @@ impl<'e> Parser<'e> {
                 .push((identifier.clone(), spec.infrastructure.clone()));
         }
         self.current_stage = None;
+        self.stage_vars = None;
         Some(Stage {
             identifier,
             name,
