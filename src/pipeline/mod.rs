@@ -102,7 +102,11 @@ pub fn parse_with(
     }
     let mut file = parser.file(&root);
     let sites = std::mem::take(&mut parser.expr_sites);
-    let ignored = std::mem::take(&mut parser.ignored);
+    let mut ignored = std::mem::take(&mut parser.ignored);
+    // In the order of the file (a step's fields are read in no particular order).
+    ignored.sort_by(|a, b| {
+        (&a.loc.file, a.loc.line, a.loc.column).cmp(&(&b.loc.file, b.loc.line, b.loc.column))
+    });
     if let Some(file) = &mut file {
         file.server_inputs = validate::validate(file, &sites, &mut errors);
         file.ignored = ignored;
@@ -125,5 +129,21 @@ pub fn parse_with(
             }
             Err(errors)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ignored_fields_are_listed_in_file_order() {
+        let file = parse_str(
+            Path::new("p.yaml"),
+            "stage:\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            identifier: a\n            type: Run\n            timeout: \"\"\n            delegateSelectors: [x]\n            spec:\n              command: \"true\"\n",
+        )
+        .unwrap();
+        let lines: Vec<usize> = file.ignored.iter().map(|i| i.loc.line).collect();
+        assert_eq!(lines, [10, 11]);
     }
 }
