@@ -766,7 +766,8 @@ impl<'a> Builder<'a> {
                 let key = format!("{}.{field}", scope_step_key(scope));
                 let value = match self.answer(&key, &key).or_else(|| default.clone()) {
                     Some(v) => v,
-                    None if self.inputs.placeholders => "<input>".to_string(),
+                    // Nothing to check against `allowed` while only checking the file.
+                    None if self.inputs.placeholders => return Resolved::Text("<input>".into()),
                     None => {
                         self.error(
                             loc,
@@ -1716,6 +1717,19 @@ mod tests {
             script(&ok, 0, "t").render(&Outputs::default(), &mut Vec::new()),
             "echo prod"
         );
+    }
+
+    #[test]
+    fn an_unanswered_step_input_with_allowed_values_passes_validation() {
+        let yaml = "stage:\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            identifier: t\n            type: Run\n            spec:\n              shell: <+input>.allowedValues(Sh,Bash)\n              command: \"true\"\n";
+        let file = crate::pipeline::parse_str(Path::new("p.yaml"), yaml).unwrap();
+        let inputs = PlanInputs {
+            placeholders: true,
+            ..PlanInputs::default()
+        };
+        build(&file, &inputs).unwrap();
+        let e = plan(yaml, &[("t.shell", "Zsh")]).unwrap_err();
+        assert!(e.contains("`Zsh` is not an allowed value for `t.shell`"), "{e}");
     }
 
     #[test]
