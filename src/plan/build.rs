@@ -1729,7 +1729,10 @@ mod tests {
         };
         build(&file, &inputs).unwrap();
         let e = plan(yaml, &[("t.shell", "Zsh")]).unwrap_err();
-        assert!(e.contains("`Zsh` is not an allowed value for `t.shell`"), "{e}");
+        assert!(
+            e.contains("`Zsh` is not an allowed value for `t.shell`"),
+            "{e}"
+        );
     }
 
     #[test]
