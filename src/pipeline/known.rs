@@ -40,6 +40,8 @@ pub(crate) struct Known<'a> {
     /// The stage being read and its variables; `None` for a stage's own strategy,
     /// which is expanded before its variables are.
     pub stage: Option<(&'a str, &'a [Variable])>,
+    /// The stages read before it, with their variables (`<+pipeline.stages.S.variables.X>`).
+    pub earlier: &'a [(String, Vec<Variable>)],
 }
 
 impl Known<'_> {
@@ -96,9 +98,12 @@ impl Known<'_> {
                 attr: StageAttr::Variable(name),
             } => self.stage_variable(Some(stage), name, depth),
             Expr::NodeVariable { node, variable } => {
-                match self.stage.filter(|(id, _)| id == node) {
-                    Some(_) => self.stage_variable(Some(node), variable, depth),
-                    None => self.answered(&format!("{node}.variables.{variable}")),
+                let known_stage = self.stage.is_some_and(|(id, _)| id == node)
+                    || self.earlier.iter().any(|(id, _)| id == node);
+                if known_stage {
+                    self.stage_variable(Some(node), variable, depth)
+                } else {
+                    self.answered(&format!("{node}.variables.{variable}"))
                 }
             }
             Expr::Server(path) => self.answered(path),
@@ -119,23 +124,31 @@ impl Known<'_> {
         }
     }
 
-    /// A variable of the stage being read (`of`: the stage named in the expression).
+    /// A variable of the stage being read, or of the earlier stage `of` names.
     fn stage_variable(
         &self,
         of: Option<&String>,
         name: &str,
         depth: usize,
     ) -> Result<Option<String>, String> {
+        if let Some(other) = of.filter(|o| self.stage.is_none_or(|(s, _)| s != o.as_str())) {
+            let Some((_, vars)) = self.earlier.iter().find(|(s, _)| s == other) else {
+                return Err(format!(
+                    "stage `{other}` is not read before this strategy (its variables are known only for earlier stages)"
+                ));
+            };
+            // Its values read `<+stage.variables.X>` as that stage's own.
+            let there = Known {
+                stage: Some((other.as_str(), vars.as_slice())),
+                ..*self
+            };
+            return there.stage_variable(None, name, depth);
+        }
         let Some((stage, vars)) = self.stage else {
             return Err(format!(
                 "a stage's variables are read after its strategy is expanded; give `{name}` as a pipeline variable"
             ));
         };
-        if of.is_some_and(|o| o != stage) {
-            return Err(format!(
-                "only the variables of the pipeline and of this stage (`{stage}`) are known here"
-            ));
-        }
         match vars.iter().find(|v| v.name == name) {
             Some(v) => self.variable(v, &format!("stage.variables.{name}"), depth),
             None => Err(format!("stage `{stage}` has no variable `{name}`")),
@@ -220,6 +233,7 @@ mod tests {
             pipeline_name: Some("P"),
             pipeline_vars: pipeline,
             stage,
+            earlier: &[],
         }
     }
 
@@ -267,6 +281,17 @@ mod tests {
         assert!(why("<+input>").contains("--set x.strategy.parallelism=VALUE"));
         assert!(why("<+stage.variables.os>").contains("give `os` as a pipeline variable"));
         assert!(why("<+pipeline.variables.none>").contains("no variable `none`"));
+        assert!(why("<+pipeline.stages.later.variables.x>").contains("not read before"));
+        let earlier = [("first".to_string(), vec![var("x", "4")])];
+        let k = Known {
+            earlier: &earlier,
+            ..known(&answers, &pipeline, None)
+        };
+        assert_eq!(
+            k.resolve("<+pipeline.stages.first.variables.x>", "k"),
+            Ok(Some("4".into()))
+        );
+        assert_eq!(k.resolve("<+first.variables.x>", "k"), Ok(Some("4".into())));
         let placeholders = Answers {
             placeholders: true,
             ..Answers::default()

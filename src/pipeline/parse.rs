@@ -76,6 +76,8 @@ pub(crate) struct Parser<'e> {
     pipeline_vars: Vec<Variable>,
     /// The stage whose steps are being read, and its variables.
     stage_vars: Option<(String, Vec<Variable>)>,
+    /// Every stage read so far, with its variables.
+    earlier_stage_vars: Vec<(String, Vec<Variable>)>,
 }
 
 /// The fields of one mapping, with the description used in messages about it
@@ -290,6 +292,7 @@ impl<'e> Parser<'e> {
             pipeline_head: None,
             pipeline_vars: Vec::new(),
             stage_vars: None,
+            earlier_stage_vars: Vec::new(),
         }
     }
 
@@ -348,6 +351,7 @@ impl<'e> Parser<'e> {
                 .stage_vars
                 .as_ref()
                 .map(|(s, vars)| (s.as_str(), vars.as_slice())),
+            earlier: &self.earlier_stage_vars,
         };
         let read = strategy::read(node, &|text, field| {
             known.resolve(text, &format!("{id}.strategy.{field}"))
@@ -979,7 +983,7 @@ impl<'e> Parser<'e> {
                 .push((identifier.clone(), spec.infrastructure.clone()));
         }
         self.current_stage = None;
-        self.stage_vars = None;
+        self.earlier_stage_vars.extend(self.stage_vars.take());
         Some(Stage {
             identifier,
             name,
