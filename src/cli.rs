@@ -374,7 +374,6 @@ fn load_and_plan(
     // Looping strategies written as expressions are expanded while the file is read.
     let known = pipeline::Answers {
         values: answers.clone(),
-        placeholders,
     };
     let file =
         pipeline::load_with(&path, &templates, &known).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -454,17 +453,22 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<i32> {
     Ok(1)
 }
 
-/// The values only Harness's server knows that the pipeline reads: a run needs them
-/// answered.
+/// The values only Harness's server knows that the pipeline reads, and the inputs its
+/// looping strategies need: a run needs them answered.
 fn print_server_inputs(file: &PipelineFile) {
-    if file.server_inputs.is_empty() {
-        return;
+    if !file.server_inputs.is_empty() {
+        println!(
+            "inputs only Harness's server knows; give them to `sandrun run` with --set KEY=VALUE or --values FILE:"
+        );
+        for i in &file.server_inputs {
+            println!("  {}: {}", i.loc, i.key);
+        }
     }
-    println!(
-        "inputs only Harness's server knows; give them to `sandrun run` with --set KEY=VALUE or --values FILE:"
-    );
-    for i in &file.server_inputs {
-        println!("  {}: {}", i.loc, i.key);
+    if !file.unanswered.is_empty() {
+        println!("inputs looping strategies need (one instance stands in for each here):");
+        for u in &file.unanswered {
+            println!("  {}: {}", u.loc, u.message);
+        }
     }
 }
 

@@ -456,17 +456,28 @@ fn strategy_values_not_known_before_the_run_are_refused() {
     strategy:
       parallelism: <+input>
     spec:
-      command: "true"
+      command: echo <+trigger.branch>
 "#,
         ),
     );
-    sb.run(["validate", "ci.yaml"]).assert_code(0);
+    sb.run(["validate", "ci.yaml"])
+        .assert_code(0)
+        .assert_stdout("inputs looping strategies need (one instance stands in for each here):\n  ci.yaml:24:28: `parallelism` is `<+input>`");
+    // Asked for together with every other unanswered input, before anything starts.
     sb.run(["run", "ci.yaml"])
         .assert_code(2)
-        .assert_stderr("`parallelism` is `<+input>`: it is a runtime input: answer it with --set t.strategy.parallelism=VALUE");
-    sb.run(["plan", "ci.yaml", "--set", "t.strategy.parallelism=3"])
-        .assert_code(0)
-        .assert_stdout("parallelism `t`: 3 instances");
+        .assert_stderr("ci.yaml:24:28: `parallelism` is `<+input>`: it is a runtime input: answer it with --set t.strategy.parallelism=VALUE")
+        .assert_stderr("`<+trigger.branch>` is known only to Harness's server");
+    sb.run([
+        "plan",
+        "ci.yaml",
+        "--set",
+        "t.strategy.parallelism=3",
+        "--set",
+        "trigger.branch=main",
+    ])
+    .assert_code(0)
+    .assert_stdout("parallelism `t`: 3 instances");
     let text = std::fs::read_to_string(sb.workspace().join("ci.yaml"))
         .unwrap()
         .replace("<+input>", "<+steps.count.output.outputVariables.N>");

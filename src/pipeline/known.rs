@@ -26,9 +26,16 @@ pub struct Answers {
     /// `pipeline.variables.NAME`), `ID.strategy.FIELD` for a strategy's `<+input>`,
     /// an expression's path for what only Harness's server knows.
     pub values: BTreeMap<String, String>,
-    /// An unanswered input stands for one placeholder instance instead of being an
-    /// error (`sandrun validate` checks the file, not the answers).
-    pub placeholders: bool,
+}
+
+/// Why a strategy's value is not there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Missing {
+    /// An input nobody answered (yet): one instance stands in, and the plan asks for
+    /// it with the other unanswered inputs (`validate` needs no answers).
+    Unanswered(String),
+    /// Not known before the run, or not at all.
+    NotKnown(String),
 }
 
 /// What the parser knows at the place a strategy is read.
@@ -45,42 +52,35 @@ pub(crate) struct Known<'a> {
 }
 
 impl Known<'_> {
-    /// `text` with its expressions written in: `Ok(None)` when an input is left
-    /// unanswered and placeholders stand in, `Err(why)` when a value is not known
-    /// before the run. `key` is the `--set` key of a bare `<+input>` in `text`.
-    pub fn resolve(&self, text: &str, key: &str) -> Result<Option<String>, String> {
+    /// `text` with its expressions written in, or why it cannot be. `key` is the
+    /// `--set` key of a bare `<+input>` in `text`.
+    pub fn resolve(&self, text: &str, key: &str) -> Result<String, Missing> {
         self.text(text, key, 0)
     }
 
-    fn text(&self, text: &str, key: &str, depth: usize) -> Result<Option<String>, String> {
+    fn text(&self, text: &str, key: &str, depth: usize) -> Result<String, Missing> {
         if depth > MAX_DEPTH {
-            return Err("its variables refer to each other in a loop".into());
+            return Err(not_known("its variables refer to each other in a loop"));
         }
         let parts = expr::parse_template(text.trim()).map_err(|errors| {
-            errors
-                .into_iter()
-                .map(|e| e.message)
-                .collect::<Vec<_>>()
-                .join("; ")
+            let messages: Vec<String> = errors.into_iter().map(|e| e.message).collect();
+            not_known(messages.join("; "))
         })?;
         let mut out = String::new();
         for part in parts {
             match part {
                 TemplatePart::Literal(l) => out.push_str(&l),
-                TemplatePart::Expr(e) => match self.expr(&e, key, depth)? {
-                    Some(v) => out.push_str(&v),
-                    None => return Ok(None),
-                },
+                TemplatePart::Expr(e) => out.push_str(&self.expr(&e, key, depth)?),
             }
         }
-        Ok(Some(out))
+        Ok(out)
     }
 
-    fn expr(&self, e: &Expr, key: &str, depth: usize) -> Result<Option<String>, String> {
+    fn expr(&self, e: &Expr, key: &str, depth: usize) -> Result<String, Missing> {
         let too_late = |what: String| {
-            Err(format!(
+            Err(not_known(format!(
                 "{what} is only known while the run goes on, and sandrun expands looping strategies before the stage starts (its instances decide the stage's network)"
-            ))
+            )))
         };
         match e {
             Expr::Input { default, allowed } => {
@@ -89,7 +89,7 @@ impl Known<'_> {
             Expr::PipelineVariable(name) => {
                 match self.pipeline_vars.iter().find(|v| &v.name == name) {
                     Some(v) => self.variable(v, &format!("pipeline.variables.{name}"), depth),
-                    None => Err(format!("the pipeline has no variable `{name}`")),
+                    None => Err(not_known(format!("the pipeline has no variable `{name}`"))),
                 }
             }
             Expr::StageVariable(name) => self.stage_variable(None, name, depth),
@@ -109,18 +109,20 @@ impl Known<'_> {
             Expr::Server(path) => self.answered(path),
             Expr::PipelineIdentifier => self
                 .pipeline_identifier
-                .map(|v| Some(v.to_string()))
-                .ok_or_else(|| "this file has no pipeline".into()),
+                .map(str::to_string)
+                .ok_or_else(|| not_known("this file has no pipeline")),
             Expr::PipelineName => self
                 .pipeline_name
-                .map(|v| Some(v.to_string()))
-                .ok_or_else(|| "this file has no pipeline".into()),
+                .map(str::to_string)
+                .ok_or_else(|| not_known("this file has no pipeline")),
             Expr::StepOutput { step, .. } => too_late(format!("the output of step `{step}`")),
             Expr::OtherStage { stage, .. } => too_late(format!("what stage `{stage}` ends with")),
-            Expr::Secret(id) => Err(format!(
+            Expr::Secret(id) => Err(not_known(format!(
                 "secret `{id}` is not read before the run; give the value with --set"
+            ))),
+            _ => Err(not_known(
+                "sandrun resolves only variables and inputs in a looping strategy",
             )),
-            _ => Err("sandrun resolves only variables and inputs in a looping strategy".into()),
         }
     }
 
@@ -130,12 +132,12 @@ impl Known<'_> {
         of: Option<&String>,
         name: &str,
         depth: usize,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<String, Missing> {
         if let Some(other) = of.filter(|o| self.stage.is_none_or(|(s, _)| s != o.as_str())) {
             let Some((_, vars)) = self.earlier.iter().find(|(s, _)| s == other) else {
-                return Err(format!(
+                return Err(not_known(format!(
                     "stage `{other}` is not read before this strategy (its variables are known only for earlier stages)"
-                ));
+                )));
             };
             // Its values read `<+stage.variables.X>` as that stage's own.
             let there = Known {
@@ -145,19 +147,21 @@ impl Known<'_> {
             return there.stage_variable(None, name, depth);
         }
         let Some((stage, vars)) = self.stage else {
-            return Err(format!(
+            return Err(not_known(format!(
                 "a stage's variables are read after its strategy is expanded; give `{name}` as a pipeline variable"
-            ));
+            )));
         };
         match vars.iter().find(|v| v.name == name) {
             Some(v) => self.variable(v, &format!("stage.variables.{name}"), depth),
-            None => Err(format!("stage `{stage}` has no variable `{name}`")),
+            None => Err(not_known(format!(
+                "stage `{stage}` has no variable `{name}`"
+            ))),
         }
     }
 
     /// A variable's value: its answer when it is an `<+input>`, else its value with
     /// the expressions in it written in.
-    fn variable(&self, v: &Variable, long: &str, depth: usize) -> Result<Option<String>, String> {
+    fn variable(&self, v: &Variable, long: &str, depth: usize) -> Result<String, Missing> {
         match expr::parse_template(v.value.trim()).as_deref() {
             Ok([TemplatePart::Expr(Expr::Input { default, allowed })]) => {
                 let default = default.as_deref().or(v.default.as_deref());
@@ -174,36 +178,38 @@ impl Known<'_> {
         short: &str,
         default: Option<&str>,
         allowed: Option<&[String]>,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<String, Missing> {
         let values = &self.answers.values;
         match values.get(long).or_else(|| values.get(short)) {
             Some(a) => match allowed {
-                Some(allowed) if !allowed.contains(a) => Err(format!(
+                Some(allowed) if !allowed.contains(a) => Err(not_known(format!(
                     "`{a}` is not an allowed value of `{short}` (allowed: {})",
                     allowed.join(", ")
-                )),
-                _ => Ok(Some(a.clone())),
+                ))),
+                _ => Ok(a.clone()),
             },
             None => match default {
-                Some(d) => Ok(Some(d.to_string())),
-                None if self.answers.placeholders => Ok(None),
-                None => Err(format!(
+                Some(d) => Ok(d.to_string()),
+                None => Err(Missing::Unanswered(format!(
                     "it is a runtime input: answer it with --set {short}=VALUE"
-                )),
+                ))),
             },
         }
     }
 
     /// What only Harness's server knows, answered by its path.
-    fn answered(&self, path: &str) -> Result<Option<String>, String> {
+    fn answered(&self, path: &str) -> Result<String, Missing> {
         match self.answers.values.get(path) {
-            Some(a) => Ok(Some(a.clone())),
-            None if self.answers.placeholders => Ok(None),
-            None => Err(format!(
+            Some(a) => Ok(a.clone()),
+            None => Err(Missing::Unanswered(format!(
                 "only Harness's server knows it: answer it with --set {path}=VALUE"
-            )),
+            ))),
         }
     }
+}
+
+fn not_known(why: impl Into<String>) -> Missing {
+    Missing::NotKnown(why.into())
 }
 
 #[cfg(test)]
@@ -255,16 +261,16 @@ mod tests {
         let stage_vars = [var("os", "linux")];
         let k = known(&answers, &pipeline, Some(("s", &stage_vars)));
         let get = |t: &str| k.resolve(t, "t.strategy.repeat.times");
-        assert_eq!(get("<+pipeline.variables.n>"), Ok(Some("3".into())));
-        assert_eq!(get("<+pipeline.variables.list>"), Ok(Some("a,3".into())));
-        assert_eq!(get("<+pipeline.variables.d>"), Ok(Some("7".into())));
-        assert_eq!(get("<+stage.variables.os>"), Ok(Some("linux".into())));
-        assert_eq!(get("<+s.variables.os>"), Ok(Some("linux".into())));
-        assert_eq!(get("<+trigger.branch>"), Ok(Some("main".into())));
-        assert_eq!(get("<+input>"), Ok(Some("4".into())));
+        assert_eq!(get("<+pipeline.variables.n>"), Ok("3".into()));
+        assert_eq!(get("<+pipeline.variables.list>"), Ok("a,3".into()));
+        assert_eq!(get("<+pipeline.variables.d>"), Ok("7".into()));
+        assert_eq!(get("<+stage.variables.os>"), Ok("linux".into()));
+        assert_eq!(get("<+s.variables.os>"), Ok("linux".into()));
+        assert_eq!(get("<+trigger.branch>"), Ok("main".into()));
+        assert_eq!(get("<+input>"), Ok("4".into()));
         assert_eq!(
             get("<+input>.allowedValues(1,2)").unwrap_err(),
-            "`4` is not an allowed value of `t.strategy.repeat.times` (allowed: 1, 2)"
+            not_known("`4` is not an allowed value of `t.strategy.repeat.times` (allowed: 1, 2)")
         );
     }
 
@@ -273,12 +279,19 @@ mod tests {
         let answers = Answers::default();
         let pipeline = [var("n", "<+input>")];
         let k = known(&answers, &pipeline, None);
-        let why = |t: &str| k.resolve(t, "x.strategy.parallelism").unwrap_err();
+        let why = |t: &str| match k.resolve(t, "x.strategy.parallelism").unwrap_err() {
+            Missing::NotKnown(why) => why,
+            Missing::Unanswered(why) => format!("unanswered: {why}"),
+        };
         assert!(
             why("<+steps.a.output.outputVariables.N>").contains("only known while the run goes on")
         );
-        assert!(why("<+pipeline.variables.n>").contains("--set n=VALUE"));
+        assert_eq!(
+            why("<+pipeline.variables.n>"),
+            "unanswered: it is a runtime input: answer it with --set n=VALUE"
+        );
         assert!(why("<+input>").contains("--set x.strategy.parallelism=VALUE"));
+        assert!(why("<+trigger.branch>").starts_with("unanswered: only Harness's server"));
         assert!(why("<+stage.variables.os>").contains("give `os` as a pipeline variable"));
         assert!(why("<+pipeline.variables.none>").contains("no variable `none`"));
         assert!(why("<+pipeline.stages.later.variables.x>").contains("not read before"));
@@ -289,14 +302,8 @@ mod tests {
         };
         assert_eq!(
             k.resolve("<+pipeline.stages.first.variables.x>", "k"),
-            Ok(Some("4".into()))
+            Ok("4".into())
         );
-        assert_eq!(k.resolve("<+first.variables.x>", "k"), Ok(Some("4".into())));
-        let placeholders = Answers {
-            placeholders: true,
-            ..Answers::default()
-        };
-        let k = known(&placeholders, &pipeline, None);
-        assert_eq!(k.resolve("<+pipeline.variables.n>", "k"), Ok(None));
+        assert_eq!(k.resolve("<+first.variables.x>", "k"), Ok("4".into()));
     }
 }

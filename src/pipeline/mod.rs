@@ -36,14 +36,11 @@ pub use template::{is_template_file, TemplateSearch};
 
 /// Read and check a pipeline file; templates are looked for beside it and under
 /// `.harness/` of the current directory. No inputs are answered: a looping strategy
-/// that needs one makes a single placeholder instance.
+/// that needs one makes a single instance, and the input is listed in
+/// [`PipelineFile::unanswered`].
 pub fn load(path: &Path) -> Result<PipelineFile, PipelineErrors> {
     let search = TemplateSearch::for_pipeline(path, Path::new("."), &[]);
-    let answers = Answers {
-        placeholders: true,
-        ..Answers::default()
-    };
-    load_with(path, &search, &answers)
+    load_with(path, &search, &Answers::default())
 }
 
 /// Read and check a pipeline file, with templates from `search` and the `answers`
@@ -107,9 +104,11 @@ pub fn parse_with(
     ignored.sort_by(|a, b| {
         (&a.loc.file, a.loc.line, a.loc.column).cmp(&(&b.loc.file, b.loc.line, b.loc.column))
     });
+    let unanswered = std::mem::take(&mut parser.unanswered);
     if let Some(file) = &mut file {
         file.server_inputs = validate::validate(file, &sites, &mut errors);
         file.ignored = ignored;
+        file.unanswered = unanswered;
     }
     errors.sort();
     match file {

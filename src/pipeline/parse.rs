@@ -78,6 +78,8 @@ pub(crate) struct Parser<'e> {
     stage_vars: Option<(String, Vec<Variable>)>,
     /// Every stage read so far, with its variables.
     earlier_stage_vars: Vec<(String, Vec<Variable>)>,
+    /// Inputs strategies need that nobody answered (`PipelineFile::unanswered`).
+    pub unanswered: Vec<UnansweredInput>,
 }
 
 /// The fields of one mapping, with the description used in messages about it
@@ -293,6 +295,7 @@ impl<'e> Parser<'e> {
             pipeline_vars: Vec::new(),
             stage_vars: None,
             earlier_stage_vars: Vec::new(),
+            unanswered: Vec::new(),
         }
     }
 
@@ -357,7 +360,22 @@ impl<'e> Parser<'e> {
             known.resolve(text, &format!("{id}.strategy.{field}"))
         });
         match read {
-            Ok(s) => Some(s),
+            Ok(mut s) => {
+                // A stage's own strategy belongs to the stage as `--stage` names it.
+                let stage = self.stage_vars.as_ref().map_or(id, |(s, _)| s).to_string();
+                for p in std::mem::take(&mut s.unanswered) {
+                    let input = UnansweredInput {
+                        stage: Some(stage.clone()),
+                        loc: self.loc(p.pos),
+                        message: p.message,
+                    };
+                    // Each instance of an enclosing loop reads the strategy again.
+                    if !self.unanswered.contains(&input) {
+                        self.unanswered.push(input);
+                    }
+                }
+                Some(s)
+            }
             Err(problems) => {
                 problems.into_iter().for_each(|p| self.report(p));
                 None
@@ -771,6 +789,7 @@ impl<'e> Parser<'e> {
                     stages,
                     server_inputs: Vec::new(),
                     ignored: Vec::new(),
+                    unanswered: Vec::new(),
                 })
             }
             (None, Some(s)) => {
@@ -782,6 +801,7 @@ impl<'e> Parser<'e> {
                     stages: vec![stage],
                     server_inputs: Vec::new(),
                     ignored: Vec::new(),
+                    unanswered: Vec::new(),
                 })
             }
             (None, None) => {

@@ -27,6 +27,7 @@
 use std::fmt;
 
 use super::error::ErrorKind;
+use super::known::Missing;
 use super::model::LoopKind;
 use super::yaml::{Node, Pos, Value};
 
@@ -43,10 +44,8 @@ pub(crate) struct Problem {
 }
 
 /// Looks up a strategy field written as an expression, given the text and the field's
-/// path inside `strategy` (`repeat.times`): `Ok(Some(value))`, `Ok(None)` for an input
-/// left unanswered where placeholders do (`validate` makes one instance of it), or
-/// `Err(why)` when the value is not known before the run.
-pub(crate) type Resolve<'r> = &'r dyn Fn(&str, &str) -> Result<Option<String>, String>;
+/// path inside `strategy` (`repeat.times`): its value, or why it has none.
+pub(crate) type Resolve<'r> = &'r dyn Fn(&str, &str) -> Result<String, Missing>;
 
 /// A strategy, read and expanded.
 #[derive(Debug, Clone)]
@@ -55,6 +54,9 @@ pub(crate) struct Strategy {
     /// `maxConcurrency`; `None`: every instance at once, as Harness does.
     pub max_concurrency: Option<usize>,
     pub instances: Vec<Instance>,
+    /// Inputs it needs that nobody answered, each standing in as one instance (or
+    /// item): the plan asks for them before a run.
+    pub unanswered: Vec<Problem>,
 }
 
 /// One copy of the looped item.
@@ -215,8 +217,9 @@ fn expr_list(
 }
 
 /// The value of `target` (the expression `text` written at `node`, or its part to
-/// look up): `Some(None)` for an unanswered input standing in, `None` after reporting
-/// why it is not known before the run.
+/// look up): `Some(None)` for an unanswered input, which one instance stands in for
+/// (reported as [`ErrorKind::MissingInput`]), `None` after reporting why it is not
+/// known before the run.
 fn looked_up(
     node: &Node,
     text: &str,
@@ -227,8 +230,16 @@ fn looked_up(
     out: &mut Vec<Problem>,
 ) -> Option<Option<String>> {
     match resolve(target, field) {
-        Ok(v) => Some(v),
-        Err(why) => {
+        Ok(v) => Some(Some(v)),
+        Err(Missing::Unanswered(why)) => {
+            out.push(problem(
+                node.pos,
+                ErrorKind::MissingInput,
+                format!("{what} is `{text}`: {why}"),
+            ));
+            Some(None)
+        }
+        Err(Missing::NotKnown(why)) => {
             out.push(problem(
                 node.pos,
                 ErrorKind::Unsupported,
@@ -328,6 +339,7 @@ pub(crate) fn read(node: &Node, resolve: Resolve<'_>) -> Result<Strategy, Vec<Pr
                     kind: LoopKind::Parallelism,
                     max_concurrency: None,
                     instances: indexed(n),
+                    unanswered: Vec::new(),
                 }),
             LoopKind::Repeat => repeat(v, resolve, &mut out),
         },
@@ -340,14 +352,18 @@ pub(crate) fn read(node: &Node, resolve: Resolve<'_>) -> Result<Strategy, Vec<Pr
             None
         }
     };
+    let (unanswered, errors): (Vec<Problem>, Vec<Problem>) = out
+        .into_iter()
+        .partition(|p| p.kind == ErrorKind::MissingInput);
     match strategy {
-        Some(mut s) if out.is_empty() => {
+        Some(mut s) if errors.is_empty() => {
             if s.max_concurrency.is_none() {
                 s.max_concurrency = outer_max;
             }
+            s.unanswered = unanswered;
             Ok(s)
         }
-        _ => Err(out),
+        _ => Err(errors.into_iter().chain(unanswered).collect()),
     }
 }
 
@@ -446,6 +462,7 @@ fn repeat(node: &Node, resolve: Resolve<'_>, out: &mut Vec<Problem>) -> Option<S
         kind: LoopKind::Repeat,
         max_concurrency: max,
         instances: instances?,
+        unanswered: Vec::new(),
     })
 }
 
@@ -632,6 +649,7 @@ fn matrix(node: &Node, resolve: Resolve<'_>, out: &mut Vec<Problem>) -> Option<S
         kind: LoopKind::Matrix,
         max_concurrency: max,
         instances,
+        unanswered: Vec::new(),
     })
 }
 
@@ -999,8 +1017,8 @@ mod tests {
     use super::*;
     use crate::pipeline::yaml;
 
-    fn unknown(text: &str, _: &str) -> Result<Option<String>, String> {
-        Err(format!("`{text}` is not known here"))
+    fn unknown(text: &str, _: &str) -> Result<String, Missing> {
+        Err(Missing::NotKnown(format!("`{text}` is not known here")))
     }
 
     fn strategy(text: &str) -> Result<Strategy, Vec<Problem>> {

@@ -358,6 +358,26 @@ impl<'a> Builder<'a> {
                 ),
             );
         }
+        // What looping strategies need: asked for here, with every other input.
+        let selected = |stage: &Option<String>| match (stage, &self.inputs.stage) {
+            (Some(s), Some(only)) => {
+                s == only
+                    || self.file.stages.iter().any(|st| {
+                        &st.identifier == s && st.instance.as_ref().is_some_and(|i| &i.of == only)
+                    })
+            }
+            _ => true,
+        };
+        let strategies: Vec<(Location, String)> = self
+            .file
+            .unanswered
+            .iter()
+            .filter(|u| selected(&u.stage))
+            .map(|u| (u.loc.clone(), u.message.clone()))
+            .collect();
+        for (loc, message) in strategies {
+            self.error(&loc, message);
+        }
     }
 
     fn stage(&mut self, stage: &Stage) -> StagePlan {
