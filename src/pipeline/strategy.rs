@@ -72,6 +72,8 @@ pub(crate) struct Instance {
     pub matrix: Vec<(String, Node)>,
     /// The `repeat.items` value (`<+repeat.item>`).
     pub item: Option<Node>,
+    /// Stands in for a whole `matrix: <+input>` left unanswered: every axis is `<input>`.
+    pub any_axis: bool,
 }
 
 /// Where the looped item sits: it decides which expressions and variables name it.
@@ -389,6 +391,7 @@ fn indexed(n: usize) -> Vec<Instance> {
             iterations: n,
             matrix: Vec::new(),
             item: None,
+            any_axis: false,
         })
         .collect()
 }
@@ -478,6 +481,40 @@ fn itemized(items: &[Node], pos: Pos, out: &mut Vec<Problem>) -> Option<Vec<Inst
 }
 
 fn matrix(node: &Node, resolve: Resolve<'_>, out: &mut Vec<Problem>) -> Option<Strategy> {
+    // Harness's schema lets the whole matrix be a runtime input: its answer is the
+    // mapping of axes, in YAML.
+    let answered: Node;
+    let node = match &node.value {
+        Value::Scalar { text, .. } if text.contains("<+") => {
+            let Some(value) = looked_up(node, text, text, "`matrix`", "matrix", resolve, out)?
+            else {
+                let mut stand_in = indexed(1);
+                stand_in[0].any_axis = true;
+                return Some(Strategy {
+                    kind: LoopKind::Matrix,
+                    max_concurrency: None,
+                    instances: stand_in,
+                    unanswered: Vec::new(),
+                });
+            };
+            match super::yaml::parse(&value) {
+                Ok(mut m) if matches!(m.value, Value::Map(_)) => {
+                    place(&mut m, node.pos);
+                    answered = m;
+                    &answered
+                }
+                _ => {
+                    out.push(problem(
+                        node.pos,
+                        ErrorKind::InvalidValue,
+                        format!("`matrix` is `{text}`, whose value `{value}` is not a mapping of axes to lists (`{{os: [linux, mac]}}`)"),
+                    ));
+                    return None;
+                }
+            }
+        }
+        _ => node,
+    };
     let fields = entries(node, "`matrix`", out)?;
     let mut axes: Vec<(String, std::borrow::Cow<'_, [Node]>)> = Vec::new();
     let mut max = None;
@@ -635,6 +672,7 @@ fn matrix(node: &Node, resolve: Resolve<'_>, out: &mut Vec<Problem>) -> Option<S
                 iterations: n,
                 matrix,
                 item: None,
+                any_axis: false,
             };
             if let Some((name, _)) = &node_name {
                 let label = substitute_text(name, &Subst::full(&inst, Level::Step))
@@ -758,7 +796,10 @@ impl<'a> Subst<'a> {
         if !stage_prefixed && self.hidden.axes.iter().any(|h| h == axis) {
             return None;
         }
-        let mut node = inst.matrix.iter().find(|(a, _)| a == axis)?.1.clone();
+        let Some((_, found)) = inst.matrix.iter().find(|(a, _)| a == axis) else {
+            return inst.any_axis.then(|| scalar("<input>".into()));
+        };
+        let mut node = found.clone();
         for key in parts {
             node = node.get(key)?.clone();
         }
@@ -1052,6 +1093,77 @@ mod tests {
             .collect();
         assert_eq!(values, ["os=linux,v=1", "os=linux,v=2", "os=mac,v=1"]);
         assert!(s.instances.iter().all(|i| i.iterations == 3));
+    }
+
+    #[test]
+    fn counts_lists_and_whole_matrices_from_expressions() {
+        let answers = |text: &str, field: &str| -> Result<String, Missing> {
+            match (text, field) {
+                ("<+pipeline.variables.targets>", "repeat.items") => Ok("a,b,,".into()),
+                ("<+pipeline.variables.n>", _) => Ok("3".into()),
+                ("<+input>", "matrix") => Ok("{os: [linux, mac], v: [1]}".into()),
+                ("<+input>", "matrix.os") => Ok("[x, y]".into()),
+                ("<+input>", _) => Err(Missing::Unanswered("answer it".into())),
+                _ => Err(Missing::NotKnown("not known".into())),
+            }
+        };
+        let read_with = |text: &str| {
+            let root = yaml::parse(text).unwrap();
+            read(root.get("strategy").unwrap(), &answers)
+        };
+        let s = read_with(
+            "strategy:\n  repeat:\n    items: <+pipeline.variables.targets.split(\",\")>\n    maxConcurrency: <+pipeline.variables.n>\n",
+        )
+        .unwrap();
+        let items: Vec<_> = s
+            .instances
+            .iter()
+            .map(|i| i.item.as_ref().unwrap().as_str().unwrap())
+            .collect();
+        assert_eq!(items, ["a", "b"]);
+        assert_eq!(s.max_concurrency, Some(3));
+        let s = read_with("strategy:\n  matrix: <+input>\n").unwrap();
+        assert_eq!(postfixes(&s), ["_0_0", "_1_0"]);
+        let s = read_with("strategy:\n  matrix:\n    os: <+input>\n").unwrap();
+        assert_eq!(postfixes(&s), ["_0", "_1"]);
+        // Unanswered: one stand-in instance, and the input is named.
+        let s = read_with("strategy:\n  parallelism: <+input>\n").unwrap();
+        assert_eq!(postfixes(&s), ["_0"]);
+        assert_eq!(
+            s.unanswered[0].message,
+            "`parallelism` is `<+input>`: answer it"
+        );
+        let s = read_with("strategy:\n  repeat:\n    times: <+input>\n").unwrap();
+        assert_eq!(s.instances.len(), 1);
+        let e = read_with("strategy:\n  repeat:\n    items: <+steps.a.output.outputVariables.L>\n")
+            .unwrap_err();
+        assert_eq!(e[0].kind, ErrorKind::Unsupported);
+        assert_eq!(
+            e[0].message,
+            "`repeat.items` is `<+steps.a.output.outputVariables.L>`: not known"
+        );
+        let e =
+            read_with("strategy:\n  repeat:\n    items: <+pipeline.variables.n>\n").unwrap_err();
+        assert!(
+            e[0].message.contains("whose value `3` is not a list"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_stand_in_for_an_unanswered_matrix_fills_every_axis() {
+        let root = yaml::parse(
+            "step:\n  identifier: t\n  strategy:\n    matrix: <+input>\n  spec:\n    command: echo <+matrix.os>\n",
+        )
+        .unwrap();
+        let step = root.get("step").unwrap();
+        let unanswered = |_: &str, _: &str| -> Result<String, Missing> {
+            Err(Missing::Unanswered("answer it".into()))
+        };
+        let s = read(step.get("strategy").unwrap(), &unanswered).unwrap();
+        let inst = instantiate(step, &s.instances[0], Level::Step);
+        let command = inst.get("spec").unwrap().get("command").unwrap();
+        assert_eq!(command.as_str(), Some("echo <input>"));
     }
 
     #[test]
