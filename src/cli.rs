@@ -466,8 +466,14 @@ fn print_server_inputs(file: &PipelineFile) {
     }
     if !file.unanswered.is_empty() {
         println!("inputs looping strategies need (one instance stands in for each here):");
+        let mut listed: Vec<String> = Vec::new();
         for u in &file.unanswered {
-            println!("  {}: {}", u.loc, u.message);
+            // The instances of a looped stage each name the same input.
+            let line = format!("  {}: {}", u.loc, u.message);
+            if !listed.contains(&line) {
+                println!("{line}");
+                listed.push(line);
+            }
         }
     }
 }

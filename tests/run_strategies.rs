@@ -485,6 +485,52 @@ fn strategy_values_not_known_before_the_run_are_refused() {
     sb.run(["validate", "ci.yaml"])
         .assert_code(2)
         .assert_stderr("`parallelism` is `<+steps.count.output.outputVariables.N>`: the output of step `count` is only known while the run goes on");
+    // A step's input inside a looped stage is asked for once, not once per instance.
+    sb.write(
+        "looped.yaml",
+        r#"pipeline:
+  identifier: p
+  name: p
+  stages:
+    - stage:
+        identifier: b
+        name: b
+        type: CI
+        strategy:
+          parallelism: 2
+        spec:
+          runtime:
+            type: Docker
+            spec: {}
+          execution:
+            steps:
+              - step:
+                  identifier: t
+                  name: t
+                  type: Run
+                  strategy:
+                    repeat:
+                      times: <+input>
+                  spec:
+                    command: "true"
+"#,
+    );
+    let r = sb.run(["plan", "looped.yaml"]);
+    r.assert_code(2);
+    assert_eq!(
+        r.stderr.matches("t.strategy.repeat.times=VALUE").count(),
+        1,
+        "{}",
+        r.all()
+    );
+    let v = sb.run(["validate", "looped.yaml"]);
+    v.assert_code(0);
+    assert_eq!(
+        v.stdout.matches("t.strategy.repeat.times=VALUE").count(),
+        1,
+        "{}",
+        v.all()
+    );
 }
 
 /// Each instance of a looped Background step is a service of its own, on the same port

@@ -368,13 +368,14 @@ impl<'a> Builder<'a> {
             }
             _ => true,
         };
-        let strategies: Vec<(Location, String)> = self
-            .file
-            .unanswered
-            .iter()
-            .filter(|u| selected(&u.stage))
-            .map(|u| (u.loc.clone(), u.message.clone()))
-            .collect();
+        let mut strategies: Vec<(Location, String)> = Vec::new();
+        for u in self.file.unanswered.iter().filter(|u| selected(&u.stage)) {
+            // Every instance of a looped stage reads its steps' strategies again.
+            let input = (u.loc.clone(), u.message.clone());
+            if !strategies.contains(&input) {
+                strategies.push(input);
+            }
+        }
         for (loc, message) in strategies {
             self.error(&loc, message);
         }
