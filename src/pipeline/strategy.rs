@@ -675,8 +675,14 @@ fn matrix(node: &Node, resolve: Resolve<'_>, out: &mut Vec<Problem>) -> Option<S
                 any_axis: false,
             };
             if let Some((name, _)) = &node_name {
-                let label = substitute_text(name, &Subst::full(&inst, Level::Step))
+                let mut label = substitute_text(name, &Subst::full(&inst, Level::Step))
                     .unwrap_or_else(|| name.clone());
+                // Other expressions in it (`<+pipeline.variables.X>`) as far as known now.
+                if label.contains("<+") {
+                    if let Ok(known) = resolve(&label, "matrix.nodeName") {
+                        label = known;
+                    }
+                }
                 inst.postfix = format!("_{}", sanitize(&label));
                 inst.label = Some(label);
             }
@@ -1101,6 +1107,7 @@ mod tests {
             match (text, field) {
                 ("<+pipeline.variables.targets>", "repeat.items") => Ok("a,b,,".into()),
                 ("<+pipeline.variables.n>", _) => Ok("3".into()),
+                ("n<+pipeline.variables.n>-a", "matrix.nodeName") => Ok("n3-a".into()),
                 ("<+input>", "matrix") => Ok("{os: [linux, mac], v: [1]}".into()),
                 ("<+input>", "matrix.os") => Ok("[x, y]".into()),
                 ("<+input>", _) => Err(Missing::Unanswered("answer it".into())),
@@ -1124,6 +1131,11 @@ mod tests {
         assert_eq!(s.max_concurrency, Some(3));
         let s = read_with("strategy:\n  matrix: <+input>\n").unwrap();
         assert_eq!(postfixes(&s), ["_0_0", "_1_0"]);
+        let s = read_with(
+            "strategy:\n  matrix:\n    os: [a]\n    nodeName: n<+pipeline.variables.n>-<+matrix.os>\n",
+        )
+        .unwrap();
+        assert_eq!(postfixes(&s), ["_n3_a"]);
         let s = read_with("strategy:\n  matrix:\n    os: <+input>\n").unwrap();
         assert_eq!(postfixes(&s), ["_0", "_1"]);
         // Unanswered: one stand-in instance, and the input is named.
