@@ -366,17 +366,22 @@ fn load_and_plan(
         .canonicalize()
         .with_context(|| format!("workspace {}", workspace.display()))?;
     let templates = pipeline::TemplateSearch::for_pipeline(&path, &workspace, &input.templates);
-    let file = pipeline::load_with(&path, &templates).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut secrets: BTreeMap<String, String> = BTreeMap::new();
-    if let Some(f) = &input.secrets_file {
-        secrets.extend(read_secrets_file(f)?);
-    }
-    secrets.extend(input.secret.iter().cloned());
     let mut answers = match &input.values {
         Some(f) => pipeline::load_values(f).map_err(|e| anyhow::anyhow!("{e}"))?,
         None => BTreeMap::new(),
     };
     answers.extend(input.set.iter().cloned());
+    // Looping strategies written as expressions are expanded while the file is read.
+    let known = pipeline::Answers {
+        values: answers.clone(),
+    };
+    let file =
+        pipeline::load_with(&path, &templates, &known).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut secrets: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(f) = &input.secrets_file {
+        secrets.extend(read_secrets_file(f)?);
+    }
+    secrets.extend(input.secret.iter().cloned());
     let inputs = PlanInputs {
         workspace,
         inputs: answers,
@@ -448,17 +453,28 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<i32> {
     Ok(1)
 }
 
-/// The values only Harness's server knows that the pipeline reads: a run needs them
-/// answered.
+/// The values only Harness's server knows that the pipeline reads, and the inputs its
+/// looping strategies need: a run needs them answered.
 fn print_server_inputs(file: &PipelineFile) {
-    if file.server_inputs.is_empty() {
-        return;
+    if !file.server_inputs.is_empty() {
+        println!(
+            "inputs only Harness's server knows; give them to `sandrun run` with --set KEY=VALUE or --values FILE:"
+        );
+        for i in &file.server_inputs {
+            println!("  {}: {}", i.loc, i.key);
+        }
     }
-    println!(
-        "inputs only Harness's server knows; give them to `sandrun run` with --set KEY=VALUE or --values FILE:"
-    );
-    for i in &file.server_inputs {
-        println!("  {}: {}", i.loc, i.key);
+    if !file.unanswered.is_empty() {
+        println!("inputs looping strategies need (one instance stands in for each here):");
+        let mut listed: Vec<String> = Vec::new();
+        for u in &file.unanswered {
+            // The instances of a looped stage each name the same input.
+            let line = format!("  {}: {}", u.loc, u.message);
+            if !listed.contains(&line) {
+                println!("{line}");
+                listed.push(line);
+            }
+        }
     }
 }
 

@@ -698,6 +698,13 @@ fn unsupported_steps_are_refused_or_skipped_by_choice() {
             "{}",
             r.all()
         );
+        // ... and the columns stay aligned around the long name.
+        let header = r.stdout.lines().find(|l| l.contains("RESULT")).unwrap();
+        assert_eq!(
+            header.find("RESULT"),
+            row.find("skipped"),
+            "{header}\n{row}"
+        );
         sb.run(["plan", "ci.yaml"])
             .assert_stdout("BuildAndPushDockerRegistry `push`");
     }

@@ -5,16 +5,7 @@
 mod prereq;
 mod support;
 
-use std::path::Path;
-
-use support::{modes, Sandbox};
-
-fn testdata(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata/pipelines")
-        .join(name);
-    std::fs::read_to_string(path).unwrap()
-}
+use support::{modes, testdata, Sandbox};
 
 fn timestamp(sb: &Sandbox, file: &str) -> u128 {
     let text = std::fs::read_to_string(sb.workspace().join(file))

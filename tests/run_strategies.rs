@@ -5,7 +5,7 @@
 mod prereq;
 mod support;
 
-use support::{modes, Sandbox};
+use support::{modes, testdata, Sandbox};
 
 fn stage(steps: &str) -> String {
     support::stage(support::DOCKER, steps)
@@ -303,6 +303,32 @@ fn a_stage_strategy_makes_stages_of_their_own() {
     }
 }
 
+/// Three stage instances, at most two at once: the first two overlap, the third
+/// starts only once one of them has ended (the pipeline's steps check both).
+#[test]
+fn stage_matrix_max_concurrency_caps_the_stages_running_at_once() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write("ci.yaml", &testdata("stage-matrix-max-concurrency.yaml"));
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0)
+            .assert_stdout("built amd64 as build_0")
+            .assert_stdout("built riscv64 as build_2");
+        let seen = |i: usize| -> usize {
+            let path = sb.workspace().join(format!("marks/seen/{i}"));
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), r.all()));
+            text.trim().parse().unwrap()
+        };
+        for i in 0..3 {
+            assert!((1..=2).contains(&seen(i)), "instance {i}\n{}", r.all());
+        }
+        sb.run(["plan", "ci.yaml"])
+            .assert_code(0)
+            .assert_stdout("instance 3 of 3 of matrix `build` (at most 2 at once)");
+    }
+}
+
 #[test]
 fn plan_shows_the_instances_of_the_corpus_examples() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/pipelines");
@@ -349,7 +375,7 @@ fn strategy_mistakes_are_named_with_their_line() {
     identifier: u
     strategy:
       repeat:
-        times: <+input>
+        times: <+steps.t.output.outputVariables.N>
     spec:
       command: "true"
 "#,
@@ -358,7 +384,153 @@ fn strategy_mistakes_are_named_with_their_line() {
     let r = sb.run(["validate", "ci.yaml"]);
     r.assert_code(2)
         .assert_stderr("ci.yaml:19:21: `matrix.exclude` names axis `arch`")
-        .assert_stderr("ci.yaml:28:24: `repeat.times` is `<+input>`");
+        .assert_stderr("ci.yaml:28:24: `repeat.times` is `<+steps.t.output.outputVariables.N>`: the output of step `t` is only known while the run goes on");
+}
+
+/// Counts and lists given as expressions: pipeline and stage variables (split into
+/// lists), an `<+input>` with its default, and `--set` answers to both.
+#[test]
+fn strategy_values_from_variables_and_answers_make_the_instances() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        sb.write("ci.yaml", &testdata("strategy-expressions.yaml"));
+        let r = sb.run([
+            "run",
+            "ci.yaml",
+            "--set",
+            "targets=amd64,arm64,riscv64",
+            "--set",
+            "lint.strategy.matrix.level=[1, 2]",
+        ]);
+        r.assert_code(0);
+        let read = |f: &str| {
+            std::fs::read_to_string(sb.workspace().join("out").join(f))
+                .unwrap_or_else(|e| panic!("{f}: {e}\n{}", r.all()))
+        };
+        assert_eq!(read("build_2_test_1"), "riscv64 shard 1 of 2\n");
+        assert_eq!(read("build_0_test_0"), "amd64 shard 0 of 2\n");
+        assert_eq!(read("build_1_lint_1_1"), "arm64 lint rust level 2\n");
+        assert_eq!(read("build_2_lint_0_0"), "riscv64 lint go level 1\n");
+        // Without answers, the defaults: two targets, one level.
+        let r = sb.run(["plan", "ci.yaml"]);
+        r.assert_code(0)
+            .assert_stdout("instance 2 of 2 of repeat `build`")
+            .assert_stdout("matrix `lint`: 2 instances")
+            .assert_stdout("echo \"arm64 lint rust level 1\"");
+        // An answer outside the input's allowed values is refused.
+        let text = testdata("strategy-expressions.yaml")
+            .replace("<+input>.default(\"[1]\")", "<+input>.allowedValues(1, 2)");
+        sb.write("allowed.yaml", &text);
+        sb.run([
+            "plan",
+            "allowed.yaml",
+            "--set",
+            "lint.strategy.matrix.level=3",
+        ])
+        .assert_code(2)
+        .assert_stderr("`3` is not an allowed value of `lint.strategy.matrix.level`");
+    }
+}
+
+/// What a strategy needs and that only a run could tell (or that nobody answered) is
+/// refused before anything starts, at its line, with the reason; `validate` checks
+/// the file and lets unanswered inputs stand in for one instance.
+#[test]
+fn strategy_values_not_known_before_the_run_are_refused() {
+    let sb = Sandbox::new(modes()[0]);
+    sb.write(
+        "ci.yaml",
+        &stage(
+            r#"- step:
+    type: Run
+    name: count
+    identifier: count
+    spec:
+      command: N=2
+      outputVariables:
+        - name: N
+- step:
+    type: Run
+    name: t
+    identifier: t
+    strategy:
+      parallelism: <+input>
+    spec:
+      command: echo <+trigger.branch>
+"#,
+        ),
+    );
+    sb.run(["validate", "ci.yaml"])
+        .assert_code(0)
+        .assert_stdout("inputs looping strategies need (one instance stands in for each here):\n  ci.yaml:24:28: `parallelism` is `<+input>`");
+    // Asked for together with every other unanswered input, before anything starts.
+    sb.run(["run", "ci.yaml"])
+        .assert_code(2)
+        .assert_stderr("ci.yaml:24:28: `parallelism` is `<+input>`: it is a runtime input: answer it with --set t.strategy.parallelism=VALUE")
+        .assert_stderr("`<+trigger.branch>` is known only to Harness's server");
+    sb.run([
+        "plan",
+        "ci.yaml",
+        "--set",
+        "t.strategy.parallelism=3",
+        "--set",
+        "trigger.branch=main",
+    ])
+    .assert_code(0)
+    .assert_stdout("parallelism `t`: 3 instances");
+    let text = std::fs::read_to_string(sb.workspace().join("ci.yaml"))
+        .unwrap()
+        .replace("<+input>", "<+steps.count.output.outputVariables.N>");
+    sb.write("ci.yaml", &text);
+    sb.run(["validate", "ci.yaml"])
+        .assert_code(2)
+        .assert_stderr("`parallelism` is `<+steps.count.output.outputVariables.N>`: the output of step `count` is only known while the run goes on");
+    // A step's input inside a looped stage is asked for once, not once per instance.
+    sb.write(
+        "looped.yaml",
+        r#"pipeline:
+  identifier: p
+  name: p
+  stages:
+    - stage:
+        identifier: b
+        name: b
+        type: CI
+        strategy:
+          parallelism: 2
+        spec:
+          runtime:
+            type: Docker
+            spec: {}
+          execution:
+            steps:
+              - step:
+                  identifier: t
+                  name: t
+                  type: Run
+                  strategy:
+                    repeat:
+                      times: <+input>
+                  spec:
+                    command: "true"
+"#,
+    );
+    let r = sb.run(["plan", "looped.yaml"]);
+    r.assert_code(2);
+    assert_eq!(
+        r.stderr.matches("t.strategy.repeat.times=VALUE").count(),
+        1,
+        "{}",
+        r.all()
+    );
+    let v = sb.run(["validate", "looped.yaml"]);
+    v.assert_code(0);
+    assert_eq!(
+        v.stdout.matches("t.strategy.repeat.times=VALUE").count(),
+        1,
+        "{}",
+        v.all()
+    );
 }
 
 /// Each instance of a looped Background step is a service of its own, reached by its

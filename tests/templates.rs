@@ -184,3 +184,59 @@ fn a_template_reference_may_carry_a_looping_strategy() {
         .assert_stdout("from template `account.run_tests` version `v1`")
         .assert_stdout(r#"echo "shard 1 of $HARNESS_NODE_TOTAL""#);
 }
+
+/// A pipeline made from a pipeline template: the template's stages (one of them a
+/// stage template) with the pipeline's `templateInputs`, under its own identifier.
+#[test]
+fn a_pipeline_template_runs_with_its_inputs() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        for name in ["release-pipeline.yaml", "ci-stage-v2.yaml"] {
+            let text = std::fs::read_to_string(testdata().join(name)).unwrap();
+            sb.write(&format!(".harness/templates/{name}"), &text);
+        }
+        let text = std::fs::read_to_string(testdata().join("from-pipeline-template.yaml")).unwrap();
+        sb.write("release.yaml", &text);
+        let r = sb.run(["run", "release.yaml"]);
+        r.assert_code(0);
+        for key in ["pack", "greet"] {
+            assert!(r.summary_row(key).contains("passed"), "{}", r.all());
+        }
+        let ws = sb.workspace();
+        let read = |f: &str| std::fs::read_to_string(ws.join(f)).unwrap();
+        assert_eq!(read("out/pack.txt"), "packed arm64 in release\n");
+        assert_eq!(read("out/greet.txt"), "released arm64 from announce\n");
+    }
+}
+
+#[test]
+fn plan_names_the_pipeline_template() {
+    let r = sandrun(&["plan", "from-pipeline-template.yaml"], &testdata());
+    r.assert_code(0)
+        .assert_stdout("Pipeline `release` (release)")
+        .assert_stdout(
+            "from template `org.release_pipeline` version `v1` (./release-pipeline.yaml:5:1)",
+        )
+        .assert_stdout("from template `account.ci_stage` version `2` (./ci-stage-v2.yaml:1:1)");
+    // A pipeline template is not a stage template, and the other way round.
+    let sb = Sandbox::new(support::Mode::Root);
+    let tpl = std::fs::read_to_string(testdata().join("ci-stage-v2.yaml")).unwrap();
+    sb.write(".harness/ci-stage-v2.yaml", &tpl);
+    sb.write(
+        "ci.yaml",
+        "pipeline:\n  identifier: p\n  name: p\n  template:\n    templateRef: ci_stage\n    versionLabel: \"2\"\n  stages: []\n",
+    );
+    sb.run(["validate", "ci.yaml"])
+        .assert_code(2)
+        .assert_stderr("ci.yaml:5:18: template `ci_stage` is a Stage template")
+        .assert_stderr("but it is used as a Pipeline");
+    let tpl = std::fs::read_to_string(testdata().join("release-pipeline.yaml")).unwrap();
+    sb.write(".harness/release-pipeline.yaml", &tpl);
+    sb.write(
+        "ci.yaml",
+        "pipeline:\n  identifier: p\n  name: p\n  template:\n    templateRef: release_pipeline\n  stages: []\n",
+    );
+    sb.run(["validate", "ci.yaml"])
+        .assert_code(2)
+        .assert_stderr("ci.yaml:6:3: `stages` beside `template`: the pipeline takes its stages from template `release_pipeline`");
+}

@@ -26,6 +26,9 @@ pub enum ErrorKind {
     Duplicate,
     /// A `<+...>` expression that is malformed or unknown.
     Expression,
+    /// A runtime input nobody answered where reading the file needs it (a looping
+    /// strategy's count or list): the plan asks for it with the other inputs.
+    MissingInput,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -46,6 +46,19 @@ pub struct PipelineFile {
     /// (`delegateSelectors`, `tags`, `notificationRules`, an empty `timeout`…),
     /// accepted and left unused: `plan` lists them.
     pub ignored: Vec<IgnoredField>,
+    /// Runtime inputs that looping strategies need and nobody answered: one instance
+    /// stood in for each while reading; `plan` asks for them before a run.
+    pub unanswered: Vec<UnansweredInput>,
+}
+
+/// A runtime input a looping strategy needs, unanswered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnansweredInput {
+    /// The stage it belongs to (as `--stage` names it); `None` at pipeline level.
+    pub stage: Option<String>,
+    pub loc: Location,
+    /// What to answer, and how.
+    pub message: String,
 }
 
 /// A field accepted and left unused, where it is.
@@ -76,6 +89,8 @@ pub struct PipelineInfo {
     pub variables: Vec<Variable>,
     /// Pipeline-level `timeout`.
     pub timeout: Option<Timeout>,
+    /// Set when the pipeline comes from a pipeline template.
+    pub template: Option<TemplateOrigin>,
     pub loc: Location,
 }
 
@@ -125,7 +140,7 @@ pub enum LoopKind {
     Repeat,
 }
 
-/// The template a stage, step group or step was inlined from.
+/// The template a pipeline, stage, step group or step was inlined from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TemplateOrigin {
     /// `templateRef` as written (`account.build`, `org.build`, `build`).

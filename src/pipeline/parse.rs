@@ -5,7 +5,7 @@
 //! that place: unknown ones are errors (with a did-you-mean), fields that cannot change
 //! a local run (tags, org/project ids, notification rules, delegate selectors, caching
 //! switches...) are accepted and dropped, and fields that would change the run but that
-//! sandrun cannot honour (rollback actions, pipeline templates...) are "unsupported"
+//! sandrun cannot honour (rollback actions, template variables...) are "unsupported"
 //! errors. Nothing is silently ignored. Parsing continues after an error so that one
 //! pass reports as many mistakes as possible.
 //!
@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use super::error::{ErrorKind, PipelineError, PipelineErrors};
 use super::expr;
+use super::known::{Answers, Known};
 use super::model::*;
 use super::strategy::{self, Level, Problem};
 use super::values;
@@ -68,6 +69,17 @@ pub(crate) struct Parser<'e> {
     /// (mapping position, field) for unknown keys that look like a typo of that field:
     /// the field is then not also reported as missing.
     typo_targets: Vec<(Pos, String)>,
+    /// Answers given before reading, for strategies written as expressions.
+    answers: Answers,
+    /// The pipeline's identifier, name and variables, once read.
+    pipeline_head: Option<(String, String)>,
+    pipeline_vars: Vec<Variable>,
+    /// The stage whose steps are being read, and its variables.
+    stage_vars: Option<(String, Vec<Variable>)>,
+    /// Every stage read so far, with its variables.
+    earlier_stage_vars: Vec<(String, Vec<Variable>)>,
+    /// Inputs strategies need that nobody answered (`PipelineFile::unanswered`).
+    pub unanswered: Vec<UnansweredInput>,
 }
 
 /// The fields of one mapping, with the description used in messages about it
@@ -278,7 +290,19 @@ impl<'e> Parser<'e> {
             host_ports: HashSet::new(),
             stage_infra: Vec::new(),
             typo_targets: Vec::new(),
+            answers: Answers::default(),
+            pipeline_head: None,
+            pipeline_vars: Vec::new(),
+            stage_vars: None,
+            earlier_stage_vars: Vec::new(),
+            unanswered: Vec::new(),
         }
+    }
+
+    /// Answers to inputs that strategies written as expressions may need.
+    pub fn with_answers(mut self, answers: &Answers) -> Self {
+        self.answers = answers.clone();
+        self
     }
 
     /// Positions may also come from these template files (`sources[0]` is the
@@ -317,8 +341,41 @@ impl<'e> Parser<'e> {
 
     fn read_strategy(&mut self, item: &Node) -> Option<strategy::Strategy> {
         let node = item.get("strategy")?;
-        match strategy::read(node) {
-            Ok(s) => Some(s),
+        let id = item
+            .get("identifier")
+            .and_then(Node::as_str)
+            .unwrap_or_default();
+        let known = Known {
+            answers: &self.answers,
+            pipeline_identifier: self.pipeline_head.as_ref().map(|(i, _)| i.as_str()),
+            pipeline_name: self.pipeline_head.as_ref().map(|(_, n)| n.as_str()),
+            pipeline_vars: &self.pipeline_vars,
+            stage: self
+                .stage_vars
+                .as_ref()
+                .map(|(s, vars)| (s.as_str(), vars.as_slice())),
+            earlier: &self.earlier_stage_vars,
+        };
+        let read = strategy::read(node, &|text, field| {
+            known.resolve(text, &format!("{id}.strategy.{field}"))
+        });
+        match read {
+            Ok(mut s) => {
+                // A stage's own strategy belongs to the stage as `--stage` names it.
+                let stage = self.stage_vars.as_ref().map_or(id, |(s, _)| s).to_string();
+                for p in std::mem::take(&mut s.unanswered) {
+                    let input = UnansweredInput {
+                        stage: Some(stage.clone()),
+                        loc: self.loc(p.pos),
+                        message: p.message,
+                    };
+                    // Each instance of an enclosing loop reads the strategy again.
+                    if !self.unanswered.contains(&input) {
+                        self.unanswered.push(input);
+                    }
+                }
+                Some(s)
+            }
             Err(problems) => {
                 problems.into_iter().for_each(|p| self.report(p));
                 None
@@ -732,6 +789,7 @@ impl<'e> Parser<'e> {
                     stages,
                     server_inputs: Vec::new(),
                     ignored: Vec::new(),
+                    unanswered: Vec::new(),
                 })
             }
             (None, Some(s)) => {
@@ -743,6 +801,7 @@ impl<'e> Parser<'e> {
                     stages: vec![stage],
                     server_inputs: Vec::new(),
                     ignored: Vec::new(),
+                    unanswered: Vec::new(),
                 })
             }
             (None, None) => {
@@ -764,7 +823,14 @@ impl<'e> Parser<'e> {
         let f = Fields { what, ..f };
         self.check_fields(
             &f,
-            &["identifier", "name", "stages", "variables", "timeout"],
+            &[
+                "identifier",
+                "name",
+                "stages",
+                "variables",
+                "timeout",
+                "template",
+            ],
             &[
                 "description",
                 "tags",
@@ -778,15 +844,18 @@ impl<'e> Parser<'e> {
                 "flowControl",
                 "labels",
             ],
-            &[(
-                "template",
-                "pipeline templates live on Harness; inline the pipeline",
-            )],
+            &[],
         );
+        if f.get("template").is_some() {
+            // A template reference left in place: why was reported when inlining.
+            return None;
+        }
         let name = self
             .opt_string(&f, "name")
             .unwrap_or_else(|| identifier.clone());
         let variables = self.variables(&f);
+        self.pipeline_head = Some((identifier.clone(), name.clone()));
+        self.pipeline_vars = variables.clone();
         let timeout = self.opt_timeout(&f, "timeout");
         let mut stages = Vec::new();
         if f.get("stages").is_none() {
@@ -800,6 +869,7 @@ impl<'e> Parser<'e> {
             name,
             variables,
             timeout,
+            template: self.origins.get(&node.pos).cloned(),
             loc: self.loc(node.pos),
         };
         Some((info, stages))
@@ -839,8 +909,8 @@ impl<'e> Parser<'e> {
     }
 
     /// The instances of a stage with a `strategy`, in `out`. As on Harness they run at
-    /// the same time (a `parallel` block of their own, or the block they sit in); with
-    /// a `maxConcurrency` below their number they run one after the other.
+    /// the same time (a `parallel` block of their own, or the block they sit in), at
+    /// most `maxConcurrency` at once (the runner keeps that cap).
     fn looped_stages(&mut self, node: &Node, key: Pos, out: &mut Vec<Stage>, block: Option<usize>) {
         let Some(st) = self.read_strategy(node) else {
             // Still check the rest of the stage.
@@ -853,11 +923,10 @@ impl<'e> Parser<'e> {
             .unwrap_or_default()
             .to_string();
         let count = st.instances.len();
-        let together = st.max_concurrency.is_none_or(|m| m >= count);
-        let own_block = together.then_some(out.len());
+        let own_block = out.len();
         let stages = self.instances(node, &st, Level::Stage, |p, copy| p.stage(copy, key));
         for (index, mut stage) in stages.into_iter().enumerate() {
-            stage.parallel = block.or(own_block);
+            stage.parallel = block.or(Some(own_block));
             stage.instance = Some(StageInstance {
                 of: of.clone(),
                 kind: st.kind,
@@ -914,6 +983,7 @@ impl<'e> Parser<'e> {
             &[],
         );
         let variables = self.variables(&f);
+        self.stage_vars = Some((identifier.clone(), variables.clone()));
         let timeout = self.opt_timeout(&f, "timeout");
         let when = f
             .get("when")
@@ -933,6 +1003,7 @@ impl<'e> Parser<'e> {
                 .push((identifier.clone(), spec.infrastructure.clone()));
         }
         self.current_stage = None;
+        self.earlier_stage_vars.extend(self.stage_vars.take());
         Some(Stage {
             identifier,
             name,

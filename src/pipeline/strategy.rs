@@ -16,10 +16,18 @@
 //! copy is then parsed and checked like any other (errors still point at the lines of
 //! the original), and nothing downstream needs to know about strategies beyond "these
 //! items run side by side, at most N at once".
+//!
+//! A count or a list may be an expression whose value is known before the run (a
+//! pipeline or stage variable, an answered `<+input>`): the parser resolves it through
+//! [`Resolve`]. A list may be text split with `.split("SEP")`, as Harness's JEXL splits
+//! a Java string, or text that reads as a YAML list (`[a, b]`). What is only known while
+//! the run goes on (a step's output) cannot make instances: the plan, the network and
+//! every hostname are decided before the stage starts.
 
 use std::fmt;
 
 use super::error::ErrorKind;
+use super::known::Missing;
 use super::model::LoopKind;
 use super::yaml::{Node, Pos, Value};
 
@@ -35,6 +43,10 @@ pub(crate) struct Problem {
     pub message: String,
 }
 
+/// Looks up a strategy field written as an expression, given the text and the field's
+/// path inside `strategy` (`repeat.times`): its value, or why it has none.
+pub(crate) type Resolve<'r> = &'r dyn Fn(&str, &str) -> Result<String, Missing>;
+
 /// A strategy, read and expanded.
 #[derive(Debug, Clone)]
 pub(crate) struct Strategy {
@@ -42,6 +54,9 @@ pub(crate) struct Strategy {
     /// `maxConcurrency`; `None`: every instance at once, as Harness does.
     pub max_concurrency: Option<usize>,
     pub instances: Vec<Instance>,
+    /// Inputs it needs that nobody answered, each standing in as one instance (or
+    /// item): the plan asks for them before a run.
+    pub unanswered: Vec<Problem>,
 }
 
 /// One copy of the looped item.
@@ -57,6 +72,8 @@ pub(crate) struct Instance {
     pub matrix: Vec<(String, Node)>,
     /// The `repeat.items` value (`<+repeat.item>`).
     pub item: Option<Node>,
+    /// Stands in for a whole `matrix: <+input>` left unanswered: every axis is `<input>`.
+    pub any_axis: bool,
 }
 
 /// Where the looped item sits: it decides which expressions and variables name it.
@@ -92,7 +109,7 @@ fn entries<'n>(node: &'n Node, what: &str, out: &mut Vec<Problem>) -> Option<&'n
             out.push(problem(
                 node.pos,
                 ErrorKind::Unsupported,
-                format!("{what} is `{text}`: sandrun expands looping strategies before the run, so it needs them written out, not as an expression or runtime input"),
+                format!("{what} is `{text}`: sandrun expands looping strategies before the run and needs this mapping written out (the counts and lists inside it may be expressions)"),
             ));
             None
         }
@@ -107,8 +124,14 @@ fn entries<'n>(node: &'n Node, what: &str, out: &mut Vec<Problem>) -> Option<&'n
     }
 }
 
-/// A whole number of at least 1, written literally.
-fn count(node: &Node, what: &str, out: &mut Vec<Problem>) -> Option<usize> {
+/// A whole number of at least 1, written or given by an expression known before the run.
+fn count(
+    node: &Node,
+    what: &str,
+    field: &str,
+    resolve: Resolve<'_>,
+    out: &mut Vec<Problem>,
+) -> Option<usize> {
     let Some(text) = node.as_str() else {
         out.push(problem(
             node.pos,
@@ -117,29 +140,163 @@ fn count(node: &Node, what: &str, out: &mut Vec<Problem>) -> Option<usize> {
         ));
         return None;
     };
-    if text.contains("<+") {
-        out.push(problem(
-            node.pos,
-            ErrorKind::Unsupported,
-            format!("{what} is `{text}`: sandrun needs a literal number here"),
-        ));
-        return None;
-    }
-    match text.trim().parse::<usize>() {
+    let (value, shown) = if text.contains("<+") {
+        match looked_up(node, text, text, what, field, resolve, out)? {
+            Some(v) => (v.clone(), format!("`{text}` (`{v}`)")),
+            // An unanswered input while only checking the file: one instance stands in.
+            None => return Some(1),
+        }
+    } else {
+        (text.to_string(), format!("`{text}`"))
+    };
+    match value.trim().parse::<usize>() {
         Ok(n) if n >= 1 => Some(n),
         _ => {
             out.push(problem(
                 node.pos,
                 ErrorKind::InvalidValue,
-                format!("{what} must be a whole number of at least 1, not `{text}`"),
+                format!("{what} must be a whole number of at least 1, not {shown}"),
             ));
             None
         }
     }
 }
 
-/// Read a `strategy` mapping and expand it into instances.
-pub(crate) fn read(node: &Node) -> Result<Strategy, Vec<Problem>> {
+/// The values of a list written as an expression (`repeat.items`, a matrix axis):
+/// `<+X.split("SEP")>` splits the value of `<+X>`; any other expression must give a
+/// YAML list (`[a, b]`). `None` after reporting why not.
+fn expr_list(
+    node: &Node,
+    text: &str,
+    what: &str,
+    field: &str,
+    resolve: Resolve<'_>,
+    out: &mut Vec<Problem>,
+) -> Option<Vec<Node>> {
+    let (target, sep) = split_call(text);
+    let Some(value) = looked_up(node, text, &target, what, field, resolve, out)? else {
+        return Some(vec![scalar_at(node.pos, "<input>")]);
+    };
+    let items: Vec<Node> = match sep {
+        Some(sep) => {
+            // Java's `String.split`: trailing empty strings are dropped.
+            let mut parts: Vec<&str> = value.split(sep.as_str()).collect();
+            while parts.last().is_some_and(|p| p.is_empty()) {
+                parts.pop();
+            }
+            parts.into_iter().map(|p| scalar_at(node.pos, p)).collect()
+        }
+        None => match super::yaml::parse(&value) {
+            Ok(Node {
+                value: Value::Seq(items),
+                ..
+            }) => items
+                .into_iter()
+                .map(|mut i| {
+                    place(&mut i, node.pos);
+                    i
+                })
+                .collect(),
+            _ => {
+                out.push(problem(
+                    node.pos,
+                    ErrorKind::InvalidValue,
+                    format!("{what} is `{text}`, whose value `{value}` is not a list: write it as a list (`[a, b]`) or split it (`.split(\",\")`)"),
+                ));
+                return None;
+            }
+        },
+    };
+    if items.is_empty() {
+        out.push(problem(
+            node.pos,
+            ErrorKind::InvalidValue,
+            format!("{what} is `{text}`, which is empty: nothing to run"),
+        ));
+        return None;
+    }
+    Some(items)
+}
+
+/// The value of `target` (the expression `text` written at `node`, or its part to
+/// look up): `Some(None)` for an unanswered input, which one instance stands in for
+/// (reported as [`ErrorKind::MissingInput`]), `None` after reporting why it is not
+/// known before the run.
+fn looked_up(
+    node: &Node,
+    text: &str,
+    target: &str,
+    what: &str,
+    field: &str,
+    resolve: Resolve<'_>,
+    out: &mut Vec<Problem>,
+) -> Option<Option<String>> {
+    match resolve(target, field) {
+        Ok(v) => Some(Some(v)),
+        Err(Missing::Unanswered(why)) => {
+            out.push(problem(
+                node.pos,
+                ErrorKind::MissingInput,
+                format!("{what} is `{text}`: {why}"),
+            ));
+            Some(None)
+        }
+        Err(Missing::NotKnown(why)) => {
+            out.push(problem(
+                node.pos,
+                ErrorKind::Unsupported,
+                format!("{what} is `{text}`: {why}"),
+            ));
+            None
+        }
+    }
+}
+
+/// `<+X.split("SEP")>` as `<+X>` and the separator; anything else as it is.
+fn split_call(text: &str) -> (String, Option<String>) {
+    let whole = || (text.to_string(), None);
+    let Some(inner) = text
+        .trim()
+        .strip_prefix("<+")
+        .and_then(|t| t.strip_suffix('>'))
+    else {
+        return whole();
+    };
+    let Some(at) = inner.rfind(".split(") else {
+        return whole();
+    };
+    let Some(arg) = inner[at + ".split(".len()..].trim().strip_suffix(')') else {
+        return whole();
+    };
+    let arg = arg.trim();
+    let unquoted = arg
+        .strip_prefix('"')
+        .and_then(|a| a.strip_suffix('"'))
+        .or_else(|| arg.strip_prefix('\'').and_then(|a| a.strip_suffix('\'')));
+    match unquoted {
+        Some(sep) if !sep.is_empty() => {
+            (format!("<+{}>", inner[..at].trim()), Some(sep.to_string()))
+        }
+        _ => whole(),
+    }
+}
+
+/// Every node of a value read from an expression sits where the expression is.
+fn place(node: &mut Node, pos: Pos) {
+    node.pos = pos;
+    match &mut node.value {
+        Value::Seq(items) => items.iter_mut().for_each(|i| place(i, pos)),
+        Value::Map(entries) => entries.iter_mut().for_each(|(k, v)| {
+            place(k, pos);
+            place(v, pos);
+        }),
+        Value::Null | Value::Scalar { .. } => {}
+    }
+}
+
+/// Read a `strategy` mapping and expand it into instances; expressions among its
+/// values are looked up with `resolve`.
+pub(crate) fn read(node: &Node, resolve: Resolve<'_>) -> Result<Strategy, Vec<Problem>> {
     let mut out = Vec::new();
     let Some(fields) = entries(node, "`strategy`", &mut out) else {
         return Err(out);
@@ -151,7 +308,9 @@ pub(crate) fn read(node: &Node) -> Result<Strategy, Vec<Problem>> {
             "matrix" => kinds.push((LoopKind::Matrix, k.pos, v)),
             "parallelism" => kinds.push((LoopKind::Parallelism, k.pos, v)),
             "repeat" => kinds.push((LoopKind::Repeat, k.pos, v)),
-            "maxConcurrency" => outer_max = count(v, "`maxConcurrency`", &mut out),
+            "maxConcurrency" => {
+                outer_max = count(v, "`maxConcurrency`", "maxConcurrency", resolve, &mut out)
+            }
             "description" => {}
             key @ ("when" | "onFailure") => out.push(problem(
                 k.pos,
@@ -175,15 +334,16 @@ pub(crate) fn read(node: &Node) -> Result<Strategy, Vec<Problem>> {
             None
         }
         [(kind, _, v)] => match kind {
-            LoopKind::Matrix => matrix(v, &mut out),
-            LoopKind::Parallelism => count(v, "`parallelism`", &mut out)
+            LoopKind::Matrix => matrix(v, resolve, &mut out),
+            LoopKind::Parallelism => count(v, "`parallelism`", "parallelism", resolve, &mut out)
                 .and_then(|n| bounded(n, v.pos, &mut out))
                 .map(|n| Strategy {
                     kind: LoopKind::Parallelism,
                     max_concurrency: None,
                     instances: indexed(n),
+                    unanswered: Vec::new(),
                 }),
-            LoopKind::Repeat => repeat(v, &mut out),
+            LoopKind::Repeat => repeat(v, resolve, &mut out),
         },
         [_, (_, pos, _), ..] => {
             out.push(problem(
@@ -194,14 +354,18 @@ pub(crate) fn read(node: &Node) -> Result<Strategy, Vec<Problem>> {
             None
         }
     };
+    let (unanswered, errors): (Vec<Problem>, Vec<Problem>) = out
+        .into_iter()
+        .partition(|p| p.kind == ErrorKind::MissingInput);
     match strategy {
-        Some(mut s) if out.is_empty() => {
+        Some(mut s) if errors.is_empty() => {
             if s.max_concurrency.is_none() {
                 s.max_concurrency = outer_max;
             }
+            s.unanswered = unanswered;
             Ok(s)
         }
-        _ => Err(out),
+        _ => Err(errors.into_iter().chain(unanswered).collect()),
     }
 }
 
@@ -227,48 +391,48 @@ fn indexed(n: usize) -> Vec<Instance> {
             iterations: n,
             matrix: Vec::new(),
             item: None,
+            any_axis: false,
         })
         .collect()
 }
 
-fn repeat(node: &Node, out: &mut Vec<Problem>) -> Option<Strategy> {
+fn repeat(node: &Node, resolve: Resolve<'_>, out: &mut Vec<Problem>) -> Option<Strategy> {
     let fields = entries(node, "`repeat`", out)?;
     let mut max = None;
     let mut instances = None;
     for (k, v) in fields {
         match k.as_str().unwrap_or_default() {
             "times" => {
-                instances = count(v, "`repeat.times`", out)
+                instances = count(v, "`repeat.times`", "repeat.times", resolve, out)
                     .and_then(|n| bounded(n, v.pos, out))
                     .map(indexed)
             }
             "items" => match &v.value {
-                Value::Seq(items) if !items.is_empty() => {
-                    instances = bounded(items.len(), v.pos, out).map(|n| {
-                        let mut all = indexed(n);
-                        for (inst, item) in all.iter_mut().zip(items) {
-                            inst.item = Some(item.clone());
-                        }
-                        all
-                    });
-                }
+                Value::Seq(items) if !items.is_empty() => instances = itemized(items, v.pos, out),
                 Value::Seq(_) => out.push(problem(
                     v.pos,
                     ErrorKind::InvalidValue,
                     "`repeat.items` is empty: nothing to run",
                 )),
-                Value::Scalar { text, .. } if text.contains("<+") => out.push(problem(
-                    v.pos,
-                    ErrorKind::Unsupported,
-                    format!("`repeat.items` is `{text}`: sandrun needs the list written out"),
-                )),
+                Value::Scalar { text, .. } if text.contains("<+") => {
+                    instances = expr_list(v, text, "`repeat.items`", "repeat.items", resolve, out)
+                        .and_then(|items| itemized(&items, v.pos, out))
+                }
                 _ => out.push(problem(
                     v.pos,
                     ErrorKind::InvalidValue,
                     format!("`repeat.items` must be a list, not {}", v.kind_name()),
                 )),
             },
-            "maxConcurrency" => max = count(v, "`repeat.maxConcurrency`", out),
+            "maxConcurrency" => {
+                max = count(
+                    v,
+                    "`repeat.maxConcurrency`",
+                    "repeat.maxConcurrency",
+                    resolve,
+                    out,
+                )
+            }
             key @ ("start" | "end" | "unit" | "partitionSize") => out.push(problem(
                 k.pos,
                 ErrorKind::Unsupported,
@@ -301,19 +465,73 @@ fn repeat(node: &Node, out: &mut Vec<Problem>) -> Option<Strategy> {
         kind: LoopKind::Repeat,
         max_concurrency: max,
         instances: instances?,
+        unanswered: Vec::new(),
     })
 }
 
-fn matrix(node: &Node, out: &mut Vec<Problem>) -> Option<Strategy> {
+/// One instance per item of `repeat.items`.
+fn itemized(items: &[Node], pos: Pos, out: &mut Vec<Problem>) -> Option<Vec<Instance>> {
+    bounded(items.len(), pos, out).map(|n| {
+        let mut all = indexed(n);
+        for (inst, item) in all.iter_mut().zip(items) {
+            inst.item = Some(item.clone());
+        }
+        all
+    })
+}
+
+fn matrix(node: &Node, resolve: Resolve<'_>, out: &mut Vec<Problem>) -> Option<Strategy> {
+    // Harness's schema lets the whole matrix be a runtime input: its answer is the
+    // mapping of axes, in YAML.
+    let answered: Node;
+    let node = match &node.value {
+        Value::Scalar { text, .. } if text.contains("<+") => {
+            let Some(value) = looked_up(node, text, text, "`matrix`", "matrix", resolve, out)?
+            else {
+                let mut stand_in = indexed(1);
+                stand_in[0].any_axis = true;
+                return Some(Strategy {
+                    kind: LoopKind::Matrix,
+                    max_concurrency: None,
+                    instances: stand_in,
+                    unanswered: Vec::new(),
+                });
+            };
+            match super::yaml::parse(&value) {
+                Ok(mut m) if matches!(m.value, Value::Map(_)) => {
+                    place(&mut m, node.pos);
+                    answered = m;
+                    &answered
+                }
+                _ => {
+                    out.push(problem(
+                        node.pos,
+                        ErrorKind::InvalidValue,
+                        format!("`matrix` is `{text}`, whose value `{value}` is not a mapping of axes to lists (`{{os: [linux, mac]}}`)"),
+                    ));
+                    return None;
+                }
+            }
+        }
+        _ => node,
+    };
     let fields = entries(node, "`matrix`", out)?;
-    let mut axes: Vec<(String, &[Node])> = Vec::new();
+    let mut axes: Vec<(String, std::borrow::Cow<'_, [Node]>)> = Vec::new();
     let mut max = None;
     let mut node_name = None;
     let mut exclude: &[Node] = &[];
     for (k, v) in fields {
         let key = k.as_str().unwrap_or_default();
         match key {
-            "maxConcurrency" => max = count(v, "`matrix.maxConcurrency`", out),
+            "maxConcurrency" => {
+                max = count(
+                    v,
+                    "`matrix.maxConcurrency`",
+                    "matrix.maxConcurrency",
+                    resolve,
+                    out,
+                )
+            }
             "nodeName" => match v.as_str() {
                 Some(text) => node_name = Some((text.to_string(), v.pos)),
                 None => out.push(problem(
@@ -342,22 +560,27 @@ fn matrix(node: &Node, out: &mut Vec<Problem>) -> Option<Strategy> {
                             ));
                         }
                     }
-                    axes.push((axis.to_string(), values));
+                    axes.push((axis.to_string(), values.as_slice().into()));
                 }
                 Value::Seq(_) => out.push(problem(
                     v.pos,
                     ErrorKind::InvalidValue,
                     format!("matrix axis `{axis}` is empty: the matrix would have no instances"),
                 )),
-                Value::Scalar { text, .. } if text.contains("<+") => out.push(problem(
-                    v.pos,
-                    ErrorKind::Unsupported,
-                    format!("matrix axis `{axis}` is `{text}`: sandrun needs the values written out as a list"),
-                )),
+                Value::Scalar { text, .. } if text.contains("<+") => {
+                    let what = format!("matrix axis `{axis}`");
+                    let field = format!("matrix.{axis}");
+                    if let Some(values) = expr_list(v, text, &what, &field, resolve, out) {
+                        axes.push((axis.to_string(), values.into()));
+                    }
+                }
                 _ => out.push(problem(
                     v.pos,
                     ErrorKind::InvalidValue,
-                    format!("matrix axis `{axis}` must be a list of values, not {}", v.kind_name()),
+                    format!(
+                        "matrix axis `{axis}` must be a list of values, not {}",
+                        v.kind_name()
+                    ),
                 )),
             },
         }
@@ -449,10 +672,17 @@ fn matrix(node: &Node, out: &mut Vec<Problem>) -> Option<Strategy> {
                 iterations: n,
                 matrix,
                 item: None,
+                any_axis: false,
             };
             if let Some((name, _)) = &node_name {
-                let label = substitute_text(name, &Subst::full(&inst, Level::Step))
+                let mut label = substitute_text(name, &Subst::full(&inst, Level::Step))
                     .unwrap_or_else(|| name.clone());
+                // Other expressions in it (`<+pipeline.variables.X>`) as far as known now.
+                if label.contains("<+") {
+                    if let Ok(known) = resolve(&label, "matrix.nodeName") {
+                        label = known;
+                    }
+                }
                 inst.postfix = format!("_{}", sanitize(&label));
                 inst.label = Some(label);
             }
@@ -463,6 +693,7 @@ fn matrix(node: &Node, out: &mut Vec<Problem>) -> Option<Strategy> {
         kind: LoopKind::Matrix,
         max_concurrency: max,
         instances,
+        unanswered: Vec::new(),
     })
 }
 
@@ -571,7 +802,10 @@ impl<'a> Subst<'a> {
         if !stage_prefixed && self.hidden.axes.iter().any(|h| h == axis) {
             return None;
         }
-        let mut node = inst.matrix.iter().find(|(a, _)| a == axis)?.1.clone();
+        let Some((_, found)) = inst.matrix.iter().find(|(a, _)| a == axis) else {
+            return inst.any_axis.then(|| scalar("<input>".into()));
+        };
+        let mut node = found.clone();
         for key in parts {
             node = node.get(key)?.clone();
         }
@@ -830,9 +1064,13 @@ mod tests {
     use super::*;
     use crate::pipeline::yaml;
 
+    fn unknown(text: &str, _: &str) -> Result<String, Missing> {
+        Err(Missing::NotKnown(format!("`{text}` is not known here")))
+    }
+
     fn strategy(text: &str) -> Result<Strategy, Vec<Problem>> {
         let root = yaml::parse(text).unwrap();
-        read(root.get("strategy").unwrap())
+        read(root.get("strategy").unwrap(), &unknown)
     }
 
     fn postfixes(s: &Strategy) -> Vec<&str> {
@@ -861,6 +1099,83 @@ mod tests {
             .collect();
         assert_eq!(values, ["os=linux,v=1", "os=linux,v=2", "os=mac,v=1"]);
         assert!(s.instances.iter().all(|i| i.iterations == 3));
+    }
+
+    #[test]
+    fn counts_lists_and_whole_matrices_from_expressions() {
+        let answers = |text: &str, field: &str| -> Result<String, Missing> {
+            match (text, field) {
+                ("<+pipeline.variables.targets>", "repeat.items") => Ok("a,b,,".into()),
+                ("<+pipeline.variables.n>", _) => Ok("3".into()),
+                ("n<+pipeline.variables.n>-a", "matrix.nodeName") => Ok("n3-a".into()),
+                ("<+input>", "matrix") => Ok("{os: [linux, mac], v: [1]}".into()),
+                ("<+input>", "matrix.os") => Ok("[x, y]".into()),
+                ("<+input>", _) => Err(Missing::Unanswered("answer it".into())),
+                _ => Err(Missing::NotKnown("not known".into())),
+            }
+        };
+        let read_with = |text: &str| {
+            let root = yaml::parse(text).unwrap();
+            read(root.get("strategy").unwrap(), &answers)
+        };
+        let s = read_with(
+            "strategy:\n  repeat:\n    items: <+pipeline.variables.targets.split(\",\")>\n    maxConcurrency: <+pipeline.variables.n>\n",
+        )
+        .unwrap();
+        let items: Vec<_> = s
+            .instances
+            .iter()
+            .map(|i| i.item.as_ref().unwrap().as_str().unwrap())
+            .collect();
+        assert_eq!(items, ["a", "b"]);
+        assert_eq!(s.max_concurrency, Some(3));
+        let s = read_with("strategy:\n  matrix: <+input>\n").unwrap();
+        assert_eq!(postfixes(&s), ["_0_0", "_1_0"]);
+        let s = read_with(
+            "strategy:\n  matrix:\n    os: [a]\n    nodeName: n<+pipeline.variables.n>-<+matrix.os>\n",
+        )
+        .unwrap();
+        assert_eq!(postfixes(&s), ["_n3_a"]);
+        let s = read_with("strategy:\n  matrix:\n    os: <+input>\n").unwrap();
+        assert_eq!(postfixes(&s), ["_0", "_1"]);
+        // Unanswered: one stand-in instance, and the input is named.
+        let s = read_with("strategy:\n  parallelism: <+input>\n").unwrap();
+        assert_eq!(postfixes(&s), ["_0"]);
+        assert_eq!(
+            s.unanswered[0].message,
+            "`parallelism` is `<+input>`: answer it"
+        );
+        let s = read_with("strategy:\n  repeat:\n    times: <+input>\n").unwrap();
+        assert_eq!(s.instances.len(), 1);
+        let e = read_with("strategy:\n  repeat:\n    items: <+steps.a.output.outputVariables.L>\n")
+            .unwrap_err();
+        assert_eq!(e[0].kind, ErrorKind::Unsupported);
+        assert_eq!(
+            e[0].message,
+            "`repeat.items` is `<+steps.a.output.outputVariables.L>`: not known"
+        );
+        let e =
+            read_with("strategy:\n  repeat:\n    items: <+pipeline.variables.n>\n").unwrap_err();
+        assert!(
+            e[0].message.contains("whose value `3` is not a list"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_stand_in_for_an_unanswered_matrix_fills_every_axis() {
+        let root = yaml::parse(
+            "step:\n  identifier: t\n  strategy:\n    matrix: <+input>\n  spec:\n    command: echo <+matrix.os>\n",
+        )
+        .unwrap();
+        let step = root.get("step").unwrap();
+        let unanswered = |_: &str, _: &str| -> Result<String, Missing> {
+            Err(Missing::Unanswered("answer it".into()))
+        };
+        let s = read(step.get("strategy").unwrap(), &unanswered).unwrap();
+        let inst = instantiate(step, &s.instances[0], Level::Step);
+        let command = inst.get("spec").unwrap().get("command").unwrap();
+        assert_eq!(command.as_str(), Some("echo <input>"));
     }
 
     #[test]
@@ -916,7 +1231,7 @@ mod tests {
         )
         .unwrap();
         let step = root.get("step").unwrap();
-        let s = read(step.get("strategy").unwrap()).unwrap();
+        let s = read(step.get("strategy").unwrap(), &unknown).unwrap();
         let inst = instantiate(step, &s.instances[0], Level::Step);
         assert!(inst.get("strategy").is_none());
         assert_eq!(inst.get("identifier").unwrap().as_str(), Some("test_0_0"));
@@ -1029,7 +1344,7 @@ mod tests {
         )
         .unwrap();
         let stage = root.get("stage").unwrap();
-        let s = read(stage.get("strategy").unwrap()).unwrap();
+        let s = read(stage.get("strategy").unwrap(), &unknown).unwrap();
         let inst = instantiate(stage, &s.instances[0], Level::Stage);
         let steps = inst
             .get("spec")

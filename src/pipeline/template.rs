@@ -1,10 +1,10 @@
 //! Harness templates (`template: {templateRef, versionLabel, templateInputs}`), inlined
 //! from the template files of the workspace before the pipeline is parsed.
 //!
-//! On Harness a stage, step group or step may be a reference to a template kept on its
-//! server. Teams that keep their pipelines in git (Harness's "Git Experience") keep the
-//! templates beside them, as files holding `template: {name, identifier, versionLabel,
-//! type: Step | StepGroup | Stage, spec}`. sandrun reads those files (under the
+//! On Harness a whole pipeline, a stage, step group or step may be a reference to a
+//! template kept on its server. Teams that keep their pipelines in git (Harness's "Git
+//! Experience") keep the templates beside them, as files holding `template: {name,
+//! identifier, versionLabel, type: Pipeline | Stage | StepGroup | Step, spec}`. sandrun reads those files (under the
 //! workspace's `.harness/`, beside the pipeline file, and in `--templates DIR`), finds
 //! the one a reference names (`account.` and `org.` prefixes name a scope on Harness's
 //! server; here every file is one scope, so only the identifier counts), fills its
@@ -240,9 +240,10 @@ pub fn is_template_file(path: &Path) -> bool {
     })
 }
 
-/// Whether `text` uses templates at all (then the template files are read).
+/// Whether `text` uses templates at all (then the template files are read, and a
+/// `template:` without `templateRef` is reported as such).
 pub(crate) fn uses_templates(text: &str) -> bool {
-    text.contains("templateRef")
+    text.contains("templateRef") || text.contains("template:")
 }
 
 /// Replace every template reference under `root` by the template it names.
@@ -289,6 +290,7 @@ impl Inliner<'_> {
             Value::Map(entries) => {
                 for (k, v) in entries.iter_mut() {
                     let expected = match k.as_str() {
+                        Some("pipeline") => "Pipeline",
                         Some("step") => "Step",
                         Some("stepGroup") => "StepGroup",
                         Some("stage") => "Stage",
@@ -510,6 +512,11 @@ impl Inliner<'_> {
         for (k, v) in usage_entries {
             match k.as_str().unwrap_or_default() {
                 "template" => {}
+                key @ "stages" if expected == "Pipeline" => self.problem(
+                    k.pos,
+                    ErrorKind::InvalidValue,
+                    format!("`{key}` beside `template`: the pipeline takes its stages from template `{ref_text}`; give values through `templateInputs`"),
+                ),
                 key @ ("type" | "spec") => self.problem(
                     k.pos,
                     ErrorKind::InvalidValue,

@@ -234,6 +234,7 @@ impl<'a> Builder<'a> {
         let pipeline = self.file.pipeline.as_ref().map(|p| PipelineName {
             identifier: p.identifier.clone(),
             name: p.name.clone(),
+            template: p.template.as_ref().map(ToString::to_string),
         });
         self.unanswered_server_inputs();
         if let Some(p) = &self.file.pipeline {
@@ -356,6 +357,27 @@ impl<'a> Builder<'a> {
                     "`<+{key}>` is known only to Harness's server: give it with --set {key}=VALUE or in a --values file"
                 ),
             );
+        }
+        // What looping strategies need: asked for here, with every other input.
+        let selected = |stage: &Option<String>| match (stage, &self.inputs.stage) {
+            (Some(s), Some(only)) => {
+                s == only
+                    || self.file.stages.iter().any(|st| {
+                        &st.identifier == s && st.instance.as_ref().is_some_and(|i| &i.of == only)
+                    })
+            }
+            _ => true,
+        };
+        let mut strategies: Vec<(Location, String)> = Vec::new();
+        for u in self.file.unanswered.iter().filter(|u| selected(&u.stage)) {
+            // Every instance of a looped stage reads its steps' strategies again.
+            let input = (u.loc.clone(), u.message.clone());
+            if !strategies.contains(&input) {
+                strategies.push(input);
+            }
+        }
+        for (loc, message) in strategies {
+            self.error(&loc, message);
         }
     }
 
@@ -767,7 +789,8 @@ impl<'a> Builder<'a> {
                 let key = format!("{}.{field}", scope_step_key(scope));
                 let value = match self.answer(&key, &key).or_else(|| default.clone()) {
                     Some(v) => v,
-                    None if self.inputs.placeholders => "<input>".to_string(),
+                    // Nothing to check against `allowed` while only checking the file.
+                    None if self.inputs.placeholders => return Resolved::Text("<input>".into()),
                     None => {
                         self.error(
                             loc,
@@ -1723,6 +1746,22 @@ mod tests {
         assert_eq!(
             script(&ok, 0, "t").render(&Outputs::default(), &mut Vec::new()),
             "echo prod"
+        );
+    }
+
+    #[test]
+    fn an_unanswered_step_input_with_allowed_values_passes_validation() {
+        let yaml = "stage:\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n        - step:\n            identifier: t\n            type: Run\n            spec:\n              shell: <+input>.allowedValues(Sh,Bash)\n              command: \"true\"\n";
+        let file = crate::pipeline::parse_str(Path::new("p.yaml"), yaml).unwrap();
+        let inputs = PlanInputs {
+            placeholders: true,
+            ..PlanInputs::default()
+        };
+        build(&file, &inputs).unwrap();
+        let e = plan(yaml, &[("t.shell", "Zsh")]).unwrap_err();
+        assert!(
+            e.contains("`Zsh` is not an allowed value for `t.shell`"),
+            "{e}"
         );
     }
 

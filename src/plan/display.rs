@@ -16,6 +16,9 @@ pub fn render(plan: &Plan) -> String {
                 p.name,
                 plan.source.display()
             );
+            if let Some(t) = &p.template {
+                let _ = writeln!(out, "  from {t}");
+            }
         }
         None => {
             let _ = writeln!(out, "Stage file {}", plan.source.display());
@@ -43,17 +46,10 @@ pub fn render(plan: &Plan) -> String {
                 i.kind,
                 i.of
             );
-            match (i.max_concurrency, stage.parallel) {
-                (Some(n), None) => {
-                    let _ = writeln!(
-                        out,
-                        " (maxConcurrency {n}: the instances run one after the other here)"
-                    );
-                }
-                _ => {
-                    let _ = writeln!(out);
-                }
-            }
+            let _ = match i.max_concurrency.filter(|&n| n < i.count) {
+                Some(n) => writeln!(out, " (at most {n} at once)"),
+                None => writeln!(out),
+            };
         }
         if let Some(t) = &stage.template {
             let _ = writeln!(out, "  from {t}");

@@ -48,6 +48,8 @@ pub struct Plan {
 pub struct PipelineName {
     pub identifier: String,
     pub name: String,
+    /// The template the pipeline was inlined from (`template `ID` version `V` (file:line)`).
+    pub template: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -5,16 +5,21 @@
 //! `Failure`: only after one has; `All`: always) and its `when.condition` must both
 //! hold. A stage skipped that way is not a failure of the pipeline. The stages of a
 //! `parallel` block start together, each on its own network, and one that fails does
-//! not stop its siblings. The pipeline fails when any stage that ran failed.
+//! not stop its siblings. The pipeline fails when any stage that ran failed. The
+//! instances of a looped stage form such a block of their own (or join the block the
+//! looped stage sits in); with a `maxConcurrency`, at most that many of them run at
+//! once, the next starting, in order, as one ends.
 //!
 //! Output variables of every finished stage are kept by stage identifier
 //! ([`PipelineOutputs`]) and handed to each later stage.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use futures::future::join_all;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{EventSink, RunEvent, StageResult};
@@ -81,13 +86,32 @@ pub async fn run_pipeline(
         }
         let beside_others = starting.len() > 1;
         let shared = &outputs;
+        let caps = loop_caps(starting.iter().map(|(stage, _)| *stage));
         let runs = starting.into_iter().map(|(stage, network)| {
             let events = if beside_others {
                 ctx.events.for_parallel_stage(&stage.identifier)
             } else {
                 ctx.events.clone()
             };
-            async move { run_one(ctx, stage, network, events, shared).await }
+            let cap = stage
+                .instance
+                .as_ref()
+                .and_then(|i| caps.get(i.of.as_str()));
+            async move {
+                // The semaphore is fair: waiting instances start in their order.
+                let _permit = match cap {
+                    Some(cap) => Some(cap.acquire().await.expect("never closed")),
+                    None => None,
+                };
+                if ctx.cancel.is_cancelled() {
+                    events.emit(RunEvent::StageSkipped {
+                        stage: stage.identifier.clone(),
+                        reason: "run cancelled".into(),
+                    });
+                    return StageResult::Skipped;
+                }
+                run_one(ctx, stage, network, events, shared).await
+            }
         });
         let finished = join_all(runs).await;
         for result in finished {
@@ -119,6 +143,21 @@ fn blocks(stages: &[StagePlan]) -> Vec<Vec<usize>> {
         }
     }
     out
+}
+
+/// For each looped stage of a block whose `maxConcurrency` is below the number of its
+/// instances, the semaphore its instances take a place from before they start.
+fn loop_caps<'s>(stages: impl Iterator<Item = &'s StagePlan>) -> BTreeMap<&'s str, Semaphore> {
+    let mut caps = BTreeMap::new();
+    for stage in stages {
+        if let Some(i) = &stage.instance {
+            if let Some(max) = i.max_concurrency.filter(|&m| m < i.count) {
+                caps.entry(i.of.as_str())
+                    .or_insert_with(|| Semaphore::new(max.max(1)));
+            }
+        }
+    }
+    caps
 }
 
 /// Why `stage` does not run, given whether an earlier stage failed; `None` when it runs.

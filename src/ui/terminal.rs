@@ -169,8 +169,15 @@ impl TerminalReporter {
             format_duration(duration)
         ));
         let w = rows.iter().map(|r| r.step.len()).max().unwrap_or(4).max(4);
+        // Unsupported steps keep their own type names, some longer than `Background`.
+        let tw = rows
+            .iter()
+            .map(|r| r.step_type.to_string().len())
+            .max()
+            .unwrap_or(4)
+            .max(10);
         self.line(&self.bold(&format!(
-            "  {:<w$}  {:<10}  {:<16}  {:>8}  {:>4}  TESTS",
+            "  {:<w$}  {:<tw$}  {:<16}  {:>8}  {:>4}  TESTS",
             "STEP", "TYPE", "RESULT", "TIME", "EXIT"
         )));
         for r in rows {
@@ -194,7 +201,7 @@ impl TerminalReporter {
                 .unwrap_or_default();
             let exit = r.exit.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
             self.line(&format!(
-                "  {:<w$}  {:<10}  {label}  {:>8}  {:>4}  {tests}",
+                "  {:<w$}  {:<tw$}  {label}  {:>8}  {:>4}  {tests}",
                 r.step,
                 r.step_type.to_string(),
                 format_duration(r.duration),

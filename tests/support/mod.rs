@@ -83,6 +83,14 @@ pub fn test_user() -> Option<(u32, u32)> {
     })
 }
 
+/// The text of `testdata/pipelines/NAME`.
+pub fn testdata(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/pipelines")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// The binary under test, copied where the unprivileged user can execute it (the
 /// build directory may sit under a home directory it cannot enter). One copy per
 /// build, shared by every test process (nextest runs each test in its own process),
