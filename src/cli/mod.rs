@@ -19,8 +19,10 @@ use crate::run::executor::RunOptions;
 use crate::run::host::HostLauncher;
 use crate::run::pipeline::{run_pipeline, PipelineContext};
 use crate::sandbox::InvokingUser;
-use crate::store::cmd as store_cmd;
 use crate::ui::{self, ColorChoice, JsonReporter, JunitWriter, Reporter, TerminalReporter};
+
+pub mod recipe;
+pub mod store;
 
 const LONG_ABOUT: &str = "\
 sandrun runs a Harness CI stage on this machine, as you, with no daemon.
@@ -79,7 +81,7 @@ pub struct GlobalOptions {
     pub color: ColorChoice,
     /// `--offline`, `--insecure-registry`: for every command that may touch a registry.
     #[command(flatten)]
-    pub registry: store_cmd::RegistryArgs,
+    pub registry: store::RegistryArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -92,22 +94,22 @@ pub enum Command {
     /// Check a pipeline file: syntax, fields, expressions, and steps sandrun cannot run.
     Validate(ValidateArgs),
     /// Fetch images into the store (by reference, or every image a pipeline names).
-    Pull(store_cmd::PullArgs),
+    Pull(store::PullArgs),
     /// List the images in the store.
-    Images(store_cmd::ImagesArgs),
+    Images(store::ImagesArgs),
     /// Remove blobs and layers that no image or lock file references.
-    Gc(store_cmd::GcArgs),
+    Gc(store::GcArgs),
     /// Verify every blob and layer in the store.
-    Fsck(store_cmd::FsckArgs),
+    Fsck(store::FsckArgs),
     /// Pin every image a pipeline names in a lock file beside it (`FILE.lock`), or every
     /// package of an image recipe (`images/NAME.yaml` -> `images/NAME.lock`).
-    Lock(store_cmd::LockArgs),
+    Lock(store::LockArgs),
     /// Build image recipes (`images/NAME.yaml`) into the store, reproducibly.
-    Build(crate::recipe::cmd::BuildArgs),
+    Build(recipe::BuildArgs),
     /// Write images (of a pipeline, or by reference) to an OCI archive.
-    Save(store_cmd::SaveArgs),
+    Save(store::SaveArgs),
     /// Import images from an OCI archive.
-    Load(store_cmd::LoadArgs),
+    Load(store::LoadArgs),
     /// Print a stage for another engine to run (`export kubernetes`: a Pod or Job).
     Export(crate::export::command::ExportArgs),
 }
@@ -258,17 +260,17 @@ fn masked(text: &str) -> String {
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Validate(args) => validate(&args),
-        Command::Pull(a) => store_cmd::pull(&a, &cli.global.registry),
-        Command::Images(a) => store_cmd::images(&a),
-        Command::Gc(a) => store_cmd::gc(&a),
-        Command::Fsck(a) => store_cmd::fsck(&a),
+        Command::Pull(a) => store::pull(&a, &cli.global.registry),
+        Command::Images(a) => store::images(&a),
+        Command::Gc(a) => store::gc(&a),
+        Command::Fsck(a) => store::fsck(&a),
         Command::Lock(a) if crate::recipe::is_recipe_file(&a.pipeline) => {
-            crate::recipe::cmd::lock(&a.pipeline, &cli.global.registry)
+            recipe::lock(&a.pipeline, &cli.global.registry)
         }
-        Command::Lock(a) => store_cmd::lock(&a, &cli.global.registry),
-        Command::Build(a) => crate::recipe::cmd::build(&a, &cli.global.registry),
-        Command::Save(a) => store_cmd::save(&a, &cli.global.registry),
-        Command::Load(a) => store_cmd::load(&a),
+        Command::Lock(a) => store::lock(&a, &cli.global.registry),
+        Command::Build(a) => recipe::build(&a, &cli.global.registry),
+        Command::Save(a) => store::save(&a, &cli.global.registry),
+        Command::Load(a) => store::load(&a),
         Command::Plan(args) => {
             let (_, mut plan) = load_and_plan(&args.input, false, Numbering::Peek)?;
             crate::run::images::resolve_sources(&mut plan, &cli.global.registry.pull_options()?)?;
