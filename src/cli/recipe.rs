@@ -1,5 +1,5 @@
 //! The recipe subcommands: `sandrun build [RECIPE...]` and the recipe half of
-//! `sandrun lock` (which `cli.rs` dispatches here when the file is a recipe).
+//! `sandrun lock` (which `cli` dispatches here when the file is a recipe).
 
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,8 @@
-//! The store's subcommands (`pull`, and the options every registry-touching command
-//! shares). `cli.rs` hooks these in; each handler builds its own tokio runtime so that
-//! the caller can enter a user namespace first (that must happen single-threaded).
+//! The store's subcommands (`pull`, `images`, `gc`, `fsck`, `lock`, `save`, `load`) and
+//! the options every registry-touching command shares. They live in `cli`, not in
+//! `store`, so that the store stays a library that knows nothing of the command line.
+//! Each handler builds its own tokio runtime so that it can enter a user namespace
+//! first (that must happen single-threaded).
 
 use std::path::{Path, PathBuf};
 
