@@ -258,8 +258,9 @@ fn helper_setup(
         .map_err(sys("make a process group"))?;
     // The runner's own stderr, for what the helper says after it has reported the
     // step's exit status (its fd 2 is the step's pipe until then).
-    // SAFETY: F_DUPFD_CLOEXEC on the helper's own descriptor 2.
-    let runner_stderr = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) };
+    // (Kept open as a number: the helper never returns from here.)
+    let runner_stderr = rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), 3)
+        .map_or(-1, std::os::fd::IntoRawFd::into_raw_fd);
     super::container::report_status_to(fds[2].as_raw_fd(), runner_stderr);
     let null = std::fs::File::open("/dev/null")
         .map_err(|e| SandboxError::io("open", Path::new("/dev/null"), e))?;
