@@ -176,30 +176,46 @@ async fn run_one(
             return StageResult::Failed;
         }
     };
+    let result = run_in_network(ctx, stage, &stage_dir, network.as_ref(), events, outputs).await;
+    // The one way out once the network exists: it is torn down whatever happened.
+    if let Some((network, proxy)) = network {
+        proxy.shutdown().await;
+        network.teardown().await;
+    }
+    result
+}
+
+/// The stage's launchers and its executor, inside the stage's network (if any).
+async fn run_in_network(
+    ctx: &PipelineContext<'_>,
+    stage: &StagePlan,
+    stage_dir: &Path,
+    network: Option<&(StageNetwork, ProxyServer)>,
+    events: EventSink,
+    outputs: &Mutex<PipelineOutputs>,
+) -> StageResult {
     let containers = if ctx.images.is_empty() {
         None
     } else {
         match std::env::current_exe() {
-            Ok(exe) => match ContainerLauncher::new(exe, stage_dir.clone(), ctx.images.clone())
-                .with_zygote(ctx.zygote.clone())
-                .with_shared_paths(&stage.shared_paths)
-            {
-                Ok(launcher) => Some(launcher),
-                Err(e) => {
-                    events.emit(RunEvent::StageSkipped {
+            Ok(exe) => {
+                match ContainerLauncher::new(exe, stage_dir.to_path_buf(), ctx.images.clone())
+                    .with_zygote(ctx.zygote.clone())
+                    .with_shared_paths(&stage.shared_paths)
+                {
+                    Ok(launcher) => Some(launcher),
+                    Err(e) => {
+                        events.emit(RunEvent::StageSkipped {
                         stage: stage.identifier.clone(),
                         reason: format!(
                             "cannot make the stage's sharedPaths under {}: {e}; no step was started",
                             stage_dir.display()
                         ),
                     });
-                    if let Some((network, proxy)) = network {
-                        proxy.shutdown().await;
-                        network.teardown().await;
+                        return StageResult::Failed;
                     }
-                    return StageResult::Failed;
                 }
-            },
+            }
             Err(e) => {
                 events.warn(
                     None,
@@ -215,23 +231,17 @@ async fn run_one(
         host: ctx.host,
         containers: containers.as_ref().map(|c| c as &dyn Launcher),
         images: ctx.images,
-        network: network.as_ref().map(|(n, _)| n),
+        network: network.map(|(n, _)| n),
         accept_listeners: network
-            .as_ref()
             .map(|(_, proxy)| proxy.accept_listeners())
             .unwrap_or_default(),
-        state_dir: &stage_dir,
+        state_dir: stage_dir,
         options: ctx.options,
         events,
         cancel: ctx.cancel.clone(),
         pipeline_outputs: outputs,
     };
-    let result = run_stage(&stage_ctx).await;
-    if let Some((network, proxy)) = network {
-        proxy.shutdown().await;
-        network.teardown().await;
-    }
-    result
+    run_stage(&stage_ctx).await
 }
 
 /// The stage's network and its host port bindings. Ports are bound first, so that a
