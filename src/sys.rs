@@ -183,6 +183,10 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(
+        clippy::zombie_processes,
+        reason = "the child is reaped through its pidfd: that is what the test checks"
+    )]
     fn a_waited_child_stays_a_zombie_until_reaped() {
         let child = std::process::Command::new("sh")
             .args(["-c", "exit 7"])
