@@ -4,8 +4,8 @@
 //! own namespaces, and libcontainer carries them into the container with its
 //! recursive bind of the root. libcontainer verifies every path of every mount it makes
 //! through a fresh procfs handle (about 40 system calls a mount); made here, with each
-//! target resolved once inside the root, they cost a few calls each, which measured
-//! 0.7 ms less per step (docs/ARCHITECTURE.md, "Process model").
+//! target resolved once inside the root, they cost a few calls each (docs/performance.md
+//! has the figures).
 //!
 //! Targets are resolved with openat2(2) `RESOLVE_IN_ROOT` ([`RootDir`]): a symlink in the image
 //! (`/etc/resolv.conf -> ../run/resolv.conf`) is followed as the container would see

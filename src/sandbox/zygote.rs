@@ -3,9 +3,10 @@
 //!
 //! libcontainer must run in a single-threaded process, and the runner is a tokio
 //! program; the plain way is to execute `sandrun __container SPEC` for every step.
-//! Loading and relocating the binary again costs about a millisecond per step, and
-//! forking the big multi-threaded runner for it most of another. So `run` forks the
-//! zygote right after entering its user namespace, before any thread exists. The
+//! Loading and relocating the binary again for every step, and forking the big
+//! multi-threaded runner to do it, cost more than the rest of a short step's start
+//! (docs/performance.md). So `run::startup` forks the zygote right after entering its
+//! user namespace, before any thread exists. The
 //! zygote waits on a socket; for each request (the spec's path, the step's stdout and
 //! stderr pipes, the step's network namespace) it clones a helper with `CLONE_PARENT`,
 //! so that the helper is the *runner's* child: the runner waits for it, signals its
