@@ -162,7 +162,7 @@ impl Startup {
                 // Ctrl-C during a pull ends the run at once; the store keeps only blobs
                 // that were verified, so the next pull resumes from them.
                 let prepared = tokio::select! {
-                    r = prepare_images(plan, &pull, local_images, !pull_progress, &sink) => Some(r),
+                    r = prepare_images(plan, &pull, local_images, pull_progress, &sink) => Some(r),
                     _ = cancel.cancelled() => None,
                 };
                 match prepared {
@@ -220,18 +220,19 @@ async fn shown(ui: tokio::task::JoinHandle<anyhow::Result<()>>) -> anyhow::Resul
     }
 }
 
-/// Every image of the plan, present and verified, before any stage starts.
+/// Every image of the plan, present and verified, before any stage starts; with
+/// `show_progress`, pulls are shown on the terminal.
 async fn prepare_images(
     plan: &Plan,
-    pull: &crate::store::PullOptions,
-    present: Option<crate::run::images::Images>,
-    json: bool,
+    pull: &PullOptions,
+    present: Option<Images>,
+    show_progress: bool,
     sink: &EventSink,
-) -> anyhow::Result<crate::run::images::Images> {
+) -> anyhow::Result<Images> {
     let images = match present {
         // Found before the namespace was entered: say so as a pull of them would.
         Some(images) => {
-            if !json {
+            if show_progress {
                 let progress = crate::store::progress::TerminalProgress::new();
                 for image in images.values() {
                     crate::store::PullProgress::event(
@@ -251,11 +252,11 @@ async fn prepare_images(
                 .context("no image store directory: set SANDRUN_HOME (or HOME)")?;
             let store = crate::store::Store::open(&home)
                 .with_context(|| format!("cannot open the image store at {}", home.display()))?;
-            if json {
-                crate::run::images::prepare(plan, &store, pull, &crate::store::NoProgress).await?
-            } else {
+            if show_progress {
                 let progress = crate::store::progress::TerminalProgress::new();
                 crate::run::images::prepare(plan, &store, pull, &progress).await?
+            } else {
+                crate::run::images::prepare(plan, &store, pull, &crate::store::NoProgress).await?
             }
         }
     };

@@ -684,8 +684,7 @@ impl Applier {
             let dir = self.ensure_dir(parent)?;
             let dir = openat(dir.as_raw_fd(), b".", OFlag::O_RDONLY | OFlag::O_DIRECTORY)
                 .map_err(self.sys(parent, "open opaque directory"))?;
-            let trusted = self.real_root
-                && fsetxattr(&dir, "trusted.overlay.opaque", b"y").is_ok();
+            let trusted = self.real_root && fsetxattr(&dir, "trusted.overlay.opaque", b"y").is_ok();
             let user = fsetxattr(&dir, "user.overlay.opaque", b"y");
             if let (false, Err(e)) = (trusted, user) {
                 return Err(self
@@ -838,7 +837,7 @@ impl Applier {
                 );
                 continue;
             }
-            if let Err(e) = fsetxattr(&fd, key, value) {
+            if let Err(e) = fsetxattr(fd, key, value) {
                 self.warn_once(
                     "xattr-failed",
                     format!(
