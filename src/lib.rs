@@ -6,9 +6,11 @@
 //! `net` are asked for images, containers and networks by `run`, and never import it:
 //! the launch contract they share (`launch`: `LaunchSpec`, `Launcher`, `StepChild`)
 //! is a module of its own, implemented by `run::host::HostLauncher` and
-//! `sandbox::ContainerLauncher`. `sys` holds the
+//! `sandbox::ContainerLauncher`. `cli` parses arguments and hands plain options to
+//! `run::startup` (a run) or to its own store and recipe subcommands. `sys` holds the
 //! process-lifetime system calls (pidfds, waiting without reaping, the parent-death
-//! signal) that every layer starting processes uses.
+//! signal) that every layer starting processes uses, and the few others that need
+//! `unsafe` outside a concern of their own.
 
 // Every `unsafe` block says why it is sound (checked by clippy).
 #![warn(clippy::undocumented_unsafe_blocks)]

@@ -5,7 +5,11 @@
 //! process group (a reaped leader frees its id, and a reused id would make the next
 //! `killpg` hit a stranger). The calls for that (the parent-death signal, pidfds,
 //! `waitid` that leaves the child a zombie) go through rustix here, so that their
-//! callers hold no `unsafe` and their pitfalls are handled in one place.
+//! callers hold no `unsafe` and their pitfalls are handled in one place. So do the
+//! calls that nix and rustix do not wrap safely and that the runner makes on its
+//! processes' behalf: joining a network namespace between fork and exec, and the
+//! seccomp user-notification requests that answer a step's `accept` calls
+//! (`net::handoff`).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
@@ -31,16 +35,6 @@ pub fn die_with_parent(parent: Option<u32>) -> io::Result<()> {
 /// A pipe whose two ends are closed on exec: (read, write).
 pub fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
-}
-
-/// Lets `fd` survive the coming exec (clears its close-on-exec flag). Async-signal-safe:
-/// meant for `pre_exec`.
-pub fn keep_across_exec(fd: RawFd) -> io::Result<()> {
-    // SAFETY: the caller keeps `fd` open across this call (it is the child's copy of
-    // a descriptor the parent holds).
-    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
-    Ok(())
 }
 
 /// A pidfd of process `pid`, non-blocking when `nonblock` (to be polled).
@@ -113,11 +107,91 @@ pub fn reap(pidfd: impl AsFd) -> io::Result<()> {
     }
 }
 
+/// Moves the calling thread into the network namespace open as descriptor `fd`.
+/// Async-signal-safe (one system call, no allocation), for a `pre_exec` that got the
+/// descriptor's number before the fork.
+pub fn join_network_namespace(fd: RawFd) -> io::Result<()> {
+    // SAFETY: the descriptor is borrowed only for the one setns call below; a number
+    // that is not open, or not a network namespace, makes setns fail with EBADF or
+    // EINVAL, not touch memory.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    Ok(())
+}
+
+/// Clears close-on-exec on descriptor `fd`, so that the program about to be executed
+/// inherits it. Async-signal-safe (one system call), for a `pre_exec`.
+pub fn keep_across_exec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: the descriptor is borrowed only for the one fcntl call below; a number
+    // that is not open makes it fail with EBADF.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+    Ok(())
+}
+
+/// The seccomp user-notification requests (seccomp_unotify(2)) on a listener
+/// descriptor. nix and rustix do not wrap them; each is one ioctl whose argument is a
+/// kernel structure of fixed size, which the kernel checks against the descriptor
+/// (anything but a seccomp listener fails with an error).
+pub mod seccomp_notify {
+    use super::*;
+
+    /// Receives the next pending notification (a system call the filter stopped).
+    /// Blocks while none is pending.
+    pub fn receive(listener: RawFd) -> io::Result<libc::seccomp_notif> {
+        // SAFETY: seccomp_notif is plain integers, for which all zeroes is a value.
+        let mut notification: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+        // SAFETY: the request writes exactly one seccomp_notif to the pointer, which
+        // points to one that lives across the call.
+        let r = unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_RECV, &mut notification) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(notification)
+    }
+
+    /// Installs a descriptor of ours in the stopped process (as `addfd` says), with
+    /// `SECCOMP_ADDFD_FLAG_SEND` also answering the call with its number.
+    pub fn add_fd(listener: RawFd, addfd: &libc::seccomp_notif_addfd) -> io::Result<()> {
+        // SAFETY: the request reads exactly one seccomp_notif_addfd from the pointer,
+        // a reference valid across the call.
+        let r = unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_ADDFD, addfd) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether the notification `id` is still pending (its process has not died or
+    /// been interrupted by a signal meanwhile).
+    pub fn id_valid(listener: RawFd, id: u64) -> bool {
+        // SAFETY: the request reads exactly one u64 from the pointer, a reference
+        // valid across the call.
+        unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &id) == 0 }
+    }
+
+    /// Answers a notification: the call's result (`error` as a negative errno), or
+    /// with `SECCOMP_USER_NOTIF_FLAG_CONTINUE` in `response.flags`, lets it run.
+    pub fn send(listener: RawFd, response: &libc::seccomp_notif_resp) -> io::Result<()> {
+        // SAFETY: the request reads exactly one seccomp_notif_resp from the pointer,
+        // a reference valid across the call.
+        let r = unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_SEND, response) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    #[allow(
+        clippy::zombie_processes,
+        reason = "the child is reaped through its pidfd: that is what the test checks"
+    )]
     fn a_waited_child_stays_a_zombie_until_reaped() {
         let child = std::process::Command::new("sh")
             .args(["-c", "exit 7"])

@@ -307,33 +307,29 @@ fn plugin_steps_get_their_settings_as_plugin_env() {
         let sb = Sandbox::new(mode);
         sb.write(
             "ci.yaml",
-            &format!(
-                r#"stage:
-  name: s
-  identifier: s
-  type: CI
-  spec:
-    execution:
-      steps:
-        - step:
-            type: Plugin
-            name: notify
-            identifier: notify
-            spec:
-              image: {}
-              entrypoint: ["sh", "-c", "echo \"$PLUGIN_MESSAGE|$PLUGIN_TAGS|$PLUGIN_EXTRA\""]
-              settings:
-                message: built <+stage.name>
-                tags: [a, b]
-                extra:
-                  k: v
+            &support::stage(
+                "",
+                &format!(
+                    r#"- step:
+    type: Plugin
+    name: notify
+    identifier: notify
+    spec:
+      image: {}
+      entrypoint: ["sh", "-c", "echo \"$PLUGIN_MESSAGE|$PLUGIN_TAGS|$PLUGIN_EXTRA\""]
+      settings:
+        message: built <+stage.name>
+        tags: [a, b]
+        extra:
+          k: v
 "#,
-                fx.busybox
+                    fx.busybox
+                ),
             ),
         );
         sb.run(["run", "ci.yaml"])
             .assert_code(0)
-            .assert_stdout(r#"built s|a,b|{"k":"v"}"#);
+            .assert_stdout(r#"built test|a,b|{"k":"v"}"#);
     }
 }
 
@@ -816,35 +812,29 @@ fn shared_paths_are_shared_by_every_container_step() {
         let sb = Sandbox::new(mode);
         sb.write(
             "ci.yaml",
-            &format!(
-                r#"stage:
-  name: s
-  identifier: s
-  type: CI
-  spec:
-    sharedPaths:
-      - /shared/cache
-    execution:
-      steps:
-        - step:
-            type: Run
-            name: write
-            identifier: write
-            spec:
-              image: {bb}
-              shell: Sh
-              runAsUser: "1000"
-              command: echo from-write > /shared/cache/note
-        - step:
-            type: Run
-            name: read
-            identifier: read
-            spec:
-              image: {bb}
-              shell: Sh
-              command: echo "read $(cat /shared/cache/note)"
+            &support::stage(
+                "    sharedPaths:\n      - /shared/cache\n",
+                &format!(
+                    r#"- step:
+    type: Run
+    name: write
+    identifier: write
+    spec:
+      image: {bb}
+      shell: Sh
+      runAsUser: "1000"
+      command: echo from-write > /shared/cache/note
+- step:
+    type: Run
+    name: read
+    identifier: read
+    spec:
+      image: {bb}
+      shell: Sh
+      command: echo "read $(cat /shared/cache/note)"
 "#,
-                bb = fx.busybox
+                    bb = fx.busybox
+                ),
             ),
         );
         sb.run(["run", "ci.yaml"])

@@ -127,28 +127,18 @@ fn a_timeout_from_a_variable_limits_the_step() {
         let sb = Sandbox::new(mode);
         sb.write(
             "ci.yaml",
-            r#"stage:
-  name: s
-  identifier: s
-  type: CI
-  variables:
-    - name: limit
-      type: String
-      value: <+input>.default(1s)
-  spec:
-    runtime:
-      type: Docker
-      spec: {}
-    execution:
-      steps:
-        - step:
-            type: Run
-            name: slow
-            identifier: slow
-            timeout: <+stage.variables.limit>
-            spec:
-              command: sleep 30
+            &support::stage_with_variables(
+                &[("limit", "String", "<+input>.default(1s)")],
+                support::DOCKER,
+                r#"- step:
+    type: Run
+    name: slow
+    identifier: slow
+    timeout: <+stage.variables.limit>
+    spec:
+      command: sleep 30
 "#,
+            ),
         );
         sb.run(["plan", "ci.yaml"])
             .assert_code(0)

@@ -521,26 +521,19 @@ fn secrets_never_appear_in_output() {
         let sb = Sandbox::new(mode);
         sb.write(
             "ci.yaml",
-            r#"stage:
-  name: s
-  identifier: s
-  type: CI
-  variables:
-    - name: DB_PASSWORD
-      type: Secret
-      value: db_pw
-  spec:
-    execution:
-      steps:
-        - step:
-            type: Run
-            name: leak
-            identifier: leak
-            spec:
-              command: |
-                echo "env: $DB_PASSWORD"
-                echo "expr: <+secrets.getValue("api_key")>"
+            &support::stage_with_variables(
+                &[("DB_PASSWORD", "Secret", "db_pw")],
+                "",
+                r#"- step:
+    type: Run
+    name: leak
+    identifier: leak
+    spec:
+      command: |
+        echo "env: $DB_PASSWORD"
+        echo "expr: <+secrets.getValue("api_key")>"
 "#,
+            ),
         );
         for json in [false, true] {
             let mut args = vec![
@@ -716,24 +709,17 @@ fn runtime_inputs_must_be_answered() {
         let sb = Sandbox::new(mode);
         sb.write(
             "ci.yaml",
-            r#"stage:
-  name: s
-  identifier: s
-  type: CI
-  variables:
-    - name: target
-      type: String
-      value: <+input>
-  spec:
-    execution:
-      steps:
-        - step:
-            type: Run
-            name: show
-            identifier: show
-            spec:
-              command: echo "target=$target stage=<+stage.variables.target>"
+            &support::stage_with_variables(
+                &[("target", "String", "<+input>")],
+                "",
+                r#"- step:
+    type: Run
+    name: show
+    identifier: show
+    spec:
+      command: echo "target=$target stage=<+stage.variables.target>"
 "#,
+            ),
         );
         sb.run(["run", "ci.yaml"])
             .assert_code(2)
@@ -815,44 +801,33 @@ fn when_conditions_read_variables_and_step_outputs() {
         let sb = Sandbox::new(mode);
         sb.write(
             "ci.yaml",
-            r#"stage:
-  name: s
-  identifier: s
-  type: CI
-  variables:
-    - name: target
-      type: String
-      value: staging
-  spec:
-    execution:
-      steps:
-        - step:
-            type: Run
-            name: decide
-            identifier: decide
-            spec:
-              command: GO=yes
-              outputVariables:
-                - name: GO
-        - step:
-            type: Run
-            name: deploy
-            identifier: deploy
-            when:
-              stageStatus: Success
-              condition: <+steps.decide.output.outputVariables.GO> == "yes" && <+stage.variables.target> != "prod"
-            spec:
-              command: echo deploying
-        - step:
-            type: Run
-            name: prod only
-            identifier: prod_only
-            when:
-              stageStatus: Success
-              condition: <+stage.variables.target> == "prod"
-            spec:
-              command: echo should not run
-"#,
+            &support::stage_with_variables(&[("target", "String", "staging")], "", r#"- step:
+    type: Run
+    name: decide
+    identifier: decide
+    spec:
+      command: GO=yes
+      outputVariables:
+        - name: GO
+- step:
+    type: Run
+    name: deploy
+    identifier: deploy
+    when:
+      stageStatus: Success
+      condition: <+steps.decide.output.outputVariables.GO> == "yes" && <+stage.variables.target> != "prod"
+    spec:
+      command: echo deploying
+- step:
+    type: Run
+    name: prod only
+    identifier: prod_only
+    when:
+      stageStatus: Success
+      condition: <+stage.variables.target> == "prod"
+    spec:
+      command: echo should not run
+"#),
         );
         let r = sb.run(["run", "ci.yaml"]);
         r.assert_code(0).assert_stdout("deploying");
@@ -1276,7 +1251,10 @@ fn plan_says_host_steps_do_not_get_missing_shared_paths() {
     let sb = Sandbox::new(modes()[0]);
     sb.write(
         "ci.yaml",
-        "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    sharedPaths:\n      - /shared/sandrun-nowhere\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: on host\n            identifier: on_host\n            spec:\n              command: ls /shared/sandrun-nowhere\n",
+        &support::stage(
+            "    sharedPaths:\n      - /shared/sandrun-nowhere\n",
+            "- step:\n    type: Run\n    name: on host\n    identifier: on_host\n    spec:\n      command: ls /shared/sandrun-nowhere\n",
+        ),
     );
     sb.run(["plan", "ci.yaml"]).assert_code(0).assert_stdout(
         "`sharedPaths` /shared/sandrun-nowhere are not directories on this machine, so its host steps (on_host) do not share them",
@@ -1296,8 +1274,11 @@ fn host_steps_share_shared_paths() {
         let dir = host_dir.display();
         sb.write(
             "ci.yaml",
-            &format!(
-                "stage:\n  name: s\n  identifier: s\n  type: CI\n  spec:\n    sharedPaths:\n      - {dir}\n    execution:\n      steps:\n        - step:\n            type: Run\n            name: write\n            identifier: write\n            spec:\n              shell: Sh\n              command: echo from-write > {dir}/note; ls {dir}\n        - step:\n            type: Run\n            name: read\n            identifier: read\n            spec:\n              shell: Sh\n              command: |\n                echo \"read: $(cat {dir}/note)\"\n"
+            &support::stage(
+                &format!("    sharedPaths:\n      - {dir}\n"),
+                &format!(
+                    "- step:\n    type: Run\n    name: write\n    identifier: write\n    spec:\n      shell: Sh\n      command: echo from-write > {dir}/note; ls {dir}\n- step:\n    type: Run\n    name: read\n    identifier: read\n    spec:\n      shell: Sh\n      command: |\n        echo \"read: $(cat {dir}/note)\"\n"
+                ),
             ),
         );
         let r = sb.run(["run", "ci.yaml"]);

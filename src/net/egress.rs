@@ -134,9 +134,7 @@ async fn start_relay(slirp: &PathBuf, target: BorrowedFd<'_>) -> Result<Relay, N
     unsafe {
         command.pre_exec(move || {
             for fd in inherited {
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                crate::sys::keep_across_exec(fd)?;
             }
             Ok(())
         });

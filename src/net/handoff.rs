@@ -172,22 +172,18 @@ impl Handoff {
                     }
                     Pending::Gone => return,
                 }
-                // SAFETY: seccomp_notif is plain data; the kernel fills it.
-                let mut n: libc::seccomp_notif = unsafe { std::mem::zeroed() };
-                // SAFETY: the ioctl writes one seccomp_notif to `n`. A notification is
-                // pending (POLLIN), so it does not block.
-                let r = unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_RECV, &mut n) };
-                if r < 0 {
-                    let e = io::Error::last_os_error();
-                    match e.raw_os_error() {
-                        // Withdrawn between poll and receive, or a signal.
-                        Some(libc::ENOENT) | Some(libc::EINTR) => continue,
-                        _ => {
-                            tracing::warn!(step = %self.key, "seccomp listener failed: {e}");
-                            return;
-                        }
+                // A notification is pending (POLLIN): this does not block.
+                let n = match crate::sys::seccomp_notify::receive(fd) {
+                    Ok(n) => n,
+                    // Withdrawn between poll and receive, or a signal.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINTR)) => {
+                        continue
                     }
-                }
+                    Err(e) => {
+                        tracing::warn!(step = %self.key, "seccomp listener failed: {e}");
+                        return;
+                    }
+                };
                 tokio::spawn(self.clone().answer(notify.clone(), n));
             }
         }
@@ -392,11 +388,9 @@ fn install(
             0
         },
     };
-    // SAFETY: the ioctl reads one seccomp_notif_addfd; the kernel duplicates `srcfd`
-    // into the caller and answers the call with its number.
-    let r = unsafe { libc::ioctl(notify, libc::SECCOMP_IOCTL_NOTIF_ADDFD, &addfd) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
+    // The kernel duplicates `srcfd` into the caller and answers the call with its
+    // number.
+    if let Err(e) = crate::sys::seccomp_notify::add_fd(notify, &addfd) {
         if e.raw_os_error() == Some(libc::ENOENT) {
             // Withdrawn (a signal): the next accept gets it.
             return Err((conn, peer));
@@ -546,8 +540,7 @@ fn poll_now(fd: RawFd) -> libc::c_short {
 }
 
 fn id_valid(notify: RawFd, id: u64) -> bool {
-    // SAFETY: the ioctl reads one u64.
-    unsafe { libc::ioctl(notify, libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &id) == 0 }
+    crate::sys::seccomp_notify::id_valid(notify, id)
 }
 
 fn respond(notify: RawFd, id: u64, error: i32, flags: u32) {
@@ -557,8 +550,8 @@ fn respond(notify: RawFd, id: u64, error: i32, flags: u32) {
         error,
         flags,
     };
-    // SAFETY: the ioctl reads one seccomp_notif_resp. ENOENT (withdrawn) is fine.
-    unsafe { libc::ioctl(notify, libc::SECCOMP_IOCTL_NOTIF_SEND, &resp) };
+    // ENOENT (withdrawn) is fine.
+    let _ = crate::sys::seccomp_notify::send(notify, &resp);
 }
 
 /// Lets the call run as if nothing had watched it.

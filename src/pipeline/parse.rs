@@ -435,6 +435,12 @@ impl<'e> Parser<'e> {
     }
 
     /// The node as a mapping, or an error saying what it should have been.
+    /// The mapping under `key` of `f`, when it is there and not null.
+    fn optional_map<'n>(&mut self, f: &Fields<'n>, key: &str) -> Option<Fields<'n>> {
+        let node = f.get(key).filter(|n| !n.is_null())?;
+        self.map(node, &format!("`{key}` of {}", f.what))
+    }
+
     fn map<'n>(&mut self, node: &'n Node, what: &str) -> Option<Fields<'n>> {
         match &node.value {
             Value::Map(entries) => Some(Fields {
@@ -1820,13 +1826,7 @@ impl<'e> Parser<'e> {
 
     fn env(&mut self, f: &Fields<'_>) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
-        let Some(n) = f.get("envVariables") else {
-            return env;
-        };
-        if n.is_null() {
-            return env;
-        }
-        let Some(ef) = self.map(n, &format!("`envVariables` of {}", f.what)) else {
+        let Some(ef) = self.optional_map(f, "envVariables") else {
             return env;
         };
         for (k, v) in ef.entries {
@@ -2078,17 +2078,11 @@ impl<'e> Parser<'e> {
 
     fn port_bindings(&mut self, f: &Fields<'_>) -> Vec<(u16, u16)> {
         let mut out = Vec::new();
-        let Some(n) = f.get("portBindings") else {
-            return out;
-        };
-        if n.is_null() {
-            return out;
-        }
-        let Some(pf) = self.map(n, &format!("`portBindings` of {}", f.what)) else {
+        let Some(pf) = self.optional_map(f, "portBindings") else {
             return out;
         };
         if !pf.entries.is_empty() && self.effective_infra() == Infrastructure::KubernetesDirect {
-            let pos = f.key_pos("portBindings").unwrap_or(n.pos);
+            let pos = f.key_pos("portBindings").unwrap_or(pf.pos);
             self.error(
                 pos,
                 ErrorKind::InvalidValue,

@@ -107,27 +107,16 @@ fn check_output_refs(
     siblings: &HashSet<(At, At)>,
     errors: &mut PipelineErrors,
 ) {
-    let mut steps = Vec::new();
-    for item in &spec.steps {
-        members(item, &[], &mut steps);
-    }
+    let steps = StageSteps::of(Some(spec));
     let mut by_loc: HashMap<&Location, &Member> = HashMap::new();
-    let mut by_id: HashMap<&str, Vec<&Member>> = HashMap::new();
-    for m in &steps {
+    for m in &steps.steps {
         by_loc.entry(&m.loc).or_insert(m);
-        by_id.entry(m.id.as_str()).or_default().push(m);
     }
     for r in refs {
         let Some(from) = by_loc.get(&r.from_step) else {
             continue;
         };
-        let candidates: Vec<&Member> = by_id
-            .get(r.step.as_str())
-            .into_iter()
-            .flatten()
-            .copied()
-            .filter(|m| m.path.ends_with(&r.group_path))
-            .collect();
+        let candidates: Vec<&Member> = steps.named(&r.step, &r.group_path).collect();
         let target = if r.group_path.is_empty() {
             format!("step `{}`", r.step)
         } else {
@@ -241,6 +230,40 @@ struct Member {
     id: String,
     loc: Location,
     kind: StepKind,
+}
+
+/// Every step of a stage (inside groups, parallel blocks and loops too), found the way
+/// an expression names one: by identifier and the path of groups around it
+/// (`<+pipeline.stages.S.spec.execution.steps.GROUP.steps.ID...>`, or the shorter
+/// `<+steps.ID...>` within the stage).
+struct StageSteps {
+    steps: Vec<Member>,
+    by_id: HashMap<String, Vec<usize>>,
+}
+
+impl StageSteps {
+    fn of(spec: Option<&CiStageSpec>) -> StageSteps {
+        let mut steps = Vec::new();
+        for item in spec.map_or(&[][..], |sp| &sp.steps[..]) {
+            members(item, &[], &mut steps);
+        }
+        let mut by_id: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, m) in steps.iter().enumerate() {
+            by_id.entry(m.id.clone()).or_default().push(i);
+        }
+        StageSteps { steps, by_id }
+    }
+
+    /// The steps called `id` whose enclosing groups end with `group_path`, in file
+    /// order.
+    fn named<'s>(&'s self, id: &str, group_path: &'s [String]) -> impl Iterator<Item = &'s Member> {
+        self.by_id
+            .get(id)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.steps[i])
+            .filter(move |m| m.path.ends_with(group_path))
+    }
 }
 
 fn members(item: &StepItem, path: &[String], out: &mut Vec<Member>) {
@@ -439,15 +462,7 @@ fn check_references(
             } if site.stage.as_ref() != Some(stage) => other_stage(file, current, stage, true)
                 .or_else(|| {
                     let s = &file.stages[stage_index(stage)?];
-                    let mut steps = Vec::new();
-                    for item in s.spec.as_ref().map_or(&[][..], |sp| &sp.steps[..]) {
-                        members(item, &[], &mut steps);
-                    }
-                    let found: Vec<&Member> = steps
-                        .iter()
-                        .filter(|m| &m.id == step && m.path.ends_with(group_path))
-                        .collect();
-                    match found.first() {
+                    match StageSteps::of(s.spec.as_ref()).named(step, group_path).next() {
                         None => Some(format!(
                             "stage `{stage}` has no step `{}`",
                             group_path

@@ -90,7 +90,7 @@ pub async fn build(
         notes.extend(prepared.notes);
         let built = match prepared.outcome {
             Outcome::Cached(image) => Built {
-                image,
+                image: *image,
                 key: prepared.key,
                 cached: true,
                 notes: Vec::new(),
@@ -160,7 +160,8 @@ fn load_chain(path: &Path) -> Result<Vec<Recipe>, RecipeError> {
 }
 
 enum Outcome {
-    Cached(Image),
+    // Boxed: an image record is several times the size of the other variant.
+    Cached(Box<Image>),
     Manifest { reference: String, bytes: Vec<u8> },
 }
 
@@ -389,7 +390,7 @@ fn prepare(
         notes.extend(archives.take_notes());
         return Ok(Prepared {
             key,
-            outcome: Outcome::Cached(image),
+            outcome: Outcome::Cached(Box::new(image)),
             notes,
         });
     }

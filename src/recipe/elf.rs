@@ -42,8 +42,18 @@ impl Elf<'_> {
     }
 }
 
-/// (interpreter, needed names, run paths) of one ELF file.
-fn dynamic(data: &[u8]) -> Result<(Option<String>, Vec<String>, Vec<String>), String> {
+/// What the dynamic loader reads from one ELF file.
+struct Dynamic {
+    /// `PT_INTERP`: the loader a program asks for.
+    interpreter: Option<String>,
+    /// `DT_NEEDED`: the names of the libraries it links.
+    needed: Vec<String>,
+    /// `DT_RPATH` and `DT_RUNPATH`, split at `:`.
+    run_paths: Vec<String>,
+}
+
+/// The dynamic section of one ELF file (`data`), as far as the loader needs it.
+fn dynamic(data: &[u8]) -> Result<Dynamic, String> {
     if data.get(..4) != Some(b"\x7fELF") {
         return Err("not an ELF file (`libraries` needs a dynamically linked program)".into());
     }
@@ -72,7 +82,11 @@ fn dynamic(data: &[u8]) -> Result<(Option<String>, Vec<String>, Vec<String>), St
         }
     }
     let Some((dyn_off, dyn_size)) = dynamic else {
-        return Ok((interp, Vec::new(), Vec::new()));
+        return Ok(Dynamic {
+            interpreter: interp,
+            needed: Vec::new(),
+            run_paths: Vec::new(),
+        });
     };
     let mut strtab = None;
     let mut needed = Vec::new();
@@ -95,17 +109,17 @@ fn dynamic(data: &[u8]) -> Result<(Option<String>, Vec<String>, Vec<String>), St
         .map(|(v, o, _)| strtab - v + o)
         .ok_or("the dynamic string table is outside every loaded segment")? as usize;
     let s = |off: u64| e.cstr(base + off as usize).ok_or_else(bad);
-    Ok((
-        interp,
-        needed.into_iter().map(s).collect::<Result<_, _>>()?,
-        paths
+    Ok(Dynamic {
+        interpreter: interp,
+        needed: needed.into_iter().map(s).collect::<Result<_, _>>()?,
+        run_paths: paths
             .into_iter()
             .map(s)
             .collect::<Result<Vec<String>, _>>()?
             .iter()
             .flat_map(|p| p.split(':').map(str::to_string).collect::<Vec<_>>())
             .collect(),
-    ))
+    })
 }
 
 fn standard_dirs() -> Vec<PathBuf> {
@@ -128,8 +142,11 @@ pub fn closure(program: &Path, data: &[u8]) -> Result<Vec<PathBuf>, String> {
     let mut found: BTreeSet<PathBuf> = BTreeSet::new();
     let mut todo: Vec<(PathBuf, Vec<u8>)> = vec![(program.to_path_buf(), data.to_vec())];
     while let Some((path, bytes)) = todo.pop() {
-        let (interp, needed, runpaths) =
-            dynamic(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        let Dynamic {
+            interpreter: interp,
+            needed,
+            run_paths: runpaths,
+        } = dynamic(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         let origin = path.parent().unwrap_or(Path::new("/")).to_path_buf();
         let mut dirs: Vec<PathBuf> = runpaths
             .iter()

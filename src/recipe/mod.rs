@@ -13,7 +13,6 @@
 
 mod archive;
 pub mod build;
-pub mod cmd;
 mod deb;
 mod elf;
 mod error;

@@ -8,3 +8,4 @@ pub mod images;
 pub mod pipeline;
 pub mod ports;
 pub mod sequence;
+pub mod startup;

@@ -215,7 +215,25 @@ async fn run_one(
             return StageResult::Failed;
         }
     };
-    let shared_paths = match shared_dirs(&stage_dir, &stage.shared_paths) {
+    let result = run_in_network(ctx, stage, &stage_dir, network.as_ref(), events, outputs).await;
+    // The one way out once the network exists: it is torn down whatever happened.
+    if let Some((network, proxy)) = network {
+        proxy.shutdown().await;
+        network.teardown().await;
+    }
+    result
+}
+
+/// The stage's launchers and its executor, inside the stage's network (if any).
+async fn run_in_network(
+    ctx: &PipelineContext<'_>,
+    stage: &StagePlan,
+    stage_dir: &Path,
+    network: Option<&(StageNetwork, ProxyServer)>,
+    events: EventSink,
+    outputs: &Mutex<PipelineOutputs>,
+) -> StageResult {
+    let shared_paths = match shared_dirs(stage_dir, &stage.shared_paths) {
         Ok(dirs) => dirs,
         Err(e) => {
             events.emit(RunEvent::StageSkipped {
@@ -225,10 +243,6 @@ async fn run_one(
                     stage_dir.display()
                 ),
             });
-            if let Some((network, proxy)) = network {
-                proxy.shutdown().await;
-                network.teardown().await;
-            }
             return StageResult::Failed;
         }
     };
@@ -237,7 +251,7 @@ async fn run_one(
     } else {
         match std::env::current_exe() {
             Ok(exe) => Some(
-                ContainerLauncher::new(exe, stage_dir.clone(), ctx.images.clone())
+                ContainerLauncher::new(exe, stage_dir.to_path_buf(), ctx.images.clone())
                     .with_zygote(ctx.zygote.clone()),
             ),
             Err(e) => {
@@ -255,24 +269,18 @@ async fn run_one(
         host: ctx.host,
         containers: containers.as_ref().map(|c| c as &dyn Launcher),
         images: ctx.images,
-        network: network.as_ref().map(|(n, _)| n),
+        network: network.map(|(n, _)| n),
         accept_listeners: network
-            .as_ref()
             .map(|(_, proxy)| proxy.accept_listeners())
             .unwrap_or_default(),
-        state_dir: &stage_dir,
+        state_dir: stage_dir,
         options: ctx.options,
         events,
         cancel: ctx.cancel.clone(),
         pipeline_outputs: outputs,
         shared_paths,
     };
-    let result = run_stage(&stage_ctx).await;
-    if let Some((network, proxy)) = network {
-        proxy.shutdown().await;
-        network.teardown().await;
-    }
-    result
+    run_stage(&stage_ctx).await
 }
 
 /// A directory of the stage's own for each of `paths`, which every step sees at that

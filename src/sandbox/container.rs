@@ -15,7 +15,7 @@
 //! image); things it cannot do but runs on without start with [`WARNING_PREFIX`].
 
 use std::fs;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -25,6 +25,7 @@ use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use nix::mount::{umount2, MntFlags};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -483,14 +484,11 @@ fn read_signals() -> Vec<i32> {
     let fd = SIGNAL_READ.load(Ordering::Relaxed);
     let mut out = Vec::new();
     let mut buf = [0u8; 16];
-    loop {
-        // SAFETY: reading into a local buffer from our own non-blocking pipe.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            return out;
-        }
-        out.extend(buf[..n as usize].iter().map(|b| i32::from(*b)));
+    // The pipe is non-blocking: EAGAIN once it is empty.
+    while let Ok(n @ 1..) = nix::unistd::read(fd, &mut buf) {
+        out.extend(buf[..n].iter().map(|b| i32::from(*b)));
     }
+    out
 }
 
 /// Waits for the container's init, forwarding signals to it meanwhile. pidfd + poll so
@@ -499,7 +497,9 @@ fn read_signals() -> Vec<i32> {
 fn wait_forwarding_signals(pid: Pid) -> Result<(WaitStatus, Option<Signal>), SandboxError> {
     let pidfd = crate::sys::pidfd_open(pid.as_raw() as u32, false)
         .map_err(|e| SandboxError::sys("open a pidfd for the container", e))?;
-    let signal_fd = SIGNAL_READ.load(Ordering::Relaxed);
+    // SAFETY: the signal pipe's read end is opened once, before this, and never
+    // closed while the helper lives.
+    let signal_fd = unsafe { BorrowedFd::borrow_raw(SIGNAL_READ.load(Ordering::Relaxed)) };
     let mut emulated = None;
     loop {
         for sig in read_signals() {
@@ -508,27 +508,15 @@ fn wait_forwarding_signals(pid: Pid) -> Result<(WaitStatus, Option<Signal>), San
             }
         }
         let mut fds = [
-            libc::pollfd {
-                fd: pidfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: signal_fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(signal_fd, PollFlags::POLLIN),
         ];
-        // SAFETY: fds is a valid array of two pollfd.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(SandboxError::sys("wait for the container", err));
+        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(SandboxError::sys("wait for the container", e)),
         }
-        if fds[0].revents != 0 {
+        if fds[0].any() == Some(true) {
             loop {
                 match waitpid(pid, None) {
                     Err(nix::errno::Errno::EINTR) => continue,

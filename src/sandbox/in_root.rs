@@ -10,11 +10,14 @@
 //! Reads are bounded, refuse what is not a regular file (a FIFO would block the
 //! runner), and glob expansion lists directories through the same resolution.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
 
 /// A directory that paths are resolved in as if it were `/`.
 #[derive(Debug)]
@@ -47,16 +50,13 @@ pub enum LastLink {
 impl RootDir {
     /// Opens `path` (a host path, trusted) as the root for later lookups.
     pub fn open(path: &Path) -> io::Result<RootDir> {
-        let c = CString::new(path.as_os_str().as_bytes())?;
-        // SAFETY: open(2) with a valid C string.
-        let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
+        let fd = rustix::fs::open(
+            path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         Ok(RootDir {
-            fd: owned(fd.into())?,
+            fd,
             path: path.to_path_buf(),
         })
     }
@@ -67,38 +67,28 @@ impl RootDir {
     }
 
     /// openat2(2) of `path` below the root as if the root were `/` (symlinks, `..` and
-    /// absolute links stay inside it; magic links of /proc are refused). `flags` are
-    /// open(2) flags; `O_CLOEXEC` is added.
-    pub fn resolve(&self, path: &Path, flags: i32) -> io::Result<OwnedFd> {
+    /// absolute links stay inside it; magic links of /proc are refused). `O_CLOEXEC` is
+    /// added to `flags`.
+    pub fn resolve(&self, path: &Path, flags: OFlags) -> io::Result<OwnedFd> {
         let relative = path.strip_prefix("/").unwrap_or(path);
-        let c = CString::new(if relative.as_os_str().is_empty() {
-            b".".to_vec()
+        let relative = if relative.as_os_str().is_empty() {
+            Path::new(".")
         } else {
-            relative.as_os_str().as_bytes().to_vec()
-        })?;
-        // SAFETY: open_how is plain data; all-zero is its documented default.
-        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = (flags | libc::O_CLOEXEC) as u64;
-        how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+            relative
+        };
         // The kernel answers EAGAIN when a `..` was resolved while any mount or rename
         // happened on the system (it cannot then prove the walk stayed inside): retry.
         let mut attempts = 0;
         loop {
-            // SAFETY: openat2(2) with a valid path and a filled `open_how`.
-            let fd = unsafe {
-                libc::syscall(
-                    libc::SYS_openat2,
-                    self.fd.as_raw_fd(),
-                    c.as_ptr(),
-                    &how as *const libc::open_how,
-                    std::mem::size_of::<libc::open_how>(),
-                )
-            };
-            match owned(fd) {
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && attempts < 1000 => {
-                    attempts += 1
-                }
-                result => return result,
+            match rustix::fs::openat2(
+                &self.fd,
+                relative,
+                flags | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+            ) {
+                Err(Errno::AGAIN) if attempts < 1000 => attempts += 1,
+                result => return Ok(result?),
             }
         }
     }
@@ -113,9 +103,9 @@ impl RootDir {
             source,
         };
         // O_NONBLOCK: opening a FIFO the step left there must not wait for a writer.
-        let mut flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
+        let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY;
         if last == LastLink::Refuse {
-            flags |= libc::O_NOFOLLOW;
+            flags |= OFlags::NOFOLLOW;
         }
         let fd = match self.resolve(path, flags) {
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) && last == LastLink::Refuse => {
@@ -191,7 +181,7 @@ impl RootDir {
     }
 
     fn is_regular_file(&self, path: &Path) -> bool {
-        self.resolve(path, libc::O_PATH)
+        self.resolve(path, OFlags::PATH)
             .ok()
             .and_then(|fd| std::fs::File::from(fd).metadata().ok())
             .is_some_and(|m| m.is_file())
@@ -200,7 +190,7 @@ impl RootDir {
     /// The names in directory `dir` (resolved inside the root), each with whether it is
     /// a directory itself (a symlink is not); empty when `dir` cannot be listed.
     fn entries(&self, dir: &Path) -> Vec<(std::ffi::OsString, bool)> {
-        let Ok(fd) = self.resolve(dir, libc::O_RDONLY | libc::O_DIRECTORY) else {
+        let Ok(fd) = self.resolve(dir, OFlags::RDONLY | OFlags::DIRECTORY) else {
             return Vec::new();
         };
         // `Dir` owns the descriptor from here (and closes it when it fails).
@@ -250,15 +240,6 @@ fn kind(t: &std::fs::FileType) -> &'static str {
     } else {
         "not a regular file"
     }
-}
-
-/// A descriptor a raw system call returned (or its error).
-pub(crate) fn owned(r: libc::c_long) -> io::Result<OwnedFd> {
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the call returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
 
 #[cfg(test)]

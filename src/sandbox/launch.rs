@@ -48,9 +48,7 @@ pub fn spawn_container(
     unsafe {
         cmd.pre_exec(move || {
             if let Some(fd) = netns {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                crate::sys::join_network_namespace(fd)?;
             }
             crate::sys::die_with_parent(Some(parent))
         });

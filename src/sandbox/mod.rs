@@ -4,7 +4,8 @@
 //! per step with libcontainer, from a plain-data [`ContainerSpec`]; `launch` spawns that
 //! helper from the (multi-threaded) runner. Namespace and mount system calls live
 //! here and in `net/` (network namespaces); the process-lifetime ones (pidfds,
-//! waiting, the parent-death signal) in `crate::sys`.
+//! waiting, the parent-death signal) and joining a namespace between fork and exec
+//! in `crate::sys`.
 
 pub mod container;
 pub mod error;

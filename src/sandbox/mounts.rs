@@ -4,8 +4,8 @@
 //! own namespaces, and libcontainer carries them into the container with its
 //! recursive bind of the root. libcontainer verifies every path of every mount it makes
 //! through a fresh procfs handle (about 40 system calls a mount); made here, with each
-//! target resolved once inside the root, they cost a few calls each, which measured
-//! 0.7 ms less per step (docs/ARCHITECTURE.md, "Process model").
+//! target resolved once inside the root, they cost a few calls each (docs/performance.md
+//! has the figures).
 //!
 //! Targets are resolved with openat2(2) `RESOLVE_IN_ROOT` ([`RootDir`]): a symlink in the image
 //! (`/etc/resolv.conf -> ../run/resolv.conf`) is followed as the container would see
@@ -13,16 +13,18 @@
 //! 0755, files 0644, as runc does). All of it happens in the helper's private mount
 //! namespace, so nothing is left mounted when the helper ends.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
 use oci_spec::runtime::Mount;
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, OpenTreeFlags};
 
-use super::in_root::{owned, RootDir};
+use super::in_root::RootDir;
 
 /// Makes `mounts` (OCI mount entries: binds and fresh filesystems) inside `root`, in
 /// order. The error names the mount's destination.
@@ -110,50 +112,17 @@ fn fresh(fstype: &str, source: &Path, target: &OwnedFd, options: &Options) -> io
         )
         .map_err(io::Error::from);
     }
-    let fstype = CString::new(fstype)?;
-    // SAFETY: fsopen(2) with a valid C string; returns a new descriptor or -1.
-    let fs =
-        owned(unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), libc::FSOPEN_CLOEXEC) })?;
-    let config = |cmd: libc::c_uint, key: Option<&str>, value: Option<&str>| -> io::Result<()> {
-        let key = key.map(CString::new).transpose()?;
-        let value = value.map(CString::new).transpose()?;
-        // SAFETY: fsconfig(2) on our context with valid C strings (or null).
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_fsconfig,
-                fs.as_raw_fd(),
-                cmd,
-                key.as_ref().map_or(std::ptr::null(), |k| k.as_ptr()),
-                value.as_ref().map_or(std::ptr::null(), |v| v.as_ptr()),
-                0,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    config(
-        libc::FSCONFIG_SET_STRING,
-        Some("source"),
-        Some(&source.to_string_lossy()),
-    )?;
+    let fs = rustix::mount::fsopen(fstype, FsOpenFlags::FSOPEN_CLOEXEC)?;
+    rustix::mount::fsconfig_set_string(&fs, "source", source)?;
     for option in options.data.split(',').filter(|o| !o.is_empty()) {
         match option.split_once('=') {
-            Some((key, value)) => config(libc::FSCONFIG_SET_STRING, Some(key), Some(value))?,
-            None => config(libc::FSCONFIG_SET_FLAG, Some(option), None)?,
+            Some((key, value)) => rustix::mount::fsconfig_set_string(&fs, key, value)?,
+            None => rustix::mount::fsconfig_set_flag(&fs, option)?,
         }
     }
-    config(libc::FSCONFIG_CMD_CREATE, None, None)?;
-    // SAFETY: fsmount(2) on our configured context.
-    let mnt = owned(unsafe {
-        libc::syscall(
-            libc::SYS_fsmount,
-            fs.as_raw_fd(),
-            libc::FSMOUNT_CLOEXEC,
-            mount_attributes(options.flags),
-        )
-    })?;
+    rustix::mount::fsconfig_create(&fs)?;
+    let attributes = MountAttrFlags::from_bits_retain(mount_attributes(options.flags) as u32);
+    let mnt = rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attributes)?;
     move_mount(&mnt, target)
 }
 
@@ -205,35 +174,24 @@ pub(crate) fn mount_setattr(
 
 /// Attaches the detached mount `mnt` on `target`.
 fn move_mount(mnt: &OwnedFd, target: &OwnedFd) -> io::Result<()> {
-    // SAFETY: move_mount(2) between two descriptors we hold.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            mnt.as_raw_fd(),
-            c"".as_ptr(),
-            target.as_raw_fd(),
-            c"".as_ptr(),
-            libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::mount::move_mount(
+        mnt,
+        c"",
+        target,
+        c"",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )?;
     Ok(())
 }
 
 /// A recursive (or not) bind of `source` onto `target`, read-only when asked, with the
 /// new mount API: the copy of the tree gets its attributes before it is attached.
 fn bind(source: &Path, target: &OwnedFd, options: &Options) -> io::Result<()> {
-    let source = CString::new(source.as_os_str().as_bytes())?;
-    let mut flags = (libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC) as libc::c_uint;
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
     if options.recursive {
-        flags |= libc::AT_RECURSIVE as libc::c_uint;
+        flags |= OpenTreeFlags::AT_RECURSIVE;
     }
-    // SAFETY: open_tree(2) with a valid C string; returns a new descriptor or -1.
-    let tree =
-        unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, source.as_ptr(), flags) };
-    let tree = owned(tree)?;
+    let tree = rustix::mount::open_tree(rustix::fs::CWD, source, flags)?;
     let attr_set = mount_attributes(options.flags);
     if attr_set != 0 {
         let mut at = libc::AT_EMPTY_PATH as libc::c_uint;
@@ -247,7 +205,7 @@ fn bind(source: &Path, target: &OwnedFd, options: &Options) -> io::Result<()> {
 
 /// The directory `path` inside `root`, created (with its parents) where missing.
 fn make_dir(root: &RootDir, path: &Path) -> io::Result<OwnedFd> {
-    let flags = libc::O_PATH | libc::O_DIRECTORY;
+    let flags = OFlags::PATH | OFlags::DIRECTORY;
     match root.resolve(path, flags) {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
         found => return found,
@@ -256,18 +214,14 @@ fn make_dir(root: &RootDir, path: &Path) -> io::Result<OwnedFd> {
         return Err(io::Error::from_raw_os_error(libc::ENOENT));
     };
     let dir = make_dir(root, parent)?;
-    let c = CString::new(name.as_bytes())?;
-    // SAFETY: mkdirat(2) in a directory we hold open.
-    if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) } == 0 {
-        // SAFETY: openat(2) of the directory just made, following nothing.
-        let fd = unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                c.as_ptr(),
-                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        };
-        return owned(fd.into());
+    if rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)).is_ok() {
+        // The directory just made, following nothing.
+        return Ok(rustix::fs::openat(
+            &dir,
+            name,
+            flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?);
     }
     // Something is there already: a link, resolved inside the root, or an error.
     root.resolve(path, flags)
@@ -276,7 +230,7 @@ fn make_dir(root: &RootDir, path: &Path) -> io::Result<OwnedFd> {
 
 /// The file `path` inside `root`, created empty (0644) where missing.
 fn make_file(root: &RootDir, path: &Path) -> io::Result<OwnedFd> {
-    match root.resolve(path, libc::O_PATH) {
+    match root.resolve(path, OFlags::PATH) {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
         found => return found,
     }
@@ -284,22 +238,17 @@ fn make_file(root: &RootDir, path: &Path) -> io::Result<OwnedFd> {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     };
     let dir = make_dir(root, parent)?;
-    let c = CString::new(name.as_bytes())?;
-    // SAFETY: openat(2) in a directory we hold open; O_EXCL|O_NOFOLLOW never follows a
-    // link there (a dangling one is reported below).
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_RDONLY | libc::O_CLOEXEC,
-            0o644,
-        )
-    };
-    match owned(fd.into()) {
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => root
-            .resolve(path, libc::O_PATH)
+    // O_EXCL|O_NOFOLLOW never follows a link there (a dangling one is reported below).
+    match rustix::fs::openat(
+        &dir,
+        name,
+        OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    ) {
+        Err(Errno::EXIST) => root
+            .resolve(path, OFlags::PATH)
             .map_err(|e| dangling(&dir, name, e)),
-        made => made,
+        made => Ok(made?),
     }
 }
 

@@ -3,9 +3,10 @@
 //!
 //! libcontainer must run in a single-threaded process, and the runner is a tokio
 //! program; the plain way is to execute `sandrun __container SPEC` for every step.
-//! Loading and relocating the binary again costs about a millisecond per step, and
-//! forking the big multi-threaded runner for it most of another. So `run` forks the
-//! zygote right after entering its user namespace, before any thread exists. The
+//! Loading and relocating the binary again for every step, and forking the big
+//! multi-threaded runner to do it, cost more than the rest of a short step's start
+//! (docs/performance.md). So `run::startup` forks the zygote right after entering its
+//! user namespace, before any thread exists. The
 //! zygote waits on a socket; for each request (the spec's path, the step's stdout and
 //! stderr pipes, the step's network namespace) it clones a helper with `CLONE_PARENT`,
 //! so that the helper is the *runner's* child: the runner waits for it, signals its
@@ -258,8 +259,9 @@ fn helper_setup(
         .map_err(sys("make a process group"))?;
     // The runner's own stderr, for what the helper says after it has reported the
     // step's exit status (its fd 2 is the step's pipe until then).
-    // SAFETY: F_DUPFD_CLOEXEC on the helper's own descriptor 2.
-    let runner_stderr = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) };
+    // (Kept open as a number: the helper never returns from here.)
+    let runner_stderr = rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), 3)
+        .map_or(-1, std::os::fd::IntoRawFd::into_raw_fd);
     super::container::report_status_to(fds[2].as_raw_fd(), runner_stderr);
     let null = std::fs::File::open("/dev/null")
         .map_err(|e| SandboxError::io("open", Path::new("/dev/null"), e))?;

@@ -21,7 +21,6 @@
 pub mod archive;
 pub mod auth;
 mod built;
-pub mod cmd;
 mod error;
 pub mod layout;
 pub mod lock;

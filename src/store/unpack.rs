@@ -44,10 +44,10 @@
 //!   lower layers afterwards.
 
 use std::collections::BTreeMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -684,9 +684,8 @@ impl Applier {
             let dir = self.ensure_dir(parent)?;
             let dir = openat(dir.as_raw_fd(), b".", OFlag::O_RDONLY | OFlag::O_DIRECTORY)
                 .map_err(self.sys(parent, "open opaque directory"))?;
-            let trusted = self.real_root
-                && fsetxattr(dir.as_raw_fd(), "trusted.overlay.opaque", b"y").is_ok();
-            let user = fsetxattr(dir.as_raw_fd(), "user.overlay.opaque", b"y");
+            let trusted = self.real_root && fsetxattr(&dir, "trusted.overlay.opaque", b"y").is_ok();
+            let user = fsetxattr(&dir, "user.overlay.opaque", b"y");
             if let (false, Err(e)) = (trusted, user) {
                 return Err(self
                     .sys(parent, "set user.overlay.opaque (opaque whiteout)")(
@@ -838,7 +837,7 @@ impl Applier {
                 );
                 continue;
             }
-            if let Err(e) = fsetxattr(fd.as_raw_fd(), key, value) {
+            if let Err(e) = fsetxattr(fd, key, value) {
                 self.warn_once(
                     "xattr-failed",
                     format!(
@@ -893,11 +892,9 @@ fn openat(dirfd: RawFd, name: &[u8], flags: OFlag) -> Result<OwnedFd, Errno> {
     .map(owned)
 }
 
-fn fsetxattr(fd: RawFd, key: &str, value: &[u8]) -> Result<(), Errno> {
-    let key = CString::new(key).map_err(|_| Errno::EINVAL)?;
-    // SAFETY: key is NUL-terminated, value is a valid slice for its length.
-    let r = unsafe { libc::fsetxattr(fd, key.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    Errno::result(r).map(drop)
+fn fsetxattr(fd: impl AsFd, key: &str, value: &[u8]) -> Result<(), Errno> {
+    rustix::fs::fsetxattr(fd, key, value, rustix::fs::XattrFlags::empty())
+        .map_err(|e| Errno::from_raw(e.raw_os_error()))
 }
 
 /// Removes `name` under `dirfd` without following symlinks; directories recursively.
@@ -1120,10 +1117,7 @@ pub fn resolve_cross_layer_links(
 /// Makes `dst` share `src`'s blocks (`FICLONE`: btrfs, XFS, bcachefs...). Fails with
 /// `EOPNOTSUPP`/`EXDEV`/`EINVAL` where the filesystem cannot.
 fn reflink(src: &File, dst: &File) -> Result<(), Errno> {
-    // SAFETY: both descriptors are open files owned by the caller for this call;
-    // FICLONE takes the source descriptor as its integer argument and writes no memory.
-    let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
-    Errno::result(r).map(drop)
+    rustix::fs::ioctl_ficlone(dst, src).map_err(|e| Errno::from_raw(e.raw_os_error()))
 }
 
 /// Name of a path for messages.

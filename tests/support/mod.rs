@@ -24,6 +24,23 @@ pub const KUBERNETES: &str = "    infrastructure:\n      type: KubernetesDirect\
 /// A CI stage `test` whose spec starts with `infra` (lines indented for it, or "")
 /// and runs `steps` (a step list written from column 0).
 pub fn stage(infra: &str, steps: &str) -> String {
+    stage_with_variables(&[], infra, steps)
+}
+
+/// [`stage`] with stage variables, each `(name, type, value)`, declared before its
+/// spec (so that a step's line in the file is the same as in a stage written out).
+pub fn stage_with_variables(variables: &[(&str, &str, &str)], infra: &str, steps: &str) -> String {
+    let variables: String = if variables.is_empty() {
+        String::new()
+    } else {
+        let each: String = variables
+            .iter()
+            .map(|(name, kind, value)| {
+                format!("    - name: {name}\n      type: {kind}\n      value: {value}\n")
+            })
+            .collect();
+        format!("  variables:\n{each}")
+    };
     let body: String = steps
         .lines()
         .map(|l| {
@@ -35,7 +52,7 @@ pub fn stage(infra: &str, steps: &str) -> String {
         })
         .collect();
     format!(
-        "stage:\n  name: test\n  identifier: test\n  type: CI\n  spec:\n{infra}    execution:\n      steps:\n{body}"
+        "stage:\n  name: test\n  identifier: test\n  type: CI\n{variables}  spec:\n{infra}    execution:\n      steps:\n{body}"
     )
 }
 

@@ -9,18 +9,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
-use crate::net::StageNetwork;
 use crate::pipeline::{self, PipelineFile};
 use crate::plan::{self, NetworkMode, Plan, PlanInputs};
-use crate::run::events::{EventSink, RunEvent, StageResult};
+use crate::run::events::StageResult;
 use crate::run::executor::RunOptions;
-use crate::run::host::HostLauncher;
-use crate::run::pipeline::{run_pipeline, PipelineContext};
-use crate::sandbox::InvokingUser;
-use crate::store::cmd as store_cmd;
-use crate::ui::{self, ColorChoice, JsonReporter, JunitWriter, Reporter, TerminalReporter};
+use crate::run::startup::{RunRequest, Startup};
+use crate::ui::{ColorChoice, JsonReporter, JunitWriter, Reporter, TerminalReporter};
+
+pub mod recipe;
+pub mod store;
 
 const LONG_ABOUT: &str = "\
 sandrun runs a Harness CI stage on this machine, as you, with no daemon.
@@ -79,7 +77,7 @@ pub struct GlobalOptions {
     pub color: ColorChoice,
     /// `--offline`, `--insecure-registry`: for every command that may touch a registry.
     #[command(flatten)]
-    pub registry: store_cmd::RegistryArgs,
+    pub registry: store::RegistryArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -92,22 +90,22 @@ pub enum Command {
     /// Check a pipeline file: syntax, fields, expressions, and steps sandrun cannot run.
     Validate(ValidateArgs),
     /// Fetch images into the store (by reference, or every image a pipeline names).
-    Pull(store_cmd::PullArgs),
+    Pull(store::PullArgs),
     /// List the images in the store.
-    Images(store_cmd::ImagesArgs),
+    Images(store::ImagesArgs),
     /// Remove blobs and layers that no image or lock file references.
-    Gc(store_cmd::GcArgs),
+    Gc(store::GcArgs),
     /// Verify every blob and layer in the store.
-    Fsck(store_cmd::FsckArgs),
+    Fsck(store::FsckArgs),
     /// Pin every image a pipeline names in a lock file beside it (`FILE.lock`), or every
     /// package of an image recipe (`images/NAME.yaml` -> `images/NAME.lock`).
-    Lock(store_cmd::LockArgs),
+    Lock(store::LockArgs),
     /// Build image recipes (`images/NAME.yaml`) into the store, reproducibly.
-    Build(crate::recipe::cmd::BuildArgs),
+    Build(recipe::BuildArgs),
     /// Write images (of a pipeline, or by reference) to an OCI archive.
-    Save(store_cmd::SaveArgs),
+    Save(store::SaveArgs),
     /// Import images from an OCI archive.
-    Load(store_cmd::LoadArgs),
+    Load(store::LoadArgs),
     /// Print a stage for another engine to run (`export kubernetes`: a Pod or Job).
     Export(crate::export::command::ExportArgs),
 }
@@ -258,17 +256,17 @@ fn masked(text: &str) -> String {
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Validate(args) => validate(&args),
-        Command::Pull(a) => store_cmd::pull(&a, &cli.global.registry),
-        Command::Images(a) => store_cmd::images(&a),
-        Command::Gc(a) => store_cmd::gc(&a),
-        Command::Fsck(a) => store_cmd::fsck(&a),
+        Command::Pull(a) => store::pull(&a, &cli.global.registry),
+        Command::Images(a) => store::images(&a),
+        Command::Gc(a) => store::gc(&a),
+        Command::Fsck(a) => store::fsck(&a),
         Command::Lock(a) if crate::recipe::is_recipe_file(&a.pipeline) => {
-            crate::recipe::cmd::lock(&a.pipeline, &cli.global.registry)
+            recipe::lock(&a.pipeline, &cli.global.registry)
         }
-        Command::Lock(a) => store_cmd::lock(&a, &cli.global.registry),
-        Command::Build(a) => crate::recipe::cmd::build(&a, &cli.global.registry),
-        Command::Save(a) => store_cmd::save(&a, &cli.global.registry),
-        Command::Load(a) => store_cmd::load(&a),
+        Command::Lock(a) => store::lock(&a, &cli.global.registry),
+        Command::Build(a) => recipe::build(&a, &cli.global.registry),
+        Command::Save(a) => store::save(&a, &cli.global.registry),
+        Command::Load(a) => store::load(&a),
         Command::Plan(args) => {
             let (_, mut plan) = load_and_plan(&args.input, false, Numbering::Peek)?;
             crate::run::images::resolve_sources(&mut plan, &cli.global.registry.pull_options()?)?;
@@ -523,13 +521,9 @@ fn export(
 }
 
 fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
-    // Rootless: the children that will write our id maps are forked first, while the
-    // process is small, so that they are ready when the namespace is entered below.
-    let prepared = if nix::unistd::geteuid().is_root() {
-        None
-    } else {
-        Some(crate::sandbox::prepare_rootless().context("cannot set up rootless mode")?)
-    };
+    // First, before the pipeline is read: rootless, this forks the children that will
+    // write the id maps while the process is small and single-threaded.
+    let startup = Startup::begin()?;
     let (_, mut plan) = load_and_plan(&args.input, false, Numbering::Take)?;
     if let Some(dir) = &args.report_dir {
         JunitWriter::check_dir(dir)?;
@@ -539,10 +533,6 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
     crate::run::images::resolve_sources(&mut plan, &pull)?;
     pull.locked = args.locked;
     crate::run::images::apply_lock(&plan.source, &plan, &mut pull)?;
-    let needs_images = plan
-        .stages
-        .iter()
-        .any(|s| s.skipped.is_none() && s.steps().iter().any(|st| st.image.is_some()));
     let unsupported = unsupported_steps(&plan);
     if !unsupported.is_empty() && !args.skip_unsupported {
         bail!(
@@ -550,245 +540,39 @@ fn run(global: &GlobalOptions, args: &RunArgs) -> anyhow::Result<i32> {
             unsupported.join("\n")
         );
     }
-    // Asked before entering the rootless user namespace: inside it the uid is 0.
-    let state_base = crate::sandbox::state::default_base();
-    // What starts before the id maps are written (docs/ARCHITECTURE.md, "A run, in
-    // order"): the zygote, forked while the runner is still single-threaded (it starts
-    // each container helper without executing the binary again), and the thread that
-    // creates the first stage's network namespace (it needs only the namespace's
-    // capabilities, and takes as long as the maps).
-    let first = plan.stages.iter().position(|s| s.skipped.is_none());
-    let rootless = prepared.is_some();
-    let mut zygote = None;
-    let mut network = None;
-    let mut start_early = || {
-        if needs_images {
-            zygote = match crate::sandbox::zygote::Zygote::start(rootless) {
-                Ok(z) => Some(std::sync::Arc::new(z)),
-                Err(e) => {
-                    tracing::debug!("no zygote, helpers are executed: {e}");
-                    None
-                }
-            };
-        }
-        network = match first.and_then(|i| plan.stages[i].net.as_ref()) {
-            Some(net) if !net.egress => Some(StageNetwork::start(net)),
-            _ => None,
-        };
-    };
-    // Rootless, the runner moves into its own user + mount namespace now, while it is
-    // still single-threaded (docs/ARCHITECTURE.md, "Process model"); newuidmap and
-    // newgidmap write its id maps while it goes on.
-    let pending = match prepared {
-        Some(p) => Some(
-            p.begin_with(start_early)
-                .context("cannot set up rootless mode")?,
-        ),
-        None => {
-            start_early();
-            None
-        }
-    };
-    // Images already in the store are looked up meanwhile (no pull: unpacking needs
-    // the maps); then the maps are waited for. Both on this thread: no runtime thread
-    // competes with the helpers for the CPUs before it is needed.
-    let local_images = needs_images
-        .then(|| {
-            let store = crate::store::Store::open(&crate::store::default_home()?).ok()?;
-            crate::run::images::prepare_local(&plan, &store, &pull)
-        })
-        .flatten();
-    let userns = pending
-        .map(|p| p.finish())
-        .transpose()
-        .context("cannot set up rootless mode")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let prebuilt = match network {
-        Some(Ok(started)) => Some(runtime.block_on(started.finish())),
-        Some(Err(e)) => Some(Err(e)),
-        None => None,
-    };
-    let prebuilt = first.zip(prebuilt);
-    let run_dir =
-        crate::sandbox::RunState::create(&state_base, &format!("run-{}", std::process::id()))
-            .context("cannot create the run's state directory")?;
-    let options = RunOptions {
-        grace: args.grace,
-        ready_timeout: args.ready_timeout,
-        skip_unsupported: args.skip_unsupported,
-    };
-    let result = runtime.block_on(async {
-        let (sink, rx) = EventSink::channel();
-        let sink = sink.masking(plan.secrets.clone());
-        let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();
-        if args.json {
-            reporters.push(Box::new(JsonReporter::new(std::io::stdout())));
-        } else {
-            reporters.push(Box::new(TerminalReporter::new(global.color)));
-        }
-        if let Some(dir) = &args.report_dir {
-            reporters.push(Box::new(JunitWriter::new(dir.clone())));
-        }
-        let ui = tokio::spawn(ui::drive(rx, reporters));
-        let cancel = CancellationToken::new();
-        let signals = tokio::spawn(watch_signals(cancel.clone(), sink.clone()));
-        if let Some(limit) = userns.as_ref().and_then(|u| u.limitation()) {
-            sink.warn(None, limit);
-        }
-        let host = HostLauncher {
-            invoking_user: userns.as_ref().map(InvokingUser::new),
-            init_binary: std::env::current_exe().ok(),
-            writable: args.host_writable.clone(),
-        };
-        let images = if needs_images {
-            // Ctrl-C during a pull ends the run at once; the store keeps only blobs that
-            // were verified, so the next pull resumes from them.
-            let prepared = tokio::select! {
-                r = prepare_images(&plan, &pull, local_images, args.json, &sink) => Some(r),
-                _ = cancel.cancelled() => None,
-            };
-            match prepared {
-                Some(Ok(i)) => i,
-                Some(Err(e)) => {
-                    drop(sink);
-                    signals.abort();
-                    let _ = ui.await;
-                    return (Err(e), Ok(Ok(())));
-                }
-                None => {
-                    drop(sink);
-                    signals.abort();
-                    let shown = ui.await;
-                    return (Ok(StageResult::Cancelled), shown);
-                }
-            }
-        } else {
-            Default::default()
-        };
-        let pipeline = PipelineContext {
-            plan: &plan,
-            options: &options,
-            host: &host,
-            images: &images,
-            zygote: zygote.clone(),
-            state_dir: run_dir.dir(),
-            events: sink,
-            cancel,
-        };
-        let outcome = run_pipeline(&pipeline, prebuilt).await;
-        // The display ends once every sender of events is gone.
-        drop(pipeline);
-        signals.abort();
-        let shown = ui.await;
-        (Ok(outcome), shown)
-    });
-    // Helpers that reported their step's exit status early may still be cleaning up
-    // inside the run's state directory.
-    crate::launch::reap_reported();
-    drop(run_dir);
-    // Everything the run started has ended and been awaited: do not wait for idle
-    // worker threads to be joined.
-    runtime.shutdown_background();
-    let (outcome, shown) = result;
-    let outcome = outcome?;
-    let reported = match shown {
-        Ok(Err(e)) => {
+    let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();
+    if args.json {
+        reporters.push(Box::new(JsonReporter::new(std::io::stdout())));
+    } else {
+        reporters.push(Box::new(TerminalReporter::new(global.color)));
+    }
+    if let Some(dir) = &args.report_dir {
+        reporters.push(Box::new(JunitWriter::new(dir.clone())));
+    }
+    let finished = startup.run(RunRequest {
+        plan: &plan,
+        pull,
+        options: RunOptions {
+            grace: args.grace,
+            ready_timeout: args.ready_timeout,
+            skip_unsupported: args.skip_unsupported,
+        },
+        host_writable: args.host_writable.clone(),
+        reporters,
+        pull_progress: !args.json,
+    })?;
+    let reported = match finished.display {
+        Ok(()) => true,
+        Err(e) => {
             eprintln!("sandrun: {}", masked(&format!("{e:#}")));
             false
         }
-        Err(e) => {
-            eprintln!("sandrun: the display stopped: {e}");
-            false
-        }
-        Ok(Ok(())) => true,
     };
-    Ok(match outcome {
+    Ok(match finished.result {
         // A report that could not be written (`--report-dir`) fails a passing run.
         StageResult::Succeeded | StageResult::Skipped if !reported => 1,
         StageResult::Succeeded | StageResult::Skipped => 0,
         StageResult::Failed => 1,
         StageResult::Cancelled => 130,
     })
-}
-
-/// Every image of the plan, present and verified, before any stage starts.
-async fn prepare_images(
-    plan: &Plan,
-    pull: &crate::store::PullOptions,
-    present: Option<crate::run::images::Images>,
-    json: bool,
-    sink: &EventSink,
-) -> anyhow::Result<crate::run::images::Images> {
-    let images = match present {
-        // Found before the namespace was entered: say so as a pull of them would.
-        Some(images) => {
-            if !json {
-                let progress = crate::store::progress::TerminalProgress::new();
-                for image in images.values() {
-                    crate::store::PullProgress::event(
-                        &progress,
-                        &crate::store::PullEvent::Done {
-                            reference: image.reference.clone(),
-                            manifest_digest: image.manifest_digest.clone(),
-                            pulled: 0,
-                        },
-                    );
-                }
-            }
-            images
-        }
-        None => {
-            let home = crate::store::default_home()
-                .context("no image store directory: set SANDRUN_HOME (or HOME)")?;
-            let store = crate::store::Store::open(&home)
-                .with_context(|| format!("cannot open the image store at {}", home.display()))?;
-            if json {
-                crate::run::images::prepare(plan, &store, pull, &crate::store::NoProgress).await?
-            } else {
-                let progress = crate::store::progress::TerminalProgress::new();
-                crate::run::images::prepare(plan, &store, pull, &progress).await?
-            }
-        }
-    };
-    for (reference, image) in &images {
-        sink.emit(RunEvent::ImageReady {
-            reference: reference.clone(),
-            digest: image.manifest_digest.clone(),
-        });
-    }
-    Ok(images)
-}
-
-/// One place decides what signals mean: the first Ctrl-C or SIGTERM stops every step
-/// (SIGTERM, grace period, SIGKILL) and the run ends with 130; a second one skips the
-/// grace period. Every child is still reaped before sandrun exits.
-async fn watch_signals(cancel: CancellationToken, sink: EventSink) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return;
-    };
-    let mut count = 0;
-    loop {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        count += 1;
-        if count == 1 {
-            sink.warn(
-                None,
-                "interrupted: stopping every step (press Ctrl-C again to kill them at once)",
-            );
-            cancel.cancel();
-        } else {
-            sink.warn(None, "interrupted again: killing every step now");
-            crate::run::executor::hurry();
-        }
-    }
 }

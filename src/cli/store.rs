@@ -1,15 +1,19 @@
-//! The store's subcommands (`pull`, and the options every registry-touching command
-//! shares). `cli.rs` hooks these in; each handler builds its own tokio runtime so that
-//! the caller can enter a user namespace first (that must happen single-threaded).
+//! The store's subcommands (`pull`, `images`, `gc`, `fsck`, `lock`, `save`, `load`) and
+//! the options every registry-touching command shares. They live in `cli`, not in
+//! `store`, so that the store stays a library that knows nothing of the command line.
+//! Each handler builds its own tokio runtime so that it can enter a user namespace
+//! first (that must happen single-threaded).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::lock::LockFile;
-use super::progress::TerminalProgress;
-use super::{default_home, resolve_connector, ConnectorResolution, PullOptions, PullPolicy, Store};
 use crate::pipeline::{StepItem, StepKind};
+use crate::store::lock::LockFile;
+use crate::store::progress::TerminalProgress;
+use crate::store::{
+    default_home, resolve_connector, ConnectorResolution, PullOptions, PullPolicy, Store,
+};
 
 /// Options for every command that may touch a registry (`pull`, `lock`, `save`, `run`).
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -103,12 +107,8 @@ pub fn pull(args: &PullArgs, reg: &RegistryArgs) -> Result<i32> {
         for i in pipeline_images(p, &opts)? {
             if crate::recipe::is_recipe_reference(&i.image) {
                 let rt = runtime()?;
-                let name = crate::recipe::cmd::build_for_pipeline(
-                    &store,
-                    &rt,
-                    Path::new(&i.image),
-                    &opts,
-                )?;
+                let name =
+                    super::recipe::build_for_pipeline(&store, &rt, Path::new(&i.image), &opts)?;
                 println!("{}: {name}", i.image);
                 continue;
             }
@@ -341,15 +341,15 @@ pub fn lock(args: &LockArgs, reg: &RegistryArgs) -> Result<i32> {
     }
     let progress = TerminalProgress::new();
     let lock = runtime()?.block_on(async {
-        let mut lock = LockFile::new(super::Platform::host().to_string());
+        let mut lock = LockFile::new(crate::store::Platform::host().to_string());
         for i in &images {
             let pin = store.resolve_pin(&i.image, &opts, &progress).await?;
-            let canon = super::ImageRef::parse(&i.image)?.canonical();
+            let canon = crate::store::ImageRef::parse(&i.image)?.canonical();
             lock.images.insert(canon, pin);
         }
-        Ok::<_, super::StoreError>(lock)
+        Ok::<_, crate::store::StoreError>(lock)
     })?;
-    let path = super::lock::lock_path(&args.pipeline);
+    let path = crate::store::lock::lock_path(&args.pipeline);
     lock.write(&path)?;
     store.add_root(&path)?;
     println!("wrote {} ({} images)", path.display(), lock.images.len());
@@ -381,12 +381,8 @@ pub fn save(args: &SaveArgs, reg: &RegistryArgs) -> Result<i32> {
             for i in pipeline_images(p, &opts)? {
                 if crate::recipe::is_recipe_reference(&i.image) {
                     let rt = runtime()?;
-                    let name = crate::recipe::cmd::build_for_pipeline(
-                        &store,
-                        &rt,
-                        Path::new(&i.image),
-                        &opts,
-                    )?;
+                    let name =
+                        super::recipe::build_for_pipeline(&store, &rt, Path::new(&i.image), &opts)?;
                     images.push((name, PullPolicy::IfNotPresent));
                 } else {
                     images.push((i.image, i.policy));
@@ -402,7 +398,7 @@ pub fn save(args: &SaveArgs, reg: &RegistryArgs) -> Result<i32> {
         for (i, policy) in &images {
             store.ensure(i, *policy, &opts, &progress).await?;
         }
-        Ok::<_, super::StoreError>(())
+        Ok::<_, crate::store::StoreError>(())
     })?;
     let names: Vec<String> = images.into_iter().map(|(i, _)| i).collect();
     store.save(&names, &args.output, &opts)?;

@@ -1,11 +1,11 @@
 //! The recipe subcommands: `sandrun build [RECIPE...]` and the recipe half of
-//! `sandrun lock` (which `cli.rs` dispatches here when the file is a recipe).
+//! `sandrun lock` (which `cli` dispatches here when the file is a recipe).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::store::cmd::RegistryArgs;
+use super::store::RegistryArgs;
 use crate::store::progress::TerminalProgress;
 
 /// `sandrun build`: build image recipes into the store.
@@ -36,24 +36,24 @@ fn default_recipes() -> Result<Vec<PathBuf>> {
 }
 
 pub fn build(args: &BuildArgs, reg: &RegistryArgs) -> Result<i32> {
-    crate::store::cmd::enter_userns_if_rootless()?;
-    let store = crate::store::cmd::open_store()?;
+    super::store::enter_userns_if_rootless()?;
+    let store = super::store::open_store()?;
     let recipes = if args.recipes.is_empty() {
         default_recipes()?
     } else {
         args.recipes.clone()
     };
-    let opts = super::BuildOptions {
+    let opts = crate::recipe::BuildOptions {
         offline: reg.offline,
         locked: args.locked,
         pull: reg.pull_options()?,
     };
     let progress = TerminalProgress::new();
-    let rt = crate::store::cmd::runtime()?;
+    let rt = super::store::runtime()?;
     let mut failed = 0;
     for r in &recipes {
         let started = std::time::Instant::now();
-        match rt.block_on(super::build(&store, r, &opts, &progress)) {
+        match rt.block_on(crate::recipe::build(&store, r, &opts, &progress)) {
             Ok(b) => {
                 for n in &b.notes {
                     eprintln!("note: {n}");
@@ -78,14 +78,14 @@ pub fn build(args: &BuildArgs, reg: &RegistryArgs) -> Result<i32> {
 
 /// `sandrun lock RECIPE`: resolve the recipe's packages and write `NAME.lock`.
 pub fn lock(path: &Path, reg: &RegistryArgs) -> Result<i32> {
-    let store = crate::store::cmd::open_store()?;
-    let (lock, notes) = super::lock(&store, path, reg.offline)?;
+    let store = super::store::open_store()?;
+    let (lock, notes) = crate::recipe::lock(&store, path, reg.offline)?;
     for n in notes {
         eprintln!("note: {n}");
     }
     println!(
         "wrote {} ({} packages)",
-        super::lock_path(path).display(),
+        crate::recipe::lock_path(path).display(),
         lock.packages.len()
     );
     Ok(0)
@@ -99,14 +99,14 @@ pub fn build_for_pipeline(
     recipe: &Path,
     opts: &crate::store::PullOptions,
 ) -> Result<String> {
-    let build = super::BuildOptions {
+    let build = crate::recipe::BuildOptions {
         offline: opts.offline,
         locked: opts.locked,
         pull: opts.clone(),
     };
     let progress = TerminalProgress::new();
     let built = rt
-        .block_on(super::build(store, recipe, &build, &progress))
+        .block_on(crate::recipe::build(store, recipe, &build, &progress))
         .with_context(|| format!("image recipe {}", recipe.display()))?;
     for n in &built.notes {
         eprintln!("note: {n}");
