@@ -26,6 +26,7 @@ if [ "${1:-}" != "--inner" ]; then
     echo "$(nproc) cpus, load average $(cut -d' ' -f1-3 /proc/loadavg)"
     if [ "$(id -u)" -eq 0 ]; then
         SANDRUN_DOWNLOAD_CACHE="$DL" ROUNDS="$ROUNDS" sh "$W/rss.sh" --inner "$W" root || status=$?
+        chown sandrun-test: "$W"
         chown -R sandrun-test: "$W/ws"
         [ -n "${status:-}" ] || as_test_user ROUNDS="$ROUNDS" SANDRUN_DOWNLOAD_CACHE="$DL" \
             sh "$W/rss.sh" --inner "$W" rootless || status=$?
