@@ -1,20 +1,25 @@
 /* Peak memory of one sandrun run, for bench/rss.sh and bench/stage.sh.
  *
- *   rss BINARY COMMAND [ARG]...
+ *   rss OUT BINARY COMMAND [ARG]...
  *
- * Runs COMMAND and, until it exits, samples /proc every INTERVAL_US: every process
- * whose executable is BINARY (sandrun's runner, zygote, per-step helpers and
- * libcontainer's processes before they execute the step's program) counts as sandrun.
- * Prints one line, in kB:
+ * Runs COMMAND and, until it exits, samples /proc every INTERVAL_US. A process counts
+ * as sandrun's when it descends from COMMAND's process (or is it) and runs BINARY:
+ * its /proc/PID/exe is BINARY, or, where that link cannot be read (a rootless runner
+ * that changed its ids in its user namespace is no longer dumpable), its name is
+ * BINARY's or one of libcontainer's (`youki:...`, before it executes the step's
+ * program). That is the runner, its zygote, the per-step helpers and libcontainer's
+ * processes. Appends one line to the file OUT, in kB:
  *
- *   RUNNER_HWM LARGEST_HWM PEAK_PSS_SUM PEAK_PROCESSES
+ *   RUNNER_HWM LARGEST_HWM PEAK_RSS_SUM PEAK_PSS_SUM PEAK_PROCESSES
  *
- * - RUNNER_HWM:     VmHWM of COMMAND's process once it executes BINARY (the `sandrun
- *                   run` process; started through setpriv or env it is the same pid).
+ * - RUNNER_HWM:     VmHWM of COMMAND's own process (the `sandrun run` process).
  * - LARGEST_HWM:    the largest VmHWM of any sandrun process seen.
- * - PEAK_PSS_SUM:   the largest sum, over one sample, of the sandrun processes'
- *                   proportional set sizes (smaps_rollup: pages shared between the
- *                   runner and the processes it forked count once in all).
+ * - PEAK_RSS_SUM:   the largest sum, over one sample, of the sandrun processes' VmRSS
+ *                   (pages shared between them, the binary's code and what a fork
+ *                   shares, count once per process: an upper bound).
+ * - PEAK_PSS_SUM:   the same with proportional set sizes (smaps_rollup: shared pages
+ *                   divided among their sharers), or -1 when some process's could not
+ *                   be read (rootless, see above).
  * - PEAK_PROCESSES: the most sandrun processes alive in one sample.
  *
  * VmHWM only grows, so a process's peak is its last reading before it exits; a
@@ -23,6 +28,7 @@
  */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <libgen.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
@@ -33,6 +39,15 @@
 #include <unistd.h>
 
 #define INTERVAL_US 2000
+#define MAX_PROCS 65536
+
+struct proc {
+    int pid, ppid;
+    char comm[32];
+};
+
+static struct proc procs[MAX_PROCS];
+static int nprocs;
 
 /* The value in kB of the line starting with KEY in FILE, or -1. */
 static long field_kb(const char *file, const char *key) {
@@ -51,65 +66,122 @@ static long field_kb(const char *file, const char *key) {
     return v;
 }
 
-static int is_binary(const char *pid, const char *binary) {
-    char path[300], exe[PATH_MAX];
-    snprintf(path, sizeof path, "/proc/%s/exe", pid);
+/* Name and parent of PID from /proc/PID/status; 0 when it is gone. */
+static int read_proc(int pid, struct proc *p) {
+    char file[64], line[256];
+    snprintf(file, sizeof file, "/proc/%d/status", pid);
+    FILE *f = fopen(file, "re");
+    if (!f) return 0;
+    p->pid = pid;
+    p->ppid = 0;
+    p->comm[0] = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "Name:\t", 6) == 0) {
+            snprintf(p->comm, sizeof p->comm, "%.31s", line + 6);
+            p->comm[strcspn(p->comm, "\n")] = 0;
+        } else if (strncmp(line, "PPid:\t", 6) == 0) {
+            p->ppid = atoi(line + 6);
+            break;
+        }
+    }
+    fclose(f);
+    return 1;
+}
+
+static int descends_from(int pid, int ancestor) {
+    for (int depth = 0; depth < 64 && pid > 1; depth++) {
+        if (pid == ancestor) return 1;
+        int parent = 0;
+        for (int i = 0; i < nprocs; i++) {
+            if (procs[i].pid == pid) {
+                parent = procs[i].ppid;
+                break;
+            }
+        }
+        pid = parent;
+    }
+    return 0;
+}
+
+/* 1 when P runs BINARY (NAME: its first 15 characters, as the kernel keeps them). */
+static int runs_binary(const struct proc *p, const char *binary, const char *name) {
+    char path[64], exe[PATH_MAX];
+    snprintf(path, sizeof path, "/proc/%d/exe", p->pid);
     ssize_t n = readlink(path, exe, sizeof exe - 1);
-    if (n < 0) return 0;
-    exe[n] = 0;
-    return strcmp(exe, binary) == 0;
+    if (n >= 0) {
+        exe[n] = 0;
+        return strcmp(exe, binary) == 0;
+    }
+    return strcmp(p->comm, name) == 0 || strncmp(p->comm, "youki:", 6) == 0;
 }
 
 int main(int argc, char **argv) {
-    if (argc < 3) {
-        fprintf(stderr, "usage: rss BINARY COMMAND [ARG]...\n");
+    if (argc < 4) {
+        fprintf(stderr, "usage: rss OUT BINARY COMMAND [ARG]...\n");
         return 2;
     }
-    char binary[PATH_MAX];
-    if (!realpath(argv[1], binary)) {
+    FILE *out = fopen(argv[1], "ae");
+    if (!out) {
         perror(argv[1]);
         return 2;
     }
+    char binary[PATH_MAX], base[PATH_MAX], name[16];
+    if (!realpath(argv[2], binary)) {
+        perror(argv[2]);
+        return 2;
+    }
+    snprintf(base, sizeof base, "%s", binary);
+    snprintf(name, sizeof name, "%s", basename(base));
     pid_t child = fork();
     if (child < 0) {
         perror("fork");
         return 2;
     }
     if (child == 0) {
-        execvp(argv[2], argv + 2);
-        perror(argv[2]);
+        execvp(argv[3], argv + 3);
+        perror(argv[3]);
         _exit(127);
     }
-    char child_pid[16];
-    snprintf(child_pid, sizeof child_pid, "%d", child);
-    long runner = 0, largest = 0, pss_peak = 0, procs_peak = 0;
-    int status = 0;
+    long runner = 0, largest = 0, rss_peak = 0, pss_peak = 0, procs_peak = 0;
+    int pss_unreadable = 0, status = 0;
     struct timespec pause = {0, INTERVAL_US * 1000L};
     for (;;) {
-        long pss_sum = 0, procs = 0;
         DIR *d = opendir("/proc");
         if (!d) {
             perror("/proc");
             return 2;
         }
         struct dirent *e;
-        while ((e = readdir(d))) {
+        nprocs = 0;
+        while ((e = readdir(d)) && nprocs < MAX_PROCS) {
             if (e->d_name[0] < '1' || e->d_name[0] > '9') continue;
-            if (!is_binary(e->d_name, binary)) continue;
-            char file[300];
-            snprintf(file, sizeof file, "/proc/%s/status", e->d_name);
-            long hwm = field_kb(file, "VmHWM:");
-            if (hwm < 0) continue; /* gone, or a kernel thread */
-            procs++;
-            if (hwm > largest) largest = hwm;
-            if (strcmp(e->d_name, child_pid) == 0 && hwm > runner) runner = hwm;
-            snprintf(file, sizeof file, "/proc/%s/smaps_rollup", e->d_name);
-            long pss = field_kb(file, "Pss:");
-            if (pss > 0) pss_sum += pss;
+            if (read_proc(atoi(e->d_name), &procs[nprocs])) nprocs++;
         }
         closedir(d);
+        long rss_sum = 0, pss_sum = 0, count = 0;
+        for (int i = 0; i < nprocs; i++) {
+            const struct proc *p = &procs[i];
+            if (!descends_from(p->pid, child) || !runs_binary(p, binary, name)) continue;
+            char file[64];
+            snprintf(file, sizeof file, "/proc/%d/status", p->pid);
+            long hwm = field_kb(file, "VmHWM:");
+            long rss = field_kb(file, "VmRSS:");
+            if (hwm < 0 || rss < 0) continue; /* gone */
+            count++;
+            rss_sum += rss;
+            if (hwm > largest) largest = hwm;
+            if (p->pid == child && hwm > runner) runner = hwm;
+            snprintf(file, sizeof file, "/proc/%d/smaps_rollup", p->pid);
+            long pss = field_kb(file, "Pss:");
+            snprintf(file, sizeof file, "/proc/%d/status", p->pid);
+            if (pss >= 0)
+                pss_sum += pss;
+            else if (field_kb(file, "VmRSS:") >= 0)
+                pss_unreadable = 1; /* still there: not readable by us */
+        }
+        if (rss_sum > rss_peak) rss_peak = rss_sum;
         if (pss_sum > pss_peak) pss_peak = pss_sum;
-        if (procs > procs_peak) procs_peak = procs;
+        if (count > procs_peak) procs_peak = count;
         pid_t w = waitpid(child, &status, WNOHANG);
         if (w == child) break;
         if (w < 0) {
@@ -118,7 +190,12 @@ int main(int argc, char **argv) {
         }
         nanosleep(&pause, NULL);
     }
-    printf("%ld %ld %ld %ld\n", runner, largest, pss_peak, procs_peak);
+    fprintf(out, "%ld %ld %ld %ld %ld\n", runner, largest, rss_peak, pss_unreadable ? -1 : pss_peak,
+            procs_peak);
+    if (fclose(out) != 0) {
+        perror(argv[1]);
+        return 2;
+    }
     if (WIFEXITED(status)) return WEXITSTATUS(status);
     return 128 + WTERMSIG(status);
 }

@@ -9,8 +9,12 @@
 # - runner:   VmHWM of the `sandrun run` process itself;
 # - largest:  the largest VmHWM of any sandrun process (runner, zygote, per-step
 #             helpers, libcontainer's processes before they execute the step);
-# - all:      the peak of the sum of the PSS of all sandrun processes alive at one
-#             moment (shared pages counted once), i.e. sandrun's whole footprint.
+# - VmRSS sum: the peak of the sum of the VmRSS of all sandrun processes alive at one
+#             moment: an upper bound of sandrun's whole footprint (the binary's pages
+#             and what a fork shares count once per process);
+# - PSS sum:  the same with PSS (shared pages divided among their sharers): the
+#             footprint itself. Root only: rootless, the runner's smaps cannot be read
+#             from outside its user namespace.
 # Target: under 40 MB.
 set -eu
 ROUNDS="${ROUNDS:-5}"
@@ -58,7 +62,7 @@ stage one.yaml 1
 stage twenty.yaml 20
 
 measure() { # NAME
-    timeout 120 ../rss ../sandrun ../sandrun run --color never "$1.yaml" 2>run.log >>"rss.$WHO.$1" \
+    timeout 120 ../rss "rss.$WHO.$1" ../sandrun ../sandrun run --color never "$1.yaml" >run.log 2>&1 \
         || { cat run.log; fail "sandrun run $1.yaml failed (or took over 120 s)"; }
 }
 measure one  # warm-up: page cache
@@ -69,14 +73,15 @@ while [ "$i" -le "$ROUNDS" ]; do
     i=$((i + 1))
 done
 
-# col FILE N: "largest (median)" of column N, in MB.
+# col FILE N: "largest (median)" of column N, in MB ("-" when it could not be read).
 col() {
     cut -d' ' -f"$2" "$1" | sort -n | awk '{ a[NR] = $1 } END {
-        printf "%5.1f MB (median %4.1f)", a[NR] / 1024, a[int((NR + 1) / 2)] / 1024 }'
+        if (a[1] < 0) print "-"; else printf "%.1f (%.1f)", a[NR] / 1024, a[int((NR + 1) / 2)] / 1024 }'
 }
-echo "$WHO ($(id -un)), largest of $ROUNDS runs:  runner VmHWM               largest process VmHWM      all at once (PSS sum)      processes"
+echo "$WHO ($(id -un)), MB, largest of $ROUNDS runs (median):"
+echo "stage    runner VmHWM  largest VmHWM  VmRSS sum    PSS sum      processes"
 for s in one twenty; do
     f="rss.$WHO.$s"
-    printf '%-8s %-8s %28s %28s %28s %3s\n' "$WHO" "$s" "$(col "$f" 1)" "$(col "$f" 2)" "$(col "$f" 3)" \
-        "$(cut -d' ' -f4 "$f" | sort -n | tail -n 1)"
+    printf '%-8s %-13s %-14s %-12s %-12s %s\n' "$s" "$(col "$f" 1)" "$(col "$f" 2)" "$(col "$f" 3)" \
+        "$(col "$f" 4)" "$(cut -d' ' -f5 "$f" | sort -n | tail -n 1)"
 done

@@ -51,7 +51,9 @@
 # - memory:   from bench/rss.c, in separate untimed runs (sampling /proc every 2 ms
 #             would slow the timed runs): the VmHWM of the `sandrun run` process, the
 #             largest VmHWM of any sandrun process (runner, zygote, per-step helpers),
-#             and the peak of the sum of their PSS (all of sandrun at once).
+#             and the peak of the sum of their VmRSS (an upper bound: pages they share
+#             count in each) and of their PSS (shared pages divided; rootless the
+#             runner's smaps cannot be read from outside its user namespace).
 # Targets: sandrun wall <= 0.25x podman's; sandrun overhead < 300 ms; peak RSS < 40 MB.
 # Every wait is bounded: a step gives up on a service after 60 s, a whole run after
 # TIMEOUT seconds (default 300), and so does every podman command; the script then
@@ -171,15 +173,17 @@ measure() { # TOOL
             /"event":"step_started"/ && /"step_type":"Background"/ { if (seen) { total += cur; cur = 0; seen = 0 } }
             /"event":"step_ready"/ { w = $2 + 0; if (w > cur) cur = w; seen = 1 }
             END { printf "%d", total + cur }' sandrun.out)
+        cache=$(awk -F'"waited":' '/"event":"step_ready"/ && /"step":"cache"/ { printf "%d", $2 }' sandrun.out)
     else
         : > podman.out
+        ready=0 cache=0
         run_podman || { cat podman.out; podman pod rm -f -t 0 sandrun-bench >/dev/null 2>&1; fail "podman's run failed (or a command took over $TIMEOUT s)"; }
     fi
     t1=$(now)
     [ "$(wc -l < ws/stamps)" -eq 10 ] || { cat ws/stamps; fail "$1: the steps left $(wc -l < ws/stamps) stamps, not 10"; }
     wall=$(( (t1 - t0) / 1000000 ))
     work=$(awk 'NR % 2 { s = $1; next } { w += $1 - s } END { printf "%d", w * 1000 }' ws/stamps)
-    echo "$wall $work ${ready:-0}" >> "times.$1"
+    echo "$wall $work $ready $cache" >> "times.$1"
 }
 
 # One warm-up each (page cache, podman's storage).
@@ -196,7 +200,7 @@ load_timed=$(cut -d' ' -f1-3 /proc/loadavg)
 # Memory, untimed.
 i=1
 while [ "$i" -le "$RSS_ROUNDS" ]; do
-    (cd ws && exec timeout "$TIMEOUT" ../rss ../sandrun ../sandrun run --color never stage.yaml 2>../sandrun.err >../sandrun.out) >>rss \
+    (cd ws && exec timeout "$TIMEOUT" ../rss ../rss.out ../sandrun ../sandrun run --color never stage.yaml) >sandrun.out 2>sandrun.err \
         || { cat sandrun.err sandrun.out; fail "sandrun run under rss failed"; }
     i=$((i + 1))
 done
@@ -206,18 +210,18 @@ SW=$(cut -d' ' -f1 times.sandrun | median)
 SK=$(cut -d' ' -f2 times.sandrun | median)
 SR=$(cut -d' ' -f3 times.sandrun | median)
 SO=$(awk '{print $1 - $2 - $3}' times.sandrun | median)
-SC=$(awk -F'"waited":' '/"event":"step_ready"/ && /"step":"cache"/ { printf "%d", $2 }' sandrun.out)
+SC=$(cut -d' ' -f4 times.sandrun | median)
 PW=$(cut -d' ' -f1 times.podman | median)
 PK=$(cut -d' ' -f2 times.podman | median)
 PO=$(awk '{print $1 - $2}' times.podman | median)
-# mb COLUMN: the largest value of that column of ./rss, in MB.
-mb() { cut -d' ' -f"$1" rss | sort -n | tail -n 1 | awk '{ printf "%.1f MB", $1 / 1024 }'; }
+# mb COLUMN: the largest value of that column of ./rss.out, in MB (-1: not readable).
+mb() { cut -d' ' -f"$1" rss.out | sort -n | tail -n 1 | awk '{ if ($1 < 0) print "unreadable"; else printf "%.1f MB", $1 / 1024 }'; }
 echo "medians of $ROUNDS (ms):   wall  steps  ready  overhead (wall - steps - ready)"
 printf 'sandrun               %6d %6d %6d %6d\n' "$SW" "$SK" "$SR" "$SO"
 printf 'podman                %6d %6d %6s %6d\n' "$PW" "$PK" - "$PO"
 awk -v s="$SW" -v p="$PW" 'BEGIN {printf "sandrun/podman wall = %.2f (target <= 0.25)\n", s / p}'
-echo "sandrun overhead = $SO ms (target < 300 ms); its ready waits include the services' container starts, at most $SC ms each (cache's whole wait, last round)"
-echo "every round (wall steps ready, ms): sandrun $(tr '\n' ',' < times.sandrun) podman $(tr '\n' ',' < times.podman)"
+echo "sandrun overhead = $SO ms (target < 300 ms); its ready waits include the services' container starts, at most $SC ms each (the Redis service's whole wait, median)"
+echo "every round (wall steps ready cache, ms): sandrun $(tr '\n' ',' < times.sandrun) podman $(tr '\n' ',' < times.podman)"
 echo "sandrun memory, largest of $RSS_ROUNDS runs (target < 40 MB): runner VmHWM $(mb 1),"
-echo "  largest sandrun process VmHWM $(mb 2), all sandrun processes at once (PSS sum) $(mb 3), up to $(cut -d' ' -f4 rss | sort -n | tail -n 1) processes"
+echo "  largest sandrun process VmHWM $(mb 2); all sandrun processes at once: VmRSS sum $(mb 3) (shared pages counted in each), PSS sum $(mb 4); up to $(cut -d' ' -f5 rss.out | sort -n | tail -n 1) processes"
 echo "load average after the timed rounds: $load_timed; now: $(cut -d' ' -f1-3 /proc/loadavg)"
