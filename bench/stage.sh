@@ -18,7 +18,7 @@
 #   containers. That is cheaper than what sandrun does (a bridge, and a namespace,
 #   veth and address for every step and service), so it favours podman.
 # - Names. With `--network none` podman writes no `--add-host` entries into
-#   /etc/hosts (as Docker), so every step container of the pod gets the same hosts
+#   /etc/hosts (podman 4.3), so every step container of the pod gets the same hosts
 #   file, bound over /etc/hosts, naming pg1, pg2 and cache as 127.0.0.1. (Without it
 #   the names do not resolve, `pg_isready -h pg1` answers "no response" for ever: the
 #   earlier version of this script hung there.)
