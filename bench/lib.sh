@@ -3,12 +3,17 @@
 
 # prepare_workdir NAME SCRIPT: builds sandrun (release) and makes W, a directory
 # /tmp/sandrun-bench-NAME.XXXXXX that every user may read, holding sandrun, SCRIPT and
-# this file.
+# this file. With SANDRUN=PATH set, that binary is used instead of a build (to compare
+# two builds).
 prepare_workdir() {
-    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-    cargo build --release --quiet --bin sandrun
+    bin="${SANDRUN:-}"
+    if [ -z "$bin" ]; then
+        export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+        cargo build --release --quiet --bin sandrun
+        bin="$CARGO_TARGET_DIR/release/sandrun"
+    fi
     W=$(mktemp -d "/tmp/sandrun-bench-$1.XXXXXX")
-    cp "$CARGO_TARGET_DIR/release/sandrun" "$W/sandrun"
+    cp "$bin" "$W/sandrun"
     cp "$2" "$W/$(basename "$2")"
     cp bench/lib.sh "$W/lib.sh"
     chmod 755 "$W" "$W/sandrun" "$W/$(basename "$2")"

@@ -259,9 +259,21 @@ impl<'a> Executor<'a> {
         }
     }
 
+    /// A sequence's nodes in order. Background steps that follow one another start
+    /// together, as Harness starts a service and goes on at once: each waits for its
+    /// own ports, and the node after them starts once all of them are ready. (One at a
+    /// time, two PostgreSQL services initialised one after the other.)
     async fn run_nodes(&self, nodes: &[Node]) {
-        for node in nodes {
-            self.run_node(node).await;
+        let mut rest = nodes;
+        while let Some(first) = rest.first() {
+            let services = rest.iter().take_while(|n| is_background(n)).count();
+            if services > 1 {
+                join_all(rest[..services].iter().map(|n| self.run_node(n))).await;
+                rest = &rest[services..];
+            } else {
+                self.run_node(first).await;
+                rest = &rest[1..];
+            }
         }
     }
 
@@ -946,6 +958,10 @@ fn collect_reports(
         }
     }
     Some(total)
+}
+
+fn is_background(node: &Node) -> bool {
+    matches!(node, Node::Step(step) if step.step_type == StepType::Background)
 }
 
 /// The ports a Background step must open before later steps start: its

@@ -38,6 +38,10 @@ struct ScriptedLauncher {
     scripts: Mutex<HashMap<String, VecDeque<Script>>>,
     log: Log,
     began: Instant,
+    /// Loopback ports to start listening on when a step starts (its key -> port), and
+    /// the listeners, kept open: what makes a Background step's port ready.
+    opens: Mutex<HashMap<String, u16>>,
+    listeners: Mutex<Vec<std::net::TcpListener>>,
 }
 
 impl ScriptedLauncher {
@@ -50,6 +54,8 @@ impl ScriptedLauncher {
             ),
             log: Log::default(),
             began: Instant::now(),
+            opens: Mutex::default(),
+            listeners: Mutex::default(),
         }
     }
 
@@ -79,6 +85,10 @@ impl Launcher for ScriptedLauncher {
             });
         }
         note(&self.log, self.began, format!("start {key}"));
+        if let Some(port) = self.opens.lock().unwrap().get(&key) {
+            let listener = std::net::TcpListener::bind(("127.0.0.1", *port)).unwrap();
+            self.listeners.lock().unwrap().push(listener);
+        }
         let out = format!("hello from {key}\n").into_bytes();
         let process = ScriptedProcess {
             key,
@@ -494,4 +504,41 @@ async fn a_step_that_cannot_start_fails_with_the_launch_error_and_its_cause() {
     });
     assert!(std::error::Error::source(&StepError::Wait(std::io::Error::other("x"))).is_some());
     assert!(error.to_string().contains("no"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn background_steps_in_a_row_start_together_and_the_next_step_waits_for_all() {
+    // db1's port opens only when db2 starts: started one after the other, db1 would
+    // never be ready (until the ready timeout) and db2 would wait for it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let serve = Script::UntilSignalled { on_term: Some(0) };
+    let launcher = ScriptedLauncher::new(&[("db1", &[serve]), ("db2", &[serve])]);
+    launcher.opens.lock().unwrap().insert("db2".into(), port);
+    let db1 = format!(
+        "- step:\n    type: Background\n    name: db1\n    identifier: db1\n    spec:\n      command: serve\n      portBindings:\n        \"{port}\": \"{port}\"\n"
+    );
+    let db2 = "- step:\n    type: Background\n    name: db2\n    identifier: db2\n    spec:\n      command: serve\n";
+    let steps = format!("{db1}{db2}{}", run_step("tests", ""));
+    let (result, events) = run(&stage("", &steps), &launcher).await;
+    assert_eq!(result, StageResult::Succeeded, "{events:#?}");
+    let started: Vec<String> = (launcher.log().into_iter())
+        .map(|(_, what)| what)
+        .filter(|what| what.starts_with("start"))
+        .collect();
+    assert_eq!(started, ["start db1", "start db2", "start tests"]);
+    let ready = |step: &str| {
+        events
+            .iter()
+            .position(|e| matches!(e, RunEvent::StepReady { step: s, .. } if s == step))
+            .unwrap_or_else(|| panic!("`{step}` never ready: {events:#?}"))
+    };
+    let tests_started = events
+        .iter()
+        .position(|e| matches!(e, RunEvent::StepStarted { step, .. } if step == "tests"))
+        .unwrap();
+    assert!(ready("db1") < tests_started && ready("db2") < tests_started, "{events:#?}");
 }
