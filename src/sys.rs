@@ -32,6 +32,11 @@ pub fn die_with_parent(parent: Option<u32>) -> io::Result<()> {
     }
 }
 
+/// SIGKILLs the process of `pidfd` (which cannot be another process that got its pid).
+pub fn pidfd_kill(pidfd: impl AsFd) -> io::Result<()> {
+    Ok(rustix::process::pidfd_send_signal(pidfd, Signal::KILL)?)
+}
+
 /// A pipe whose two ends are closed on exec: (read, write).
 pub fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)

@@ -80,6 +80,7 @@ impl RunState {
 impl Drop for RunState {
     fn drop(&mut self) {
         drop(self.lock.take());
+        kill_unstarted_inits(&self.dir);
         remove_tree(&self.dir);
         remove_run_cgroups(&self.dir);
     }
@@ -123,6 +124,7 @@ pub fn hold_run(dir: &Path) -> Result<Flock<File>, SandboxError> {
 pub fn sweep_stale(base: &Path) -> Vec<PathBuf> {
     let removed = stale_runs(base);
     for dir in &removed {
+        kill_unstarted_inits(dir);
         remove_tree(dir);
         remove_run_cgroups(dir);
     }
@@ -179,6 +181,46 @@ pub fn sweep_before_command() {
             "sandrun: warning: killed runs left state under {} (removed by the next `sandrun run`)",
             base.display()
         ),
+    }
+}
+
+/// Kills the container processes of `run_dir` that a killed helper left before their
+/// container started: a helper SIGKILLed between libcontainer's create and start (after
+/// the grace period, on a host too busy to finish creating in time) leaves its
+/// container's init waiting for a start that never comes, in a session of its own (out
+/// of reach of the step's process group), holding the helper's descriptors: the step's
+/// pipes, the run's lock, its private mounts. Such a process is named `youki:...` and
+/// holds the run's lock file open; only a run with a container directory left (no
+/// helper cleaned up after itself) is searched for them.
+pub fn kill_unstarted_inits(run_dir: &Path) {
+    let left = fs::read_dir(run_dir).into_iter().flatten().flatten().any(|stage| {
+        fs::read_dir(stage.path().join("containers"))
+            .is_ok_and(|mut containers| containers.next().is_some())
+    });
+    if !left {
+        return;
+    }
+    let lock = run_dir.join("lock");
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return;
+    };
+    for pid in procs.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if !comm.starts_with("youki:") {
+            continue;
+        }
+        // Checked through the pidfd's process: a pid reused since cannot be hit.
+        let Ok(pidfd) = crate::sys::pidfd_open(pid, false) else {
+            continue;
+        };
+        let holds_lock = fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == lock));
+        if holds_lock {
+            let _ = crate::sys::pidfd_kill(&pidfd);
+        }
     }
 }
 
@@ -248,6 +290,68 @@ pub fn remove_run_cgroups(run_dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A container init left by a killed helper (named `youki:...`, holding the run's
+    /// lock) is killed when its run ends; other processes are not.
+    #[test]
+    fn inits_left_before_start_are_killed_and_nothing_else() {
+        use std::process::{Command, Stdio};
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run-1");
+        let other = tmp.path().join("run-2");
+        for dir in [&run, &other] {
+            fs::create_dir_all(dir.join("stage/containers/left")).unwrap();
+            File::create(dir.join("lock")).unwrap();
+        }
+        let named = |name: &str| {
+            let path = tmp.path().join(name);
+            fs::copy("/bin/sleep", &path).unwrap();
+            path
+        };
+        let (init, stranger) = (named("youki:[2:INIT]"), named("not-youki"));
+        let spawn = |program: &Path, lock: &Path| {
+            Command::new(program)
+                .arg("1000")
+                .stdin(File::open(lock).unwrap())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let mut ours = spawn(&init, &run.join("lock"));
+        let mut theirs = spawn(&init, &other.join("lock"));
+        let mut unnamed = spawn(&stranger, &run.join("lock"));
+        // Wait until the copies run under their own names.
+        for child in [&ours, &theirs, &unnamed] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while fs::read_to_string(format!("/proc/{}/comm", child.id()))
+                .is_ok_and(|c| c.starts_with("sleep"))
+            {
+                assert!(std::time::Instant::now() < deadline, "the copy never ran");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        kill_unstarted_inits(&run);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = ours.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                ours.kill().unwrap();
+                panic!("the init left by the run was not killed");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        for child in [&mut theirs, &mut unnamed] {
+            assert!(child.try_wait().unwrap().is_none(), "a process not left by this run was killed");
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
 
     #[test]
     fn default_base_is_private_to_the_user() {
