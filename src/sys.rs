@@ -12,7 +12,7 @@
 //! (`net::handoff`).
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
@@ -35,6 +35,26 @@ pub fn die_with_parent(parent: Option<u32>) -> io::Result<()> {
 /// SIGKILLs the process of `pidfd` (which cannot be another process that got its pid).
 pub fn pidfd_kill(pidfd: impl AsFd) -> io::Result<()> {
     Ok(rustix::process::pidfd_send_signal(pidfd, Signal::KILL)?)
+}
+
+/// splice(2) of up to `len` bytes from `from` to `to` (one of them a pipe), without
+/// blocking (nix wraps it only behind a feature that would rebuild the tree).
+pub fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    // SAFETY: two descriptors borrowed for the call; no offsets, no user memory.
+    let n = unsafe {
+        libc::splice(
+            from.as_fd().as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_fd().as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 /// A pipe whose two ends are closed on exec: (read, write).

@@ -111,9 +111,9 @@ fn check_repository(name: &str, repository: &str) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("recipe repository {name}={repository}: {e}"))?;
     let last = repository.rsplit('/').next().unwrap_or(repository);
     if repository.contains('@') || last.contains(':') {
+        let bare = format!("{}/{}", r.registry(), r.repository());
         anyhow::bail!(
-            "recipe repository {name}={repository}: give the repository only ({}), without a tag or digest: the export names the image by the recipe's tag and the digest of the image built from it",
-            format!("{}/{}", r.registry(), r.repository())
+            "recipe repository {name}={repository}: give the repository only ({bare}), without a tag or digest: the export names the image by the recipe's tag and the digest of the image built from it"
         );
     }
     Ok(())
@@ -173,7 +173,7 @@ pub fn from_store(plan: &Plan, pull: &PullOptions) -> (KnownImages, BTreeMap<Str
                             digest: image.manifest_digest.clone(),
                         },
                     );
-                    image
+                    *image
                 }
                 Ok(crate::recipe::Lookup::Missing(why)) => {
                     recipes.insert(img.source.clone(), RecipeImage::NotBuilt(why));

@@ -420,27 +420,22 @@ fn write_peer(call: &AcceptCall, peer: SocketAddr) -> io::Result<()> {
 
 /// Reads or writes `buf` at `addr` in process `pid`.
 fn remote_io(pid: u32, addr: u64, buf: &mut [u8], write: bool) -> io::Result<()> {
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: one local buffer we own, one remote range the kernel checks.
-    let n = unsafe {
-        if write {
-            libc::process_vm_writev(pid as libc::pid_t, &local, 1, &remote, 1, 0)
-        } else {
-            libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0)
-        }
-    };
-    match n {
-        n if n < 0 => Err(io::Error::last_os_error()),
-        n if n as usize != buf.len() => Err(io::Error::from_raw_os_error(libc::EFAULT)),
-        _ => Ok(()),
+    use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let len = buf.len();
+    let remote = [RemoteIoVec {
+        base: addr as usize,
+        len,
+    }];
+    let n = if write {
+        process_vm_writev(pid, &[io::IoSlice::new(buf)], &remote)
+    } else {
+        process_vm_readv(pid, &mut [io::IoSliceMut::new(buf)], &remote)
+    }?;
+    if n != len {
+        return Err(io::Error::from_raw_os_error(libc::EFAULT));
     }
+    Ok(())
 }
 
 /// A duplicate of descriptor `fd` of process `pid`.
@@ -489,8 +484,7 @@ fn socket_inode(fd: &OwnedFd) -> u64 {
 }
 
 fn fd_flags(fd: &OwnedFd) -> i32 {
-    // SAFETY: F_GETFL on a descriptor we own.
-    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) }
+    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap_or(0)
 }
 
 fn set_nonblocking(fd: &OwnedFd, on: bool) -> io::Result<()> {
@@ -500,10 +494,8 @@ fn set_nonblocking(fd: &OwnedFd, on: bool) -> io::Result<()> {
     } else {
         flags & !libc::O_NONBLOCK
     };
-    // SAFETY: F_SETFL on a descriptor we own.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let flags = nix::fcntl::OFlag::from_bits_retain(flags);
+    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
     Ok(())
 }
 
@@ -527,16 +519,14 @@ fn pending(notify: RawFd) -> Pending {
 
 /// What poll(2) says of `fd` for reading right now (its revents; 0 for nothing).
 fn poll_now(fd: RawFd) -> libc::c_short {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll(2) on one pollfd, no timeout.
-    if unsafe { libc::poll(&mut p, 1, 0) } <= 0 {
-        return 0;
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    // SAFETY: the caller holds `fd` open for the duration of this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(n) if n > 0 => fds[0].revents().map_or(0, |r| r.bits()),
+        _ => 0,
     }
-    p.revents
 }
 
 fn id_valid(notify: RawFd, id: u64) -> bool {

@@ -214,42 +214,17 @@ fn request_blocking(
     request.finalize();
     let mut buf = vec![0u8; request.buffer_len()];
     request.serialize(&mut buf);
-    // SAFETY: an all-zero sockaddr_nl is valid; pid 0 is the kernel.
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: sendto(2) of our buffer to a filled address.
-    let sent = unsafe {
-        libc::sendto(
-            socket.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    use nix::sys::socket::{recv, sendto, MsgFlags, NetlinkAddr};
+    // Pid 0: the kernel.
+    sendto(socket.as_raw_fd(), &buf, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
     let mut reply = vec![0u8; 8192];
     loop {
-        // SAFETY: recv(2) into our buffer.
-        let n = unsafe {
-            libc::recv(
-                socket.as_raw_fd(),
-                reply.as_mut_ptr().cast(),
-                reply.len(),
-                0,
-            )
+        let n = match recv(socket.as_raw_fd(), &mut reply, MsgFlags::empty()) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[..n as usize])
+        let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[..n])
             .map_err(|e| std::io::Error::other(format!("netlink reply: {e}")))?;
         if message.header.sequence_number != 1 {
             continue;

@@ -13,7 +13,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -33,19 +33,9 @@ fn open_own_netns() -> io::Result<OwnedFd> {
 }
 
 fn netlink_route_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the descriptor is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockProtocol, SockType};
+    let flags = SockFlag::SOCK_CLOEXEC;
+    Ok(socket(AddressFamily::Netlink, SockType::Datagram, flags, SockProtocol::NetlinkRoute)?)
 }
 
 fn unshare_netns() -> io::Result<FreshNetns> {
@@ -192,20 +182,13 @@ fn serve_sockets(rx: mpsc::Receiver<SocketRequest>) {
             let _ = reply.send(Err(e.into()));
             continue;
         }
-        // SAFETY: plain socket(2); the descriptor is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                domain,
-                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                0,
-            )
+        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+        let family = match domain {
+            libc::AF_INET6 => AddressFamily::Inet6,
+            _ => AddressFamily::Inet,
         };
-        let result = if fd < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            // SAFETY: fd was just returned by socket(2).
-            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-        };
+        let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+        let result = socket(family, SockType::Stream, flags, None).map_err(io::Error::from);
         let _ = reply.send(result);
     }
 }

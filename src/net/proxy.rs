@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener as StdListener};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -348,19 +348,13 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
             .map_err(io::Error::from)?;
     // A bigger pipe means fewer system calls; the default (64 KiB) works too.
-    // SAFETY: fcntl(2) on a pipe we own.
-    unsafe {
-        libc::fcntl(
-            pipe_write.as_raw_fd(),
-            libc::F_SETPIPE_SZ,
-            PIPE_SIZE as libc::c_int,
-        )
-    };
+    let bigger = nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as libc::c_int);
+    let _ = nix::fcntl::fcntl(pipe_write.as_raw_fd(), bigger);
     loop {
         from.readable().await?;
         // The pipe is empty here, so EAGAIN can only mean "socket not readable".
         let moved = match from.try_io(Interest::READABLE, || {
-            splice(from.as_raw_fd(), pipe_write.as_raw_fd(), PIPE_SIZE)
+            crate::sys::splice(from, &pipe_write, PIPE_SIZE)
         }) {
             Ok(0) => break,
             Ok(n) => n,
@@ -371,7 +365,7 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
         while pending > 0 {
             to.writable().await?;
             match to.try_io(Interest::WRITABLE, || {
-                splice(pipe_read.as_raw_fd(), to.as_raw_fd(), pending)
+                crate::sys::splice(&pipe_read, to, pending)
             }) {
                 Ok(n) => pending -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -379,26 +373,7 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
             }
         }
     }
-    // SAFETY: shutdown(2) of the write direction of a socket we hold.
-    unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+    let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
     Ok(())
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: splice(2) between two descriptors we hold; no user memory is involved.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}

@@ -530,7 +530,7 @@ pub enum Lookup {
     Built {
         name: String,
         tag: String,
-        image: Image,
+        image: Box<Image>,
     },
     /// Not in the store as the files now say: why, as a clause ("its lock ... is stale").
     Missing(String),
@@ -585,7 +585,7 @@ pub fn find_built(store: &Store, path: &Path) -> Result<Lookup, RecipeError> {
                 found = Some(Lookup::Built {
                     name: recipe.name.clone(),
                     tag: recipe.tag.clone(),
-                    image,
+                    image: Box::new(image),
                 });
             }
             None => {

@@ -52,18 +52,18 @@ impl Launcher for HostLauncher {
                         source,
                     }
                 })?;
-                let argv = crate::sandbox::host_init::wrap(
+                let init = crate::sandbox::host_init::HostInit {
                     binary,
-                    &spec.step.identifier,
-                    self.invoking_user.as_ref(),
-                    &std::iter::once(spec.workspace)
+                    hostname: &spec.step.identifier,
+                    user: self.invoking_user.as_ref(),
+                    writable: std::iter::once(spec.workspace)
                         .chain(self.writable.iter().map(PathBuf::as_path))
-                        .collect::<Vec<_>>(),
-                    spec.accept_listener,
-                    Some(write.as_raw_fd()),
-                    spec.shared_paths,
-                    &argv,
-                );
+                        .collect(),
+                    accept_listener: spec.accept_listener,
+                    report_fd: Some(write.as_raw_fd()),
+                    shared: spec.shared_paths,
+                };
+                let argv = crate::sandbox::host_init::wrap(&init, &argv);
                 report = Some((read, write));
                 (argv, None)
             }

@@ -43,41 +43,50 @@ const STOP_SIGNALS: [Signal; 4] = [
     Signal::SIGQUIT,
 ];
 
-/// The argv that runs `command` as a host step named `hostname` through this init;
-/// with `user`, the command runs as the invoking user again (rootless).
-pub fn wrap(
-    binary: &std::path::Path,
-    hostname: &str,
-    user: Option<&InvokingUser>,
-    writable: &[&std::path::Path],
-    accept_listener: Option<&std::path::Path>,
-    report_fd: Option<std::os::fd::RawFd>,
-    shared: &[(std::path::PathBuf, String)],
-    command: &[String],
-) -> Vec<OsString> {
+/// How a host step is to be started through this init (see [`wrap`]).
+pub struct HostInit<'a> {
+    /// The sandrun executable.
+    pub binary: &'a std::path::Path,
+    /// The step's hostname (its identifier).
+    pub hostname: &'a str,
+    /// Rootless: the invoking user the command runs as again.
+    pub user: Option<&'a InvokingUser>,
+    /// Host directories the step may write besides the scratch directories.
+    pub writable: Vec<&'a std::path::Path>,
+    /// The runner's socket for the step's `accept` calls (`net::handoff`).
+    pub accept_listener: Option<&'a std::path::Path>,
+    /// The descriptor the command's exit status is reported on when it leaves
+    /// processes running.
+    pub report_fd: Option<std::os::fd::RawFd>,
+    /// The stage's `sharedPaths`: (stage directory, path on the host).
+    pub shared: &'a [(std::path::PathBuf, String)],
+}
+
+/// The argv that runs `command` as the host step `init` describes.
+pub fn wrap(init: &HostInit<'_>, command: &[String]) -> Vec<OsString> {
     let mut argv: Vec<OsString> = vec![
-        binary.as_os_str().to_owned(),
+        init.binary.as_os_str().to_owned(),
         "__host-init".into(),
-        hostname.into(),
+        init.hostname.into(),
     ];
-    if let Some(u) = user {
+    if let Some(u) = init.user {
         let (uid, gid) = u.ids();
         argv.push("--as".into());
         argv.push(format!("{uid}:{gid}").into());
     }
-    for w in writable {
+    for w in &init.writable {
         argv.push("--writable".into());
         argv.push(w.as_os_str().to_owned());
     }
-    if let Some(path) = accept_listener {
+    if let Some(path) = init.accept_listener {
         argv.push("--accept-listener".into());
         argv.push(path.as_os_str().to_owned());
     }
-    if let Some(fd) = report_fd {
+    if let Some(fd) = init.report_fd {
         argv.push("--report-fd".into());
         argv.push(fd.to_string().into());
     }
-    for (source, target) in shared {
+    for (source, target) in init.shared {
         argv.push("--share".into());
         argv.push(source.as_os_str().to_owned());
         argv.push(target.into());
@@ -419,8 +428,8 @@ fn send_accept_calls(path: &std::path::Path) -> Result<(), (String, bool)> {
             true,
         )
     })?;
-    // SAFETY: the listener was sent; this process keeps no use for it.
-    unsafe { libc::close(notify) };
+    // The listener was sent; this process keeps no use for it.
+    let _ = nix::unistd::close(notify);
     Ok(())
 }
 
