@@ -5,13 +5,17 @@
 # docker-registry; then a warm pull, and a second image sharing 3 base layers.
 #
 # Usage: bench/pull.sh [SANDRUN_BINARY] [RUNS]   (default: target/release/sandrun, 5)
+#        bench/pull.sh --serve   builds the image, serves it and waits (for profiling a
+#                                pull by hand: `perf record -g sandrun pull ...`); Ctrl-C ends it
 # Needs: docker-registry skopeo umoci busybox-static hyperfine (Debian packages).
 set -eu
 
+SERVE=
+if [ "${1:-}" = --serve ]; then SERVE=1; shift; fi
 BIN=${1:-${CARGO_TARGET_DIR:-target}/release/sandrun}
 RUNS=${2:-5}
-BIN=$(readlink -f "$BIN")
-[ -x "$BIN" ] || { echo "no sandrun binary at $BIN (cargo build --release)"; exit 1; }
+BIN=$(readlink -m "$BIN")
+[ -n "$SERVE" ] || [ -x "$BIN" ] || { echo "no sandrun binary at $BIN (cargo build --release)"; exit 1; }
 for t in docker-registry skopeo umoci hyperfine; do
   command -v $t >/dev/null || { echo "missing $t"; exit 1; }
 done
@@ -78,6 +82,11 @@ skopeo copy --quiet --dest-tls-verify=false "oci:$W/oci:img" "docker://$IMG"
 skopeo copy --quiet --dest-tls-verify=false "oci:$W/oci:shared" "docker://$SHARED"
 SIZE=$(du -sb "$W/registry" | cut -f1)
 echo "image: $IMG ($(($SIZE / 1000000)) MB compressed in the registry, both images)"
+if [ -n "$SERVE" ]; then
+  echo "serving until interrupted; a cold pull: rm -rf DIR; SANDRUN_HOME=DIR sandrun pull $IMG"
+  wait "$REG_PID"
+  exit 0
+fi
 
 now() { date +%s.%N; }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
