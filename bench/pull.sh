@@ -5,6 +5,8 @@
 # docker-registry; then a warm pull, and a second image sharing 3 base layers.
 #
 # Usage: bench/pull.sh [SANDRUN_BINARY] [RUNS]   (default: target/release/sandrun, 5)
+#        BEFORE=OTHER_BINARY bench/pull.sh ...   also times OTHER_BINARY's cold pull in
+#                                each round (a change measured before/after in one run)
 #        bench/pull.sh --serve   builds the image, serves it and waits (for profiling a
 #                                pull by hand: `perf record -g sandrun pull ...`); Ctrl-C ends it
 # Needs: docker-registry skopeo umoci busybox-static hyperfine (Debian packages).
@@ -91,8 +93,15 @@ fi
 now() { date +%s.%N; }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
-: > "$W/t.sandrun"; : > "$W/t.peers"
+: > "$W/t.sandrun"; : > "$W/t.peers"; : > "$W/t.before"
+BEFORE=${BEFORE:+$(readlink -f "$BEFORE")}
 for i in $(seq "$RUNS"); do
+  if [ -n "$BEFORE" ]; then
+    rm -rf "$W/home"; sync
+    t0=$(now); SANDRUN_HOME="$W/home" "$BEFORE" pull "$IMG" 2>/dev/null; t1=$(now)
+    echo "$t1 - $t0" | bc >> "$W/t.before"
+    echo "run $i: before $(tail -1 "$W/t.before") s"
+  fi
   rm -rf "$W/home"; sync
   t0=$(now); SANDRUN_HOME="$W/home" "$BIN" pull "$IMG" 2>/dev/null; t1=$(now)
   echo "$t1 - $t0" | bc >> "$W/t.sandrun"
@@ -106,6 +115,10 @@ for i in $(seq "$RUNS"); do
 done
 S=$(median < "$W/t.sandrun"); P=$(median < "$W/t.peers")
 echo "cold pull median: sandrun ${S} s, skopeo copy + umoci raw unpack ${P} s, ratio $(echo "scale=2; $S / $P" | bc)"
+if [ -n "$BEFORE" ]; then
+  B=$(median < "$W/t.before")
+  echo "before (${BEFORE}) median: ${B} s, ratio $(echo "scale=2; $B / $P" | bc)"
+fi
 
 echo "warm pull (image present):"
 SANDRUN_HOME="$W/home" hyperfine --warmup 3 --runs 30 -N "$BIN pull $IMG" 2>/dev/null | grep -E "Time|Range"
