@@ -9,6 +9,7 @@
 #                                each round (a change measured before/after in one run)
 #        bench/pull.sh --serve   builds the image, serves it and waits (for profiling a
 #                                pull by hand: `perf record -g sandrun pull ...`); Ctrl-C ends it
+#        BENCH_DIR=DIR bench/pull.sh ...   works in DIR instead of /dev/shm (a disk)
 # Needs: docker-registry skopeo umoci busybox-static hyperfine (Debian packages).
 set -eu
 
@@ -22,7 +23,9 @@ for t in docker-registry skopeo umoci hyperfine; do
   command -v $t >/dev/null || { echo "missing $t"; exit 1; }
 done
 
-BASE=/dev/shm
+# BENCH_DIR=/var/tmp puts the registry, the store and the peers' output on a disk
+# instead of tmpfs (then the store's syncs cost what they cost on a real machine).
+BASE=${BENCH_DIR:-/dev/shm}
 [ -d "$BASE" ] && [ -w "$BASE" ] || BASE=/tmp
 W=$(mktemp -d "$BASE/sandrun-bench.XXXXXX")
 REG_PID=
