@@ -1,8 +1,8 @@
 //! Talking to registries: resolving a reference to a platform manifest and streaming
-//! blobs. `oci-client` does the protocol (token negotiation, blob requests); sandrun adds
-//! what it lacks: manifests are fetched with a size cap and kept as the
-//! exact bytes received, digests and sizes are checked by the store while blobs stream
-//! (never buffered whole), and the platform choice in an index honours the variant.
+//! blobs. `oci-client` negotiates the token; sandrun makes the requests with it, for what
+//! oci-client lacks: manifests are fetched with a size cap and kept as the exact bytes
+//! received, blobs stream (never buffered whole) and are hashed once, by the store, as
+//! they are written, and the platform choice in an index honours the variant.
 //!
 //! TLS: rustls with the `ring` provider, installed once as the process-wide default, so
 //! the build does not pull in aws-lc-sys (slow to compile, needs cmake) or OpenSSL.
