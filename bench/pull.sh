@@ -5,18 +5,27 @@
 # docker-registry; then a warm pull, and a second image sharing 3 base layers.
 #
 # Usage: bench/pull.sh [SANDRUN_BINARY] [RUNS]   (default: target/release/sandrun, 5)
+#        BEFORE=OTHER_BINARY bench/pull.sh ...   also times OTHER_BINARY's cold pull in
+#                                each round (a change measured before/after in one run)
+#        bench/pull.sh --serve   builds the image, serves it and waits (for profiling a
+#                                pull by hand: `perf record -g sandrun pull ...`); Ctrl-C ends it
+#        BENCH_DIR=DIR bench/pull.sh ...   works in DIR instead of /dev/shm (a disk)
 # Needs: docker-registry skopeo umoci busybox-static hyperfine (Debian packages).
 set -eu
 
+SERVE=
+if [ "${1:-}" = --serve ]; then SERVE=1; shift; fi
 BIN=${1:-${CARGO_TARGET_DIR:-target}/release/sandrun}
 RUNS=${2:-5}
-BIN=$(readlink -f "$BIN")
-[ -x "$BIN" ] || { echo "no sandrun binary at $BIN (cargo build --release)"; exit 1; }
+BIN=$(readlink -m "$BIN")
+[ -n "$SERVE" ] || [ -x "$BIN" ] || { echo "no sandrun binary at $BIN (cargo build --release)"; exit 1; }
 for t in docker-registry skopeo umoci hyperfine; do
   command -v $t >/dev/null || { echo "missing $t"; exit 1; }
 done
 
-BASE=/dev/shm
+# BENCH_DIR=/var/tmp puts the registry, the store and the peers' output on a disk
+# instead of tmpfs (then the store's syncs cost what they cost on a real machine).
+BASE=${BENCH_DIR:-/dev/shm}
 [ -d "$BASE" ] && [ -w "$BASE" ] || BASE=/tmp
 W=$(mktemp -d "$BASE/sandrun-bench.XXXXXX")
 REG_PID=
@@ -78,12 +87,24 @@ skopeo copy --quiet --dest-tls-verify=false "oci:$W/oci:img" "docker://$IMG"
 skopeo copy --quiet --dest-tls-verify=false "oci:$W/oci:shared" "docker://$SHARED"
 SIZE=$(du -sb "$W/registry" | cut -f1)
 echo "image: $IMG ($(($SIZE / 1000000)) MB compressed in the registry, both images)"
+if [ -n "$SERVE" ]; then
+  echo "serving until interrupted; a cold pull: rm -rf DIR; SANDRUN_HOME=DIR sandrun pull $IMG"
+  wait "$REG_PID"
+  exit 0
+fi
 
 now() { date +%s.%N; }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
-: > "$W/t.sandrun"; : > "$W/t.peers"
+: > "$W/t.sandrun"; : > "$W/t.peers"; : > "$W/t.before"
+BEFORE=${BEFORE:+$(readlink -f "$BEFORE")}
 for i in $(seq "$RUNS"); do
+  if [ -n "$BEFORE" ]; then
+    rm -rf "$W/home"; sync
+    t0=$(now); SANDRUN_HOME="$W/home" "$BEFORE" pull "$IMG" 2>/dev/null; t1=$(now)
+    echo "$t1 - $t0" | bc >> "$W/t.before"
+    echo "run $i: before $(tail -1 "$W/t.before") s"
+  fi
   rm -rf "$W/home"; sync
   t0=$(now); SANDRUN_HOME="$W/home" "$BIN" pull "$IMG" 2>/dev/null; t1=$(now)
   echo "$t1 - $t0" | bc >> "$W/t.sandrun"
@@ -97,6 +118,10 @@ for i in $(seq "$RUNS"); do
 done
 S=$(median < "$W/t.sandrun"); P=$(median < "$W/t.peers")
 echo "cold pull median: sandrun ${S} s, skopeo copy + umoci raw unpack ${P} s, ratio $(echo "scale=2; $S / $P" | bc)"
+if [ -n "$BEFORE" ]; then
+  B=$(median < "$W/t.before")
+  echo "before (${BEFORE}) median: ${B} s, ratio $(echo "scale=2; $B / $P" | bc)"
+fi
 
 echo "warm pull (image present):"
 SANDRUN_HOME="$W/home" hyperfine --warmup 3 --runs 30 -N "$BIN pull $IMG" 2>/dev/null | grep -E "Time|Range"

@@ -474,6 +474,29 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Layer blobs are requested by sandrun itself (not through oci-client): a blob the
+/// registry does not have is said as such, naming it, and nothing enters the store.
+#[test]
+fn blob_missing_at_the_registry_is_named() {
+    if !tools_present() {
+        return;
+    }
+    let reg = Registry::start();
+    let (b, reference) = pushed_busybox(&reg, "missing");
+    let layer = layer_digests(&b, "1")[0].clone();
+    std::fs::remove_file(reg.blob_file(&layer)).unwrap();
+
+    let home = Home::new();
+    let out = home.run(&["pull", &reference]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("blob {layer} not found")),
+        "error does not say which blob is missing: {err}"
+    );
+    assert!(!home.path().join("blobs/sha256").join(&layer[7..]).exists());
+}
+
 #[test]
 fn tampered_blob_never_enters_the_store() {
     if !tools_present() {

@@ -1,8 +1,8 @@
 //! Talking to registries: resolving a reference to a platform manifest and streaming
-//! blobs. `oci-client` does the protocol (token negotiation, blob requests); sandrun adds
-//! what it lacks: manifests are fetched with a size cap and kept as the
-//! exact bytes received, digests and sizes are checked by the store while blobs stream
-//! (never buffered whole), and the platform choice in an index honours the variant.
+//! blobs. `oci-client` negotiates the token; sandrun makes the requests with it, for what
+//! oci-client lacks: manifests are fetched with a size cap and kept as the exact bytes
+//! received, blobs stream (never buffered whole) and are hashed once, by the store, as
+//! they are written, and the platform choice in an index honours the variant.
 //!
 //! TLS: rustls with the `ring` provider, installed once as the process-wide default, so
 //! the build does not pull in aws-lc-sys (slow to compile, needs cmake) or OpenSSL.
@@ -17,7 +17,6 @@ use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, RegistryOperation};
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
@@ -149,6 +148,16 @@ pub fn parse_manifest(reference: &str, bytes: &[u8]) -> Result<Fetched, StoreErr
     }
 }
 
+/// The client of the plain requests (manifests, blobs).
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(30))
+        .read_timeout(Duration::from_secs(120))
+        .user_agent(concat!("sandrun/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("HTTP client builds")
+}
+
 /// One client per pull session: credentials and tokens are per registry host.
 pub struct Registry {
     client: Client,
@@ -170,14 +179,16 @@ impl Registry {
             platform_resolver: None,
             ..Default::default()
         };
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(30))
-            .read_timeout(Duration::from_secs(120))
-            .user_agent(concat!("sandrun/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("HTTP client builds");
+        // Each client loads the system's root certificates when built (~10 ms of file
+        // reads and PEM parsing): the two are built on both CPUs at once. (Not one client
+        // per process: pooled connections belong to the tokio runtime that opened them.)
+        let (client, http) = std::thread::scope(|s| {
+            let http = s.spawn(http_client);
+            let client = Client::new(config);
+            (client, http.join().expect("HTTP client thread panicked"))
+        });
         Registry {
-            client: Client::new(config),
+            client,
             http,
             insecure,
             credentials,
@@ -324,31 +335,48 @@ impl Registry {
     }
 
     /// Opens a blob as a stream of chunks. The caller checks size and digest as they come.
+    ///
+    /// A plain GET with the cached authorization (redirects to a CDN are followed, and
+    /// reqwest drops the authorization on a cross-host redirect), not oci-client's
+    /// `pull_blob_stream`: that one hashes every chunk on the thread that polls it, and
+    /// the store hashes the blob again as it writes it (a second SHA-256 of every
+    /// compressed byte, on the one thread that drives all layers' downloads).
     pub async fn blob_stream(
         &self,
         r: &ImageRef,
         digest: &str,
         size: u64,
     ) -> Result<BoxStream<'static, std::io::Result<Bytes>>, StoreError> {
-        self.authorization(r).await?;
-        let desc = OciDescriptor {
-            digest: digest.to_string(),
-            size: size as i64,
-            ..Default::default()
+        let host = r.registry_host();
+        let scheme = if self.plain_http(host) {
+            "http"
+        } else {
+            "https"
         };
-        let s = self
-            .client
-            .pull_blob_stream(r.oci(), &desc)
-            .await
-            .map_err(|e| {
-                let what = if oci_connection_error(&e) {
-                    "cannot connect: "
-                } else {
-                    ""
-                };
-                Self::err(r, format!("{what}blob {digest}: {}", error_chain(&e)))
-            })?;
-        if let Some(len) = s.content_length {
+        let url = format!("{scheme}://{host}/v2/{}/blobs/{digest}", r.repository());
+        let auth = self.authorization(r).await?;
+        let mut req = self.http.get(&url);
+        if let Some(a) = &auth {
+            req = req.header(reqwest::header::AUTHORIZATION, a);
+        }
+        let resp = req.send().await.map_err(|e| {
+            let what = if is_connection_error(&e) {
+                "cannot connect: "
+            } else {
+                ""
+            };
+            Self::err(r, format!("{what}blob {digest}: GET {url}: {}", error_chain(&e)))
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let what = match status.as_u16() {
+                401 | 403 => format!("blob {digest}: access denied (check credentials)"),
+                404 => format!("blob {digest} not found"),
+                _ => format!("blob {digest}: GET {url}: HTTP {status}"),
+            };
+            return Err(Self::err(r, what));
+        }
+        if let Some(len) = resp.content_length() {
             if len != size {
                 return Err(StoreError::BadBlob {
                     reference: r.canonical(),
@@ -357,7 +385,10 @@ impl Registry {
                 });
             }
         }
-        Ok(s.stream)
+        Ok(resp
+            .bytes_stream()
+            .map(|c| c.map_err(std::io::Error::other))
+            .boxed())
     }
 }
 

@@ -283,6 +283,8 @@ fn charge(written: u64, size: u64, limits: &Limits, path: &str) -> R<u64> {
 /// Block size of the hole detection: a run of zeros this long (aligned in the file) is
 /// left as a hole.
 const HOLE_BLOCK: usize = 4096;
+/// Files at least this long have their writeback started as soon as they are written.
+const WRITEBACK_MIN: u64 = 1 << 20;
 /// Bytes read at a time when writing a file (a whole number of hole blocks).
 const COPY_BUFFER: usize = 64 * HOLE_BLOCK;
 
@@ -582,6 +584,11 @@ impl Applier {
                 .map_err(self.sys(&comps, "create file"))?;
                 let mut file = File::from(fd);
                 write_sparse(entry, &mut file, &mut self.buf).map_err(|e| e.at(&path_str))?;
+                if size >= WRITEBACK_MIN {
+                    // Its writeback runs while the rest of the layer is unpacked: the
+                    // layer's one syncfs before its rename then has less left to flush.
+                    super::layout::start_writeback(&file, 0, 0);
+                }
                 let fd = OwnedFd::from(file);
                 self.chown_fd(&fd, uid, gid, &comps)?;
                 // After chown: chown clears setuid/setgid.
