@@ -56,7 +56,10 @@ What a step may do (docs/security.md):
   filter, no no_new_privs, the host's devices (as root, every device).
   A step without an image runs your own binaries on the host, as you (or as root
   when sandrun runs as root), without a seccomp profile; it sees the host read-only
-  but for the workspace, /tmp, /var/tmp, /dev/shm and --host-writable paths.
+  but for the workspace, /tmp, /var/tmp, /dev/shm, sharedPaths and --host-writable
+  paths. Host steps share one network, as on a build VM: localhost:PORT reaches a
+  service another host step started, localhost:HOST_PORT a container's portBindings;
+  what a host step leaves running lives until the stage ends, then is stopped.
   sandrun reads a step's output variables and JUnit reports inside its control
   directory and the workspace, never following a symlink out of them, and bounded
   (128 KiB per output variable, 64 MiB per report).";
