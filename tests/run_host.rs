@@ -1357,3 +1357,44 @@ fn host_steps_share_the_machine_and_their_daemons_live_until_the_stage_ends() {
         assert_no_process(&format!("http.server {svc}"));
     }
 }
+
+/// A Background host step whose command daemonizes (starts its server and ends well)
+/// is a service all the same: what it started serves later steps until the stage ends,
+/// the stage does not call it dead, and it is stopped at the end.
+#[test]
+fn a_daemonizing_host_service_serves_until_the_stage_ends() {
+    for mode in modes() {
+        let sb = Sandbox::new(mode);
+        let port = free_port();
+        sb.write("index.html", "hello from the daemon\n");
+        sb.write(
+            "ci.yaml",
+            &stage(&format!(
+                r#"- step:
+    type: Background
+    name: daemon
+    identifier: daemon
+    spec:
+      shell: Sh
+      command: python3 -m http.server {port} >/dev/null 2>&1 &
+- step:
+    type: Run
+    name: use
+    identifier: use
+    spec:
+      shell: Sh
+      command: |
+        for i in $(seq 100); do curl -sf http://localhost:{port}/index.html && break; sleep 0.1; done
+        echo "checked again: $(curl -sf http://daemon:{port}/index.html)"
+"#
+            )),
+        );
+        let r = sb.run(["run", "ci.yaml"]);
+        r.assert_code(0)
+            .assert_stdout("checked again: hello from the daemon")
+            .assert_stdout("they serve until the stage ends");
+        assert!(r.summary_row("daemon").contains("stopped"), "{}", r.all());
+        assert!(!r.all().contains("service ended"), "{}", r.all());
+        assert_no_process(&format!("http.server {port}"));
+    }
+}

@@ -777,23 +777,36 @@ impl<'a> Executor<'a> {
                 let (result, exit) = tokio::select! {
                     status = child.wait() => {
                         let exit = status.ok().map(ExitInfo::from_status);
-                        exited.cancel();
-                        drain(pumps).await;
-                        let exit = exit.unwrap_or(ExitInfo { code: -1, signal: None });
-                        let last_lines: Vec<String> = tail.lock().unwrap().iter().cloned().collect();
-                        events.emit(RunEvent::StepExited { step: key.clone(), exit });
-                        let conflict = state.bind_conflict(&key, &last_lines);
-                        events.emit(RunEvent::BackgroundDied { step: key.clone(), exit, last_lines });
-                        if let Some(note) = conflict {
-                            events.warn(Some(&key), note);
-                        }
-                        if exit.success() {
-                            (StepResult::Succeeded, Some(exit))
+                        if child.lingers() && exit.is_some_and(|e| e.success()) {
+                            // A service that daemonized (`redis-server --daemonize yes`,
+                            // `dockerd &`): its command ended well and what it started
+                            // serves on until the stage ends, as on a build machine.
+                            drain_within(pumps, LINGER_DRAIN).await;
+                            events.warn(
+                                Some(&key),
+                                "its command ended, leaving processes running: they serve until the stage ends".to_string(),
+                            );
+                            stop.cancelled().await;
+                            (StepResult::Stopped, exit)
                         } else {
-                            state.failed.store(true, Ordering::SeqCst);
-                            (StepResult::Failed {
-                                reason: format!("service ended while the stage was running ({})", exit.describe()),
-                            }, Some(exit))
+                            exited.cancel();
+                            drain(pumps).await;
+                            let exit = exit.unwrap_or(ExitInfo { code: -1, signal: None });
+                            let last_lines: Vec<String> = tail.lock().unwrap().iter().cloned().collect();
+                            events.emit(RunEvent::StepExited { step: key.clone(), exit });
+                            let conflict = state.bind_conflict(&key, &last_lines);
+                            events.emit(RunEvent::BackgroundDied { step: key.clone(), exit, last_lines });
+                            if let Some(note) = conflict {
+                                events.warn(Some(&key), note);
+                            }
+                            if exit.success() {
+                                (StepResult::Succeeded, Some(exit))
+                            } else {
+                                state.failed.store(true, Ordering::SeqCst);
+                                (StepResult::Failed {
+                                    reason: format!("service ended while the stage was running ({})", exit.describe()),
+                                }, Some(exit))
+                            }
                         }
                     }
                     _ = sleep_until(deadline) => {
@@ -900,7 +913,12 @@ impl<'a> Executor<'a> {
     async fn stop_leftover_groups(&self) {
         let groups: Vec<ProcessGroup> = self.state.groups.lock().unwrap().drain(..).collect();
         let grace = self.ctx.options.grace;
-        join_all(groups.into_iter().map(|g| g.stop(grace, hurry_token().cancelled()))).await;
+        join_all(
+            groups
+                .into_iter()
+                .map(|g| g.stop(grace, hurry_token().cancelled())),
+        )
+        .await;
     }
 }
 

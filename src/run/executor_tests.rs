@@ -540,5 +540,8 @@ async fn background_steps_in_a_row_start_together_and_the_next_step_waits_for_al
         .iter()
         .position(|e| matches!(e, RunEvent::StepStarted { step, .. } if step == "tests"))
         .unwrap();
-    assert!(ready("db1") < tests_started && ready("db2") < tests_started, "{events:#?}");
+    assert!(
+        ready("db1") < tests_started && ready("db2") < tests_started,
+        "{events:#?}"
+    );
 }
