@@ -246,29 +246,29 @@ impl Registry {
         Ok(header)
     }
 
-    /// Fetches the manifest or index named by `reference` (a tag or a digest) as exact
-    /// bytes, at most [`MAX_MANIFEST_BYTES`]; returns the bytes and their digest. When
-    /// `reference` is a digest, the bytes must hash to it.
-    pub async fn fetch_manifest(
+    /// A GET of `/v2/REPOSITORY/{path}` with the cached authorization, answered with
+    /// success. Errors start with `subject` (`""` for a manifest, `"blob DIGEST: "`);
+    /// a 404 says `missing`.
+    async fn get(
         &self,
         r: &ImageRef,
-        reference: &str,
-    ) -> Result<(Bytes, String), StoreError> {
+        path: &str,
+        accept: Option<&str>,
+        subject: &str,
+        missing: String,
+    ) -> Result<reqwest::Response, StoreError> {
         let host = r.registry_host();
         let scheme = if self.plain_http(host) {
             "http"
         } else {
             "https"
         };
-        let url = format!(
-            "{scheme}://{host}/v2/{}/manifests/{reference}",
-            r.repository()
-        );
+        let url = format!("{scheme}://{host}/v2/{}/{path}", r.repository());
         let auth = self.authorization(r).await?;
-        let mut req = self
-            .http
-            .get(&url)
-            .header(reqwest::header::ACCEPT, ACCEPTED_MANIFESTS.join(", "));
+        let mut req = self.http.get(&url);
+        if let Some(accept) = accept {
+            req = req.header(reqwest::header::ACCEPT, accept);
+        }
         if let Some(a) = &auth {
             req = req.header(reqwest::header::AUTHORIZATION, a);
         }
@@ -278,17 +278,37 @@ impl Registry {
             } else {
                 ""
             };
-            Self::err(r, format!("{what}GET {url}: {}", error_chain(&e)))
+            Self::err(r, format!("{what}{subject}GET {url}: {}", error_chain(&e)))
         })?;
         let status = resp.status();
         if !status.is_success() {
             let what = match status.as_u16() {
-                401 | 403 => "access denied (check credentials)".to_string(),
-                404 => format!("manifest {reference} not found"),
-                _ => format!("GET {url}: HTTP {status}"),
+                401 | 403 => format!("{subject}access denied (check credentials)"),
+                404 => missing,
+                _ => format!("{subject}GET {url}: HTTP {status}"),
             };
             return Err(Self::err(r, what));
         }
+        Ok(resp)
+    }
+
+    /// Fetches the manifest or index named by `reference` (a tag or a digest) as exact
+    /// bytes, at most [`MAX_MANIFEST_BYTES`]; returns the bytes and their digest. When
+    /// `reference` is a digest, the bytes must hash to it.
+    pub async fn fetch_manifest(
+        &self,
+        r: &ImageRef,
+        reference: &str,
+    ) -> Result<(Bytes, String), StoreError> {
+        let resp = self
+            .get(
+                r,
+                &format!("manifests/{reference}"),
+                Some(&ACCEPTED_MANIFESTS.join(", ")),
+                "",
+                format!("manifest {reference} not found"),
+            )
+            .await?;
         if resp
             .content_length()
             .is_some_and(|n| n > MAX_MANIFEST_BYTES)
@@ -347,35 +367,15 @@ impl Registry {
         digest: &str,
         size: u64,
     ) -> Result<BoxStream<'static, std::io::Result<Bytes>>, StoreError> {
-        let host = r.registry_host();
-        let scheme = if self.plain_http(host) {
-            "http"
-        } else {
-            "https"
-        };
-        let url = format!("{scheme}://{host}/v2/{}/blobs/{digest}", r.repository());
-        let auth = self.authorization(r).await?;
-        let mut req = self.http.get(&url);
-        if let Some(a) = &auth {
-            req = req.header(reqwest::header::AUTHORIZATION, a);
-        }
-        let resp = req.send().await.map_err(|e| {
-            let what = if is_connection_error(&e) {
-                "cannot connect: "
-            } else {
-                ""
-            };
-            Self::err(r, format!("{what}blob {digest}: GET {url}: {}", error_chain(&e)))
-        })?;
-        let status = resp.status();
-        if !status.is_success() {
-            let what = match status.as_u16() {
-                401 | 403 => format!("blob {digest}: access denied (check credentials)"),
-                404 => format!("blob {digest} not found"),
-                _ => format!("blob {digest}: GET {url}: HTTP {status}"),
-            };
-            return Err(Self::err(r, what));
-        }
+        let resp = self
+            .get(
+                r,
+                &format!("blobs/{digest}"),
+                None,
+                &format!("blob {digest}: "),
+                format!("blob {digest} not found"),
+            )
+            .await?;
         if let Some(len) = resp.content_length() {
             if len != size {
                 return Err(StoreError::BadBlob {
