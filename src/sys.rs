@@ -57,11 +57,6 @@ pub fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
     Ok(n as usize)
 }
 
-/// A pipe whose two ends are closed on exec: (read, write).
-pub fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
-}
-
 /// A pidfd of process `pid`, non-blocking when `nonblock` (to be polled).
 pub fn pidfd_open(pid: u32, nonblock: bool) -> io::Result<OwnedFd> {
     let pid = Pid::from_raw(pid as i32).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;

@@ -213,33 +213,39 @@ impl NetworkPlan {
         self.steps.iter().find(|s| s.key == key)
     }
 
-    /// The stage's network namespaces: for each, the index of the first step that runs
-    /// in it, for every step in order (`slots()[i]` is step `i`'s namespace). One per
-    /// address: in pod mode all steps share one, in bridge mode host steps share the
-    /// machine's.
-    pub fn slots(&self) -> Vec<usize> {
-        let mut first: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
-        let mut count = 0;
-        self.steps
-            .iter()
-            .map(|s| {
-                *first.entry(s.address).or_insert_with(|| {
-                    count += 1;
-                    count - 1
+    /// The stage's network namespaces, one per address: in pod mode all steps share
+    /// one, in bridge mode host steps share the machine's and each container step has
+    /// its own.
+    pub fn namespaces(&self) -> Namespaces {
+        let mut by_address: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+        let mut first_step = Vec::new();
+        let of_step = (self.steps.iter().enumerate())
+            .map(|(i, s)| {
+                *by_address.entry(s.address).or_insert_with(|| {
+                    first_step.push(i);
+                    first_step.len() - 1
                 })
             })
-            .collect()
-    }
-
-    /// How many namespaces the steps use (see [`NetworkPlan::slots`]).
-    pub fn namespace_count(&self) -> usize {
-        self.slots().into_iter().max().map_or(0, |m| m + 1)
+            .collect();
+        Namespaces {
+            of_step,
+            first_step,
+        }
     }
 
     /// The machine's endpoint: the first host step's, when the stage has host steps.
     pub fn machine(&self) -> Option<&StepEndpoint> {
         self.steps.iter().find(|s| s.on_machine)
     }
+}
+
+/// Which namespace each step of a [`NetworkPlan`] runs in ([`NetworkPlan::namespaces`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespaces {
+    /// For step `i`, the index of its namespace.
+    pub of_step: Vec<usize>,
+    /// For namespace `n`, the index of its first step (which names it in messages).
+    pub first_step: Vec<usize>,
 }
 
 /// The names a step answers to, by Harness's rules: its identifier, and inside a step
@@ -485,8 +491,10 @@ mod tests {
             addresses,
             [2, 3, 2, 4].map(|n| Ipv4Addr::new(10, 213, 0, n)).to_vec()
         );
-        assert_eq!(plan.slots(), vec![0, 1, 0, 2]);
-        assert_eq!(plan.namespace_count(), 3);
+        let namespaces = plan.namespaces();
+        assert_eq!(namespaces.of_step, vec![0, 1, 0, 2]);
+        assert_eq!(namespaces.first_step.len(), 3);
+        assert_eq!(namespaces.first_step, vec![0, 1, 3]);
         assert_eq!(plan.machine().map(|m| m.key.as_str()), Some("svc"));
         // Both names mean the machine: neither is ambiguous.
         assert_eq!(plan.steps[2].hostnames, vec!["build"]);

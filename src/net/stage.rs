@@ -93,15 +93,10 @@ impl StartedNetwork {
             network.build_bridge(&hub_link).await?;
         }
         if plan.egress {
-            let slots = plan.slots();
             let targets: Vec<BorrowedFd<'_>> = match shared {
                 // One per namespace (host steps share the machine's).
-                false => network
-                    .steps
-                    .iter()
-                    .zip(slots.iter().enumerate())
-                    .filter(|(_, (i, slot))| slots.iter().position(|s| s == *slot) == Some(*i))
-                    .filter_map(|(s, _)| s.netns.as_ref().map(|f| f.as_fd()))
+                false => (plan.namespaces().first_step.into_iter())
+                    .filter_map(|i| network.steps[i].netns.as_ref().map(|f| f.as_fd()))
                     .collect(),
                 true => vec![network.hub.as_fd()],
             };
@@ -115,7 +110,7 @@ impl StartedNetwork {
 /// One namespace for all steps: pod mode, or a stage of a single step or of host steps
 /// only (a bridge only pays when there are namespaces to connect).
 fn shared(plan: &NetworkPlan) -> bool {
-    plan.mode == NetworkMode::Pod || plan.namespace_count() <= 1
+    plan.mode == NetworkMode::Pod || plan.namespaces().first_step.len() <= 1
 }
 
 impl StageNetwork {
@@ -162,13 +157,12 @@ impl StageNetwork {
 
     async fn build_bridge(&mut self, hub: &Netlink) -> Result<(), NetError> {
         let started = Instant::now();
-        // One namespace per address: host steps share the machine's.
-        let slots = self.plan.slots();
-        let count = self.plan.namespace_count();
-        // The first step of each namespace, which names it in messages.
-        let firsts: Vec<&crate::net::StepEndpoint> = (0..count)
-            .map(|n| &self.plan.steps[slots.iter().position(|&s| s == n).unwrap_or(0)])
-            .collect();
+        // One namespace per address: host steps share the machine's. The first step of
+        // each namespace names it in messages.
+        let layout = self.plan.namespaces();
+        let count = layout.first_step.len();
+        let firsts: Vec<&crate::net::StepEndpoint> =
+            (layout.first_step.iter()).map(|&i| &self.plan.steps[i]).collect();
         let fresh = step_namespaces(count).await?;
         tracing::debug!(namespaces = count, elapsed = ?started.elapsed(), "step namespaces created");
         let bridge = hub
@@ -220,7 +214,7 @@ impl StageNetwork {
         });
         let namespaces = try_join_all(configs).await?;
         tracing::debug!(elapsed = ?started.elapsed(), "links and addresses configured");
-        for (step, slot) in self.steps.iter_mut().zip(&slots) {
+        for (step, slot) in self.steps.iter_mut().zip(&layout.of_step) {
             let ns = namespaces[*slot]
                 .try_clone()
                 .map_err(NetError::os("duplicate a namespace descriptor"))?;

@@ -45,12 +45,11 @@ impl Launcher for HostLauncher {
         let mut report = None;
         let (argv, user): (Vec<std::ffi::OsString>, _) = match (&self.init_binary, spec.network) {
             (Some(binary), Some(_)) => {
-                let (read, write) = crate::sys::cloexec_pipe().map_err(|source| {
-                    LaunchError::Spawn {
-                        step: spec.step.key.clone(),
-                        program: binary.display().to_string(),
-                        source,
-                    }
+                let pipe = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC);
+                let (read, write) = pipe.map_err(|e| LaunchError::Spawn {
+                    step: spec.step.key.clone(),
+                    program: binary.display().to_string(),
+                    source: e.into(),
                 })?;
                 let init = crate::sandbox::host_init::HostInit {
                     binary,
