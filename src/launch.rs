@@ -295,7 +295,11 @@ impl ProcessGroup {
     /// passes it to every process of its step, see `sandbox::host_init`) and `grace`
     /// to end, as a Background step does, or until `hurry` (a second Ctrl-C); then, as
     /// every group, SIGKILL.
-    pub async fn stop(self, grace: std::time::Duration, hurry: impl std::future::Future<Output = ()>) {
+    pub async fn stop(
+        self,
+        grace: std::time::Duration,
+        hurry: impl std::future::Future<Output = ()>,
+    ) {
         let running = || matches!(crate::sys::wait_pidfd(&self.leader, false, false), Ok(None));
         if self.graceful && running() {
             let _ = killpg(Pid::from_raw(self.pgid as i32), Signal::SIGTERM);

@@ -240,3 +240,179 @@ mod tests {
         assert!(die_with_parent(Some(parent)).is_ok());
     }
 }
+
+/// One eBPF instruction (`struct bpf_insn`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BpfInsn {
+    pub code: u8,
+    /// Destination register in the low four bits, source register in the high four.
+    pub regs: u8,
+    pub off: i16,
+    pub imm: i32,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
+const BPF_CGROUP_DEVICE: u32 = 6;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// The `BPF_PROG_LOAD` member of `union bpf_attr`, up to `expected_attach_type`, with
+/// the rest of the union zeroed as the kernel requires.
+#[repr(C)]
+struct BpfProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+    rest: [u64; 8],
+}
+
+/// The `BPF_PROG_ATTACH` member of `union bpf_attr`.
+#[repr(C)]
+struct BpfProgAttach {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    rest: [u64; 8],
+}
+
+/// Loads `insns` as a `BPF_PROG_TYPE_CGROUP_DEVICE` program (the kernel's verifier
+/// checks it; its log is not asked for) and returns the program's descriptor.
+pub fn bpf_load_device_program(insns: &[BpfInsn], name: &str) -> io::Result<OwnedFd> {
+    let mut prog_name = [0u8; 16];
+    for (to, from) in prog_name.iter_mut().zip(name.bytes().take(15)) {
+        *to = from;
+    }
+    let attr = BpfProgLoad {
+        prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: c"Apache-2.0".as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name,
+        prog_ifindex: 0,
+        expected_attach_type: BPF_CGROUP_DEVICE,
+        rest: [0; 8],
+    };
+    // The instructions and the license the attribute points to outlive the call.
+    let fd = bpf(BPF_PROG_LOAD, &attr)?;
+    // SAFETY: a new descriptor, ours alone (the kernel sets close-on-exec on it).
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
+}
+
+/// bpf(2) with command `cmd` and its member `attr` of `union bpf_attr`.
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: the kernel reads `size_of::<T>()` bytes of `attr`, which lives for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+/// Attaches a device program to the cgroup (v2) directory `cgroup`, alongside any
+/// that its ancestors or others attached (`BPF_F_ALLOW_MULTI`: every program must
+/// allow an access). The attachment holds the program; its descriptor may be closed.
+pub fn bpf_attach_device_program(
+    cgroup: BorrowedFd<'_>,
+    program: BorrowedFd<'_>,
+) -> io::Result<()> {
+    let attr = BpfProgAttach {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: program.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_DEVICE,
+        attach_flags: BPF_F_ALLOW_MULTI,
+        rest: [0; 8],
+    };
+    bpf(BPF_PROG_ATTACH, &attr).map(drop)
+}
+
+/// `clone3(2)` with `CLONE_PARENT | CLONE_INTO_CGROUP`: a copy of this process (as
+/// fork(2) makes, returning 0 in the copy and its pid here) that is a child of this
+/// process's parent and starts in the cgroup (v2) directory `cgroup`, without
+/// migrating any process: a migration (a write to `cgroup.procs`) takes the kernel's
+/// global cgroup lock for writing, and its first writer after a quiet spell waits for
+/// an RCU grace period (~10 ms here).
+///
+/// # Safety
+/// As for fork(2): the calling process must be single-threaded.
+pub unsafe fn clone_sibling_into_cgroup(cgroup: BorrowedFd<'_>) -> io::Result<i32> {
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    // SAFETY: a zeroed `clone_args` is valid (no pidfd, tids, stack or set_tid).
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    // With CLONE_PARENT the exit signal must be 0: the child gets the one this
+    // process has (SIGCHLD, for the zygote forked by the runner).
+    args.flags = libc::CLONE_PARENT as u64 | CLONE_INTO_CGROUP;
+    args.cgroup = cgroup.as_raw_fd() as u64;
+    // SAFETY: without CLONE_VM and with no stack given the child runs on a copy of
+    // this stack, as after fork(2); the caller guarantees a single thread.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut libc::clone_args,
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pid as i32)
+}
+
+/// Loads a classic BPF seccomp filter (`struct sock_filter` entries, 8 bytes each) on
+/// the calling thread with `seccomp(SECCOMP_SET_MODE_FILTER)`; with `new_listener`,
+/// its calls that notify go to the listener returned. The caller needs
+/// `no_new_privs` or CAP_SYS_ADMIN, as for any filter.
+pub fn seccomp_set_filter(program: &[u8], new_listener: bool) -> io::Result<Option<OwnedFd>> {
+    const SECCOMP_SET_MODE_FILTER: libc::c_uint = 1;
+    const SECCOMP_FILTER_FLAG_NEW_LISTENER: libc::c_uint = 1 << 3;
+    if program.is_empty() || program.len() % 8 != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let prog = libc::sock_fprog {
+        len: (program.len() / 8) as libc::c_ushort,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    let flags = if new_listener {
+        SECCOMP_FILTER_FLAG_NEW_LISTENER
+    } else {
+        0
+    };
+    // SAFETY: `prog` points at `program`, which outlives the call; the kernel copies it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            SECCOMP_SET_MODE_FILTER,
+            flags,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: with NEW_LISTENER the result is a new descriptor, ours alone.
+    Ok(new_listener
+        .then(|| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as RawFd) }))
+}

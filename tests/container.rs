@@ -107,6 +107,8 @@ impl World {
             }],
             resources: Limits::default(),
             privileged: false,
+            cgroups: Default::default(),
+            cache_dir: None,
             accept_listener: None,
             state_dir: self.state.join(run_name()),
         }

@@ -104,13 +104,17 @@ fn non_privileged_steps_are_confined_and_privileged_ones_are_not() {
         grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status | tr -d ' \t'
         if unshare -U -r -m mount -t tmpfs none /tmp; then echo userns=yes; else echo userns=no; fi
         if mknod /tmp/dev {kind} {major} {minor} && (: < /tmp/dev); then echo device=yes; else echo device=no; fi
+        echo "cgroups=$(grep -c sandrun /proc/self/cgroup)"
+        if grep -q '^0::/sandrun/.*+devices$' /proc/self/cgroup; then echo group=yes; else echo group=no; fi
 "#,
             image = fx.busybox
         )
     };
     for mode in modes() {
         let sb = Sandbox::new(mode);
-        let steps = probe("plain", false) + &probe("privileged", true);
+        // `again` has the same filter as `plain`: its helper loads the program the
+        // first one compiled and kept (`sandbox::seccomp::compiled`).
+        let steps = probe("plain", false) + &probe("privileged", true) + &probe("again", false);
         sb.write("ci.yaml", &support::stage(support::DOCKER, &steps));
         let r = sb.run(["run", "ci.yaml"]);
         r.assert_code(0);
@@ -123,7 +127,17 @@ fn non_privileged_steps_are_confined_and_privileged_ones_are_not() {
         };
         for line in ["NoNewPrivs:1", "Seccomp:2", "userns=no", "device=no"] {
             said("plain", line);
+            said("again", line);
         }
+        // As root, a step without limits is confined by the stage's device group (a
+        // cgroup v2 group with a device program, `sandbox::devices`), not by cgroups
+        // of its own; a privileged one has no cgroup of sandrun's at all. Rootless,
+        // there are none either.
+        let root = mode == support::Mode::Root;
+        said("plain", if root { "cgroups=1" } else { "cgroups=0" });
+        said("plain", if root { "group=yes" } else { "group=no" });
+        said("privileged", "cgroups=0");
+        said("privileged", "group=no");
         // Rootless, the kernel refuses device nodes in a user namespace, privileged or not.
         let device = if mode == support::Mode::Root {
             "yes"

@@ -1283,9 +1283,20 @@ fn host_steps_share_shared_paths() {
         );
         let r = sb.run(["run", "ci.yaml"]);
         r.assert_code(0).assert_stdout("read: from-write");
-        assert!(!r.all().contains("host-file"), "the step saw the host's directory: {}", r.all());
-        let left: Vec<_> = std::fs::read_dir(&host_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(left, vec![std::ffi::OsString::from("host-file")], "the host's directory changed");
+        assert!(
+            !r.all().contains("host-file"),
+            "the step saw the host's directory: {}",
+            r.all()
+        );
+        let left: Vec<_> = std::fs::read_dir(&host_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from("host-file")],
+            "the host's directory changed"
+        );
     }
 }
 
@@ -1347,7 +1358,9 @@ fn host_steps_share_the_machine_and_their_daemons_live_until_the_stage_ends() {
             r.all()
         );
         assert_eq!(
-            std::fs::read_to_string(sb.workspace().join("stopped-by-term")).ok().as_deref(),
+            std::fs::read_to_string(sb.workspace().join("stopped-by-term"))
+                .ok()
+                .as_deref(),
             Some("term\n"),
             "the daemon was not stopped with SIGTERM: {}",
             r.all()

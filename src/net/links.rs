@@ -216,7 +216,12 @@ fn request_blocking(
     request.serialize(&mut buf);
     use nix::sys::socket::{recv, sendto, MsgFlags, NetlinkAddr};
     // Pid 0: the kernel.
-    sendto(socket.as_raw_fd(), &buf, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
+    sendto(
+        socket.as_raw_fd(),
+        &buf,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
     let mut reply = vec![0u8; 8192];
     loop {
         let n = match recv(socket.as_raw_fd(), &mut reply, MsgFlags::empty()) {

@@ -35,7 +35,12 @@ fn open_own_netns() -> io::Result<OwnedFd> {
 fn netlink_route_socket() -> io::Result<OwnedFd> {
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockProtocol, SockType};
     let flags = SockFlag::SOCK_CLOEXEC;
-    Ok(socket(AddressFamily::Netlink, SockType::Datagram, flags, SockProtocol::NetlinkRoute)?)
+    Ok(socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        flags,
+        SockProtocol::NetlinkRoute,
+    )?)
 }
 
 fn unshare_netns() -> io::Result<FreshNetns> {

@@ -338,17 +338,13 @@ pub fn allocate(mode: NetworkMode, steps: &[StepRequest]) -> Result<NetworkPlan,
             }
         }
         for folded in own {
-            claims
-                .entry(folded)
-                .or_default()
-                .push((&step.key, address));
+            claims.entry(folded).or_default().push((&step.key, address));
         }
     }
     // A name is ambiguous when it would mean two addresses (two host steps asking for
     // one name both mean the machine).
-    let ambiguous = |claimants: &[(&str, Ipv4Addr)]| {
-        claimants.iter().any(|(_, a)| *a != claimants[0].1)
-    };
+    let ambiguous =
+        |claimants: &[(&str, Ipv4Addr)]| claimants.iter().any(|(_, a)| *a != claimants[0].1);
     for (name, claimants) in &claims {
         if ambiguous(claimants) {
             skipped_names.push(SkippedName {
@@ -429,10 +425,16 @@ fn check_ports(mode: NetworkMode, steps: &[StepRequest]) -> Result<(), NetPlanEr
                         let (port, first, second) =
                             (binding.container_port, first.to_string(), step.key.clone());
                         return Err(match mode {
-                            NetworkMode::Pod => NetPlanError::PodPortCollision { port, first, second },
-                            NetworkMode::Bridge => {
-                                NetPlanError::MachinePortCollision { port, first, second }
-                            }
+                            NetworkMode::Pod => NetPlanError::PodPortCollision {
+                                port,
+                                first,
+                                second,
+                            },
+                            NetworkMode::Bridge => NetPlanError::MachinePortCollision {
+                                port,
+                                first,
+                                second,
+                            },
                         });
                     }
                     _ => {
@@ -502,7 +504,13 @@ mod tests {
         // A name two host steps ask for means the machine too.
         let both = allocate(
             NetworkMode::Bridge,
-            &[host("a", &[]), StepRequest { hostnames: vec!["a".into()], ..host("b", &[]) }],
+            &[
+                host("a", &[]),
+                StepRequest {
+                    hostnames: vec!["a".into()],
+                    ..host("b", &[])
+                },
+            ],
         )
         .unwrap();
         assert!(both.skipped_names.is_empty());
@@ -527,7 +535,10 @@ mod tests {
         // Container steps each have their own namespace.
         allocate(
             NetworkMode::Bridge,
-            &[req("a", &[], &[(9000, 8000)]), req("b", &[], &[(9001, 8000)])],
+            &[
+                req("a", &[], &[(9000, 8000)]),
+                req("b", &[], &[(9001, 8000)]),
+            ],
         )
         .unwrap();
     }

@@ -86,7 +86,9 @@ impl HostPortProxy {
     /// service's own port already answers on localhost.
     pub async fn bind_for_machine(&mut self, network: &StageNetwork) -> Result<(), NetError> {
         let plan = network.plan();
-        let Some(netns) = network.machine_netns().filter(|_| plan.mode == NetworkMode::Bridge)
+        let Some(netns) = network
+            .machine_netns()
+            .filter(|_| plan.mode == NetworkMode::Bridge)
         else {
             return Ok(());
         };
@@ -376,4 +378,3 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
     let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
     Ok(())
 }
-

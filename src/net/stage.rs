@@ -161,8 +161,9 @@ impl StageNetwork {
         // each namespace names it in messages.
         let layout = self.plan.namespaces();
         let count = layout.first_step.len();
-        let firsts: Vec<&crate::net::StepEndpoint> =
-            (layout.first_step.iter()).map(|&i| &self.plan.steps[i]).collect();
+        let firsts: Vec<&crate::net::StepEndpoint> = (layout.first_step.iter())
+            .map(|&i| &self.plan.steps[i])
+            .collect();
         let fresh = step_namespaces(count).await?;
         tracing::debug!(namespaces = count, elapsed = ?started.elapsed(), "step namespaces created");
         let bridge = hub
@@ -174,16 +175,20 @@ impl StageNetwork {
             .map_err(NetError::netlink("add the gateway address to the bridge"))?;
 
         let veths: Vec<String> = (0..count).map(|i| format!("veth{i}")).collect();
-        try_join_all(firsts.iter().zip(&fresh).zip(&veths).map(
-            |((step, ns), veth)| async move {
-                hub.add_veth_to(veth, bridge, STEP_LINK, &ns.ns)
-                    .await
-                    .map_err(NetError::netlink(format!(
-                        "create the veth pair of step `{}`",
-                        step.key
-                    )))
-            },
-        ))
+        try_join_all(
+            firsts
+                .iter()
+                .zip(&fresh)
+                .zip(&veths)
+                .map(|((step, ns), veth)| async move {
+                    hub.add_veth_to(veth, bridge, STEP_LINK, &ns.ns)
+                        .await
+                        .map_err(NetError::netlink(format!(
+                            "create the veth pair of step `{}`",
+                            step.key
+                        )))
+                }),
+        )
         .await?;
 
         let prefix_len = self.plan.subnet.prefix_len;

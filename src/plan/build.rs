@@ -1648,7 +1648,9 @@ fn read_codebase(workspace: &Path) -> Result<Codebase, String> {
             .and_then(|c| c.wait_with_output())
             .map_err(|e| format!("cannot run git: {e}"))?;
         if !out.status.success() {
-            return Err(not_a_repository(String::from_utf8_lossy(&out.stderr).trim()));
+            return Err(not_a_repository(
+                String::from_utf8_lossy(&out.stderr).trim(),
+            ));
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     });
@@ -1810,16 +1812,29 @@ mod tests {
             String::from_utf8_lossy(&out.stdout).trim().to_string()
         };
         git(&["init", "-q", "-b", "trunk"]);
-        git(&["remote", "add", "origin", "https://git.example.com/acme/widgets.git"]);
+        git(&[
+            "remote",
+            "add",
+            "origin",
+            "https://git.example.com/acme/widgets.git",
+        ]);
         git(&["commit", "-q", "--allow-empty", "-m", "first light"]);
         let sha = git(&["rev-parse", "HEAD"]);
         let c = read_codebase(&dir.path().join(".")).unwrap();
         assert_eq!(
             (c.sha.as_str(), c.branch.as_str(), c.repo_url.as_str()),
-            (sha.as_str(), "trunk", "https://git.example.com/acme/widgets.git")
+            (
+                sha.as_str(),
+                "trunk",
+                "https://git.example.com/acme/widgets.git"
+            )
         );
         assert_eq!(
-            (c.author_name.as_str(), c.author_email.as_str(), c.message.as_str()),
+            (
+                c.author_name.as_str(),
+                c.author_email.as_str(),
+                c.message.as_str()
+            ),
             ("Ada", "ada@example.com", "first light")
         );
     }

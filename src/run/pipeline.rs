@@ -252,7 +252,8 @@ async fn run_in_network(
         match std::env::current_exe() {
             Ok(exe) => Some(
                 ContainerLauncher::new(exe, stage_dir.to_path_buf(), ctx.images.clone())
-                    .with_zygote(ctx.zygote.clone()),
+                    .with_zygote(ctx.zygote.clone())
+                    .with_cache_dir(ctx.state_dir.parent().map(Path::to_path_buf)),
             ),
             Err(e) => {
                 events.warn(

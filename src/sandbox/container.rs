@@ -15,16 +15,17 @@
 //! image); things it cannot do but runs on without start with [`WARNING_PREFIX`].
 
 use std::fs;
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
-use nix::mount::{umount2, MntFlags};
+use nix::mount::{umount2, MntFlags, MsFlags};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::Signal;
@@ -37,6 +38,7 @@ use super::host;
 use super::mounts;
 use super::oci::{self, HostFacts};
 use super::rootfs::{self, ImageUser};
+use super::seccomp;
 use super::spec::{self, ContainerProcess, ContainerSpec};
 use super::state;
 use super::userns;
@@ -51,6 +53,15 @@ pub const WARNING_PREFIX: &str = "sandrun: warning: ";
 /// container has exited (a pipe to the runner), and the runner's stderr for what it
 /// says afterwards; -1 for an executed helper, whose exit status is the report.
 static REPORT_TO: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
+
+/// Set in a helper that the zygote cloned into the stage's device group
+/// (`sandbox::devices`): only then may a spec ask for no cgroups of its own.
+static IN_DEVICE_GROUP: AtomicBool = AtomicBool::new(false);
+
+/// Records that this helper started in the stage's device group.
+pub(crate) fn started_in_device_group() {
+    IN_DEVICE_GROUP.store(true, Ordering::SeqCst);
+}
 
 /// Makes [`run`] report the exit status on `status` and go on cleaning up quietly
 /// (its output then goes to `runner_stderr`): the runner goes on with the stage
@@ -140,13 +151,17 @@ fn run(spec_path: &Path) -> Result<i32, SandboxError> {
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(|e| SandboxError::sys("unshare a private mount namespace", e))?;
     super::userns::make_mounts_private()?;
+    if !userns::in_user_namespace() {
+        hide_cgroups_unless_own(&spec)?;
+    }
     let mut layers = spec.image.layers.clone();
     if layers.is_empty() {
         layers.push(dirs.empty.clone());
     }
     rootfs::mount_overlay(&layers, &dirs.upper, &dirs.work, &dirs.rootfs)?;
 
-    let (runtime_spec, facts) = prepare(&spec, &dirs.rootfs)?;
+    let (mut runtime_spec, facts) = prepare(&spec, &dirs.rootfs)?;
+    let filter = StepFilter::take(&spec, &mut runtime_spec)?;
     let own_mounts = oci::helper_mounts(&spec, &facts)
         .map_err(|e| container_error(&spec, "plan the mounts", e))?;
     mounts::mount_in_root(&dirs.rootfs, &own_mounts).map_err(|(dest, e)| {
@@ -169,7 +184,13 @@ fn run(spec_path: &Path) -> Result<i32, SandboxError> {
                 std::io::Error::other(e),
             )
         })?;
-    let mut container = build(&spec, &dirs)?;
+    let mut container = build(
+        &spec,
+        &dirs,
+        StepExecutor {
+            filter: filter.clone(),
+        },
+    )?;
     if let Some(sig) = take_pending_signal() {
         let _ = container.delete(true);
         return Ok(128 + sig);
@@ -179,6 +200,8 @@ fn run(spec_path: &Path) -> Result<i32, SandboxError> {
         let _ = container.delete(true);
         return Err(container_error(&spec, "start", e));
     }
+    // The container's init holds its own copy of the listener connection.
+    drop(filter);
     let pid = container.pid().ok_or_else(|| SandboxError::Container {
         step: spec.step.clone(),
         what: "start",
@@ -213,6 +236,37 @@ fn run(spec_path: &Path) -> Result<i32, SandboxError> {
         .map_err(|e| container_error(&spec, "delete", e))?;
     drop(dirs);
     Ok(code)
+}
+
+/// As root, for a container without cgroups of its own (`sandbox::devices`): checks
+/// that a step confined by the stage's device group really started in it, and hides
+/// the cgroup hierarchies from libcontainer in this private mount namespace (an
+/// empty, read-only tmpfs at /sys/fs/cgroup), so that it makes no cgroups and moves
+/// no process. The container then sees an empty /sys/fs/cgroup, as rootless.
+fn hide_cgroups_unless_own(spec: &ContainerSpec) -> Result<(), SandboxError> {
+    use super::devices::CgroupMode;
+    match spec.cgroups {
+        CgroupMode::Own => return Ok(()),
+        CgroupMode::InDeviceGroup if !IN_DEVICE_GROUP.load(Ordering::SeqCst) => {
+            return Err(SandboxError::Container {
+                step: spec.step.clone(),
+                what: "start",
+                message: "the helper was not started in the stage's device group".into(),
+            })
+        }
+        CgroupMode::InDeviceGroup | CgroupMode::None => {}
+    }
+    let cgroup = Path::new("/sys/fs/cgroup");
+    umount2(cgroup, MntFlags::MNT_DETACH)
+        .map_err(|e| SandboxError::sys("hide /sys/fs/cgroup from the runtime", e))?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        cgroup,
+        Some("tmpfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=4k,mode=0555"),
+    )
+    .map_err(|e| SandboxError::sys("hide /sys/fs/cgroup from the runtime", e))
 }
 
 fn container_error(
@@ -387,9 +441,13 @@ fn prepare(spec: &ContainerSpec, root: &Path) -> Result<(Spec, HostFacts), Sandb
     Ok((runtime, facts))
 }
 
-fn build(spec: &ContainerSpec, dirs: &ContainerDirs) -> Result<Container, SandboxError> {
+fn build(
+    spec: &ContainerSpec,
+    dirs: &ContainerDirs,
+    executor: StepExecutor,
+) -> Result<Container, SandboxError> {
     ContainerBuilder::new(spec.id.clone(), SyscallType::Linux)
-        .with_executor(DeathSignalExecutor)
+        .with_executor(executor)
         .with_root_path(&dirs.youki_root)
         .and_then(|b| b.validate_id())
         .and_then(|b| {
@@ -401,18 +459,81 @@ fn build(spec: &ContainerSpec, dirs: &ContainerDirs) -> Result<Container, Sandbo
         .map_err(|e| container_error(spec, "create", e))
 }
 
-/// libcontainer's default executor, plus `PR_SET_PDEATHSIG(SIGKILL)` in the container's
-/// init just before it execs: if the helper is SIGKILLed (the runner died), the
-/// container's PID 1 dies, and with it its whole PID namespace.
-#[derive(Clone)]
-struct DeathSignalExecutor;
+/// The step's seccomp filter, compiled (`seccomp::compiled`), with a connection to the
+/// runner's socket for the listener when the filter notifies. libcontainer is not given
+/// the filter: it would compile it again in every container.
+struct StepFilter {
+    compiled: seccomp::Compiled,
+    /// Connected before the container starts: the socket's path is the runner's, which
+    /// the container's init no longer sees once it has changed its root.
+    runner: Option<std::os::unix::net::UnixStream>,
+}
 
-impl Executor for DeathSignalExecutor {
+impl StepFilter {
+    /// Takes the filter out of `runtime` and compiles it (or finds it compiled).
+    fn take(
+        spec: &ContainerSpec,
+        runtime: &mut Spec,
+    ) -> Result<Option<Arc<StepFilter>>, SandboxError> {
+        let Some(linux) = runtime.linux_mut() else {
+            return Ok(None);
+        };
+        let Some(filter) = linux.seccomp_mut().take() else {
+            return Ok(None);
+        };
+        let cache = spec.cache_dir.as_deref().unwrap_or(&spec.state_dir);
+        let compiled = seccomp::compiled(&filter, cache)
+            .map_err(|e| container_error(spec, "compile the seccomp filter", e))?;
+        let runner = match filter.listener_path() {
+            Some(path) => Some(
+                std::os::unix::net::UnixStream::connect(path)
+                    .map_err(|e| SandboxError::io("connect to", path, e))?,
+            ),
+            None => None,
+        };
+        Ok(Some(Arc::new(StepFilter { compiled, runner })))
+    }
+
+    /// Loads the filter (in the container's init, with its capabilities and
+    /// no_new_privs already set), and sends its listener to the runner.
+    fn install(&self) -> std::io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let listener =
+            crate::sys::seccomp_set_filter(&self.compiled.program, self.compiled.notifies)?;
+        if let (Some(listener), Some(runner)) = (listener, &self.runner) {
+            let fds = [listener.as_raw_fd()];
+            sendmsg::<()>(
+                runner.as_raw_fd(),
+                &[std::io::IoSlice::new(b"seccomp")],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                None,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// libcontainer's default executor, plus, in the container's init just before it
+/// execs: `PR_SET_PDEATHSIG(SIGKILL)` (if the helper is SIGKILLed because the runner
+/// died, the container's PID 1 dies, and with it its whole PID namespace), default
+/// signal dispositions, and the step's seccomp filter, loaded last.
+#[derive(Clone)]
+struct StepExecutor {
+    filter: Option<Arc<StepFilter>>,
+}
+
+impl Executor for StepExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         // The helper is alive here (it waits for this init), so no check is needed.
         let _ = crate::sys::die_with_parent(None);
         // Start with default signal dispositions and an empty mask.
         reset_signal_handlers();
+        if let Some(filter) = &self.filter {
+            filter
+                .install()
+                .map_err(|e| ExecutorError::Other(format!("load the seccomp filter: {e}")))?;
+        }
         DefaultExecutor {}.exec(spec)
     }
 

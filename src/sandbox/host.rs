@@ -85,6 +85,7 @@ pub fn facts(spec: &ContainerSpec) -> (HostFacts, Vec<String>) {
         .unwrap_or((1024, 1024));
     let facts = HostFacts {
         rootless,
+        own_cgroups: spec.cgroups == super::devices::CgroupMode::Own,
         unified_cgroups,
         sysfs_mountable: !rootless || netns_owned_by_own_userns(),
         tty_gid_mapped: mapped_ids().is_none_or(|n| n > 5),

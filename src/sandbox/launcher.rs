@@ -7,8 +7,10 @@ use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use std::sync::Arc;
+use std::os::fd::BorrowedFd;
+use std::sync::{Arc, OnceLock};
 
+use super::devices::{CgroupMode, DeviceGroup};
 use super::launch::{spawn_container, write_spec};
 use super::spec::{BindMount, ContainerSpec, ImageConfig, ImageSpec, Limits};
 use super::zygote::Zygote;
@@ -27,6 +29,13 @@ pub struct ContainerLauncher {
     id_prefix: String,
     images: HashMap<String, ImageSpec>,
     zygote: Option<Arc<Zygote>>,
+    /// Where helpers keep what outlives a run (`ContainerSpec::cache_dir`).
+    cache_dir: Option<PathBuf>,
+    /// The runner is root (not in a user namespace of its own).
+    root: bool,
+    /// The stage's device group, made for its first confined container (as root);
+    /// `None` when it could not be made (then containers get cgroups of their own).
+    device_group: OnceLock<Option<DeviceGroup>>,
 }
 
 impl ContainerLauncher {
@@ -70,6 +79,41 @@ impl ContainerLauncher {
             id_prefix,
             images,
             zygote: None,
+            cache_dir: None,
+            root: !super::userns::in_user_namespace(),
+            device_group: OnceLock::new(),
+        }
+    }
+
+    /// Helpers keep compiled seccomp filters in `dir` (the state base, which outlives
+    /// the run) instead of the run's directory.
+    pub fn with_cache_dir(mut self, dir: Option<PathBuf>) -> ContainerLauncher {
+        self.cache_dir = dir;
+        self
+    }
+
+    /// Where a container's cgroups come from (`sandbox::devices`), and the cgroup
+    /// directory the zygote is to start its helper in. As root, through the zygote, a
+    /// step without limits gets none of its own: a privileged one needs none, the
+    /// others are confined by the stage's device group.
+    fn cgroups(&self, c: &ContainerSpec) -> (CgroupMode, Option<BorrowedFd<'_>>) {
+        if !self.root || self.zygote.is_none() || !c.resources.is_empty() {
+            return (CgroupMode::Own, None);
+        }
+        if c.privileged {
+            return (CgroupMode::None, None);
+        }
+        let group = self.device_group.get_or_init(|| {
+            let name = format!("{}+devices", self.id_prefix);
+            DeviceGroup::create(&name)
+                .inspect_err(|why| {
+                    tracing::debug!("no device group, containers get cgroups of their own: {why}")
+                })
+                .ok()
+        });
+        match group {
+            Some(g) => (CgroupMode::InDeviceGroup, Some(g.fd())),
+            None => (CgroupMode::Own, None),
         }
     }
 
@@ -146,6 +190,8 @@ impl ContainerLauncher {
                 cpu_millis: step.resources.cpu_millis,
             },
             privileged: step.privileged,
+            cgroups: CgroupMode::Own,
+            cache_dir: self.cache_dir.clone(),
             accept_listener: spec.accept_listener.map(Path::to_path_buf),
             state_dir: self.state_dir.clone(),
         })
@@ -154,7 +200,7 @@ impl ContainerLauncher {
 
 impl Launcher for ContainerLauncher {
     fn launch(&self, spec: &LaunchSpec<'_>) -> Result<StepChild, LaunchError> {
-        let container = self.container_spec(spec)?;
+        let mut container = self.container_spec(spec)?;
         let netns = spec.network_part(StageNetwork::step_netns)?;
         let failed = |e: std::io::Error| LaunchError::Spawn {
             step: spec.step.key.clone(),
@@ -167,6 +213,8 @@ impl Launcher for ContainerLauncher {
         };
         match &self.zygote {
             Some(zygote) => {
+                let (mode, cgroup) = self.cgroups(&container);
+                container.cgroups = mode;
                 let path = write_spec(&container).map_err(container_failed)?;
                 let pipe = || {
                     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| failed(e.into()))
@@ -181,6 +229,7 @@ impl Launcher for ContainerLauncher {
                         err_write.as_fd(),
                         status_write.as_fd(),
                         netns,
+                        cgroup,
                     )
                     .map_err(failed)?;
                 drop((out_write, err_write, status_write));

@@ -8,6 +8,7 @@
 //! in `crate::sys`.
 
 pub mod container;
+pub mod devices;
 pub mod error;
 pub mod helper;
 pub mod host;

@@ -22,6 +22,11 @@ use super::spec::{ContainerSpec, Limits};
 pub struct HostFacts {
     /// Running in a user namespace (rootless).
     pub rootless: bool,
+    /// libcontainer makes the container's cgroups (always rootless, where it can; as
+    /// root unless the step is in the stage's device group or needs none:
+    /// `sandbox::devices`). As root the device rules go there, and the container sees
+    /// its cgroups at /sys/fs/cgroup.
+    pub own_cgroups: bool,
     /// /sys/fs/cgroup (as this process sees it) is cgroup2 only: a cgroup namespace
     /// is safe to create.
     pub unified_cgroups: bool,
@@ -189,12 +194,14 @@ pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFa
                 .build()?,
         );
     }
-    // As root, the device cgroup: everything for a privileged step; for the others
-    // nothing but what libcgroups adds after these rules (the OCI defaults: null, zero,
-    // full, random, urandom, tty, console, ptmx, pts, tun, and mknod of any node, which
-    // then cannot be opened). Rootless, the kernel already refuses device nodes in a
-    // user namespace (mknod fails, its mounts are nodev).
-    if !host.rootless {
+    // In cgroups of the container's own, the device cgroup: everything for a
+    // privileged step; for the others nothing but what libcgroups adds after these
+    // rules (the OCI defaults: null, zero, full, random, urandom, tty, console, ptmx,
+    // pts, tun, and mknod of any node, which then cannot be opened). Otherwise the
+    // stage's device group has the same rules (`sandbox::devices`), or the step is
+    // privileged. Rootless, the kernel already refuses device nodes in a user
+    // namespace (mknod fails, its mounts are nodev).
+    if host.own_cgroups && !host.rootless {
         resources = resources.devices(vec![LinuxDeviceCgroupBuilder::default()
             .allow(c.privileged)
             .typ(LinuxDeviceType::A)
@@ -221,6 +228,12 @@ pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFa
     if let Some(filter) = super::seccomp::filter(c.privileged, c.accept_listener.as_deref())? {
         linux = linux.seccomp(filter);
     }
+    let mut linux = linux.build()?;
+    // Without cgroups of its own, no resources at all (not even oci-spec's default
+    // deny-all device rule): libcontainer would ask for a devices cgroup it cannot find.
+    if !host.own_cgroups {
+        linux.set_resources(None);
+    }
 
     SpecBuilder::default()
         .version("1.0.2")
@@ -233,7 +246,7 @@ pub fn runtime_spec(c: &ContainerSpec, rootfs: &Path, p: &Process, host: &HostFa
         )
         .process(process)
         .mounts(split_mounts(mounts(c, host)?).1)
-        .linux(linux.build()?)
+        .linux(linux)
         .build()
 }
 
@@ -315,7 +328,7 @@ fn mounts(c: &ContainerSpec, host: &HostFacts) -> Result<Vec<Mount>, oci_spec::O
             "sysfs",
             &["nosuid", "noexec", "nodev", sys_ro],
         )?);
-        if !host.rootless {
+        if host.own_cgroups && !host.rootless {
             out.push(m(
                 "/sys/fs/cgroup",
                 "cgroup",
@@ -371,6 +384,8 @@ mod tests {
             }],
             resources: Limits::default(),
             privileged,
+            cgroups: Default::default(),
+            cache_dir: None,
             accept_listener: None,
             state_dir: "/tmp/x".into(),
         }
@@ -402,6 +417,22 @@ mod tests {
         assert!(linux(&privileged).seccomp().is_none());
         assert!(devices(&privileged).unwrap()[0].allow());
 
+        // As root without cgroups of its own (the stage's device group filters
+        // devices, or the step is privileged): no rules for libcontainer to write and
+        // no cgroup mount; the filter and no_new_privs stay.
+        let in_group = HostFacts {
+            own_cgroups: false,
+            ..host(false)
+        };
+        let grouped = build_on(false, &in_group);
+        assert!(linux(&grouped).resources().is_none());
+        assert_eq!(nnp(&grouped), Some(true));
+        assert!(linux(&grouped).seccomp().is_some());
+        let mounts = grouped.mounts().clone().unwrap();
+        assert!(!mounts
+            .iter()
+            .any(|m| m.destination() == Path::new("/sys/fs/cgroup")));
+
         // The accept hand-off joins the default filter, or is the only one.
         for privileged in [false, true] {
             let mut c = container(privileged);
@@ -420,6 +451,7 @@ mod tests {
     fn host(rootless: bool) -> HostFacts {
         HostFacts {
             rootless,
+            own_cgroups: true,
             unified_cgroups: false,
             sysfs_mountable: !rootless,
             tty_gid_mapped: true,

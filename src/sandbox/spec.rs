@@ -31,6 +31,13 @@ pub struct ContainerSpec {
     pub mounts: Vec<BindMount>,
     pub resources: Limits,
     pub privileged: bool,
+    /// Where the container's cgroups come from, as root (`sandbox::devices`).
+    #[serde(default)]
+    pub cgroups: super::devices::CgroupMode,
+    /// Where helpers keep compiled seccomp filters across runs (the state base);
+    /// `None`: the run's state directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
     /// A unix socket of the runner's that takes the seccomp listener of the step's
     /// `accept` calls, so that host connections to a bound port are handed to the
     /// service itself (`net::handoff`); `None` for steps without `portBindings`.
@@ -239,6 +246,8 @@ mod tests {
                 cpu_millis: None,
             },
             privileged: false,
+            cgroups: crate::sandbox::devices::CgroupMode::InDeviceGroup,
+            cache_dir: Some("/run/user/1/sandrun".into()),
             accept_listener: None,
             state_dir: "/run/user/1/sandrun/r1".into(),
         };

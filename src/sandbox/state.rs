@@ -193,10 +193,14 @@ pub fn sweep_before_command() {
 /// holds the run's lock file open; only a run with a container directory left (no
 /// helper cleaned up after itself) is searched for them.
 pub fn kill_unstarted_inits(run_dir: &Path) {
-    let left = fs::read_dir(run_dir).into_iter().flatten().flatten().any(|stage| {
-        fs::read_dir(stage.path().join("containers"))
-            .is_ok_and(|mut containers| containers.next().is_some())
-    });
+    let left = fs::read_dir(run_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|stage| {
+            fs::read_dir(stage.path().join("containers"))
+                .is_ok_and(|mut containers| containers.next().is_some())
+        });
     if !left {
         return;
     }
@@ -204,7 +208,10 @@ pub fn kill_unstarted_inits(run_dir: &Path) {
     let Ok(procs) = fs::read_dir("/proc") else {
         return;
     };
-    for pid in procs.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+    for pid in procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    {
         let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         if !comm.starts_with("youki:") {
             continue;
@@ -347,7 +354,10 @@ mod tests {
             Some(libc::SIGKILL)
         );
         for child in [&mut theirs, &mut unnamed] {
-            assert!(child.try_wait().unwrap().is_none(), "a process not left by this run was killed");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "a process not left by this run was killed"
+            );
             child.kill().unwrap();
             child.wait().unwrap();
         }

@@ -8,7 +8,9 @@
 //! (docs/performance.md). So `run::startup` forks the zygote right after entering its
 //! user namespace, before any thread exists. The
 //! zygote waits on a socket; for each request (the spec's path, the step's stdout and
-//! stderr pipes, the step's network namespace) it clones a helper with `CLONE_PARENT`,
+//! stderr pipes, the step's network namespace, and as root the stage's device group
+//! of `sandbox::devices`, which the helper then starts in) it clones a helper with
+//! `CLONE_PARENT`,
 //! so that the helper is the *runner's* child: the runner waits for it, signals its
 //! process group and gets its exit status exactly as for an executed helper. The
 //! helper then runs the same code as `sandrun __container`.
@@ -18,7 +20,7 @@
 
 use std::ffi::OsStr;
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Mutex;
@@ -34,6 +36,10 @@ use super::error::SandboxError;
 
 /// Longest spec path a request carries.
 const MAX_PATH: usize = 4096;
+
+/// A request's first byte: which optional descriptors follow the three pipes.
+const WITH_NETNS: u8 = 1;
+const WITH_CGROUP: u8 = 2;
 
 /// The runner's end of the zygote.
 pub struct Zygote {
@@ -70,7 +76,8 @@ impl Zygote {
     }
 
     /// Starts a helper for the spec at `spec_path`, with `stdout` and `stderr` as its
-    /// output and, when given, inside `netns`. The helper is a child of the calling
+    /// output and, when given, inside `netns` and in the cgroup (v2) directory
+    /// `cgroup` from its first instruction on. The helper is a child of the calling
     /// process, in a process group of its own; returns its pid.
     pub fn spawn(
         &self,
@@ -79,6 +86,7 @@ impl Zygote {
         stderr: BorrowedFd<'_>,
         status: BorrowedFd<'_>,
         netns: Option<BorrowedFd<'_>>,
+        cgroup: Option<BorrowedFd<'_>>,
     ) -> std::io::Result<Pid> {
         let path = spec_path.as_os_str().as_bytes();
         if path.len() > MAX_PATH {
@@ -86,11 +94,13 @@ impl Zygote {
         }
         let mut fds = vec![stdout.as_raw_fd(), stderr.as_raw_fd(), status.as_raw_fd()];
         fds.extend(netns.map(|n| n.as_raw_fd()));
+        fds.extend(cgroup.map(|c| c.as_raw_fd()));
+        let what = [netns.map_or(0, |_| WITH_NETNS) | cgroup.map_or(0, |_| WITH_CGROUP)];
         let socket = self.socket.lock().unwrap_or_else(|e| e.into_inner());
         let cmsg = [ControlMessage::ScmRights(&fds)];
         sendmsg::<()>(
             socket.as_raw_fd(),
-            &[IoSlice::new(path)],
+            &[IoSlice::new(&what), IoSlice::new(path)],
             &cmsg,
             MsgFlags::empty(),
             None,
@@ -139,10 +149,11 @@ fn serve(socket: OwnedFd, runner: Pid, rootless: bool) -> ! {
         let _ = unsafe { signal(sig, SigHandler::SigIgn) };
     }
     let mut path = vec![0u8; MAX_PATH];
+    let mut what = [0u8];
     loop {
-        let mut space = nix::cmsg_space!([RawFd; 4]);
+        let mut space = nix::cmsg_space!([RawFd; 5]);
         let (len, fds) = {
-            let mut iov = [IoSliceMut::new(&mut path)];
+            let mut iov = [IoSliceMut::new(&mut what), IoSliceMut::new(&mut path)];
             match recvmsg::<()>(
                 socket.as_raw_fd(),
                 &mut iov,
@@ -168,11 +179,18 @@ fn serve(socket: OwnedFd, runner: Pid, rootless: bool) -> ! {
             // SAFETY: the runner closed its end.
             unsafe { libc::_exit(0) }
         }
-        let reply = if fds.len() < 3 {
+        let expected =
+            3 + usize::from(what[0] & WITH_NETNS != 0) + usize::from(what[0] & WITH_CGROUP != 0);
+        let reply = if fds.len() != expected {
             -libc::EINVAL
         } else {
-            let spec = Path::new(OsStr::from_bytes(&path[..len]));
-            clone_helper(spec, &fds, runner, rootless, &socket)
+            let request = Request {
+                spec: Path::new(OsStr::from_bytes(&path[..len - 1])),
+                pipes: &fds[..3],
+                netns: (what[0] & WITH_NETNS != 0).then(|| fds[3].as_fd()),
+                cgroup: (what[0] & WITH_CGROUP != 0).then(|| fds[expected - 1].as_fd()),
+            };
+            clone_helper(&request, runner, rootless, &socket)
         };
         drop(fds);
         let _ = sendmsg::<()>(
@@ -185,41 +203,55 @@ fn serve(socket: OwnedFd, runner: Pid, rootless: bool) -> ! {
     }
 }
 
-/// Clones a helper as a sibling of the zygote (a child of the runner). Returns its pid
-/// or a negative errno.
-fn clone_helper(
-    spec: &Path,
-    fds: &[OwnedFd],
-    runner: Pid,
-    rootless: bool,
-    socket: &OwnedFd,
-) -> i32 {
-    // SAFETY: clone(2) without CLONE_VM behaves as fork(2) (the child gets a copy of
-    // this single-threaded process and returns here with 0); CLONE_PARENT makes it
-    // the runner's child.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
+/// One request: the spec, the step's stdout, stderr and status pipes, and the
+/// optional network namespace and cgroup directory.
+struct Request<'a> {
+    spec: &'a Path,
+    pipes: &'a [OwnedFd],
+    netns: Option<BorrowedFd<'a>>,
+    cgroup: Option<BorrowedFd<'a>>,
+}
+
+/// Clones a helper as a sibling of the zygote (a child of the runner), in the
+/// request's cgroup when it names one. Returns its pid or a negative errno.
+fn clone_helper(request: &Request, runner: Pid, rootless: bool, socket: &OwnedFd) -> i32 {
+    let pid = match request.cgroup {
+        // SAFETY: the zygote is single-threaded.
+        Some(cgroup) => unsafe { crate::sys::clone_sibling_into_cgroup(cgroup) }
+            .map(i64::from)
+            .unwrap_or_else(|e| -i64::from(e.raw_os_error().unwrap_or(libc::EIO))),
+        // SAFETY: clone(2) without CLONE_VM behaves as fork(2) (the child gets a copy
+        // of this single-threaded process and returns here with 0); CLONE_PARENT makes
+        // it the runner's child.
+        None => match unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            )
+        } {
+            -1 => -i64::from(
+                std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+            ),
+            pid => pid,
+        },
     };
-    if pid < 0 {
-        return -std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO);
-    }
-    if pid > 0 {
+    if pid != 0 {
         return pid as i32;
     }
     // The helper.
-    let code = match helper_setup(fds, runner, rootless, socket) {
+    if request.cgroup.is_some() {
+        super::container::started_in_device_group();
+    }
+    let code = match helper_setup(request, runner, rootless, socket) {
         Ok(()) => {
             super::helper::debug_logging();
-            super::container::main(spec)
+            super::container::main(request.spec)
         }
         Err(e) => {
             eprintln!("{}{e}", super::ERROR_PREFIX);
@@ -233,11 +265,12 @@ fn clone_helper(
 /// process group, stdin from /dev/null, the step's pipes, the step's network
 /// namespace, death with the runner, and ids 0 in a rootless runner's namespace.
 fn helper_setup(
-    fds: &[OwnedFd],
+    request: &Request,
     runner: Pid,
     rootless: bool,
     socket: &OwnedFd,
 ) -> Result<(), SandboxError> {
+    let fds = request.pipes;
     let sys = |what: &'static str| move |e| SandboxError::sys(what, e);
     for sig in [Signal::SIGINT, Signal::SIGQUIT] {
         // SAFETY: restoring the default action installs no handler.
@@ -280,7 +313,7 @@ fn helper_setup(
         // SAFETY: closing this helper's copies, which nothing uses or drops after.
         unsafe { libc::close(fd.as_raw_fd()) };
     }
-    if let Some(netns) = fds.get(3) {
+    if let Some(netns) = request.netns {
         nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(sys("join the step's network namespace"))?;
     }
