@@ -393,6 +393,14 @@ async fn teardown_leaves_nothing(state: &Path) {
         links_before
     );
     net.teardown().await;
+    // Its namespaces are retired (closed together later, `net::netns`): only they
+    // are left, and closing them leaves nothing.
+    assert_eq!(
+        net_ns_links_of_self().iter().filter(|l| **l != own).count(),
+        6,
+        "the hub and five step namespaces"
+    );
+    sandrun::net::release_retired();
     assert_nothing_left(state, &own);
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(text(&out).is_empty(), "{out:?}");
@@ -400,6 +408,7 @@ async fn teardown_leaves_nothing(state: &Path) {
     // Dropping without teardown (a panic unwinding) cleans up the same way.
     let net = StageNetwork::create(&plan, state).await.unwrap();
     drop(net);
+    sandrun::net::release_retired();
     assert_nothing_left(state, &own);
 }
 

@@ -10,7 +10,7 @@ impl StageNetwork {
     /// One TCP connection to `port` of step `key`, dialled from inside the stage
     /// network: from the step's own namespace to its stage address (pod mode: to
     /// localhost), so that it reaches exactly what other steps reach, over the
-    /// namespace's loopback device (no bridge or veth on the way).
+    /// namespace's loopback device (no veth or router on the way).
     pub async fn connect(&self, key: &str, port: u16) -> Result<TcpStream, NetError> {
         let target = self.dial_target(key, port)?;
         self.socket_factory()

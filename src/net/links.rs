@@ -11,16 +11,18 @@ use futures_util::TryStreamExt;
 use rtnetlink::packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
 };
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage, State,
 };
+use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::TokioSocket;
 use rtnetlink::{
-    AddressMessageBuilder, Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    AddressMessageBuilder, Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
 };
 
-/// MTU of the bridge and veths: as large as veth allows (like slirp4netns's 65520), so
+/// MTU of the veths: as large as veth allows (like slirp4netns's 65520), so
 /// that step-to-step traffic costs about what loopback does; 1500 halves throughput.
 pub(crate) const STAGE_MTU: u32 = 65520;
 
@@ -28,7 +30,7 @@ pub(crate) const STAGE_MTU: u32 = 65520;
 const BIG_TCP_SIZE: u32 = 256 * 1024;
 
 /// The loopback device is always index 1 in a new network namespace.
-const LOOPBACK_INDEX: u32 = 1;
+pub(crate) const LOOPBACK_INDEX: u32 = 1;
 
 pub(crate) type NlResult<T> = Result<T, rtnetlink::Error>;
 
@@ -94,24 +96,58 @@ impl Netlink {
         Ok(links.try_next().await?.map(|l| l.header.index))
     }
 
-    /// Creates an up bridge `name` and returns its index.
-    pub async fn add_bridge(&self, name: &str) -> NlResult<u32> {
-        self.handle
-            .link()
-            .add(LinkBridge::new(name).mtu(STAGE_MTU).up().build())
-            .execute()
-            .await?;
-        self.index_of(name)
-            .await?
-            .ok_or_else(|| rtnetlink::Error::NamespaceError(format!("bridge {name} vanished")))
+    /// `address/prefix_len` on link `index` without the route to its subnet the kernel
+    /// would add (`noprefixroute`): the subnet is reached through a gateway instead.
+    pub async fn add_address_routed(
+        &self,
+        index: u32,
+        address: Ipv4Addr,
+        prefix_len: u8,
+    ) -> NlResult<()> {
+        let mut request = self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(address), prefix_len);
+        request
+            .message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Noprefixroute));
+        request.execute().await
     }
 
-    /// Creates a veth pair in one request: `name` here, up and enslaved to `bridge`;
-    /// its peer `peer_name` directly inside the namespace `peer_ns`.
+    /// A route to `network/prefix_len` through `gateway`, on link `index` (whose
+    /// subnet need not hold the gateway: `onlink`).
+    pub async fn add_subnet_route(
+        &self,
+        network: Ipv4Addr,
+        prefix_len: u8,
+        gateway: Ipv4Addr,
+        index: u32,
+    ) -> NlResult<()> {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(network, prefix_len)
+            .gateway(gateway)
+            .output_interface(index)
+            .onlink()
+            .build();
+        self.handle.route().add(route).execute().await
+    }
+
+    /// A route to the single address `to` through link `index` (no gateway).
+    pub async fn add_host_route(&self, to: Ipv4Addr, index: u32) -> NlResult<()> {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(to, 32)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .build();
+        self.handle.route().add(route).execute().await
+    }
+
+    /// Creates a veth pair in one request: `name` here, up; its peer `peer_name`
+    /// directly inside the namespace `peer_ns`.
     pub async fn add_veth_to(
         &self,
         name: &str,
-        bridge: u32,
         peer_name: &str,
         peer_ns: &OwnedFd,
     ) -> NlResult<()> {
@@ -123,7 +159,6 @@ impl Netlink {
         let message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
             .name(name.to_string())
             .mtu(STAGE_MTU)
-            .controller(bridge)
             .up()
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .build();

@@ -31,7 +31,7 @@ pub use error::NetError;
 pub use files::{render_hosts, render_resolv_conf};
 pub use handoff::supported as port_handoff_supported;
 pub use listeners::listening_ports;
-pub use netns::StepJoin;
+pub use netns::{release_retired, StepJoin};
 pub use plan::NetPlanError;
 pub use plan::{
     allocate, step_hostnames, NetworkMode, NetworkPlan, PortBinding, SkipReason, SkippedName,

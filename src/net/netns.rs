@@ -4,6 +4,17 @@
 //! bind-mounted under /run/netns. So when sandrun exits, however it exits, the kernel
 //! removes the namespaces with every link and address in them: nothing can leak.
 //!
+//! A torn-down stage network's namespaces are *retired* ([`retire`]) rather than closed
+//! at once: the kernel removes a network namespace in a worker that holds the global
+//! RTNL lock through several RCU grace periods, and every namespace, link or address
+//! being made on the machine meanwhile waits for that lock. Closing a stage's
+//! namespaces just before the next stage makes its own made that wait part of the
+//! next stage's start (tens to hundreds of milliseconds on a small VM). Retired
+//! namespaces hold no process and no socket; they are closed together, as one batch
+//! for the kernel, once a new stage network is up and more than [`RETIRED_MAX`] are
+//! kept (the kernel then works while that stage runs), and at the latest when the
+//! process ends.
+//!
 //! The runner is multi-threaded (tokio), and a thread may change its own network
 //! namespace. Namespaces are therefore made on a short-lived thread that unshares once
 //! per namespace; each namespace comes back with a netlink socket created inside it,
@@ -20,6 +31,34 @@ use std::thread::JoinHandle;
 use nix::sched::{unshare, CloneFlags};
 
 use super::error::NetError;
+
+/// How many retired namespaces are kept before they are closed together.
+pub(crate) const RETIRED_MAX: usize = 64;
+
+static RETIRED: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps the namespaces of a torn-down stage network (see [`release_past_limit`]).
+/// Returns how many are kept now.
+pub(crate) fn retire(namespaces: impl IntoIterator<Item = OwnedFd>) -> usize {
+    let mut retired = RETIRED.lock().unwrap_or_else(|e| e.into_inner());
+    retired.extend(namespaces);
+    retired.len()
+}
+
+/// Closes the retired namespaces, all together, when more than [`RETIRED_MAX`] are
+/// kept: called once a new stage network is up. Returns how many are kept now.
+pub(crate) fn release_past_limit() -> usize {
+    let mut retired = RETIRED.lock().unwrap_or_else(|e| e.into_inner());
+    if retired.len() > RETIRED_MAX {
+        retired.clear();
+    }
+    retired.len()
+}
+
+/// Closes the retired namespaces now (the kernel then removes them).
+pub fn release_retired() {
+    RETIRED.lock().unwrap_or_else(|e| e.into_inner()).clear();
+}
 
 /// A fresh network namespace and a netlink (route) socket that lives in it.
 pub(crate) struct FreshNetns {
@@ -291,5 +330,25 @@ impl StepJoin {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Retired namespaces are kept up to the limit, then closed all at once.
+    #[test]
+    fn retired_namespaces_are_closed_together_past_the_limit() {
+        let open = || OwnedFd::from(std::fs::File::open("/proc/self/ns/net").unwrap());
+        for kept in 1..=RETIRED_MAX {
+            assert_eq!(retire([open()]), kept);
+            assert_eq!(release_past_limit(), kept);
+        }
+        assert_eq!(retire([open()]), RETIRED_MAX + 1);
+        assert_eq!(release_past_limit(), 0);
+        assert_eq!(retire([open(), open()]), 2);
+        release_retired();
+        assert!(RETIRED.lock().unwrap().is_empty());
     }
 }

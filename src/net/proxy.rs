@@ -226,7 +226,7 @@ impl Drop for ProxyServer {
 
 /// Where a port binding's connections go: `target`, dialled with a socket made in
 /// the step's own namespace (its stage address then routes over that namespace's
-/// loopback device, without the bridge and veth).
+/// loopback device, without the veth and router).
 #[derive(Clone)]
 struct Dial {
     sockets: Arc<SocketFactory>,

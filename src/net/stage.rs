@@ -1,10 +1,17 @@
 //! The live network of one stage run, built from its [`NetworkPlan`].
 //!
-//! Bridge mode: a hub namespace holds the bridge `br0` (with the gateway address) and
-//! one `vethN` per step namespace; each container step has its own namespace with `lo`
-//! and `eth0` (the veth peer) at its planned address, and host steps share one, the
-//! machine's, as on a build machine where they all run side by side. There is no route out, so steps reach each other and
-//! nothing else. Pod mode: one namespace shared by all steps, with the pod address on
+//! Bridge mode: each container step has its own namespace with `lo` and `eth0` at its
+//! planned address, and host steps share one, the machine's, as on a build machine
+//! where they all run side by side. A hub namespace joins them as a router: one
+//! `vethN` per step namespace (the peer of its `eth0`) holding the gateway address,
+//! a route to each step's address through its veth, and forwarding on; each step
+//! reaches the stage subnet through the gateway (its address carries no route of its
+//! own to the subnet: `noprefixroute`). It is a router rather than a bridge (`br0`): when a network namespace goes,
+//! the kernel removes each port of a bridge in it with an expedited RCU grace period
+//! while it holds the global RTNL lock, and every namespace being made on the machine
+//! meanwhile waits for that lock (docs/performance.md: stalls of 100-300 ms when
+//! stage networks are made one after another). There is no route out, so steps
+//! reach each other and nothing else. Pod mode: one namespace shared by all steps, with the pod address on
 //! `lo`, as containers of a Pod share one.
 //!
 //! Everything is held by descriptors ([`super::netns`]), so dropping the value (or the
@@ -23,14 +30,13 @@ use futures_util::future::try_join_all;
 use super::egress::Egress;
 use super::error::NetError;
 use super::files::{render_hosts, render_resolv_conf};
-use super::links::{add_address_blocking, loopback_up_blocking, Netlink};
+use super::links::{add_address_blocking, loopback_up_blocking, Netlink, LOOPBACK_INDEX};
 use super::netns::{create_namespaces, FreshNetns, PendingFactory, SocketFactory, StepJoin};
 use super::plan::{NetworkMode, NetworkPlan};
 
 /// How long links may take to report up before the stage fails (they take well under
 /// a millisecond; a host under heavy load may take longer).
 const LINK_UP_TIMEOUT: Duration = Duration::from_secs(5);
-const BRIDGE: &str = "br0";
 const STEP_LINK: &str = "eth0";
 
 struct StepNet {
@@ -47,7 +53,7 @@ pub struct StageNetwork {
     plan: NetworkPlan,
     /// `<state_dir>/net` once the step files are written.
     dir: Option<PathBuf>,
-    /// The bridge's namespace (bridge mode) or the shared one (pod mode).
+    /// The hub namespace, the stage's router (bridge mode), or the shared one (pod mode).
     hub: OwnedFd,
     steps: Vec<StepNet>,
     sockets: Arc<SocketFactory>,
@@ -62,7 +68,7 @@ pub struct StartedNetwork {
 
 impl StartedNetwork {
     /// The rest of [`StageNetwork::build`]: waits for the namespace, then builds the
-    /// bridge and veths (several steps) and egress.
+    /// hub's veths and routes (several steps) and egress.
     pub async fn finish(self) -> Result<StageNetwork, NetError> {
         let plan = &self.plan;
         let (sockets, hub) = self.pending.ready().await?;
@@ -85,12 +91,12 @@ impl StartedNetwork {
         };
         // A stage with a single step gets one namespace with its address on lo (set
         // by the namespace's thread), as pod mode has: the same network seen from that
-        // step and from the port proxy, without the veth and bridge that make namespace
-        // setup slow on a busy kernel.
+        // step and from the port proxy, without the veths that make namespace setup
+        // slow on a busy kernel.
         let shared = shared(plan);
         if !shared {
             let hub_link = Netlink::new(hub.netlink).map_err(NetError::os("open netlink"))?;
-            network.build_bridge(&hub_link).await?;
+            network.build_hub(&hub_link).await?;
         }
         if plan.egress {
             let targets: Vec<BorrowedFd<'_>> = match shared {
@@ -103,12 +109,15 @@ impl StartedNetwork {
             let egress = Egress::start(&targets).await?;
             network.egress = Some(egress);
         }
+        // Earlier stages' namespaces go now, if there are many: the kernel removes them
+        // while this stage runs.
+        super::netns::release_past_limit();
         Ok(network)
     }
 }
 
 /// One namespace for all steps: pod mode, or a stage of a single step or of host steps
-/// only (a bridge only pays when there are namespaces to connect).
+/// only (a router only pays when there are namespaces to connect).
 fn shared(plan: &NetworkPlan) -> bool {
     plan.mode == NetworkMode::Pod || plan.namespaces().first_step.len() <= 1
 }
@@ -135,16 +144,20 @@ impl StageNetwork {
     /// namespace's thread, which creates the namespace and sets `lo` up (with the pod
     /// address, for a shared namespace) on its own while the caller goes on.
     pub fn start(plan: &NetworkPlan) -> Result<StartedNetwork, NetError> {
-        let address = match shared(plan) {
-            true => plan.steps.first().map(|s| s.address),
-            false => None,
+        let router = !shared(plan);
+        let address = match router {
+            false => plan.steps.first().map(|s| s.address),
+            true => None,
         };
         let pending = SocketFactory::start_in_new_netns(move |hub| {
             loopback_up_blocking(hub.netlink.as_fd())
                 .map_err(NetError::os("set lo up in the stage namespace"))?;
             if let Some(address) = address {
-                add_address_blocking(hub.netlink.as_fd(), 1, address, 32)
-                    .map_err(NetError::os(format!("add pod address {address} to lo")))?;
+                add_address_blocking(hub.netlink.as_fd(), LOOPBACK_INDEX, address, 32)
+                    .map_err(NetError::os(format!("add address {address} to lo")))?;
+            }
+            if router {
+                route_between_steps()?;
             }
             Ok(())
         })
@@ -155,7 +168,7 @@ impl StageNetwork {
         })
     }
 
-    async fn build_bridge(&mut self, hub: &Netlink) -> Result<(), NetError> {
+    async fn build_hub(&mut self, hub: &Netlink) -> Result<(), NetError> {
         let started = Instant::now();
         // One namespace per address: host steps share the machine's. The first step of
         // each namespace names it in messages.
@@ -166,32 +179,38 @@ impl StageNetwork {
             .collect();
         let fresh = step_namespaces(count).await?;
         tracing::debug!(namespaces = count, elapsed = ?started.elapsed(), "step namespaces created");
-        let bridge = hub
-            .add_bridge(BRIDGE)
-            .await
-            .map_err(NetError::netlink("create the stage bridge"))?;
-        hub.add_address(bridge, self.plan.gateway, self.plan.subnet.prefix_len)
-            .await
-            .map_err(NetError::netlink("add the gateway address to the bridge"))?;
-
         let veths: Vec<String> = (0..count).map(|i| format!("veth{i}")).collect();
+        let gateway = self.plan.gateway;
         try_join_all(
             firsts
                 .iter()
                 .zip(&fresh)
                 .zip(&veths)
                 .map(|((step, ns), veth)| async move {
-                    hub.add_veth_to(veth, bridge, STEP_LINK, &ns.ns)
+                    let failed =
+                        |what: &str| NetError::netlink(format!("{what} of step `{}`", step.key));
+                    hub.add_veth_to(veth, STEP_LINK, &ns.ns)
                         .await
-                        .map_err(NetError::netlink(format!(
-                            "create the veth pair of step `{}`",
-                            step.key
-                        )))
+                        .map_err(failed("create the veth pair"))?;
+                    let index = hub
+                        .index_of(veth)
+                        .await
+                        .map_err(failed("find the veth"))?
+                        .ok_or_else(|| NetError::Os {
+                            what: format!("find {veth} of step `{}`", step.key),
+                            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                        })?;
+                    hub.add_address(index, gateway, 32)
+                        .await
+                        .map_err(failed("add the gateway address to the veth"))?;
+                    hub.add_host_route(step.address, index)
+                        .await
+                        .map_err(failed("route to the address"))
                 }),
         )
         .await?;
 
-        let prefix_len = self.plan.subnet.prefix_len;
+        let subnet = self.plan.subnet;
         let configs = firsts.iter().zip(fresh).map(|(endpoint, ns)| async move {
             let key = &endpoint.key;
             let link = Netlink::new(ns.netlink).map_err(NetError::os("open netlink"))?;
@@ -206,7 +225,7 @@ impl StageNetwork {
                     what: format!("find eth0 of step `{key}`"),
                     source: std::io::Error::from(std::io::ErrorKind::NotFound),
                 })?;
-            link.add_address(eth, endpoint.address, prefix_len)
+            link.add_address_routed(eth, endpoint.address, subnet.prefix_len)
                 .await
                 .map_err(NetError::netlink(format!(
                     "add address {} for step `{key}`",
@@ -215,6 +234,11 @@ impl StageNetwork {
             link.set_up(eth)
                 .await
                 .map_err(NetError::netlink(format!("set eth0 up for step `{key}`")))?;
+            link.add_subnet_route(subnet.network, subnet.prefix_len, gateway, eth)
+                .await
+                .map_err(NetError::netlink(format!(
+                    "route the stage subnet for step `{key}`"
+                )))?;
             Ok::<OwnedFd, NetError>(ns.ns)
         });
         let namespaces = try_join_all(configs).await?;
@@ -296,7 +320,7 @@ impl StageNetwork {
     }
 
     /// Where the port proxy connects for `container_port` of step `key`: the step's
-    /// address from the bridge (bridge mode), or the shared loopback, as
+    /// address (bridge mode), or the shared loopback, as
     /// `kubectl port-forward` does in a Pod (pod mode).
     pub(crate) fn dial_target(
         &self,
@@ -319,8 +343,9 @@ impl StageNetwork {
         self.sockets.clone()
     }
 
-    /// Removes everything: stops egress helpers, closes the namespaces (the kernel
-    /// deletes their links) and deletes the files.
+    /// Removes everything: stops egress helpers, retires the namespaces
+    /// (`netns::retire`: the kernel deletes them and their links once they are
+    /// closed) and deletes the files.
     pub async fn teardown(mut self) {
         if let Some(egress) = self.egress.take() {
             egress.stop().await;
@@ -334,6 +359,8 @@ impl Drop for StageNetwork {
         if let Some(egress) = self.egress.take() {
             egress.kill_now();
         }
+        let steps = self.steps.iter_mut().filter_map(|s| s.netns.take());
+        super::netns::retire(self.hub.try_clone().into_iter().chain(steps));
         if let Some(dir) = &self.dir {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -386,6 +413,15 @@ fn write_files(plan: &NetworkPlan, dir: &Path) -> Result<Vec<(PathBuf, PathBuf)>
         steps.push((hosts, resolv_conf));
     }
     Ok(steps)
+}
+
+/// Makes the calling thread's (new) network namespace forward between the step
+/// namespaces (`/proc/sys/net` is the namespace of the thread that opens it).
+fn route_between_steps() -> Result<(), NetError> {
+    let setting = "/proc/sys/net/ipv4/ip_forward";
+    std::fs::write(setting, "1").map_err(NetError::os(format!(
+        "set {setting} in the stage namespace"
+    )))
 }
 
 async fn step_namespaces(count: usize) -> Result<Vec<FreshNetns>, NetError> {
