@@ -247,11 +247,11 @@ async fn proxy(mib: u64, trials: usize, state: &Path) {
     let (d, p, b) = (median(direct), median(proxied), median(bridged));
     let [cd, cp, cb] = cpu.map(median);
     println!("throughput direct loopback: {d:.0} MiB/s (median of {trials}, {mib} MiB each)");
-    println!("throughput step to step over the bridge (no proxy): {b:.0} MiB/s");
+    println!("throughput step to step through the hub (no proxy): {b:.0} MiB/s");
     println!("throughput through port proxy: {p:.0} MiB/s");
     println!("proxy/direct: {:.2}x", p / d);
     println!(
-        "CPU per GiB moved (all parties): direct {cd:.2} s, bridge {cb:.2} s, proxy {cp:.2} s"
+        "CPU per GiB moved (all parties): direct {cd:.2} s, step to step {cb:.2} s, proxy {cp:.2} s"
     );
 }
 

@@ -33,7 +33,7 @@ use nix::sched::{unshare, CloneFlags};
 use super::error::NetError;
 
 /// How many retired namespaces are kept before they are closed together.
-pub(crate) const RETIRED_MAX: usize = 64;
+pub(crate) const RETIRED_MAX: usize = 16;
 
 static RETIRED: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
 
