@@ -348,8 +348,11 @@ pub fn compiled(filter: &LinuxSeccomp, cache_dir: &Path) -> std::io::Result<Comp
     let version = libseccomp::ScmpVersion::current()
         .map(|v| format!("{}.{}.{}", v.major, v.minor, v.micro))
         .unwrap_or_default();
+    // Where a listener goes is not part of the program (and differs every run).
+    let mut program_of = filter.clone();
+    program_of.set_listener_path(None);
     let mut digest = Sha256::new();
-    digest.update(serde_json::to_vec(filter).map_err(std::io::Error::other)?);
+    digest.update(serde_json::to_vec(&program_of).map_err(std::io::Error::other)?);
     digest.update(version.as_bytes());
     digest.update(std::env::consts::ARCH.as_bytes());
     let hex: String = digest.finalize()[..12]
@@ -494,6 +497,12 @@ mod tests {
         let with_listener = compiled(&notify, dir.path()).unwrap();
         assert!(with_listener.notifies);
         assert_ne!(with_listener.program, first.program);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        // The listener's path (another one every run) is not part of the program.
+        let elsewhere = filter(false, Some(Path::new("/run/y.sock")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(compiled(&elsewhere, dir.path()).unwrap(), with_listener);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 

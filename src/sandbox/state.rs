@@ -190,16 +190,36 @@ pub fn sweep_before_command() {
 /// container's init waiting for a start that never comes, in a session of its own (out
 /// of reach of the step's process group), holding the helper's descriptors: the step's
 /// pipes, the run's lock, its private mounts. Such a process is named `youki:...` and
-/// holds the run's lock file open; only a run with a container directory left (no
-/// helper cleaned up after itself) is searched for them.
+/// holds the run's lock file open. The processes of the machine are searched only when
+/// a container directory was left whose container libcontainer's state does not say
+/// started: a helper stopped while it cleaned up after its container (as the runner
+/// does at the stage's end) leaves no such process.
 pub fn kill_unstarted_inits(run_dir: &Path) {
+    let started = |state: PathBuf| {
+        fs::read(state)
+            .ok()
+            .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok())
+            .and_then(|state| state.get("status")?.as_str().map(str::to_owned))
+            .is_some_and(|status| ["running", "stopped", "paused"].contains(&status.as_str()))
+    };
     let left = fs::read_dir(run_dir)
         .into_iter()
         .flatten()
         .flatten()
         .any(|stage| {
             fs::read_dir(stage.path().join("containers"))
-                .is_ok_and(|mut containers| containers.next().is_some())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|c| {
+                    !started(
+                        stage
+                            .path()
+                            .join("youki")
+                            .join(c.file_name())
+                            .join("state.json"),
+                    )
+                })
         });
     if !left {
         return;
@@ -337,6 +357,27 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
+        // A container left after it started (its helper stopped while cleaning up)
+        // is no reason to search: nothing is killed.
+        let state = run.join("stage/youki/left");
+        fs::create_dir_all(&state).unwrap();
+        fs::write(
+            state.join("state.json"),
+            r#"{"id":"left","status":"running"}"#,
+        )
+        .unwrap();
+        kill_unstarted_inits(&run);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            ours.try_wait().unwrap().is_none(),
+            "searched after a started container"
+        );
+        // One that was created and never started is.
+        fs::write(
+            state.join("state.json"),
+            r#"{"id":"left","status":"created"}"#,
+        )
+        .unwrap();
         kill_unstarted_inits(&run);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let status = loop {
