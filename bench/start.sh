@@ -4,7 +4,7 @@
 # rootless: sandrun (`sandrun run` of a one-step stage) vs `crun run` and `runc run` on
 # a bundle of the same root filesystem vs `podman run --rm` of the same image.
 # Alternating order (shuffled every round), ROUNDS rounds (default 20), medians, ratios.
-# Targets: sandrun <= 1.2x crun, <= 0.15x podman.
+# Targets: sandrun <= 1.0x crun, <= 0.15x podman.
 #
 # What each line pays:
 # - sandrun:  the whole `sandrun run stage.yaml`: user-namespace entry (newuidmap and
@@ -22,7 +22,10 @@
 #             `sandrun __unshare` (the same user-namespace entry sandrun makes, with
 #             cgroup2 bound over /sys/fs/cgroup); its bundle has no user namespace of its
 #             own, and the network namespace of `crun spec` (loopback only), as every
-#             sandrun step has its own network namespace.
+#             sandrun step has its own network namespace. It loads no seccomp filter.
+# - crunsec:  the same crun bundle with the seccomp filter every non-privileged sandrun
+#             step gets (`sandrun __seccomp-profile`), as podman would give crun its
+#             default profile: crun has libseccomp compile it on every start.
 # - runc:     its own rootless bundle (`runc spec --rootless`), plus a network
 #             namespace (loopback only) like crun's.
 # - unshare:  `sandrun __unshare true`, the cost of that user-namespace entry alone.
@@ -193,9 +196,10 @@ cat > spec.json <<EOF
 EOF
 
 # crun / runc bundles on the same root filesystem (see the top of this file).
-mkdir -p bundle-crun bundle-runc
+mkdir -p bundle-crun bundle-runc bundle-crunsec
 (cd bundle-crun && crun spec --rootless)
 (cd bundle-runc && runc spec --rootless)
+./sandrun __seccomp-profile > seccomp.json
 python3 - "$W" <<'PY'
 import json, sys
 w = sys.argv[1]
@@ -213,6 +217,10 @@ for tool in ("crun", "runc"):
         c["linux"].pop("gidMappings", None)
         c["mounts"] = [m for m in c["mounts"] if m["destination"] != "/sys/fs/cgroup"]
     json.dump(c, open(p, "w"))
+    if tool == "crun":
+        c["linux"]["seccomp"] = json.load(open(f"{w}/seccomp.json"))
+        c["process"]["noNewPrivileges"] = True
+        json.dump(c, open(f"{w}/bundle-crunsec/config.json", "w"))
 PY
 
 # podman: the same root filesystem imported as an image.
@@ -228,10 +236,11 @@ run_pod() { ./sandrun run --color never --network pod --workspace ws stage.yaml 
 run_helper() { ./sandrun __container spec.json; }
 run_unshare() { ./sandrun __unshare true; }
 run_crun() { ./sandrun __unshare crun --root $T/crun --cgroup-manager=disabled run -b bundle-crun "c$1" >/dev/null; }
+run_crunsec() { ./sandrun __unshare crun --root $T/crun --cgroup-manager=disabled run -b bundle-crunsec "s$1" >/dev/null; }
 run_runc() { runc --root $T/runc run -b bundle-runc "r$1" >/dev/null; }
 run_podman() { podman run --rm --network=none --runtime runc localhost/sandrun-bench-busybox:latest true >/dev/null; }
 
-TOOLS="sandrun pod helper crun runc unshare"
+TOOLS="sandrun pod helper crun crunsec runc unshare"
 [ -n "$PODMAN" ] && TOOLS="$TOOLS podman"
 # One warm-up each (page cache, podman's storage); show why a tool does not work.
 for t in $TOOLS; do

@@ -6,7 +6,8 @@
 //! as the invoking user again through [`InvokingUser`]. `__sweep [BASE]` removes what
 //! killed runs left under BASE (default: the state base), as the next run does.
 //! `__host-init HOSTNAME -- CMD...` runs a host step in its own PID, UTS and IPC
-//! namespaces (see `host_init`).
+//! namespaces (see `host_init`). `__seccomp-profile` prints the seccomp filter of a
+//! non-privileged step as OCI JSON (`bench/start.sh` gives crun the same one).
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -20,6 +21,23 @@ pub fn dispatch(args: &[OsString]) -> Option<i32> {
         "__unshare" => Some(unshare_main(&args[2..])),
         "__sweep" => Some(sweep_main(&args[2..])),
         "__host-init" => Some(super::host_init::main(&args[2..])),
+        "__seccomp-profile" => Some(match super::seccomp::filter(false, None) {
+            Ok(Some(filter)) => match serde_json::to_string_pretty(&filter) {
+                Ok(json) => {
+                    println!("{json}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("sandrun: {e}");
+                    1
+                }
+            },
+            Ok(None) => 1,
+            Err(e) => {
+                eprintln!("sandrun: {e}");
+                1
+            }
+        }),
         "__container" => Some(match args.get(2) {
             Some(spec) if args.len() == 3 => {
                 debug_logging();
