@@ -856,3 +856,36 @@ fn shared_paths_are_shared_by_every_container_step() {
             .assert_stdout("read from-write");
     }
 }
+
+/// `sandrun __seccomp-profile` (what `bench/start.sh` gives crun) prints the filter of a
+/// non-privileged step: EPERM by default, the ordinary calls allowed, nothing that
+/// reaches past the container.
+#[test]
+fn the_printed_seccomp_profile_is_the_steps_filter() {
+    let out = std::process::Command::new(support::binary())
+        .arg("__seccomp-profile")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let profile: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+    let allowed: Vec<&str> = profile["syscalls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "SCMP_ACT_ALLOW" && r.get("args").is_none())
+        .flat_map(|r| {
+            r["names"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap())
+        })
+        .collect();
+    for call in ["read", "write", "execve", "openat"] {
+        assert!(allowed.contains(&call), "{call} not allowed");
+    }
+    for call in ["mount", "unshare", "setns", "bpf", "init_module"] {
+        assert!(!allowed.contains(&call), "{call} allowed");
+    }
+}
