@@ -706,7 +706,9 @@ fn pod_mode_names_services_whose_images_expose_the_same_port() {
 fn host_connections_to_a_bound_port_are_handed_to_the_container_service() {
     let Some(fx) = fixture() else { return };
     for mode in modes() {
-        for handoff in [true, false] {
+        // A privileged service gets no filter but the hand-off's, which it loads with
+        // all its capabilities and without no_new_privs.
+        for (handoff, privileged) in [(true, false), (false, false), (true, true)] {
             if handoff && support::handoff_unsupported() {
                 continue;
             }
@@ -729,6 +731,7 @@ fn host_connections_to_a_bound_port_are_handed_to_the_container_service() {
     identifier: web
     spec:
       image: {image}
+      privileged: {privileged}
       shell: Sh
       command: |
         mkdir -p /www/cgi-bin
