@@ -32,6 +32,15 @@ pub fn die_with_parent(parent: Option<u32>) -> io::Result<()> {
     }
 }
 
+/// The running kernel is at least `major.minor` (from `/proc/sys/kernel/osrelease`).
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+}
+
 /// SIGKILLs the process of `pidfd` (which cannot be another process that got its pid).
 pub fn pidfd_kill(pidfd: impl AsFd) -> io::Result<()> {
     Ok(rustix::process::pidfd_send_signal(pidfd, Signal::KILL)?)

@@ -607,11 +607,6 @@ pub fn supported() -> bool {
         return false;
     }
     let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
-    let release = read("/proc/sys/kernel/osrelease");
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|p| p.parse::<u32>().ok());
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     let notify = read("/proc/sys/kernel/seccomp/actions_avail")
         .split_whitespace()
         .any(|a| a == "user_notif");
@@ -619,7 +614,7 @@ pub fn supported() -> bool {
         .lines()
         .find_map(|l| l.strip_prefix("Seccomp:"))
         .is_none_or(|mode| mode.trim() != "0");
-    (major, minor) >= (5, 14) && notify && !filtered
+    crate::sys::kernel_at_least(5, 14) && notify && !filtered
 }
 
 /// Where the step's listener socket goes: in the stage's private state directory.

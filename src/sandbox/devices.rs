@@ -143,9 +143,13 @@ impl DeviceGroup {
     /// Makes `/sandrun/<name>` in the cgroup v2 hierarchy (`/sys/fs/cgroup`, or
     /// `/sys/fs/cgroup/unified` on a hybrid host) and attaches the program. `name`
     /// must start with the run's directory name and a dash, and must not be a
-    /// container id (`+` never is one). The error says why not (no cgroup v2
-    /// hierarchy, no BPF), for the caller to fall back to cgroups of the container's own.
+    /// container id (`+` never is one). The error says why not (a kernel older than
+    /// 5.7, no cgroup v2 hierarchy, no BPF), for the caller to fall back to cgroups of
+    /// the container's own.
     pub fn create(name: &str) -> Result<DeviceGroup, String> {
+        if !crate::sys::kernel_at_least(5, 7) {
+            return Err("cloning into a cgroup (CLONE_INTO_CGROUP) needs Linux 5.7".into());
+        }
         let root = unified_root().ok_or("no cgroup v2 hierarchy is mounted")?;
         let dir = root.join("sandrun").join(name);
         match fs::create_dir_all(&dir) {
