@@ -129,6 +129,18 @@ fn non_privileged_steps_are_confined_and_privileged_ones_are_not() {
             said("plain", line);
             said("again", line);
         }
+        // The compiled filter is kept in the store, which host steps cannot write (not
+        // in the state base, which can be in /dev/shm): one program for `plain` and
+        // `again`.
+        let kept: Vec<_> = std::fs::read_dir(sb.home().join("store/seccomp"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            kept.len() == 1 && kept[0].starts_with("seccomp-") && kept[0].ends_with(".bpf"),
+            "{kept:?}"
+        );
         // As root, a step without limits is confined by the stage's device group (a
         // cgroup v2 group with a device program, `sandbox::devices`), not by cgroups
         // of its own; a privileged one has no cgroup of sandrun's at all. Rootless,

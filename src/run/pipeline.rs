@@ -253,7 +253,7 @@ async fn run_in_network(
             Ok(exe) => Some(
                 ContainerLauncher::new(exe, stage_dir.to_path_buf(), ctx.images.clone())
                     .with_zygote(ctx.zygote.clone())
-                    .with_cache_dir(ctx.state_dir.parent().map(Path::to_path_buf)),
+                    .with_cache_dir(crate::store::default_home().map(|h| h.join("seccomp"))),
             ),
             Err(e) => {
                 events.warn(

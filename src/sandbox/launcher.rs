@@ -85,8 +85,8 @@ impl ContainerLauncher {
         }
     }
 
-    /// Helpers keep compiled seccomp filters in `dir` (the state base, which outlives
-    /// the run) instead of the run's directory.
+    /// Helpers keep compiled seccomp filters in `dir` (in the store, which outlives the
+    /// run and which host steps cannot write) instead of the run's directory.
     pub fn with_cache_dir(mut self, dir: Option<PathBuf>) -> ContainerLauncher {
         self.cache_dir = dir;
         self

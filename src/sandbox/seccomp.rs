@@ -321,9 +321,13 @@ fn architectures() -> Vec<Arch> {
 /// libcontainer would make the program in every container's init, and for the default
 /// profile (three ABIs, ~370 calls) that takes libseccomp ~7 ms of CPU: a third of a
 /// one-step stage. The program depends only on the filter, libseccomp's version and
-/// the machine, so the helper makes it once and keeps it in the state base, and the
+/// the machine, so the helper makes it once and keeps it in the store, and the
 /// container's init loads it with one system call (`StepExecutor` in
-/// `sandbox::container`, right before it executes the step's program).
+/// `sandbox::container`, right before it executes the step's program). The store, not
+/// the state base: a program there decides what later containers may do, and host
+/// steps may write the scratch directories (/dev/shm, /tmp) the state base can be in,
+/// not the store (`sandbox::host_init`: the host is read-only to them but for the
+/// workspace and scratch).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Compiled {
     /// `struct sock_filter` entries, 8 bytes each.
@@ -367,6 +371,7 @@ pub fn compiled(filter: &LinuxSeccomp, cache_dir: &Path) -> std::io::Result<Comp
         }
     }
     let program = compile(filter)?;
+    let _ = std::fs::create_dir_all(cache_dir);
     let partial = cache_dir.join(format!(".seccomp-{hex}.{}", std::process::id()));
     if std::fs::write(&partial, &program).is_ok() && std::fs::rename(&partial, &path).is_err() {
         let _ = std::fs::remove_file(&partial);

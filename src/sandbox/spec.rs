@@ -34,7 +34,7 @@ pub struct ContainerSpec {
     /// Where the container's cgroups come from, as root (`sandbox::devices`).
     #[serde(default)]
     pub cgroups: super::devices::CgroupMode,
-    /// Where helpers keep compiled seccomp filters across runs (the state base);
+    /// Where helpers keep compiled seccomp filters across runs (`<store>/seccomp`);
     /// `None`: the run's state directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<PathBuf>,
