@@ -141,6 +141,17 @@ fn non_privileged_steps_are_confined_and_privileged_ones_are_not() {
             kept.len() == 1 && kept[0].starts_with("seccomp-") && kept[0].ends_with(".bpf"),
             "{kept:?}"
         );
+        // It is a cache: `sandrun gc` removes it.
+        let gc = sb.command(["gc"]).output().unwrap();
+        let gc_out = String::from_utf8_lossy(&gc.stdout).to_string();
+        assert!(
+            gc.status.success() && gc_out.contains("1 compiled seccomp programs"),
+            "{gc_out}"
+        );
+        let left = std::fs::read_dir(sb.home().join("store/seccomp"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0);
         // As root, a step without limits is confined by the stage's device group (a
         // cgroup v2 group with a device program, `sandbox::devices`), not by cgroups
         // of its own; a privileged one has no cgroup of sandrun's at all. Rootless,

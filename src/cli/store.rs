@@ -248,7 +248,8 @@ fn human_duration(d: std::time::Duration) -> String {
     }
 }
 
-/// `sandrun gc`: remove blobs and layers no image or lock file references.
+/// `sandrun gc`: remove blobs and layers no image or lock file references, and the
+/// compiled seccomp programs (made again when a container needs one).
 #[derive(clap::Args, Debug, Clone)]
 pub struct GcArgs {}
 
@@ -260,11 +261,12 @@ pub fn gc(_args: &GcArgs) -> Result<i32> {
         eprintln!("note: {n}");
     }
     println!(
-        "removed {} blobs ({}), {} layers, {} abandoned temp files",
+        "removed {} blobs ({}), {} layers, {} abandoned temp files, {} compiled seccomp programs",
         r.blobs,
         indicatif::HumanBytes(r.bytes),
         r.layers,
-        r.temp
+        r.temp,
+        r.seccomp
     );
     Ok(0)
 }

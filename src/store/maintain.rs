@@ -135,6 +135,15 @@ impl Store {
             }
         }
         report.temp = clean_tmp(l, true)?;
+        // Compiled seccomp programs (`sandbox::seccomp::compiled`) are a cache, made
+        // again by the next container that needs one.
+        if let Ok(entries) = fs::read_dir(self.root().join("seccomp")) {
+            for e in entries.flatten() {
+                if fs::remove_file(e.path()).is_ok() {
+                    report.seccomp += 1;
+                }
+            }
+        }
         Ok(report)
     }
 
@@ -204,6 +213,8 @@ pub struct GcReport {
     pub bytes: u64,
     pub layers: usize,
     pub temp: usize,
+    /// Compiled seccomp programs removed (a cache).
+    pub seccomp: usize,
     pub notes: Vec<String>,
 }
 
