@@ -15,7 +15,7 @@
 //! image); things it cannot do but runs on without start with [`WARNING_PREFIX`].
 
 use std::fs;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
@@ -161,7 +161,7 @@ fn run(spec_path: &Path) -> Result<i32, SandboxError> {
     rootfs::mount_overlay(&layers, &dirs.upper, &dirs.work, &dirs.rootfs)?;
 
     let (mut runtime_spec, facts) = prepare(&spec, &dirs.rootfs)?;
-    let filter = StepFilter::take(&spec, &mut runtime_spec)?;
+    let filter = take_filter(&spec, &mut runtime_spec)?;
     let own_mounts = oci::helper_mounts(&spec, &facts)
         .map_err(|e| container_error(&spec, "plan the mounts", e))?;
     mounts::mount_in_root(&dirs.rootfs, &own_mounts).map_err(|(dest, e)| {
@@ -459,59 +459,24 @@ fn build(
         .map_err(|e| container_error(spec, "create", e))
 }
 
-/// The step's seccomp filter, compiled (`seccomp::compiled`), with a connection to the
-/// runner's socket for the listener when the filter notifies. libcontainer is not given
-/// the filter: it would compile it again in every container.
-struct StepFilter {
-    compiled: seccomp::Compiled,
-    /// Connected before the container starts: the socket's path is the runner's, which
-    /// the container's init no longer sees once it has changed its root.
-    runner: Option<std::os::unix::net::UnixStream>,
-}
-
-impl StepFilter {
-    /// Takes the filter out of `runtime` and compiles it (or finds it compiled).
-    fn take(
-        spec: &ContainerSpec,
-        runtime: &mut Spec,
-    ) -> Result<Option<Arc<StepFilter>>, SandboxError> {
-        let Some(linux) = runtime.linux_mut() else {
-            return Ok(None);
-        };
-        let Some(filter) = linux.seccomp_mut().take() else {
-            return Ok(None);
-        };
-        let cache = spec.cache_dir.as_deref().unwrap_or(&spec.state_dir);
-        let compiled = seccomp::compiled(&filter, cache)
-            .map_err(|e| container_error(spec, "compile the seccomp filter", e))?;
-        let runner = match filter.listener_path() {
-            Some(path) => Some(
-                std::os::unix::net::UnixStream::connect(path)
-                    .map_err(|e| SandboxError::io("connect to", path, e))?,
-            ),
-            None => None,
-        };
-        Ok(Some(Arc::new(StepFilter { compiled, runner })))
-    }
-
-    /// Loads the filter (in the container's init, with its capabilities and
-    /// no_new_privs already set), and sends its listener to the runner.
-    fn install(&self) -> std::io::Result<()> {
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-        let listener =
-            crate::sys::seccomp_set_filter(&self.compiled.program, self.compiled.notifies)?;
-        if let (Some(listener), Some(runner)) = (listener, &self.runner) {
-            let fds = [listener.as_raw_fd()];
-            sendmsg::<()>(
-                runner.as_raw_fd(),
-                &[std::io::IoSlice::new(b"seccomp")],
-                &[ControlMessage::ScmRights(&fds)],
-                MsgFlags::empty(),
-                None,
-            )?;
-        }
-        Ok(())
-    }
+/// Takes the step's seccomp filter out of `runtime` and prepares it for sandrun's
+/// executor to load (`seccomp::Loadable`): libcontainer is not given it, since it would
+/// compile it again in every container.
+fn take_filter(
+    spec: &ContainerSpec,
+    runtime: &mut Spec,
+) -> Result<Option<Arc<seccomp::Loadable>>, SandboxError> {
+    let Some(filter) = runtime
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.seccomp_mut().take())
+    else {
+        return Ok(None);
+    };
+    let cache = spec.cache_dir.as_deref().unwrap_or(&spec.state_dir);
+    let loadable = seccomp::Loadable::prepare(&filter, Some(cache))
+        .map_err(|e| container_error(spec, "prepare the seccomp filter", e))?;
+    Ok(Some(Arc::new(loadable)))
 }
 
 /// libcontainer's default executor, plus, in the container's init just before it
@@ -520,7 +485,7 @@ impl StepFilter {
 /// signal dispositions, and the step's seccomp filter, loaded last.
 #[derive(Clone)]
 struct StepExecutor {
-    filter: Option<Arc<StepFilter>>,
+    filter: Option<Arc<seccomp::Loadable>>,
 }
 
 impl Executor for StepExecutor {
@@ -532,7 +497,7 @@ impl Executor for StepExecutor {
         if let Some(filter) = &self.filter {
             filter
                 .install()
-                .map_err(|e| ExecutorError::Other(format!("load the seccomp filter: {e}")))?;
+                .map_err(|(e, _)| ExecutorError::Other(format!("load the seccomp filter: {e}")))?;
         }
         DefaultExecutor {}.exec(spec)
     }

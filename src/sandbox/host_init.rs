@@ -393,44 +393,21 @@ fn share(source: &CString, target: &CString) -> nix::Result<()> {
 
 /// Sends the command's `accept` and `accept4` calls to the runner (`net::handoff`): a
 /// seccomp filter that waits for the runner's answer on them, whose listener goes to
-/// the runner's socket at `path` (as libcontainer sends a container's). The socket is
-/// connected first: a filter nobody listens to would fail every `accept`.
-/// On failure, the message and whether the filter is already in place.
+/// the runner's socket at `path`, loaded as a container step's is
+/// (`seccomp::Loadable`). On failure, the message and whether the filter is already in
+/// place.
 fn send_accept_calls(path: &std::path::Path) -> Result<(), (String, bool)> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
-    use std::os::fd::AsRawFd;
-    let runner = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
-        let message = format!("cannot reach the runner's socket {}: {e}", path.display());
-        (message, false)
-    })?;
-    // The same filter as a container's, loaded the way libcontainer loads it there.
     let filter = super::seccomp::accept_notify(path)
         .map_err(|e| (format!("cannot describe the accept filter: {e}"), false))?;
-    let notify = match libcontainer::seccomp::initialize_seccomp(&filter) {
-        Ok(Some(fd)) => fd,
-        Ok(None) => return Err(("the accept filter came without a listener".into(), true)),
-        Err(e @ libcontainer::seccomp::SeccompError::GetNotifyId { .. }) => {
-            return Err((format!("no listener for the accept filter: {e}"), true))
-        }
-        Err(e) => return Err((format!("cannot install the accept filter: {e}"), false)),
-    };
-    let fds = [notify];
-    sendmsg::<UnixAddr>(
-        runner.as_raw_fd(),
-        &[std::io::IoSlice::new(b"{}")],
-        &[ControlMessage::ScmRights(&fds)],
-        MsgFlags::empty(),
-        None,
-    )
-    .map_err(|e| {
-        (
+    let loadable =
+        super::seccomp::Loadable::prepare(&filter, None).map_err(|e| (e.to_string(), false))?;
+    loadable.install().map_err(|(e, in_place)| match in_place {
+        false => (format!("cannot install the accept filter: {e}"), false),
+        true => (
             format!("cannot send the accept filter to the runner: {e}"),
             true,
-        )
-    })?;
-    // The listener was sent; this process keeps no use for it.
-    let _ = nix::unistd::close(notify);
-    Ok(())
+        ),
+    })
 }
 
 /// Directories a host step may always write: scratch space every tool expects.

@@ -344,11 +344,7 @@ pub struct Compiled {
 /// only the time.
 pub fn compiled(filter: &LinuxSeccomp, cache_dir: &Path) -> std::io::Result<Compiled> {
     use sha2::{Digest, Sha256};
-    let notifies = filter
-        .syscalls()
-        .iter()
-        .flatten()
-        .any(|r| r.action() == LinuxSeccompAction::ScmpActNotify);
+    let notifies = notifies(filter);
     let version = libseccomp::ScmpVersion::current()
         .map(|v| format!("{}.{}.{}", v.major, v.minor, v.micro))
         .unwrap_or_default();
@@ -377,6 +373,72 @@ pub fn compiled(filter: &LinuxSeccomp, cache_dir: &Path) -> std::io::Result<Comp
         let _ = std::fs::remove_file(&partial);
     }
     Ok(Compiled { program, notifies })
+}
+
+/// A filter ready to load in the process it is for: compiled, and, when its calls
+/// notify, connected to the runner's socket its listener goes to (`net::handoff`).
+/// The socket is connected beforehand: a filter nobody listens to would fail every
+/// `accept`, and a container's init no longer sees the socket's path once it has
+/// changed its root. Both a container step (`sandbox::container`, in its init right
+/// before the step's program) and a host step (`sandbox::host_init`) load theirs so.
+pub struct Loadable {
+    compiled: Compiled,
+    runner: Option<std::os::unix::net::UnixStream>,
+}
+
+impl Loadable {
+    /// Compiles `filter` (kept in `cache_dir` when given, see [`compiled`]) and
+    /// connects to its listener's socket.
+    pub fn prepare(filter: &LinuxSeccomp, cache_dir: Option<&Path>) -> std::io::Result<Loadable> {
+        let compiled = match cache_dir {
+            Some(dir) => compiled(filter, dir)?,
+            None => Compiled {
+                program: compile(filter)?,
+                notifies: notifies(filter),
+            },
+        };
+        let runner = match filter.listener_path() {
+            Some(path) => Some(std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot reach the runner's socket {}: {e}", path.display()),
+                )
+            })?),
+            None => None,
+        };
+        Ok(Loadable { compiled, runner })
+    }
+
+    /// Loads the filter on the calling thread (which needs no_new_privs or
+    /// CAP_SYS_ADMIN) and sends its listener to the runner. On failure, the error and
+    /// whether the filter is in place already.
+    pub fn install(&self) -> std::result::Result<(), (std::io::Error, bool)> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let listener =
+            crate::sys::seccomp_set_filter(&self.compiled.program, self.compiled.notifies)
+                .map_err(|e| (e, false))?;
+        if let (Some(listener), Some(runner)) = (listener, &self.runner) {
+            sendmsg::<()>(
+                runner.as_raw_fd(),
+                &[std::io::IoSlice::new(b"seccomp")],
+                &[ControlMessage::ScmRights(&[listener.as_raw_fd()])],
+                MsgFlags::empty(),
+                None,
+            )
+            .map_err(|e| (e.into(), true))?;
+        }
+        Ok(())
+    }
+}
+
+/// Some of the filter's calls notify a listener.
+fn notifies(filter: &LinuxSeccomp) -> bool {
+    filter
+        .syscalls()
+        .iter()
+        .flatten()
+        .any(|r| r.action() == LinuxSeccompAction::ScmpActNotify)
 }
 
 /// libseccomp's program for `filter`, made as libcontainer makes it (the same
