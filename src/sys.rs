@@ -358,31 +358,47 @@ pub fn bpf_attach_device_program(
     bpf(BPF_PROG_ATTACH, &attr).map(drop)
 }
 
-/// `clone3(2)` with `CLONE_PARENT | CLONE_INTO_CGROUP`: a copy of this process (as
-/// fork(2) makes, returning 0 in the copy and its pid here) that is a child of this
-/// process's parent and starts in the cgroup (v2) directory `cgroup`, without
+/// A copy of this process (as fork(2) makes: 0 in the copy, its pid here) that is a
+/// child of this process's parent (`CLONE_PARENT`). With `cgroup`, the copy starts in
+/// that cgroup (v2) directory (`clone3` with `CLONE_INTO_CGROUP`, Linux 5.7) without
 /// migrating any process: a migration (a write to `cgroup.procs`) takes the kernel's
 /// global cgroup lock for writing, and its first writer after a quiet spell waits for
-/// an RCU grace period (~10 ms here).
+/// an RCU grace period (~10 ms here). Without, plain clone(2), which every kernel has.
 ///
 /// # Safety
 /// As for fork(2): the calling process must be single-threaded.
-pub unsafe fn clone_sibling_into_cgroup(cgroup: BorrowedFd<'_>) -> io::Result<i32> {
+pub unsafe fn clone_sibling(cgroup: Option<BorrowedFd<'_>>) -> io::Result<i32> {
     const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
-    // SAFETY: a zeroed `clone_args` is valid (no pidfd, tids, stack or set_tid).
-    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
-    // With CLONE_PARENT the exit signal must be 0: the child gets the one this
-    // process has (SIGCHLD, for the zygote forked by the runner).
-    args.flags = libc::CLONE_PARENT as u64 | CLONE_INTO_CGROUP;
-    args.cgroup = cgroup.as_raw_fd() as u64;
-    // SAFETY: without CLONE_VM and with no stack given the child runs on a copy of
+    // Both calls: without CLONE_VM and with no stack given, the child runs on a copy of
     // this stack, as after fork(2); the caller guarantees a single thread.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut args as *mut libc::clone_args,
-            std::mem::size_of::<libc::clone_args>(),
-        )
+    let pid = match cgroup {
+        Some(cgroup) => {
+            // SAFETY: a zeroed `clone_args` is valid (no pidfd, tids, stack or set_tid).
+            let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+            // With CLONE_PARENT the exit signal must be 0: the child gets the one this
+            // process has (SIGCHLD, for the zygote forked by the runner).
+            args.flags = libc::CLONE_PARENT as u64 | CLONE_INTO_CGROUP;
+            args.cgroup = cgroup.as_raw_fd() as u64;
+            // SAFETY: see above; `args` lives for the call.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_clone3,
+                    &mut args as *mut libc::clone_args,
+                    std::mem::size_of::<libc::clone_args>(),
+                )
+            }
+        }
+        // SAFETY: see above.
+        None => unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            )
+        },
     };
     if pid < 0 {
         return Err(io::Error::last_os_error());

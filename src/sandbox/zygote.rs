@@ -215,34 +215,12 @@ struct Request<'a> {
 /// Clones a helper as a sibling of the zygote (a child of the runner), in the
 /// request's cgroup when it names one. Returns its pid or a negative errno.
 fn clone_helper(request: &Request, runner: Pid, rootless: bool, socket: &OwnedFd) -> i32 {
-    let pid = match request.cgroup {
-        // SAFETY: the zygote is single-threaded.
-        Some(cgroup) => unsafe { crate::sys::clone_sibling_into_cgroup(cgroup) }
-            .map(i64::from)
-            .unwrap_or_else(|e| -i64::from(e.raw_os_error().unwrap_or(libc::EIO))),
-        // SAFETY: clone(2) without CLONE_VM behaves as fork(2) (the child gets a copy
-        // of this single-threaded process and returns here with 0); CLONE_PARENT makes
-        // it the runner's child.
-        None => match unsafe {
-            libc::syscall(
-                libc::SYS_clone,
-                (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
-                0usize,
-                0usize,
-                0usize,
-                0usize,
-            )
-        } {
-            -1 => -i64::from(
-                std::io::Error::last_os_error()
-                    .raw_os_error()
-                    .unwrap_or(libc::EIO),
-            ),
-            pid => pid,
-        },
-    };
-    if pid != 0 {
-        return pid as i32;
+    // SAFETY: the zygote is single-threaded; the copy returns here with 0, and
+    // CLONE_PARENT makes it the runner's child.
+    match unsafe { crate::sys::clone_sibling(request.cgroup) } {
+        Ok(0) => {}
+        Ok(pid) => return pid,
+        Err(e) => return -e.raw_os_error().unwrap_or(libc::EIO),
     }
     // The helper.
     if request.cgroup.is_some() {
