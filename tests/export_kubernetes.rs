@@ -125,21 +125,28 @@ fn check_golden(name: &str, actual: &str) {
     );
 }
 
-/// Every pipeline of the corpus and its golden file, relative to the crate root so that
-/// the locations in refusals are stable.
-fn corpus() -> Vec<(String, PathBuf)> {
-    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(root().join("testdata/pipelines"))
+/// The `.yaml` files of `dir` (relative to the crate root), in name order.
+fn yaml_files(dir: &str) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(root().join(dir))
         .unwrap()
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("yaml"))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Every pipeline of the corpus and its golden file, relative to the crate root so that
+/// the locations in refusals are stable.
+fn corpus() -> Vec<(String, PathBuf)> {
+    yaml_files("testdata/pipelines")
+        .into_iter()
         .map(|p| {
             let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
             (stem, p.strip_prefix(root()).unwrap().to_path_buf())
         })
-        .collect();
-    out.sort();
-    out
+        .collect()
 }
 
 #[test]
@@ -590,17 +597,13 @@ fn kubectl(cmd: &mut Command, manifest: &Path) -> String {
 
 /// Every golden manifest of `testdata/export/` (path, text).
 fn golden_manifests() -> Vec<(PathBuf, String)> {
-    let mut out: Vec<(PathBuf, String)> = std::fs::read_dir(root().join("testdata/export"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("yaml"))
+    let out: Vec<(PathBuf, String)> = yaml_files("testdata/export")
+        .into_iter()
         .map(|p| {
             let text = std::fs::read_to_string(&p).unwrap();
             (p, text)
         })
         .collect();
-    out.sort();
     assert!(out.len() >= 5, "only {} golden manifests", out.len());
     out
 }
